@@ -1,0 +1,298 @@
+"""Make the parity fixtures in test/fixtures/<name>/ from Hugging Face Llama.
+
+    python dev/make_fixtures.py
+
+For each configuration below: build a randomly initialised LlamaForCausalLM
+(fixed seed, weights scaled so the logits are far from uniform), save it as a
+Hugging Face folder in a temporary directory and turn it into model.bin with
+the converter. A random batch with loss masks goes to tokens.tok. The
+reference, computed in float64 with eager attention, goes to expect.bin: the
+logits, masked mean cross-entropy, per-sequence log-prob sums and gradients at
+the initial weights, then two steps of gradient clipping plus AdamW on the
+same batch (gradient norms, loss at step 2, parameters after step 2). The
+script also checks the converter and exporter round trips (fp32 and bf16, and
+a reward-head model) and prints a summary, including how far a float32 run of
+the same model lands from the float64 reference.
+"""
+
+import copy
+import filecmp
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+import xwin_format as xf
+from convert_hf import convert, gather
+from export_hf import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "test", "fixtures")
+
+FIXTURES = {
+    "mha_tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=128, ffn_dim=176,
+                     tied_embeddings=1, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=64, B=2, T=16),
+    "gqa_untied": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=160, ffn_dim=128,
+                       tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64, B=3, T=20),
+    "odd_sizes": dict(dim=60, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=101, ffn_dim=97,
+                      tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32, B=2, T=13),
+}
+
+SEED = 1234
+WEIGHT_STD = 0.15
+NORM_STD = 0.2
+MIN_GRAD = 1e-7
+
+
+def f32(x):
+    """x rounded to float32, so the reference uses exactly the stored value."""
+    return float(np.float32(x))
+
+
+LR, BETA1, BETA2, EPS, WD = f32(1e-2), f32(0.9), f32(0.95), f32(1e-8), f32(0.1)
+
+
+def hf_config(c, **extra):
+    return LlamaConfig(
+        hidden_size=c["dim"], num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
+        num_key_value_heads=c["n_kv_heads"], vocab_size=c["vocab_size"], intermediate_size=c["ffn_dim"],
+        max_position_embeddings=c["max_seq_len"], tie_word_embeddings=bool(c["tied_embeddings"]),
+        rope_theta=c["rope_theta"], rms_norm_eps=c["norm_eps"], hidden_act="silu",
+        attn_implementation="eager", **extra)
+
+
+def init_weights(model, gen):
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(1 + NORM_STD * noise if p.ndim == 1 else WEIGHT_STD * noise)
+
+
+def make_batch(B, T, V, gen):
+    """Random tokens; each sequence masks a prompt of distinct random length
+    3..T/2, and the last one also masks a gap of two tokens later on."""
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    lengths = torch.arange(3, T // 2 + 1)[torch.randperm(T // 2 - 2, generator=gen)[:B]]
+    for b, p in enumerate(lengths.tolist()):
+        mask[b, :p] = 0
+    p = int(lengths[-1])
+    gap = int(torch.randint(p + 2, T - 3, (1,), generator=gen))
+    mask[B - 1, gap:gap + 2] = 0
+    return tokens, mask
+
+
+def masked_loss(logits, tokens, mask):
+    """(mean loss over targets, per-sequence log-prob sums). Targets are the
+    positions t >= 1 with mask 1, predicted from the logits at t - 1."""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    tok_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    m = mask[:, 1:].to(logp.dtype)
+    sums = (tok_logp * m).sum(1)
+    return -sums.sum() / m.sum(), sums
+
+
+def train(model, cfg, tokens, mask, max_norm):
+    """Two clip + AdamW steps on the same batch. Returns the gradients at the
+    initial weights (our names), the two pre-clip norms, the step-2 loss and
+    the parameters after step 2 (our names)."""
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=LR, betas=(BETA1, BETA2), eps=EPS)
+    norms, losses, grads = [], [], None
+    for step in range(2):
+        opt.zero_grad()
+        loss, _ = masked_loss(model(tokens).logits, tokens, mask)
+        loss.backward()
+        if step == 0:
+            grads = gather(cfg, lambda n: model.get_parameter(n).grad.detach().clone())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        losses.append(loss.item())
+        opt.step()
+    final = gather(cfg, lambda n: model.get_parameter(n).detach().clone())
+    return grads, norms, losses[1], final
+
+
+def check_round_trips(model, hf, model_bin, tmp):
+    """export(model.bin) loads in transformers with the same tensors and
+    converts back to the same bytes; likewise for a bf16 conversion."""
+    cls = type(model)
+    folder = os.path.join(tmp, "export")
+    export(model_bin, folder)
+    back = cls.from_pretrained(folder)
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys(), want.keys() ^ got.keys()
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(want[k], got[k]), k
+    again = os.path.join(tmp, "again.bin")
+    convert(folder, again)
+    assert filecmp.cmp(model_bin, again, shallow=False), "fp32 round trip differs"
+
+    bf16_bin = os.path.join(tmp, "bf16.bin")
+    assert convert(hf, bf16_bin, "bf16")["dtype"] == "bf16"
+    folder16 = os.path.join(tmp, "export16")
+    export(bf16_bin, folder16)
+    back16 = cls.from_pretrained(folder16)
+    got16 = back16.state_dict()
+    for k in want:
+        assert got16[k].dtype == torch.bfloat16 and torch.equal(want[k].to(torch.bfloat16), got16[k]), k
+    again16 = os.path.join(tmp, "again16.bin")
+    assert convert(folder16, again16)["dtype"] == "bf16"
+    assert filecmp.cmp(bf16_bin, again16, shallow=False), "bf16 round trip differs"
+    _, t16 = xf.read_model(bf16_bin)
+    _, t32 = xf.read_model(model_bin)
+    for k in t32:
+        assert np.array_equal(t16[k], torch.from_numpy(t32[k]).to(torch.bfloat16).float().numpy()), k
+
+
+def check_reward_round_trip(c, tmp):
+    """A LlamaForSequenceClassification (one label) goes through as head_type 1."""
+    torch.manual_seed(SEED)
+    model = LlamaForSequenceClassification(hf_config(c, num_labels=1))
+    init_weights(model, torch.Generator().manual_seed(SEED))
+    hf = os.path.join(tmp, "hf_reward")
+    model.save_pretrained(hf)
+    a, b = os.path.join(tmp, "reward.bin"), os.path.join(tmp, "reward_again.bin")
+    cfg = convert(hf, a)
+    assert cfg["head_type"] == 1
+    _, t = xf.read_model(a)
+    assert np.array_equal(t["head"], model.score.weight.detach().numpy())
+    export(a, os.path.join(tmp, "reward_export"))
+    back = LlamaForSequenceClassification.from_pretrained(os.path.join(tmp, "reward_export"))
+    sd = back.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    convert(os.path.join(tmp, "reward_export"), b)
+    assert filecmp.cmp(a, b, shallow=False), "reward round trip differs"
+
+
+def max_dev(ref, other):
+    return max(float((ref[k] - other[k]).abs().max()) for k in ref)
+
+
+def smallest_grad(model, tokens, mask):
+    """Smallest nonzero |gradient| of the loss, computed in float64."""
+    m = copy.deepcopy(model).double()
+    masked_loss(m(tokens).logits, tokens, mask)[0].backward()
+    return min(float(p.grad.abs()[p.grad != 0].min()) for p in m.parameters())
+
+
+def draw(c, B, T):
+    """Model and batch from the first seed whose gradients have no element in
+    (0, MIN_GRAD): Adam's first step is about lr * sign(g), so a gradient that
+    float32 cannot resolve would make the step-2 parameters an unfair test."""
+    for seed in range(SEED, SEED + 100):
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(hf_config(c))
+        init_weights(model, gen)
+        tokens, mask = make_batch(B, T, c["vocab_size"], gen)
+        if smallest_grad(model, tokens, mask) >= MIN_GRAD:
+            return seed, model, tokens, mask
+    raise RuntimeError("no seed gave well-resolved gradients")
+
+
+def make(name, spec, tmp):
+    c = {k: v for k, v in spec.items() if k not in ("B", "T")}
+    c["head_type"] = 0
+    B, T, V = spec["B"], spec["T"], c["vocab_size"]
+    seed, model, tokens, mask = draw(c, B, T)
+    hf = os.path.join(tmp, "hf")
+    model.save_pretrained(hf)
+
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    model_bin = os.path.join(out, "model.bin")
+    cfg = convert(hf, model_bin)
+    assert cfg["dtype"] == "fp32" and all(cfg[k] == c[k] for k in c), cfg
+    cfg.pop("dtype")
+    _, stored = xf.read_model(model_bin)
+    want = gather(cfg, lambda n: model.get_parameter(n).detach())
+    assert all(np.array_equal(stored[k], want[k].numpy()) for k in want)
+    check_round_trips(model, hf, model_bin, tmp)
+
+    xf.write_tokens(os.path.join(out, "tokens.tok"), tokens.tolist(), mask.tolist())
+    seqs, masks = xf.read_tokens(os.path.join(out, "tokens.tok"))
+    assert np.array_equal(np.stack(seqs), tokens.numpy()) and np.array_equal(np.stack(masks), mask.numpy())
+
+    # float64 reference from the saved checkpoint
+    ref = LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager").double()
+    if cfg["tied_embeddings"]:
+        assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    fp32 = LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager")
+    init = copy.deepcopy(ref)
+
+    with torch.no_grad():
+        logits = ref(tokens).logits
+        loss, sums = masked_loss(logits, tokens, mask)
+        labels = tokens.masked_fill(mask == 0, -100)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+        hf_loss = ref(tokens, labels=labels).loss
+    assert logits.dtype == torch.float64 and abs(float(loss - ce)) < 1e-10
+    # transformers casts the logits to float32 inside its loss, so only float32 agreement here
+    assert abs(float(hf_loss) - float(loss)) < 1e-5 * abs(float(loss)), (float(hf_loss), float(loss))
+
+    # pick max_norm below both pre-clip norms so clipping acts at both steps
+    _, probe, _, _ = train(copy.deepcopy(init), cfg, tokens, mask, float("inf"))
+    max_norm = f32(0.5 * min(probe))
+    grads, norms, loss2, final = train(init, cfg, tokens, mask, max_norm)
+    assert min(norms) > max_norm, (norms, max_norm)
+
+    entries = [("adamw", np.array([LR, BETA1, BETA2, EPS, WD, max_norm])),
+               ("logits", logits.numpy()),
+               ("loss", np.array([float(loss)])),
+               ("logprob_sums", sums.numpy())]
+    entries += [(f"grad.{k}", v.numpy()) for k, v in grads.items()]
+    entries += [("grad_norm", np.array(norms)), ("loss_step2", np.array([loss2]))]
+    entries += [(f"param2.{k}", v.numpy()) for k, v in final.items()]
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    back = xf.read_fixture(os.path.join(out, "expect.bin"))
+    assert list(back) == [n for n, _ in entries]
+
+    # the same computation in float32, to show what agreement to expect
+    with torch.no_grad():
+        logits32 = fp32(tokens).logits
+    g32, n32, l2_32, p32 = train(fp32, cfg, tokens, mask, max_norm)
+    dev = {
+        "logits": float((logits32.double() - logits).abs().max()),
+        "grad": max_dev(grads, {k: v.double() for k, v in g32.items()}),
+        "grad_norm": max(abs(a - b) / b for a, b in zip(n32, norms)),
+        "loss_step2": abs(l2_32 - loss2),
+        "param2": max_dev(final, {k: v.double() for k, v in p32.items()}),
+    }
+    min_grad = min(float(v.abs()[v != 0].min()) for v in grads.values())
+    zero_grad = sum(int((v == 0).sum()) for v in grads.values())
+
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in ("model.bin", "tokens.tok", "expect.bin")}
+    n_targets = int(mask[:, 1:].sum())
+    print(f"{name}: seed {seed} B={B} T={T} targets={n_targets} params={xf.n_params(cfg):,}  "
+          + "  ".join(f"{f} {s:,} B" for f, s in sizes.items()))
+    print(f"  loss {float(loss):.10f}  loss_step2 {loss2:.10f}  grad_norm {norms[0]:.8f} {norms[1]:.8f}"
+          f"  max_norm {max_norm:.8f}")
+    print(f"  logprob_sums {[round(float(s), 6) for s in sums]}  masks {mask.tolist()}")
+    print("  float32 run vs float64 reference, max abs diff: "
+          + "  ".join(f"{k} {v:.2e}" for k, v in dev.items())
+          + f"  (grad_norm relative; smallest nonzero |grad| {min_grad:.1e}, {zero_grad} exact zeros)")
+    return sum(sizes.values())
+
+
+def main():
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    total = 0
+    for name, spec in FIXTURES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            total += make(name, spec, tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        check_reward_round_trip({**FIXTURES["gqa_untied"], "head_type": 1}, tmp)
+    print(f"round trips ok (fp32, bf16, reward head); fixtures total {total:,} bytes in {OUT}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

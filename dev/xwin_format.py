@@ -1,0 +1,298 @@
+"""Readers and writers for the xwin.cu file formats (all little-endian).
+
+Three formats: the model file (.bin, float32 or bfloat16 parameters), the token
+file (.tok, sequences with per-token loss masks) and the test fixture archive
+(expect.bin, named float32 arrays). The C++ header is the reference for the
+layouts; this module mirrors it for the Python tools in dev/. Only numpy is
+required; torch tensors are accepted wherever arrays are. Writers go through a
+temporary file and os.replace, so a reader never sees a half-written file.
+
+    import xwin_format as xf
+    xf.write_model("m.bin", config, tensors, dtype="bf16")
+    config, tensors = xf.read_model("m.bin")      # arrays come back as float32
+"""
+
+import os
+import struct
+
+import numpy as np
+
+MODEL_MAGIC = 0x4E495758  # "XWIN"
+TOKENS_MAGIC = 0x4B545758  # "XWTK"
+FIXTURE_MAGIC = 0x58465758  # "XWFX"
+VERSION = 1
+MODEL_HEADER = 256
+TOKENS_HEADER = 64
+
+DTYPES = {"fp32": 0, "bf16": 1}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+# uint32 fields at offsets 16..47, then two float64 at 48 and 56
+INT_FIELDS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+              "ffn_dim", "max_seq_len", "tied_embeddings"]
+CONFIG_FIELDS = INT_FIELDS + ["head_type", "rope_theta", "norm_eps"]
+
+
+class FormatError(ValueError):
+    pass
+
+
+def _check(cond, msg):
+    if not cond:
+        raise FormatError(msg)
+
+
+def _atomic_write(path, chunks):
+    """Write an iterable of bytes-like chunks to path via a temp file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------- arrays
+
+def _to_numpy(t):
+    """numpy array from a numpy array or torch tensor; bf16 tensors come back
+    as float32 (exact)."""
+    if isinstance(t, np.ndarray):
+        return t
+    if hasattr(t, "detach"):  # torch tensor
+        t = t.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            bits = t.contiguous().view(dtype=_torch().int16).numpy().view(np.uint16)
+            return bf16_bits_to_f32(bits)
+        return t.numpy()
+    return np.asarray(t)
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def f32_to_bf16_bits(x):
+    """Round float32 to bfloat16 (round to nearest even, as torch does);
+    returns uint16 bit patterns."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def bf16_bits_to_f32(bits):
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _encode(t, dtype):
+    """Bytes of one tensor in the file dtype. bf16 torch tensors are copied
+    bit for bit; everything else goes through float32."""
+    if dtype == "bf16" and hasattr(t, "detach") and str(t.dtype) == "torch.bfloat16":
+        torch = _torch()
+        return t.detach().cpu().contiguous().view(dtype=torch.int16).numpy().astype("<i2").tobytes()
+    a = np.ascontiguousarray(_to_numpy(t), dtype=np.float32)
+    if dtype == "fp32":
+        return a.astype("<f4").tobytes()
+    return f32_to_bf16_bits(a).astype("<u2").tobytes()
+
+
+# ---------------------------------------------------------------- model file
+
+def tensor_shapes(cfg):
+    """Ordered list of (name, shape) of the parameter tensors in a model file."""
+    C, L, H, KV = cfg["dim"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"]
+    V, F = cfg["vocab_size"], cfg["ffn_dim"]
+    _check(H > 0 and C % H == 0, f"dim {C} is not a multiple of n_heads {H}")
+    _check(KV > 0 and H % KV == 0, f"n_heads {H} is not a multiple of n_kv_heads {KV}")
+    kvd = KV * (C // H)
+    shapes = [
+        ("wte", (V, C)),
+        ("attn_norm", (L, C)),
+        ("wq", (L, C, C)),
+        ("wk", (L, kvd, C)),
+        ("wv", (L, kvd, C)),
+        ("wo", (L, C, C)),
+        ("mlp_norm", (L, C)),
+        ("w_gate", (L, F, C)),
+        ("w_up", (L, F, C)),
+        ("w_down", (L, C, F)),
+        ("final_norm", (C,)),
+    ]
+    if cfg["head_type"] == 1:
+        shapes.append(("head", (1, C)))
+    elif not cfg["tied_embeddings"]:
+        shapes.append(("head", (V, C)))
+    return shapes
+
+
+def n_params(cfg):
+    return sum(int(np.prod(s)) for _, s in tensor_shapes(cfg))
+
+
+def _pack_header(cfg, dtype):
+    _check(dtype in DTYPES, f"dtype must be fp32 or bf16, got {dtype!r}")
+    _check(cfg["head_type"] in (0, 1), f"head_type must be 0 or 1, got {cfg['head_type']}")
+    ints = [int(cfg[k]) for k in INT_FIELDS]
+    ints[-1] = 1 if cfg["tied_embeddings"] else 0
+    head = struct.pack("<4I", MODEL_MAGIC, VERSION, DTYPES[dtype], int(cfg["head_type"]))
+    head += struct.pack("<8I", *ints)
+    head += struct.pack("<2d", float(cfg["rope_theta"]), float(cfg["norm_eps"]))
+    return head + bytes(MODEL_HEADER - len(head))
+
+
+def write_model(path, cfg, tensors, dtype=None):
+    """Write a model file. cfg holds CONFIG_FIELDS; tensors maps our names to
+    arrays/tensors (or zero-argument callables returning one, loaded only when
+    written). dtype is "fp32" or "bf16" (default: cfg.get("dtype", "fp32"))."""
+    dtype = dtype or cfg.get("dtype", "fp32")
+    shapes = tensor_shapes(cfg)
+    extra = set(tensors) - {n for n, _ in shapes}
+    _check(not extra, f"unexpected tensors: {sorted(extra)}")
+
+    def chunks():
+        yield _pack_header(cfg, dtype)
+        for name, shape in shapes:
+            _check(name in tensors, f"missing tensor {name}")
+            t = tensors[name]
+            t = t() if callable(t) else t
+            _check(tuple(t.shape) == shape, f"{name}: shape {tuple(t.shape)}, expected {shape}")
+            yield _encode(t, dtype)
+
+    _atomic_write(path, chunks())
+
+
+def read_header(path):
+    """Config dict (CONFIG_FIELDS plus "dtype") of a model file, validated."""
+    with open(path, "rb") as f:
+        head = f.read(MODEL_HEADER)
+    _check(len(head) == MODEL_HEADER, f"{path}: shorter than the {MODEL_HEADER}-byte header")
+    magic, version, dtype, head_type = struct.unpack_from("<4I", head, 0)
+    _check(magic == MODEL_MAGIC, f"{path}: bad magic {magic:#x}, not an xwin model file")
+    _check(version == VERSION, f"{path}: unsupported version {version}")
+    _check(dtype in (0, 1), f"{path}: unknown dtype code {dtype}")
+    _check(head_type in (0, 1), f"{path}: unknown head_type {head_type}")
+    _check(not any(head[64:]), f"{path}: reserved header bytes are not zero")
+    cfg = dict(zip(INT_FIELDS, struct.unpack_from("<8I", head, 16)))
+    _check(cfg["tied_embeddings"] in (0, 1), f"{path}: tied_embeddings must be 0 or 1")
+    cfg["head_type"] = head_type
+    cfg["rope_theta"], cfg["norm_eps"] = struct.unpack_from("<2d", head, 48)
+    cfg["dtype"] = "fp32" if dtype == 0 else "bf16"
+    expect = MODEL_HEADER + n_params(cfg) * DTYPE_BYTES[cfg["dtype"]]
+    size = os.path.getsize(path)
+    _check(size == expect, f"{path}: file is {size} bytes, header implies {expect}")
+    return cfg
+
+
+def read_model(path):
+    """(config, tensors). Tensors are float32 numpy arrays in file order; bf16
+    files are widened exactly, and config["dtype"] says what the file held."""
+    cfg = read_header(path)
+    bf16 = cfg["dtype"] == "bf16"
+    tensors = {}
+    with open(path, "rb") as f:
+        f.seek(MODEL_HEADER)
+        for name, shape in tensor_shapes(cfg):
+            count = int(np.prod(shape))
+            if bf16:
+                a = bf16_bits_to_f32(np.fromfile(f, dtype="<u2", count=count))
+            else:
+                a = np.fromfile(f, dtype="<f4", count=count).astype(np.float32)
+            tensors[name] = a.reshape(shape)
+    return cfg, tensors
+
+
+# ---------------------------------------------------------------- token file
+
+def write_tokens(path, seqs, masks):
+    """Write sequences of token ids with their 0/1 loss masks."""
+    _check(len(seqs) >= 1, "need at least one sequence")
+    _check(len(seqs) == len(masks), "seqs and masks differ in count")
+    offsets = [0]
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        _check(len(s) >= 1, f"sequence {i} is empty")
+        _check(len(s) == len(m), f"sequence {i}: {len(s)} tokens but {len(m)} mask values")
+        offsets.append(offsets[-1] + len(s))
+    tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    mask = np.concatenate([np.asarray(m, dtype=np.int64) for m in masks])
+    _check(tokens.min() >= 0 and tokens.max() < 2**32, "token ids must fit in uint32")
+    _check(np.isin(mask, (0, 1)).all(), "mask values must be 0 or 1")
+    n = int(offsets[-1])
+    head = struct.pack("<4I2Q", TOKENS_MAGIC, VERSION, len(seqs), 0, n, n)
+    head += bytes(TOKENS_HEADER - len(head))
+    _atomic_write(path, [
+        head,
+        np.asarray(offsets, dtype="<u8").tobytes(),
+        tokens.astype("<u4").tobytes(),
+        mask.astype(np.uint8).tobytes(),
+    ])
+
+
+def read_tokens(path):
+    """(seqs, masks) as lists of numpy arrays (uint32 tokens, uint8 masks)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    _check(len(data) >= TOKENS_HEADER, f"{path}: shorter than the header")
+    magic, version, n_seqs, _, n_tok, n_mask = struct.unpack_from("<4I2Q", data, 0)
+    _check(magic == TOKENS_MAGIC, f"{path}: bad magic {magic:#x}, not an xwin token file")
+    _check(version == VERSION, f"{path}: unsupported version {version}")
+    _check(n_seqs >= 1, f"{path}: no sequences")
+    _check(n_mask == n_tok, f"{path}: n_mask {n_mask} != n_tokens {n_tok}")
+    expect = TOKENS_HEADER + 8 * (n_seqs + 1) + 4 * n_tok + n_mask
+    _check(len(data) == expect, f"{path}: file is {len(data)} bytes, header implies {expect}")
+    pos = TOKENS_HEADER
+    offsets = np.frombuffer(data, "<u8", n_seqs + 1, pos)
+    pos += 8 * (n_seqs + 1)
+    tokens = np.frombuffer(data, "<u4", n_tok, pos)
+    mask = np.frombuffer(data, np.uint8, n_mask, pos + 4 * n_tok)
+    _check(offsets[0] == 0 and offsets[-1] == n_tok and (np.diff(offsets.astype(np.int64)) > 0).all(),
+           f"{path}: bad offsets")
+    seqs = [tokens[offsets[i]:offsets[i + 1]].copy() for i in range(n_seqs)]
+    masks = [mask[offsets[i]:offsets[i + 1]].copy() for i in range(n_seqs)]
+    return seqs, masks
+
+
+# ---------------------------------------------------------------- fixtures
+
+def write_fixture(path, entries):
+    """Write (name, array) pairs; arrays are stored as float32."""
+    names = [n for n, _ in entries]
+    _check(len(set(names)) == len(names), "duplicate fixture entry names")
+    chunks = [struct.pack("<3I", FIXTURE_MAGIC, VERSION, len(entries))]
+    for name, a in entries:
+        a = np.asarray(_to_numpy(a), dtype=np.float32)
+        raw = name.encode()
+        chunks.append(struct.pack("<I", len(raw)) + raw + struct.pack("<I", a.ndim))
+        chunks.append(np.asarray(a.shape, dtype="<u8").tobytes())
+        chunks.append(np.ascontiguousarray(a).astype("<f4").tobytes())
+    _atomic_write(path, chunks)
+
+
+def read_fixture(path):
+    """Dict name -> float32 array, in file order."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, version, n = struct.unpack_from("<3I", data, 0)
+    _check(magic == FIXTURE_MAGIC, f"{path}: bad magic {magic:#x}, not an xwin fixture file")
+    _check(version == VERSION, f"{path}: unsupported version {version}")
+    pos, out = 12, {}
+    for _ in range(n):
+        (ln,) = struct.unpack_from("<I", data, pos)
+        name = data[pos + 4:pos + 4 + ln].decode()
+        pos += 4 + ln
+        (ndim,) = struct.unpack_from("<I", data, pos)
+        dims = tuple(int(d) for d in np.frombuffer(data, "<u8", ndim, pos + 4))
+        pos += 4 + 8 * ndim
+        count = int(np.prod(dims))
+        out[name] = np.frombuffer(data, "<f4", count, pos).reshape(dims).copy()
+        pos += 4 * count
+    _check(pos == len(data), f"{path}: {len(data) - pos} trailing bytes")
+    return out

@@ -1,0 +1,1134 @@
+/*
+llm.cu — the one shared header of xwin.cu: the Llama model, its ops, its file formats.
+
+Every op comes as a plain C++ reference (the spec, templated on the float type so the
+tests can run it in double precision against finite differences). The stage programs
+(train_sft, train_rm, train_dpo, sample) and the tools in dev/ include this file.
+
+The model computes exactly what Hugging Face transformers' LlamaForCausalLM computes:
+  x = wte[tokens]
+  for each layer:
+    h = rmsnorm(x) * attn_norm
+    q, k, v = h @ wq^T, h @ wk^T, h @ wv^T          (grouped-query: KV heads <= H heads)
+    q, k = rope(q), rope(k)                         (rotate-half layout, rope_theta)
+    x = x + causal_softmax_attention(q, k, v) @ wo^T
+    h = rmsnorm(x) * mlp_norm
+    x = x + (silu(h @ w_gate^T) * (h @ w_up^T)) @ w_down^T
+  logits = (rmsnorm(x) * final_norm) @ head^T       (head = wte when tied)
+
+Memory conventions (as in llm.c): parameters, gradients, AdamW moments and activations each
+live in one allocation sized from the config, made once; a training step allocates nothing.
+Backward functions ACCUMULATE (+=) into parameter gradients and into the gradient of their
+input, so gradient accumulation works and the residual stream's gradient flows by itself;
+the model's backward zeroes its activation-gradient scratch before it uses it.
+Every index product is computed in size_t.
+*/
+#pragma once
+
+#include <cerrno>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// errors: one line naming the file and the problem, then exit(1)
+
+[[noreturn]] inline void fail_file(const char* path, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "error: %s: ", path);
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    va_end(args);
+    exit(1);
+}
+
+inline std::string string_format(const char* fmt, ...) {
+    char buf[512];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    va_end(args);
+    return std::string(buf);
+}
+
+inline FILE* fopen_check(const char* path, const char* mode) {
+    FILE* f = fopen(path, mode);
+    if (!f) fail_file(path, "cannot open (mode %s): %s", mode, strerror(errno));
+    return f;
+}
+
+inline void fread_check(void* dst, size_t size, size_t count, FILE* f, const char* path) {
+    if (fread(dst, size, count, f) != count) fail_file(path, "unexpected end of file or read error");
+}
+
+inline void fwrite_check(const void* src, size_t size, size_t count, FILE* f, const char* path) {
+    if (fwrite(src, size, count, f) != count) fail_file(path, "write failed: %s", strerror(errno));
+}
+
+inline size_t file_size_of(FILE* f) {
+    long pos = ftell(f);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, pos, SEEK_SET);
+    return (size_t)size;
+}
+
+inline void* malloc_check(size_t bytes) {
+    void* p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fprintf(stderr, "error: out of host memory allocating %zu bytes\n", bytes);
+        exit(1);
+    }
+    return p;
+}
+
+// Writes go to "<path>.tmp" and are renamed over <path> only when complete, so a crash
+// never leaves a half-written file under the real name.
+inline FILE* open_for_atomic_write(const char* path, std::string* tmp_path) {
+    *tmp_path = std::string(path) + ".tmp";
+    return fopen_check(tmp_path->c_str(), "wb");
+}
+
+inline void finish_atomic_write(FILE* f, const std::string& tmp_path, const char* path) {
+    if (fflush(f) != 0 || fclose(f) != 0) fail_file(tmp_path.c_str(), "write failed: %s", strerror(errno));
+    if (rename(tmp_path.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp_path.c_str(), strerror(errno));
+}
+
+// bfloat16 <-> float32 on the host (round to nearest even; NaN stays NaN)
+inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // quiet NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+// ----------------------------------------------------------------------------
+// Model file format (.bin), version 1. Little-endian.
+//
+// Header: 256 bytes.
+//   offset  type     field
+//   0       uint32   magic = 0x4E495758 (the bytes "XWIN")
+//   4       uint32   version = 1
+//   8       uint32   dtype of the parameters in the file: 0 = float32, 1 = bfloat16
+//   12      uint32   head_type: 0 = language-model head, 1 = scalar reward head
+//   16      uint32   dim (C)            20 uint32 n_layers (L)
+//   24      uint32   n_heads (H)        28 uint32 n_kv_heads (KV)
+//   32      uint32   vocab_size (V)     36 uint32 ffn_dim (F)
+//   40      uint32   max_seq_len        44 uint32 tied_embeddings (0 or 1)
+//   48      float64  rope_theta         56 float64 norm_eps
+//   64..255 zero (reserved)
+// Then every parameter tensor, contiguous, in the order of ParamTensors below, each
+// row-major exactly as torch stores it (a Linear weight is (out_features, in_features)),
+// per-layer tensors stacked over layers. head_dim = C / H, KVD = KV * head_dim.
+//   wte (V, C) model.embed_tokens | attn_norm (L, C) input_layernorm
+//   wq (L, C, C) q_proj | wk (L, KVD, C) k_proj | wv (L, KVD, C) v_proj | wo (L, C, C) o_proj
+//   mlp_norm (L, C) post_attention_layernorm
+//   w_gate (L, F, C) gate_proj | w_up (L, F, C) up_proj | w_down (L, C, F) down_proj
+//   final_norm (C) model.norm
+//   head: (V, C) lm_head when head_type 0 and not tied; (1, C) score when head_type 1;
+//         absent when head_type 0 and tied (the head is wte).
+// The file is exactly 256 + n_params * (4 or 2) bytes long. Q and K are stored in the
+// Hugging Face rotate-half layout, so dev/convert_hf.py is a plain copy.
+
+constexpr uint32_t MODEL_MAGIC = 0x4E495758;
+constexpr uint32_t MODEL_VERSION = 1;
+constexpr size_t MODEL_HEADER_BYTES = 256;
+enum { DTYPE_FP32 = 0, DTYPE_BF16 = 1 };
+enum { HEAD_LM = 0, HEAD_REWARD = 1 };
+
+struct LlamaConfig {
+    int dim;              // C
+    int n_layers;         // L
+    int n_heads;          // H
+    int n_kv_heads;       // KV
+    int vocab_size;       // V
+    int ffn_dim;          // F
+    int max_seq_len;
+    int tied_embeddings;  // 1: the head is wte
+    int head_type;        // HEAD_LM or HEAD_REWARD
+    double rope_theta;
+    double norm_eps;
+};
+
+inline int head_dim(const LlamaConfig& c) { return c.dim / c.n_heads; }
+inline int kv_dim(const LlamaConfig& c) { return c.n_kv_heads * head_dim(c); }
+inline int head_rows(const LlamaConfig& c) { return c.head_type == HEAD_REWARD ? 1 : c.vocab_size; }
+
+// Parses and checks a 256-byte header. Returns "" when it is sane, else what is wrong.
+inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, int* dtype) {
+    uint32_t u[12];
+    memcpy(u, h, sizeof(u));
+    if (u[0] != MODEL_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWIN\"): not an xwin.cu model file", u[0], MODEL_MAGIC);
+    if (u[1] != MODEL_VERSION) return string_format("unsupported model file version %u (this build reads version %u)", u[1], MODEL_VERSION);
+    if (u[2] != DTYPE_FP32 && u[2] != DTYPE_BF16) return string_format("unknown dtype %u (0 = float32, 1 = bfloat16)", u[2]);
+    if (u[3] != HEAD_LM && u[3] != HEAD_REWARD) return string_format("unknown head_type %u (0 = language model, 1 = reward)", u[3]);
+    // upper bounds well above any real Llama (70B: dim 8192, 80 layers, ffn 28672)
+    struct { const char* name; uint32_t value, max; } sizes[] = {
+        {"dim", u[4], 1u << 16}, {"n_layers", u[5], 1024}, {"n_heads", u[6], 1024}, {"n_kv_heads", u[7], 1024},
+        {"vocab_size", u[8], 1u << 24}, {"ffn_dim", u[9], 1u << 20}, {"max_seq_len", u[10], 1u << 20}};
+    for (auto& s : sizes) {
+        if (s.value == 0 || s.value > s.max) return string_format("absurd config: %s = %u (must be 1..%u)", s.name, s.value, s.max);
+    }
+    if (u[11] > 1) return string_format("absurd config: tied_embeddings = %u (must be 0 or 1)", u[11]);
+    double theta, eps;
+    memcpy(&theta, h + 48, 8);
+    memcpy(&eps, h + 56, 8);
+    if (!(theta > 0 && std::isfinite(theta))) return string_format("absurd config: rope_theta = %g (must be positive)", theta);
+    if (!(eps > 0 && eps < 1)) return string_format("absurd config: norm_eps = %g (must be in (0, 1))", eps);
+    if (u[4] % u[6] != 0) return string_format("absurd config: dim %u is not divisible by n_heads %u", u[4], u[6]);
+    if (u[6] % u[7] != 0) return string_format("absurd config: n_heads %u is not divisible by n_kv_heads %u", u[6], u[7]);
+    if ((u[4] / u[6]) % 2 != 0) return string_format("absurd config: head_dim %u is odd (RoPE rotates pairs)", u[4] / u[6]);
+    for (size_t i = 64; i < MODEL_HEADER_BYTES; i++) {
+        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
+    }
+    *dtype = (int)u[2];
+    *c = LlamaConfig{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps};
+    return "";
+}
+
+inline void model_header_write(unsigned char* h, const LlamaConfig& c, int dtype) {
+    memset(h, 0, MODEL_HEADER_BYTES);
+    uint32_t u[12] = {MODEL_MAGIC, MODEL_VERSION, (uint32_t)dtype, (uint32_t)c.head_type,
+                      (uint32_t)c.dim, (uint32_t)c.n_layers, (uint32_t)c.n_heads, (uint32_t)c.n_kv_heads,
+                      (uint32_t)c.vocab_size, (uint32_t)c.ffn_dim, (uint32_t)c.max_seq_len, (uint32_t)c.tied_embeddings};
+    memcpy(h, u, sizeof(u));
+    memcpy(h + 48, &c.rope_theta, 8);
+    memcpy(h + 56, &c.norm_eps, 8);
+}
+
+// ----------------------------------------------------------------------------
+// Parameters: the tensors in file order, pointers into one flat buffer.
+
+constexpr int NUM_PARAM_TENSORS = 12;
+const char* const PARAM_NAMES[NUM_PARAM_TENSORS] = {"wte", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
+                                                    "w_gate", "w_up", "w_down", "final_norm", "head"};
+
+struct ParamTensors {
+    float* wte;         // (V, C)
+    float* attn_norm;   // (L, C)
+    float* wq;          // (L, C, C)
+    float* wk;          // (L, KVD, C)
+    float* wv;          // (L, KVD, C)
+    float* wo;          // (L, C, C)
+    float* mlp_norm;    // (L, C)
+    float* w_gate;      // (L, F, C)
+    float* w_up;        // (L, F, C)
+    float* w_down;      // (L, C, F)
+    float* final_norm;  // (C)
+    float* head;        // (V, C) or (1, C); equals wte when tied
+};
+
+// Number of floats of each tensor, in file order. A tied head has size 0.
+inline void param_sizes(const LlamaConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
+    size_t C = c.dim, L = c.n_layers, V = c.vocab_size, F = c.ffn_dim, KVD = kv_dim(c);
+    sizes[0] = V * C;
+    sizes[1] = L * C;
+    sizes[2] = L * C * C;
+    sizes[3] = L * KVD * C;
+    sizes[4] = L * KVD * C;
+    sizes[5] = L * C * C;
+    sizes[6] = L * C;
+    sizes[7] = L * F * C;
+    sizes[8] = L * F * C;
+    sizes[9] = L * C * F;
+    sizes[10] = C;
+    sizes[11] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
+}
+
+inline size_t num_parameters(const LlamaConfig& c) {
+    size_t sizes[NUM_PARAM_TENSORS], n = 0;
+    param_sizes(c, sizes);
+    for (size_t s : sizes) n += s;
+    return n;
+}
+
+// Carves consecutive tensors of the given sizes out of one buffer.
+inline void point_tensors(float* memory, const size_t* sizes, int count, float** fields[]) {
+    for (int i = 0; i < count; i++) {
+        *fields[i] = memory;
+        memory += sizes[i];
+    }
+}
+
+// Points the tensors into a flat buffer laid out in file order.
+inline ParamTensors point_parameters(const LlamaConfig& c, float* memory) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    ParamTensors p;
+    float** fields[NUM_PARAM_TENSORS] = {&p.wte, &p.attn_norm, &p.wq, &p.wk, &p.wv, &p.wo, &p.mlp_norm,
+                                         &p.w_gate, &p.w_up, &p.w_down, &p.final_norm, &p.head};
+    point_tensors(memory, sizes, NUM_PARAM_TENSORS, fields);
+    if (sizes[11] == 0) p.head = p.wte;
+    return p;
+}
+
+// Weight decay applies to matrices (embeddings, projections, heads), not to norm weights.
+inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && tensor != 10; }
+
+// ----------------------------------------------------------------------------
+// CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
+
+// x[b,t,:] = wte[tokens[b,t], :]
+template <typename T>
+void embedding_forward(T* out, const int* tokens, const T* wte, size_t N, size_t C) {
+    #pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        memcpy(out + n * C, wte + (size_t)tokens[n] * C, C * sizeof(T));
+    }
+}
+
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int* tokens, size_t N, size_t C) {
+    for (size_t n = 0; n < N; n++) {  // serial: two rows may share a token
+        T* row = dwte + (size_t)tokens[n] * C;
+        const T* d = dout + n * C;
+        for (size_t i = 0; i < C; i++) row[i] += d[i];
+    }
+}
+
+// out = x / sqrt(mean(x^2) + eps) * weight; rstd (N) saved for the backward
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, size_t N, size_t C, double eps) {
+    #pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        const T* x = inp + n * C;
+        T ss = 0;
+        for (size_t i = 0; i < C; i++) ss += x[i] * x[i];
+        T r = T(1) / std::sqrt(ss / T(C) + T(eps));
+        for (size_t i = 0; i < C; i++) out[n * C + i] = x[i] * r * weight[i];
+        rstd[n] = r;
+    }
+}
+
+// with xhat = x * r: dweight += dout * xhat; dx += r * (dout*w - xhat * mean(dout*w*xhat))
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const T* rstd, size_t N, size_t C) {
+    #pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        const T* x = inp + n * C;
+        const T* d = dout + n * C;
+        T r = rstd[n], dot = 0;
+        for (size_t i = 0; i < C; i++) dot += d[i] * weight[i] * x[i] * r;
+        dot /= T(C);
+        for (size_t i = 0; i < C; i++) dinp[n * C + i] += r * (d[i] * weight[i] - x[i] * r * dot);
+    }
+    #pragma omp parallel for
+    for (size_t i = 0; i < C; i++) {  // parallel over channels, so no two threads share dweight[i]
+        T acc = 0;
+        for (size_t n = 0; n < N; n++) acc += dout[n * C + i] * inp[n * C + i] * rstd[n];
+        dweight[i] += acc;
+    }
+}
+
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none).
+// Four rows at a time share each weight row while it is in cache.
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
+    #pragma omp parallel for schedule(static)
+    for (size_t n0 = 0; n0 < N; n0 += 4) {
+        size_t rows = N - n0 < 4 ? N - n0 : 4;
+        const T* x0 = inp + n0 * C;
+        const T* x1 = inp + (n0 + (rows > 1)) * C;
+        const T* x2 = inp + (n0 + (rows > 2) * 2) * C;
+        const T* x3 = inp + (n0 + (rows > 3) * 3) * C;
+        for (size_t o = 0; o < OC; o++) {
+            const T* w = weight + o * C;
+            T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+            #pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (size_t i = 0; i < C; i++) {
+                a0 += x0[i] * w[i];
+                a1 += x1[i] * w[i];
+                a2 += x2[i] * w[i];
+                a3 += x3[i] * w[i];
+            }
+            T acc[4] = {a0, a1, a2, a3};
+            for (size_t r = 0; r < rows; r++) out[(n0 + r) * OC + o] = acc[r];
+        }
+    }
+}
+
+// dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
+template <typename T>
+void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
+    #pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        T* dx = dinp + n * C;
+        for (size_t o = 0; o < OC; o++) {
+            T d = dout[n * OC + o];
+            const T* w = weight + o * C;
+            #pragma omp simd
+            for (size_t i = 0; i < C; i++) dx[i] += d * w[i];
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (size_t o = 0; o < OC; o++) {
+        T* dw = dweight + o * C;
+        for (size_t n = 0; n < N; n++) {
+            T d = dout[n * OC + o];
+            const T* x = inp + n * C;
+            #pragma omp simd
+            for (size_t i = 0; i < C; i++) dw[i] += d * x[i];
+        }
+    }
+}
+
+// RoPE angle for position pos and pair i of a head of size hd, computed in float32 as
+// transformers does (inv_freq = 1 / theta^(2i/hd) in float32, angle = pos * inv_freq).
+inline void rope_cos_sin(int pos, int i, int hd, double theta, float* cos_out, float* sin_out) {
+    float inv_freq = 1.0f / powf((float)theta, (float)(2 * i) / (float)hd);
+    float angle = (float)pos * inv_freq;
+    *cos_out = cosf(angle);
+    *sin_out = sinf(angle);
+}
+
+// In place on x (B, T, NH, hd), rotate-half layout: for i < hd/2 the pair is (x[i], x[i + hd/2]):
+//   x[i] <- x[i] cos - x[i+hd/2] sin,  x[i+hd/2] <- x[i+hd/2] cos + x[i] sin,  at position t.
+// The backward is the inverse rotation applied to the gradient (sin -> -sin).
+template <typename T>
+void rope_rotate(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta, int direction) {
+    int half = hd / 2;
+    #pragma omp parallel for collapse(2)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) {
+            for (int i = 0; i < half; i++) {
+                float c, s;
+                rope_cos_sin((int)t, i, hd, theta, &c, &s);
+                T cs = T(c), sn = T(s) * T(direction);
+                for (size_t h = 0; h < NH; h++) {
+                    T* v = x + ((b * Tn + t) * NH + h) * hd;
+                    T x1 = v[i], x2 = v[i + half];
+                    v[i] = x1 * cs - x2 * sn;
+                    v[i + half] = x2 * cs + x1 * sn;
+                }
+            }
+        }
+    }
+}
+template <typename T>
+void rope_forward(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(x, B, Tn, NH, hd, theta, +1); }
+template <typename T>
+void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(dx, B, Tn, NH, hd, theta, -1); }
+
+// Causal grouped-query attention.
+//   q (B, T, H, hd), k and v (B, T, KV, hd); query head h reads kv head h / (H / KV).
+//   att (B, H, T, T): softmax over t2 <= t of q.k / sqrt(hd); entries t2 > t are 0.
+//   out (B, T, H, hd) = att @ v
+template <typename T>
+void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+    T scale = T(1) / std::sqrt(T(hd));
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(3)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t h = 0; h < H; h++) {
+            for (size_t t = 0; t < Tn; t++) {
+                const T* qv = q + ((b * Tn + t) * H + h) * hd;
+                T* a = att + ((b * H + h) * Tn + t) * Tn;
+                size_t kh = h / group;
+                T maxv = -INFINITY;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
+                    T s = 0;
+                    for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                    a[t2] = s * scale;
+                    if (a[t2] > maxv) maxv = a[t2];
+                }
+                T sum = 0;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    a[t2] = std::exp(a[t2] - maxv);
+                    sum += a[t2];
+                }
+                for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
+                for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+                T* o = out + ((b * Tn + t) * H + h) * hd;
+                for (size_t i = 0; i < hd; i++) o[i] = 0;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
+                    for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                }
+            }
+        }
+    }
+}
+
+// dq += ..., dk += ..., dv += ... given dout (B, T, H, hd) and the saved att.
+//   datt[t2] = dout . v[t2];  dscore[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
+//   dq += scale * dscore @ k;  dk += scale * dscore^T q;  dv += att^T @ dout
+// Two passes over t2 (the first for the softmax dot product, the second recomputes datt)
+// so no scratch row is needed. Parallel over (b, kv head): the query heads sharing one kv
+// head accumulate into dk, dv serially.
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
+                        size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+    T scale = T(1) / std::sqrt(T(hd));
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(2)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t kh = 0; kh < KV; kh++) {
+            for (size_t h = kh * group; h < (kh + 1) * group; h++) {
+                for (size_t t = 0; t < Tn; t++) {
+                    const T* a = att + ((b * H + h) * Tn + t) * Tn;
+                    const T* d = dout + ((b * Tn + t) * H + h) * hd;
+                    const T* qv = q + ((b * Tn + t) * H + h) * hd;
+                    T* dqv = dq + ((b * Tn + t) * H + h) * hd;
+                    T dot = 0;
+                    for (size_t t2 = 0; t2 <= t; t2++) {
+                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
+                        T* dvv = dv + ((b * Tn + t2) * KV + kh) * hd;
+                        T datt = 0;
+                        for (size_t i = 0; i < hd; i++) {
+                            datt += d[i] * vv[i];
+                            dvv[i] += a[t2] * d[i];
+                        }
+                        dot += a[t2] * datt;
+                    }
+                    for (size_t t2 = 0; t2 <= t; t2++) {
+                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
+                        T datt = 0;
+                        for (size_t i = 0; i < hd; i++) datt += d[i] * vv[i];
+                        T ds = a[t2] * (datt - dot) * scale;
+                        const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
+                        T* dkv = dk + ((b * Tn + t2) * KV + kh) * hd;
+                        for (size_t i = 0; i < hd; i++) {
+                            dqv[i] += ds * kv[i];
+                            dkv[i] += ds * qv[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x)
+template <typename T>
+void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        T g = gate[i];
+        out[i] = g / (T(1) + std::exp(-g)) * up[i];
+    }
+}
+
+// dgate += dout * up * silu'(gate), silu'(x) = s (1 + x (1 - s)), s = sigmoid(x);  dup += dout * silu(gate)
+template <typename T>
+void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        T g = gate[i];
+        T s = T(1) / (T(1) + std::exp(-g));
+        dgate[i] += dout[i] * up[i] * s * (T(1) + g * (T(1) - s));
+        dup[i] += dout[i] * g * s;
+    }
+}
+
+// out = a + b (the residual stream)
+template <typename T>
+void residual_forward(T* out, const T* a, const T* b, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+// Token log-probs: lp[b,t] = log softmax(logits[b,t-1])[tokens[b,t]] for t >= 1; lp[b,0] = 0.
+// logits (B, T, V), tokens (B, T), lp (B, T)
+template <typename T>
+void logprob_forward(T* lp, const T* logits, const int* tokens, size_t B, size_t Tn, size_t V) {
+    #pragma omp parallel for collapse(2)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) {
+            if (t == 0) { lp[b * Tn] = 0; continue; }
+            const T* z = logits + (b * Tn + t - 1) * V;
+            T maxv = z[0];
+            for (size_t i = 1; i < V; i++) maxv = z[i] > maxv ? z[i] : maxv;
+            T sum = 0;
+            for (size_t i = 0; i < V; i++) sum += std::exp(z[i] - maxv);
+            lp[b * Tn + t] = z[tokens[b * Tn + t]] - maxv - std::log(sum);
+        }
+    }
+}
+
+// Given dlp (B, T) = d(objective)/d(lp), writes (overwrites) dlogits (B, T, V):
+//   dlogits[b,t-1,:] = dlp[b,t] * (onehot(tokens[b,t]) - softmax(logits[b,t-1])),  dlogits[b,T-1,:] = 0
+template <typename T>
+void logprob_backward(T* dlogits, const T* logits, const int* tokens, const T* dlp, size_t B, size_t Tn, size_t V) {
+    #pragma omp parallel for collapse(2)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) {
+            T* dz = dlogits + (b * Tn + t) * V;
+            T g = t + 1 < Tn ? dlp[b * Tn + t + 1] : T(0);
+            if (g == T(0)) { for (size_t i = 0; i < V; i++) dz[i] = 0; continue; }
+            const T* z = logits + (b * Tn + t) * V;
+            T maxv = z[0];
+            for (size_t i = 1; i < V; i++) maxv = z[i] > maxv ? z[i] : maxv;
+            T sum = 0;
+            for (size_t i = 0; i < V; i++) sum += std::exp(z[i] - maxv);
+            for (size_t i = 0; i < V; i++) dz[i] = -g * std::exp(z[i] - maxv) / sum;
+            dz[tokens[b * Tn + t + 1]] += g;
+        }
+    }
+}
+
+// Masked mean negative log-likelihood over the target tokens (mask = 1), as Hugging Face's
+// loss with labels = -100 where mask = 0. *count receives the number of targets.
+template <typename T>
+double masked_mean_loss(const T* lp, const uint8_t* mask, size_t B, size_t Tn, size_t* count) {
+    double sum = 0;
+    size_t n = 0;
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 1; t < Tn; t++) {
+            if (mask[b * Tn + t]) { sum -= lp[b * Tn + t]; n++; }
+        }
+    }
+    *count = n;
+    return n ? sum / (double)n : 0.0;
+}
+
+// sums (B): the log-prob of each sequence's target tokens (DPO and scoring use these)
+template <typename T>
+void sequence_logprob_sums(double* sums, const T* lp, const uint8_t* mask, size_t B, size_t Tn) {
+    for (size_t b = 0; b < B; b++) {
+        double s = 0;
+        for (size_t t = 1; t < Tn; t++) if (mask[b * Tn + t]) s += lp[b * Tn + t];
+        sums[b] = s;
+    }
+}
+
+// The gradient of masked_mean_loss with respect to lp: -mask / count
+template <typename T>
+void masked_mean_loss_backward(T* dlp, const uint8_t* mask, size_t B, size_t Tn, size_t count) {
+    for (size_t i = 0; i < B * Tn; i++) dlp[i] = (i % Tn != 0 && mask[i] && count) ? T(-1.0 / (double)count) : T(0);
+}
+
+// Global L2 norm of the gradient (accumulated in double), then clipping as
+// torch.nn.utils.clip_grad_norm_ does: g *= max_norm / (norm + 1e-6) when that is < 1.
+// max_norm <= 0 disables clipping. Returns the norm before clipping.
+inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
+    double ss = 0;
+    #pragma omp parallel for reduction(+ : ss)
+    for (size_t i = 0; i < n; i++) ss += (double)grads[i] * grads[i];
+    float norm = (float)std::sqrt(ss);
+    if (max_norm > 0) {
+        float coef = max_norm / (norm + 1e-6f);
+        if (coef < 1.0f) {
+            #pragma omp parallel for
+            for (size_t i = 0; i < n; i++) grads[i] *= coef;
+        }
+    }
+    return norm;
+}
+
+// AdamW as torch.optim.AdamW: decoupled weight decay, then bias-corrected moments.
+//   p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)        (t counts from 1)
+struct AdamWConfig {
+    float lr, beta1, beta2, eps, weight_decay;
+};
+
+inline void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt, float weight_decay, int t) {
+    double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
+    float step_size = (float)(opt.lr / bc1), bc2_sqrt = (float)std::sqrt(bc2);
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = grads[i];
+        params[i] *= 1.0f - opt.lr * weight_decay;
+        m[i] = opt.beta1 * m[i] + (1.0f - opt.beta1) * g;
+        v[i] = opt.beta2 * v[i] + (1.0f - opt.beta2) * g * g;
+        params[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + opt.eps);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Activations of one forward pass, kept for the backward; one allocation for (B, T).
+
+constexpr int NUM_ACT_TENSORS = 19;
+
+struct ActTensors {
+    float* residual;    // (L+1, B, T, C) the residual stream entering each layer, and the last
+    float* attn_in;     // (L, B, T, C)   rmsnorm(residual) * attn_norm
+    float* attn_rstd;   // (L, B, T)
+    float* q;           // (L, B, T, C)   after RoPE
+    float* k;           // (L, B, T, KVD) after RoPE
+    float* v;           // (L, B, T, KVD)
+    float* att;         // (L, B, H, T, T) attention probabilities
+    float* att_out;     // (L, B, T, C)   attention output before wo
+    float* residual_mid;// (L, B, T, C)   residual after the attention block
+    float* mlp_in;      // (L, B, T, C)
+    float* mlp_rstd;    // (L, B, T)
+    float* gate;        // (L, B, T, F)   h @ w_gate^T
+    float* up;          // (L, B, T, F)   h @ w_up^T
+    float* swiglu;      // (L, B, T, F)
+    float* final_in;    // (B, T, C)      rmsnorm(residual[L]) * final_norm
+    float* final_rstd;  // (B, T)
+    float* logits;      // (B, T, V) or (B, T, 1) for the reward head
+    float* lp;          // (B, T)         token log-probs (see logprob_forward)
+    float* scratch;     // (B, T, C)      projection output before the residual add
+};
+
+inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS]) {
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
+    size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
+                                  L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
+                                  L * N * F, N * C, N, N * (size_t)head_rows(c), N, N * C};
+    memcpy(s, sz, sizeof(sz));
+}
+
+// Gradients of the activations: scratch reused by every layer, one allocation.
+constexpr int NUM_GRAD_ACT_TENSORS = 10;
+
+struct GradActTensors {
+    float* residual;  // (B, T, C) gradient of the residual stream
+    float* norm_out;  // (B, T, C) gradient of a rmsnorm output
+    float* q;         // (B, T, C)
+    float* k;         // (B, T, KVD)
+    float* v;         // (B, T, KVD)
+    float* att_out;   // (B, T, C)
+    float* gate;      // (B, T, F)
+    float* up;        // (B, T, F)
+    float* swiglu;    // (B, T, F)
+    float* logits;    // (B, T, V)
+};
+
+inline void grad_act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_GRAD_ACT_TENSORS]) {
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
+    size_t sz[NUM_GRAD_ACT_TENSORS] = {N * C, N * C, N * C, N * KVD, N * KVD, N * C, N * F, N * F, N * F, N * (size_t)head_rows(c)};
+    memcpy(s, sz, sizeof(sz));
+}
+
+// ----------------------------------------------------------------------------
+// The model
+
+struct Llama {
+    LlamaConfig config{};
+    size_t num_params;
+    float* params_memory;  // (num_params) fp32 master weights
+    ParamTensors params;
+    float* grads_memory;   // (num_params)
+    ParamTensors grads;
+    float* m_memory;       // (num_params) AdamW first moment
+    float* v_memory;       // (num_params) AdamW second moment
+    int adam_step;
+    int B, T;              // the activation allocation's shape (0 until allocated)
+    float* acts_memory;
+    ActTensors acts;
+    float* grad_acts_memory;
+    GradActTensors grad_acts;
+};
+
+// A model with zeroed parameters for a config (the loaders and tests fill them).
+inline void llama_init(Llama* model, const LlamaConfig& config) {
+    *model = Llama{};
+    model->config = config;
+    model->num_params = num_parameters(config);
+    model->params_memory = (float*)calloc(model->num_params ? model->num_params : 1, sizeof(float));
+    if (!model->params_memory) {
+        fprintf(stderr, "error: out of host memory for %zu parameters\n", model->num_params);
+        exit(1);
+    }
+    model->params = point_parameters(config, model->params_memory);
+}
+
+// Reads a model file. Returns "" or what is wrong (the model is left empty then).
+inline std::string llama_load_checked(Llama* model, const char* path) {
+    *model = Llama{};
+    FILE* f = fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    size_t size = file_size_of(f);
+    if (size < MODEL_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte model header", size, MODEL_HEADER_BYTES);
+    unsigned char header[MODEL_HEADER_BYTES];
+    if (fread(header, 1, MODEL_HEADER_BYTES, f) != MODEL_HEADER_BYTES) return "read error in header";
+    LlamaConfig config{};
+    int dtype = DTYPE_FP32;
+    std::string err = model_header_parse(header, &config, &dtype);
+    if (!err.empty()) return err;
+    size_t n = num_parameters(config), elem = dtype == DTYPE_FP32 ? 4 : 2;
+    size_t expected = MODEL_HEADER_BYTES + n * elem;
+    if (size != expected) {
+        return string_format("file is %zu bytes but its header describes %zu %s parameters, i.e. %zu bytes%s", size, n,
+                             dtype == DTYPE_FP32 ? "float32" : "bfloat16", expected, size < expected ? ": truncated" : "");
+    }
+    llama_init(model, config);
+    bool ok = true;
+    if (dtype == DTYPE_FP32) {
+        ok = fread(model->params_memory, 4, n, f) == n;
+    } else {
+        std::vector<uint16_t> chunk(1 << 20);
+        for (size_t done = 0; ok && done < n; done += chunk.size()) {
+            size_t count = n - done < chunk.size() ? n - done : chunk.size();
+            ok = fread(chunk.data(), 2, count, f) == count;
+            for (size_t i = 0; ok && i < count; i++) model->params_memory[done + i] = bf16_to_float(chunk[i]);
+        }
+    }
+    if (!ok) {
+        free(model->params_memory);
+        *model = Llama{};
+        return "read error in the parameters";
+    }
+    return "";
+}
+
+inline void llama_load(Llama* model, const char* path) {
+    std::string err = llama_load_checked(model, path);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
+}
+
+// Writes the parameters (temporary file, then rename).
+inline void llama_save(const Llama* model, const char* path, int dtype) {
+    std::string tmp;
+    FILE* f = open_for_atomic_write(path, &tmp);
+    unsigned char header[MODEL_HEADER_BYTES];
+    model_header_write(header, model->config, dtype);
+    fwrite_check(header, 1, MODEL_HEADER_BYTES, f, tmp.c_str());
+    if (dtype == DTYPE_FP32) {
+        fwrite_check(model->params_memory, 4, model->num_params, f, tmp.c_str());
+    } else {
+        std::vector<uint16_t> buf(model->num_params);
+        for (size_t i = 0; i < model->num_params; i++) buf[i] = float_to_bf16(model->params_memory[i]);
+        fwrite_check(buf.data(), 2, buf.size(), f, tmp.c_str());
+    }
+    finish_atomic_write(f, tmp, path);
+}
+
+// Allocates the activations for batches up to (B, T) and, when training, the gradients,
+// their activation scratch and the AdamW moments. Once, before the first step.
+inline void llama_alloc(Llama* model, int B, int T, bool training) {
+    const LlamaConfig& c = model->config;
+    if (T > c.max_seq_len) {
+        fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
+        exit(1);
+    }
+    model->B = B;
+    model->T = T;
+    size_t as[NUM_ACT_TENSORS], na = 0;
+    act_sizes(c, B, T, as);
+    for (size_t s : as) na += s;
+    model->acts_memory = (float*)malloc_check(na * sizeof(float));
+    ActTensors& a = model->acts;
+    float** af[NUM_ACT_TENSORS] = {&a.residual, &a.attn_in, &a.attn_rstd, &a.q, &a.k, &a.v, &a.att, &a.att_out,
+                                   &a.residual_mid, &a.mlp_in, &a.mlp_rstd, &a.gate, &a.up, &a.swiglu,
+                                   &a.final_in, &a.final_rstd, &a.logits, &a.lp, &a.scratch};
+    point_tensors(model->acts_memory, as, NUM_ACT_TENSORS, af);
+    if (!training) return;
+    size_t n = model->num_params, gs[NUM_GRAD_ACT_TENSORS], ng = 0;
+    grad_act_sizes(c, B, T, gs);
+    for (size_t s : gs) ng += s;
+    model->grads_memory = (float*)malloc_check(n * sizeof(float));
+    model->m_memory = (float*)calloc(n, sizeof(float));
+    model->v_memory = (float*)calloc(n, sizeof(float));
+    if (!model->m_memory || !model->v_memory) {
+        fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", n);
+        exit(1);
+    }
+    model->grad_acts_memory = (float*)malloc_check(ng * sizeof(float));
+    model->grads = point_parameters(c, model->grads_memory);
+    memset(model->grads_memory, 0, n * sizeof(float));
+    GradActTensors& g = model->grad_acts;
+    float** gf[NUM_GRAD_ACT_TENSORS] = {&g.residual, &g.norm_out, &g.q, &g.k, &g.v, &g.att_out, &g.gate, &g.up, &g.swiglu, &g.logits};
+    point_tensors(model->grad_acts_memory, gs, NUM_GRAD_ACT_TENSORS, gf);
+}
+
+inline void llama_free(Llama* model) {
+    free(model->params_memory);
+    free(model->grads_memory);
+    free(model->m_memory);
+    free(model->v_memory);
+    free(model->acts_memory);
+    free(model->grad_acts_memory);
+    *model = Llama{};
+}
+
+// tokens (B, T) -> acts.logits (B, T, head_rows) and acts.lp (B, T). B, T <= the allocation.
+inline void llama_forward(Llama* model, const int* tokens, int B, int T) {
+    const LlamaConfig& c = model->config;
+    if (B > model->B || T > model->T) {
+        fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, model->B, model->T);
+        exit(1);
+    }
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * T;
+    const ParamTensors& p = model->params;
+    ActTensors& a = model->acts;
+    embedding_forward(a.residual, tokens, p.wte, N, C);
+    for (size_t l = 0; l < L; l++) {
+        float* x = a.residual + l * N * C;
+        float* attn_in = a.attn_in + l * N * C;
+        float* q = a.q + l * N * C;
+        float* k = a.k + l * N * KVD;
+        float* v = a.v + l * N * KVD;
+        float* att = a.att + l * B * H * T * T;
+        float* att_out = a.att_out + l * N * C;
+        float* mid = a.residual_mid + l * N * C;
+        float* mlp_in = a.mlp_in + l * N * C;
+        float* gate = a.gate + l * N * F;
+        float* up = a.up + l * N * F;
+        float* sw = a.swiglu + l * N * F;
+        rmsnorm_forward(attn_in, a.attn_rstd + l * N, x, p.attn_norm + l * C, N, C, c.norm_eps);
+        matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
+        matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
+        matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        rope_forward(q, B, T, H, hd, c.rope_theta);
+        rope_forward(k, B, T, KV, hd, c.rope_theta);
+        attention_forward(att_out, att, q, k, v, B, T, H, KV, hd);
+        matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
+        residual_forward(mid, x, a.scratch, N * C);
+        rmsnorm_forward(mlp_in, a.mlp_rstd + l * N, mid, p.mlp_norm + l * C, N, C, c.norm_eps);
+        matmul_forward(gate, mlp_in, p.w_gate + l * F * C, N, C, F);
+        matmul_forward(up, mlp_in, p.w_up + l * F * C, N, C, F);
+        swiglu_forward(sw, gate, up, N * F);
+        matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
+        residual_forward(a.residual + (l + 1) * N * C, mid, a.scratch, N * C);
+    }
+    rmsnorm_forward(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, C, c.norm_eps);
+    matmul_forward(a.logits, a.final_in, p.head, N, C, (size_t)head_rows(c));
+    if (c.head_type == HEAD_LM) logprob_forward(a.lp, a.logits, tokens, B, T, c.vocab_size);
+}
+
+inline void llama_zero_grad(Llama* model) { memset(model->grads_memory, 0, model->num_params * sizeof(float)); }
+
+// Backward from the gradient of the head's output: grad_acts.logits (B, T, head_rows) must
+// hold d(objective)/d(logits). Accumulates into model->grads.
+inline void llama_backward_from_logits(Llama* model, const int* tokens, int B, int T) {
+    const LlamaConfig& c = model->config;
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * T;
+    const ParamTensors& p = model->params;
+    ParamTensors& g = model->grads;
+    ActTensors& a = model->acts;
+    GradActTensors& d = model->grad_acts;
+    memset(d.residual, 0, N * C * sizeof(float));
+    memset(d.norm_out, 0, N * C * sizeof(float));
+    matmul_backward(d.norm_out, g.head, d.logits, a.final_in, p.head, N, C, (size_t)head_rows(c));
+    rmsnorm_backward(d.residual, g.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, C);
+    for (size_t li = L; li-- > 0;) {
+        size_t l = li;
+        // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
+        memset(d.swiglu, 0, N * F * sizeof(float));
+        memset(d.gate, 0, N * F * sizeof(float));
+        memset(d.up, 0, N * F * sizeof(float));
+        memset(d.norm_out, 0, N * C * sizeof(float));
+        matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C);
+        swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
+        matmul_backward(d.norm_out, g.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F);
+        matmul_backward(d.norm_out, g.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F);
+        rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
+        // attention block: mid = residual[l] + att_out @ wo^T
+        memset(d.att_out, 0, N * C * sizeof(float));
+        memset(d.q, 0, N * C * sizeof(float));
+        memset(d.k, 0, N * KVD * sizeof(float));
+        memset(d.v, 0, N * KVD * sizeof(float));
+        memset(d.norm_out, 0, N * C * sizeof(float));
+        matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
+        attention_backward(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
+                           a.v + l * N * KVD, B, T, H, KV, hd);
+        rope_backward(d.q, B, T, H, hd, c.rope_theta);
+        rope_backward(d.k, B, T, KV, hd, c.rope_theta);
+        const float* attn_in = a.attn_in + l * N * C;
+        matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
+        matmul_backward(d.norm_out, g.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD);
+        matmul_backward(d.norm_out, g.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
+    }
+    embedding_backward(g.wte, d.residual, tokens, N, C);
+}
+
+// Backward of an objective of the token log-probs: dlp (B, T) = d(objective)/d(acts.lp).
+inline void llama_backward(Llama* model, const int* tokens, const float* dlp, int B, int T) {
+    logprob_backward(model->grad_acts.logits, model->acts.logits, tokens, dlp, B, T, model->config.vocab_size);
+    llama_backward_from_logits(model, tokens, B, T);
+}
+
+// One AdamW step over all tensors (decay on matrices only); returns nothing, counts the step.
+inline void llama_update(Llama* model, const AdamWConfig& opt) {
+    model->adam_step += 1;
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(model->config, sizes);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
+        adamw_update(model->params_memory + offset, model->grads_memory + offset, model->m_memory + offset,
+                     model->v_memory + offset, sizes[i], opt, wd, model->adam_step);
+        offset += sizes[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Token file format (.tok), version 1: sequences of tokens with a per-token loss mask.
+// Little-endian. Header: 64 bytes.
+//   0  uint32 magic = 0x4B545758 (the bytes "XWTK")    4  uint32 version = 1
+//   8  uint32 n_seqs (>= 1)                            12 uint32 reserved (0)
+//   16 uint64 n_tokens                                 24 uint64 n_mask (must equal n_tokens)
+//   32..63 zero
+// Then uint64 offsets[n_seqs + 1] (offsets[0] = 0, strictly increasing, offsets[n_seqs] =
+// n_tokens; sequence i is tokens[offsets[i] : offsets[i+1]]), uint32 tokens[n_tokens],
+// uint8 mask[n_mask]. mask[i] = 1 makes token i a target: its log-prob given the tokens
+// before it counts in the loss and in its sequence's log-prob sum (the first token of a
+// sequence is never a target). The file is exactly as long as this says.
+
+constexpr uint32_t TOKENS_MAGIC = 0x4B545758;
+constexpr uint32_t TOKENS_VERSION = 1;
+constexpr size_t TOKENS_HEADER_BYTES = 64;
+
+struct TokenData {
+    size_t n_seqs;
+    std::vector<uint64_t> offsets;  // (n_seqs + 1)
+    std::vector<int> tokens;        // (n_tokens)
+    std::vector<uint8_t> mask;      // (n_tokens)
+};
+
+inline size_t token_seq_len(const TokenData& d, size_t i) { return (size_t)(d.offsets[i + 1] - d.offsets[i]); }
+
+// Reads and checks a token file against a vocabulary size. Returns "" or what is wrong.
+inline std::string tokens_load_checked(TokenData* d, const char* path, int vocab_size) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    size_t size = file_size_of(f);
+    if (size == 0) return "file is empty";
+    if (size < TOKENS_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte token-file header", size, TOKENS_HEADER_BYTES);
+    unsigned char h[TOKENS_HEADER_BYTES];
+    if (fread(h, 1, TOKENS_HEADER_BYTES, f) != TOKENS_HEADER_BYTES) return "read error in header";
+    uint32_t u[4];
+    uint64_t n_tokens, n_mask;
+    memcpy(u, h, 16);
+    memcpy(&n_tokens, h + 16, 8);
+    memcpy(&n_mask, h + 24, 8);
+    if (u[0] != TOKENS_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWTK\"): not an xwin.cu token file", u[0], TOKENS_MAGIC);
+    if (u[1] != TOKENS_VERSION) return string_format("unsupported token file version %u (this build reads version %u)", u[1], TOKENS_VERSION);
+    if (u[2] == 0) return "file holds no sequences (n_seqs = 0)";
+    if (n_mask != n_tokens) return string_format("mask length %llu differs from token count %llu", (unsigned long long)n_mask, (unsigned long long)n_tokens);
+    // check the size in a way that cannot overflow: every count is bounded by the file size
+    if (n_tokens > size || u[2] > size) return string_format("header counts (%u sequences, %llu tokens) exceed the file size %zu: truncated or corrupt", u[2], (unsigned long long)n_tokens, size);
+    size_t expected = TOKENS_HEADER_BYTES + ((size_t)u[2] + 1) * 8 + (size_t)n_tokens * 4 + (size_t)n_mask;
+    if (size != expected) return string_format("file is %zu bytes but its header describes %zu bytes%s", size, expected, size < expected ? ": truncated" : "");
+    d->n_seqs = u[2];
+    d->offsets.resize(d->n_seqs + 1);
+    d->tokens.resize(n_tokens);
+    d->mask.resize(n_tokens);
+    std::vector<uint32_t> raw(n_tokens);
+    if (fread(d->offsets.data(), 8, d->n_seqs + 1, f) != d->n_seqs + 1 || fread(raw.data(), 4, n_tokens, f) != n_tokens ||
+        fread(d->mask.data(), 1, n_tokens, f) != n_tokens) return "read error";
+    if (d->offsets[0] != 0 || d->offsets[d->n_seqs] != n_tokens) return "offsets must start at 0 and end at n_tokens";
+    for (size_t i = 0; i < d->n_seqs; i++) {
+        if (d->offsets[i + 1] <= d->offsets[i]) return string_format("sequence %zu is empty or its offsets decrease", i);
+    }
+    for (size_t i = 0; i < n_tokens; i++) {
+        if (raw[i] >= (uint32_t)vocab_size) return string_format("token %zu has id %u >= vocab_size %d", i, raw[i], vocab_size);
+        if (d->mask[i] > 1) return string_format("mask byte %zu is %u (must be 0 or 1)", i, d->mask[i]);
+        d->tokens[i] = (int)raw[i];
+    }
+    return "";
+}
+
+inline void tokens_load(TokenData* d, const char* path, int vocab_size) {
+    std::string err = tokens_load_checked(d, path, vocab_size);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
+}
+
+inline void tokens_save(const TokenData& d, const char* path) {
+    std::string tmp;
+    FILE* f = open_for_atomic_write(path, &tmp);
+    unsigned char h[TOKENS_HEADER_BYTES] = {0};
+    uint32_t u[4] = {TOKENS_MAGIC, TOKENS_VERSION, (uint32_t)d.n_seqs, 0};
+    uint64_t n = d.tokens.size();
+    memcpy(h, u, 16);
+    memcpy(h + 16, &n, 8);
+    memcpy(h + 24, &n, 8);
+    fwrite_check(h, 1, TOKENS_HEADER_BYTES, f, tmp.c_str());
+    fwrite_check(d.offsets.data(), 8, d.offsets.size(), f, tmp.c_str());
+    std::vector<uint32_t> raw(d.tokens.begin(), d.tokens.end());
+    fwrite_check(raw.data(), 4, raw.size(), f, tmp.c_str());
+    fwrite_check(d.mask.data(), 1, d.mask.size(), f, tmp.c_str());
+    finish_atomic_write(f, tmp, path);
+}
+
+// Copies sequences [first, first + B) into a (B, T) batch, padding with token 0 and mask 0
+// (padding sits after each sequence, so causal attention never lets it change a target).
+inline void tokens_fill_batch(const TokenData& d, size_t first, int B, int T, int* tokens, uint8_t* mask) {
+    for (int b = 0; b < B; b++) {
+        size_t len = token_seq_len(d, first + b), start = d.offsets[first + b];
+        for (int t = 0; t < T; t++) {
+            bool in = (size_t)t < len;
+            tokens[b * T + t] = in ? d.tokens[start + t] : 0;
+            mask[b * T + t] = in ? d.mask[start + t] : 0;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Tensor archive (.bin of named float32 tensors): logits dumps and the test fixtures.
+// Little-endian: uint32 magic = 0x58465758 (the bytes "XWFX"), uint32 version = 1,
+// uint32 n_entries; then per entry: uint32 name_len (1..256), the name's bytes (no NUL),
+// uint32 ndim (0..8), uint64 dims[ndim], float32 data[prod(dims)].
+
+constexpr uint32_t ARCHIVE_MAGIC = 0x58465758;
+
+struct ArchiveEntry {
+    std::string name;
+    std::vector<uint64_t> shape;
+    std::vector<float> data;
+};
+
+inline void archive_save(const std::vector<ArchiveEntry>& entries, const char* path) {
+    std::string tmp;
+    FILE* f = open_for_atomic_write(path, &tmp);
+    uint32_t head[3] = {ARCHIVE_MAGIC, 1, (uint32_t)entries.size()};
+    fwrite_check(head, 4, 3, f, tmp.c_str());
+    for (const ArchiveEntry& e : entries) {
+        uint32_t len = (uint32_t)e.name.size(), ndim = (uint32_t)e.shape.size();
+        fwrite_check(&len, 4, 1, f, tmp.c_str());
+        fwrite_check(e.name.data(), 1, len, f, tmp.c_str());
+        fwrite_check(&ndim, 4, 1, f, tmp.c_str());
+        fwrite_check(e.shape.data(), 8, ndim, f, tmp.c_str());
+        fwrite_check(e.data.data(), 4, e.data.size(), f, tmp.c_str());
+    }
+    finish_atomic_write(f, tmp, path);
+}
+
+inline std::vector<ArchiveEntry> archive_load(const char* path) {
+    FILE* f = fopen_check(path, "rb");
+    size_t size = file_size_of(f), pos = 12;
+    uint32_t head[3];
+    fread_check(head, 4, 3, f, path);
+    if (head[0] != ARCHIVE_MAGIC) fail_file(path, "bad magic 0x%08x: not an xwin.cu tensor archive", head[0]);
+    if (head[1] != 1) fail_file(path, "unsupported tensor archive version %u", head[1]);
+    std::vector<ArchiveEntry> entries(head[2] <= size ? head[2] : 0);
+    if (head[2] > size) fail_file(path, "%u entries cannot fit in %zu bytes", head[2], size);
+    for (ArchiveEntry& e : entries) {
+        uint32_t len, ndim;
+        fread_check(&len, 4, 1, f, path);
+        if (len == 0 || len > 256) fail_file(path, "entry name of %u bytes (must be 1..256)", len);
+        e.name.resize(len);
+        fread_check(&e.name[0], 1, len, f, path);
+        fread_check(&ndim, 4, 1, f, path);
+        if (ndim > 8) fail_file(path, "entry %s has %u dims (at most 8)", e.name.c_str(), ndim);
+        e.shape.resize(ndim);
+        fread_check(e.shape.data(), 8, ndim, f, path);
+        pos += 8 + len + 8 * (size_t)ndim;
+        size_t n = 1;
+        for (uint64_t d : e.shape) {
+            if (d > size) fail_file(path, "entry %s has a dimension of %llu, larger than the file", e.name.c_str(), (unsigned long long)d);
+            n *= d;
+        }
+        if (n > (size - pos) / 4) fail_file(path, "entry %s runs past the end of the file", e.name.c_str());
+        e.data.resize(n);
+        fread_check(e.data.data(), 4, n, f, path);
+        pos += 4 * n;
+    }
+    fclose(f);
+    return entries;
+}

@@ -1,0 +1,29 @@
+// Fixture access for the tests: the tensor archives that dev/make_fixtures.py writes
+// (format documented in llm.cu, next to archive_load).
+#pragma once
+#include <map>
+#include <string>
+
+#include "../llm.cu"
+
+struct FixtureTensor {
+    std::vector<uint64_t> shape;
+    std::vector<float> data;
+};
+
+inline std::map<std::string, FixtureTensor> fixture_load(const std::string& path) {
+    std::map<std::string, FixtureTensor> out;
+    for (ArchiveEntry& e : archive_load(path.c_str())) out[e.name] = FixtureTensor{e.shape, std::move(e.data)};
+    return out;
+}
+
+// ||a - b|| / ||b||, accumulated in double
+inline double relative_error(const float* a, const float* b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return std::sqrt(num) / (std::sqrt(den) + 1e-30);
+}

@@ -1,0 +1,303 @@
+// The Llama model of llm.cu against Hugging Face transformers, and its file formats.
+// Fixtures: test/fixtures/<config>/{model.bin, tokens.tok, expect.bin}, made by
+// dev/make_fixtures.py from small randomly initialised LlamaForCausalLM models run in
+// float64, so every difference below is the float32 rounding of this implementation.
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <random>
+
+#include "fixture.h"
+
+static std::string temp_path(const char* name) { return std::string("/tmp/xwin_test_") + std::to_string(getpid()) + "_" + name; }
+
+struct ParityRun {
+    Llama model;
+    TokenData data;
+    std::map<std::string, FixtureTensor> expect;
+    int B, T;
+    std::vector<int> tokens;
+    std::vector<uint8_t> mask;
+    std::vector<float> dlp;
+};
+
+static void parity_setup(ParityRun& r, const std::string& name) {
+    std::string dir = "test/fixtures/" + name + "/";
+    llama_load(&r.model, (dir + "model.bin").c_str());
+    tokens_load(&r.data, (dir + "tokens.tok").c_str(), r.model.config.vocab_size);
+    r.expect = fixture_load(dir + "expect.bin");
+    r.B = (int)r.data.n_seqs;
+    r.T = (int)token_seq_len(r.data, 0);
+    r.tokens.resize(r.B * r.T);
+    r.mask.resize(r.B * r.T);
+    r.dlp.resize(r.B * r.T);
+    tokens_fill_batch(r.data, 0, r.B, r.T, r.tokens.data(), r.mask.data());
+    llama_alloc(&r.model, r.B, r.T, true);
+}
+
+// forward, masked mean loss, its backward; returns the loss
+static double parity_loss_and_grad(ParityRun& r) {
+    llama_forward(&r.model, r.tokens.data(), r.B, r.T);
+    size_t count;
+    double loss = masked_mean_loss(r.model.acts.lp, r.mask.data(), r.B, r.T, &count);
+    masked_mean_loss_backward(r.dlp.data(), r.mask.data(), r.B, r.T, count);
+    llama_zero_grad(&r.model);
+    llama_backward(&r.model, r.tokens.data(), r.dlp.data(), r.B, r.T);
+    return loss;
+}
+
+static void check_param_tensors(Llama& model, const float* memory, std::map<std::string, FixtureTensor>& expect,
+                                const std::string& prefix, double tol) {
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(model.config, sizes);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        if (sizes[i] == 0) continue;
+        std::string key = prefix + PARAM_NAMES[i];
+        REQUIRE(expect.count(key) == 1);
+        REQUIRE(expect[key].data.size() == sizes[i]);
+        double err = relative_error(memory + offset, expect[key].data.data(), sizes[i]);
+        INFO(key << " relative error " << err);
+        CHECK(err < tol);
+        printf("  %-20s rel err %.2e\n", key.c_str(), err);
+        offset += sizes[i];
+    }
+}
+
+static void run_parity(const std::string& name) {
+    ParityRun r;
+    parity_setup(r, name);
+    auto& e = r.expect;
+    const float* adamw = e["adamw"].data.data();
+    AdamWConfig opt{adamw[0], adamw[1], adamw[2], adamw[3], adamw[4]};
+    float max_norm = adamw[5];
+    printf("parity %s (B=%d, T=%d, %zu parameters)\n", name.c_str(), r.B, r.T, r.model.num_params);
+
+    double loss = parity_loss_and_grad(r);
+    size_t V = r.model.config.vocab_size;
+    REQUIRE(e["logits"].data.size() == (size_t)r.B * r.T * V);
+    double logits_err = relative_error(r.model.acts.logits, e["logits"].data.data(), (size_t)r.B * r.T * V);
+    printf("  logits               rel err %.2e\n  loss %.8f vs %.8f\n", logits_err, loss, e["loss"].data[0]);
+    // float32 forward of a 2-3 layer model: each op rounds at ~6e-8 relative and the errors
+    // add up over ~20 ops, so logits agree to ~1e-6; 1e-5 leaves a margin of ten.
+    CHECK(logits_err < 1e-5);
+    CHECK(loss == Approx(e["loss"].data[0]).epsilon(1e-5));
+    double sums[16];
+    REQUIRE(r.B <= 16);
+    sequence_logprob_sums(sums, r.model.acts.lp, r.mask.data(), r.B, r.T);
+    for (int b = 0; b < r.B; b++) CHECK(sums[b] == Approx(e["logprob_sums"].data[b]).epsilon(1e-5));
+
+    // gradients: sums over B*T positions of products with cancellation; relative L2 error
+    // of 1e-4 is ~100 float32 roundings of headroom while a wrong term gives errors near 1.
+    check_param_tensors(r.model, r.model.grads_memory, e, "grad.", 1e-4);
+
+    // two AdamW steps with clipping on the same batch
+    float norm1 = clip_grad_norm(r.model.grads_memory, r.model.num_params, max_norm);
+    CHECK(norm1 == Approx(e["grad_norm"].data[0]).epsilon(1e-5));
+    llama_update(&r.model, opt);
+    double loss2 = parity_loss_and_grad(r);
+    CHECK(loss2 == Approx(e["loss_step2"].data[0]).epsilon(1e-5));
+    float norm2 = clip_grad_norm(r.model.grads_memory, r.model.num_params, max_norm);
+    CHECK(norm2 == Approx(e["grad_norm"].data[1]).epsilon(1e-4));
+    llama_update(&r.model, opt);
+    printf("  grad norms %.6f %.6f vs %.6f %.6f\n", norm1, norm2, e["grad_norm"].data[0], e["grad_norm"].data[1]);
+    // parameters after two steps. Adam's update lr * m / sqrt(v) magnifies the gradient's
+    // relative error wherever |g| is small, so float32 lands ~1e-6..1e-5 from the float64
+    // reference (transformers itself in float32: 1.4e-5..6e-5, measured by make_fixtures.py).
+    // 1e-4 still catches any formula error: a missing weight decay moves the parameters by
+    // 2 * lr * wd = 2e-3 of their norm, a wrong bias correction or step by ~1e-2 or more.
+    check_param_tensors(r.model, r.model.params_memory, e, "param2.", 1e-4);
+    llama_free(&r.model);
+}
+
+TEST_CASE("parity with transformers: multi-head, tied embeddings", "[parity]") { run_parity("mha_tied"); }
+TEST_CASE("parity with transformers: grouped-query, separate head, rope_theta 500000, eps 1e-6", "[parity]") { run_parity("gqa_untied"); }
+TEST_CASE("parity with transformers: sizes not multiples of 8", "[parity]") { run_parity("odd_sizes"); }
+
+// ---------------------------------------------------------------------------- formats
+
+static LlamaConfig tiny_config() { return LlamaConfig{16, 2, 4, 2, 32, 24, 8, 0, HEAD_LM, 10000.0, 1e-5}; }
+
+static std::string write_tiny_model(const char* name, int dtype) {
+    Llama m;
+    llama_init(&m, tiny_config());
+    std::mt19937 rng(42);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = dist(rng);
+    std::string path = temp_path(name);
+    llama_save(&m, path.c_str(), dtype);
+    llama_free(&m);
+    return path;
+}
+
+static std::vector<unsigned char> read_bytes(const std::string& path) {
+    FILE* f = fopen_check(path.c_str(), "rb");
+    std::vector<unsigned char> b(file_size_of(f));
+    fread_check(b.data(), 1, b.size(), f, path.c_str());
+    fclose(f);
+    return b;
+}
+
+static void write_bytes(const std::string& path, const std::vector<unsigned char>& b) {
+    FILE* f = fopen_check(path.c_str(), "wb");
+    fwrite_check(b.data(), 1, b.size(), f, path.c_str());
+    fclose(f);
+}
+
+static std::string load_error(const std::vector<unsigned char>& bytes) {
+    std::string path = temp_path("bad.bin");
+    write_bytes(path, bytes);
+    Llama m;
+    std::string err = llama_load_checked(&m, path.c_str());
+    if (err.empty()) llama_free(&m);
+    remove(path.c_str());
+    return err;
+}
+
+TEST_CASE("model file round trip in float32 and bfloat16", "[format]") {
+    std::string p32 = write_tiny_model("rt32.bin", DTYPE_FP32), p16 = write_tiny_model("rt16.bin", DTYPE_BF16);
+    Llama a, b;
+    REQUIRE(llama_load_checked(&a, p32.c_str()) == "");
+    REQUIRE(llama_load_checked(&b, p16.c_str()) == "");
+    CHECK(read_bytes(p32).size() == MODEL_HEADER_BYTES + 4 * a.num_params);
+    CHECK(read_bytes(p16).size() == MODEL_HEADER_BYTES + 2 * a.num_params);
+    CHECK(b.config.ffn_dim == 24);
+    CHECK(b.config.norm_eps == 1e-5);
+    for (size_t i = 0; i < a.num_params; i++) {
+        CHECK(b.params_memory[i] == bf16_to_float(float_to_bf16(a.params_memory[i])));
+        CHECK(std::fabs(b.params_memory[i] - a.params_memory[i]) <= std::fabs(a.params_memory[i]) / 256);
+    }
+    // saving again gives the same bytes
+    std::string again = temp_path("again.bin");
+    llama_save(&a, again.c_str(), DTYPE_FP32);
+    CHECK(read_bytes(again) == read_bytes(p32));
+    llama_free(&a);
+    llama_free(&b);
+    remove(p32.c_str());
+    remove(p16.c_str());
+    remove(again.c_str());
+}
+
+TEST_CASE("bfloat16 rounding on hand-worked bit patterns", "[format]") {
+    auto bits = [](uint32_t u) { float f; memcpy(&f, &u, 4); return f; };
+    CHECK(float_to_bf16(1.0f) == 0x3f80);
+    CHECK(float_to_bf16(bits(0x3f808000)) == 0x3f80);  // tie, even stays
+    CHECK(float_to_bf16(bits(0x3f818000)) == 0x3f82);  // tie, odd rounds up
+    CHECK(float_to_bf16(bits(0x3f808001)) == 0x3f81);  // above the tie
+    CHECK(float_to_bf16(bits(0x7f7fffff)) == 0x7f80);  // overflows to inf
+    CHECK(std::isnan(bf16_to_float(float_to_bf16(NAN))));
+}
+
+TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]") {
+    std::string path = write_tiny_model("good.bin", DTYPE_FP32);
+    std::vector<unsigned char> good = read_bytes(path);
+    remove(path.c_str());
+    REQUIRE(load_error(good) == "");
+
+    auto with_u32 = [&](size_t offset, uint32_t value) { auto b = good; memcpy(&b[offset], &value, 4); return b; };
+    auto with_f64 = [&](size_t offset, double value) { auto b = good; memcpy(&b[offset], &value, 8); return b; };
+    CHECK_THAT(load_error(with_u32(0, 0x12345678)), Catch::Contains("bad magic 0x12345678"));
+    CHECK_THAT(load_error(with_u32(4, 2)), Catch::Contains("unsupported model file version 2"));
+    CHECK_THAT(load_error(with_u32(8, 7)), Catch::Contains("unknown dtype 7"));
+    CHECK_THAT(load_error(with_u32(12, 9)), Catch::Contains("unknown head_type 9"));
+    auto truncated = good;
+    truncated.resize(good.size() - 10);
+    CHECK_THAT(load_error(truncated), Catch::Contains("truncated"));
+    auto header_only = good;
+    header_only.resize(100);
+    CHECK_THAT(load_error(header_only), Catch::Contains("shorter than the 256-byte model header"));
+    auto longer = good;
+    longer.push_back(0);
+    CHECK_THAT(load_error(longer), Catch::Contains("its header describes"));
+    CHECK_THAT(load_error(with_u32(36, 25)), Catch::Contains("its header describes"));  // ffn_dim disagrees with the size
+    CHECK_THAT(load_error(with_u32(16, 18)), Catch::Contains("dim 18 is not divisible by n_heads 4"));
+    CHECK_THAT(load_error(with_u32(28, 3)), Catch::Contains("n_heads 4 is not divisible by n_kv_heads 3"));
+    CHECK_THAT(load_error(with_u32(32, 0)), Catch::Contains("vocab_size = 0"));
+    CHECK_THAT(load_error(with_u32(20, 0xffffffffu)), Catch::Contains("n_layers = 4294967295"));
+    CHECK_THAT(load_error(with_u32(44, 5)), Catch::Contains("tied_embeddings = 5"));
+    CHECK_THAT(load_error(with_u32(24, 16)), Catch::Contains("head_dim 1 is odd"));  // dim 16 / 16 heads
+    CHECK_THAT(load_error(with_f64(48, -1.0)), Catch::Contains("rope_theta"));
+    CHECK_THAT(load_error(with_f64(56, 0.0)), Catch::Contains("norm_eps"));
+    CHECK_THAT(load_error(with_u32(100, 1)), Catch::Contains("reserved header byte 100"));
+    CHECK_THAT(load_error({}), Catch::Contains("shorter than the 256-byte"));
+}
+
+TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "[format]") {
+    // Llama-2-7B and Llama-2-70B as published; parameter counts as transformers reports them
+    LlamaConfig c7{4096, 32, 32, 32, 32000, 11008, 4096, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c70{8192, 80, 64, 8, 32000, 28672, 4096, 0, HEAD_LM, 10000.0, 1e-5};
+    unsigned char h[MODEL_HEADER_BYTES];
+    LlamaConfig parsed;
+    int dtype;
+    model_header_write(h, c70, DTYPE_BF16);
+    REQUIRE(model_header_parse(h, &parsed, &dtype) == "");
+    CHECK(dtype == DTYPE_BF16);
+    CHECK(num_parameters(c7) == 6738415616ull);
+    CHECK(num_parameters(parsed) == 68976648192ull);
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(parsed, sizes);
+    CHECK(sizes[2] == 80ull * 8192 * 8192);  // 5.4e9 > 2^32
+    size_t acts[NUM_ACT_TENSORS];
+    act_sizes(parsed, 1, 4096, acts);
+    CHECK(acts[6] == 80ull * 64 * 4096 * 4096);  // attention probabilities: 8.6e10
+    // a 70B header on a short file is refused by its size, not by reading on
+    auto b = std::vector<unsigned char>(h, h + MODEL_HEADER_BYTES);
+    CHECK_THAT(load_error(b), Catch::Contains("i.e. 137953296640 bytes: truncated"));  // 256 + 2 * 68976648192
+}
+
+// ---------------------------------------------------------------------------- token files
+
+static TokenData small_token_data() {
+    TokenData d;
+    d.n_seqs = 2;
+    d.offsets = {0, 3, 7};
+    d.tokens = {1, 2, 3, 4, 5, 6, 7};
+    d.mask = {0, 1, 1, 0, 0, 1, 1};
+    return d;
+}
+
+static std::string tokens_error(const std::vector<unsigned char>& bytes, int vocab = 100) {
+    std::string path = temp_path("bad.tok");
+    write_bytes(path, bytes);
+    TokenData d;
+    std::string err = tokens_load_checked(&d, path.c_str(), vocab);
+    remove(path.c_str());
+    return err;
+}
+
+TEST_CASE("token files: round trip, batching and refusals", "[format]") {
+    std::string path = temp_path("good.tok");
+    tokens_save(small_token_data(), path.c_str());
+    std::vector<unsigned char> good = read_bytes(path);
+    CHECK(good.size() == 64 + 3 * 8 + 7 * 4 + 7);
+    TokenData d;
+    REQUIRE(tokens_load_checked(&d, path.c_str(), 8) == "");
+    remove(path.c_str());
+    CHECK(d.tokens == small_token_data().tokens);
+    std::vector<int> tok(2 * 5);
+    std::vector<uint8_t> mask(2 * 5);
+    tokens_fill_batch(d, 0, 2, 5, tok.data(), mask.data());
+    CHECK(tok == std::vector<int>{1, 2, 3, 0, 0, 4, 5, 6, 7, 0});
+    CHECK(mask == std::vector<uint8_t>{0, 1, 1, 0, 0, 0, 0, 1, 1, 0});
+
+    auto with_u32 = [&](size_t offset, uint32_t value) { auto b = good; memcpy(&b[offset], &value, 4); return b; };
+    CHECK_THAT(tokens_error({}), Catch::Contains("file is empty"));
+    CHECK_THAT(tokens_error(with_u32(0, 1)), Catch::Contains("bad magic"));
+    CHECK_THAT(tokens_error(with_u32(4, 3)), Catch::Contains("unsupported token file version 3"));
+    auto truncated = good;
+    truncated.pop_back();
+    CHECK_THAT(tokens_error(truncated), Catch::Contains("truncated"));
+    CHECK_THAT(tokens_error(with_u32(24, 6)), Catch::Contains("mask length 6 differs from token count 7"));
+    CHECK_THAT(tokens_error(good, 7), Catch::Contains("token 6 has id 7 >= vocab_size 7"));
+    CHECK_THAT(tokens_error(with_u32(16, 1000000)), Catch::Contains("mask length"));
+    auto huge = with_u32(16, 1000000);
+    memcpy(&huge[24], &huge[16], 8);
+    CHECK_THAT(tokens_error(huge), Catch::Contains("exceed the file size"));
+    auto bad_offsets = good;
+    uint64_t off = 8;  // offsets {0, 8, 7}: decreasing
+    memcpy(&bad_offsets[64 + 8], &off, 8);
+    CHECK_THAT(tokens_error(bad_offsets), Catch::Contains("sequence 1 is empty or its offsets decrease"));
+    auto bad_mask = good;
+    bad_mask.back() = 2;
+    CHECK_THAT(tokens_error(bad_mask), Catch::Contains("mask byte 6 is 2"));
+}
