@@ -220,20 +220,22 @@ constexpr int NUM_PARAM_TENSORS = 12;
 const char* const PARAM_NAMES[NUM_PARAM_TENSORS] = {"wte", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
                                                     "w_gate", "w_up", "w_down", "final_norm", "head"};
 
-struct ParamTensors {
-    float* wte;         // (V, C)
-    float* attn_norm;   // (L, C)
-    float* wq;          // (L, C, C)
-    float* wk;          // (L, KVD, C)
-    float* wv;          // (L, KVD, C)
-    float* wo;          // (L, C, C)
-    float* mlp_norm;    // (L, C)
-    float* w_gate;      // (L, F, C)
-    float* w_up;        // (L, F, C)
-    float* w_down;      // (L, C, F)
-    float* final_norm;  // (C)
-    float* head;        // (V, C) or (1, C); equals wte when tied
+template <typename X>  // float on the CPU; on the GPU float (master, gradients) or floatX (compute copy)
+struct ParamTensorsT {
+    X* wte;         // (V, C)
+    X* attn_norm;   // (L, C)
+    X* wq;          // (L, C, C)
+    X* wk;          // (L, KVD, C)
+    X* wv;          // (L, KVD, C)
+    X* wo;          // (L, C, C)
+    X* mlp_norm;    // (L, C)
+    X* w_gate;      // (L, F, C)
+    X* w_up;        // (L, F, C)
+    X* w_down;      // (L, C, F)
+    X* final_norm;  // (C)
+    X* head;        // (V, C) or (1, C); equals wte when tied
 };
+using ParamTensors = ParamTensorsT<float>;
 
 // Number of floats of each tensor, in file order. A tied head has size 0.
 inline void param_sizes(const LlamaConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
@@ -259,22 +261,18 @@ inline size_t num_parameters(const LlamaConfig& c) {
     return n;
 }
 
-// Carves consecutive tensors of the given sizes out of one buffer.
-inline void point_tensors(float* memory, const size_t* sizes, int count, float** fields[]) {
-    for (int i = 0; i < count; i++) {
+// Points the tensors into a flat buffer laid out in file order (no gaps: the buffer is the file).
+template <typename X>
+ParamTensorsT<X> point_parameters(const LlamaConfig& c, X* memory) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    ParamTensorsT<X> p;
+    X** fields[NUM_PARAM_TENSORS] = {&p.wte, &p.attn_norm, &p.wq, &p.wk, &p.wv, &p.wo, &p.mlp_norm,
+                                     &p.w_gate, &p.w_up, &p.w_down, &p.final_norm, &p.head};
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         *fields[i] = memory;
         memory += sizes[i];
     }
-}
-
-// Points the tensors into a flat buffer laid out in file order.
-inline ParamTensors point_parameters(const LlamaConfig& c, float* memory) {
-    size_t sizes[NUM_PARAM_TENSORS];
-    param_sizes(c, sizes);
-    ParamTensors p;
-    float** fields[NUM_PARAM_TENSORS] = {&p.wte, &p.attn_norm, &p.wq, &p.wk, &p.wv, &p.wo, &p.mlp_norm,
-                                         &p.w_gate, &p.w_up, &p.w_down, &p.final_norm, &p.head};
-    point_tensors(memory, sizes, NUM_PARAM_TENSORS, fields);
     if (sizes[11] == 0) p.head = p.wte;
     return p;
 }
@@ -658,28 +656,31 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
 
 constexpr int NUM_ACT_TENSORS = 19;
 
-struct ActTensors {
-    float* residual;    // (L+1, B, T, C) the residual stream entering each layer, and the last
-    float* attn_in;     // (L, B, T, C)   rmsnorm(residual) * attn_norm
+template <typename X>  // the activation type: float on the CPU, floatX on the GPU
+struct ActTensorsT {
+    X* residual;        // (L+1, B, T, C) the residual stream entering each layer, and the last
+    X* attn_in;         // (L, B, T, C)   rmsnorm(residual) * attn_norm
     float* attn_rstd;   // (L, B, T)
-    float* q;           // (L, B, T, C)   after RoPE
-    float* k;           // (L, B, T, KVD) after RoPE
-    float* v;           // (L, B, T, KVD)
-    float* att;         // (L, B, H, T, T) attention probabilities
-    float* att_out;     // (L, B, T, C)   attention output before wo
-    float* residual_mid;// (L, B, T, C)   residual after the attention block
-    float* mlp_in;      // (L, B, T, C)
+    X* q;               // (L, B, T, C)   after RoPE
+    X* k;               // (L, B, T, KVD) after RoPE
+    X* v;               // (L, B, T, KVD)
+    X* att;             // (L, B, H, T, T) attention probabilities
+    X* att_out;         // (L, B, T, C)   attention output before wo
+    X* residual_mid;    // (L, B, T, C)   residual after the attention block
+    X* mlp_in;          // (L, B, T, C)
     float* mlp_rstd;    // (L, B, T)
-    float* gate;        // (L, B, T, F)   h @ w_gate^T
-    float* up;          // (L, B, T, F)   h @ w_up^T
-    float* swiglu;      // (L, B, T, F)
-    float* final_in;    // (B, T, C)      rmsnorm(residual[L]) * final_norm
+    X* gate;            // (L, B, T, F)   h @ w_gate^T
+    X* up;              // (L, B, T, F)   h @ w_up^T
+    X* swiglu;          // (L, B, T, F)
+    X* final_in;        // (B, T, C)      rmsnorm(residual[L]) * final_norm
     float* final_rstd;  // (B, T)
-    float* logits;      // (B, T, V) or (B, T, 1) for the reward head
+    X* logits;          // (B, T, V) or (B, T, 1) for the reward head
     float* lp;          // (B, T)         token log-probs (see logprob_forward)
-    float* scratch;     // (B, T, C)      projection output before the residual add
+    X* scratch;         // (B, T, C)      projection output before the residual add
 };
+using ActTensors = ActTensorsT<float>;
 
+// element counts of the activation tensors, in the order of ActTensorsT
 inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS]) {
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
     size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
@@ -688,26 +689,56 @@ inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT
     memcpy(s, sz, sizeof(sz));
 }
 
-// Gradients of the activations: scratch reused by every layer, one allocation.
-constexpr int NUM_GRAD_ACT_TENSORS = 10;
-
-struct GradActTensors {
-    float* residual;  // (B, T, C) gradient of the residual stream
-    float* norm_out;  // (B, T, C) gradient of a rmsnorm output
-    float* q;         // (B, T, C)
-    float* k;         // (B, T, KVD)
-    float* v;         // (B, T, KVD)
-    float* att_out;   // (B, T, C)
-    float* gate;      // (B, T, F)
-    float* up;        // (B, T, F)
-    float* swiglu;    // (B, T, F)
-    float* logits;    // (B, T, V)
+// Carves consecutive typed tensors out of one buffer, each 16-byte aligned. With a null
+// buffer it only adds up the bytes, so the same code sizes and points an allocation.
+struct Carver {
+    char* memory;
+    size_t bytes = 0;
+    template <typename U>
+    void take(U*& field, size_t count) {
+        bytes = (bytes + 15) / 16 * 16;
+        field = memory ? (U*)(memory + bytes) : nullptr;
+        bytes += count * sizeof(U);
+    }
 };
 
-inline void grad_act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_GRAD_ACT_TENSORS]) {
+template <typename X>
+size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T) {
+    size_t s[NUM_ACT_TENSORS];
+    act_sizes(c, B, T, s);
+    Carver k{(char*)memory};
+    k.take(a->residual, s[0]); k.take(a->attn_in, s[1]); k.take(a->attn_rstd, s[2]); k.take(a->q, s[3]);
+    k.take(a->k, s[4]); k.take(a->v, s[5]); k.take(a->att, s[6]); k.take(a->att_out, s[7]);
+    k.take(a->residual_mid, s[8]); k.take(a->mlp_in, s[9]); k.take(a->mlp_rstd, s[10]); k.take(a->gate, s[11]);
+    k.take(a->up, s[12]); k.take(a->swiglu, s[13]); k.take(a->final_in, s[14]); k.take(a->final_rstd, s[15]);
+    k.take(a->logits, s[16]); k.take(a->lp, s[17]); k.take(a->scratch, s[18]);
+    return k.bytes;
+}
+
+// Gradients of the activations: scratch reused by every layer, one allocation.
+template <typename X>
+struct GradActTensorsT {
+    X* residual;  // (B, T, C) gradient of the residual stream
+    X* norm_out;  // (B, T, C) gradient of a rmsnorm output
+    X* q;         // (B, T, C)
+    X* k;         // (B, T, KVD)
+    X* v;         // (B, T, KVD)
+    X* att_out;   // (B, T, C)
+    X* gate;      // (B, T, F)
+    X* up;        // (B, T, F)
+    X* swiglu;    // (B, T, F)
+    X* logits;    // (B, T, V)
+};
+using GradActTensors = GradActTensorsT<float>;
+
+template <typename X>
+size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaConfig& c, size_t B, size_t T) {
     size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
-    size_t sz[NUM_GRAD_ACT_TENSORS] = {N * C, N * C, N * C, N * KVD, N * KVD, N * C, N * F, N * F, N * F, N * (size_t)head_rows(c)};
-    memcpy(s, sz, sizeof(sz));
+    Carver k{(char*)memory};
+    k.take(g->residual, N * C); k.take(g->norm_out, N * C); k.take(g->q, N * C); k.take(g->k, N * KVD);
+    k.take(g->v, N * KVD); k.take(g->att_out, N * C); k.take(g->gate, N * F); k.take(g->up, N * F);
+    k.take(g->swiglu, N * F); k.take(g->logits, N * (size_t)head_rows(c));
+    return k.bytes;
 }
 
 // ----------------------------------------------------------------------------
@@ -724,9 +755,9 @@ struct Llama {
     float* v_memory;       // (num_params) AdamW second moment
     int adam_step;
     int B, T;              // the activation allocation's shape (0 until allocated)
-    float* acts_memory;
+    void* acts_memory;
     ActTensors acts;
-    float* grad_acts_memory;
+    void* grad_acts_memory;
     GradActTensors grad_acts;
 };
 
@@ -815,19 +846,10 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
     }
     model->B = B;
     model->T = T;
-    size_t as[NUM_ACT_TENSORS], na = 0;
-    act_sizes(c, B, T, as);
-    for (size_t s : as) na += s;
-    model->acts_memory = (float*)malloc_check(na * sizeof(float));
-    ActTensors& a = model->acts;
-    float** af[NUM_ACT_TENSORS] = {&a.residual, &a.attn_in, &a.attn_rstd, &a.q, &a.k, &a.v, &a.att, &a.att_out,
-                                   &a.residual_mid, &a.mlp_in, &a.mlp_rstd, &a.gate, &a.up, &a.swiglu,
-                                   &a.final_in, &a.final_rstd, &a.logits, &a.lp, &a.scratch};
-    point_tensors(model->acts_memory, as, NUM_ACT_TENSORS, af);
+    model->acts_memory = malloc_check(point_activations(&model->acts, nullptr, c, B, T));
+    point_activations(&model->acts, model->acts_memory, c, B, T);
     if (!training) return;
-    size_t n = model->num_params, gs[NUM_GRAD_ACT_TENSORS], ng = 0;
-    grad_act_sizes(c, B, T, gs);
-    for (size_t s : gs) ng += s;
+    size_t n = model->num_params;
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
     model->m_memory = (float*)calloc(n, sizeof(float));
     model->v_memory = (float*)calloc(n, sizeof(float));
@@ -835,12 +857,10 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
         fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", n);
         exit(1);
     }
-    model->grad_acts_memory = (float*)malloc_check(ng * sizeof(float));
     model->grads = point_parameters(c, model->grads_memory);
     memset(model->grads_memory, 0, n * sizeof(float));
-    GradActTensors& g = model->grad_acts;
-    float** gf[NUM_GRAD_ACT_TENSORS] = {&g.residual, &g.norm_out, &g.q, &g.k, &g.v, &g.att_out, &g.gate, &g.up, &g.swiglu, &g.logits};
-    point_tensors(model->grad_acts_memory, gs, NUM_GRAD_ACT_TENSORS, gf);
+    model->grad_acts_memory = malloc_check(point_grad_activations(&model->grad_acts, nullptr, c, B, T));
+    point_grad_activations(&model->grad_acts, model->grad_acts_memory, c, B, T);
 }
 
 inline void llama_free(Llama* model) {
