@@ -20,7 +20,7 @@ logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
 TESTS = build/test_llm
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
 
 .PHONY: all cpu gpu test deps clean

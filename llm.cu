@@ -25,6 +25,7 @@ Every index product is computed in size_t.
 */
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
@@ -32,6 +33,7 @@ Every index product is computed in size_t.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <queue>
 #include <string>
 #include <vector>
 #ifdef _OPENMP
@@ -1151,4 +1153,485 @@ inline std::vector<ArchiveEntry> archive_load(const char* path) {
     }
     fclose(f);
     return entries;
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer
+//
+// FILE FORMAT (".tokenizer", written by dev/export_tokenizer.py). All integers
+// are little-endian; the file is read whole and every field is checked.
+//
+//   offset  size  field
+//   0       8     magic "XWINTOKN"
+//   8       4     u32 version = 1
+//   12      4     u32 kind: 0 = SentencePiece-style BPE (Llama 2), 1 = byte-level
+//   16      4     u32 vocab_size: number of token records that follow (>= 1)
+//   20      4     i32 bos_id  (-1 = none; otherwise a control token)
+//   24      4     i32 eos_id  (-1 = none; otherwise a control token)
+//   28      4     i32 unk_id  (-1 = none; kind 0: must be the one unknown token)
+//   32      4     i32 pad_id  (-1 = none; otherwise a control token)
+//   36      4     u32 flags: bit 0 add_dummy_prefix, bit 1 byte_fallback
+//                 (kind 0 only; other bits must be zero)
+//   40      ...   vocab_size token records, in id order:
+//                   f32 score (finite; BPE merge priority, larger merges first)
+//                   u8  type: 0 normal, 1 byte, 2 control, 3 unknown
+//                   u16 piece length in bytes (>= 1)
+//                   piece bytes: normal pieces are UTF-8 with spaces written as
+//                   U+2581 "▁"; byte pieces are exactly "<0xNN>" (uppercase hex)
+//                   standing for the raw byte NN; control/unknown pieces are
+//                   names such as "<s>" or "<unk>".
+//   The file ends right after the last record. Pieces are unique.
+//
+// Kind 0 reproduces SentencePiece's BPE encoder for Llama-2-style models
+// (identity normalisation, no extra-whitespace removal, spaces escaped as
+// "▁", optional dummy "▁" prefix, optional byte fallback). Byte fallback
+// requires all 256 byte tokens.
+//
+// Kind 1 (byte-level): ids 0..255 are the bytes 0x00..0xFF (pieces "<0xNN>"),
+// followed only by control tokens; dev/export_tokenizer.py --byte-level writes
+// 256 = "<s>" (bos), 257 = "</s>" (eos), 258 = "<pad>" (pad), vocab_size 259.
+// Encoding is the identity on bytes, decoding concatenates bytes.
+
+constexpr char TOKENIZER_MAGIC[8] = {'X', 'W', 'I', 'N', 'T', 'O', 'K', 'N'};
+constexpr uint32_t TOKENIZER_VERSION = 1;
+constexpr size_t TOKENIZER_HEADER_BYTES = 40;
+constexpr size_t TOKENIZER_RECORD_BYTES = 7;  // score + type + length, before the piece
+
+enum TokenizerKind { TOKENIZER_SENTENCEPIECE_BPE = 0, TOKENIZER_BYTE_LEVEL = 1 };
+enum TokenType { TOKEN_NORMAL = 0, TOKEN_BYTE = 1, TOKEN_CONTROL = 2, TOKEN_UNKNOWN = 3 };
+constexpr uint32_t TOKENIZER_FLAG_ADD_DUMMY_PREFIX = 1u << 0;
+constexpr uint32_t TOKENIZER_FLAG_BYTE_FALLBACK = 1u << 1;
+
+struct Tokenizer {
+    int kind = -1;
+    int vocab_size = 0;
+    int bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
+    bool add_dummy_prefix = false;
+    bool byte_fallback = false;
+    std::vector<std::string> pieces;  // by id, as stored in the file
+    std::vector<float> scores;        // by id
+    std::vector<uint8_t> types;       // by id, a TokenType
+    std::vector<int> token_byte;      // by id: the byte a byte token stands for, else -1
+    int byte_ids[256] = {};           // id of the token for each byte, -1 if none (set by loading)
+    std::vector<int> piece_table;     // open-addressing hash of ids keyed by piece, -1 = empty
+};
+
+inline uint64_t tokenizer_hash(const char* s, size_t n) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+// Id of the token whose piece is exactly s[0..n), of any type, or -1.
+inline int tokenizer_find_piece(const Tokenizer* t, const char* s, size_t n) {
+    if (t->piece_table.empty()) return -1;
+    size_t mask = t->piece_table.size() - 1;
+    for (size_t slot = tokenizer_hash(s, n) & mask;; slot = (slot + 1) & mask) {
+        int id = t->piece_table[slot];
+        if (id < 0) return -1;
+        const std::string& p = t->pieces[id];
+        if (p.size() == n && std::memcmp(p.data(), s, n) == 0) return id;
+    }
+}
+
+// Length of the UTF-8 character at s (1..4), or 0 when the bytes there are
+// not a valid character (bad lead/continuation byte, overlong form,
+// surrogate, above U+10FFFF, cut short). Same rules as SentencePiece.
+inline size_t tokenizer_utf8_len(const char* str, size_t n) {
+    const unsigned char* s = (const unsigned char*)str;
+    if (n == 0) return 0;
+    unsigned c = s[0];
+    if (c < 0x80) return 1;
+    auto trail = [&](size_t i) { return i < n && (s[i] & 0xC0) == 0x80; };
+    if ((c & 0xE0) == 0xC0) {
+        if (!trail(1)) return 0;
+        unsigned cp = ((c & 0x1F) << 6) | (s[1] & 0x3F);
+        return cp >= 0x80 ? 2 : 0;
+    }
+    if ((c & 0xF0) == 0xE0) {
+        if (!trail(1) || !trail(2)) return 0;
+        unsigned cp = ((c & 0x0F) << 12) | ((s[1] & 0x3F) << 6) | (s[2] & 0x3F);
+        return (cp >= 0x800 && (cp < 0xD800 || cp > 0xDFFF)) ? 3 : 0;
+    }
+    if ((c & 0xF8) == 0xF0) {
+        if (!trail(1) || !trail(2) || !trail(3)) return 0;
+        unsigned cp = ((c & 0x07) << 18) | ((s[1] & 0x3F) << 12) | ((s[2] & 0x3F) << 6) |
+                      (s[3] & 0x3F);
+        return (cp >= 0x10000 && cp <= 0x10FFFF) ? 4 : 0;
+    }
+    return 0;
+}
+
+// Releases everything; *t is then an empty tokenizer (vocab_size 0).
+inline void tokenizer_free(Tokenizer* t) {
+    *t = Tokenizer();
+    std::fill(t->byte_ids, t->byte_ids + 256, -1);
+}
+
+// Parses a tokenizer file held in memory into *t. Returns "" on success, else
+// a one-line description of the first problem found (and *t is left empty).
+inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size_t size) {
+    tokenizer_free(t);
+    auto fail = [&](std::string msg) {
+        tokenizer_free(t);
+        return msg;
+    };
+    auto u32_at = [&](size_t off) {
+        return (uint32_t)data[off] | ((uint32_t)data[off + 1] << 8) |
+               ((uint32_t)data[off + 2] << 16) | ((uint32_t)data[off + 3] << 24);
+    };
+    if (size == 0) return fail("empty file");
+    bool magic_ok = std::memcmp(data, TOKENIZER_MAGIC, std::min(size, sizeof TOKENIZER_MAGIC)) == 0;
+    if (!magic_ok) return fail("bad magic: not a tokenizer file (expected \"XWINTOKN\")");
+    if (size < TOKENIZER_HEADER_BYTES)
+        return fail(string_format("truncated: %zu bytes, the header needs %zu", size,
+                                     TOKENIZER_HEADER_BYTES));
+    uint32_t version = u32_at(8), kind = u32_at(12), vocab = u32_at(16), flags = u32_at(36);
+    int32_t bos = (int32_t)u32_at(20), eos = (int32_t)u32_at(24), unk = (int32_t)u32_at(28),
+            pad = (int32_t)u32_at(32);
+    if (version != TOKENIZER_VERSION)
+        return fail(string_format("unsupported version %u (this build reads version %u)",
+                                     version, TOKENIZER_VERSION));
+    if (kind != TOKENIZER_SENTENCEPIECE_BPE && kind != TOKENIZER_BYTE_LEVEL)
+        return fail(string_format("unknown kind %u (0 = sentencepiece bpe, 1 = byte-level)", kind));
+    size_t remaining = size - TOKENIZER_HEADER_BYTES;
+    if (vocab == 0) return fail("vocab_size is 0");
+    if (vocab > 0x7FFFFFFFu || (uint64_t)vocab * (TOKENIZER_RECORD_BYTES + 1) > remaining)
+        return fail(string_format(
+            "truncated: vocab_size %u needs at least %llu bytes of token records, %zu remain", vocab,
+            (unsigned long long)vocab * (TOKENIZER_RECORD_BYTES + 1), remaining));
+    uint32_t known_flags = TOKENIZER_FLAG_ADD_DUMMY_PREFIX | TOKENIZER_FLAG_BYTE_FALLBACK;
+    if (flags & ~known_flags) return fail(string_format("unknown flag bits 0x%x", flags & ~known_flags));
+    if (kind == TOKENIZER_BYTE_LEVEL && flags != 0)
+        return fail(string_format("byte-level tokenizer with flags 0x%x (must be 0)", flags));
+
+    t->kind = (int)kind;
+    t->vocab_size = (int)vocab;
+    t->add_dummy_prefix = (flags & TOKENIZER_FLAG_ADD_DUMMY_PREFIX) != 0;
+    t->byte_fallback = (flags & TOKENIZER_FLAG_BYTE_FALLBACK) != 0;
+    t->pieces.resize(vocab);
+    t->scores.resize(vocab);
+    t->types.resize(vocab);
+    t->token_byte.assign(vocab, -1);
+    size_t table_size = 16;
+    while (table_size < 2 * (size_t)vocab) table_size *= 2;
+    t->piece_table.assign(table_size, -1);
+
+    size_t pos = TOKENIZER_HEADER_BYTES;
+    int unknown_count = 0;
+    for (int id = 0; id < (int)vocab; id++) {
+        if (size - pos < TOKENIZER_RECORD_BYTES)
+            return fail(string_format("truncated: token %d record at offset %zu needs %zu bytes, %zu remain",
+                                         id, pos, TOKENIZER_RECORD_BYTES, size - pos));
+        uint32_t score_bits = u32_at(pos);
+        float score;
+        std::memcpy(&score, &score_bits, sizeof score);
+        unsigned type = data[pos + 4];
+        size_t len = (size_t)data[pos + 5] | ((size_t)data[pos + 6] << 8);
+        pos += TOKENIZER_RECORD_BYTES;
+        if (!std::isfinite(score)) return fail(string_format("token %d: score is not finite", id));
+        if (type > TOKEN_UNKNOWN) return fail(string_format("token %d: unknown type %u", id, type));
+        if (len == 0) return fail(string_format("token %d: empty piece", id));
+        if (len > size - pos)
+            return fail(string_format(
+                "truncated: token %d piece of %zu bytes runs past the end of the file (offset %zu, %zu bytes remain)",
+                id, len, pos, size - pos));
+        const char* piece = (const char*)data + pos;
+        pos += len;
+        if (type == TOKEN_NORMAL) {
+            for (size_t i = 0; i < len;) {
+                size_t n = tokenizer_utf8_len(piece + i, len - i);
+                if (n == 0) return fail(string_format("token %d: piece is not valid UTF-8", id));
+                i += n;
+            }
+        } else if (type == TOKEN_BYTE) {
+            auto hex = [](char c) {
+                return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+            };
+            if (len != 6 || std::memcmp(piece, "<0x", 3) != 0 || piece[5] != '>' || hex(piece[3]) < 0 ||
+                hex(piece[4]) < 0)
+                return fail(string_format("token %d: byte piece is not of the form <0xNN>", id));
+            int b = hex(piece[3]) * 16 + hex(piece[4]);
+            if (t->byte_ids[b] >= 0)
+                return fail(string_format("token %d: byte <0x%02X> already defined by token %d", id, b,
+                                             t->byte_ids[b]));
+            t->byte_ids[b] = id;
+            t->token_byte[id] = b;
+        } else if (type == TOKEN_UNKNOWN) {
+            unknown_count++;
+        }
+        size_t mask = table_size - 1, slot = tokenizer_hash(piece, len) & mask;
+        for (; t->piece_table[slot] >= 0; slot = (slot + 1) & mask) {
+            const std::string& other = t->pieces[t->piece_table[slot]];
+            if (other.size() == len && std::memcmp(other.data(), piece, len) == 0)
+                return fail(string_format("token %d: piece duplicates token %d", id, t->piece_table[slot]));
+        }
+        t->piece_table[slot] = id;
+        t->pieces[id].assign(piece, len);
+        t->scores[id] = score;
+        t->types[id] = (uint8_t)type;
+    }
+    if (pos != size) return fail(string_format("%zu trailing bytes after the last token record", size - pos));
+
+    struct NamedId { const char* name; int32_t id; };
+    const NamedId specials[3] = {{"bos_id", bos}, {"eos_id", eos}, {"pad_id", pad}};
+    for (const NamedId& s : specials) {
+        if (s.id == -1) continue;
+        if (s.id < 0 || s.id >= (int32_t)vocab)
+            return fail(string_format("%s %d is out of range (vocab_size %u)", s.name, s.id, vocab));
+        if (t->types[s.id] != TOKEN_CONTROL)
+            return fail(string_format("%s %d is not a control token", s.name, s.id));
+    }
+    if (kind == TOKENIZER_SENTENCEPIECE_BPE) {
+        if (unk < 0 || unk >= (int32_t)vocab)
+            return fail(string_format("unk_id %d is out of range (vocab_size %u)", unk, vocab));
+        if (t->types[unk] != TOKEN_UNKNOWN)
+            return fail(string_format("unk_id %d is not an unknown token", unk));
+        if (unknown_count != 1)
+            return fail(string_format("%d unknown tokens (exactly 1 expected)", unknown_count));
+        if (t->byte_fallback)
+            for (int b = 0; b < 256; b++)
+                if (t->byte_ids[b] < 0)
+                    return fail(string_format("byte_fallback is set but byte <0x%02X> has no token", b));
+    } else {
+        if (unk != -1) return fail(string_format("byte-level tokenizer with unk_id %d (must be -1)", unk));
+        if (vocab < 256) return fail(string_format("byte-level tokenizer with vocab_size %u < 256", vocab));
+        for (int id = 0; id < (int)vocab; id++) {
+            if (id < 256 && t->token_byte[id] != id)
+                return fail(string_format("byte-level tokenizer: token %d must be the byte <0x%02X>", id, id));
+            if (id >= 256 && t->types[id] != TOKEN_CONTROL)
+                return fail(string_format("byte-level tokenizer: token %d must be a control token", id));
+        }
+    }
+    t->bos_id = bos;
+    t->eos_id = eos;
+    t->unk_id = unk;
+    t->pad_id = pad;
+    return "";
+}
+
+// Reads and parses a tokenizer file. Returns "" on success, else a one-line
+// description of the problem (without the path).
+inline std::string tokenizer_load_checked(Tokenizer* t, const char* path) {
+    tokenizer_free(t);
+    FILE* f = std::fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", std::strerror(errno));
+    std::vector<unsigned char> data;
+    unsigned char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) data.insert(data.end(), buf, buf + n);
+    bool read_error = std::ferror(f) != 0;
+    std::fclose(f);
+    if (read_error) return "read error";
+    return tokenizer_parse(t, data.data(), data.size());
+}
+
+// Loads a tokenizer file or exits with "error: <path>: <problem>".
+inline void tokenizer_load(Tokenizer* t, const char* path) {
+    std::string err = tokenizer_load_checked(t, path);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
+}
+
+// Encodes text[0..len) and APPENDS the ids to `out` (no BOS/EOS: push
+// t->bos_id yourself first if wanted). Kind 0 follows SentencePiece exactly:
+//   1. normalise: empty text gives no ids; otherwise prepend "▁" if
+//      add_dummy_prefix, replace each ' ' by "▁", and replace each byte that
+//      does not start a valid UTF-8 character by U+FFFD (one per byte);
+//   2. start from one symbol per character and repeatedly merge the adjacent
+//      pair whose concatenation is a normal piece with the highest score
+//      (ties: leftmost pair), using a priority queue with lazy invalidation;
+//   3. emit each symbol's id; a symbol with no piece (or one that is the
+//      unknown piece) becomes its UTF-8 bytes as <0xNN> tokens when
+//      byte_fallback is set, else unk_id (a run of unknowns gives one unk_id).
+inline void tokenizer_encode(const Tokenizer* t, const char* text, size_t len, std::vector<int>& out) {
+    if (t->kind == TOKENIZER_BYTE_LEVEL) {
+        for (size_t i = 0; i < len; i++) out.push_back(t->byte_ids[(unsigned char)text[i]]);
+        return;
+    }
+    if (len == 0 || t->vocab_size == 0) return;
+    static const char kSpace[] = "\xE2\x96\x81";        // U+2581
+    static const char kReplacement[] = "\xEF\xBF\xBD";  // U+FFFD
+    struct Symbol {
+        size_t start, size;  // bytes of the normalised text
+        int64_t prev, next;
+    };
+    std::string norm;
+    norm.reserve(3 * len + 3);
+    std::vector<Symbol> sym;
+    sym.reserve(len + 1);
+    auto add_symbol = [&](const char* s, size_t n) {
+        int64_t i = (int64_t)sym.size();
+        sym.push_back(Symbol{norm.size(), n, i - 1, i + 1});
+        norm.append(s, n);
+    };
+    if (t->add_dummy_prefix) add_symbol(kSpace, 3);
+    for (size_t i = 0; i < len;) {
+        size_t n = tokenizer_utf8_len(text + i, len - i);
+        if (n == 0) {
+            add_symbol(kReplacement, 3);
+            i += 1;
+        } else if (text[i] == ' ') {
+            add_symbol(kSpace, 3);
+            i += 1;
+        } else {
+            add_symbol(text + i, n);
+            i += n;
+        }
+    }
+    sym.back().next = -1;
+
+    struct Pair {
+        float score;
+        int64_t left, right;
+        size_t size;
+    };
+    struct PairOrder {  // top of the queue: highest score, then leftmost
+        bool operator()(const Pair& a, const Pair& b) const {
+            return a.score < b.score || (a.score == b.score && a.left > b.left);
+        }
+    };
+    std::priority_queue<Pair, std::vector<Pair>, PairOrder> agenda;
+    auto maybe_add_pair = [&](int64_t left, int64_t right) {
+        if (left < 0 || right < 0) return;
+        size_t size = sym[left].size + sym[right].size;
+        int id = tokenizer_find_piece(t, norm.data() + sym[left].start, size);
+        if (id < 0 || t->types[id] != TOKEN_NORMAL) return;
+        agenda.push(Pair{t->scores[id], left, right, size});
+    };
+    for (size_t i = 1; i < sym.size(); i++) maybe_add_pair((int64_t)i - 1, (int64_t)i);
+    while (!agenda.empty()) {
+        Pair top = agenda.top();
+        agenda.pop();
+        Symbol& l = sym[top.left];
+        Symbol& r = sym[top.right];
+        // Stale entry: one side was merged away or grew since it was queued.
+        if (l.size == 0 || r.size == 0 || l.size + r.size != top.size) continue;
+        l.size += r.size;
+        l.next = r.next;
+        if (r.next >= 0) sym[r.next].prev = top.left;
+        r.size = 0;
+        maybe_add_pair(l.prev, top.left);
+        maybe_add_pair(top.left, l.next);
+    }
+
+    bool prev_unknown = false;
+    for (int64_t i = 0; i >= 0; i = sym[i].next) {
+        const char* s = norm.data() + sym[i].start;
+        size_t n = sym[i].size;
+        int id = tokenizer_find_piece(t, s, n);
+        if (id < 0) id = t->unk_id;
+        bool unknown = t->types[id] == TOKEN_UNKNOWN;
+        if (unknown && t->byte_fallback) {
+            for (size_t k = 0; k < n; k++) out.push_back(t->byte_ids[(unsigned char)s[k]]);
+        } else if (!(unknown && prev_unknown)) {
+            out.push_back(id);
+        }
+        prev_unknown = unknown;
+    }
+}
+
+inline void tokenizer_encode(const Tokenizer* t, const char* text, std::vector<int>& out) {
+    tokenizer_encode(t, text, std::strlen(text), out);
+}
+
+// Appends a normal piece to out with every "▁" turned into ' ', skipping the
+// first `skip` bytes.
+inline void tokenizer_append_unescaped(const std::string& piece, size_t skip, std::string& out) {
+    for (size_t i = skip; i < piece.size();) {
+        if (piece.compare(i, 3, "\xE2\x96\x81") == 0) {
+            out.push_back(' ');
+            i += 3;
+        } else {
+            out.push_back(piece[i++]);
+        }
+    }
+}
+
+constexpr char TOKENIZER_UNK_SURFACE[] = " \xE2\x81\x87 ";  // " ⁇ ", SentencePiece's default
+
+// Text of one token for streaming output. *at_start must be true before the
+// first token of a sequence (pass nullptr for "not at start"); it is updated so
+// that only the dummy-prefix "▁" of the first visible piece is dropped. Control
+// tokens and ids outside the vocabulary give "", byte tokens give their raw
+// byte (so a multi-byte character arrives over several calls), the unknown
+// token gives " ⁇ ". Concatenating the results equals tokenizer_decode except
+// that invalid UTF-8 from byte tokens is passed through instead of U+FFFD.
+inline std::string tokenizer_decode_piece(const Tokenizer* t, int id, bool* at_start) {
+    std::string out;
+    if (id < 0 || id >= t->vocab_size) return out;
+    switch (t->types[id]) {
+        case TOKEN_CONTROL:
+            return out;
+        case TOKEN_BYTE:
+            out.push_back((char)t->token_byte[id]);
+            break;
+        case TOKEN_UNKNOWN:
+            out = TOKENIZER_UNK_SURFACE;
+            break;
+        default: {
+            const std::string& p = t->pieces[id];
+            bool strip = at_start && *at_start && t->add_dummy_prefix && p.compare(0, 3, "\xE2\x96\x81") == 0;
+            tokenizer_append_unescaped(p, strip ? 3 : 0, out);
+        }
+    }
+    if (at_start) *at_start = false;
+    return out;
+}
+
+// Decodes ids into text the way SentencePiece's decoder does: control tokens
+// vanish, the unknown token becomes " ⁇ ", "▁" becomes ' ', the leading "▁" of
+// the first visible piece is dropped (add_dummy_prefix), and each run of byte
+// tokens is turned into bytes with every byte that does not form a valid UTF-8
+// character replaced by U+FFFD. Ids outside the vocabulary are skipped.
+// Byte-level tokenizers just concatenate the bytes.
+inline std::string tokenizer_decode(const Tokenizer* t, const int* ids, int n) {
+    std::string text;
+    if (t->kind == TOKENIZER_BYTE_LEVEL) {
+        for (int i = 0; i < n; i++)
+            if (ids[i] >= 0 && ids[i] < t->vocab_size && t->types[ids[i]] == TOKEN_BYTE)
+                text.push_back((char)t->token_byte[ids[i]]);
+        return text;
+    }
+    std::string bytes;  // pending run of byte tokens
+    auto flush_bytes = [&]() {
+        for (size_t i = 0; i < bytes.size();) {
+            size_t k = tokenizer_utf8_len(bytes.data() + i, bytes.size() - i);
+            if (k == 0) {
+                text += "\xEF\xBF\xBD";
+                i += 1;
+            } else {
+                text.append(bytes, i, k);
+                i += k;
+            }
+        }
+        bytes.clear();
+    };
+    bool is_bos_ws = true;     // may the next visible piece still drop its leading "▁"?
+    bool bos_ws_seen = false;  // did the previous non-byte piece drop one?
+    for (int i = 0; i < n; i++) {
+        int id = ids[i];
+        if (id < 0 || id >= t->vocab_size) continue;
+        int type = t->types[id];
+        if (type == TOKEN_BYTE) {
+            bytes.push_back((char)t->token_byte[id]);
+            continue;
+        }
+        flush_bytes();
+        if (bos_ws_seen || !text.empty()) is_bos_ws = false;
+        bos_ws_seen = false;
+        if (type == TOKEN_CONTROL) continue;
+        if (type == TOKEN_UNKNOWN) {
+            text += TOKENIZER_UNK_SURFACE;
+            continue;
+        }
+        const std::string& p = t->pieces[id];
+        bool strip = is_bos_ws && t->add_dummy_prefix && p.compare(0, 3, "\xE2\x96\x81") == 0;
+        tokenizer_append_unescaped(p, strip ? 3 : 0, text);
+        bos_ws_seen = strip;
+    }
+    flush_bytes();
+    return text;
 }
