@@ -121,6 +121,100 @@ inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+
+// ----------------------------------------------------------------------------
+// CUDA: compiled by nvcc, and by g++ over the emulation layer of the tests
+// (test/cuda_emu.h defines XWIN_CUDA_EMULATION). Every kernel is launched through LAUNCH,
+// which nvcc turns into kernel<<<grid, block, shmem, stream>>>(args) and the emulation
+// into a run on the CPU. Dynamic shared memory is declared with DYNAMIC_SHARED.
+
+#if defined(__CUDACC__) || defined(XWIN_CUDA_EMULATION)
+#define XWIN_CUDA 1
+#endif
+
+#if defined(__CUDACC__)
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
+#define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+#ifdef XWIN_CUDA
+// Precision: BF16 weights and activations by default, FP32 with -DENABLE_FP32
+// (make PRECISION=FP32). Master weights, gradients, AdamW state and every reduction stay FP32.
+#ifdef ENABLE_FP32
+typedef float floatX;
+#define CUBLAS_FLOATX CUDA_R_32F
+#else
+typedef __nv_bfloat16 floatX;
+#define CUBLAS_FLOATX CUDA_R_16BF
+#endif
+
+inline void cuda_check(cudaError_t err, const char* file, int line) {
+    if (err != cudaSuccess) {
+        fprintf(stderr, "error: CUDA at %s:%d: %s\nHINT: run under compute-sanitizer to find the failing kernel\n", file, line, cudaGetErrorString(err));
+        exit(1);
+    }
+}
+#define cudaCheck(call) cuda_check((call), __FILE__, __LINE__)
+
+inline void cublas_check(cublasStatus_t status, const char* file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "error: cuBLAS at %s:%d: status %d\nHINT: check the matrix shapes and leading dimensions\n", file, line, (int)status);
+        exit(1);
+    }
+}
+#define cublasCheck(call) cublas_check((call), __FILE__, __LINE__)
+
+__device__ __host__ inline float to_float(float x) { return x; }
+__device__ __host__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename X> __device__ __host__ inline X from_float(float x);
+template <> __device__ __host__ inline float from_float<float>(float x) { return x; }
+template <> __device__ __host__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+// sum and max over a full warp, then over a block (blockDim.x a multiple of 32, <= 1024)
+__device__ inline float warp_reduce_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+__device__ inline float warp_reduce_max(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+// every thread gets the result; shared holds 32 floats; safe to call twice in a row
+__device__ inline float block_reduce(float v, float* shared, bool is_max) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = is_max ? warp_reduce_max(v) : warp_reduce_sum(v);
+    __syncthreads();  // the previous call's readers are done with shared
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : (is_max ? -INFINITY : 0.0f);
+    return is_max ? warp_reduce_max(v) : warp_reduce_sum(v);
+}
+
+// one cuBLAS handle for the process; its stream is set by each launcher
+inline cublasHandle_t cublas_handle() {
+    static cublasHandle_t handle = nullptr;
+    if (!handle) cublasCheck(cublasCreate(&handle));
+    return handle;
+}
+
+// C (m x n, column-major) = alpha op(A) op(B) + beta C for `batch` matrices at the given
+// strides; A and B floatX, C of type c_type; FP32 accumulation.
+inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const floatX* A, int lda, long long stride_a,
+                 const floatX* B, int ldb, long long stride_b, float beta, void* Cm, cudaDataType c_type, int ldc,
+                 long long stride_c, int batch, cudaStream_t stream) {
+    cublasHandle_t h = cublas_handle();
+    cublasCheck(cublasSetStream(h, stream));
+    cublasCheck(cublasGemmStridedBatchedEx(h, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k,
+                                           &alpha, A, CUBLAS_FLOATX, lda, stride_a, B, CUBLAS_FLOATX, ldb, stride_b, &beta, Cm,
+                                           c_type, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+#endif
 // ----------------------------------------------------------------------------
 // Model file format (.bin), version 1. Little-endian.
 //
@@ -279,6 +373,19 @@ ParamTensorsT<X> point_parameters(const LlamaConfig& c, X* memory) {
     return p;
 }
 
+// Carves consecutive typed tensors out of one buffer, each 16-byte aligned. With a null
+// buffer it only adds up the bytes, so the same code sizes and points an allocation.
+struct Carver {
+    char* memory;
+    size_t bytes = 0;
+    template <typename U>
+    void take(U*& field, size_t count) {
+        bytes = (bytes + 15) / 16 * 16;
+        field = memory ? (U*)(memory + bytes) : nullptr;
+        bytes += count * sizeof(U);
+    }
+};
+
 // Weight decay applies to matrices (embeddings, projections, heads), not to norm weights.
 inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && tensor != 10; }
 
@@ -302,6 +409,32 @@ void embedding_backward(T* dwte, const T* dout, const int* tokens, size_t N, siz
         for (size_t i = 0; i < C; i++) row[i] += d[i];
     }
 }
+
+#ifdef XWIN_CUDA
+// one thread per element of out (N, C)
+__global__ void embedding_forward_kernel(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C) return;
+    out[idx] = wte[(size_t)tokens[idx / C] * C + idx % C];
+}
+
+// one thread per element of dout; rows that share a token meet in an FP32 atomicAdd
+__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C) return;
+    atomicAdd(&dwte[(size_t)tokens[idx / C] * C + idx % C], to_float(dout[idx]));
+}
+
+inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C, cudaStream_t stream) {
+    LAUNCH(embedding_forward_kernel, ceil_div(N * C, 256), 256, 0, stream, out, tokens, wte, N, C);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream) {
+    LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // out = x / sqrt(mean(x^2) + eps) * weight; rstd (N) saved for the backward
 template <typename T>
@@ -336,6 +469,63 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
         dweight[i] += acc;
     }
 }
+
+#ifdef XWIN_CUDA
+// one warp per row: the sum of squares by a warp reduction, then the scaled row
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps) {
+    size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;  // whole warps leave together
+    const floatX* x = inp + n * C;
+    float ss = 0.0f;
+    for (int i = lane; i < C; i += 32) {
+        float v = to_float(x[i]);
+        ss += v * v;
+    }
+    ss = warp_reduce_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    for (int i = lane; i < C; i += 32) out[n * C + i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    if (lane == 0) rstd[n] = r;
+}
+
+// one warp per row: dinp += r * (dout*w - xhat * mean(dout*w*xhat))
+__global__ void rmsnorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N, int C) {
+    size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const floatX* x = inp + n * C;
+    const floatX* d = dout + n * C;
+    float r = rstd[n], dot = 0.0f;
+    for (int i = lane; i < C; i += 32) dot += to_float(d[i]) * to_float(weight[i]) * to_float(x[i]) * r;
+    dot = warp_reduce_sum(dot) / (float)C;
+    for (int i = lane; i < C; i += 32) {
+        float g = r * (to_float(d[i]) * to_float(weight[i]) - to_float(x[i]) * r * dot);
+        dinp[n * C + i] = from_float<floatX>(to_float(dinp[n * C + i]) + g);
+    }
+}
+
+// one thread per channel, summing over the rows: dweight += sum_n dout * xhat (deterministic)
+__global__ void rmsnorm_weight_backward_kernel(float* dweight, const floatX* dout, const floatX* inp, const float* rstd, size_t N, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C) return;
+    float acc = 0.0f;
+    for (size_t n = 0; n < N; n++) acc += to_float(dout[n * C + i]) * to_float(inp[n * C + i]) * rstd[n];
+    dweight[i] += acc;
+}
+
+inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, double eps, cudaStream_t stream) {
+    LAUNCH(rmsnorm_forward_kernel, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight, N, C, (float)eps);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
+                                  const float* rstd, size_t N, int C, cudaStream_t stream) {
+    LAUNCH(rmsnorm_backward_kernel, ceil_div(N, 8), 256, 0, stream, dinp, dout, inp, weight, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+    LAUNCH(rmsnorm_weight_backward_kernel, ceil_div(C, 128), 128, 0, stream, dweight, dout, inp, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none).
 // Four rows at a time share each weight row while it is in cache.
@@ -389,6 +579,23 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
     }
 }
 
+#ifdef XWIN_CUDA
+// Matmuls go to cuBLAS. A row-major (R, K) matrix is a column-major (K, R) one, so
+//   out (N, OC) = inp (N, C) @ W^T          is  out^T = op_T(W) op_N(inp)     (m=OC, n=N, k=C)
+//   dinp (N, C) += dout (N, OC) @ W         is  dinp^T += W^T-as-stored dout^T (m=C, n=N, k=OC)
+//   dW (OC, C) += dout^T @ inp              is  dW^T += inp^T op_T(dout^T)    (m=C, n=OC, k=N)
+// Parameter gradients are FP32 (cuBLAS writes FP32 C from floatX A and B).
+inline void matmul_forward_cuda(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC, cudaStream_t stream) {
+    gemm(true, false, (int)OC, (int)N, (int)C, 1.0f, weight, (int)C, 0, inp, (int)C, 0, 0.0f, out, CUBLAS_FLOATX, (int)OC, 0, 1, stream);
+}
+
+inline void matmul_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
+                                 size_t N, size_t C, size_t OC, cudaStream_t stream) {
+    gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, weight, (int)C, 0, dout, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
+    gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout, (int)OC, 0, 1.0f, dweight, CUDA_R_32F, (int)C, 0, 1, stream);
+}
+#endif
+
 // RoPE angle for position pos and pair i of a head of size hd, computed in float32 as
 // transformers does (inv_freq = 1 / theta^(2i/hd) in float32, angle = pos * inv_freq).
 inline void rope_cos_sin(int pos, int i, int hd, double theta, float* cos_out, float* sin_out) {
@@ -425,6 +632,30 @@ template <typename T>
 void rope_forward(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(x, B, Tn, NH, hd, theta, +1); }
 template <typename T>
 void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(dx, B, Tn, NH, hd, theta, -1); }
+
+#ifdef XWIN_CUDA
+// one thread per rotated pair (b, t, h, i); direction +1 forward, -1 backward
+__global__ void rope_kernel(floatX* x, size_t B, int T, int NH, int hd, float theta, float direction) {
+    int half = hd / 2;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * T * NH * half) return;
+    int i = (int)(idx % half);
+    size_t row = idx / half;  // (b, t, h)
+    int t = (int)((row / NH) % T);
+    float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+    float angle = (float)t * inv_freq;
+    float c = cosf(angle), s = sinf(angle) * direction;
+    floatX* v = x + row * hd;
+    float x1 = to_float(v[i]), x2 = to_float(v[i + half]);
+    v[i] = from_float<floatX>(x1 * c - x2 * s);
+    v[i + half] = from_float<floatX>(x2 * c + x1 * s);
+}
+
+inline void rope_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
+    LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), 256), 256, 0, stream, x, B, T, NH, hd, (float)theta, (float)direction);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // Causal grouped-query attention.
 //   q (B, T, H, hd), k and v (B, T, KV, hd); query head h reads kv head h / (H / KV).
@@ -516,6 +747,133 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
     }
 }
 
+#ifdef XWIN_CUDA
+// On the GPU, attention is three steps around two batched GEMMs over the (b, h) pairs:
+//   q, k, v (B, T, NH, hd) are permuted to (B, H, T, hd), a kv head repeated for its query heads;
+//   scores (B, H, T, T) = q k^T * scale (FP32), att = causal softmax(scores);
+//   out (B, H, T, hd) = att v, permuted back to (B, T, H, hd).
+// The backward runs the same GEMMs transposed and sums the query heads of a group back
+// into their kv head when it un-permutes dk and dv.
+struct AttentionScratch {
+    floatX* qp;       // (B, H, T, hd)
+    floatX* kp;       // (B, H, T, hd)
+    floatX* vp;       // (B, H, T, hd)
+    floatX* outp;     // (B, H, T, hd) the output, then the output's gradient
+    floatX* dqp;      // (B, H, T, hd)
+    floatX* dkp;      // (B, H, T, hd)
+    floatX* dvp;      // (B, H, T, hd)
+    float* scores;    // (B, H, T, T) scores, then the gradient of att
+    floatX* dscores;  // (B, H, T, T)
+};
+
+inline size_t point_attention_scratch(AttentionScratch* s, void* memory, size_t B, size_t T, size_t H, size_t hd) {
+    Carver k{(char*)memory};
+    size_t heads = B * H * T * hd, square = B * H * T * T;
+    k.take(s->qp, heads); k.take(s->kp, heads); k.take(s->vp, heads); k.take(s->outp, heads);
+    k.take(s->dqp, heads); k.take(s->dkp, heads); k.take(s->dvp, heads);
+    k.take(s->scores, square); k.take(s->dscores, square);
+    return k.bytes;
+}
+
+// dst (B, H, T, hd) <- src (B, T, NH, hd); query head h reads source head h / (H / NH)
+__global__ void heads_permute_kernel(floatX* dst, const floatX* src, size_t B, int T, int H, int NH, int hd) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * H * T * hd) return;
+    int i = (int)(idx % hd);
+    int t = (int)((idx / hd) % T);
+    int h = (int)((idx / ((size_t)hd * T)) % H);
+    size_t b = idx / ((size_t)hd * T * H);
+    dst[idx] = src[((b * T + t) * NH + h / (H / NH)) * hd + i];
+}
+
+// dst (B, T, NH, hd) (+)= sum over the H / NH query heads of each source head of src (B, H, T, hd)
+__global__ void heads_unpermute_kernel(floatX* dst, const floatX* src, size_t B, int T, int H, int NH, int hd, int accumulate) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * T * NH * hd) return;
+    int i = (int)(idx % hd);
+    int nh = (int)((idx / hd) % NH);
+    int t = (int)((idx / ((size_t)hd * NH)) % T);
+    size_t b = idx / ((size_t)hd * NH * T);
+    int group = H / NH;
+    float sum = accumulate ? to_float(dst[idx]) : 0.0f;
+    for (int g = 0; g < group; g++) sum += to_float(src[((b * H + nh * group + g) * T + t) * hd + i]);
+    dst[idx] = from_float<floatX>(sum);
+}
+
+// one warp per row (b, h, t): att[t2] = softmax over t2 <= t of scores, 0 above the diagonal
+__global__ void causal_softmax_kernel(floatX* att, const float* scores, size_t rows, int T) {
+    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = (int)(row % T);
+    const float* s = scores + row * T;
+    float maxv = -INFINITY;
+    for (int j = lane; j <= t; j += 32) maxv = fmaxf(maxv, s[j]);
+    maxv = warp_reduce_max(maxv);
+    float sum = 0.0f;
+    for (int j = lane; j <= t; j += 32) sum += expf(s[j] - maxv);
+    sum = warp_reduce_sum(sum);
+    for (int j = lane; j < T; j += 32) att[row * T + j] = from_float<floatX>(j <= t ? expf(s[j] - maxv) / sum : 0.0f);
+}
+
+// one warp per row: dscores[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j]) * scale
+__global__ void causal_softmax_backward_kernel(floatX* dscores, const float* datt, const floatX* att, size_t rows, int T, float scale) {
+    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = (int)(row % T);
+    const floatX* a = att + row * T;
+    const float* d = datt + row * T;
+    float dot = 0.0f;
+    for (int j = lane; j <= t; j += 32) dot += to_float(a[j]) * d[j];
+    dot = warp_reduce_sum(dot);
+    for (int j = lane; j < T; j += 32) dscores[row * T + j] = from_float<floatX>(j <= t ? to_float(a[j]) * (d[j] - dot) * scale : 0.0f);
+}
+
+inline void attention_forward_cuda(floatX* out, floatX* att, const floatX* q, const floatX* k, const floatX* v, const AttentionScratch& s,
+                                   size_t B, int T, int H, int KV, int hd, cudaStream_t stream) {
+    size_t heads = B * H * T * hd, rows = B * H * T;
+    long long sq = (long long)T * hd, ss = (long long)T * T;
+    int batch = (int)(B * H);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.qp, q, B, T, H, H, hd);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.kp, k, B, T, H, KV, hd);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.vp, v, B, T, H, KV, hd);
+    cudaCheck(cudaGetLastError());
+    gemm(true, false, T, T, hd, 1.0f / sqrtf((float)hd), s.kp, hd, sq, s.qp, hd, sq, 0.0f, s.scores, CUDA_R_32F, T, ss, batch, stream);
+    LAUNCH(causal_softmax_kernel, ceil_div(rows, 8), 256, 0, stream, att, s.scores, rows, T);
+    cudaCheck(cudaGetLastError());
+    gemm(false, false, hd, T, T, 1.0f, s.vp, hd, sq, att, T, ss, 0.0f, s.outp, CUBLAS_FLOATX, hd, sq, batch, stream);
+    LAUNCH(heads_unpermute_kernel, ceil_div(heads, 256), 256, 0, stream, out, s.outp, B, T, H, H, hd, 0);
+    cudaCheck(cudaGetLastError());
+}
+
+// dq, dk, dv (+)= the gradients, given dout (B, T, H, hd) and the saved att, q, k, v
+inline void attention_backward_cuda(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* att, const floatX* q,
+                                    const floatX* k, const floatX* v, const AttentionScratch& s, size_t B, int T, int H, int KV, int hd,
+                                    cudaStream_t stream) {
+    size_t heads = B * H * T * hd, rows = B * H * T;
+    long long sq = (long long)T * hd, ss = (long long)T * T;
+    int batch = (int)(B * H);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.qp, q, B, T, H, H, hd);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.kp, k, B, T, H, KV, hd);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.vp, v, B, T, H, KV, hd);
+    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.outp, dout, B, T, H, H, hd);
+    cudaCheck(cudaGetLastError());
+    // datt = dout v^T;  dv = att^T dout
+    gemm(true, false, T, T, hd, 1.0f, s.vp, hd, sq, s.outp, hd, sq, 0.0f, s.scores, CUDA_R_32F, T, ss, batch, stream);
+    gemm(false, true, hd, T, T, 1.0f, s.outp, hd, sq, att, T, ss, 0.0f, s.dvp, CUBLAS_FLOATX, hd, sq, batch, stream);
+    LAUNCH(causal_softmax_backward_kernel, ceil_div(rows, 8), 256, 0, stream, s.dscores, s.scores, att, rows, T, 1.0f / sqrtf((float)hd));
+    cudaCheck(cudaGetLastError());
+    // dq = dscores k;  dk = dscores^T q
+    gemm(false, false, hd, T, T, 1.0f, s.kp, hd, sq, s.dscores, T, ss, 0.0f, s.dqp, CUBLAS_FLOATX, hd, sq, batch, stream);
+    gemm(false, true, hd, T, T, 1.0f, s.qp, hd, sq, s.dscores, T, ss, 0.0f, s.dkp, CUBLAS_FLOATX, hd, sq, batch, stream);
+    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * H * hd, 256), 256, 0, stream, dq, s.dqp, B, T, H, H, hd, 1);
+    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dk, s.dkp, B, T, H, KV, hd, 1);
+    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dv, s.dvp, B, T, H, KV, hd, 1);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x)
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
@@ -538,12 +896,52 @@ void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up
     }
 }
 
+#ifdef XWIN_CUDA
+__global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const floatX* up, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = to_float(gate[i]);
+    out[i] = from_float<floatX>(g / (1.0f + expf(-g)) * to_float(up[i]));
+}
+
+__global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = to_float(gate[i]), d = to_float(dout[i]);
+    float s = 1.0f / (1.0f + expf(-g));
+    dgate[i] = from_float<floatX>(to_float(dgate[i]) + d * to_float(up[i]) * s * (1.0f + g * (1.0f - s)));
+    dup[i] = from_float<floatX>(to_float(dup[i]) + d * g * s);
+}
+
+inline void swiglu_forward_cuda(floatX* out, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
+    LAUNCH(swiglu_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, gate, up, n);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
+    LAUNCH(swiglu_backward_kernel, ceil_div(n, 256), 256, 0, stream, dgate, dup, dout, gate, up, n);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
 // out = a + b (the residual stream)
 template <typename T>
 void residual_forward(T* out, const T* a, const T* b, size_t n) {
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
+
+#ifdef XWIN_CUDA
+__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_float<floatX>(to_float(a[i]) + to_float(b[i]));
+}
+
+inline void residual_forward_cuda(floatX* out, const floatX* a, const floatX* b, size_t n, cudaStream_t stream) {
+    LAUNCH(residual_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, a, b, n);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // Token log-probs: lp[b,t] = log softmax(logits[b,t-1])[tokens[b,t]] for t >= 1; lp[b,0] = 0.
 // logits (B, T, V), tokens (B, T), lp (B, T)
@@ -583,6 +981,60 @@ void logprob_backward(T* dlogits, const T* logits, const int* tokens, const T* d
         }
     }
 }
+
+#ifdef XWIN_CUDA
+// one block per row (b, t): the FP32 log-sum-exp of the logits row t - 1 by block reductions
+__global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V) {
+    __shared__ float shared[32];
+    size_t row = blockIdx.x;
+    if (row % T == 0) {  // nothing predicts the first token
+        if (threadIdx.x == 0) lp[row] = 0.0f;
+        return;
+    }
+    const floatX* z = logits + (row - 1) * V;
+    float maxv = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
+    maxv = block_reduce(maxv, shared, true);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - maxv);
+    sum = block_reduce(sum, shared, false);
+    if (threadIdx.x == 0) lp[row] = to_float(z[tokens[row]]) - maxv - logf(sum);
+}
+
+// one block per row (b, t): dlogits[b,t,:] = dlp[b,t+1] * (onehot(tokens[b,t+1]) - softmax(logits[b,t]))
+__global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t rows, int T, int V) {
+    __shared__ float shared[32];
+    size_t row = blockIdx.x;
+    floatX* dz = dlogits + row * V;
+    float g = (row % T) + 1 < (size_t)T ? dlp[row + 1] : 0.0f;
+    if (g == 0.0f) {
+        for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] = from_float<floatX>(0.0f);
+        return;
+    }
+    const floatX* z = logits + row * V;
+    float maxv = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
+    maxv = block_reduce(maxv, shared, true);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - maxv);
+    sum = block_reduce(sum, shared, false);
+    int target = tokens[row + 1];
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float p = expf(to_float(z[i]) - maxv) / sum;
+        dz[i] = from_float<floatX>(-g * p + (i == target ? g : 0.0f));
+    }
+}
+
+inline void logprob_forward_cuda(float* lp, const floatX* logits, const int* tokens, size_t B, int T, int V, cudaStream_t stream) {
+    LAUNCH(logprob_forward_kernel, (unsigned)(B * T), 256, 0, stream, lp, logits, tokens, B * T, T, V);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t B, int T, int V, cudaStream_t stream) {
+    LAUNCH(logprob_backward_kernel, (unsigned)(B * T), 256, 0, stream, dlogits, logits, tokens, dlp, B * T, T, V);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // Masked mean negative log-likelihood over the target tokens (mask = 1), as Hugging Face's
 // loss with labels = -100 where mask = 0. *count receives the number of targets.
@@ -633,6 +1085,46 @@ inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
     return norm;
 }
 
+#ifdef XWIN_CUDA
+// The global norm on the device in two kernels (per-block partial sums, then one block),
+// and clipping by a coefficient the host never reads: norm_coef = {norm, coef}.
+constexpr int GRAD_NORM_BLOCKS = 512;
+
+__global__ void grad_norm_partial_kernel(float* partials, const float* grads, size_t n) {
+    __shared__ float shared[32];
+    float ss = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) ss += grads[i] * grads[i];
+    ss = block_reduce(ss, shared, false);
+    if (threadIdx.x == 0) partials[blockIdx.x] = ss;
+}
+
+__global__ void grad_norm_finish_kernel(float* norm_coef, const float* partials, int n_partials, float max_norm) {
+    __shared__ float shared[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n_partials; i += blockDim.x) ss += partials[i];
+    ss = block_reduce(ss, shared, false);
+    if (threadIdx.x == 0) {
+        float norm = sqrtf(ss), coef = max_norm / (norm + 1e-6f);
+        norm_coef[0] = norm;
+        norm_coef[1] = (max_norm > 0.0f && coef < 1.0f) ? coef : 1.0f;
+    }
+}
+
+__global__ void grad_scale_kernel(float* grads, size_t n, const float* norm_coef) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    float coef = norm_coef[1];
+    if (i < n && coef != 1.0f) grads[i] *= coef;
+}
+
+// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch
+inline void clip_grad_norm_cuda(float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+    LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, 256, 0, stream, partials, grads, n);
+    LAUNCH(grad_norm_finish_kernel, 1, 1024, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
+    LAUNCH(grad_scale_kernel, ceil_div(n, 256), 256, 0, stream, grads, n, norm_coef);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
 // AdamW as torch.optim.AdamW: decoupled weight decay, then bias-corrected moments.
 //   p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)        (t counts from 1)
@@ -652,6 +1144,44 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
         params[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + opt.eps);
     }
 }
+
+#ifdef XWIN_CUDA
+// AdamW fused over one tensor of the flat buffers: the FP32 master weight, its moments and
+// the floatX copy the forward reads, in the same arithmetic order as adamw_update.
+__global__ void adamw_kernel(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1,
+                             float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = grads[i], p = master[i];
+    p *= 1.0f - lr * weight_decay;
+    float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    p -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    m[i] = mi;
+    v[i] = vi;
+    master[i] = p;
+    params[i] = from_float<floatX>(p);
+}
+
+inline void adamw_update_cuda(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt,
+                              float weight_decay, int t, cudaStream_t stream) {
+    double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
+    LAUNCH(adamw_kernel, ceil_div(n, 256), 256, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2, opt.eps,
+           weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2));
+    cudaCheck(cudaGetLastError());
+}
+
+// the floatX copy of FP32 values (the compute weights from the master weights)
+__global__ void cast_to_floatX_kernel(floatX* out, const float* in, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_float<floatX>(in[i]);
+}
+
+inline void cast_to_floatX_cuda(floatX* out, const float* in, size_t n, cudaStream_t stream) {
+    LAUNCH(cast_to_floatX_kernel, ceil_div(n, 256), 256, 0, stream, out, in, n);
+    cudaCheck(cudaGetLastError());
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Activations of one forward pass, kept for the backward; one allocation for (B, T).
@@ -690,19 +1220,6 @@ inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT
                                   L * N * F, N * C, N, N * (size_t)head_rows(c), N, N * C};
     memcpy(s, sz, sizeof(sz));
 }
-
-// Carves consecutive typed tensors out of one buffer, each 16-byte aligned. With a null
-// buffer it only adds up the bytes, so the same code sizes and points an allocation.
-struct Carver {
-    char* memory;
-    size_t bytes = 0;
-    template <typename U>
-    void take(U*& field, size_t count) {
-        bytes = (bytes + 15) / 16 * 16;
-        field = memory ? (U*)(memory + bytes) : nullptr;
-        bytes += count * sizeof(U);
-    }
-};
 
 template <typename X>
 size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T) {
@@ -987,6 +1504,225 @@ inline void llama_update(Llama* model, const AdamWConfig& opt) {
         offset += sizes[i];
     }
 }
+
+#ifdef XWIN_CUDA
+// ----------------------------------------------------------------------------
+// The model on the GPU: llama_forward and llama_backward above, each op replaced by its
+// kernel. FP32 master weights, gradients and AdamW moments; floatX compute weights and
+// activations. One stream; NVTX ranges name the layers in Nsight Systems.
+
+struct LlamaCuda {
+    LlamaConfig config{};
+    size_t num_params = 0;
+    int B = 0, T = 0, adam_step = 0;
+    float* master = nullptr;          // (num_params) FP32 master weights
+    floatX* params_memory = nullptr;  // (num_params) the compute copy the forward reads
+    ParamTensorsT<floatX> params;
+    float* grads_memory = nullptr;    // (num_params)
+    ParamTensorsT<float> grads;
+    float* m_memory = nullptr;        // (num_params)
+    float* v_memory = nullptr;        // (num_params)
+    void* acts_memory = nullptr;
+    ActTensorsT<floatX> acts;
+    void* grad_acts_memory = nullptr;
+    GradActTensorsT<floatX> grad_acts;
+    void* attn_memory = nullptr;
+    AttentionScratch attn;
+    int* tokens = nullptr;            // (B, T)
+    float* dlp = nullptr;             // (B, T)
+    float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
+    float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
+    cudaStream_t stream = nullptr;
+};
+
+template <typename U>
+U* cuda_alloc(size_t count) {
+    void* p = nullptr;
+    cudaCheck(cudaMalloc(&p, (count ? count : 1) * sizeof(U)));
+    return (U*)p;
+}
+
+// Uploads a host model's weights; allocates everything for batches up to (B, T), once.
+inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream) {
+    const LlamaConfig& c = host->config;
+    if (T > c.max_seq_len) {
+        fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
+        exit(1);
+    }
+    *g = LlamaCuda{};
+    g->config = c;
+    g->num_params = host->num_params;
+    g->B = B;
+    g->T = T;
+    g->stream = stream;
+    size_t n = g->num_params;
+    g->master = cuda_alloc<float>(n);
+    g->params_memory = cuda_alloc<floatX>(n);
+    g->params = point_parameters(c, g->params_memory);
+    cudaCheck(cudaMemcpyAsync(g->master, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    cast_to_floatX_cuda(g->params_memory, g->master, n, stream);
+    g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T));
+    point_activations(&g->acts, g->acts_memory, c, B, T);
+    g->attn_memory = cuda_alloc<char>(point_attention_scratch(&g->attn, nullptr, B, T, c.n_heads, head_dim(c)));
+    point_attention_scratch(&g->attn, g->attn_memory, B, T, c.n_heads, head_dim(c));
+    g->tokens = cuda_alloc<int>((size_t)B * T);
+    if (training) {
+        g->grads_memory = cuda_alloc<float>(n);
+        g->grads = point_parameters(c, g->grads_memory);
+        g->m_memory = cuda_alloc<float>(n);
+        g->v_memory = cuda_alloc<float>(n);
+        cudaCheck(cudaMemsetAsync(g->grads_memory, 0, n * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->m_memory, 0, n * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->v_memory, 0, n * sizeof(float), stream));
+        g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T));
+        point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T);
+        g->dlp = cuda_alloc<float>((size_t)B * T);
+        g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
+        g->norm_coef = cuda_alloc<float>(2);
+    }
+    cudaCheck(cudaStreamSynchronize(stream));
+}
+
+inline void llama_cuda_free(LlamaCuda* g) {
+    void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
+                       g->grad_acts_memory, g->attn_memory, g->tokens, g->dlp, g->norm_partials, g->norm_coef};
+    for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
+    *g = LlamaCuda{};
+}
+
+// tokens (B, T) on the host -> acts.logits and acts.lp on the device
+inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T) {
+    const LlamaConfig& c = g->config;
+    if (B > g->B || T > g->T) {
+        fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, g->B, g->T);
+        exit(1);
+    }
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
+    int hd = head_dim(c);
+    cudaStream_t st = g->stream;
+    const ParamTensorsT<floatX>& p = g->params;
+    ActTensorsT<floatX>& a = g->acts;
+    cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
+    embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
+    for (size_t l = 0; l < L; l++) {
+        nvtxRangePushA("layer forward");
+        floatX* x = a.residual + l * N * C;
+        floatX* attn_in = a.attn_in + l * N * C;
+        floatX* q = a.q + l * N * C;
+        floatX* k = a.k + l * N * KVD;
+        floatX* v = a.v + l * N * KVD;
+        floatX* mid = a.residual_mid + l * N * C;
+        floatX* mlp_in = a.mlp_in + l * N * C;
+        floatX* gate = a.gate + l * N * F;
+        floatX* up = a.up + l * N * F;
+        floatX* sw = a.swiglu + l * N * F;
+        rmsnorm_forward_cuda(attn_in, a.attn_rstd + l * N, x, p.attn_norm + l * C, N, (int)C, c.norm_eps, st);
+        matmul_forward_cuda(q, attn_in, p.wq + l * C * C, N, C, C, st);
+        matmul_forward_cuda(k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
+        matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
+        rope_cuda(q, B, T, (int)H, hd, c.rope_theta, +1, st);
+        rope_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, +1, st);
+        attention_forward_cuda(a.att_out + l * N * C, a.att + l * B * H * T * T, q, k, v, g->attn, B, T, (int)H, c.n_kv_heads, hd, st);
+        matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
+        residual_forward_cuda(mid, x, a.scratch, N * C, st);
+        rmsnorm_forward_cuda(mlp_in, a.mlp_rstd + l * N, mid, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
+        matmul_forward_cuda(gate, mlp_in, p.w_gate + l * F * C, N, C, F, st);
+        matmul_forward_cuda(up, mlp_in, p.w_up + l * F * C, N, C, F, st);
+        swiglu_forward_cuda(sw, gate, up, N * F, st);
+        matmul_forward_cuda(a.scratch, sw, p.w_down + l * C * F, N, F, C, st);
+        residual_forward_cuda(a.residual + (l + 1) * N * C, mid, a.scratch, N * C, st);
+        nvtxRangePop();
+    }
+    rmsnorm_forward_cuda(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, (int)C, c.norm_eps, st);
+    matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, (size_t)head_rows(c), st);
+    if (c.head_type == HEAD_LM) logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, c.vocab_size, st);
+}
+
+// the token log-probs (B, T) of the last forward, to the host
+inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
+    cudaCheck(cudaMemcpyAsync(lp, g->acts.lp, (size_t)B * T * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
+}
+
+inline void llama_cuda_zero_grad(LlamaCuda* g) { cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream)); }
+
+// Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
+inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+    const LlamaConfig& c = g->config;
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
+    int hd = head_dim(c), KV = c.n_kv_heads;
+    cudaStream_t st = g->stream;
+    const ParamTensorsT<floatX>& p = g->params;
+    ParamTensorsT<float>& gr = g->grads;
+    ActTensorsT<floatX>& a = g->acts;
+    GradActTensorsT<floatX>& d = g->grad_acts;
+    auto zero = [&](floatX* ptr, size_t count) { cudaCheck(cudaMemsetAsync(ptr, 0, count * sizeof(floatX), st)); };
+    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, N * sizeof(float), cudaMemcpyHostToDevice, st));
+    logprob_backward_cuda(d.logits, a.logits, g->tokens, g->dlp, B, T, c.vocab_size, st);
+    zero(d.residual, N * C);
+    zero(d.norm_out, N * C);
+    matmul_backward_cuda(d.norm_out, gr.head, d.logits, a.final_in, p.head, N, C, (size_t)head_rows(c), st);
+    rmsnorm_backward_cuda(d.residual, gr.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
+    for (size_t l = L; l-- > 0;) {
+        nvtxRangePushA("layer backward");
+        zero(d.swiglu, N * F);
+        zero(d.gate, N * F);
+        zero(d.up, N * F);
+        zero(d.norm_out, N * C);
+        matmul_backward_cuda(d.swiglu, gr.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C, st);
+        swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F, st);
+        matmul_backward_cuda(d.norm_out, gr.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F, st);
+        matmul_backward_cuda(d.norm_out, gr.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F, st);
+        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
+                              a.mlp_rstd + l * N, N, (int)C, st);
+        zero(d.att_out, N * C);
+        zero(d.q, N * C);
+        zero(d.k, N * KVD);
+        zero(d.v, N * KVD);
+        zero(d.norm_out, N * C);
+        matmul_backward_cuda(d.att_out, gr.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
+        attention_backward_cuda(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
+                                a.v + l * N * KVD, g->attn, B, T, (int)H, KV, hd, st);
+        rope_cuda(d.q, B, T, (int)H, hd, c.rope_theta, -1, st);
+        rope_cuda(d.k, B, T, KV, hd, c.rope_theta, -1, st);
+        const floatX* attn_in = a.attn_in + l * N * C;
+        matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
+        matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
+        matmul_backward_cuda(d.norm_out, gr.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
+        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
+                              a.attn_rstd + l * N, N, (int)C, st);
+        nvtxRangePop();
+    }
+    embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st);
+}
+
+// clips on the device; returns the norm before clipping (one small copy to the host)
+inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
+    clip_grad_norm_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    float norm_coef[2];
+    cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
+    return norm_coef[0];
+}
+
+inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
+    g->adam_step += 1;
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(g->config, sizes);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
+        adamw_update_cuda(g->master + offset, g->params_memory + offset, g->grads_memory + offset, g->m_memory + offset,
+                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream);
+        offset += sizes[i];
+    }
+}
+
+// the FP32 master weights back into a host model of the same config (for saving)
+inline void llama_cuda_download(LlamaCuda* g, Llama* host) {
+    cudaCheck(cudaMemcpyAsync(host->params_memory, g->master, g->num_params * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Token file format (.tok), version 1: sequences of tokens with a per-token loss mask.
