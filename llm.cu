@@ -987,6 +987,7 @@ void logprob_backward(T* dlogits, const T* logits, const int* tokens, const T* d
 __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
+    if (row >= rows) return;
     if (row % T == 0) {  // nothing predicts the first token
         if (threadIdx.x == 0) lp[row] = 0.0f;
         return;
@@ -1005,6 +1006,7 @@ __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const in
 __global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t rows, int T, int V) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
+    if (row >= rows) return;
     floatX* dz = dlogits + row * V;
     float g = (row % T) + 1 < (size_t)T ? dlp[row + 1] : 0.0f;
     if (g == 0.0f) {
@@ -1710,6 +1712,7 @@ inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
     size_t sizes[NUM_PARAM_TENSORS], offset = 0;
     param_sizes(g->config, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        if (sizes[i] == 0) continue;  // a tied head: an empty grid is an invalid launch
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         adamw_update_cuda(g->master + offset, g->params_memory + offset, g->grads_memory + offset, g->m_memory + offset,
                           g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream);
