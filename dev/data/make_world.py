@@ -1,0 +1,602 @@
+"""Generate the built-in task world: data/world/ (and the judge fixture of the tests).
+
+    python dev/data/make_world.py [--out data/world] [--seed 1234]
+                                  [--train 20000] [--val 500] [--eval 200]
+
+Standard library only, deterministic for a given seed. The world is a set of
+tiny instruction tasks whose answers a program can check, small enough for a
+byte-level model (a whole conversation in the template is 50-162 bytes). It
+exists so that every stage of the recipe (SFT, reward model, best-of-n,
+rejection sampling, DPO) can be run end to end and measured by a gold judge,
+without any outside data.
+
+KINDS (two prompt phrasings each; numbers are integers, words lowercase a-z)
+    arith     "Add 12 and 7." / "What is 12 plus 7?"                      -> 19
+              "Subtract 7 from 12." / "What is 12 minus 7?"  (a >= b)       -> 5
+    reverse   "Reverse the word 'cat'." / "Write 'cat' backwards."        -> tac
+    sort      "Sort the letters of 'house'." /
+              "Put the letters of 'house' in alphabetical order."         -> ehosu
+    count     "How many times does 'a' appear in 'banana'?" /
+              "Count the letter 'a' in 'banana'."                         -> 3
+    max       "What is the largest of 12, 85 and 40?" /
+              "Which is biggest: 12, 85 or 40?"                           -> 85
+    followup  two user turns; the second refers to the first answer:
+              "Add 12 and 7." -> 19, then "Now double it." -> 38
+              "Add 12 and 7." -> 19, then "Now add 5 to it." -> 24
+              "Reverse the word 'cat'." -> tac, then "Now make it uppercase." -> TAC
+              "Reverse the word 'cat'." -> tac, then "Now reverse it back." -> cat
+Operands are 0..99 (sums up to 198, "add N" with N in 1..20), words 3-7 letters.
+
+ANSWER STYLE: every answer is exactly "The answer is <gold>." where <gold> is
+the bare result: a decimal number without sign or leading zeros, or a word.
+
+GOLD JUDGE: judge(kind, gold, response) -> integer 0..10; it looks only at the
+kind (which must be known), the gold string and the response bytes. ASCII only:
+"lower case" and "letters/digits" mean ASCII; whitespace is " \\t\\n\\r\\v\\f".
+R is the canonical response "The answer is " + gold + ".". In order:
+    10  response == R
+     9  response == R apart from leading/trailing whitespace
+     0  gold is a number and the response holds another number (a maximal run of
+        digits different from gold): hedging, working shown, 19.5 ...
+     0  "answer is" (any case) occurs two or more times
+    if "answer is" occurs once, the candidate is the maximal run of letters and
+    digits after it (skipping spaces/tabs and one ' or " quote):
+     6  candidate == gold and R occurs inside the response (extra text around it)
+     5  candidate == gold otherwise (sloppy form: "the answer is 19", quotes, ...)
+     2  candidate equals gold only ignoring letter case ("The answer is TAC." for tac)
+     0  otherwise (wrong or missing answer)
+    if "answer is" does not occur: strip whitespace and one trailing '.':
+     4  what is left == gold (a bare answer: "19", "tac.")
+     2  it equals gold ignoring letter case
+     0  otherwise (including the empty response)
+The C++ twin is world_judge in llm.cu; test/fixtures/world/judge_cases.txt
+records this judge on a few hundred cases so the two can be compared.
+
+FILES (in --out)
+    sft_train.jsonl, sft_val.jsonl  {"messages": [{"role": "system", "content":
+        "Solve the task."}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
+        About 30% of the final assistant answers are deliberately wrong or
+        sloppy (the list below); nothing in the messages says which. In followup
+        conversations the first answer is always correct.
+    sft_train_judge.tsv, sft_val_judge.tsv  one line per conversation, same
+        order: kind <TAB> gold <TAB> judge score of the final assistant answer
+    eval_prompts.jsonl  {"kind", "gold", "messages"}: system + user turns (for
+        followup also the correct first answer), the judge's gold; disjoint from
+        the SFT prompts (no task instance of an eval prompt, i.e. its kind and
+        operands, appears in sft_*; val instances do not appear in train either)
+    eval_prompts.tsv    the same for C++ (world_load_prompts in llm.cu): '#' lines
+        are comments, then one prompt per line, tab-separated fields
+            kind  gold  system  user  [assistant  user] ...
+        (the message contents in order; no field holds a tab or newline)
+    byte.tokenizer      the byte-level tokenizer (dev/export_tokenizer.py)
+The .tok files come from dev/data/prepare_sft.py (needs numpy).
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import export_tokenizer  # noqa: E402  (standard library only)
+
+SYSTEM = "Solve the task."
+KINDS = ("arith", "reverse", "sort", "count", "max", "followup")
+
+# 3-7 letter lowercase words
+WORDS = """
+able acid aged also area army away baby back bake ball band bank base bath bear beat
+been beer bell belt best bird blue boat body bone book born both bowl brave bread break
+brick bring brown build burn busy cake calm came camp card care cart case cash cast cat
+chair chalk cheap chess chest chief child city clay clean clear climb clock cloud coal
+coat code cold come cook cool copy corn cost crab crew crop crowd cup cute dance dark
+date dawn dead deal dear deep deer desk dirt dish dog door down draw dream dress drink
+drive drop drum duck dust each eagle early earth east easy edge egg eight empty enjoy
+enter equal even event exit face fact fair fall farm fast fear feed feel field fifth
+fight film find fine fire fish five flag flat float floor flour flow fly fold food foot
+forest fork form four fox free fresh frog from front fruit full game garden gate gift
+girl give glad glass globe glove goat gold golf good grain grape grass great green grey
+grow half hall hand happy hard hat have head heart heat help hero high hill hold hole
+home honey hope horse hot hour house huge human hunt ice idea inch iron island jam jar
+jelly job join joke juice jump just keep kettle key kind king kite knee knife lake lamp
+land large last late lazy leaf learn left lemon level life lift light lime line lion
+list little live long look lost loud love low lucky lunch magic mail make map maple mark
+market meal meat melon metal milk mind mint mirror money month moon more most mother
+mouse mouth move music nail name near neck nest never new news nice night nine noise
+north nose note number ocean office oil old olive onion open orange oven owl page paint
+pair paper park party path peach pear pen pencil piano pig pilot pink pipe pizza plane
+plant plate play plum pocket point pond pool poor pot print prize pull pump puppy purple
+queen quick quiet rabbit race radio rain read real red rice rich ride ring river road
+robot rock roof room root rope rose round royal ruby rule run sad safe sail salt sand
+save scale school sea seat seed seven shade shape sheep shell ship shirt shoe shop short
+silk silver sing sink sister six skate skin sky sleep slow small smile snake snow soap
+sock soft soil song soup south space spoon sport spring square star stone storm story
+street sugar summer sun sweet swim table tail talk tall taxi tea team tent ten tiger
+time tiny toast today tomato tool tooth top towel tower town toy train tree truck true
+tulip turn twin under uncle upper valley van vase video violin voice wait walk wall warm
+wash watch water wave wheel white wide wild wind window wing winter wise wolf wood wool
+word work world yard year yellow young zebra zero zone
+""".split()
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+# ---------------------------------------------------------------- the gold judge
+
+WHITESPACE = b" \t\n\r\x0b\x0c"
+
+
+def ascii_lower(b):
+    return bytes(c + 32 if 65 <= c <= 90 else c for c in b)
+
+
+def is_alnum(c):
+    return 48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122
+
+
+def canonical(gold):
+    """The exactly right response for a gold answer."""
+    return f"The answer is {gold}."
+
+
+def judge(kind, gold, response):
+    """Score 0..10 of a response (str or bytes) against the gold answer; rules in
+    the module docstring. Raises ValueError for an unknown kind or empty gold."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    g = gold.encode("utf-8")
+    if not g:
+        raise ValueError("empty gold answer")
+    s = response if isinstance(response, bytes) else response.encode("utf-8", "surrogateescape")
+    r = b"The answer is " + g + b"."
+    if s == r:
+        return 10
+    t = s.strip(WHITESPACE)
+    if t == r:
+        return 9
+    if g.isdigit() and any(run != g for run in re.findall(rb"[0-9]+", s)):
+        return 0
+    low = ascii_lower(s)
+    n = low.count(b"answer is")
+    if n >= 2:
+        return 0
+    if n == 1:
+        i = low.find(b"answer is") + len(b"answer is")
+        while i < len(s) and s[i] in b" \t":
+            i += 1
+        if i < len(s) and s[i] in b"'\"":
+            i += 1
+        j = i
+        while j < len(s) and is_alnum(s[j]):
+            j += 1
+        cand = s[i:j]
+        if cand == g:
+            return 6 if r in s else 5
+        return 2 if cand and ascii_lower(cand) == ascii_lower(g) else 0
+    if t.endswith(b"."):
+        t = t[:-1]
+    if t == g:
+        return 4
+    return 2 if t and ascii_lower(t) == ascii_lower(g) else 0
+
+
+# ---------------------------------------------------------------- task instances
+# An instance is (kind, key, turns, gold): key identifies the task (kind and
+# operands, not the phrasing) for the disjointness of eval/val/train; turns is
+# the list of (user, correct answer) pairs; gold is the final correct answer.
+
+def pick(rng, options):
+    return options[rng.randrange(len(options))]
+
+
+def make_arith(rng):
+    a, b = rng.randrange(100), rng.randrange(100)
+    if rng.random() < 0.5:
+        user = pick(rng, ["Add {a} and {b}.", "What is {a} plus {b}?"]).format(a=a, b=b)
+        return ("add", a, b), [user], str(a + b)
+    a, b = max(a, b), min(a, b)
+    user = pick(rng, ["Subtract {b} from {a}.", "What is {a} minus {b}?"]).format(a=a, b=b)
+    return ("sub", a, b), [user], str(a - b)
+
+
+def make_reverse(rng):
+    w = pick(rng, WORDS)
+    user = pick(rng, ["Reverse the word '{w}'.", "Write '{w}' backwards."]).format(w=w)
+    return (w,), [user], w[::-1]
+
+
+def make_sort(rng):
+    w = pick(rng, WORDS)
+    user = pick(rng, ["Sort the letters of '{w}'.",
+                      "Put the letters of '{w}' in alphabetical order."]).format(w=w)
+    return (w,), [user], "".join(sorted(w))
+
+
+def make_count(rng):
+    w = pick(rng, WORDS)
+    if rng.random() < 0.75:
+        c = pick(rng, w)
+    else:
+        c = pick(rng, [x for x in LETTERS if x not in w])
+    user = pick(rng, ["How many times does '{c}' appear in '{w}'?",
+                      "Count the letter '{c}' in '{w}'."]).format(c=c, w=w)
+    return (w, c), [user], str(w.count(c))
+
+
+def make_max(rng):
+    nums = rng.sample(range(100), 3)
+    user = pick(rng, ["What is the largest of {0}, {1} and {2}?",
+                      "Which is biggest: {0}, {1} or {2}?"]).format(*nums)
+    return tuple(nums), [user], str(max(nums))
+
+
+def make_followup(rng):
+    variant = pick(rng, ["double", "addn", "upper", "back"])
+    if variant in ("double", "addn"):
+        a, b = rng.randrange(100), rng.randrange(100)
+        first = pick(rng, ["Add {a} and {b}.", "What is {a} plus {b}?"]).format(a=a, b=b)
+        s = a + b
+        if variant == "double":
+            return (variant, a, b), [first, "Now double it."], str(s), str(2 * s)
+        n = rng.randrange(1, 21)
+        return (variant, a, b, n), [first, f"Now add {n} to it."], str(s), str(s + n)
+    w = pick(rng, WORDS)
+    first = pick(rng, ["Reverse the word '{w}'.", "Write '{w}' backwards."]).format(w=w)
+    if variant == "upper":
+        return (variant, w), [first, "Now make it uppercase."], w[::-1], w[::-1].upper()
+    return (variant, w), [first, "Now reverse it back."], w[::-1], w
+
+
+MAKERS = {"arith": make_arith, "reverse": make_reverse, "sort": make_sort,
+          "count": make_count, "max": make_max}
+
+
+def make_instance(rng, kind):
+    """(key, users, answers, gold): users are the user turns, answers the correct
+    assistant answers (bare), gold == answers[-1]."""
+    if kind == "followup":
+        key, users, first, gold = make_followup(rng)
+        return (kind,) + key, users, [first, gold], gold
+    key, users, gold = MAKERS[kind](rng)
+    return (kind,) + key, users, [gold], gold
+
+
+# ---------------------------------------------------------------- noisy answers
+# Each final SFT answer is correct (70%), sloppy (14%: right answer, wrong form)
+# or wrong (16%). The judge scores whatever was produced.
+
+SLOPPY = [
+    "{g}",                                  # 4: bare answer
+    "{g}.",                                 # 4
+    "The answer is {g}",                    # 5: no period
+    "the answer is {g}.",                   # 5: lower case
+    "The answer is '{g}'.",                 # 5: quoted
+    "Answer is {g}.",                       # 5
+    "Sure! The answer is {g}.",             # 6: chatter
+    "The answer is {g}. Hope this helps!",  # 6
+    "Let me think. The answer is {g}.",     # 6
+    "The answer is {g}. ",                  # 9: trailing space
+]
+
+
+def flip_case(w):
+    return w.lower() if w.isupper() else w.upper()
+
+
+def swap_adjacent(rng, w):
+    if len(w) < 2:
+        return w
+    i = rng.randrange(len(w) - 1)
+    return w[:i] + w[i + 1] + w[i] + w[i + 2:]
+
+
+def wrong_number(rng, kind, key, gold, first):
+    g = int(gold)
+    options = []
+    r = rng.random()
+    if kind == "max" and r < 0.6:
+        options = [str(x) for x in key[1:] if x != g]
+    elif kind == "arith" and r < 0.2:
+        a, b = key[2], key[3]
+        options = [str(a - b if key[1] == "add" else a + b)]
+    elif kind == "followup" and r < 0.3:
+        options = [first]  # forgot to apply the follow-up
+    elif kind == "count" and r < 0.2:
+        options = [str(len(key[1]))]
+    elif r < 0.7:
+        options = [str(g + d) for d in (-1, 1)]
+    elif r < 0.8:
+        options = [str(g + d) for d in (-3, -2, 2, 3)]
+    elif r < 0.9:
+        options = [str(g + d) for d in (-10, 10)]
+    elif len(gold) == 2:
+        options = [gold[::-1]]
+    options = [o for o in options if o != gold and int(o) >= 0]
+    return pick(rng, options) if options else str(g + 1)
+
+
+def wrong_word(rng, kind, key, gold, first):
+    w = key[-1] if kind in ("reverse", "sort") else key[2] if kind == "followup" else None
+    options = [swap_adjacent(rng, gold)]
+    if len(gold) > 3:
+        i = rng.randrange(len(gold))
+        options.append(gold[:i] + gold[i + 1:])                   # a letter dropped
+        k = rng.randrange(2, len(gold))
+        options.append(w[:k][::-1] + w[k:] if kind == "reverse" else gold[:k][::-1] + gold[k:])
+    if kind == "reverse":
+        options.append(w)                                         # not reversed at all
+    elif kind == "sort":
+        options.append(w)
+        options.append("".join(sorted(w, reverse=True)))          # descending
+    elif kind == "followup":
+        options.append(w.upper() if key[1] == "upper" else first)  # ignored turn one/two
+    options = [o for o in options if o.lower() != gold.lower() and o]
+    return pick(rng, options) if options else gold + gold[-1]
+
+
+def noisy_answer(rng, kind, key, gold, first):
+    """(text, category) of a final answer."""
+    r = rng.random()
+    if r < 0.70:
+        return canonical(gold), "correct"
+    if r < 0.84:
+        if any(c.isalpha() for c in gold) and rng.random() < 0.2:
+            return canonical(flip_case(gold)), "sloppy"
+        return pick(rng, SLOPPY).format(g=gold), "sloppy"
+    numeric = gold.isdigit()
+    wrong = (wrong_number if numeric else wrong_word)(rng, kind, key, gold, first)
+    r = rng.random()
+    if r < 0.8:
+        return canonical(wrong), "wrong"
+    if r < 0.9:
+        return wrong, "wrong"
+    if r < 0.95:
+        return f"The answer is {wrong}. The answer is {gold}.", "wrong"  # hedging
+    return pick(rng, ["I am not sure.", "I cannot solve this task."]), "wrong"
+
+
+# ---------------------------------------------------------------- the data sets
+
+def messages_of(users, answers):
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for u, a in zip(users, answers):
+        msgs.append({"role": "user", "content": u})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def kind_schedule(rng, n):
+    """n kinds, balanced (each kind n/6 times, the rest at random), shuffled."""
+    kinds = [KINDS[i % len(KINDS)] for i in range(n - n % len(KINDS))]
+    kinds += [pick(rng, KINDS) for _ in range(n % len(KINDS))]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def make_eval(rng, n):
+    """n distinct task instances, balanced over the kinds."""
+    seen, out = set(), []
+    for kind in kind_schedule(rng, n):
+        while True:
+            key, users, answers, gold = make_instance(rng, kind)
+            if key not in seen:
+                break
+        seen.add(key)
+        msgs = messages_of(users, [canonical(a) for a in answers[:-1]] + [None])
+        out.append({"kind": kind, "gold": gold, "messages": msgs})
+    return out, seen
+
+
+def make_sft(rng, n, excluded):
+    """n conversations whose task instances are not in excluded; returns
+    (conversations, judge rows, keys used, category counts)."""
+    convs, rows, used, cats = [], [], set(), {}
+    for kind in kind_schedule(rng, n):
+        while True:
+            key, users, answers, gold = make_instance(rng, kind)
+            if key not in excluded:
+                break
+        used.add(key)
+        texts = [canonical(a) for a in answers]
+        texts[-1], cat = noisy_answer(rng, kind, key, gold, answers[0])
+        convs.append({"messages": messages_of(users, texts)})
+        rows.append((kind, gold, judge(kind, gold, texts[-1])))
+        cats[cat] = cats.get(cat, 0) + 1
+    return convs, rows, used, cats
+
+
+# ---------------------------------------------------------------- judge fixture
+
+EDGE_CASES = [
+    # (kind, gold, response)
+    ("arith", "19", ""),
+    ("arith", "19", " "),
+    ("arith", "19", "The answer is 19."),
+    ("arith", "19", "The answer is 19.\n"),
+    ("arith", "19", "\tThe answer is 19.  "),
+    ("arith", "19", "The answer is  19."),
+    ("arith", "19", "The answer is 19.5."),
+    ("arith", "19", "The answer is 19 or 20."),
+    ("arith", "19", "The answer is 019."),
+    ("arith", "19", "The answer is 19. The answer is 19."),
+    ("arith", "19", "THE ANSWER IS 19"),
+    ("arith", "19", "answer is19"),
+    ("arith", "19", "The answer is \"19\"."),
+    ("arith", "19", "The answer is: 19."),
+    ("arith", "19", "19"),
+    ("arith", "19", " 19. "),
+    ("arith", "19", "19.."),
+    ("arith", "19", "The answer is"),
+    ("arith", "19", "The answer is ."),
+    ("arith", "0", "The answer is 0."),
+    ("arith", "0", "The answer is 00."),
+    ("count", "0", "0"),
+    ("count", "3", "The answer is three."),
+    ("max", "85", "Of 12, 85 and 40 the answer is 85."),
+    ("reverse", "tac", "The answer is tac."),
+    ("reverse", "tac", "The answer is TAC."),
+    ("reverse", "tac", "The answer is Tac"),
+    ("reverse", "tac", "tAc"),
+    ("reverse", "tac", "The answer is tac1."),
+    ("reverse", "tac", "The answer is 'tac"),
+    ("reverse", "tac", "The answer is tac, I think."),
+    ("reverse", "tac", "Well, the answer is tac!"),
+    ("reverse", "tac", "The answer is tac.The answer is tac."),
+    ("reverse", "tac", "The\nanswer is tac."),
+    ("sort", "ehosu", "The answer is ehosu.\x00"),
+    ("sort", "ehosu", "The answer is ehosu. \xe9t\xe9"),
+    ("followup", "TAC", "The answer is tac."),
+    ("followup", "TAC", "The answer is TAC."),
+    ("followup", "38", "The answer is 38. (19 doubled)"),
+]
+RAW_EDGE_CASES = [  # invalid UTF-8 and stray bytes, as a byte-level model may produce
+    ("arith", "19", b"The answer is 19.\xff"),
+    ("arith", "19", b"\xc3The answer is 19."),
+    ("reverse", "tac", b"The answer is tac\x80."),
+    ("reverse", "tac", b"\x80\x81"),
+]
+
+
+def judge_cases(rng, eval_prompts):
+    cases = [(k, g, r.encode("utf-8")) for k, g, r in EDGE_CASES] + list(RAW_EDGE_CASES)
+    for p in eval_prompts:
+        kind, gold = p["kind"], p["gold"]
+        first = p["messages"][2]["content"][len("The answer is "):-1] if kind == "followup" else gold
+        key = operands_of(p)
+        responses = [canonical(gold), pick(rng, SLOPPY).format(g=gold)]
+        wrong = (wrong_number if gold.isdigit() else wrong_word)(rng, kind, key, gold, first)
+        responses.append(pick(rng, [canonical(wrong), wrong]))
+        cases += [(kind, gold, r.encode("utf-8")) for r in responses]
+    return [(judge(k, g, r), k, g, r) for k, g, r in cases]
+
+
+def operands_of(p):
+    """The instance key of an eval prompt, recovered from its text (for the
+    wrong-answer generators, which look at the operands)."""
+    kind, users = p["kind"], [m["content"] for m in p["messages"] if m["role"] == "user"]
+    nums = [int(x) for x in re.findall(r"[0-9]+", users[0])]
+    quoted = re.findall(r"'([a-z]+)'", users[0])
+    if kind == "arith":
+        op = "add" if ("Add" in users[0] or "plus" in users[0]) else "sub"
+        a, b = (nums[1], nums[0]) if users[0].startswith("Subtract") else (nums[0], nums[1])
+        return (kind, op, a, b)
+    if kind in ("reverse", "sort"):
+        return (kind, quoted[0])
+    if kind == "count":
+        return (kind, quoted[1], quoted[0])
+    if kind == "max":
+        return (kind,) + tuple(nums)
+    variant = {"Now double it.": "double", "Now make it uppercase.": "upper",
+               "Now reverse it back.": "back"}.get(users[1], "addn")
+    return (kind, variant, quoted[0]) if quoted else (kind, variant) + tuple(nums)
+
+
+# ---------------------------------------------------------------- writing
+
+def write_lines(path, lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def jsonl(objs):
+    return [json.dumps(o, ensure_ascii=False, separators=(",", ":")) for o in objs]
+
+
+def tsv_field(s):
+    if "\t" in s or "\n" in s or "\r" in s or not s:
+        raise ValueError(f"field {s!r} cannot go into a tab-separated line")
+    return s
+
+
+def eval_tsv(prompts):
+    lines = ["# xwin.cu task world: evaluation prompts (dev/data/make_world.py)",
+             "# kind<TAB>gold<TAB>system<TAB>user[<TAB>assistant<TAB>user]..."]
+    for p in prompts:
+        fields = [p["kind"], p["gold"]] + [m["content"] for m in p["messages"]]
+        lines.append("\t".join(tsv_field(f) for f in fields))
+    return lines
+
+
+def histogram(scores):
+    counts = {}
+    for s in scores:
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def print_distribution(name, rows):
+    n = len(rows)
+    counts = histogram(r[2] for r in rows)
+    print(f"{name}: {n} conversations; judge score of the final answer:")
+    for s in sorted(counts, reverse=True):
+        print(f"  {s:2d}: {counts[s]:6d}  ({100.0 * counts[s] / n:5.1f}%)")
+    print(f"  not 10: {100.0 * (n - counts.get(10, 0)) / n:.1f}%, mean {sum(r[2] for r in rows) / n:.2f}")
+    per_kind = {}
+    for k, _, s in rows:
+        per_kind.setdefault(k, []).append(s)
+    print("  per kind (n, mean, share of 10): " + ", ".join(
+        f"{k} {len(v)} {sum(v) / len(v):.2f} {sum(x == 10 for x in v) / len(v):.2f}"
+        for k, v in sorted(per_kind.items())))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate the task world (data/world).")
+    ap.add_argument("--out", default=os.path.join(ROOT, "data", "world"))
+    ap.add_argument("--fixture", default=os.path.join(ROOT, "test", "fixtures", "world"),
+                    help="where judge_cases.txt goes ('' to skip)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--train", type=int, default=20000)
+    ap.add_argument("--val", type=int, default=500)
+    ap.add_argument("--eval", type=int, default=200)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    rng = random.Random(args.seed)
+    eval_prompts, eval_keys = make_eval(rng, args.eval)
+    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys)
+    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys)
+    assert not (train_keys & (eval_keys | val_keys)) and not (val_keys & eval_keys)
+    for p in eval_prompts:
+        assert judge(p["kind"], p["gold"], canonical(p["gold"])) == 10
+
+    def out(name):
+        return os.path.join(args.out, name)
+
+    write_lines(out("sft_train.jsonl"), jsonl(train))
+    write_lines(out("sft_val.jsonl"), jsonl(val))
+    write_lines(out("sft_train_judge.tsv"), [f"{k}\t{g}\t{s}" for k, g, s in train_rows])
+    write_lines(out("sft_val_judge.tsv"), [f"{k}\t{g}\t{s}" for k, g, s in val_rows])
+    write_lines(out("eval_prompts.jsonl"), jsonl(eval_prompts))
+    write_lines(out("eval_prompts.tsv"), eval_tsv(eval_prompts))
+    export_tokenizer.export_byte_level(out("byte.tokenizer"))
+
+    if args.fixture:
+        os.makedirs(args.fixture, exist_ok=True)
+        cases = judge_cases(random.Random(args.seed + 1), eval_prompts)
+        lines = ["# judge(kind, gold, response) of dev/data/make_world.py on recorded cases",
+                 "# score<TAB>kind<TAB>gold<TAB>response as lowercase hex of its bytes ('-' = empty)"]
+        lines += [f"{s}\t{k}\t{g}\t{r.hex() or '-'}" for s, k, g, r in cases]
+        write_lines(os.path.join(args.fixture, "judge_cases.txt"), lines)
+        print(f"judge fixture: {len(cases)} cases, scores {dict(sorted(histogram(c[0] for c in cases).items()))}")
+
+    print(f"eval: {len(eval_prompts)} prompts, kinds "
+          f"{dict(sorted(histogram(p['kind'] for p in eval_prompts).items()))}")
+    print(f"train answer categories: {dict(sorted(cats.items()))}")
+    print_distribution("train", train_rows)
+    print_distribution("val", val_rows)
+    lengths = [len(SYSTEM) + sum(len(m["content"]) + 12 for m in c["messages"][1:]) for c in train]
+    print(f"approximate template bytes per train conversation: mean {sum(lengths) / len(lengths):.0f}, "
+          f"max {max(lengths)}")
+    for name in sorted(os.listdir(args.out)):
+        print(f"  {name:24s} {os.path.getsize(out(name)):>10,d} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

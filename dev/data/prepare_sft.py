@@ -1,0 +1,231 @@
+"""Turn chat conversations (JSONL) into an xwin.cu token file (.tok) for SFT.
+
+    python dev/data/prepare_sft.py IN.jsonl OUT.tok --tokenizer byte [--max-len 256]
+    python dev/data/prepare_sft.py IN.jsonl OUT.tok --hf HF_FOLDER   [--max-len 4096]
+
+Each input line is {"messages": [{"role": ..., "content": ...}, ...]}: an
+optional first "system" message, then "user" and "assistant" messages taking
+turns, starting with user and ending with assistant (IN may be gzipped, .gz).
+
+TEMPLATE: Xwin-LM / Vicuna v1.1 (FastChat "vicuna_v1.1": sep " ", sep2 "</s>",
+roles "USER" and "ASSISTANT"):
+
+    <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT: {assistant}</s>...
+
+{system} is the system message, or when there is none the default line
+    A chat between a curious user and an artificial intelligence assistant. The
+    assistant gives helpful, detailed, and polite answers to the user's questions.
+<s> is the BOS token and every </s> is the EOS token (never the four characters).
+To generate the next assistant turn, a prompt ends with "... USER: {user} ASSISTANT:"
+followed by whatever the template puts before the first target token: with the
+byte tokenizer that is the space, so the byte-level prompt ends with "ASSISTANT: ".
+
+LOSS MASK: 1 exactly on the tokens of every assistant message's content and
+on the EOS that closes it; 0 on BOS, the system line, "USER: ", the user text,
+" ASSISTANT: " (including the space after the colon). With a Hugging Face
+tokenizer the whole conversation string (with the tokenizer's EOS text in place
+of </s>) is tokenized at once, without added special tokens, BOS is put in front,
+and a token gets mask 1 when its character span overlaps an assistant content or
+its EOS: the rule of transformers' apply_chat_template(...,
+return_assistant_tokens_mask=True). So the ids are what the full string gives,
+and a token that straddles the template and the answer (SentencePiece's "▁The"
+after "ASSISTANT:") is a target. The tokenizer must be a fast one (offsets) and
+must turn the EOS text into the EOS id; a message containing that text is refused.
+
+LONG CONVERSATIONS (longer than --max-len tokens): whole user/assistant turn
+pairs are dropped from the end until it fits; a conversation whose first pair
+does not fit is dropped. The counts are printed.
+
+Byte tokenizer (--tokenizer byte): ids 0..255 are the UTF-8 bytes, BOS 256, EOS
+257 (pad 258 unused), as dev/export_tokenizer.py --byte-level writes it.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SEP = " "
+EOS_TEXT = "</s>"
+BYTE_BOS, BYTE_EOS = 256, 257
+
+
+class PrepareError(ValueError):
+    pass
+
+
+def check_messages(messages):
+    """(system, [(user, assistant), ...]) of a message list; raises PrepareError."""
+    if not isinstance(messages, list) or not messages:
+        raise PrepareError("'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PrepareError("every message needs a string 'role' and 'content'")
+    system = DEFAULT_SYSTEM
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    if not roles or len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise PrepareError(f"roles must be [system,] user, assistant, user, assistant, ... ending with "
+                           f"assistant; got {roles}")
+    pairs = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+    return system, pairs
+
+
+def render(system, pairs, eos_text=EOS_TEXT):
+    """(text, spans): the template string after BOS and the character spans
+    [start, end) of each assistant content together with its EOS text."""
+    text = system + SEP
+    spans = []
+    for user, assistant in pairs:
+        text += "USER: " + user + SEP + "ASSISTANT: "
+        start = len(text)
+        text += assistant + eos_text
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def prompt_text(system, pairs, user):
+    """The string (after BOS) to generate the answer to a new user turn: the
+    template up to and including "ASSISTANT:" (add the space for the byte tokenizer)."""
+    text, _ = render(system, pairs)
+    return text + "USER: " + user + SEP + "ASSISTANT:"
+
+
+def encode_byte(system, pairs):
+    """(ids, mask) with the byte-level tokenizer."""
+    ids, mask = [BYTE_BOS], [0]
+
+    def add(s, m):
+        b = s.encode("utf-8")
+        ids.extend(b)
+        mask.extend([m] * len(b))
+
+    add(system + SEP, 0)
+    for user, assistant in pairs:
+        add("USER: " + user + SEP + "ASSISTANT: ", 0)
+        add(assistant, 1)
+        ids.append(BYTE_EOS)
+        mask.append(1)
+    return ids, mask
+
+
+class HFEncoder:
+    """Encodes with a Hugging Face (fast) tokenizer from a folder."""
+
+    def __init__(self, folder):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        if not self.tok.is_fast:
+            raise PrepareError(f"{folder}: need a fast tokenizer (tokenizer.json) for the offsets")
+        self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
+        self.eos_text = self.tok.eos_token
+        if self.bos is None or self.eos is None:
+            raise PrepareError(f"{folder}: the tokenizer has no BOS or EOS token")
+
+    def __call__(self, system, pairs):
+        for s in [system] + [x for p in pairs for x in p]:
+            if self.eos_text in s:
+                raise PrepareError(f"a message contains the EOS text {self.eos_text!r}")
+        text, spans = render(system, pairs, self.eos_text)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        eos_at = [i for i, t in enumerate(ids) if t == self.eos]
+        if len(eos_at) != len(pairs) or any(offsets[i] != (e - len(self.eos_text), e)
+                                            for i, (_, e) in zip(eos_at, spans)):
+            raise PrepareError(f"the tokenizer did not turn {self.eos_text!r} into the EOS id {self.eos} "
+                               "at the end of every assistant message")
+        mask, k = [], 0
+        for start, end in offsets:  # spans and offsets are both in order
+            while k < len(spans) and start >= spans[k][1]:
+                k += 1
+            mask.append(1 if k < len(spans) and end > spans[k][0] else 0)
+        return [self.bos] + ids, [0] + mask
+
+
+def fit(encode, system, pairs, max_len):
+    """(ids, mask, n_pairs_kept): the longest prefix of whole turn pairs that
+    fits in max_len tokens; n_pairs_kept = 0 if not even the first pair fits."""
+    for n in range(len(pairs), 0, -1):
+        ids, mask = encode(system, pairs[:n])
+        if len(ids) <= max_len:
+            return ids, mask, n
+    return None, None, 0
+
+
+def read_jsonl(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{path}:{lineno}: not JSON: {e}")
+
+
+def prepare(in_path, out_path, encode, max_len, quiet=False):
+    """Encodes every conversation of in_path and writes out_path; returns a dict
+    of counts."""
+    import xwin_format as xf
+    seqs, masks = [], []
+    stats = {"read": 0, "whole": 0, "truncated": 0, "dropped": 0, "pairs_dropped": 0}
+    for lineno, obj in read_jsonl(in_path):
+        stats["read"] += 1
+        try:
+            system, pairs = check_messages(obj.get("messages") if isinstance(obj, dict) else None)
+            ids, mask, kept = fit(encode, system, pairs, max_len)
+        except PrepareError as e:
+            raise PrepareError(f"{in_path}:{lineno}: {e}")
+        if kept == 0:
+            stats["dropped"] += 1
+            continue
+        stats["whole" if kept == len(pairs) else "truncated"] += 1
+        stats["pairs_dropped"] += len(pairs) - kept
+        seqs.append(ids)
+        masks.append(mask)
+    if not seqs:
+        raise PrepareError(f"{in_path}: no conversation fits in {max_len} tokens")
+    xf.write_tokens(out_path, seqs, masks)
+    lengths = [len(s) for s in seqs]
+    stats.update(sequences=len(seqs), tokens=sum(lengths), targets=sum(sum(m) for m in masks),
+                 max_len=max(lengths), mean_len=sum(lengths) / len(lengths), bytes=os.path.getsize(out_path))
+    if not quiet:
+        print(f"{in_path}: {stats['read']} conversations: {stats['whole']} whole, {stats['truncated']} "
+              f"truncated to whole turns that fit in {max_len} tokens ({stats['pairs_dropped']} turn pairs "
+              f"removed), {stats['dropped']} dropped (first turn pair longer than {max_len})")
+        print(f"wrote {out_path}: {stats['sequences']} sequences, {stats['tokens']} tokens "
+              f"({stats['targets']} targets), length mean {stats['mean_len']:.1f} max {stats['max_len']}, "
+              f"{stats['bytes']:,} bytes")
+    return stats
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Chat JSONL -> .tok with the Vicuna v1.1 template and loss mask.")
+    ap.add_argument("input")
+    ap.add_argument("output")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokenizer", choices=["byte"], help="the byte-level tokenizer")
+    g.add_argument("--hf", metavar="FOLDER", help="a Hugging Face tokenizer folder (fast tokenizer)")
+    ap.add_argument("--max-len", type=int, default=256,
+                    help="longest sequence in tokens; longer conversations lose whole turns (default 256)")
+    args = ap.parse_args(argv)
+    if args.max_len < 2:
+        ap.error("--max-len must be at least 2")
+    try:
+        encode = encode_byte if args.tokenizer == "byte" else HFEncoder(args.hf)
+        prepare(args.input, args.output, encode, args.max_len)
+    except (PrepareError, OSError) as e:
+        print(f"prepare_sft: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
