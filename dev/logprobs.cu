@@ -9,6 +9,7 @@ file (the mean negative log-likelihood of every target, as transformers computes
 labels = -100 where the mask is 0). With -o it also writes the logits of every sequence to a
 tensor archive: entry "logits.<i>" of shape (len_i, V), where row t predicts token t + 1.
 Use it to check a converted model against transformers, or to score responses.
+The GPU build (make) runs the CUDA kernels in the default precision; make cpu the CPU reference.
 */
 #include "../llm.cu"
 
@@ -36,19 +37,19 @@ int main(int argc, char** argv) {
     }
     if (!model_path || !data_path || B < 1) usage();
 
-    Llama model;
-    llama_load(&model, model_path);
-    const LlamaConfig& c = model.config;
+    Runner runner;
+    llama_load(&runner.host, model_path);
+    const LlamaConfig& c = runner.host.config;
     if (c.head_type != HEAD_LM) fail_file(model_path, "has a reward head, not a language-model head: no token log-probs");
-    printf("model %s: dim %d, %d layers, %d heads (%d kv), vocab %d, ffn %d, %zu parameters\n", model_path, c.dim,
-           c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.ffn_dim, model.num_params);
+    printf("model %s: dim %d, %d layers, %d heads (%d kv), vocab %d, ffn %d, %zu parameters, on %s\n", model_path, c.dim,
+           c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.ffn_dim, runner.host.num_params, runner_device());
     TokenData data;
     tokens_load(&data, data_path, c.vocab_size);
     size_t max_len = 0;
     for (size_t i = 0; i < data.n_seqs; i++) max_len = std::max(max_len, token_seq_len(data, i));
     if (max_len > (size_t)c.max_seq_len) fail_file(data_path, "holds a sequence of %zu tokens, longer than the model's max_seq_len %d", max_len, c.max_seq_len);
     if ((size_t)B > data.n_seqs) B = (int)data.n_seqs;
-    llama_alloc(&model, B, (int)max_len, false);
+    runner_init(&runner, B, (int)max_len, false);
 
     std::vector<int> tokens((size_t)B * max_len);
     std::vector<uint8_t> mask((size_t)B * max_len);
@@ -61,8 +62,8 @@ int main(int argc, char** argv) {
         int T = 0;  // the longest sequence of this batch
         for (int b = 0; b < nb; b++) T = std::max(T, (int)token_seq_len(data, first + b));
         tokens_fill_batch(data, first, nb, T, tokens.data(), mask.data());
-        llama_forward(&model, tokens.data(), nb, T);
-        sequence_logprob_sums(sums.data(), model.acts.lp, mask.data(), nb, T);
+        const float* lp = runner_forward(&runner, tokens.data(), nb, T);
+        sequence_logprob_sums(sums.data(), lp, mask.data(), nb, T);
         for (int b = 0; b < nb; b++) {
             size_t count = 0, len = token_seq_len(data, first + b);
             for (int t = 1; t < T; t++) count += mask[(size_t)b * T + t];
@@ -70,9 +71,9 @@ int main(int argc, char** argv) {
             total_targets += count;
             if (!quiet) printf("seq %zu: logprob_sum %.6f over %zu targets\n", first + b, sums[b], count);
             if (logits_path) {
-                const float* z = model.acts.logits + (size_t)b * T * c.vocab_size;
-                dump.push_back({"logits." + std::to_string(first + b), {len, (uint64_t)c.vocab_size},
-                                std::vector<float>(z, z + len * c.vocab_size)});
+                ArchiveEntry e{"logits." + std::to_string(first + b), {len, (uint64_t)c.vocab_size}, std::vector<float>(len * c.vocab_size)};
+                for (size_t t = 0; t < len; t++) runner_logits_row(&runner, b, (int)t, T, e.data.data() + t * c.vocab_size);
+                dump.push_back(std::move(e));
             }
         }
     }
@@ -82,6 +83,6 @@ int main(int argc, char** argv) {
         archive_save(dump, logits_path);
         printf("wrote logits to %s\n", logits_path);
     }
-    llama_free(&model);
+    runner_free(&runner);
     return 0;
 }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The nvcc gate: compiles all CUDA code of the project (llm.cu and every program) with nvcc
+# for sm_80 and sm_90, in BF16 and FP32, with warnings as errors; prints the registers,
+# shared memory and spills ptxas reports per kernel; fails on any register spill.
+# Each (source, architecture, precision) compile counts as one case of the closing line.
+set -u
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+    echo "nvcc_gate: nvcc not found; install the CUDA toolkit (or set NVCC=/path/to/nvcc)"
+    echo "nvcc_gate: 0 passed, 1 failed"
+    exit 1
+fi
+# llm.cu is a header: it is compiled as part of every program that includes it
+sources=$(ls ./*.cu dev/*.cu 2>/dev/null | grep -v '^./llm.cu$' | tr '\n' ' ')
+table_source=dev/logprobs.cu
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+passed=0
+failed=0
+for arch in 80 90; do
+    for precision in BF16 FP32; do
+        flag=""
+        [ "$precision" = FP32 ] && flag="-DENABLE_FP32"
+        for src in $sources; do
+            log="$out/$(basename "$src").$arch.$precision.log"
+            if "$NVCC" -c -x cu -std=c++17 -O3 -arch=sm_$arch $flag -Xptxas -v -Werror all-warnings \
+                -Xcompiler -fopenmp,-Wall,-Wextra "$src" -o "$out/obj.o" >"$log" 2>&1; then
+                if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >/dev/null; then
+                    echo "FAIL $src sm_$arch $precision: register spills"
+                    grep -B2 -E "[1-9][0-9]* bytes spill" "$log"
+                    failed=$((failed + 1))
+                else
+                    passed=$((passed + 1))
+                fi
+            else
+                echo "FAIL $src sm_$arch $precision:"
+                cat "$log"
+                failed=$((failed + 1))
+            fi
+            # the table, once per architecture and precision (every program holds all kernels)
+            if [ "$src" = "$table_source" ]; then
+                echo "ptxas, sm_$arch $precision: registers, shared memory, stack, spill stores/loads per kernel"
+                awk '
+                    /Compiling entry function/ { split($0, q, "\047"); name = q[2] }
+                    /bytes stack frame/ { stack = $1; ss = $5; sl = $9 }
+                    /Used [0-9]+ registers/ {
+                        smem = 0
+                        for (i = 1; i < NF; i++) if ($(i + 1) == "bytes" && $(i + 2) == "smem") smem = $i
+                        print name, $5, smem, stack, ss, sl
+                    }' "$log" | while read -r name regs smem stack ss sl; do
+                        printf "  %-34s %4s regs %6s B smem %4s B stack %s/%s spill\n" "$(echo "$name" | c++filt | sed 's/(.*//')" "$regs" "$smem" "$stack" "$ss" "$sl"
+                    done
+            fi
+        done
+    done
+done
+echo "nvcc_gate: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
