@@ -2,7 +2,9 @@
 #   make            the GPU programs when nvcc is present, else the CPU programs
 #   make cpu        the same programs for the CPU (g++ -O3 -fopenmp)
 #   make gpu        the GPU programs (GPU_ARCH=90 to override the detected architecture)
-#   make test       build and run every test on the CPU; installs Debian's catch2 when root
+#   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
+#                   and the nvcc gate; installs Debian's catch2 when root
+#   make test-gpu   the kernel tests on a real GPU and the GPU benchmark against PyTorch
 #   make clean
 
 CXX ?= g++
@@ -12,18 +14,27 @@ TEST_CXXFLAGS = -std=c++17 -O2 -fopenmp -Wall -Wextra -Werror
 # the GPU's compute capability (e.g. 80, 90), or sm_80 when no GPU can be asked
 GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' | grep -E '^[0-9]+$$' || echo 80)
 NVCCFLAGS = -std=c++17 -O3 -arch=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall,-Wextra -Werror all-warnings
+NVCC_LDFLAGS = -lcublas -lgomp
+# make PRECISION=FP32: an all-FP32 GPU build (default BF16 activations, FP32 master weights)
+ifeq ($(PRECISION),FP32)
+NVCCFLAGS += -DENABLE_FP32
+endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = logprobs
+PROGRAMS = train_sft logprobs
+train_sft_SRC = train_sft.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp
+TESTS = build/test_llm build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp
+# the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
+EMU_CXXFLAGS = $(TEST_CXXFLAGS) -include test/cuda_emu.h
+KERNEL_TEST_SRC = test/test_main.cpp test/test_kernels.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
 
-.PHONY: all cpu gpu test deps clean
+.PHONY: all cpu gpu test test-gpu deps clean
 
 ifneq ($(NVCC_FOUND),)
 all: gpu
@@ -37,7 +48,7 @@ cpu: llm.cu
 	$(foreach p,$(PROGRAMS),$(CXX) $(CXXFLAGS) -x c++ $($(p)_SRC) -o $(p) &&) true
 
 gpu: llm.cu
-	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $($(p)_SRC) -o $(p) &&) true
+	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $($(p)_SRC) $(NVCC_LDFLAGS) -o $(p) &&) true
 
 # the CPU benchmark of dev/bench_cpu.py
 bench_step: $(BENCH) llm.cu
@@ -58,8 +69,40 @@ build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(TEST_CXXFLAGS) $(TEST_SRC) -o $@
 
+build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/cuda_emu.h test/fixture.h llm.cu | deps
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) $(KERNEL_TEST_SRC) -o $@
+
+build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/cuda_emu.h test/fixture.h llm.cu | deps
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
+
+# the programs the tests run: the CPU build and the CUDA build over the emulation layer
+build/train_sft_cpu: train_sft.cu llm.cu
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) -x c++ train_sft.cu -o $@
+
+build/train_sft_emu: train_sft.cu llm.cu test/cuda_emu.h
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ train_sft.cu -o $@
+
+build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
+
 test: deps $(TESTS)
-	@bash test/run_all.sh $(TESTS)
+	@bash test/run_all.sh $(TESTS) test/nvcc_gate.sh
+
+# The same kernel comparisons on a real GPU, then the GPU benchmark beside PyTorch.
+# Exits 77 with a clear message when there is no GPU.
+GPU_TEST_FLAGS = -std=c++17 -O2 -arch=sm_$(GPU_ARCH) -Xcompiler -fopenmp -x cu
+test-gpu: deps
+	@if ! nvidia-smi -L >/dev/null 2>&1; then echo "test-gpu: skipped: no NVIDIA GPU found (nvidia-smi lists none)"; exit 77; fi
+	@mkdir -p build
+	$(NVCC) $(GPU_TEST_FLAGS) $(KERNEL_TEST_SRC) $(NVCC_LDFLAGS) -o build/test_kernels_gpu_bf16
+	$(NVCC) $(GPU_TEST_FLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) $(NVCC_LDFLAGS) -o build/test_kernels_gpu_fp32
+	$(NVCC) $(NVCCFLAGS) dev/bench_gpu.cu $(NVCC_LDFLAGS) -o build/bench_gpu
+	bash test/run_all.sh build/test_kernels_gpu_bf16 build/test_kernels_gpu_fp32
+	python3 dev/bench_gpu.py --out dev/gpu_bench.txt
 
 clean:
 	rm -rf build logprobs bench_step

@@ -567,14 +567,18 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
             for (size_t i = 0; i < C; i++) dx[i] += d * w[i];
         }
     }
+    // eight weight rows at a time stay in cache while every input row streams past once
     #pragma omp parallel for schedule(static)
-    for (size_t o = 0; o < OC; o++) {
-        T* dw = dweight + o * C;
+    for (size_t o0 = 0; o0 < OC; o0 += 8) {
+        size_t o1 = o0 + 8 < OC ? o0 + 8 : OC;
         for (size_t n = 0; n < N; n++) {
-            T d = dout[n * OC + o];
             const T* x = inp + n * C;
-            #pragma omp simd
-            for (size_t i = 0; i < C; i++) dw[i] += d * x[i];
+            for (size_t o = o0; o < o1; o++) {
+                T d = dout[n * OC + o];
+                T* dw = dweight + o * C;
+                #pragma omp simd
+                for (size_t i = 0; i < C; i++) dw[i] += d * x[i];
+            }
         }
     }
 }
@@ -1071,11 +1075,20 @@ void masked_mean_loss_backward(T* dlp, const uint8_t* mask, size_t B, size_t Tn,
 
 // Global L2 norm of the gradient (accumulated in double), then clipping as
 // torch.nn.utils.clip_grad_norm_ does: g *= max_norm / (norm + 1e-6) when that is < 1.
-// max_norm <= 0 disables clipping. Returns the norm before clipping.
+// max_norm <= 0 disables clipping. Returns the norm before clipping. The sum runs over 64
+// fixed chunks added in order, so it is the same bits whatever the thread count (resuming
+// a run must continue it exactly).
 inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
+    constexpr int chunks = 64;
+    double partial[chunks];
+    #pragma omp parallel for
+    for (int c = 0; c < chunks; c++) {
+        double ss = 0;
+        for (size_t i = n * c / chunks; i < n * (c + 1) / chunks; i++) ss += (double)grads[i] * grads[i];
+        partial[c] = ss;
+    }
     double ss = 0;
-    #pragma omp parallel for reduction(+ : ss)
-    for (size_t i = 0; i < n; i++) ss += (double)grads[i] * grads[i];
+    for (int c = 0; c < chunks; c++) ss += partial[c];
     float norm = (float)std::sqrt(ss);
     if (max_norm > 0) {
         float coef = max_norm / (norm + 1e-6f);
@@ -1728,6 +1741,141 @@ inline void llama_cuda_download(LlamaCuda* g, Llama* host) {
 #endif
 
 // ----------------------------------------------------------------------------
+// Running a model: one API over the CPU reference and the GPU, so that each stage program
+// reads the same on both builds. The host Llama holds the config and, on the CPU build,
+// everything; on the GPU build the device holds the state and the host receives the
+// weights and AdamW moments when a checkpoint asks for them.
+
+struct Runner {
+    Llama host;
+#ifdef XWIN_CUDA
+    LlamaCuda gpu;
+    std::vector<float> lp;  // (B, T) the last forward's token log-probs, on the host
+#endif
+};
+
+inline const char* runner_device() {
+#if defined(XWIN_CUDA) && defined(ENABLE_FP32)
+    return "cuda fp32";
+#elif defined(XWIN_CUDA)
+    return "cuda bf16";
+#else
+    return "cpu";
+#endif
+}
+
+// host must hold a loaded model; allocates for batches up to (B, T), once
+inline void runner_init(Runner* r, int B, int T, bool training) {
+#ifdef XWIN_CUDA
+    llama_cuda_init(&r->gpu, &r->host, B, T, training, 0);
+    r->lp.resize((size_t)B * T);
+#else
+    llama_alloc(&r->host, B, T, training);
+#endif
+}
+
+// tokens (B, T) -> token log-probs (B, T) on the host (see logprob_forward)
+inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
+#ifdef XWIN_CUDA
+    llama_cuda_forward(&r->gpu, tokens, B, T);
+    llama_cuda_logprobs(&r->gpu, r->lp.data(), B, T);
+    return r->lp.data();
+#else
+    llama_forward(&r->host, tokens, B, T);
+    return r->host.acts.lp;
+#endif
+}
+
+// the logits of the last forward at row (b, t) into out (V), for sampling
+inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
+    size_t V = r->host.config.vocab_size, offset = ((size_t)b * T + t) * V;
+#ifdef XWIN_CUDA
+    std::vector<floatX> raw(V);
+    cudaCheck(cudaMemcpy(raw.data(), r->gpu.acts.logits + offset, V * sizeof(floatX), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < V; i++) out[i] = to_float(raw[i]);
+#else
+    memcpy(out, r->host.acts.logits + offset, V * sizeof(float));
+#endif
+}
+
+inline void runner_zero_grad(Runner* r) {
+#ifdef XWIN_CUDA
+    llama_cuda_zero_grad(&r->gpu);
+#else
+    llama_zero_grad(&r->host);
+#endif
+}
+
+// accumulates the gradient of an objective whose derivative by the log-probs is dlp (B, T)
+inline void runner_backward(Runner* r, const int* tokens, const float* dlp, int B, int T) {
+#ifdef XWIN_CUDA
+    (void)tokens;  // the device kept them from the forward
+    llama_cuda_backward(&r->gpu, dlp, B, T);
+#else
+    llama_backward(&r->host, tokens, dlp, B, T);
+#endif
+}
+
+inline float runner_clip_grad_norm(Runner* r, float max_norm) {
+#ifdef XWIN_CUDA
+    return llama_cuda_clip_grad_norm(&r->gpu, max_norm);
+#else
+    return clip_grad_norm(r->host.grads_memory, r->host.num_params, max_norm);
+#endif
+}
+
+inline void runner_update(Runner* r, const AdamWConfig& opt) {
+#ifdef XWIN_CUDA
+    llama_cuda_update(&r->gpu, opt);
+#else
+    llama_update(&r->host, opt);
+#endif
+}
+
+// the weights into r->host.params_memory (before saving)
+inline void runner_download_params(Runner* r) {
+#ifdef XWIN_CUDA
+    llama_cuda_download(&r->gpu, &r->host);
+#else
+    (void)r;
+#endif
+}
+
+// the AdamW moments (num_params each) and step count, out of and into the runner
+inline void runner_get_optimizer(Runner* r, float* m, float* v, int* adam_step) {
+    size_t bytes = r->host.num_params * sizeof(float);
+#ifdef XWIN_CUDA
+    cudaCheck(cudaMemcpy(m, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
+    *adam_step = r->gpu.adam_step;
+#else
+    memcpy(m, r->host.m_memory, bytes);
+    memcpy(v, r->host.v_memory, bytes);
+    *adam_step = r->host.adam_step;
+#endif
+}
+
+inline void runner_set_optimizer(Runner* r, const float* m, const float* v, int adam_step) {
+    size_t bytes = r->host.num_params * sizeof(float);
+#ifdef XWIN_CUDA
+    cudaCheck(cudaMemcpy(r->gpu.m_memory, m, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.v_memory, v, bytes, cudaMemcpyHostToDevice));
+    r->gpu.adam_step = adam_step;
+#else
+    memcpy(r->host.m_memory, m, bytes);
+    memcpy(r->host.v_memory, v, bytes);
+    r->host.adam_step = adam_step;
+#endif
+}
+
+inline void runner_free(Runner* r) {
+#ifdef XWIN_CUDA
+    llama_cuda_free(&r->gpu);
+#endif
+    llama_free(&r->host);
+}
+
+// ----------------------------------------------------------------------------
 // Token file format (.tok), version 1: sequences of tokens with a per-token loss mask.
 // Little-endian. Header: 64 bytes.
 //   0  uint32 magic = 0x4B545758 (the bytes "XWTK")    4  uint32 version = 1
@@ -1745,7 +1893,7 @@ constexpr uint32_t TOKENS_VERSION = 1;
 constexpr size_t TOKENS_HEADER_BYTES = 64;
 
 struct TokenData {
-    size_t n_seqs;
+    size_t n_seqs = 0;
     std::vector<uint64_t> offsets;  // (n_seqs + 1)
     std::vector<int> tokens;        // (n_tokens)
     std::vector<uint8_t> mask;      // (n_tokens)
@@ -1817,17 +1965,24 @@ inline void tokens_save(const TokenData& d, const char* path) {
     finish_atomic_write(f, tmp, path);
 }
 
-// Copies sequences [first, first + B) into a (B, T) batch, padding with token 0 and mask 0
+// Copies the sequences rows[0..B) into a (B, T) batch, padding with token 0 and mask 0
 // (padding sits after each sequence, so causal attention never lets it change a target).
-inline void tokens_fill_batch(const TokenData& d, size_t first, int B, int T, int* tokens, uint8_t* mask) {
+inline void tokens_fill_rows(const TokenData& d, const size_t* rows, int B, int T, int* tokens, uint8_t* mask) {
     for (int b = 0; b < B; b++) {
-        size_t len = token_seq_len(d, first + b), start = d.offsets[first + b];
+        size_t len = token_seq_len(d, rows[b]), start = d.offsets[rows[b]];
         for (int t = 0; t < T; t++) {
             bool in = (size_t)t < len;
             tokens[b * T + t] = in ? d.tokens[start + t] : 0;
             mask[b * T + t] = in ? d.mask[start + t] : 0;
         }
     }
+}
+
+// the sequences [first, first + B)
+inline void tokens_fill_batch(const TokenData& d, size_t first, int B, int T, int* tokens, uint8_t* mask) {
+    std::vector<size_t> rows(B);
+    for (int b = 0; b < B; b++) rows[b] = first + b;
+    tokens_fill_rows(d, rows.data(), B, T, tokens, mask);
 }
 
 // ----------------------------------------------------------------------------
@@ -2373,4 +2528,311 @@ inline std::string tokenizer_decode(const Tokenizer* t, const int* ids, int n) {
     }
     flush_bytes();
     return text;
+}
+
+// ----------------------------------------------------------------------------
+// Task world: the gold judge and the evaluation prompts of data/world (made by
+// dev/data/make_world.py, whose docstring is the spec). Six kinds of tiny tasks
+// (arith, reverse, sort, count, max, followup); every answer is exactly
+// "The answer is <gold>.". world_judge scores a response 0..10 from the kind, the gold
+// string and the response bytes only (ASCII rules; whitespace is " \t\n\r\v\f"):
+// 10 exact; 9 exact but for surrounding whitespace; 0 when the gold is a number and the
+// response holds another digit run, or says "answer is" (any case) twice or more; with
+// one "answer is", the letter/digit run after it (past spaces/tabs and one quote) is
+// the candidate: 6 right with the exact sentence inside extra text, 5 right in a sloppy
+// form, 2 right but for letter case, else 0; without it, the trimmed response less one
+// trailing '.' scores 4 when it is the gold, 2 when it is the gold but for case, else 0.
+// It returns -1 for an unknown kind or an empty gold. The eval prompts file
+// (eval_prompts.tsv) has '#' comment lines, then one prompt per line with tab-separated
+// fields: kind, gold, system, user, [assistant, user]... A prompt is rendered in the
+// Vicuna v1.1 template of dev/data/prepare_sft.py, up to where the answer starts.
+
+struct WorldPrompt {
+    std::string kind, gold;
+    std::vector<std::string> messages;  // system, user, [assistant, user]...: ends with a user turn
+};
+
+inline bool world_kind_known(const std::string& kind) {
+    static const char* const kinds[] = {"arith", "reverse", "sort", "count", "max", "followup"};
+    for (const char* k : kinds) if (kind == k) return true;
+    return false;
+}
+
+inline bool world_is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+inline bool world_is_digit(char c) { return c >= '0' && c <= '9'; }
+inline bool world_is_alnum(char c) { return world_is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+
+inline std::string world_lower(const std::string& s) {
+    std::string out = s;
+    for (char& c : out) if (c >= 'A' && c <= 'Z') c = (char)(c + 32);
+    return out;
+}
+
+inline std::string world_trim(const std::string& s) {
+    size_t a = 0, b = s.size();
+    while (a < b && world_is_space(s[a])) a++;
+    while (b > a && world_is_space(s[b - 1])) b--;
+    return s.substr(a, b - a);
+}
+
+// 0..10 (see above), or -1 for an unknown kind or an empty gold
+inline int world_judge(const std::string& kind, const std::string& gold, const std::string& response) {
+    if (!world_kind_known(kind) || gold.empty()) return -1;
+    const std::string r = "The answer is " + gold + ".";
+    if (response == r) return 10;
+    std::string t = world_trim(response);
+    if (t == r) return 9;
+    bool numeric = true;
+    for (char c : gold) numeric = numeric && world_is_digit(c);
+    if (numeric) {
+        for (size_t i = 0; i < response.size();) {
+            if (!world_is_digit(response[i])) { i++; continue; }
+            size_t j = i;
+            while (j < response.size() && world_is_digit(response[j])) j++;
+            if (response.compare(i, j - i, gold) != 0) return 0;
+            i = j;
+        }
+    }
+    const std::string low = world_lower(response), key = "answer is";
+    size_t first = low.find(key);
+    if (first != std::string::npos && low.find(key, first + key.size()) != std::string::npos) return 0;
+    if (first != std::string::npos) {
+        size_t i = first + key.size();
+        while (i < response.size() && (response[i] == ' ' || response[i] == '\t')) i++;
+        if (i < response.size() && (response[i] == '\'' || response[i] == '"')) i++;
+        size_t j = i;
+        while (j < response.size() && world_is_alnum(response[j])) j++;
+        std::string cand = response.substr(i, j - i);
+        if (cand == gold) return response.find(r) != std::string::npos ? 6 : 5;
+        return !cand.empty() && world_lower(cand) == world_lower(gold) ? 2 : 0;
+    }
+    if (!t.empty() && t.back() == '.') t.pop_back();
+    if (t == gold) return 4;
+    return !t.empty() && world_lower(t) == world_lower(gold) ? 2 : 0;
+}
+
+// The exactly right response of a gold answer
+inline std::string world_canonical(const std::string& gold) { return "The answer is " + gold + "."; }
+
+// Reads an eval prompts file. Returns "" or what is wrong (with the line number).
+inline std::string world_load_prompts_checked(std::vector<WorldPrompt>* out, const char* path) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return std::string("cannot open: ") + strerror(errno);
+    std::string data;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) data.append(buf, n);
+    bool read_error = ferror(f) != 0;
+    fclose(f);
+    if (read_error) return "read error";
+    out->clear();
+    size_t pos = 0;
+    for (int line_no = 1; pos < data.size(); line_no++) {
+        size_t end = data.find('\n', pos);
+        if (end == std::string::npos) end = data.size();
+        std::string line = data.substr(pos, end - pos);
+        pos = end + 1;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (line.empty() || line[0] == '#') continue;
+        std::vector<std::string> fields;
+        for (size_t a = 0;;) {
+            size_t b = line.find('\t', a);
+            fields.push_back(line.substr(a, b == std::string::npos ? std::string::npos : b - a));
+            if (b == std::string::npos) break;
+            a = b + 1;
+        }
+        std::string where = "line " + std::to_string(line_no) + ": ";
+        if (fields.size() < 4 || fields.size() % 2 != 0)
+            return where + std::to_string(fields.size()) + " fields (need kind, gold, system, user, then assistant/user pairs)";
+        for (const std::string& s : fields) if (s.empty()) return where + "empty field";
+        if (!world_kind_known(fields[0])) return where + "unknown kind '" + fields[0] + "'";
+        out->push_back(WorldPrompt{fields[0], fields[1], std::vector<std::string>(fields.begin() + 2, fields.end())});
+    }
+    if (out->empty()) return "no prompts";
+    return "";
+}
+
+inline std::vector<WorldPrompt> world_load_prompts(const char* path) {
+    std::vector<WorldPrompt> prompts;
+    std::string err = world_load_prompts_checked(&prompts, path);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
+    return prompts;
+}
+
+// ----------------------------------------------------------------------------
+// The chat template of Xwin-LM (Vicuna v1.1), generation side; dev/data/prepare_sft.py
+// writes the training side with its loss mask:
+//   <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT: {assistant}</s>...
+// A system message replaces the default line.
+
+const char* const CHAT_DEFAULT_SYSTEM =
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.";
+
+// The ids of a prompt for the next assistant turn: turns alternate user, assistant, ...,
+// user. The text between two </s> is encoded as one piece. The prompt ends with
+// "ASSISTANT:", plus the space a byte-level model's answers follow (a SentencePiece
+// model's first answer token carries its own space).
+inline void chat_encode_prompt(const Tokenizer* tok, const std::string& system, const std::vector<std::string>& turns, std::vector<int>& out) {
+    out.clear();
+    out.push_back(tok->bos_id);
+    std::string text = (system.empty() ? CHAT_DEFAULT_SYSTEM : system) + std::string(" ");
+    for (size_t i = 0; i < turns.size(); i++) {
+        if (i % 2 == 0) {
+            text += "USER: " + turns[i] + " ASSISTANT:";
+        } else {
+            text += " " + turns[i];
+            tokenizer_encode(tok, text.c_str(), text.size(), out);
+            out.push_back(tok->eos_id);
+            text.clear();
+        }
+    }
+    if (tok->kind == TOKENIZER_BYTE_LEVEL) text += " ";
+    tokenizer_encode(tok, text.c_str(), text.size(), out);
+}
+
+// Greedy decoding of up to max_new tokens after the prompt, stopping at EOS; a full
+// forward per token (the models of this program are small or the prompts few).
+// Returns the generated ids without the EOS.
+inline std::vector<int> generate_greedy(Runner* r, const std::vector<int>& prompt, int max_new, int eos_id) {
+    std::vector<int> seq = prompt, out;
+    std::vector<float> logits(r->host.config.vocab_size);
+#ifdef XWIN_CUDA
+    int limit = r->gpu.T;  // the allocation, at most max_seq_len
+#else
+    int limit = r->host.T;
+#endif
+    while ((int)out.size() < max_new && (int)seq.size() < limit) {
+        int T = (int)seq.size();
+        runner_forward(r, seq.data(), 1, T);
+        runner_logits_row(r, 0, T - 1, T, logits.data());
+        int best = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        if (best == eos_id) break;
+        seq.push_back(best);
+        out.push_back(best);
+    }
+    return out;
+}
+
+// ----------------------------------------------------------------------------
+// Training plumbing shared by the stage programs: random numbers, the data order, the
+// learning-rate schedule, checkpoints with exact resume.
+
+// splitmix64: one uint64 of state, so a checkpoint saves the generator exactly
+inline uint64_t rng_next(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+inline float rng_uniform(uint64_t* state) { return (float)(rng_next(state) >> 40) / 16777216.0f; }  // [0, 1)
+
+inline float rng_normal(uint64_t* state) {  // Box-Muller
+    float u1 = rng_uniform(state), u2 = rng_uniform(state);
+    return std::sqrt(-2.0f * std::log(u1 + 1e-12f)) * std::cos(6.2831853f * u2);
+}
+
+// The order of the sequences in epoch e: a Fisher-Yates shuffle seeded by (seed, e), so the
+// position (epoch, index) alone says where a run is in its data.
+inline void epoch_order(std::vector<size_t>& order, size_t n, uint64_t seed, uint64_t epoch) {
+    order.resize(n);
+    for (size_t i = 0; i < n; i++) order[i] = i;
+    uint64_t state = seed * 0x9E3779B97F4A7C15ull + epoch;
+    for (size_t i = n; i > 1; i--) std::swap(order[i - 1], order[rng_next(&state) % i]);
+}
+
+// linear warmup from 0 to peak over `warmup` steps, then cosine decay to min_ratio * peak
+// at max_steps (steps count from 1)
+inline float lr_at(int step, int max_steps, int warmup, float peak, float min_ratio) {
+    if (step <= warmup) return peak * (float)step / (float)std::max(warmup, 1);
+    float progress = (float)(step - warmup) / (float)std::max(max_steps - warmup, 1);
+    float cosine = 0.5f * (1.0f + std::cos(3.14159265f * std::min(progress, 1.0f)));
+    return peak * (min_ratio + (1.0f - min_ratio) * cosine);
+}
+
+// Training state file (state.bin), version 1, little-endian: uint32 magic 0x54535758
+// ("XWST"), uint32 version, uint32 step (optimizer steps done), uint32 adam_step,
+// uint64 num_params, uint64 epoch, uint64 position (next index into the epoch's order),
+// uint64 rng (generator state), then float32 m[num_params], float32 v[num_params].
+// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
+// state.bin; <out>/latest names the newest complete one and is written last, so a crash
+// never leaves a half-written checkpoint where a resume would look.
+constexpr uint32_t STATE_MAGIC = 0x54535758;
+
+struct TrainState {
+    uint32_t step = 0;
+    uint32_t adam_step = 0;
+    uint64_t epoch = 0;
+    uint64_t position = 0;
+    uint64_t rng = 0;
+};
+
+inline void make_dir(const std::string& path) {
+    std::string cmd = "mkdir -p '" + path + "'";
+    if (system(cmd.c_str()) != 0) fail_file(path.c_str(), "cannot create the folder");
+}
+
+inline void checkpoint_save(const std::string& out_dir, Runner* r, const TrainState& s) {
+    char name[32];
+    snprintf(name, sizeof(name), "ckpt_%06u", s.step);
+    std::string dir = out_dir + "/" + name;
+    make_dir(dir);
+    runner_download_params(r);
+    llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
+    size_t n = r->host.num_params;
+    std::vector<float> m(n), v(n);
+    int adam_step;
+    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
+    std::string path = dir + "/state.bin", tmp;
+    FILE* f = open_for_atomic_write(path.c_str(), &tmp);
+    uint32_t head[4] = {STATE_MAGIC, 1, s.step, (uint32_t)adam_step};
+    uint64_t rest[4] = {n, s.epoch, s.position, s.rng};
+    fwrite_check(head, 4, 4, f, tmp.c_str());
+    fwrite_check(rest, 8, 4, f, tmp.c_str());
+    fwrite_check(m.data(), 4, n, f, tmp.c_str());
+    fwrite_check(v.data(), 4, n, f, tmp.c_str());
+    finish_atomic_write(f, tmp, path.c_str());
+    std::string latest = out_dir + "/latest";
+    f = open_for_atomic_write(latest.c_str(), &tmp);
+    fprintf(f, "%s\n", name);
+    finish_atomic_write(f, tmp, latest.c_str());
+}
+
+// The newest checkpoint's folder under out_dir, or "" when there is none.
+inline std::string checkpoint_latest(const std::string& out_dir) {
+    FILE* f = fopen((out_dir + "/latest").c_str(), "r");
+    if (!f) return "";
+    char name[64] = {0};
+    bool ok = fscanf(f, "%63s", name) == 1;
+    fclose(f);
+    if (!ok) fail_file((out_dir + "/latest").c_str(), "does not name a checkpoint folder");
+    return out_dir + "/" + name;
+}
+
+// Reads a checkpoint's state.bin into s and the runner's optimizer (the weights come from
+// its model.bin, loaded before runner_init).
+inline void checkpoint_load_state(const std::string& dir, Runner* r, TrainState* s) {
+    std::string path = dir + "/state.bin";
+    FILE* f = fopen_check(path.c_str(), "rb");
+    size_t n = r->host.num_params, size = file_size_of(f);
+    uint32_t head[4];
+    uint64_t rest[4];
+    if (size < 48) fail_file(path.c_str(), "file is %zu bytes, shorter than the 48-byte header", size);
+    fread_check(head, 4, 4, f, path.c_str());
+    fread_check(rest, 8, 4, f, path.c_str());
+    if (head[0] != STATE_MAGIC) fail_file(path.c_str(), "bad magic 0x%08x: not an xwin.cu training state", head[0]);
+    if (head[1] != 1) fail_file(path.c_str(), "unsupported training state version %u", head[1]);
+    if (rest[0] != n) fail_file(path.c_str(), "holds the state of %llu parameters, the model has %zu", (unsigned long long)rest[0], n);
+    if (size != 48 + 8 * n) fail_file(path.c_str(), "file is %zu bytes, expected %zu", size, 48 + 8 * n);
+    std::vector<float> m(n), v(n);
+    fread_check(m.data(), 4, n, f, path.c_str());
+    fread_check(v.data(), 4, n, f, path.c_str());
+    fclose(f);
+    runner_set_optimizer(r, m.data(), v.data(), (int)head[3]);
+    s->step = head[2];
+    s->adam_step = head[3];
+    s->epoch = rest[1];
+    s->position = rest[2];
+    s->rng = rest[3];
 }
