@@ -1,5 +1,5 @@
 # xwin.cu
-#   make            the GPU programs when nvcc is present, else the CPU programs
+#   make            the GPU programs when nvcc and a GPU are present, else the CPU programs
 #   make cpu        the same programs for the CPU (g++ -O3 -fopenmp)
 #   make gpu        the GPU programs (GPU_ARCH=90 to override the detected architecture)
 #   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
@@ -36,8 +36,16 @@ CATCH_HEADER = /usr/include/catch2/catch.hpp
 
 .PHONY: all cpu gpu test test-gpu deps clean
 
+# make: the GPU programs where nvcc and a GPU are both present, else the CPU programs
+# (so that make && ./train_sft runs anywhere; make gpu builds for the GPU regardless)
+GPU_FOUND := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 ifneq ($(NVCC_FOUND),)
+ifneq ($(GPU_FOUND),0)
 all: gpu
+else
+all: cpu
+	@echo "no GPU found: built the CPU programs (make gpu builds the GPU ones)"
+endif
 else
 all: cpu
 	@echo "nvcc not found: built the CPU programs"

@@ -2836,3 +2836,21 @@ inline void checkpoint_load_state(const std::string& dir, Runner* r, TrainState*
     s->position = rest[2];
     s->rng = rest[3];
 }
+
+// The gold judge's mean score (0..10) of greedy answers to the first n eval prompts of the
+// built-in world; prints the first `show` answers.
+inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show) {
+    double total = 0;
+    n = std::min(n, prompts.size());
+    for (size_t i = 0; i < n; i++) {
+        const WorldPrompt& p = prompts[i];
+        std::vector<int> ids;
+        chat_encode_prompt(tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
+        std::vector<int> answer = generate_greedy(r, ids, 48, tok->eos_id);
+        std::string text = tokenizer_decode(tok, answer.data(), (int)answer.size());
+        int score = world_judge(p.kind, p.gold, text);
+        total += score;
+        if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), score);
+    }
+    return n ? total / n : 0.0;
+}

@@ -118,6 +118,7 @@ static double evaluate(Runner* r, const TokenData& data, int B, std::vector<int>
 }
 
 int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);  // the step lines reach a log file as they happen
     SFTConfig cfg;
     parse_args(argc, argv, &cfg);
     make_dir(cfg.out_dir);
@@ -147,7 +148,8 @@ int main(int argc, char** argv) {
     }
     Tokenizer tok;
     tokenizer_load(&tok, cfg.tokenizer_path);
-    std::vector<WorldPrompt> prompts = world_load_prompts(cfg.prompts_path);
+    std::vector<WorldPrompt> prompts;  // held-out prompts for the printed answers ('' for none)
+    if (cfg.prompts_path && *cfg.prompts_path) prompts = world_load_prompts(cfg.prompts_path);
     int accum = cfg.total_batch / cfg.micro_batch;
     int steps_per_epoch = (int)(train.n_seqs / cfg.total_batch);
     int max_steps = cfg.max_steps > 0 ? cfg.max_steps : cfg.epochs * steps_per_epoch;
@@ -215,7 +217,7 @@ int main(int argc, char** argv) {
             printf("step %4u | val loss %.4f\n", state.step, val_loss);
             fprintf(log, "{\"step\": %u, \"val_loss\": %.6f}\n", state.step, val_loss);
         }
-        if (!prompts.empty() && (last || (cfg.sample_every > 0 && state.step % cfg.sample_every == 0))) {
+        if (!prompts.empty() && cfg.sample_every > 0 && state.step % cfg.sample_every == 0) {
             const WorldPrompt& p = prompts[0];
             std::vector<int> ids;
             chat_encode_prompt(&tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
@@ -230,6 +232,11 @@ int main(int argc, char** argv) {
         }
     }
     if ((int)state.step == max_steps) {
+        if (!prompts.empty()) {
+            printf("greedy answers to held-out prompts:\n");
+            double score = world_evaluate(&runner, &tok, prompts, 100, 6);
+            printf("gold judge: mean %.2f / 10 over %zu held-out prompts\n", score, std::min(prompts.size(), (size_t)100));
+        }
         runner_download_params(&runner);
         std::string final_path = std::string(cfg.out_dir) + "/model.bin";
         llama_save(&runner.host, final_path.c_str(), DTYPE_FP32);
