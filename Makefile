@@ -8,6 +8,7 @@
 #   make clean
 
 CXX ?= g++
+MAKEFLAGS += -j2
 NVCC ?= nvcc
 CXXFLAGS = -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -Werror
 TEST_CXXFLAGS = -std=c++17 -O2 -fopenmp -Wall -Wextra -Werror
@@ -27,10 +28,11 @@ train_sft_SRC = train_sft.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
 TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
-EMU_CXXFLAGS = $(TEST_CXXFLAGS) -include test/cuda_emu.h
+# (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
+EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
 KERNEL_TEST_SRC = test/test_main.cpp test/test_kernels.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
 
@@ -84,6 +86,20 @@ build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/cuda_emu.h test/fixture.h llm.c
 build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
+
+# the emulation layer's own tests, and the sanitizer builds of its planted bugs
+build/test_emu: test/test_main.cpp test/test_emu.cpp test/cuda_emu.h build/emu_planted_bugs_tsan build/emu_planted_bugs_asan | deps
+	$(CXX) $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -Itest \
+	  -DXWIN_EMU_TSAN_BIN='"build/emu_planted_bugs_tsan"' -DXWIN_EMU_ASAN_BIN='"build/emu_planted_bugs_asan"' \
+	  test/test_main.cpp test/test_emu.cpp -o $@
+
+build/emu_planted_bugs_tsan: test/emu_planted_bugs.cpp test/cuda_emu.h
+	@mkdir -p build
+	$(CXX) -std=c++17 -O1 -g -fsanitize=thread -Wall -Wextra -Werror -Itest $< -o $@ -pthread
+
+build/emu_planted_bugs_asan: test/emu_planted_bugs.cpp test/cuda_emu.h
+	@mkdir -p build
+	$(CXX) -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Werror -Itest $< -o $@ -pthread
 
 # the programs the tests run: the CPU build and the CUDA build over the emulation layer
 build/train_sft_cpu: train_sft.cu llm.cu

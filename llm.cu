@@ -138,7 +138,10 @@ inline uint16_t float_to_bf16(float f) {
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
 #define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
-#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// (a byte array, so two kernels may give their dynamic shared memory one name and two types)
+#define DYNAMIC_SHARED(type, name)                                             \
+    extern __shared__ __align__(16) unsigned char xwin_dynamic_smem_##name[]; \
+    type* const name = reinterpret_cast<type*>(xwin_dynamic_smem_##name)
 #endif
 
 #ifdef XWIN_CUDA
