@@ -2717,6 +2717,24 @@ inline std::vector<int> generate_greedy(Runner* r, const std::vector<int>& promp
     return out;
 }
 
+// " | 41.2% MFU" on the GPU build: the model FLOPs of a training step, 6 per parameter per
+// token (the attention scores are left out, so this is a lower bound), against the GPU's
+// dense peak for the precision (A100: 312 TFLOP/s BF16, 19.5 FP32; H100 SXM: 989, 67);
+// "" on the CPU build or another GPU.
+inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
+#if defined(XWIN_CUDA) && !defined(XWIN_CUDA_EMULATION)
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    bool bf16 = sizeof(floatX) == 2;
+    double peak = prop.major == 8 && prop.minor == 0 ? (bf16 ? 312e12 : 19.5e12) : prop.major == 9 ? (bf16 ? 989e12 : 67e12) : 0.0;
+    if (peak == 0.0) return "";
+    return string_format(" | %.1f%% MFU", 100.0 * 6.0 * num_params * tokens / (ms / 1000.0) / peak);
+#else
+    (void)num_params, (void)tokens, (void)ms;
+    return "";
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // Training plumbing shared by the stage programs: random numbers, the data order, the
 // learning-rate schedule, checkpoints with exact resume.

@@ -13,7 +13,7 @@ the token file, written by dev/data/prepare_sft.py), over every assistant turn.
 Flags (llm.c style): -m model.bin (none: a new model of the world config) | -i train.tok |
 -j val.tok | -k tokenizer | -p eval prompts (.tsv, see data/world/README.md) | -o out dir |
 -b micro-batch (sequences) | -d total batch (sequences per step) | -t max sequence length |
--l peak lr | -w warmup steps | -x max steps (0: -e epochs) | -e epochs | -q weight decay |
+-l peak lr (default 2e-5 with -m, as Xwin-LM; 2e-3 for the world) | -w warmup steps | -x max steps (0: -e epochs) | -e epochs | -q weight decay |
 -c grad clip | -v val every | -s sample every | -n checkpoint every | -y 1: resume from
 out/latest | -z stop after this step (the schedule still runs to -x) | -r seed
 */
@@ -31,7 +31,7 @@ struct SFTConfig {
     int micro_batch = 16;
     int total_batch = 32;
     int max_len = 256;
-    float lr = 2e-3f;  // from scratch; Xwin-LM's 2e-5 is for fine-tuning a pretrained model
+    float lr = 0.0f;  // 0: Xwin-LM's 2e-5 when fine-tuning a model (-m), 2e-3 for the world from scratch
     int warmup = 30;
     int max_steps = 600;
     int epochs = 1;
@@ -131,6 +131,7 @@ int main(int argc, char** argv) {
     if (!resume_dir.empty()) llama_load(&runner.host, (resume_dir + "/model.bin").c_str());
     else if (cfg.model_path) llama_load(&runner.host, cfg.model_path);
     else init_random(&runner.host, world_config(), cfg.seed);
+    if (cfg.lr == 0.0f) cfg.lr = cfg.model_path ? 2e-5f : 2e-3f;
     const LlamaConfig& c = runner.host.config;
     if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "has a reward head; SFT trains a language model");
     TokenData train, val;
@@ -207,8 +208,8 @@ int main(int argc, char** argv) {
         state.step += 1;
         // log
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        printf("step %4u/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", state.step, max_steps, loss, norm, opt.lr, ms,
-               step_tokens / (ms / 1000.0));
+        printf("step %4u/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s%s\n", state.step, max_steps, loss, norm, opt.lr, ms,
+               step_tokens / (ms / 1000.0), mfu_text(runner.host.num_params, step_tokens, ms).c_str());
         fprintf(log, "{\"step\": %u, \"loss\": %.6f, \"norm\": %.6f, \"lr\": %.6e, \"ms\": %.3f, \"tokens\": %zu}\n", state.step, loss, norm,
                 opt.lr, ms, step_tokens);
         bool last = (int)state.step == max_steps;
