@@ -36,6 +36,7 @@ Every index product is computed in size_t.
 #include <queue>
 #include <string>
 #include <vector>
+#include <sys/stat.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -2789,9 +2790,13 @@ struct TrainState {
     uint64_t rng = 0;
 };
 
+// mkdir -p
 inline void make_dir(const std::string& path) {
-    std::string cmd = "mkdir -p '" + path + "'";
-    if (system(cmd.c_str()) != 0) fail_file(path.c_str(), "cannot create the folder");
+    for (size_t i = 1; i <= path.size(); i++) {
+        if (i < path.size() && path[i] != '/') continue;
+        std::string prefix = path.substr(0, i);
+        if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) fail_file(prefix.c_str(), "cannot create the folder: %s", strerror(errno));
+    }
 }
 
 inline void checkpoint_save(const std::string& out_dir, Runner* r, const TrainState& s) {
