@@ -27,3 +27,12 @@ inline double relative_error(const float* a, const float* b, size_t n) {
     }
     return std::sqrt(num) / (std::sqrt(den) + 1e-30);
 }
+
+// the bytes of a hex string ("-" stands for the empty string), as the text fixtures store them
+inline std::string hex_decode(const std::string& s) {
+    if (s == "-") return "";
+    if (s.size() % 2 != 0) fail_file("fixture", "hex string of odd length %zu", s.size());
+    std::string out;
+    for (size_t i = 0; i < s.size(); i += 2) out.push_back((char)std::stoi(s.substr(i, 2), nullptr, 16));
+    return out;
+}

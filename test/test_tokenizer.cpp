@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "../llm.cu"
+#include "fixture.h"
 
 namespace {
 
@@ -31,14 +31,6 @@ std::vector<unsigned char> read_bytes(const char* path) {
     std::ifstream f(path, std::ios::binary);
     REQUIRE(f.good());
     return std::vector<unsigned char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-std::string hex_decode(const std::string& s) {
-    if (s == "-") return "";
-    REQUIRE(s.size() % 2 == 0);
-    std::string out;
-    for (size_t i = 0; i < s.size(); i += 2) out.push_back((char)std::stoi(s.substr(i, 2), nullptr, 16));
-    return out;
 }
 
 std::vector<int> parse_ids(const std::string& s) {

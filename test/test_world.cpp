@@ -23,14 +23,6 @@ namespace {
 
 std::string world_temp_path(const char* name) { return std::string("/tmp/xwin_test_world_") + std::to_string(getpid()) + "_" + name; }
 
-std::string hex_to_bytes(const std::string& s) {
-    if (s == "-") return "";
-    REQUIRE(s.size() % 2 == 0);
-    std::string out;
-    for (size_t i = 0; i < s.size(); i += 2) out.push_back((char)std::stoi(s.substr(i, 2), nullptr, 16));
-    return out;
-}
-
 std::vector<std::string> split_tabs(const std::string& line) {
     std::vector<std::string> fields;
     std::stringstream ss(line);
@@ -58,7 +50,7 @@ TEST_CASE("world judge equals the Python judge on the recorded cases", "[world]"
         std::vector<std::string> fields = split_tabs(line);
         REQUIRE(fields.size() == 4);
         int expect = std::stoi(fields[0]);
-        std::string response = hex_to_bytes(fields[3]);
+        std::string response = hex_decode(fields[3]);
         INFO("line " << line_no << ": kind " << fields[1] << ", gold " << fields[2] << ", response '" << response << "'");
         CHECK(world_judge(fields[1], fields[2], response) == expect);
         by_score[expect]++;
