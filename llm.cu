@@ -26,6 +26,8 @@ Every index product is computed in size_t.
 #pragma once
 
 #include <algorithm>
+#include <cctype>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
@@ -36,7 +38,10 @@ Every index product is computed in size_t.
 #include <queue>
 #include <string>
 #include <vector>
+#include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -94,16 +99,84 @@ inline void* malloc_check(size_t bytes) {
     return p;
 }
 
-// Writes go to "<path>.tmp" and are renamed over <path> only when complete, so a crash
-// never leaves a half-written file under the real name.
-inline FILE* open_for_atomic_write(const char* path, std::string* tmp_path) {
-    *tmp_path = std::string(path) + ".tmp";
-    return fopen_check(tmp_path->c_str(), "wb");
+// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320, as zlib's crc32): checkpoints carry
+// one over each file so that flipped bits are refused on load. crc32_update(0, ...) starts.
+inline uint32_t crc32_update(uint32_t crc, const void* data, size_t n) {
+    static const struct Table {
+        uint32_t t[256];
+        Table() {
+            for (uint32_t i = 0; i < 256; i++) {
+                uint32_t c = i;
+                for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+                t[i] = c;
+            }
+        }
+    } table;
+    const unsigned char* p = (const unsigned char*)data;
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = table.t[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
 }
 
-inline void finish_atomic_write(FILE* f, const std::string& tmp_path, const char* path) {
-    if (fflush(f) != 0 || fclose(f) != 0) fail_file(tmp_path.c_str(), "write failed: %s", strerror(errno));
-    if (rename(tmp_path.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp_path.c_str(), strerror(errno));
+// The folder part of a path ("." when there is none).
+inline std::string dir_of(const std::string& path) {
+    size_t slash = path.find_last_of('/');
+    return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// Atomic writes: the bytes go to "<path>.tmp", which is flushed to the disk (fsync) and only
+// then renamed over <path>, so a crash or a kill never leaves a half-written file under the
+// real name. Every write is checked; a failure removes the .tmp and exits naming <path>.
+// The CRC-32 of everything written is kept for checkpoints.
+struct AtomicFile {
+    FILE* f = nullptr;
+    std::string path, tmp;
+    uint32_t crc = 0;
+};
+
+[[noreturn]] inline void atomic_fail(AtomicFile* a, const char* what, int err) {
+    if (a->f) fclose(a->f);
+    remove(a->tmp.c_str());
+    fail_file(a->path.c_str(), "%s: %s", what, strerror(err));
+}
+
+inline void atomic_open(AtomicFile* a, const std::string& path) {
+    a->path = path;
+    a->tmp = path + ".tmp";
+    a->crc = 0;
+    a->f = fopen(a->tmp.c_str(), "wb");
+    if (!a->f) fail_file(a->path.c_str(), "cannot create %s: %s", a->tmp.c_str(), strerror(errno));
+}
+
+inline void atomic_write(AtomicFile* a, const void* src, size_t bytes) {
+    if (bytes && fwrite(src, 1, bytes, a->f) != bytes) atomic_fail(a, "write failed", errno);
+    a->crc = crc32_update(a->crc, src, bytes);
+}
+
+// Flush, fsync, close, rename, then fsync the folder so that the rename itself is durable.
+// Returns the CRC-32 of the file's bytes.
+inline uint32_t atomic_commit(AtomicFile* a) {
+    if (fflush(a->f) != 0 || fsync(fileno(a->f)) != 0) atomic_fail(a, "write failed", errno);
+    int rc = fclose(a->f);
+    a->f = nullptr;
+    if (rc != 0) atomic_fail(a, "write failed", errno);
+    if (rename(a->tmp.c_str(), a->path.c_str()) != 0) atomic_fail(a, "cannot rename the .tmp over it", errno);
+    int dir = open(dir_of(a->path).c_str(), O_RDONLY);
+    if (dir >= 0) fsync(dir), close(dir);
+    return a->crc;
+}
+
+// The CRC-32 of a whole file, or false when it cannot be read.
+inline bool file_crc32(const char* path, uint32_t* crc) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return false;
+    std::vector<unsigned char> buf(1 << 20);
+    size_t n;
+    *crc = 0;
+    while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) *crc = crc32_update(*crc, buf.data(), n);
+    bool ok = !ferror(f);
+    fclose(f);
+    return ok;
 }
 
 // bfloat16 <-> float32 on the host (round to nearest even; NaN stays NaN)
@@ -1313,7 +1386,8 @@ inline void llama_init(Llama* model, const LlamaConfig& config) {
 }
 
 // Reads a model file. Returns "" or what is wrong (the model is left empty then).
-inline std::string llama_load_checked(Llama* model, const char* path) {
+// With crc, also the CRC-32 of the file's bytes (to check a checkpoint).
+inline std::string llama_load_checked(Llama* model, const char* path, uint32_t* crc = nullptr) {
     *model = Llama{};
     FILE* f = fopen(path, "rb");
     if (!f) return string_format("cannot open: %s", strerror(errno));
@@ -1322,6 +1396,7 @@ inline std::string llama_load_checked(Llama* model, const char* path) {
     if (size < MODEL_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte model header", size, MODEL_HEADER_BYTES);
     unsigned char header[MODEL_HEADER_BYTES];
     if (fread(header, 1, MODEL_HEADER_BYTES, f) != MODEL_HEADER_BYTES) return "read error in header";
+    uint32_t sum = crc32_update(0, header, MODEL_HEADER_BYTES);
     LlamaConfig config{};
     int dtype = DTYPE_FP32;
     std::string err = model_header_parse(header, &config, &dtype);
@@ -1336,11 +1411,13 @@ inline std::string llama_load_checked(Llama* model, const char* path) {
     bool ok = true;
     if (dtype == DTYPE_FP32) {
         ok = fread(model->params_memory, 4, n, f) == n;
+        sum = crc32_update(sum, model->params_memory, 4 * n);
     } else {
         std::vector<uint16_t> chunk(1 << 20);
         for (size_t done = 0; ok && done < n; done += chunk.size()) {
             size_t count = n - done < chunk.size() ? n - done : chunk.size();
             ok = fread(chunk.data(), 2, count, f) == count;
+            sum = crc32_update(sum, chunk.data(), 2 * count);
             for (size_t i = 0; ok && i < count; i++) model->params_memory[done + i] = bf16_to_float(chunk[i]);
         }
     }
@@ -1349,29 +1426,30 @@ inline std::string llama_load_checked(Llama* model, const char* path) {
         *model = Llama{};
         return "read error in the parameters";
     }
+    if (crc) *crc = sum;
     return "";
 }
 
-inline void llama_load(Llama* model, const char* path) {
-    std::string err = llama_load_checked(model, path);
+inline void llama_load(Llama* model, const char* path, uint32_t* crc = nullptr) {
+    std::string err = llama_load_checked(model, path, crc);
     if (!err.empty()) fail_file(path, "%s", err.c_str());
 }
 
-// Writes the parameters (temporary file, then rename).
-inline void llama_save(const Llama* model, const char* path, int dtype) {
-    std::string tmp;
-    FILE* f = open_for_atomic_write(path, &tmp);
+// Writes the parameters (atomically: temporary file, fsync, rename); returns the file's CRC-32.
+inline uint32_t llama_save(const Llama* model, const char* path, int dtype) {
+    AtomicFile f;
+    atomic_open(&f, path);
     unsigned char header[MODEL_HEADER_BYTES];
     model_header_write(header, model->config, dtype);
-    fwrite_check(header, 1, MODEL_HEADER_BYTES, f, tmp.c_str());
+    atomic_write(&f, header, MODEL_HEADER_BYTES);
     if (dtype == DTYPE_FP32) {
-        fwrite_check(model->params_memory, 4, model->num_params, f, tmp.c_str());
+        atomic_write(&f, model->params_memory, 4 * model->num_params);
     } else {
         std::vector<uint16_t> buf(model->num_params);
         for (size_t i = 0; i < model->num_params; i++) buf[i] = float_to_bf16(model->params_memory[i]);
-        fwrite_check(buf.data(), 2, buf.size(), f, tmp.c_str());
+        atomic_write(&f, buf.data(), 2 * buf.size());
     }
-    finish_atomic_write(f, tmp, path);
+    return atomic_commit(&f);
 }
 
 // Allocates the activations for batches up to (B, T) and, when training, the gradients,
@@ -1953,20 +2031,20 @@ inline void tokens_load(TokenData* d, const char* path, int vocab_size) {
 }
 
 inline void tokens_save(const TokenData& d, const char* path) {
-    std::string tmp;
-    FILE* f = open_for_atomic_write(path, &tmp);
+    AtomicFile f;
+    atomic_open(&f, path);
     unsigned char h[TOKENS_HEADER_BYTES] = {0};
     uint32_t u[4] = {TOKENS_MAGIC, TOKENS_VERSION, (uint32_t)d.n_seqs, 0};
     uint64_t n = d.tokens.size();
     memcpy(h, u, 16);
     memcpy(h + 16, &n, 8);
     memcpy(h + 24, &n, 8);
-    fwrite_check(h, 1, TOKENS_HEADER_BYTES, f, tmp.c_str());
-    fwrite_check(d.offsets.data(), 8, d.offsets.size(), f, tmp.c_str());
+    atomic_write(&f, h, TOKENS_HEADER_BYTES);
+    atomic_write(&f, d.offsets.data(), 8 * d.offsets.size());
     std::vector<uint32_t> raw(d.tokens.begin(), d.tokens.end());
-    fwrite_check(raw.data(), 4, raw.size(), f, tmp.c_str());
-    fwrite_check(d.mask.data(), 1, d.mask.size(), f, tmp.c_str());
-    finish_atomic_write(f, tmp, path);
+    atomic_write(&f, raw.data(), 4 * raw.size());
+    atomic_write(&f, d.mask.data(), d.mask.size());
+    atomic_commit(&f);
 }
 
 // Copies the sequences rows[0..B) into a (B, T) batch, padding with token 0 and mask 0
@@ -2004,19 +2082,19 @@ struct ArchiveEntry {
 };
 
 inline void archive_save(const std::vector<ArchiveEntry>& entries, const char* path) {
-    std::string tmp;
-    FILE* f = open_for_atomic_write(path, &tmp);
+    AtomicFile f;
+    atomic_open(&f, path);
     uint32_t head[3] = {ARCHIVE_MAGIC, 1, (uint32_t)entries.size()};
-    fwrite_check(head, 4, 3, f, tmp.c_str());
+    atomic_write(&f, head, sizeof(head));
     for (const ArchiveEntry& e : entries) {
         uint32_t len = (uint32_t)e.name.size(), ndim = (uint32_t)e.shape.size();
-        fwrite_check(&len, 4, 1, f, tmp.c_str());
-        fwrite_check(e.name.data(), 1, len, f, tmp.c_str());
-        fwrite_check(&ndim, 4, 1, f, tmp.c_str());
-        fwrite_check(e.shape.data(), 8, ndim, f, tmp.c_str());
-        fwrite_check(e.data.data(), 4, e.data.size(), f, tmp.c_str());
+        atomic_write(&f, &len, 4);
+        atomic_write(&f, e.name.data(), len);
+        atomic_write(&f, &ndim, 4);
+        atomic_write(&f, e.shape.data(), 8 * ndim);
+        atomic_write(&f, e.data.data(), 4 * e.data.size());
     }
-    finish_atomic_write(f, tmp, path);
+    atomic_commit(&f);
 }
 
 inline std::vector<ArchiveEntry> archive_load(const char* path) {
@@ -2737,8 +2815,20 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 }
 
 // ----------------------------------------------------------------------------
-// Training plumbing shared by the stage programs: random numbers, the data order, the
-// learning-rate schedule, checkpoints with exact resume.
+// Training plumbing shared by the stage programs, so that each stage's main reads as its
+// algorithm:
+//   flags_parse(argc, argv, ...)           one flag table, every value checked
+//   trainer_init(&tr, &cfg.train, name)    finds the checkpoint to resume (-y), cleans up
+//   trainer_load_model(&tr, &model, path)  the checkpoint's weights, or the starting model
+//   trainer_start(&tr, &runner, ...)       validates the resumed state against this run
+//   while (trainer_running(&tr)) {
+//       trainer_next_rows(&tr, rows)       the data order; epochs roll over
+//       forward, loss, backward            the stage's own algorithm
+//       trainer_step_end(&tr, loss, ...)   non-finite guard, clip, lr, AdamW, step line, log
+//       trainer_log(&tr, {...})            validation and other lines
+//       trainer_checkpoint(&tr)            on its cadence
+//   }
+//   trainer_save_model(&tr) / trainer_close(&tr)
 
 // splitmix64: one uint64 of state, so a checkpoint saves the generator exactly
 inline uint64_t rng_next(uint64_t* state) {
@@ -2773,22 +2863,212 @@ inline float lr_at(int step, int max_steps, int warmup, float peak, float min_ra
     return peak * (min_ratio + (1.0f - min_ratio) * cosine);
 }
 
-// Training state file (state.bin), version 1, little-endian: uint32 magic 0x54535758
-// ("XWST"), uint32 version, uint32 step (optimizer steps done), uint32 adam_step,
-// uint64 num_params, uint64 epoch, uint64 position (next index into the epoch's order),
-// uint64 rng (generator state), then float32 m[num_params], float32 v[num_params].
-// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
-// state.bin; <out>/latest names the newest complete one and is written last, so a crash
-// never leaves a half-written checkpoint where a resume would look.
-constexpr uint32_t STATE_MAGIC = 0x54535758;
+// ---- flags: one table per program, one checked parser
+
+// FLAG_PATH must not be empty; FLAG_OPTIONAL_PATH may be '' (none).
+enum FlagType { FLAG_INT, FLAG_U64, FLAG_FLOAT, FLAG_PATH, FLAG_OPTIONAL_PATH };
+
+struct Flag {
+    char letter;
+    FlagType type;
+    void* value;      // int*, uint64_t*, float* or const char** by type; holds the default
+    double min, max;  // the accepted range of a number (FLAG_INT, FLAG_FLOAT)
+    const char* help;
+};
+
+inline std::string flag_value_text(const Flag& f) {
+    switch (f.type) {
+        case FLAG_INT: return std::to_string(*(int*)f.value);
+        case FLAG_U64: return std::to_string(*(uint64_t*)f.value);
+        case FLAG_FLOAT: return string_format("%g", *(float*)f.value);
+        default: return *(const char**)f.value ? string_format("'%s'", *(const char**)f.value) : "''";
+    }
+}
+
+inline const char* flag_type_name(FlagType t) {
+    return t == FLAG_INT || t == FLAG_U64 ? "<int>" : t == FLAG_FLOAT ? "<float>" : "<path>";
+}
+
+// Parses text into the flag's value. Returns "" or what is wrong with it.
+inline std::string flag_set(const Flag& f, const char* text) {
+    char* end = nullptr;
+    errno = 0;
+    if (f.type == FLAG_INT || f.type == FLAG_U64) {
+        bool digits = *text && (isdigit((unsigned char)*text) || (*text == '-' && f.type == FLAG_INT && isdigit((unsigned char)text[1])));
+        long long i = 0;
+        unsigned long long u = 0;
+        if (digits) f.type == FLAG_INT ? (void)(i = strtoll(text, &end, 10)) : (void)(u = strtoull(text, &end, 10));
+        if (!digits || *end != '\0') return string_format("'%s' is not an integer", text);
+        if (f.type == FLAG_U64) {
+            if (errno == ERANGE) return string_format("%s is out of range (0..%llu)", text, (unsigned long long)UINT64_MAX);
+            *(uint64_t*)f.value = u;
+            return "";
+        }
+        if (errno == ERANGE || i < f.min || i > f.max) return string_format("%s is out of range (%.0f..%.0f)", text, f.min, f.max);
+        *(int*)f.value = (int)i;
+        return "";
+    }
+    if (f.type == FLAG_FLOAT) {
+        double x = *text ? strtod(text, &end) : 0.0;
+        if (!*text || *end != '\0') return string_format("'%s' is not a number", text);
+        if (!std::isfinite(x)) return string_format("%s is not a finite number", text);
+        if (x < f.min || x > f.max) return string_format("%s is out of range (%g..%g)", text, f.min, f.max);
+        *(float*)f.value = (float)x;
+        return "";
+    }
+    if (f.type == FLAG_PATH && !*text) return "the path is empty";
+    *(const char**)f.value = text;
+    return "";
+}
+
+// "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
+[[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "error: -%c: ", letter);
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    va_end(args);
+    exit(1);
+}
+
+// Reads "-X value" pairs against the table; -h prints the usage made from the table (with
+// the defaults) and exits 0. Anything wrong is a one-line error naming the flag, exit 1.
+inline void flags_parse(int argc, char** argv, const char* summary, const std::vector<Flag>& flags) {
+    std::string usage = string_format("usage: %s [flags]\n%s\n", argv[0], summary);
+    for (const Flag& f : flags) {
+        std::string range = f.type == FLAG_INT ? string_format(", %.0f..%.0f", f.min, f.max) : f.type == FLAG_FLOAT ? string_format(", %g..%g", f.min, f.max) : "";
+        usage += string_format("  -%c %-8s %s (default %s%s)\n", f.letter, flag_type_name(f.type), f.help, flag_value_text(f).c_str(), range.c_str());
+    }
+    usage += "  -h          this help\n";
+    for (int i = 1; i < argc; i++) {
+        const char* arg = argv[i];
+        if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0) {
+            fputs(usage.c_str(), stdout);
+            exit(0);
+        }
+        const Flag* flag = nullptr;
+        for (const Flag& f : flags) {
+            if (arg[0] == '-' && arg[1] == f.letter && arg[2] == '\0') flag = &f;
+        }
+        if (!flag) {
+            fprintf(stderr, "error: %s '%s' (%s -h lists the flags)\n", arg[0] == '-' ? "unknown flag" : "not a flag:", arg, argv[0]);
+            exit(1);
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "error: -%c needs a value %s (%s)\n", flag->letter, flag_type_name(flag->type), flag->help);
+            exit(1);
+        }
+        std::string err = flag_set(*flag, argv[++i]);
+        if (!err.empty()) fail_flag(flag->letter, "%s", err.c_str());
+    }
+}
+
+// ---- what every training run shares: its flags, its identity, its state
+
+struct TrainConfig {
+    const char* out_dir = "out";
+    int micro_batch = 16;    // sequences per forward/backward
+    int total_batch = 32;    // sequences per optimizer step (a multiple of micro_batch)
+    int max_len = 256;       // longest sequence allowed
+    float lr = 0.0f;         // peak learning rate (0: the program's default)
+    int warmup = 30;
+    int max_steps = 0;       // 0: epochs over the training data
+    int epochs = 1;
+    float weight_decay = 0.0f;
+    float grad_clip = 1.0f;
+    int val_every = 100;
+    int checkpoint_every = 200;
+    int resume = 0;          // 1: from <out_dir>/latest
+    int force = 0;           // 1: resume a checkpoint of another run
+    int stop_at = 0;         // stop after this step (the schedule still runs to max_steps)
+    int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
+    uint64_t seed = 1337;
+};
+
+// Appends the flags every training program has to a program's own table.
+inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
+    std::vector<Flag> common = {
+        {'o', FLAG_PATH, &t->out_dir, 0, 0, "output folder: model.bin, log.jsonl, ckpt_<step>/"},
+        {'b', FLAG_INT, &t->micro_batch, 1, 4096, "micro-batch (sequences per forward/backward)"},
+        {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step; a multiple of -b)"},
+        {'t', FLAG_INT, &t->max_len, 2, 1 << 20, "longest sequence (at most the model's max_seq_len)"},
+        {'l', FLAG_FLOAT, &t->lr, 0, 1, "peak learning rate (0: the program's default)"},
+        {'w', FLAG_INT, &t->warmup, 0, 1000000000, "warmup steps (linear), then cosine decay to 0"},
+        {'x', FLAG_INT, &t->max_steps, 0, 1000000000, "max steps (0: -e epochs of the training data)"},
+        {'e', FLAG_INT, &t->epochs, 1, 1000000, "epochs when -x is 0"},
+        {'q', FLAG_FLOAT, &t->weight_decay, 0, 10, "AdamW weight decay (matrices only)"},
+        {'c', FLAG_FLOAT, &t->grad_clip, 0, 1e9, "clip the gradient norm to this (0: no clipping)"},
+        {'v', FLAG_INT, &t->val_every, 0, 1000000000, "validate every this many steps (0: at the end only)"},
+        {'n', FLAG_INT, &t->checkpoint_every, 0, 1000000000, "checkpoint every this many steps (0: at the end only)"},
+        {'y', FLAG_INT, &t->resume, 0, 1, "1: resume from <out>/latest"},
+        {'f', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
+        {'z', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
+        {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
+        {'r', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
+    };
+    flags->insert(flags->end(), common.begin(), common.end());
+}
+
+// What a run is: a resume must find the same (the checkpoint records it in state.bin).
+struct RunIdentity {
+    char program[16];      // "train_sft", ...
+    uint64_t data_size;    // the training file's size in bytes
+    uint32_t data_hash;    // CRC-32 of its sequence offsets
+    uint32_t model_hash;   // CRC-32 of the model's config (its 256-byte header)
+    uint64_t seed;
+    uint32_t micro_batch, total_batch, max_len, max_steps, warmup;
+    float lr, weight_decay, grad_clip;
+};
+static_assert(sizeof(RunIdentity) == 72, "RunIdentity is written to state.bin as is");
+
+// "what: A here, B in the checkpoint; ..." for each field that differs, "" when none does.
+inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& then) {
+    std::string out;
+    auto field = [&](const char* what, const std::string& a, const std::string& b) {
+        if (a != b) out += string_format("%s%s: %s now, %s in the checkpoint", out.empty() ? "" : "; ", what, a.c_str(), b.c_str());
+    };
+    field("program", std::string(now.program, strnlen(now.program, 16)), std::string(then.program, strnlen(then.program, 16)));
+    field("training data (bytes, offsets hash)", string_format("%llu/%08x", (unsigned long long)now.data_size, now.data_hash),
+          string_format("%llu/%08x", (unsigned long long)then.data_size, then.data_hash));
+    field("model config (header hash)", string_format("%08x", now.model_hash), string_format("%08x", then.model_hash));
+    field("seed -r", std::to_string(now.seed), std::to_string(then.seed));
+    field("micro-batch -b", std::to_string(now.micro_batch), std::to_string(then.micro_batch));
+    field("total batch -d", std::to_string(now.total_batch), std::to_string(then.total_batch));
+    field("max length -t", std::to_string(now.max_len), std::to_string(then.max_len));
+    field("max steps", std::to_string(now.max_steps), std::to_string(then.max_steps));
+    field("warmup -w", std::to_string(now.warmup), std::to_string(then.warmup));
+    field("lr -l", string_format("%g", now.lr), string_format("%g", then.lr));
+    field("weight decay -q", string_format("%g", now.weight_decay), string_format("%g", then.weight_decay));
+    field("clip -c", string_format("%g", now.grad_clip), string_format("%g", then.grad_clip));
+    return out;
+}
 
 struct TrainState {
-    uint32_t step = 0;
-    uint32_t adam_step = 0;
+    uint32_t step = 0;       // optimizer steps done (skipped ones included)
+    uint32_t adam_step = 0;  // AdamW updates done: step - skipped
+    uint32_t skipped = 0;    // steps skipped for a non-finite loss or norm (-g 1)
     uint64_t epoch = 0;
-    uint64_t position = 0;
-    uint64_t rng = 0;
+    uint64_t position = 0;   // next index into the epoch's order
+    uint64_t rng = 0;        // the stage's random generator (sampling, dropout of pairs, ...)
 };
+
+// Training state file (state.bin), version 2, little-endian:
+//   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version = 2
+//   8  uint32 step                        12 uint32 adam_step
+//   16 uint32 skipped                     20 uint32 model_crc: CRC-32 of the checkpoint's model.bin
+//   24 uint64 num_params                  32 uint64 epoch
+//   40 uint64 position                    48 uint64 rng
+//   56 RunIdentity (72 bytes, as the struct above)
+//   128 float32 m[num_params], float32 v[num_params] (AdamW moments)
+//   then uint32 crc: CRC-32 of every byte before it.
+// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
+// state.bin; <out>/latest names the newest complete one and is written last, so a crash
+// never leaves a half-written checkpoint where a resume would look. Every file is written
+// atomically (AtomicFile) and fsynced before its rename.
+constexpr uint32_t STATE_MAGIC = 0x54535758;
+constexpr uint32_t STATE_VERSION = 2;
+constexpr size_t STATE_HEADER_BYTES = 128;
 
 // mkdir -p
 inline void make_dir(const std::string& path) {
@@ -2799,68 +3079,369 @@ inline void make_dir(const std::string& path) {
     }
 }
 
-inline void checkpoint_save(const std::string& out_dir, Runner* r, const TrainState& s) {
-    char name[32];
-    snprintf(name, sizeof(name), "ckpt_%06u", s.step);
-    std::string dir = out_dir + "/" + name;
-    make_dir(dir);
-    runner_download_params(r);
-    llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
-    size_t n = r->host.num_params;
-    std::vector<float> m(n), v(n);
-    int adam_step;
-    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
-    std::string path = dir + "/state.bin", tmp;
-    FILE* f = open_for_atomic_write(path.c_str(), &tmp);
-    uint32_t head[4] = {STATE_MAGIC, 1, s.step, (uint32_t)adam_step};
-    uint64_t rest[4] = {n, s.epoch, s.position, s.rng};
-    fwrite_check(head, 4, 4, f, tmp.c_str());
-    fwrite_check(rest, 8, 4, f, tmp.c_str());
-    fwrite_check(m.data(), 4, n, f, tmp.c_str());
-    fwrite_check(v.data(), 4, n, f, tmp.c_str());
-    finish_atomic_write(f, tmp, path.c_str());
-    std::string latest = out_dir + "/latest";
-    f = open_for_atomic_write(latest.c_str(), &tmp);
-    fprintf(f, "%s\n", name);
-    finish_atomic_write(f, tmp, latest.c_str());
+inline bool ends_with(const std::string& s, const char* suffix) {
+    size_t n = strlen(suffix);
+    return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
 }
 
-// The newest checkpoint's folder under out_dir, or "" when there is none.
+// Removes the *.tmp files an interrupted write left in out_dir and its ckpt_* folders
+// (regular files only: AtomicFile writes no other kind).
+inline int remove_leftover_tmp(const std::string& out_dir) {
+    int removed = 0;
+    std::vector<std::string> dirs = {out_dir};
+    for (size_t d = 0; d < dirs.size(); d++) {
+        DIR* dir = opendir(dirs[d].c_str());
+        if (!dir) continue;
+        while (struct dirent* e = readdir(dir)) {
+            std::string name = e->d_name, path = dirs[d] + "/" + name;
+            struct stat st;
+            if (lstat(path.c_str(), &st) != 0) continue;
+            if (d == 0 && S_ISDIR(st.st_mode) && name.rfind("ckpt_", 0) == 0) dirs.push_back(path);
+            else if (S_ISREG(st.st_mode) && ends_with(name, ".tmp") && remove(path.c_str()) == 0) removed++;
+        }
+        closedir(dir);
+    }
+    return removed;
+}
+
+inline std::string checkpoint_name(uint32_t step) { return string_format("ckpt_%06u", step); }
+
+// The checkpoint folder <out_dir>/latest names, or "" when there is no such file.
 inline std::string checkpoint_latest(const std::string& out_dir) {
-    FILE* f = fopen((out_dir + "/latest").c_str(), "r");
+    std::string path = out_dir + "/latest";
+    FILE* f = fopen(path.c_str(), "r");
     if (!f) return "";
     char name[64] = {0};
     bool ok = fscanf(f, "%63s", name) == 1;
     fclose(f);
-    if (!ok) fail_file((out_dir + "/latest").c_str(), "does not name a checkpoint folder");
+    unsigned step;
+    char rest;
+    if (!ok || sscanf(name, "ckpt_%u%c", &step, &rest) != 1 || checkpoint_name(step) != name) {
+        fail_file(path.c_str(), "does not name a checkpoint folder (ckpt_<step>)");
+    }
     return out_dir + "/" + name;
 }
 
-// Reads a checkpoint's state.bin into s and the runner's optimizer (the weights come from
-// its model.bin, loaded before runner_init).
-inline void checkpoint_load_state(const std::string& dir, Runner* r, TrainState* s) {
-    std::string path = dir + "/state.bin";
-    FILE* f = fopen_check(path.c_str(), "rb");
-    size_t n = r->host.num_params, size = file_size_of(f);
-    uint32_t head[4];
-    uint64_t rest[4];
-    if (size < 48) fail_file(path.c_str(), "file is %zu bytes, shorter than the 48-byte header", size);
-    fread_check(head, 4, 4, f, path.c_str());
-    fread_check(rest, 8, 4, f, path.c_str());
-    if (head[0] != STATE_MAGIC) fail_file(path.c_str(), "bad magic 0x%08x: not an xwin.cu training state", head[0]);
-    if (head[1] != 1) fail_file(path.c_str(), "unsupported training state version %u", head[1]);
-    if (rest[0] != n) fail_file(path.c_str(), "holds the state of %llu parameters, the model has %zu", (unsigned long long)rest[0], n);
-    if (size != 48 + 8 * n) fail_file(path.c_str(), "file is %zu bytes, expected %zu", size, 48 + 8 * n);
-    std::vector<float> m(n), v(n);
-    fread_check(m.data(), 4, n, f, path.c_str());
-    fread_check(v.data(), 4, n, f, path.c_str());
+// ---- the trainer: a run's state between the stage's own lines
+
+struct Metric {
+    const char* name;
+    double value;
+};
+
+struct Trainer {
+    const TrainConfig* cfg = nullptr;
+    const char* program = "";
+    Runner* runner = nullptr;
+    std::string resume_dir;        // the checkpoint this run resumes ("" for a fresh run)
+    uint32_t resume_model_crc = 0; // the CRC-32 of its model.bin as read
+    RunIdentity id{};
+    TrainState state;
+    size_t n_seqs = 0;             // sequences (or pairs) in the training data
+    int max_steps = 0;
+    int accum = 1;                 // micro-batches per step
+    std::vector<size_t> order;     // (n_seqs) the current epoch's order
+    AdamWConfig opt{};
+    std::string log_path;
+    FILE* log = nullptr;
+    std::chrono::steady_clock::time_point t0;
+};
+
+// Checks the batch flags, makes the output folder, removes what an interrupted write left
+// there, and with -y 1 finds the checkpoint to resume.
+inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* program) {
+    tr->cfg = cfg;
+    tr->program = program;
+    if (cfg->total_batch % cfg->micro_batch != 0) fail_flag('d', "the total batch %d is not a multiple of the micro-batch -b %d", cfg->total_batch, cfg->micro_batch);
+    make_dir(cfg->out_dir);
+    int removed = remove_leftover_tmp(cfg->out_dir);
+    if (removed) printf("removed %d unfinished .tmp file%s of an interrupted write from %s\n", removed, removed == 1 ? "" : "s", cfg->out_dir);
+    if (cfg->resume) {
+        tr->resume_dir = checkpoint_latest(cfg->out_dir);
+        if (tr->resume_dir.empty()) fail_file(cfg->out_dir, "has no checkpoint to resume from (no 'latest' file); run without -y 1 to start");
+    }
+}
+
+// The model to train: the checkpoint's weights when resuming, else model_path's. Returns
+// false when there is neither (the program then makes a new model).
+inline bool trainer_load_model(Trainer* tr, Llama* model, const char* model_path) {
+    if (!tr->resume_dir.empty()) {
+        llama_load(model, (tr->resume_dir + "/model.bin").c_str(), &tr->resume_model_crc);
+        return true;
+    }
+    if (!model_path) return false;
+    llama_load(model, model_path);
+    return true;
+}
+
+// Appends to the log in place of the lines after `step` (a resumed run repeats them).
+inline void log_truncate(const std::string& path, uint32_t step) {
+    FILE* f = fopen(path.c_str(), "r");
+    if (!f) return;
+    std::string kept, line;
+    char buf[4096];
+    while (fgets(buf, sizeof(buf), f)) {
+        line += buf;
+        if (line.back() != '\n' && !feof(f)) continue;
+        const char* p = strstr(line.c_str(), "\"step\": ");
+        if (!p || strtoul(p + 8, nullptr, 10) <= step) kept += line.back() == '\n' ? line : line + "\n";
+        line.clear();
+    }
     fclose(f);
-    runner_set_optimizer(r, m.data(), v.data(), (int)head[3]);
-    s->step = head[2];
-    s->adam_step = head[3];
-    s->epoch = rest[1];
-    s->position = rest[2];
-    s->rng = rest[3];
+    AtomicFile out;
+    atomic_open(&out, path);
+    atomic_write(&out, kept.data(), kept.size());
+    atomic_commit(&out);
+}
+
+inline void checkpoint_save(Trainer* tr) {
+    Runner* r = tr->runner;
+    const TrainState& s = tr->state;
+    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
+    make_dir(dir);
+    runner_download_params(r);
+    uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
+    size_t n = r->host.num_params;
+    std::vector<float> m(n), v(n);
+    int adam_step;
+    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
+    unsigned char head[STATE_HEADER_BYTES] = {0};
+    uint32_t u[6] = {STATE_MAGIC, STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
+    uint64_t q[4] = {n, s.epoch, s.position, s.rng};
+    memcpy(head, u, sizeof(u));
+    memcpy(head + 24, q, sizeof(q));
+    memcpy(head + 56, &tr->id, sizeof(RunIdentity));
+    AtomicFile f;
+    atomic_open(&f, dir + "/state.bin");
+    atomic_write(&f, head, sizeof(head));
+    atomic_write(&f, m.data(), 4 * n);
+    atomic_write(&f, v.data(), 4 * n);
+    uint32_t crc = f.crc;
+    atomic_write(&f, &crc, 4);
+    atomic_commit(&f);
+    atomic_open(&f, std::string(tr->cfg->out_dir) + "/latest");
+    std::string line = name + "\n";
+    atomic_write(&f, line.data(), line.size());
+    atomic_commit(&f);
+}
+
+// Reads the resumed checkpoint's state.bin into the trainer and the runner's optimizer, and
+// checks that it is whole (checksums), consistent (step, folder, optimizer count, position)
+// and of this run (its identity; -f 1 resumes another run's, saying what differs).
+inline void checkpoint_load_state(Trainer* tr) {
+    std::string path = tr->resume_dir + "/state.bin", latest = std::string(tr->cfg->out_dir) + "/latest";
+    const char* p = path.c_str();
+    FILE* f = fopen_check(p, "rb");
+    size_t n = tr->runner->host.num_params, size = file_size_of(f);
+    if (size < STATE_HEADER_BYTES + 4) fail_file(p, "file is %zu bytes, shorter than the %zu-byte header and checksum", size, STATE_HEADER_BYTES + 4);
+    std::vector<unsigned char> bytes(size);
+    fread_check(bytes.data(), 1, size, f, p);
+    fclose(f);
+    uint32_t u[6], stored_crc;
+    uint64_t q[4];
+    RunIdentity then;
+    memcpy(u, bytes.data(), sizeof(u));
+    memcpy(q, bytes.data() + 24, sizeof(q));
+    memcpy(&then, bytes.data() + 56, sizeof(then));
+    memcpy(&stored_crc, bytes.data() + size - 4, 4);
+    if (u[0] != STATE_MAGIC) fail_file(p, "bad magic 0x%08x: not an xwin.cu training state", u[0]);
+    if (u[1] != STATE_VERSION) fail_file(p, "training state version %u; this build resumes version %u only: start the run again", u[1], STATE_VERSION);
+    uint32_t crc = crc32_update(0, bytes.data(), size - 4);
+    if (crc != stored_crc) fail_file(p, "checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
+    if (q[0] != n) fail_file(p, "holds the state of %llu parameters, the model has %zu", (unsigned long long)q[0], n);
+    if (size != STATE_HEADER_BYTES + 8 * n + 4) fail_file(p, "file is %zu bytes, expected %zu", size, STATE_HEADER_BYTES + 8 * n + 4);
+    if (u[5] != tr->resume_model_crc) {
+        fail_file((tr->resume_dir + "/model.bin").c_str(), "checksum %08x differs from the %08x state.bin recorded: the checkpoint is corrupt", tr->resume_model_crc, u[5]);
+    }
+    TrainState s;
+    s.step = u[2], s.adam_step = u[3], s.skipped = u[4], s.epoch = q[1], s.position = q[2], s.rng = q[3];
+    std::string folder = tr->resume_dir.substr(tr->resume_dir.find_last_of('/') + 1);
+    if (folder != checkpoint_name(s.step)) fail_file(p, "holds step %u but its folder is %s", s.step, folder.c_str());
+    std::string diff = run_identity_diff(tr->id, then);
+    if (!diff.empty() && !tr->cfg->force) {
+        fail_file(latest.c_str(), "%s is of another run (%s); resume it with the same flags and data, start afresh in another -o folder, or add -f 1", folder.c_str(), diff.c_str());
+    }
+    if (!diff.empty()) printf("warning: -f 1: resuming %s of another run (%s)\n", folder.c_str(), diff.c_str());
+    if (s.step < 1 || s.step > (uint32_t)tr->max_steps) fail_file(p, "step %u is outside this run's steps 1..%d", s.step, tr->max_steps);
+    if ((uint64_t)s.adam_step + s.skipped != s.step) fail_file(p, "the optimizer has taken %u steps and %u were skipped, at step %u: inconsistent", s.adam_step, s.skipped, s.step);
+    if (s.position > tr->n_seqs) fail_file(p, "position %llu is beyond the %zu sequences of the training data", (unsigned long long)s.position, tr->n_seqs);
+    if (diff.empty() && s.epoch * tr->n_seqs + s.position != (uint64_t)s.step * tr->cfg->total_batch) {
+        fail_file(p, "epoch %llu, position %llu is not where step %u of %d sequences each ends in %zu sequences: inconsistent", (unsigned long long)s.epoch,
+                  (unsigned long long)s.position, s.step, tr->cfg->total_batch, tr->n_seqs);
+    }
+    std::vector<float> m(n), v(n);
+    memcpy(m.data(), bytes.data() + STATE_HEADER_BYTES, 4 * n);
+    memcpy(v.data(), bytes.data() + STATE_HEADER_BYTES + 4 * n, 4 * n);
+    runner_set_optimizer(tr->runner, m.data(), v.data(), (int)s.adam_step);
+    tr->state = s;
+}
+
+// Starts (or resumes) the run over training data of n_seqs sequences whose file has
+// data_size bytes and offsets hash data_hash: the run's identity, the number of steps, the
+// resumed state (checked), the log. The runner must be initialised for training.
+inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_size, uint32_t data_hash) {
+    const TrainConfig& c = *tr->cfg;
+    tr->runner = r;
+    tr->n_seqs = n_seqs;
+    tr->accum = c.total_batch / c.micro_batch;
+    size_t steps_per_epoch = n_seqs / c.total_batch;
+    tr->max_steps = c.max_steps > 0 ? c.max_steps : (int)std::min(steps_per_epoch * c.epochs, (size_t)1000000000);
+    if (tr->max_steps == 0) fail_file(c.out_dir, "the training data has %zu sequences, fewer than one total batch -d %d: no step to take", n_seqs, c.total_batch);
+    RunIdentity& id = tr->id;
+    memcpy(id.program, tr->program, std::min(strlen(tr->program), sizeof(id.program)));
+    unsigned char header[MODEL_HEADER_BYTES];
+    model_header_write(header, r->host.config, DTYPE_FP32);
+    id.data_size = data_size, id.data_hash = data_hash, id.model_hash = crc32_update(0, header, sizeof(header)), id.seed = c.seed;
+    id.micro_batch = c.micro_batch, id.total_batch = c.total_batch, id.max_len = c.max_len, id.max_steps = tr->max_steps, id.warmup = c.warmup;
+    id.lr = c.lr, id.weight_decay = c.weight_decay, id.grad_clip = c.grad_clip;
+    tr->log_path = std::string(c.out_dir) + "/log.jsonl";
+    if (!tr->resume_dir.empty()) {
+        checkpoint_load_state(tr);
+        log_truncate(tr->log_path, tr->state.step);
+    } else {
+        tr->state = TrainState{};
+        tr->state.rng = c.seed;
+        std::string latest = std::string(c.out_dir) + "/latest";  // an older run's: never resume into it
+        if (remove(latest.c_str()) == 0) printf("fresh run: removed %s of an earlier run in %s\n", latest.c_str(), c.out_dir);
+    }
+    tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
+    epoch_order(tr->order, n_seqs, c.seed, tr->state.epoch);
+    tr->opt = AdamWConfig{c.lr, 0.9f, 0.999f, 1e-8f, c.weight_decay};  // Xwin-LM: betas 0.9/0.999
+}
+
+inline bool trainer_running(const Trainer* tr) {
+    return (int)tr->state.step < tr->max_steps && (tr->cfg->stop_at == 0 || (int)tr->state.step < tr->cfg->stop_at);
+}
+
+// The next step's rows (total_batch of them) in the epochs' orders; starts the step's clock.
+inline void trainer_next_rows(Trainer* tr, size_t* rows) {
+    tr->t0 = std::chrono::steady_clock::now();
+    TrainState& s = tr->state;
+    for (int i = 0; i < tr->cfg->total_batch; i++) {
+        if (s.position == tr->n_seqs) {
+            s.epoch += 1;
+            s.position = 0;
+            epoch_order(tr->order, tr->n_seqs, tr->cfg->seed, s.epoch);
+        }
+        rows[i] = tr->order[s.position++];
+    }
+}
+
+// stdout and the log are checked after every write: a full disk is an error, not a silent gap
+inline void trainer_flush(Trainer* tr) {
+    if (fflush(stdout) != 0 || ferror(stdout)) fail_file("stdout", "write failed: %s", strerror(errno));
+    if (tr->log && (fflush(tr->log) != 0 || ferror(tr->log))) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
+}
+
+// The end of an optimizer step whose gradient is accumulated: the non-finite guard, clipping,
+// the lr schedule, AdamW, the step line and the JSONL log. Returns false when the step was
+// skipped (-g 1) for a non-finite loss or norm; without -g 1 such a step stops the run with
+// exit 1, leaving the last checkpoint as it was.
+inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std::vector<Metric>& extra = {}) {
+    TrainState& s = tr->state;
+    float norm = runner_clip_grad_norm(tr->runner, tr->cfg->grad_clip);
+    s.step += 1;
+    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+        auto text = [](double x) { return std::isnan(x) ? std::string("nan") : string_format("%g", x); };
+        std::string what = string_format("step %u: the loss is %s and the gradient norm %s", s.step, text(loss).c_str(), text(norm).c_str());
+        if (!tr->cfg->skip_nonfinite) {
+            std::string last = checkpoint_latest(tr->cfg->out_dir);
+            fail_file(tr->cfg->out_dir, "%s: stopped; %s; -g 1 skips such steps", what.c_str(),
+                      last.empty() ? "no checkpoint was written yet" : ("the last good checkpoint is " + last + " (-y 1 resumes it)").c_str());
+        }
+        s.skipped += 1;
+        printf("step %4u/%d | skipped: %s | %u skipped\n", s.step, tr->max_steps, what.c_str(), s.skipped);
+        fprintf(tr->log, "{\"step\": %u, \"skipped\": %u}\n", s.step, s.skipped);
+        trainer_flush(tr);
+        return false;
+    }
+    tr->opt.lr = lr_at((int)s.step, tr->max_steps, tr->cfg->warmup, tr->cfg->lr, 0.0f);
+    runner_update(tr->runner, tr->opt);
+    s.adam_step += 1;
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tr->t0).count();
+    std::string more;
+    for (const Metric& m : extra) more += string_format(" | %s %.4f", m.name, m.value);
+    if (s.skipped) more += string_format(" | %u skipped", s.skipped);
+    printf("step %4u/%d | loss %.4f | norm %.3f | lr %.2e%s | %.1f ms | %.0f tok/s%s\n", s.step, tr->max_steps, loss, norm, tr->opt.lr, more.c_str(), ms,
+           tokens / (ms / 1000.0), mfu_text(tr->runner->host.num_params, tokens, ms).c_str());
+    std::string json;
+    for (const Metric& m : extra) json += string_format(", \"%s\": %.6f", m.name, m.value);
+    fprintf(tr->log, "{\"step\": %u, \"loss\": %.6f, \"norm\": %.6f, \"lr\": %.6e%s, \"ms\": %.3f, \"tokens\": %zu}\n", s.step, loss, norm, tr->opt.lr,
+            json.c_str(), ms, tokens);
+    trainer_flush(tr);
+    return true;
+}
+
+inline bool trainer_finished(const Trainer* tr) { return (int)tr->state.step == tr->max_steps; }
+
+// true on the steps that are a multiple of `every` (> 0), and on the last step
+inline bool trainer_due(const Trainer* tr, int every) { return trainer_finished(tr) || (every > 0 && tr->state.step % every == 0); }
+
+// "step N | name value | ..." on stdout and {"step": N, "name": value, ...} in the log
+inline void trainer_log(Trainer* tr, const std::vector<Metric>& metrics) {
+    std::string line = string_format("step %4u", tr->state.step), json = string_format("{\"step\": %u", tr->state.step);
+    for (const Metric& m : metrics) {
+        line += string_format(" | %s %.4f", m.name, m.value);
+        json += string_format(", \"%s\": %.6f", m.name, m.value);
+    }
+    printf("%s\n", line.c_str());
+    fprintf(tr->log, "%s}\n", json.c_str());
+    trainer_flush(tr);
+}
+
+// A checkpoint every -n steps, at the last step, and at the -z stop.
+inline void trainer_checkpoint(Trainer* tr) {
+    if (trainer_due(tr, tr->cfg->checkpoint_every) || (int)tr->state.step == tr->cfg->stop_at) checkpoint_save(tr);
+}
+
+// The trained weights as <out>/<name>.
+inline std::string trainer_save_model(Trainer* tr, const char* name = "model.bin") {
+    runner_download_params(tr->runner);
+    std::string path = std::string(tr->cfg->out_dir) + "/" + name;
+    llama_save(&tr->runner->host, path.c_str(), DTYPE_FP32);
+    printf("saved %s\n", path.c_str());
+    return path;
+}
+
+inline void trainer_close(Trainer* tr) {
+    if (!trainer_finished(tr)) printf("stopped after step %u of %d (-z); resume with -y 1\n", tr->state.step, tr->max_steps);
+    trainer_flush(tr);
+    if (fclose(tr->log) != 0) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
+    tr->log = nullptr;
+}
+
+// ---- the inputs of a stage agree with its model
+
+// Every id the tokenizer can emit must exist in the model (pieces, byte fallback, bos, eos,
+// pad), and the chat template needs bos and eos.
+inline void tokenizer_check_model(const Tokenizer* tok, const char* tok_path, int vocab_size, const char* model_name) {
+    if (tok->vocab_size > vocab_size) {
+        fail_file(tok_path, "has %d ids but the model %s has vocab_size %d: they were not made for each other", tok->vocab_size, model_name, vocab_size);
+    }
+    struct { const char* name; int id; bool needed; } ids[] = {{"bos_id", tok->bos_id, true}, {"eos_id", tok->eos_id, true}, {"pad_id", tok->pad_id, false}, {"unk_id", tok->unk_id, false}};
+    for (auto& s : ids) {
+        if ((s.needed && s.id < 0) || s.id >= vocab_size) {
+            fail_file(tok_path, "%s %d is not an id of the model %s (vocab_size %d)%s", s.name, s.id, model_name, vocab_size, s.needed ? "; the chat template needs it" : "");
+        }
+    }
+}
+
+// The identity of a token file for RunIdentity: its size and the CRC-32 of its offsets.
+inline void tokens_identity(const TokenData& d, uint64_t* size, uint32_t* hash) {
+    *size = TOKENS_HEADER_BYTES + 8 * d.offsets.size() + 5 * d.tokens.size();
+    *hash = crc32_update(0, d.offsets.data(), 8 * d.offsets.size());
+}
+
+// A file to train or validate on: no sequence longer than max_len, and something to learn.
+inline void tokens_check_for_training(const TokenData& d, const char* path, int max_len) {
+    size_t targets = 0;
+    for (size_t i = 0; i < d.n_seqs; i++) {
+        if (token_seq_len(d, i) > (size_t)max_len) {
+            fail_file(path, "sequence %zu has %zu tokens, more than the maximum %d (-t, max_seq_len)", i, token_seq_len(d, i), max_len);
+        }
+        for (uint64_t j = d.offsets[i] + 1; j < d.offsets[i + 1]; j++) targets += d.mask[j];
+    }
+    if (targets == 0) fail_file(path, "has no target tokens (the mask is 0 after every sequence's first token): nothing to learn or measure");
 }
 
 // The gold judge's mean score (0..10) of greedy answers to the first n eval prompts of the

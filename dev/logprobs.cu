@@ -1,7 +1,7 @@
 /*
 logprobs: the log-probabilities a model gives to a token file.
 
-  ./logprobs -m model.bin -i data.tok [-b batch] [-o logits.bin] [-q]
+  ./logprobs -m model.bin -i data.tok [-b batch] [-o logits.bin] [-q 1]
 
 For each sequence it prints the sum of the log-probs of its target tokens (mask = 1, see
 the token file format in llm.cu) and their count; then the masked mean loss over the whole
@@ -13,29 +13,21 @@ The GPU build (make) runs the CUDA kernels in the default precision; make cpu th
 */
 #include "../llm.cu"
 
-static void usage() {
-    fprintf(stderr, "usage: ./logprobs -m model.bin -i data.tok [-b batch (8)] [-o logits.bin] [-q (totals only)]\n");
-    exit(1);
-}
-
 int main(int argc, char** argv) {
-    const char* model_path = nullptr;
-    const char* data_path = nullptr;
-    const char* logits_path = nullptr;
-    int B = 8;
-    bool quiet = false;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "-q") == 0) { quiet = true; continue; }
-        if (i + 1 >= argc || argv[i][0] != '-' || strlen(argv[i]) != 2) usage();
-        char flag = argv[i][1];
-        const char* value = argv[++i];
-        if (flag == 'm') model_path = value;
-        else if (flag == 'i') data_path = value;
-        else if (flag == 'o') logits_path = value;
-        else if (flag == 'b') B = atoi(value);
-        else usage();
-    }
-    if (!model_path || !data_path || B < 1) usage();
+    const char* model_path = "";
+    const char* data_path = "";
+    const char* logits_path = "";
+    int B = 8, quiet = 0;
+    std::vector<Flag> flags = {
+        {'m', FLAG_PATH, &model_path, 0, 0, "model file (required)"},
+        {'i', FLAG_PATH, &data_path, 0, 0, "token file (required)"},
+        {'b', FLAG_INT, &B, 1, 4096, "sequences per forward"},
+        {'o', FLAG_OPTIONAL_PATH, &logits_path, 0, 0, "write every sequence's logits to this tensor archive ('': no)"},
+        {'q', FLAG_INT, &quiet, 0, 1, "1: totals only"},
+    };
+    flags_parse(argc, argv, "per-sequence log-prob sums and the masked mean loss of a token file", flags);
+    if (!*model_path) fail_flag('m', "the model file is required");
+    if (!*data_path) fail_flag('i', "the token file is required");
 
     Runner runner;
     llama_load(&runner.host, model_path);
@@ -70,7 +62,7 @@ int main(int argc, char** argv) {
             total_nll -= sums[b];
             total_targets += count;
             if (!quiet) printf("seq %zu: logprob_sum %.6f over %zu targets\n", first + b, sums[b], count);
-            if (logits_path) {
+            if (*logits_path) {
                 ArchiveEntry e{"logits." + std::to_string(first + b), {len, (uint64_t)c.vocab_size}, std::vector<float>(len * c.vocab_size)};
                 for (size_t t = 0; t < len; t++) runner_logits_row(&runner, b, (int)t, T, e.data.data() + t * c.vocab_size);
                 dump.push_back(std::move(e));
@@ -79,7 +71,7 @@ int main(int argc, char** argv) {
     }
     printf("masked mean loss %.6f over %zu targets in %zu sequences\n", total_targets ? total_nll / total_targets : 0.0,
            total_targets, data.n_seqs);
-    if (logits_path) {
+    if (*logits_path) {
         archive_save(dump, logits_path);
         printf("wrote logits to %s\n", logits_path);
     }

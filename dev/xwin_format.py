@@ -3,8 +3,10 @@
 Three formats: the model file (.bin, float32 or bfloat16 parameters), the token
 file (.tok, sequences with per-token loss masks) and the test fixture archive
 (expect.bin, named float32 arrays). The C++ header is the reference for the
-layouts; this module mirrors it for the Python tools in dev/. Only numpy is
-required; torch tensors are accepted wherever arrays are. Writers go through a
+layouts; this module mirrors it for the Python tools in dev/. numpy is needed
+for everything but write_tokens, which needs only the standard library (so
+dev/data/prepare_sft.py runs with the byte tokenizer on a bare Python); torch
+tensors are accepted wherever arrays are. Writers go through a
 temporary file and os.replace, so a reader never sees a half-written file.
 
     import xwin_format as xf
@@ -14,8 +16,13 @@ temporary file and os.replace, so a reader never sees a half-written file.
 
 import os
 import struct
+import sys
+from array import array
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # write_tokens works without it
+    np = None
 
 MODEL_MAGIC = 0x4E495758  # "XWIN"
 TOKENS_MAGIC = 0x4B545758  # "XWTK"
@@ -221,19 +228,25 @@ def write_tokens(path, seqs, masks):
         _check(len(s) >= 1, f"sequence {i} is empty")
         _check(len(s) == len(m), f"sequence {i}: {len(s)} tokens but {len(m)} mask values")
         offsets.append(offsets[-1] + len(s))
-    tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-    mask = np.concatenate([np.asarray(m, dtype=np.int64) for m in masks])
-    _check(tokens.min() >= 0 and tokens.max() < 2**32, "token ids must fit in uint32")
-    _check(np.isin(mask, (0, 1)).all(), "mask values must be 0 or 1")
+    tokens = [int(t) for s in seqs for t in s]
+    mask = [int(v) for m in masks for v in m]
+    _check(min(tokens) >= 0 and max(tokens) < 2**32, "token ids must fit in uint32")
+    _check(set(mask) <= {0, 1}, "mask values must be 0 or 1")
     n = int(offsets[-1])
     head = struct.pack("<4I2Q", TOKENS_MAGIC, VERSION, len(seqs), 0, n, n)
     head += bytes(TOKENS_HEADER - len(head))
-    _atomic_write(path, [
-        head,
-        np.asarray(offsets, dtype="<u8").tobytes(),
-        tokens.astype("<u4").tobytes(),
-        mask.astype(np.uint8).tobytes(),
-    ])
+    _atomic_write(path, [head, _le_array("Q", 8, offsets), _le_array("I", 4, tokens), bytes(mask)])
+
+
+def _le_array(code, size, values):
+    """Little-endian bytes of unsigned integers of `size` bytes (standard library only)."""
+    if array(code).itemsize != size:
+        code = {4: "L", 8: "Q"}[size] if array({4: "L", 8: "Q"}[size]).itemsize == size else code
+    a = array(code, values)
+    _check(a.itemsize == size, f"no {size}-byte unsigned array type on this platform")
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
 
 
 def read_tokens(path):

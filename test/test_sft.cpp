@@ -1,11 +1,22 @@
-// train_sft as a program: refusals of bad data, exact resume (CPU build and the CUDA
-// kernels through the emulation layer), and a short run on the built-in world whose loss
-// must fall. The binaries are build/train_sft_cpu and build/train_sft_emu (see Makefile).
+// train_sft as a program, and through it the training plumbing of llm.cu that every stage
+// shares: the checked flags, refusals of bad inputs, resume of only what a run started
+// (validated state, checksums), the non-finite guard, checked writes, exact resume (CPU
+// build and the CUDA kernels through the emulation layer, across an epoch boundary and
+// after SIGKILLs at random moments), and a short run on the built-in world whose loss must
+// fall. The binaries are build/train_sft_cpu and build/train_sft_emu (see Makefile).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
+#include <random>
+#include <signal.h>
+#include <sys/wait.h>
+#include <thread>
 
 #include "fixture.h"
+
+// The programs run with 2 OpenMP threads beside other processes (a parallel make, the test
+// itself polling): threads that spin at barriers then fight for the cores, and a step can
+// take 30x longer. Passive waiting changes no result, only the time.
+static const int passive_omp = setenv("OMP_WAIT_POLICY", "passive", 0);
 
 static std::string scratch(const char* name) { return std::string("/tmp/xwin_sft_") + std::to_string(getpid()) + "_" + name; }
 
@@ -21,6 +32,11 @@ static int run(const std::string& cmd, std::string* out) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+static void rm_rf(const std::string& path) {
+    std::string out;
+    run("rm -rf '" + path + "'", &out);
+}
+
 static std::vector<unsigned char> file_bytes(const std::string& path) {
     std::vector<unsigned char> b;
     FILE* f = fopen(path.c_str(), "rb");
@@ -31,16 +47,56 @@ static std::vector<unsigned char> file_bytes(const std::string& path) {
     return b;
 }
 
-// a small model over the byte vocabulary, so the runs stay short
-static std::string write_small_model() {
-    std::string path = scratch("small.bin");
+static void write_bytes(const std::string& path, const std::vector<unsigned char>& b) {
+    FILE* f = fopen_check(path.c_str(), "wb");
+    if (!b.empty()) REQUIRE(fwrite(b.data(), 1, b.size(), f) == b.size());
+    fclose(f);
+}
+
+static bool exists(const std::string& path) {
+    struct stat st;
+    return lstat(path.c_str(), &st) == 0;
+}
+
+// a small model over the byte vocabulary, so the runs stay short (nan_at: a NaN weight there)
+static std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1) {
+    std::string path = scratch(name);
     Llama m;
-    llama_init(&m, LlamaConfig{32, 2, 4, 2, 259, 64, 256, 1, HEAD_LM, 10000.0, 1e-5});
+    llama_init(&m, LlamaConfig{dim, layers, 4, 2, 259, 2 * dim, 256, 1, HEAD_LM, 10000.0, 1e-5});
     uint64_t rng = 7;
     for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
+    if (nan_at >= 0) m.params_memory[nan_at] = NAN;
     llama_save(&m, path.c_str(), DTYPE_FP32);
     llama_free(&m);
     return path;
+}
+
+// the first n sequences of the world's validation file
+static std::string write_small_data(const char* name, size_t n) {
+    TokenData all, d;
+    tokens_load(&all, "data/world/sft_val.tok", 259);
+    d.n_seqs = n;
+    d.offsets.assign(all.offsets.begin(), all.offsets.begin() + n + 1);
+    d.tokens.assign(all.tokens.begin(), all.tokens.begin() + d.offsets[n]);
+    d.mask.assign(all.mask.begin(), all.mask.begin() + d.offsets[n]);
+    std::string path = scratch(name);
+    tokens_save(d, path.c_str());
+    return path;
+}
+
+// the "loss" of every step line of a log.jsonl, in order
+static std::vector<double> logged_losses(const std::string& path) {
+    std::vector<double> losses;
+    FILE* f = fopen(path.c_str(), "r");
+    if (!f) return losses;
+    char line[1024];
+    while (fgets(line, sizeof(line), f)) {
+        const char* p = strstr(line, "\"loss\": ");
+        double x;
+        if (p && sscanf(p + 8, "%lf", &x) == 1) losses.push_back(x);
+    }
+    fclose(f);
+    return losses;
 }
 
 TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
@@ -64,13 +120,14 @@ TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
     uint64_t n_mask = 2;
     memcpy(&mask_len[24], &n_mask, 8);
     cases.push_back({"mask_len.tok", mask_len, "mask length 2 differs from token count 3"});
+    auto no_targets = bytes;
+    no_targets[no_targets.size() - 1] = no_targets[no_targets.size() - 2] = 0;  // mask 0, 0, 0
+    cases.push_back({"no_targets.tok", no_targets, "has no target tokens"});
     for (const Case& c : cases) {
         std::string path = scratch(c.name);
-        FILE* f = fopen_check(path.c_str(), "wb");
-        if (!c.bytes.empty()) fwrite_check(c.bytes.data(), 1, c.bytes.size(), f, path.c_str());
-        fclose(f);
+        write_bytes(path, c.bytes);
         std::string out;
-        int rc = run("build/train_sft_cpu -o " + scratch("refuse") + " -i " + path + " -x 1", &out);
+        int rc = run("build/train_sft_cpu -o " + scratch("refuse") + " -p '' -i " + path + " -x 1", &out);
         INFO(out);
         CHECK(rc != 0);
         CHECK_THAT(out, Catch::Contains("error: " + path + ": "));  // one line naming the file
@@ -78,11 +135,86 @@ TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
         remove(path.c_str());
     }
     remove(good.c_str());
+    rm_rf(scratch("refuse"));
+}
+
+TEST_CASE("train_sft -h prints the usage made from its flag table", "[sft][flags]") {
+    std::string out;
+    REQUIRE(run("build/train_sft_cpu -h", &out) == 0);
+    for (const char* flag : {"-m <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-f <int>", "-g <int>", "-r <int>"}) {
+        CHECK_THAT(out, Catch::Contains(flag));
+    }
+    CHECK_THAT(out, Catch::Contains("(default 600, 0..1000000000)"));  // -x: default and range
+}
+
+// Each bad invocation: one line "error: ..." naming the flag or file, exit 1, and nothing
+// written: no file in the working folder and an empty (or no) output folder.
+TEST_CASE("train_sft refuses bad flags and mismatched inputs with one-line errors", "[sft][flags]") {
+    std::string work = scratch("cli"), out_dir = work + "/out", out;
+    make_dir(work);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    std::string repo = cwd;
+    std::string bin = repo + "/build/train_sft_cpu";
+    // the byte tokenizer without a BOS id
+    std::vector<unsigned char> tok = file_bytes("data/world/byte.tokenizer");
+    REQUIRE(tok.size() > 40);
+    int32_t minus_one = -1;
+    memcpy(&tok[20], &minus_one, 4);
+    std::string no_bos = work + "/no_bos.tokenizer";
+    write_bytes(no_bos, tok);
+    std::string tiny_data = write_small_data("tiny.tok", 20);
+    std::string data = " -i " + repo + "/data/world/sft_val.tok -j '' -p '' -k " + repo + "/data/world/byte.tokenizer";
+    struct Case { std::string args, message; };
+    std::vector<Case> cases = {
+        {"-o ''", "error: -o: the path is empty"},
+        {"-x 1e12", "error: -x: '1e12' is not an integer"},
+        {"-x abc", "error: -x: 'abc' is not an integer"},
+        {"-x 99999999999", "error: -x: 99999999999 is out of range (0..1000000000)"},
+        {"-l abc", "error: -l: 'abc' is not a number"},
+        {"-l -1", "error: -l: -1 is out of range (0..1)"},
+        {"-l inf", "error: -l: inf is not a finite number"},
+        {"-l nan", "error: -l: nan is not a finite number"},
+        {"-q nan", "error: -q: nan is not a finite number"},
+        {"-y abc", "error: -y: 'abc' is not an integer"},
+        {"-t -1", "error: -t: -1 is out of range (2..1048576)"},
+        {"-t 100000", "error: -t: 100000 is more than the max_seq_len 256 of the model"},
+        {"-z -1", "error: -z: -1 is out of range"},
+        {"-e -1", "error: -e: -1 is out of range (1..1000000)"},
+        {"-x 0 -e 0", "error: -e: 0 is out of range (1..1000000)"},
+        {"-b 3 -d 8", "error: -d: the total batch 8 is not a multiple of the micro-batch -b 3"},
+        {"-Q 1", "error: unknown flag '-Q'"},
+        {"stray", "error: not a flag: 'stray'"},
+        {"-x", "error: -x needs a value"},
+        {"-y 1", "has no checkpoint to resume from"},
+        {"-x 0 -d 32 -i " + tiny_data, "fewer than one total batch -d 32"},
+        {"-k " + repo + "/test/fixtures/tokenizer/bpe.tokenizer", "has 800 ids but the model (new world model) has vocab_size 259"},
+        {"-k " + no_bos, "bos_id -1 is not an id of the model (new world model) (vocab_size 259); the chat template needs it"},
+    };
+    for (const Case& c : cases) {
+        rm_rf(out_dir);
+        // flags given twice: the later one wins, so each case overrides the common ones
+        int rc = run("cd " + work + " && " + bin + data + " -o " + out_dir + " -x 2 " + c.args, &out);
+        INFO(c.args << "\n" << out);
+        CHECK(rc == 1);
+        CHECK_THAT(out, Catch::StartsWith("error: ") || Catch::Contains("\nerror: "));
+        CHECK_THAT(out, Catch::Contains(c.message));
+        size_t lines = std::count(out.begin(), out.end(), '\n');
+        CHECK(lines == 1);  // the error is the only output
+        std::string listing;
+        run("ls -A " + work + " | grep -v -e '^out$' -e no_bos.tokenizer; (ls -A " + out_dir + " 2>/dev/null)", &listing);
+        INFO("written: " << listing);
+        CHECK(listing.empty());  // nothing written anywhere
+    }
+    rm_rf(work);
+    remove(tiny_data.c_str());
 }
 
 static void check_resume(const std::string& binary, const std::string& env) {
     std::string model = write_small_model();
-    std::string common = env + " " + binary + " -m " + model + " -i data/world/sft_val.tok -j '' -b 4 -d 8 -x 6 -w 2 -l 1e-2 -v 0 -s 0 -n 0 -r 5";
+    // 20 sequences, 8 a step: epochs roll over inside steps 3 and 5, on both sides of the stop
+    std::string data = write_small_data("resume.tok", 20);
+    std::string common = env + " " + binary + " -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 6 -w 2 -l 1e-2 -v 0 -s 0 -n 0 -r 5";
     std::string straight = scratch("straight"), resumed = scratch("resumed"), out;
     REQUIRE(run(common + " -o " + straight, &out) == 0);
     INFO(out);
@@ -93,19 +225,330 @@ static void check_resume(const std::string& binary, const std::string& env) {
     std::vector<unsigned char> a = file_bytes(straight + "/model.bin"), b = file_bytes(resumed + "/model.bin");
     REQUIRE(!a.empty());
     CHECK(a == b);  // bit-identical
-    std::string cleanup;
-    run("rm -rf " + straight + " " + resumed + " " + model, &cleanup);
+    CHECK(logged_losses(straight + "/log.jsonl") == logged_losses(resumed + "/log.jsonl"));
+    CHECK(logged_losses(resumed + "/log.jsonl").size() == 6);  // the resumed log holds each step once
+    rm_rf(straight), rm_rf(resumed), remove(model.c_str()), remove(data.c_str());
 }
 
-TEST_CASE("train_sft resumes bit-identically (CPU build)", "[sft][resume]") { check_resume("build/train_sft_cpu", "OMP_NUM_THREADS=2"); }
+TEST_CASE("train_sft resumes bit-identically across an epoch boundary (CPU build)", "[sft][resume]") {
+    check_resume("build/train_sft_cpu", "OMP_NUM_THREADS=2");
+}
 
 // one OS thread runs the emulated blocks, so the FP32 atomics add in a fixed order
-TEST_CASE("train_sft resumes bit-identically (CUDA kernels, emulated)", "[sft][resume]") { check_resume("build/train_sft_emu", "XWIN_EMU_THREADS=1"); }
+TEST_CASE("train_sft resumes bit-identically across an epoch boundary (CUDA kernels, emulated)", "[sft][resume]") {
+    check_resume("build/train_sft_emu", "XWIN_EMU_THREADS=1");
+}
+
+// The training state of a checkpoint, every field, saved and loaded in-process.
+TEST_CASE("a checkpoint round-trips every field of the training state", "[sft][resume]") {
+    std::string model = write_small_model("roundtrip.bin");
+    TrainConfig cfg;
+    std::string dir = scratch("roundtrip");
+    cfg.out_dir = dir.c_str(), cfg.micro_batch = 2, cfg.total_batch = 4, cfg.max_steps = 10, cfg.lr = 1e-3f, cfg.warmup = 3, cfg.seed = 99;
+    Runner r;
+    Trainer saver;
+    trainer_init(&saver, &cfg, "train_test");
+    REQUIRE(trainer_load_model(&saver, &r.host, model.c_str()));
+    runner_init(&r, cfg.micro_batch, 16, true);
+    trainer_start(&saver, &r, 30, 1234, 0xABCD);
+    uint64_t rng = 3;
+    for (size_t i = 0; i < r.host.num_params; i++) r.host.m_memory[i] = rng_normal(&rng), r.host.v_memory[i] = rng_uniform(&rng);
+    // distinct values in every field, consistent: step 7 = 6 updates + 1 skip; 7 * 4 = 0 * 30 + 28
+    saver.state = TrainState{7, 6, 1, 0, 28, 0x0123456789ABCDEFull};
+    r.host.adam_step = 6;
+    checkpoint_save(&saver);
+    std::vector<float> m(r.host.m_memory, r.host.m_memory + r.host.num_params), v(r.host.v_memory, r.host.v_memory + r.host.num_params);
+    std::vector<float> params(r.host.params_memory, r.host.params_memory + r.host.num_params);
+    trainer_close(&saver);
+    runner_free(&r);
+
+    cfg.resume = 1;
+    Runner r2;
+    Trainer loader;
+    trainer_init(&loader, &cfg, "train_test");
+    CHECK(loader.resume_dir == dir + "/ckpt_000007");
+    REQUIRE(trainer_load_model(&loader, &r2.host, model.c_str()));
+    runner_init(&r2, cfg.micro_batch, 16, true);
+    trainer_start(&loader, &r2, 30, 1234, 0xABCD);
+    CHECK(loader.state.step == 7);
+    CHECK(loader.state.adam_step == 6);
+    CHECK(loader.state.skipped == 1);
+    CHECK(loader.state.epoch == 0);
+    CHECK(loader.state.position == 28);
+    CHECK(loader.state.rng == 0x0123456789ABCDEFull);
+    CHECK(r2.host.adam_step == 6);
+    CHECK(memcmp(r2.host.m_memory, m.data(), 4 * m.size()) == 0);
+    CHECK(memcmp(r2.host.v_memory, v.data(), 4 * v.size()) == 0);
+    CHECK(memcmp(r2.host.params_memory, params.data(), 4 * params.size()) == 0);
+    CHECK(memcmp(&loader.id, &saver.id, sizeof(RunIdentity)) == 0);
+    // the next step's rows continue the order: 28, 29 of epoch 0, then 0, 1 of epoch 1
+    std::vector<size_t> rows(4), order0, order1;
+    trainer_next_rows(&loader, rows.data());
+    epoch_order(order0, 30, 99, 0);
+    epoch_order(order1, 30, 99, 1);
+    CHECK(rows == std::vector<size_t>{order0[28], order0[29], order1[0], order1[1]});
+    CHECK(loader.state.epoch == 1);
+    trainer_close(&loader);
+    runner_free(&r2);
+    rm_rf(dir), remove(model.c_str());
+}
+
+// A checkpoint at step 3 of a short run; the cases corrupt or misuse it, one at a time.
+struct ResumeFixture {
+    std::string model = write_small_model("resume_model.bin"), data = write_small_data("resume_data.tok", 40);
+    std::string dir = scratch("validate"), common;
+    ResumeFixture() {
+        common = "build/train_sft_cpu -m " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -r 5 -o " + dir;
+        std::string out;
+        rm_rf(dir);
+        REQUIRE(run(common + " -i " + data + " -z 3", &out) == 0);
+    }
+    ~ResumeFixture() { rm_rf(dir), remove(model.c_str()), remove(data.c_str()); }
+    std::string state() const { return dir + "/ckpt_000003/state.bin"; }
+    // rewrites state.bin with a field changed and a valid checksum (only the field is wrong)
+    void patch_state(size_t offset, const void* value, size_t n) const {
+        std::vector<unsigned char> b = file_bytes(state());
+        memcpy(&b[offset], value, n);
+        uint32_t crc = crc32_update(0, b.data(), b.size() - 4);
+        memcpy(&b[b.size() - 4], &crc, 4);
+        write_bytes(state(), b);
+    }
+    std::string resume(const std::string& extra, int* rc) const {
+        std::string out;
+        *rc = run(common + " -i " + data + " -y 1 " + extra, &out);
+        return out;
+    }
+};
+
+TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of another run", "[sft][resume]") {
+    int rc;
+    std::string out;
+    SECTION("a shorter training file (the old position would overflow it)") {
+        ResumeFixture fx;
+        std::string shorter = write_small_data("shorter.tok", 10);
+        int code = run(fx.common + " -i " + shorter + " -y 1", &out);
+        INFO(out);
+        CHECK(code == 1);
+        CHECK_THAT(out, Catch::Contains("error: " + fx.dir + "/latest: ckpt_000003 is of another run (training data"));
+        code = run(fx.common + " -i " + shorter + " -y 1 -f 1", &out);  // forced: the position is still checked
+        CHECK(code == 1);
+        CHECK_THAT(out, Catch::Contains("position 24 is beyond the 10 sequences of the training data"));
+        remove(shorter.c_str());
+    }
+    SECTION("a stale latest of a run with other flags") {
+        ResumeFixture fx;
+        out = fx.resume("-b 2 -l 0.5", &rc);
+        INFO(out);
+        CHECK(rc == 1);
+        CHECK_THAT(out, Catch::Contains("micro-batch -b: 2 now, 4 in the checkpoint"));
+        CHECK_THAT(out, Catch::Contains("lr -l: 0.5 now, 2e-05 in the checkpoint"));
+        CHECK_THAT(out, Catch::Contains("add -f 1"));
+        out = fx.resume("-b 2 -f 1 -x 4", &rc);  // forced: says so and trains
+        CHECK(rc == 0);
+        CHECK_THAT(out, Catch::Contains("warning: -f 1: resuming ckpt_000003 of another run (micro-batch -b: 2 now, 4 in the checkpoint"));
+    }
+    SECTION("a fresh run in the same folder does not leave the old latest behind") {
+        ResumeFixture fx;
+        std::string again;
+        REQUIRE(run(fx.common + " -i " + fx.data + " -x 1 -b 2", &again) == 0);  // another run, 1 step, no checkpoint cadence hit
+        CHECK_THAT(again, Catch::Contains("removed " + fx.dir + "/latest of an earlier run"));
+        CHECK(checkpoint_latest(fx.dir) == fx.dir + "/ckpt_000001");  // its own final checkpoint
+    }
+    SECTION("a flipped byte in state.bin or model.bin") {
+        ResumeFixture fx;
+        std::vector<unsigned char> b = file_bytes(fx.state());
+        b[200] ^= 1;
+        write_bytes(fx.state(), b);
+        out = fx.resume("", &rc);
+        CHECK(rc == 1);
+        CHECK_THAT(out, Catch::Contains("error: " + fx.state() + ": checksum mismatch"));
+        b[200] ^= 1;
+        write_bytes(fx.state(), b);
+        std::string model = fx.dir + "/ckpt_000003/model.bin";
+        std::vector<unsigned char> mb = file_bytes(model);
+        mb[1000] ^= 0x10;
+        write_bytes(model, mb);
+        out = fx.resume("", &rc);
+        CHECK(rc == 1);
+        CHECK_THAT(out, Catch::Contains("error: " + model + ": checksum"));
+        CHECK_THAT(out, Catch::Contains("the checkpoint is corrupt"));
+    }
+    SECTION("each field of state.bin, corrupted with a valid checksum") {
+        ResumeFixture fx;
+        struct Field { size_t offset; uint64_t value; size_t bytes; const char* message; };
+        std::vector<Field> fields = {
+            {4, 1, 4, "training state version 1; this build resumes version 2 only"},
+            {8, 4, 4, "holds step 4 but its folder is ckpt_000003"},
+            {12, 0x7FFFFFFF, 4, "the optimizer has taken 2147483647 steps and 0 were skipped, at step 3"},
+            {16, 1, 4, "the optimizer has taken 3 steps and 1 were skipped, at step 3"},
+            {24, 12345, 8, "holds the state of 12345 parameters"},
+            {32, 1, 8, "epoch 1, position 24 is not where step 3 of 8 sequences each ends"},
+            {40, 23, 8, "epoch 0, position 23 is not where step 3"},
+            {40, 41, 8, "position 41 is beyond the 40 sequences"},
+        };
+        std::vector<unsigned char> clean = file_bytes(fx.state());
+        for (const Field& f : fields) {
+            fx.patch_state(f.offset, &f.value, f.bytes);
+            out = fx.resume("", &rc);
+            INFO(f.offset << " " << out);
+            CHECK(rc == 1);
+            CHECK_THAT(out, Catch::Contains("error: " + fx.state() + ": "));
+            CHECK_THAT(out, Catch::Contains(f.message));
+            write_bytes(fx.state(), clean);
+        }
+        // a step beyond the run (its folder renamed to match): 0xC0000000 and 0x7FFFFFFF
+        for (uint32_t step : {0xC0000000u, 0x7FFFFFFFu}) {
+            fx.patch_state(8, &step, 4);
+            std::string name = checkpoint_name(step), folder = fx.dir + "/" + name;
+            REQUIRE(rename((fx.dir + "/ckpt_000003").c_str(), folder.c_str()) == 0);
+            write_bytes(fx.dir + "/latest", std::vector<unsigned char>(name.begin(), name.end()));
+            out = fx.resume("", &rc);
+            CHECK(rc == 1);
+            CHECK_THAT(out, Catch::Contains(string_format("step %u is outside this run's steps 1..6", step)));
+            REQUIRE(rename(folder.c_str(), (fx.dir + "/ckpt_000003").c_str()) == 0);
+            write_bytes(fx.dir + "/latest", {'c', 'k', 'p', 't', '_', '0', '0', '0', '0', '0', '3', '\n'});
+            write_bytes(fx.state(), clean);
+        }
+        out = fx.resume("", &rc);  // and the clean checkpoint still resumes
+        INFO(out);
+        CHECK(rc == 0);
+    }
+}
+
+TEST_CASE("a non-finite loss stops the run at its step, leaving the last checkpoint intact; -g 1 skips", "[sft][nan]") {
+    std::string nan_model = write_small_model("nan.bin", 32, 2, 5000);  // a NaN in a weight
+    std::string dir = scratch("nan"), out;
+    std::string common = "build/train_sft_cpu -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 3 -v 0 -s 0 -n 1 -o " + dir;
+    int rc = run(common + " -m " + nan_model, &out);
+    INFO(out);
+    CHECK(rc == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + dir + ": step 1: the loss is nan and the gradient norm nan: stopped; no checkpoint was written yet"));
+    CHECK(!exists(dir + "/model.bin"));
+    CHECK(!exists(dir + "/latest"));
+    rc = run(common + " -m " + nan_model + " -g 1", &out);  // skipped and counted
+    CHECK(rc == 0);
+    CHECK_THAT(out, Catch::Contains("step    3/3 | skipped: step 3: the loss is nan"));
+    CHECK_THAT(out, Catch::Contains("| 3 skipped"));
+    // a run that diverges (lr 1, weight decay 10: the matrices grow 9-fold a step) stops at the first non-finite step and
+    // names the checkpoint before it, which still resumes (to the same stop)
+    std::string model = write_small_model("diverge.bin");
+    rm_rf(dir);
+    std::string diverge = "build/train_sft_cpu -m " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 200 -w 0 -l 1 -q 10 -c 0 -v 0 -s 0 -n 1 -o " + dir;
+    rc = run(diverge, &out);
+    REQUIRE(rc == 1);
+    size_t at = out.find(": step ");
+    REQUIRE(at != std::string::npos);
+    unsigned bad = (unsigned)atoi(out.c_str() + at + 7);
+    REQUIRE(bad > 1);
+    std::string last = dir + "/" + checkpoint_name(bad - 1);
+    CHECK_THAT(out, Catch::Contains("the last good checkpoint is " + last + " (-y 1 resumes it)"));
+    CHECK(checkpoint_latest(dir) == last);
+    std::string again;
+    CHECK(run(diverge + " -y 1", &again) == 1);
+    CHECK_THAT(again, Catch::Contains(string_format("resumed from %s at step %u", last.c_str(), bad - 1)));
+    CHECK_THAT(again, Catch::Contains(string_format(": step %u: the loss is", bad)));
+    rm_rf(dir), remove(model.c_str()), remove(nan_model.c_str());
+}
+
+TEST_CASE("write failures exit 1 naming the file and leave no .tmp behind", "[sft][io]") {
+    std::string model = write_small_model("io.bin");
+    std::string dir = scratch("io"), out;
+    std::string common = "build/train_sft_cpu -m " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 2 -v 0 -s 0 -n 1 -o " + dir;
+    SECTION("the log") {
+        make_dir(dir);
+        REQUIRE(symlink("/dev/full", (dir + "/log.jsonl").c_str()) == 0);
+        CHECK(run(common, &out) == 1);
+        CHECK_THAT(out, Catch::Contains("error: " + dir + "/log.jsonl: write failed: No space left on device"));
+    }
+    SECTION("stdout") {
+        CHECK(run("(" + common + " > /dev/full)", &out) == 1);  // stderr still reaches the pipe
+        CHECK_THAT(out, Catch::Contains("error: stdout: write failed"));
+    }
+    SECTION("a checkpoint file") {
+        make_dir(dir + "/ckpt_000001");
+        REQUIRE(symlink("/dev/full", (dir + "/ckpt_000001/state.bin.tmp").c_str()) == 0);
+        CHECK(run(common, &out) == 1);
+        INFO(out);
+        CHECK_THAT(out, Catch::Contains("error: " + dir + "/ckpt_000001/state.bin: write failed: No space left on device"));
+        CHECK(!exists(dir + "/ckpt_000001/state.bin.tmp"));
+        CHECK(!exists(dir + "/latest"));  // the checkpoint never became the latest
+        CHECK(!exists(dir + "/model.bin"));
+    }
+    rm_rf(dir), remove(model.c_str());
+}
+
+// the *.tmp files under dir and its ckpt_* folders (no process spawned: it is polled)
+static int count_tmp(const std::string& dir) {
+    int count = 0;
+    std::vector<std::string> dirs = {dir};
+    for (size_t d = 0; d < dirs.size(); d++) {
+        DIR* h = opendir(dirs[d].c_str());
+        if (!h) continue;
+        while (struct dirent* e = readdir(h)) {
+            std::string name = e->d_name;
+            if (d == 0 && name.rfind("ckpt_", 0) == 0) dirs.push_back(dir + "/" + name);
+            count += ends_with(name, ".tmp");
+        }
+        closedir(h);
+    }
+    return count;
+}
+
+// Starts cmd in its own process; returns its pid.
+static pid_t spawn(const std::string& cmd, const std::string& log) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", ("exec " + cmd + " >>" + log + " 2>&1").c_str(), (char*)nullptr);
+        _exit(127);
+    }
+    return pid;
+}
+
+TEST_CASE("SIGKILL at random moments, checkpoint writes included: the resumed losses equal an uninterrupted run's", "[sft][resume][kill]") {
+    // a checkpoint of 0.1M parameters (0.4 MB weights, 0.8 MB moments, each fsynced) takes a while to write
+    std::string model = write_small_model("kill.bin", 64, 2);
+    std::string data = write_small_data("kill.tok", 30);
+    std::string common = "build/train_sft_cpu -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 12 -w 2 -l 1e-2 -v 0 -s 0 -n 1 -r 5";
+    std::string straight = scratch("kill_straight"), killed = scratch("kill_killed"), log = scratch("kill.log"), out;
+    auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(run("OMP_NUM_THREADS=2 " + common + " -o " + straight, &out) == 0);
+    double run_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    std::mt19937 rng(12345);
+    int kills = 0, during_write = 0;
+    for (int attempt = 0; kills < 12 && attempt < 40; attempt++) {
+        bool resume = exists(killed + "/latest");
+        pid_t pid = spawn("env OMP_NUM_THREADS=2 " + common + " -o " + killed + (resume ? " -y 1" : ""), log);
+        if (attempt % 2 == 0) {  // at a random moment
+            std::this_thread::sleep_for(std::chrono::microseconds((int64_t)(std::uniform_real_distribution<double>(0.02, 0.3)(rng) * run_ms * 1000)));
+        } else {  // the moment a .tmp file appears: in the middle of a checkpoint write
+            auto start = std::chrono::steady_clock::now();
+            while (count_tmp(killed) == 0 && std::chrono::steady_clock::now() - start < std::chrono::milliseconds((int)run_ms)) {}
+        }
+        int status = 0;
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        bool mid_write = count_tmp(killed) > 0;  // a .tmp left behind: the kill cut a write
+        if (WIFSIGNALED(status)) kills++, during_write += mid_write;
+        else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) rm_rf(killed);  // finished before the kill: start over
+        else FAIL("exit " << WEXITSTATUS(status) << ": " << std::string((const char*)file_bytes(log).data(), file_bytes(log).size()));
+    }
+    CHECK(kills >= 10);
+    CHECK(during_write >= 1);
+    REQUIRE(run("OMP_NUM_THREADS=2 " + common + " -o " + killed + (exists(killed + "/latest") ? " -y 1" : ""), &out) == 0);
+    INFO(out);
+    printf("SIGKILL test: %d kills, %d during a checkpoint write\n", kills, during_write);
+    CHECK(count_tmp(killed) == 0);
+    std::vector<double> a = logged_losses(straight + "/log.jsonl"), b = logged_losses(killed + "/log.jsonl");
+    CHECK(a.size() == 12);
+    CHECK(a == b);  // step for step
+    CHECK(file_bytes(straight + "/model.bin") == file_bytes(killed + "/model.bin"));
+    rm_rf(straight), rm_rf(killed), remove(log.c_str()), remove(model.c_str()), remove(data.c_str());
+}
 
 TEST_CASE("train_sft on the built-in world: the loss falls", "[sft]") {
     std::string dir = scratch("world"), out;
     // the world's default model from scratch, 40 steps of 16 conversations
-    REQUIRE(run("build/train_sft_cpu -o " + dir + " -b 16 -d 16 -x 40 -w 10 -v 40 -s 0 -n 0", &out) == 0);
+    REQUIRE(run("build/train_sft_cpu -o " + dir + " -p '' -b 16 -d 16 -x 40 -w 10 -v 40 -s 0 -n 0", &out) == 0);
     INFO(out);
     FILE* f = fopen_check((dir + "/log.jsonl").c_str(), "r");
     std::vector<double> losses;
@@ -127,5 +570,5 @@ TEST_CASE("train_sft on the built-in world: the loss falls", "[sft]") {
     CHECK(last < first - 2.0);
     CHECK(val > 0);
     CHECK(val < first - 2.0);
-    run("rm -rf " + dir, &out);
+    rm_rf(dir);
 }

@@ -7,6 +7,11 @@ Each input line is {"messages": [{"role": ..., "content": ...}, ...]}: an
 optional first "system" message, then "user" and "assistant" messages taking
 turns, starting with user and ending with assistant (IN may be gzipped, .gz).
 
+BAD LINES: each is reported as "IN:LINE: problem" (not JSON, not UTF-8, a lone
+surrogate, no or an empty message list, an unknown role, a missing content, roles
+out of turn). Without --skip-bad any bad line is an error and nothing is written;
+with --skip-bad the bad lines are left out and counted.
+
 TEMPLATE: Xwin-LM / Vicuna v1.1 (FastChat "vicuna_v1.1": sep " ", sep2 "</s>",
 roles "USER" and "ASSISTANT"):
 
@@ -45,6 +50,7 @@ import gzip
 import json
 import os
 import sys
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -60,13 +66,29 @@ class PrepareError(ValueError):
     pass
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def check_messages(messages):
     """(system, [(user, assistant), ...]) of a message list; raises PrepareError."""
-    if not isinstance(messages, list) or not messages:
-        raise PrepareError("'messages' must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise PrepareError("every message needs a string 'role' and 'content'")
+    if messages is None:
+        raise PrepareError("no 'messages' list")
+    if not isinstance(messages, list):
+        raise PrepareError("'messages' is not a list")
+    if not messages:
+        raise PrepareError("empty conversation ('messages' is [])")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise PrepareError(f"message {i} is not an object")
+        if m.get("role") not in ROLES:
+            raise PrepareError(f"message {i} has an unknown role {m.get('role')!r} (system, user or assistant)")
+        if not isinstance(m.get("content"), str):
+            raise PrepareError(f"message {i} ({m['role']}) has no string 'content'")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = m["content"][e.start]
+            raise PrepareError(f"message {i} ({m['role']}) holds a lone surrogate \\u{ord(bad):04x}: not valid Unicode")
     system = DEFAULT_SYSTEM
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
@@ -160,29 +182,47 @@ def fit(encode, system, pairs, max_len):
 
 
 def read_jsonl(path):
+    """Yields (lineno, object, None) per non-blank line, or (lineno, None, problem)
+    for a line that is not UTF-8 or not JSON."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{lineno}: not JSON: {e}")
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                    continue
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line), None
+                    except json.JSONDecodeError as e:
+                        yield lineno, None, f"not JSON: {e}"
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise PrepareError(f"{path}: not a readable gzip file: {e}")
 
 
-def prepare(in_path, out_path, encode, max_len, quiet=False):
+def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
     """Encodes every conversation of in_path and writes out_path; returns a dict
-    of counts."""
+    of counts. Each bad line is reported on stderr as IN:LINE: problem; unless
+    skip_bad, any bad line raises PrepareError once all are reported."""
     import xwin_format as xf
     seqs, masks = [], []
-    stats = {"read": 0, "whole": 0, "truncated": 0, "dropped": 0, "pairs_dropped": 0}
-    for lineno, obj in read_jsonl(in_path):
+    stats = {"read": 0, "whole": 0, "truncated": 0, "dropped": 0, "pairs_dropped": 0, "bad": 0}
+    for lineno, obj, problem in read_jsonl(in_path):
         stats["read"] += 1
-        try:
-            system, pairs = check_messages(obj.get("messages") if isinstance(obj, dict) else None)
-            ids, mask, kept = fit(encode, system, pairs, max_len)
-        except PrepareError as e:
-            raise PrepareError(f"{in_path}:{lineno}: {e}")
+        if problem is None:
+            try:
+                if not isinstance(obj, dict):
+                    raise PrepareError("not a JSON object")
+                system, pairs = check_messages(obj.get("messages"))
+                ids, mask, kept = fit(encode, system, pairs, max_len)
+            except PrepareError as e:
+                problem = str(e)
+        if problem is not None:
+            stats["bad"] += 1
+            print(f"{in_path}:{lineno}: {problem}{' (skipped)' if skip_bad else ''}", file=sys.stderr)
+            continue
         if kept == 0:
             stats["dropped"] += 1
             continue
@@ -190,6 +230,9 @@ def prepare(in_path, out_path, encode, max_len, quiet=False):
         stats["pairs_dropped"] += len(pairs) - kept
         seqs.append(ids)
         masks.append(mask)
+    if stats["bad"] and not skip_bad:
+        raise PrepareError(f"{in_path}: {stats['bad']} bad line(s), reported above; nothing written "
+                           "(--skip-bad leaves them out)")
     if not seqs:
         raise PrepareError(f"{in_path}: no conversation fits in {max_len} tokens")
     xf.write_tokens(out_path, seqs, masks)
@@ -199,7 +242,8 @@ def prepare(in_path, out_path, encode, max_len, quiet=False):
     if not quiet:
         print(f"{in_path}: {stats['read']} conversations: {stats['whole']} whole, {stats['truncated']} "
               f"truncated to whole turns that fit in {max_len} tokens ({stats['pairs_dropped']} turn pairs "
-              f"removed), {stats['dropped']} dropped (first turn pair longer than {max_len})")
+              f"removed), {stats['dropped']} dropped (first turn pair longer than {max_len})"
+              + (f", {stats['bad']} bad lines skipped" if stats["bad"] else ""))
         print(f"wrote {out_path}: {stats['sequences']} sequences, {stats['tokens']} tokens "
               f"({stats['targets']} targets), length mean {stats['mean_len']:.1f} max {stats['max_len']}, "
               f"{stats['bytes']:,} bytes")
@@ -215,12 +259,14 @@ def main(argv=None):
     g.add_argument("--hf", metavar="FOLDER", help="a Hugging Face tokenizer folder (fast tokenizer)")
     ap.add_argument("--max-len", type=int, default=256,
                     help="longest sequence in tokens; longer conversations lose whole turns (default 256)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="leave out bad lines (each reported as IN:LINE: problem) and count them")
     args = ap.parse_args(argv)
     if args.max_len < 2:
         ap.error("--max-len must be at least 2")
     try:
         encode = encode_byte if args.tokenizer == "byte" else HFEncoder(args.hf)
-        prepare(args.input, args.output, encode, args.max_len)
+        prepare(args.input, args.output, encode, args.max_len, skip_bad=args.skip_bad)
     except (PrepareError, OSError) as e:
         print(f"prepare_sft: error: {e}", file=sys.stderr)
         return 1
