@@ -545,6 +545,46 @@ TEST_CASE("SIGKILL at random moments, checkpoint writes included: the resumed lo
     rm_rf(straight), rm_rf(killed), remove(log.c_str()), remove(model.c_str()), remove(data.c_str());
 }
 
+// dev/data/prepare_sft.py on bad input: each bad line as "file:line: problem"; nothing
+// written unless --skip-bad, which leaves them out and counts them. (The byte-tokenizer
+// path needs only the standard library.)
+TEST_CASE("prepare_sft.py reports every bad line with its line number; --skip-bad counts them", "[sft][prepare]") {
+    std::string version;
+    int python = run("python3 --version", &version);
+    INFO("python3 is needed to run dev/data/prepare_sft.py: " << version);
+    REQUIRE(python == 0);
+    std::string in = scratch("bad.jsonl"), tok = scratch("bad.tok"), out;
+    const char* good = R"({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})";
+    std::string text = std::string(good) + "\n" + "not json\n" + "\xff\xfe bad\n" + R"({"messages": []})" "\n" +
+                       R"({"messages": [{"role": "bot", "content": "x"}]})" "\n" + R"({"messages": [{"role": "user"}]})" "\n" +
+                       R"({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "a"}]})" "\n" +
+                       R"({"x": 1})" "\n" + "[1]\n" + good + "\n";
+    write_bytes(in, std::vector<unsigned char>(text.begin(), text.end()));
+    std::vector<std::string> expected = {
+        ":2: not JSON: Expecting value", ":3: not UTF-8 (byte 0xff at byte 1 of the line)", ":4: empty conversation",
+        ":5: message 1 has an unknown role 'bot'", ":6: message 1 (user) has no string 'content'",
+        ":7: message 1 (user) holds a lone surrogate \\ud800: not valid Unicode", ":8: no 'messages' list", ":9: not a JSON object",
+    };
+    std::string cmd = "python3 dev/data/prepare_sft.py " + in + " " + tok + " --tokenizer byte";
+    CHECK(run(cmd, &out) == 1);
+    INFO(out);
+    for (const std::string& e : expected) CHECK_THAT(out, Catch::Contains(in + e));
+    CHECK_THAT(out, Catch::Contains("prepare_sft: error: " + in + ": 8 bad line(s), reported above; nothing written"));
+    CHECK_THAT(out, !Catch::Contains("Traceback"));
+    CHECK(!exists(tok));
+    CHECK(run(cmd + " --skip-bad", &out) == 0);
+    CHECK_THAT(out, Catch::Contains(in + ":2: not JSON"));
+    CHECK_THAT(out, Catch::Contains("8 bad lines skipped"));
+    TokenData d;
+    tokens_load(&d, tok.c_str(), 259);
+    CHECK(d.n_seqs == 2);  // the two good lines
+    std::string gz = scratch("bad.jsonl.gz");
+    write_bytes(gz, {'n', 'o', 't', ' ', 'g', 'z', 'i', 'p'});
+    CHECK(run("python3 dev/data/prepare_sft.py " + gz + " " + tok + " --tokenizer byte", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("prepare_sft: error: " + gz + ": not a readable gzip file"));
+    remove(in.c_str()), remove(tok.c_str()), remove(gz.c_str());
+}
+
 TEST_CASE("train_sft on the built-in world: the loss falls", "[sft]") {
     std::string dir = scratch("world"), out;
     // the world's default model from scratch, 40 steps of 16 conversations
