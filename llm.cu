@@ -22,6 +22,31 @@ Backward functions ACCUMULATE (+=) into parameter gradients and into the gradien
 input, so gradient accumulation works and the residual stream's gradient flows by itself;
 the model's backward zeroes its activation-gradient scratch before it uses it.
 Every index product is computed in size_t.
+
+Contents, in file order (search for the quoted heading):
+  "errors"                  defines: fail_file, string_format, fopen_check, fread_check, malloc_check,
+                            crc32_update, file_crc32, AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
+  "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck
+  "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
+  "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
+  "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
+                            embedding, rmsnorm, matmul, rope, attention, swiglu, residual,
+                            logprob, masked_mean_loss, clip_grad_norm, adamw_update
+  "Activations"             defines: ActTensors, GradActTensors and their carving
+  "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
+  "The model on the GPU"    defines: LlamaCuda, llama_cuda_init/_forward/_backward/_update/_download
+  "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
+  "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
+  "Tensor archive"          defines: ArchiveEntry, archive_load/_save
+  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
+  "Task world"              defines: WorldPrompt, world_judge, world_load_prompts
+  "The chat template"       defines: chat_encode_prompt, generate_greedy, mfu_text
+  "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
+                            TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
+                            Trainer: trainer_init, _load_model, _start, _running, _next_rows,
+                            _step_end, _log, _checkpoint, _save_model, _close;
+                            tokenizer_check_model, tokens_identity, tokens_check_for_training,
+                            world_evaluate
 */
 #pragma once
 
