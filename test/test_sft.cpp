@@ -253,9 +253,9 @@ TEST_CASE("a checkpoint round-trips every field of the training state", "[sft][r
     trainer_start(&saver, &r, 30, 1234, 0xABCD);
     uint64_t rng = 3;
     for (size_t i = 0; i < r.host.num_params; i++) r.host.m_memory[i] = rng_normal(&rng), r.host.v_memory[i] = rng_uniform(&rng);
-    // distinct values in every field, consistent: step 7 = 6 updates + 1 skip; 7 * 4 = 0 * 30 + 28
-    saver.state = TrainState{7, 6, 1, 0, 28, 0x0123456789ABCDEFull};
-    r.host.adam_step = 6;
+    // distinct values in every field, consistent: step 9 = 8 updates + 1 skip; 9 * 4 = 1 * 30 + 6
+    saver.state = TrainState{9, 8, 1, 1, 6, 0x0123456789ABCDEFull};
+    r.host.adam_step = 8;
     checkpoint_save(&saver);
     std::vector<float> m(r.host.m_memory, r.host.m_memory + r.host.num_params), v(r.host.v_memory, r.host.v_memory + r.host.num_params);
     std::vector<float> params(r.host.params_memory, r.host.params_memory + r.host.num_params);
@@ -266,28 +266,26 @@ TEST_CASE("a checkpoint round-trips every field of the training state", "[sft][r
     Runner r2;
     Trainer loader;
     trainer_init(&loader, &cfg, "train_test");
-    CHECK(loader.resume_dir == dir + "/ckpt_000007");
+    CHECK(loader.resume_dir == dir + "/ckpt_000009");
     REQUIRE(trainer_load_model(&loader, &r2.host, model.c_str()));
     runner_init(&r2, cfg.micro_batch, 16, true);
     trainer_start(&loader, &r2, 30, 1234, 0xABCD);
-    CHECK(loader.state.step == 7);
-    CHECK(loader.state.adam_step == 6);
+    CHECK(loader.state.step == 9);
+    CHECK(loader.state.adam_step == 8);
     CHECK(loader.state.skipped == 1);
-    CHECK(loader.state.epoch == 0);
-    CHECK(loader.state.position == 28);
+    CHECK(loader.state.epoch == 1);
+    CHECK(loader.state.position == 6);
     CHECK(loader.state.rng == 0x0123456789ABCDEFull);
-    CHECK(r2.host.adam_step == 6);
+    CHECK(r2.host.adam_step == 8);
     CHECK(memcmp(r2.host.m_memory, m.data(), 4 * m.size()) == 0);
     CHECK(memcmp(r2.host.v_memory, v.data(), 4 * v.size()) == 0);
     CHECK(memcmp(r2.host.params_memory, params.data(), 4 * params.size()) == 0);
     CHECK(memcmp(&loader.id, &saver.id, sizeof(RunIdentity)) == 0);
-    // the next step's rows continue the order: 28, 29 of epoch 0, then 0, 1 of epoch 1
-    std::vector<size_t> rows(4), order0, order1;
+    // the next step's rows continue epoch 1's order at position 6
+    std::vector<size_t> rows(4), order1;
     trainer_next_rows(&loader, rows.data());
-    epoch_order(order0, 30, 99, 0);
     epoch_order(order1, 30, 99, 1);
-    CHECK(rows == std::vector<size_t>{order0[28], order0[29], order1[0], order1[1]});
-    CHECK(loader.state.epoch == 1);
+    CHECK(rows == std::vector<size_t>{order1[6], order1[7], order1[8], order1[9]});
     trainer_close(&loader);
     runner_free(&r2);
     rm_rf(dir), remove(model.c_str());
