@@ -318,7 +318,8 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 }
 #endif
 // ----------------------------------------------------------------------------
-// Model file format (.bin), version 1. Little-endian.
+// Model file format (.bin), version 2 (version 1, without the token ids, is still read).
+// Little-endian.
 //
 // Header: 256 bytes.
 //   offset  type     field
@@ -331,7 +332,9 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 //   32      uint32   vocab_size (V)     36 uint32 ffn_dim (F)
 //   40      uint32   max_seq_len        44 uint32 tied_embeddings (0 or 1)
 //   48      float64  rope_theta         56 float64 norm_eps
-//   64..255 zero (reserved)
+//   64      int32    pad_token_id       68 int32 bos_token_id       72 int32 eos_token_id
+//           (-1 = none; a version-1 file has none: its bytes 64..255 are zero)
+//   76..255 zero (reserved)
 // Then every parameter tensor, contiguous, in the order of ParamTensors below, each
 // row-major exactly as torch stores it (a Linear weight is (out_features, in_features)),
 // per-layer tensors stacked over layers. head_dim = C / H, KVD = KV * head_dim.
@@ -346,7 +349,7 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 // Hugging Face rotate-half layout, so dev/convert_hf.py is a plain copy.
 
 constexpr uint32_t MODEL_MAGIC = 0x4E495758;
-constexpr uint32_t MODEL_VERSION = 1;
+constexpr uint32_t MODEL_VERSION = 2;
 constexpr size_t MODEL_HEADER_BYTES = 256;
 enum { DTYPE_FP32 = 0, DTYPE_BF16 = 1 };
 enum { HEAD_LM = 0, HEAD_REWARD = 1 };
@@ -363,6 +366,10 @@ struct LlamaConfig {
     int head_type;        // HEAD_LM or HEAD_REWARD
     double rope_theta;
     double norm_eps;
+    int pad_id = -1;      // the tokens' ids the model was made with (-1 = none), as transformers'
+    int bos_id = -1;      // pad_token_id, bos_token_id, eos_token_id: the embedding row of pad_id
+    int eos_id = -1;      // gets no gradient (torch's padding_idx) and a reward model scores the
+                          // last token that is not pad_id
 };
 
 inline int head_dim(const LlamaConfig& c) { return c.dim / c.n_heads; }
@@ -374,7 +381,7 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     uint32_t u[12];
     memcpy(u, h, sizeof(u));
     if (u[0] != MODEL_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWIN\"): not an xwin.cu model file", u[0], MODEL_MAGIC);
-    if (u[1] != MODEL_VERSION) return string_format("unsupported model file version %u (this build reads version %u)", u[1], MODEL_VERSION);
+    if (u[1] != 1 && u[1] != MODEL_VERSION) return string_format("unsupported model file version %u (this build reads versions 1 and %u)", u[1], MODEL_VERSION);
     if (u[2] != DTYPE_FP32 && u[2] != DTYPE_BF16) return string_format("unknown dtype %u (0 = float32, 1 = bfloat16)", u[2]);
     if (u[3] != HEAD_LM && u[3] != HEAD_REWARD) return string_format("unknown head_type %u (0 = language model, 1 = reward)", u[3]);
     // upper bounds well above any real Llama (70B: dim 8192, 80 layers, ffn 28672)
@@ -393,11 +400,17 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     if (u[4] % u[6] != 0) return string_format("absurd config: dim %u is not divisible by n_heads %u", u[4], u[6]);
     if (u[6] % u[7] != 0) return string_format("absurd config: n_heads %u is not divisible by n_kv_heads %u", u[6], u[7]);
     if ((u[4] / u[6]) % 2 != 0) return string_format("absurd config: head_dim %u is odd (RoPE rotates pairs)", u[4] / u[6]);
-    for (size_t i = 64; i < MODEL_HEADER_BYTES; i++) {
+    int32_t ids[3] = {-1, -1, -1};  // pad, bos, eos
+    if (u[1] == 2) memcpy(ids, h + 64, sizeof(ids));
+    const char* id_names[3] = {"pad_token_id", "bos_token_id", "eos_token_id"};
+    for (int i = 0; i < 3; i++) {
+        if (ids[i] < -1 || ids[i] >= (int32_t)u[8]) return string_format("%s %d is not -1 (none) or an id below vocab_size %u", id_names[i], ids[i], u[8]);
+    }
+    for (size_t i = u[1] == 2 ? 76 : 64; i < MODEL_HEADER_BYTES; i++) {
         if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
     }
     *dtype = (int)u[2];
-    *c = LlamaConfig{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps};
+    *c = LlamaConfig{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
     return "";
 }
 
@@ -409,6 +422,8 @@ inline void model_header_write(unsigned char* h, const LlamaConfig& c, int dtype
     memcpy(h, u, sizeof(u));
     memcpy(h + 48, &c.rope_theta, 8);
     memcpy(h + 56, &c.norm_eps, 8);
+    int32_t ids[3] = {c.pad_id, c.bos_id, c.eos_id};
+    memcpy(h + 64, ids, sizeof(ids));
 }
 
 // ----------------------------------------------------------------------------
@@ -503,9 +518,11 @@ void embedding_forward(T* out, const int* tokens, const T* wte, size_t N, size_t
     }
 }
 
+// The row of pad_id (>= 0) gets no gradient, as torch's nn.Embedding(padding_idx=pad_id).
 template <typename T>
-void embedding_backward(T* dwte, const T* dout, const int* tokens, size_t N, size_t C) {
+void embedding_backward(T* dwte, const T* dout, const int* tokens, size_t N, size_t C, int pad_id = -1) {
     for (size_t n = 0; n < N; n++) {  // serial: two rows may share a token
+        if (tokens[n] == pad_id) continue;
         T* row = dwte + (size_t)tokens[n] * C;
         const T* d = dout + n * C;
         for (size_t i = 0; i < C; i++) row[i] += d[i];
@@ -521,9 +538,9 @@ __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const f
 }
 
 // one thread per element of dout; rows that share a token meet in an FP32 atomicAdd
-__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
+__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, int pad_id) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= N * C) return;
+    if (idx >= N * C || tokens[idx / C] == pad_id) return;
     atomicAdd(&dwte[(size_t)tokens[idx / C] * C + idx % C], to_float(dout[idx]));
 }
 
@@ -532,8 +549,8 @@ inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX*
     cudaCheck(cudaGetLastError());
 }
 
-inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream) {
-    LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C);
+inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream, int pad_id = -1) {
+    LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C, pad_id);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1144,6 +1161,86 @@ inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const i
 }
 #endif
 
+// Reward head: transformers' LlamaForSequenceClassification with one label and no bias.
+// The score of sequence b is w . h[b, idx[b], :] where h (B, T, C) is the final-norm hidden
+// state and w (C) the score row; idx[b] is the sequence's last token that is not padding.
+// (transformers scores every position, then picks that one: the same number.)
+
+// transformers' rule: the rightmost position whose token is not pad_id (0 when all are pad)
+inline void reward_score_index(int* idx, const int* tokens, int B, int T, int pad_id) {
+    for (int b = 0; b < B; b++) {
+        idx[b] = 0;
+        for (int t = T - 1; t >= 0; t--) {
+            if (tokens[(size_t)b * T + t] != pad_id) { idx[b] = t; break; }
+        }
+    }
+}
+
+// scores (B) = h[b, idx[b], :] . w;  h (B, T, C), w (C)
+template <typename X>
+void reward_head_forward(X* scores, const X* h, const X* w, const int* idx, size_t B, size_t Tn, size_t C) {
+    for (size_t b = 0; b < B; b++) {
+        const X* row = h + (b * Tn + idx[b]) * C;
+        X s = 0;
+        for (size_t c = 0; c < C; c++) s += row[c] * w[c];
+        scores[b] = s;
+    }
+}
+
+// Given dscores (B): dh[b, idx[b], :] += dscores[b] * w (the other rows get nothing) and
+// dw += sum_b dscores[b] * h[b, idx[b], :]
+template <typename X>
+void reward_head_backward(X* dh, X* dw, const X* dscores, const X* h, const X* w, const int* idx, size_t B, size_t Tn, size_t C) {
+    for (size_t b = 0; b < B; b++) {
+        size_t row = (b * Tn + idx[b]) * C;
+        for (size_t c = 0; c < C; c++) {
+            dh[row + c] += dscores[b] * w[c];
+            dw[c] += dscores[b] * h[row + c];
+        }
+    }
+}
+
+#ifdef XWIN_CUDA
+// one warp per sequence: the dot product of its scored row with w, reduced in FP32
+__global__ void reward_head_forward_kernel(float* scores, const floatX* h, const floatX* w, const int* idx, int B, int T, int C) {
+    int b = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (b >= B) return;
+    const floatX* row = h + ((size_t)b * T + idx[b]) * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += to_float(row[c]) * to_float(w[c]);
+    s = warp_reduce_sum(s);
+    if (lane == 0) scores[b] = s;
+}
+
+// one thread per channel c, looping over the sequences in order (deterministic):
+// dh[b, idx[b], c] += dscores[b] * w[c] and dw[c] += sum_b dscores[b] * h[b, idx[b], c]
+__global__ void reward_head_backward_kernel(floatX* dh, float* dw, const float* dscores, const floatX* h, const floatX* w, const int* idx,
+                                            int B, int T, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float wc = to_float(w[c]), sum = 0.0f;
+    for (int b = 0; b < B; b++) {
+        size_t at = ((size_t)b * T + idx[b]) * C + c;
+        dh[at] = from_float<floatX>(to_float(dh[at]) + dscores[b] * wc);
+        sum += dscores[b] * to_float(h[at]);
+    }
+    dw[c] += sum;
+}
+
+inline void reward_head_forward_cuda(float* scores, const floatX* h, const floatX* w, const int* idx, int B, int T, int C, cudaStream_t stream) {
+    const int block_size = 128, warps = block_size / 32;  // a warp per sequence
+    LAUNCH(reward_head_forward_kernel, (unsigned)ceil_div(B, warps), block_size, 0, stream, scores, h, w, idx, B, T, C);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void reward_head_backward_cuda(floatX* dh, float* dw, const float* dscores, const floatX* h, const floatX* w, const int* idx,
+                                      int B, int T, int C, cudaStream_t stream) {
+    const int block_size = 256;  // a thread per channel
+    LAUNCH(reward_head_backward_kernel, (unsigned)ceil_div(C, block_size), block_size, 0, stream, dh, dw, dscores, h, w, idx, B, T, C);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
 // Masked mean negative log-likelihood over the target tokens (mask = 1), as Hugging Face's
 // loss with labels = -100 where mask = 0. *count receives the number of targets.
 template <typename T>
@@ -1303,7 +1400,7 @@ inline void cast_to_floatX_cuda(floatX* out, const float* in, size_t n, cudaStre
 // ----------------------------------------------------------------------------
 // Activations of one forward pass, kept for the backward; one allocation for (B, T).
 
-constexpr int NUM_ACT_TENSORS = 19;
+constexpr int NUM_ACT_TENSORS = 20;
 
 template <typename X>  // the activation type: float on the CPU, floatX on the GPU
 struct ActTensorsT {
@@ -1323,18 +1420,20 @@ struct ActTensorsT {
     X* swiglu;          // (L, B, T, F)
     X* final_in;        // (B, T, C)      rmsnorm(residual[L]) * final_norm
     float* final_rstd;  // (B, T)
-    X* logits;          // (B, T, V) or (B, T, 1) for the reward head
+    X* logits;          // (B, T, V)      language-model head only
     float* lp;          // (B, T)         token log-probs (see logprob_forward)
     X* scratch;         // (B, T, C)      projection output before the residual add
+    float* scores;      // (B)            reward head only: one score per sequence
 };
 using ActTensors = ActTensorsT<float>;
 
 // element counts of the activation tensors, in the order of ActTensorsT
 inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS]) {
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
+    bool lm = c.head_type == HEAD_LM;  // a reward model has no (B, T, V) logits anywhere
     size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
                                   L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
-                                  L * N * F, N * C, N, N * (size_t)head_rows(c), N, N * C};
+                                  L * N * F, N * C, N, lm ? N * c.vocab_size : 0, N, N * C, lm ? 0 : B};
     memcpy(s, sz, sizeof(sz));
 }
 
@@ -1347,7 +1446,7 @@ size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, 
     k.take(a->k, s[4]); k.take(a->v, s[5]); k.take(a->att, s[6]); k.take(a->att_out, s[7]);
     k.take(a->residual_mid, s[8]); k.take(a->mlp_in, s[9]); k.take(a->mlp_rstd, s[10]); k.take(a->gate, s[11]);
     k.take(a->up, s[12]); k.take(a->swiglu, s[13]); k.take(a->final_in, s[14]); k.take(a->final_rstd, s[15]);
-    k.take(a->logits, s[16]); k.take(a->lp, s[17]); k.take(a->scratch, s[18]);
+    k.take(a->logits, s[16]); k.take(a->lp, s[17]); k.take(a->scratch, s[18]); k.take(a->scores, s[19]);
     return k.bytes;
 }
 
@@ -1363,7 +1462,7 @@ struct GradActTensorsT {
     X* gate;      // (B, T, F)
     X* up;        // (B, T, F)
     X* swiglu;    // (B, T, F)
-    X* logits;    // (B, T, V)
+    X* logits;    // (B, T, V) language-model head only
 };
 using GradActTensors = GradActTensorsT<float>;
 
@@ -1373,7 +1472,7 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
     Carver k{(char*)memory};
     k.take(g->residual, N * C); k.take(g->norm_out, N * C); k.take(g->q, N * C); k.take(g->k, N * KVD);
     k.take(g->v, N * KVD); k.take(g->att_out, N * C); k.take(g->gate, N * F); k.take(g->up, N * F);
-    k.take(g->swiglu, N * F); k.take(g->logits, N * (size_t)head_rows(c));
+    k.take(g->swiglu, N * F); k.take(g->logits, c.head_type == HEAD_LM ? N * c.vocab_size : 0);
     return k.bytes;
 }
 
@@ -1514,8 +1613,10 @@ inline void llama_free(Llama* model) {
     *model = Llama{};
 }
 
-// tokens (B, T) -> acts.logits (B, T, head_rows) and acts.lp (B, T). B, T <= the allocation.
-inline void llama_forward(Llama* model, const int* tokens, int B, int T) {
+// tokens (B, T) -> acts.logits (B, T, V) and acts.lp (B, T) with the language-model head, or
+// acts.scores (B) with the reward head, which scores position score_idx[b] of sequence b
+// (reward_score_index). B, T <= the allocation.
+inline void llama_forward(Llama* model, const int* tokens, int B, int T, const int* score_idx = nullptr) {
     const LlamaConfig& c = model->config;
     if (B > model->B || T > model->T) {
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, model->B, model->T);
@@ -1556,15 +1657,19 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T) {
         residual_forward(a.residual + (l + 1) * N * C, mid, a.scratch, N * C);
     }
     rmsnorm_forward(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, C, c.norm_eps);
-    matmul_forward(a.logits, a.final_in, p.head, N, C, (size_t)head_rows(c));
-    if (c.head_type == HEAD_LM) logprob_forward(a.lp, a.logits, tokens, B, T, c.vocab_size);
+    if (c.head_type == HEAD_REWARD) {
+        reward_head_forward(a.scores, a.final_in, p.head, score_idx, B, T, C);
+        return;
+    }
+    matmul_forward(a.logits, a.final_in, p.head, N, C, (size_t)c.vocab_size);
+    logprob_forward(a.lp, a.logits, tokens, B, T, c.vocab_size);
 }
 
 inline void llama_zero_grad(Llama* model) { memset(model->grads_memory, 0, model->num_params * sizeof(float)); }
 
-// Backward from the gradient of the head's output: grad_acts.logits (B, T, head_rows) must
-// hold d(objective)/d(logits). Accumulates into model->grads.
-inline void llama_backward_from_logits(Llama* model, const int* tokens, int B, int T) {
+// Backward of the trunk (the final norm, every layer, the embedding) from grad_acts.norm_out =
+// d(objective)/d(final_in) (B, T, C), which a head's backward writes. Accumulates into model->grads.
+inline void llama_backward_trunk(Llama* model, const int* tokens, int B, int T) {
     const LlamaConfig& c = model->config;
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
     size_t N = (size_t)B * T;
@@ -1573,8 +1678,6 @@ inline void llama_backward_from_logits(Llama* model, const int* tokens, int B, i
     ActTensors& a = model->acts;
     GradActTensors& d = model->grad_acts;
     memset(d.residual, 0, N * C * sizeof(float));
-    memset(d.norm_out, 0, N * C * sizeof(float));
-    matmul_backward(d.norm_out, g.head, d.logits, a.final_in, p.head, N, C, (size_t)head_rows(c));
     rmsnorm_backward(d.residual, g.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, C);
     for (size_t li = L; li-- > 0;) {
         size_t l = li;
@@ -1605,13 +1708,27 @@ inline void llama_backward_from_logits(Llama* model, const int* tokens, int B, i
         matmul_backward(d.norm_out, g.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD);
         rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
     }
-    embedding_backward(g.wte, d.residual, tokens, N, C);
+    embedding_backward(g.wte, d.residual, tokens, N, C, c.pad_id);
 }
 
 // Backward of an objective of the token log-probs: dlp (B, T) = d(objective)/d(acts.lp).
 inline void llama_backward(Llama* model, const int* tokens, const float* dlp, int B, int T) {
-    logprob_backward(model->grad_acts.logits, model->acts.logits, tokens, dlp, B, T, model->config.vocab_size);
-    llama_backward_from_logits(model, tokens, B, T);
+    size_t N = (size_t)B * T, C = model->config.dim, V = model->config.vocab_size;
+    GradActTensors& d = model->grad_acts;
+    logprob_backward(d.logits, model->acts.logits, tokens, dlp, B, T, V);
+    memset(d.norm_out, 0, N * C * sizeof(float));
+    matmul_backward(d.norm_out, model->grads.head, d.logits, model->acts.final_in, model->params.head, N, C, V);
+    llama_backward_trunk(model, tokens, B, T);
+}
+
+// Backward of an objective of a reward model's scores: dscores (B) = d(objective)/d(acts.scores),
+// score_idx as in the forward.
+inline void llama_reward_backward(Llama* model, const int* tokens, const float* dscores, const int* score_idx, int B, int T) {
+    size_t N = (size_t)B * T, C = model->config.dim;
+    GradActTensors& d = model->grad_acts;
+    memset(d.norm_out, 0, N * C * sizeof(float));
+    reward_head_backward(d.norm_out, model->grads.head, dscores, model->acts.final_in, model->params.head, score_idx, B, T, C);
+    llama_backward_trunk(model, tokens, B, T);
 }
 
 // One AdamW step over all tensors (decay on matrices only); returns nothing, counts the step.
@@ -1651,7 +1768,9 @@ struct LlamaCuda {
     void* attn_memory = nullptr;
     AttentionScratch attn;
     int* tokens = nullptr;            // (B, T)
+    int* score_idx = nullptr;         // (B) reward head: the scored position of each sequence
     float* dlp = nullptr;             // (B, T)
+    float* dscores = nullptr;         // (B) reward head
     float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
     float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
     cudaStream_t stream = nullptr;
@@ -1688,6 +1807,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->attn_memory = cuda_alloc<char>(point_attention_scratch(&g->attn, nullptr, B, T, c.n_heads, head_dim(c)));
     point_attention_scratch(&g->attn, g->attn_memory, B, T, c.n_heads, head_dim(c));
     g->tokens = cuda_alloc<int>((size_t)B * T);
+    g->score_idx = cuda_alloc<int>(B);
     if (training) {
         g->grads_memory = cuda_alloc<float>(n);
         g->grads = point_parameters(c, g->grads_memory);
@@ -1699,6 +1819,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T));
         point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T);
         g->dlp = cuda_alloc<float>((size_t)B * T);
+        g->dscores = cuda_alloc<float>(B);
         g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
         g->norm_coef = cuda_alloc<float>(2);
     }
@@ -1707,13 +1828,14 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
-                       g->grad_acts_memory, g->attn_memory, g->tokens, g->dlp, g->norm_partials, g->norm_coef};
+                       g->grad_acts_memory, g->attn_memory, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
 
-// tokens (B, T) on the host -> acts.logits and acts.lp on the device
-inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T) {
+// tokens (B, T) on the host -> acts.logits and acts.lp on the device with the language-model
+// head, or acts.scores (B) with the reward head, at positions score_idx (B, on the host)
+inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, const int* score_idx = nullptr) {
     const LlamaConfig& c = g->config;
     if (B > g->B || T > g->T) {
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, g->B, g->T);
@@ -1756,8 +1878,19 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T) {
         nvtxRangePop();
     }
     rmsnorm_forward_cuda(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, (int)C, c.norm_eps, st);
-    matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, (size_t)head_rows(c), st);
-    if (c.head_type == HEAD_LM) logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, c.vocab_size, st);
+    if (c.head_type == HEAD_REWARD) {
+        cudaCheck(cudaMemcpyAsync(g->score_idx, score_idx, B * sizeof(int), cudaMemcpyHostToDevice, st));
+        reward_head_forward_cuda(a.scores, a.final_in, p.head, g->score_idx, B, T, (int)C, st);
+        return;
+    }
+    matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, (size_t)c.vocab_size, st);
+    logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, c.vocab_size, st);
+}
+
+// the reward model's scores (B) of the last forward, to the host
+inline void llama_cuda_scores(LlamaCuda* g, float* scores, int B) {
+    cudaCheck(cudaMemcpyAsync(scores, g->acts.scores, B * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
 }
 
 // the token log-probs (B, T) of the last forward, to the host
@@ -1768,8 +1901,9 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
 
 inline void llama_cuda_zero_grad(LlamaCuda* g) { cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream)); }
 
-// Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
-inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+// Backward of the trunk from grad_acts.norm_out = d(objective)/d(final_in) (B, T, C), which a
+// head's backward writes (llama_backward_trunk on the device); accumulates into grads.
+inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     const LlamaConfig& c = g->config;
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
     int hd = head_dim(c), KV = c.n_kv_heads;
@@ -1779,11 +1913,7 @@ inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
     ActTensorsT<floatX>& a = g->acts;
     GradActTensorsT<floatX>& d = g->grad_acts;
     auto zero = [&](floatX* ptr, size_t count) { cudaCheck(cudaMemsetAsync(ptr, 0, count * sizeof(floatX), st)); };
-    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, N * sizeof(float), cudaMemcpyHostToDevice, st));
-    logprob_backward_cuda(d.logits, a.logits, g->tokens, g->dlp, B, T, c.vocab_size, st);
     zero(d.residual, N * C);
-    zero(d.norm_out, N * C);
-    matmul_backward_cuda(d.norm_out, gr.head, d.logits, a.final_in, p.head, N, C, (size_t)head_rows(c), st);
     rmsnorm_backward_cuda(d.residual, gr.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
     for (size_t l = L; l-- > 0;) {
         nvtxRangePushA("layer backward");
@@ -1815,7 +1945,31 @@ inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
                               a.attn_rstd + l * N, N, (int)C, st);
         nvtxRangePop();
     }
-    embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st);
+    embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st, c.pad_id);
+}
+
+// Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
+inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
+    cudaStream_t st = g->stream;
+    GradActTensorsT<floatX>& d = g->grad_acts;
+    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, N * sizeof(float), cudaMemcpyHostToDevice, st));
+    logprob_backward_cuda(d.logits, g->acts.logits, g->tokens, g->dlp, B, T, (int)V, st);
+    cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
+    matmul_backward_cuda(d.norm_out, g->grads.head, d.logits, g->acts.final_in, g->params.head, N, C, V, st);
+    llama_cuda_backward_trunk(g, B, T);
+}
+
+// Backward of an objective of the reward model's scores, dscores (B) on the host, at the
+// positions of the last forward; accumulates into grads.
+inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B, int T) {
+    size_t N = (size_t)B * T, C = g->config.dim;
+    cudaStream_t st = g->stream;
+    GradActTensorsT<floatX>& d = g->grad_acts;
+    cudaCheck(cudaMemcpyAsync(g->dscores, dscores, B * sizeof(float), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
+    reward_head_backward_cuda(d.norm_out, g->grads.head, g->dscores, g->acts.final_in, g->params.head, g->score_idx, B, T, (int)C, st);
+    llama_cuda_backward_trunk(g, B, T);
 }
 
 // clips on the device; returns the norm before clipping (one small copy to the host)
@@ -1855,11 +2009,22 @@ inline void llama_cuda_download(LlamaCuda* g, Llama* host) {
 
 struct Runner {
     Llama host;
+    std::vector<int> score_idx;  // (B) reward head: the scored position of each sequence
 #ifdef XWIN_CUDA
     LlamaCuda gpu;
-    std::vector<float> lp;  // (B, T) the last forward's token log-probs, on the host
+    std::vector<float> lp;       // (B, T) the last forward's token log-probs, on the host
+    std::vector<float> scores;   // (B) the last forward's reward scores, on the host
 #endif
 };
+
+// What a caller asks of the model must be what its head computes.
+inline void runner_require_head(const Runner* r, int head_type, const char* what) {
+    if (r->host.config.head_type != head_type) {
+        fprintf(stderr, "error: %s needs a %s model, this one has a %s head\n", what, head_type == HEAD_LM ? "language" : "reward",
+                r->host.config.head_type == HEAD_LM ? "language-model" : "reward");
+        exit(1);
+    }
+}
 
 inline const char* runner_device() {
 #if defined(XWIN_CUDA) && defined(ENABLE_FP32)
@@ -1873,9 +2038,11 @@ inline const char* runner_device() {
 
 // host must hold a loaded model; allocates for batches up to (B, T), once
 inline void runner_init(Runner* r, int B, int T, bool training) {
+    r->score_idx.assign(B, 0);
 #ifdef XWIN_CUDA
     llama_cuda_init(&r->gpu, &r->host, B, T, training, 0);
     r->lp.resize((size_t)B * T);
+    r->scores.resize(B);
 #else
     llama_alloc(&r->host, B, T, training);
 #endif
@@ -1883,6 +2050,7 @@ inline void runner_init(Runner* r, int B, int T, bool training) {
 
 // tokens (B, T) -> token log-probs (B, T) on the host (see logprob_forward)
 inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
+    runner_require_head(r, HEAD_LM, "token log-probs");
 #ifdef XWIN_CUDA
     llama_cuda_forward(&r->gpu, tokens, B, T);
     llama_cuda_logprobs(&r->gpu, r->lp.data(), B, T);
@@ -1895,6 +2063,7 @@ inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
 
 // the logits of the last forward at row (b, t) into out (V), for sampling
 inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
+    runner_require_head(r, HEAD_LM, "logits");
     size_t V = r->host.config.vocab_size, offset = ((size_t)b * T + t) * V;
 #ifdef XWIN_CUDA
     std::vector<floatX> raw(V);
@@ -1902,6 +2071,37 @@ inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
     for (size_t i = 0; i < V; i++) out[i] = to_float(raw[i]);
 #else
     memcpy(out, r->host.acts.logits + offset, V * sizeof(float));
+#endif
+}
+
+// tokens (B, T) -> a reward model's scores (B) on the host; sequence b is scored at its last
+// token that is not the model's pad id (reward_score_index: transformers' rule), so rows
+// shorter than T are padded with it
+inline const float* runner_score(Runner* r, const int* tokens, int B, int T) {
+    runner_require_head(r, HEAD_REWARD, "scores");
+    if (B > 1 && r->host.config.pad_id < 0) {
+        fprintf(stderr, "error: the reward model has no pad_token_id, so it cannot score a batch of more than one sequence (as transformers)\n");
+        exit(1);
+    }
+    reward_score_index(r->score_idx.data(), tokens, B, T, r->host.config.pad_id);
+#ifdef XWIN_CUDA
+    llama_cuda_forward(&r->gpu, tokens, B, T, r->score_idx.data());
+    llama_cuda_scores(&r->gpu, r->scores.data(), B);
+    return r->scores.data();
+#else
+    llama_forward(&r->host, tokens, B, T, r->score_idx.data());
+    return r->host.acts.scores;
+#endif
+}
+
+// accumulates the gradient of an objective whose derivative by the last runner_score's
+// scores is dscores (B)
+inline void runner_score_backward(Runner* r, const int* tokens, const float* dscores, int B, int T) {
+#ifdef XWIN_CUDA
+    (void)tokens;  // the device kept them from the forward
+    llama_cuda_reward_backward(&r->gpu, dscores, B, T);
+#else
+    llama_reward_backward(&r->host, tokens, dscores, r->score_idx.data(), B, T);
 #endif
 }
 

@@ -108,6 +108,8 @@ def config_from_hf(hc, head_type):
         "head_type": head_type,
         "rope_theta": float(theta),
         "norm_eps": float(hc.get("rms_norm_eps", 1e-6)),
+        # the tokens' ids (None when absent); a list of eos ids keeps the first
+        **{k: (v[0] if isinstance(v, list) and v else v) for k in xf.TOKEN_ID_FIELDS for v in [hc.get(k)]},
     }
 
 

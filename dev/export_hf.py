@@ -47,6 +47,9 @@ def hf_config(cfg):
         "dtype": dtype,
         "torch_dtype": dtype,  # the key older transformers versions read
     }
+    for k in xf.TOKEN_ID_FIELDS:  # the tokens' ids; transformers needs pad_token_id to score a batch
+        if cfg.get(k) is not None:
+            hc[k] = cfg[k]
     if cfg["head_type"] == 1:
         hc["id2label"] = {"0": "LABEL_0"}
         hc["label2id"] = {"LABEL_0": 0}

@@ -1,6 +1,6 @@
 """Make the parity fixtures in test/fixtures/<name>/ from Hugging Face Llama.
 
-    python dev/make_fixtures.py
+    python dev/make_fixtures.py [NAME ...]     (default: every fixture)
 
 For each configuration below: build a randomly initialised LlamaForCausalLM
 (fixed seed, weights scaled so the logits are far from uniform), save it as a
@@ -9,7 +9,13 @@ the converter. A random batch with loss masks goes to tokens.tok. The
 reference, computed in float64 with eager attention, goes to expect.bin: the
 logits, masked mean cross-entropy, per-sequence log-prob sums and gradients at
 the initial weights, then two steps of gradient clipping plus AdamW on the
-same batch (gradient norms, loss at step 2, parameters after step 2). The
+same batch (gradient norms, loss at step 2, parameters after step 2).
+
+The reward fixtures (reward_*) are LlamaForSequenceClassification models with one
+label: a batch of token rows (right-padded with pad_id where a row is shorter,
+one row with pad_id inside it too, which transformers' rule of the rightmost
+non-pad token must skip), the float64 scores, and the gradient of every
+parameter of sum_b dscores[b] * score[b] for random dscores. The
 script also checks the converter and exporter round trips (fp32 and bf16, and
 a reward-head model) and prints a summary, including how far a float32 run of
 the same model lands from the float64 reference.
@@ -41,6 +47,16 @@ FIXTURES = {
                        tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64, B=3, T=20),
     "odd_sizes": dict(dim=60, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=101, ffn_dim=97,
                       tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32, B=2, T=13),
+}
+
+# reward models: lengths of the rows (T = the longest; shorter rows right-padded with pad_id =
+# V - 1, which no other token uses except the one planted inside the second padded row)
+REWARD_FIXTURES = {
+    "reward_mha": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=128, ffn_dim=176,
+                       tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=64, lengths=[12, 12]),
+    "reward_gqa_padded": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=160, ffn_dim=128,
+                              tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64,
+                              lengths=[16, 11, 6], pad_inside=(1, 4)),
 }
 
 SEED = 1234
@@ -282,13 +298,70 @@ def make(name, spec, tmp):
     return sum(sizes.values())
 
 
+def make_reward(name, spec, tmp):
+    """A one-label LlamaForSequenceClassification: scores and every gradient in float64."""
+    c = {k: v for k, v in spec.items() if k not in ("lengths", "pad_inside")}
+    c["head_type"] = 1
+    lengths, V = spec["lengths"], c["vocab_size"]
+    B, T, pad_id = len(lengths), max(lengths), V - 1
+    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = LlamaForSequenceClassification(hf_config(c, num_labels=1, pad_token_id=pad_id))
+    init_weights(model, gen)
+    tokens = torch.randint(0, V - 1, (B, T), generator=gen)
+    for b, n in enumerate(lengths):
+        tokens[b, n:] = pad_id
+    if "pad_inside" in spec:
+        b, t = spec["pad_inside"]
+        tokens[b, t] = pad_id
+    dscores = torch.randn(B, generator=gen, dtype=torch.float64)
+    hf = os.path.join(tmp, "hf")
+    model.save_pretrained(hf)
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    model_bin = os.path.join(out, "model.bin")
+    cfg = convert(hf, model_bin)
+    assert cfg.pop("dtype") == "fp32" and cfg["head_type"] == 1, cfg
+    xf.write_tokens(os.path.join(out, "tokens.tok"), tokens.tolist(), [[0] * T] * B)
+
+    ref = LlamaForSequenceClassification.from_pretrained(hf, attn_implementation="eager").double()
+    assert ref.config.pad_token_id == pad_id
+    scores = ref(tokens).logits[:, 0]
+    (scores * dscores).sum().backward()
+    grads = gather(cfg, lambda n: ref.get_parameter(n).grad.detach().clone())
+    # the exported model keeps pad_token_id: transformers loads it and scores the padded batch the same
+    export(model_bin, os.path.join(tmp, "export"))
+    back = LlamaForSequenceClassification.from_pretrained(os.path.join(tmp, "export"), attn_implementation="eager").double()
+    assert back.config.pad_token_id == pad_id
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits[:, 0], scores.detach()), "the exported reward model scores differently"
+    # the rightmost non-pad token, as transformers finds it
+    idx = [max(t for t in range(T) if tokens[b, t] != pad_id) for b in range(B)]
+    entries = [("pad_id", np.array([pad_id])), ("score_idx", np.array(idx)), ("scores", scores.detach().numpy()),
+               ("dscores", dscores.numpy())]
+    entries += [(f"grad.{k}", v.numpy()) for k, v in grads.items()]
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in ("model.bin", "tokens.tok", "expect.bin")}
+    print(f"{name}: B={B} T={T} lengths {lengths} pad_id {pad_id} score_idx {idx} params={xf.n_params(cfg):,}  "
+          f"scores {[round(float(x), 6) for x in scores.detach()]}  " + "  ".join(f"{f} {s:,} B" for f, s in sizes.items()))
+    return sum(sizes.values())
+
+
 def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     total = 0
+    only = sys.argv[1:]  # names of fixtures to make (default: all)
     for name, spec in FIXTURES.items():
+        if only and name not in only:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             total += make(name, spec, tmp)
+    for name, spec in REWARD_FIXTURES.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            total += make_reward(name, spec, tmp)
     with tempfile.TemporaryDirectory() as tmp:
         check_reward_round_trip({**FIXTURES["gqa_untied"], "head_type": 1}, tmp)
     print(f"round trips ok (fp32, bf16, reward head); fixtures total {total:,} bytes in {OUT}")

@@ -27,7 +27,8 @@ except ImportError:  # write_tokens works without it
 MODEL_MAGIC = 0x4E495758  # "XWIN"
 TOKENS_MAGIC = 0x4B545758  # "XWTK"
 FIXTURE_MAGIC = 0x58465758  # "XWFX"
-VERSION = 1
+VERSION = 1        # of the token file and the fixture archive
+MODEL_VERSION = 2  # of the model file (version 1, without the token ids, is still read)
 MODEL_HEADER = 256
 TOKENS_HEADER = 64
 
@@ -38,6 +39,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 INT_FIELDS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
               "ffn_dim", "max_seq_len", "tied_embeddings"]
 CONFIG_FIELDS = INT_FIELDS + ["head_type", "rope_theta", "norm_eps"]
+# int32 at offsets 64, 68, 72 (version 2): -1 in the file, None in a config dict, for none
+TOKEN_ID_FIELDS = ["pad_token_id", "bos_token_id", "eos_token_id"]
 
 
 class FormatError(ValueError):
@@ -150,9 +153,13 @@ def _pack_header(cfg, dtype):
     _check(cfg["head_type"] in (0, 1), f"head_type must be 0 or 1, got {cfg['head_type']}")
     ints = [int(cfg[k]) for k in INT_FIELDS]
     ints[-1] = 1 if cfg["tied_embeddings"] else 0
-    head = struct.pack("<4I", MODEL_MAGIC, VERSION, DTYPES[dtype], int(cfg["head_type"]))
+    ids = [-1 if cfg.get(k) is None else int(cfg[k]) for k in TOKEN_ID_FIELDS]
+    for k, i in zip(TOKEN_ID_FIELDS, ids):
+        _check(-1 <= i < int(cfg["vocab_size"]), f"{k} {i} is not None or an id below vocab_size")
+    head = struct.pack("<4I", MODEL_MAGIC, MODEL_VERSION, DTYPES[dtype], int(cfg["head_type"]))
     head += struct.pack("<8I", *ints)
     head += struct.pack("<2d", float(cfg["rope_theta"]), float(cfg["norm_eps"]))
+    head += struct.pack("<3i", *ids)
     return head + bytes(MODEL_HEADER - len(head))
 
 
@@ -184,15 +191,19 @@ def read_header(path):
     _check(len(head) == MODEL_HEADER, f"{path}: shorter than the {MODEL_HEADER}-byte header")
     magic, version, dtype, head_type = struct.unpack_from("<4I", head, 0)
     _check(magic == MODEL_MAGIC, f"{path}: bad magic {magic:#x}, not an xwin model file")
-    _check(version == VERSION, f"{path}: unsupported version {version}")
+    _check(version in (1, MODEL_VERSION), f"{path}: unsupported version {version}")
     _check(dtype in (0, 1), f"{path}: unknown dtype code {dtype}")
     _check(head_type in (0, 1), f"{path}: unknown head_type {head_type}")
-    _check(not any(head[64:]), f"{path}: reserved header bytes are not zero")
+    ids = struct.unpack_from("<3i", head, 64) if version == 2 else (-1, -1, -1)
+    _check(not any(head[76 if version == 2 else 64:]), f"{path}: reserved header bytes are not zero")
     cfg = dict(zip(INT_FIELDS, struct.unpack_from("<8I", head, 16)))
     _check(cfg["tied_embeddings"] in (0, 1), f"{path}: tied_embeddings must be 0 or 1")
     cfg["head_type"] = head_type
     cfg["rope_theta"], cfg["norm_eps"] = struct.unpack_from("<2d", head, 48)
     cfg["dtype"] = "fp32" if dtype == 0 else "bf16"
+    for k, i in zip(TOKEN_ID_FIELDS, ids):
+        _check(-1 <= i < cfg["vocab_size"], f"{path}: {k} {i} is not -1 or an id below vocab_size")
+        cfg[k] = None if i == -1 else i
     expect = MODEL_HEADER + n_params(cfg) * DTYPE_BYTES[cfg["dtype"]]
     size = os.path.getsize(path)
     _check(size == expect, f"{path}: file is {size} bytes, header implies {expect}")

@@ -372,6 +372,10 @@ TEST_CASE("kernels: parity with transformers, odd sizes", "[kernels][parity]") {
 
 #ifdef XWIN_CUDA_EMULATION
 // Last in the file, so it sees every launch above: which __global__ kernels of llm.cu ran.
+// The reward head's tests, in this translation unit (llm.cu's kernels are defined once per
+// program) and before the coverage check below, which must come last.
+#include "test_reward.cpp"
+
 TEST_CASE("every __global__ kernel of llm.cu was executed", "[kernels][coverage]") {
     std::ifstream f("llm.cu");
     std::stringstream ss;
