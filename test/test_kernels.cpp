@@ -144,6 +144,50 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// Inputs of magnitude 1e-3 (mean square ~3e-7), so eps = 1e-5 sets rstd: eps outside the
+// square root, or left out, moves rstd by a factor of 5 or more. Rows 1..4 also hold one
+// value of 1 at the end or the start of the warp's passes over the row (C - 1, 0, 31, 128),
+// so skipping any element of the sum of squares moves rstd by orders of magnitude.
+// N = 21 rows (8 per block) and C = 139 channels (> 128 per block of the weight gradient,
+// not a multiple of 32) leave a partial block everywhere. The backward is fed the CPU twin's
+// rstd, so it is checked on its own, not through the forward. Tolerances as above (TOL:
+// bfloat16 outputs; 1e-5 for rstd and dweight, which are FP32 in both builds: only the
+// order of the FP32 sums differs).
+TEST_CASE("rmsnorm kernels with small inputs where eps matters (fixed data)", "[kernels]") {
+    const size_t N = 21, C = 139;
+    const double eps = 1e-5;
+    std::vector<float> x = fixed_floats(N * C, 101, 1e-3f);
+    x[1 * C + C - 1] = 1.0f;
+    x[2 * C + 0] = 1.0f;
+    x[3 * C + 31] = 1.0f;
+    x[4 * C + 128] = 1.0f;
+    x = rounded(x);
+    std::vector<float> w = fixed_floats(C, 102, 0.5f);
+    for (float& v : w) v += 1.0f;
+    w = rounded(w);
+    std::vector<float> dout = rounded(fixed_floats(N * C, 103)), dinp0 = rounded(fixed_floats(N * C, 104));
+    std::vector<float> dw0 = fixed_floats(C, 105);
+    std::vector<float> out(N * C), rstd(N), dinp = dinp0, dw = dw0, out0(N * C), rstd0(N);
+    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
+    rmsnorm_backward(dinp.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
+    // the data is such that eps matters: without it rstd is far from the right one
+    rmsnorm_forward(out0.data(), rstd0.data(), x.data(), w.data(), N, C, 0.0);
+    REQUIRE(relative_error(rstd0.data(), rstd.data(), N) > 1.0);
+
+    floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
+    float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_rstd_cpu = upload(rstd);
+    poison(d_out, N * C);
+    poison(d_rstd, N);
+    rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, eps, stream);
+    check_close("rmsnorm small out", download_x(d_out, N * C), out);
+    check_close("rmsnorm small rstd", download(d_rstd, N), rstd, 1e-5);
+    rmsnorm_backward_cuda(d_dinp, d_dw, d_dout, d_x, d_w, d_rstd_cpu, N, (int)C, stream);
+    check_close("rmsnorm small dinp", download_x(d_dinp, N * C), dinp);
+    check_close("rmsnorm small dweight", download(d_dw, C), dw, 1e-5);
+    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_rstd_cpu};
+    for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
 TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 3);
     size_t N = 13, C = 19, OC = 23;
@@ -164,48 +208,65 @@ TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
-TEST_CASE("rope kernel matches the CPU both ways", "[kernels]") {
-    std::mt19937 rng(test_seed() + 4);
-    size_t B = 2, T = 7, NH = 3;
-    int hd = 10;
-    std::vector<float> x = rounded(random_floats(B * T * NH * hd, rng)), fwd = x, bwd = x;
-    rope_forward(fwd.data(), B, T, NH, hd, 10000.0);
-    rope_backward(bwd.data(), B, T, NH, hd, 10000.0);
-    floatX *d_a = upload_x(x), *d_b = upload_x(x);
-    rope_cuda(d_a, B, (int)T, (int)NH, hd, 10000.0, +1, stream);
-    rope_cuda(d_b, B, (int)T, (int)NH, hd, 10000.0, -1, stream);
-    check_close("rope forward", download_x(d_a, x.size()), fwd);
-    check_close("rope backward", download_x(d_b, x.size()), bwd);
-    cudaCheck(cudaFree(d_a));
-    cudaCheck(cudaFree(d_b));
+// The forward (direction +1) against the CPU twin's rope_forward and the backward (-1)
+// against the CPU twin's rope_backward, each from the same input, at the default theta and
+// at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of the 256-thread
+// block. The REQUIREs show the data can tell the directions and the thetas apart.
+TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta", "[kernels]") {
+    const size_t B = 2, T = 13, NH = 3;
+    const int hd = 12;
+    std::vector<float> x = rounded(fixed_floats(B * T * NH * hd, 401)), fwd_default = x;
+    rope_forward(fwd_default.data(), B, T, NH, hd, 10000.0);
+    for (double theta : {10000.0, 500000.0}) {
+        INFO("theta " << theta);
+        std::vector<float> fwd = x, bwd = x;
+        rope_forward(fwd.data(), B, T, NH, hd, theta);
+        rope_backward(bwd.data(), B, T, NH, hd, theta);
+        REQUIRE(relative_error(bwd.data(), fwd.data(), x.size()) > 10 * TOL);
+        if (theta != 10000.0) REQUIRE(relative_error(fwd_default.data(), fwd.data(), x.size()) > 10 * TOL);
+        floatX *d_a = upload_x(x), *d_b = upload_x(x);
+        rope_cuda(d_a, B, (int)T, (int)NH, hd, theta, +1, stream);
+        rope_cuda(d_b, B, (int)T, (int)NH, hd, theta, -1, stream);
+        check_close("rope forward", download_x(d_a, x.size()), fwd);
+        check_close("rope backward", download_x(d_b, x.size()), bwd);
+        cudaCheck(cudaFree(d_a));
+        cudaCheck(cudaFree(d_b));
+    }
 }
 
+// Two shapes: (2, 9, 4 heads, 2 kv heads, 6) and (1, 37, 3 heads, 1 kv head, 4). In the
+// second, T > 32 gives the softmax warps a second pass over a row, and no launch size is a
+// multiple of its block: 111 softmax rows (8 per block), 444 and 148 permuted elements (256).
 TEST_CASE("attention kernels match the CPU (grouped-query)", "[kernels]") {
-    std::mt19937 rng(test_seed() + 5);
-    size_t B = 2, T = 9, H = 4, KV = 2, hd = 6;
-    std::vector<float> q = rounded(random_floats(B * T * H * hd, rng)), k = rounded(random_floats(B * T * KV * hd, rng));
-    std::vector<float> v = rounded(random_floats(B * T * KV * hd, rng)), dout = rounded(random_floats(B * T * H * hd, rng));
-    std::vector<float> dq0 = rounded(random_floats(q.size(), rng)), dk0 = rounded(random_floats(k.size(), rng)), dv0 = rounded(random_floats(v.size(), rng));
-    std::vector<float> out(q.size()), att(B * H * T * T), dq = dq0, dk = dk0, dv = dv0;
-    attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
-    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
-    AttentionScratch s;
-    void* scratch = cuda_alloc<char>(point_attention_scratch(&s, nullptr, B, T, H, hd));
-    point_attention_scratch(&s, scratch, B, T, H, hd);
-    floatX *d_q = upload_x(q), *d_k = upload_x(k), *d_v = upload_x(v), *d_dout = upload_x(dout);
-    floatX *d_dq = upload_x(dq0), *d_dk = upload_x(dk0), *d_dv = upload_x(dv0);
-    floatX *d_out = cuda_alloc<floatX>(out.size()), *d_att = cuda_alloc<floatX>(att.size());
-    poison(d_out, out.size());
-    poison(d_att, att.size());
-    attention_forward_cuda(d_out, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
-    attention_backward_cuda(d_dq, d_dk, d_dv, d_dout, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
-    check_close("attention out", download_x(d_out, out.size()), out);
-    check_close("attention probabilities", download_x(d_att, att.size()), att);
-    check_close("attention dq", download_x(d_dq, dq.size()), dq);
-    check_close("attention dk", download_x(d_dk, dk.size()), dk);
-    check_close("attention dv", download_x(d_dv, dv.size()), dv);
-    void* bufs[] = {scratch, d_q, d_k, d_v, d_dout, d_dq, d_dk, d_dv, d_out, d_att};
-    for (void* p : bufs) cudaCheck(cudaFree(p));
+    struct Shape { size_t B, T, H, KV, hd; };
+    for (Shape sh : {Shape{2, 9, 4, 2, 6}, Shape{1, 37, 3, 1, 4}}) {
+        std::mt19937 rng(test_seed() + 5 + (unsigned)sh.T);
+        size_t B = sh.B, T = sh.T, H = sh.H, KV = sh.KV, hd = sh.hd;
+        INFO("B " << B << " T " << T << " H " << H << " KV " << KV << " hd " << hd);
+        std::vector<float> q = rounded(random_floats(B * T * H * hd, rng)), k = rounded(random_floats(B * T * KV * hd, rng));
+        std::vector<float> v = rounded(random_floats(B * T * KV * hd, rng)), dout = rounded(random_floats(B * T * H * hd, rng));
+        std::vector<float> dq0 = rounded(random_floats(q.size(), rng)), dk0 = rounded(random_floats(k.size(), rng)), dv0 = rounded(random_floats(v.size(), rng));
+        std::vector<float> out(q.size()), att(B * H * T * T), dq = dq0, dk = dk0, dv = dv0;
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
+        attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
+        AttentionScratch s;
+        void* scratch = cuda_alloc<char>(point_attention_scratch(&s, nullptr, B, T, H, hd));
+        point_attention_scratch(&s, scratch, B, T, H, hd);
+        floatX *d_q = upload_x(q), *d_k = upload_x(k), *d_v = upload_x(v), *d_dout = upload_x(dout);
+        floatX *d_dq = upload_x(dq0), *d_dk = upload_x(dk0), *d_dv = upload_x(dv0);
+        floatX *d_out = cuda_alloc<floatX>(out.size()), *d_att = cuda_alloc<floatX>(att.size());
+        poison(d_out, out.size());
+        poison(d_att, att.size());
+        attention_forward_cuda(d_out, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
+        attention_backward_cuda(d_dq, d_dk, d_dv, d_dout, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
+        check_close("attention out", download_x(d_out, out.size()), out);
+        check_close("attention probabilities", download_x(d_att, att.size()), att);
+        check_close("attention dq", download_x(d_dq, dq.size()), dq);
+        check_close("attention dk", download_x(d_dk, dk.size()), dk);
+        check_close("attention dv", download_x(d_dv, dv.size()), dv);
+        void* bufs[] = {scratch, d_q, d_k, d_v, d_dout, d_dq, d_dk, d_dv, d_out, d_att};
+        for (void* p : bufs) cudaCheck(cudaFree(p));
+    }
 }
 
 TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
