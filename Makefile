@@ -29,7 +29,7 @@ logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
 TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
 EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
@@ -64,7 +64,10 @@ gpu: llm.cu
 bench_step: $(BENCH) llm.cu
 	$(CXX) $(CXXFLAGS) -x c++ $(BENCH) -o $@
 
-# Debian's catch2 (v2, single header). Installed here when root; otherwise the command is printed.
+# Debian's catch2 (v2, single header), and python3 with numpy: build/test_llm runs
+# dev/data/prepare_sft.py, which writes its token file through dev/xwin_format.py (numpy).
+# Installed here when root; otherwise the command is printed (without python3 and numpy the
+# build goes on and that test fails, saying why).
 deps:
 	@if [ ! -f $(CATCH_HEADER) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -72,6 +75,15 @@ deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq catch2) >/dev/null || exit 1; \
 	  else \
 	    echo "error: Catch2 is missing. Install it with: sudo apt-get install catch2"; exit 1; \
+	  fi; \
+	fi
+	@if ! python3 -c 'import numpy' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing numpy for python3 (dev/data/prepare_sft.py, run by the tests)"; \
+	    (command -v python3 >/dev/null && python3 -m pip install -q numpy) >/dev/null 2>&1 || \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-numpy) >/dev/null || exit 1; \
+	  else \
+	    echo "note: python3 with numpy is missing; the prepare_sft.py test will fail. Install it with: python3 -m pip install numpy"; \
 	  fi; \
 	fi
 
