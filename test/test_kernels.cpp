@@ -250,14 +250,18 @@ TEST_CASE("attention kernels match the CPU (grouped-query)", "[kernels]") {
         attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
         attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
         AttentionScratch s;
-        void* scratch = cuda_alloc<char>(point_attention_scratch(&s, nullptr, B, T, H, hd));
+        size_t scratch_bytes = point_attention_scratch(&s, nullptr, B, T, H, hd);
+        char* scratch = cuda_alloc<char>(scratch_bytes);
         point_attention_scratch(&s, scratch, B, T, H, hd);
+        poison(scratch, scratch_bytes);
         floatX *d_q = upload_x(q), *d_k = upload_x(k), *d_v = upload_x(v), *d_dout = upload_x(dout);
         floatX *d_dq = upload_x(dq0), *d_dk = upload_x(dk0), *d_dv = upload_x(dv0);
         floatX *d_out = cuda_alloc<floatX>(out.size()), *d_att = cuda_alloc<floatX>(att.size());
         poison(d_out, out.size());
         poison(d_att, att.size());
         attention_forward_cuda(d_out, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
+        // the backward permutes q, k and v again: what the forward left in the scratch must not count
+        poison(scratch, scratch_bytes);
         attention_backward_cuda(d_dq, d_dk, d_dv, d_dout, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
         check_close("attention out", download_x(d_out, out.size()), out);
         check_close("attention probabilities", download_x(d_att, att.size()), att);
