@@ -29,7 +29,7 @@ logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
 TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_reward.cpp
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
 EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
@@ -65,6 +65,7 @@ bench_step: $(BENCH) llm.cu
 	$(CXX) $(CXXFLAGS) -x c++ $(BENCH) -o $@
 
 # Debian's catch2 (v2, single header). Installed here when root; otherwise the command is printed.
+# (The tests also run python3 on dev/data/prepare_sft.py, which needs only its standard library.)
 deps:
 	@if [ ! -f $(CATCH_HEADER) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

@@ -3,6 +3,8 @@
 // FP32 (-DENABLE_FP32). Inputs are random with a fresh seed each run (printed; set
 // XWIN_TEST_SEED to repeat one), shapes are not multiples of the block sizes, and every
 // output is poisoned with NaN before the kernel runs, so an unwritten element fails.
+// The tests of the reductions and of the classic mistakes (eps, theta, the last element or
+// block) use fixed data instead (fixed_floats), so they fail on every seed or on none.
 // Errors are ||out - ref|| / ||ref||. Tolerances per precision:
 //   FP32: 1e-5 — the kernels reduce in another order than the CPU loops (~1e-7 observed).
 //   BF16: 1e-2 — outputs are rounded to bfloat16 (8-bit mantissa, relative rounding up to
@@ -38,6 +40,15 @@ static std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale
     std::normal_distribution<float> dist(0.0f, scale);
     std::vector<float> v(n);
     for (float& x : v) x = dist(rng);
+    return v;
+}
+
+// Fixed data: the same values on every run whatever the seed, uniform in [-scale, scale)
+// (24 random bits of a seeded mt19937, which the C++ standard pins down exactly).
+static std::vector<float> fixed_floats(size_t n, unsigned seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::vector<float> v(n);
+    for (float& x : v) x = scale * (2.0f * (float)(rng() >> 8) / 16777216.0f - 1.0f);
     return v;
 }
 
@@ -133,6 +144,50 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// Inputs of magnitude 1e-3 (mean square ~3e-7), so eps = 1e-5 sets rstd: eps outside the
+// square root, or left out, moves rstd by a factor of 5 or more. Rows 1..4 also hold one
+// value of 1 at the end or the start of the warp's passes over the row (C - 1, 0, 31, 128),
+// so skipping any element of the sum of squares moves rstd by orders of magnitude.
+// N = 21 rows (8 per block) and C = 139 channels (> 128 per block of the weight gradient,
+// not a multiple of 32) leave a partial block everywhere. The backward is fed the CPU twin's
+// rstd, so it is checked on its own, not through the forward. Tolerances as above (TOL:
+// bfloat16 outputs; 1e-5 for rstd and dweight, which are FP32 in both builds: only the
+// order of the FP32 sums differs).
+TEST_CASE("rmsnorm kernels with small inputs where eps matters (fixed data)", "[kernels]") {
+    const size_t N = 21, C = 139;
+    const double eps = 1e-5;
+    std::vector<float> x = fixed_floats(N * C, 101, 1e-3f);
+    x[1 * C + C - 1] = 1.0f;
+    x[2 * C + 0] = 1.0f;
+    x[3 * C + 31] = 1.0f;
+    x[4 * C + 128] = 1.0f;
+    x = rounded(x);
+    std::vector<float> w = fixed_floats(C, 102, 0.5f);
+    for (float& v : w) v += 1.0f;
+    w = rounded(w);
+    std::vector<float> dout = rounded(fixed_floats(N * C, 103)), dinp0 = rounded(fixed_floats(N * C, 104));
+    std::vector<float> dw0 = fixed_floats(C, 105);
+    std::vector<float> out(N * C), rstd(N), dinp = dinp0, dw = dw0, out0(N * C), rstd0(N);
+    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
+    rmsnorm_backward(dinp.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
+    // the data is such that eps matters: without it rstd is far from the right one
+    rmsnorm_forward(out0.data(), rstd0.data(), x.data(), w.data(), N, C, 0.0);
+    REQUIRE(relative_error(rstd0.data(), rstd.data(), N) > 1.0);
+
+    floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
+    float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_rstd_cpu = upload(rstd);
+    poison(d_out, N * C);
+    poison(d_rstd, N);
+    rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, eps, stream);
+    check_close("rmsnorm small out", download_x(d_out, N * C), out);
+    check_close("rmsnorm small rstd", download(d_rstd, N), rstd, 1e-5);
+    rmsnorm_backward_cuda(d_dinp, d_dw, d_dout, d_x, d_w, d_rstd_cpu, N, (int)C, stream);
+    check_close("rmsnorm small dinp", download_x(d_dinp, N * C), dinp);
+    check_close("rmsnorm small dweight", download(d_dw, C), dw, 1e-5);
+    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_rstd_cpu};
+    for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
 TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 3);
     size_t N = 13, C = 19, OC = 23;
@@ -153,48 +208,69 @@ TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
-TEST_CASE("rope kernel matches the CPU both ways", "[kernels]") {
-    std::mt19937 rng(test_seed() + 4);
-    size_t B = 2, T = 7, NH = 3;
-    int hd = 10;
-    std::vector<float> x = rounded(random_floats(B * T * NH * hd, rng)), fwd = x, bwd = x;
-    rope_forward(fwd.data(), B, T, NH, hd, 10000.0);
-    rope_backward(bwd.data(), B, T, NH, hd, 10000.0);
-    floatX *d_a = upload_x(x), *d_b = upload_x(x);
-    rope_cuda(d_a, B, (int)T, (int)NH, hd, 10000.0, +1, stream);
-    rope_cuda(d_b, B, (int)T, (int)NH, hd, 10000.0, -1, stream);
-    check_close("rope forward", download_x(d_a, x.size()), fwd);
-    check_close("rope backward", download_x(d_b, x.size()), bwd);
-    cudaCheck(cudaFree(d_a));
-    cudaCheck(cudaFree(d_b));
+// The forward (direction +1) against the CPU twin's rope_forward and the backward (-1)
+// against the CPU twin's rope_backward, each from the same input, at the default theta and
+// at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of the 256-thread
+// block. The REQUIREs show the data can tell the directions and the thetas apart.
+TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta", "[kernels]") {
+    const size_t B = 2, T = 13, NH = 3;
+    const int hd = 12;
+    std::vector<float> x = rounded(fixed_floats(B * T * NH * hd, 401)), fwd_default = x;
+    rope_forward(fwd_default.data(), B, T, NH, hd, 10000.0);
+    for (double theta : {10000.0, 500000.0}) {
+        INFO("theta " << theta);
+        std::vector<float> fwd = x, bwd = x;
+        rope_forward(fwd.data(), B, T, NH, hd, theta);
+        rope_backward(bwd.data(), B, T, NH, hd, theta);
+        REQUIRE(relative_error(bwd.data(), fwd.data(), x.size()) > 10 * TOL);
+        if (theta != 10000.0) REQUIRE(relative_error(fwd_default.data(), fwd.data(), x.size()) > 10 * TOL);
+        floatX *d_a = upload_x(x), *d_b = upload_x(x);
+        rope_cuda(d_a, B, (int)T, (int)NH, hd, theta, +1, stream);
+        rope_cuda(d_b, B, (int)T, (int)NH, hd, theta, -1, stream);
+        check_close("rope forward", download_x(d_a, x.size()), fwd);
+        check_close("rope backward", download_x(d_b, x.size()), bwd);
+        cudaCheck(cudaFree(d_a));
+        cudaCheck(cudaFree(d_b));
+    }
 }
 
+// Two shapes: (2, 9, 4 heads, 2 kv heads, 6) and (1, 37, 3 heads, 1 kv head, 4). In the
+// second, T > 32 gives the softmax warps a second pass over a row, and no launch size is a
+// multiple of its block: 111 softmax rows (8 per block), 444 and 148 permuted elements (256).
 TEST_CASE("attention kernels match the CPU (grouped-query)", "[kernels]") {
-    std::mt19937 rng(test_seed() + 5);
-    size_t B = 2, T = 9, H = 4, KV = 2, hd = 6;
-    std::vector<float> q = rounded(random_floats(B * T * H * hd, rng)), k = rounded(random_floats(B * T * KV * hd, rng));
-    std::vector<float> v = rounded(random_floats(B * T * KV * hd, rng)), dout = rounded(random_floats(B * T * H * hd, rng));
-    std::vector<float> dq0 = rounded(random_floats(q.size(), rng)), dk0 = rounded(random_floats(k.size(), rng)), dv0 = rounded(random_floats(v.size(), rng));
-    std::vector<float> out(q.size()), att(B * H * T * T), dq = dq0, dk = dk0, dv = dv0;
-    attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
-    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
-    AttentionScratch s;
-    void* scratch = cuda_alloc<char>(point_attention_scratch(&s, nullptr, B, T, H, hd));
-    point_attention_scratch(&s, scratch, B, T, H, hd);
-    floatX *d_q = upload_x(q), *d_k = upload_x(k), *d_v = upload_x(v), *d_dout = upload_x(dout);
-    floatX *d_dq = upload_x(dq0), *d_dk = upload_x(dk0), *d_dv = upload_x(dv0);
-    floatX *d_out = cuda_alloc<floatX>(out.size()), *d_att = cuda_alloc<floatX>(att.size());
-    poison(d_out, out.size());
-    poison(d_att, att.size());
-    attention_forward_cuda(d_out, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
-    attention_backward_cuda(d_dq, d_dk, d_dv, d_dout, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
-    check_close("attention out", download_x(d_out, out.size()), out);
-    check_close("attention probabilities", download_x(d_att, att.size()), att);
-    check_close("attention dq", download_x(d_dq, dq.size()), dq);
-    check_close("attention dk", download_x(d_dk, dk.size()), dk);
-    check_close("attention dv", download_x(d_dv, dv.size()), dv);
-    void* bufs[] = {scratch, d_q, d_k, d_v, d_dout, d_dq, d_dk, d_dv, d_out, d_att};
-    for (void* p : bufs) cudaCheck(cudaFree(p));
+    struct Shape { size_t B, T, H, KV, hd; };
+    for (Shape sh : {Shape{2, 9, 4, 2, 6}, Shape{1, 37, 3, 1, 4}}) {
+        std::mt19937 rng(test_seed() + 5 + (unsigned)sh.T);
+        size_t B = sh.B, T = sh.T, H = sh.H, KV = sh.KV, hd = sh.hd;
+        INFO("B " << B << " T " << T << " H " << H << " KV " << KV << " hd " << hd);
+        std::vector<float> q = rounded(random_floats(B * T * H * hd, rng)), k = rounded(random_floats(B * T * KV * hd, rng));
+        std::vector<float> v = rounded(random_floats(B * T * KV * hd, rng)), dout = rounded(random_floats(B * T * H * hd, rng));
+        std::vector<float> dq0 = rounded(random_floats(q.size(), rng)), dk0 = rounded(random_floats(k.size(), rng)), dv0 = rounded(random_floats(v.size(), rng));
+        std::vector<float> out(q.size()), att(B * H * T * T), dq = dq0, dk = dk0, dv = dv0;
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
+        attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
+        AttentionScratch s;
+        size_t scratch_bytes = point_attention_scratch(&s, nullptr, B, T, H, hd);
+        char* scratch = cuda_alloc<char>(scratch_bytes);
+        point_attention_scratch(&s, scratch, B, T, H, hd);
+        poison(scratch, scratch_bytes);
+        floatX *d_q = upload_x(q), *d_k = upload_x(k), *d_v = upload_x(v), *d_dout = upload_x(dout);
+        floatX *d_dq = upload_x(dq0), *d_dk = upload_x(dk0), *d_dv = upload_x(dv0);
+        floatX *d_out = cuda_alloc<floatX>(out.size()), *d_att = cuda_alloc<floatX>(att.size());
+        poison(d_out, out.size());
+        poison(d_att, att.size());
+        attention_forward_cuda(d_out, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
+        // the backward permutes q, k and v again: what the forward left in the scratch must not count
+        poison(scratch, scratch_bytes);
+        attention_backward_cuda(d_dq, d_dk, d_dv, d_dout, d_att, d_q, d_k, d_v, s, B, (int)T, (int)H, (int)KV, (int)hd, stream);
+        check_close("attention out", download_x(d_out, out.size()), out);
+        check_close("attention probabilities", download_x(d_att, att.size()), att);
+        check_close("attention dq", download_x(d_dq, dq.size()), dq);
+        check_close("attention dk", download_x(d_dk, dk.size()), dk);
+        check_close("attention dv", download_x(d_dv, dv.size()), dv);
+        void* bufs[] = {scratch, d_q, d_k, d_v, d_dout, d_dq, d_dk, d_dv, d_out, d_att};
+        for (void* p : bufs) cudaCheck(cudaFree(p));
+    }
 }
 
 TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
@@ -243,6 +319,62 @@ TEST_CASE("logprob kernels match the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// The log-sum-exp of a logits row is a block reduction (256 threads striding over V, then
+// warp shuffles, then the 8 warp results through shared memory), for the max and the sum.
+// Fixed data: V = 557 (three strides, the last partial, not a multiple of 32) and each row
+// holds one logit of 100 over a base in [-0.5, 0.5) at a position that ends or starts a level:
+// the first element, the last lane of warp 0 (31), the first of warp 1 (32), the last thread
+// of the block (255, warp 7, whose result is the last one in shared memory), the first of the
+// second stride (256), 511, 512 and the last element (V - 1); one row has it at both ends
+// and one row has none. Dropping the large logit from the max overflows exp (e^100 > FLT_MAX),
+// dropping it from the sum moves the log-prob by ~100, or by log 2 in the row with two.
+// Every log-prob is checked on its own (FP32 output: |error| <= 1e-5 max(1, |ref|)), and
+// every row of dlogits on its own (relative error per row, TOL).
+TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][reduction]") {
+    const size_t B = 2, T = 6, V = 557;
+    struct Row { std::vector<int> large; int target; };
+    const Row rows[] = {{{0}, 0}, {{(int)V - 1}, (int)V - 1}, {{255}, 7}, {{256}, 256}, {{31}, 31},
+                        {{32}, 100}, {{511}, 511}, {{0, (int)V - 1}, (int)V - 1}, {{512}, 3}, {{}, (int)V - 2}};
+    std::vector<float> z = fixed_floats(B * T * V, 701, 0.5f), dlp(B * T);
+    std::vector<int> tokens(B * T, 0);
+    size_t r = 0;  // the logits rows that predict a token: (b, t) for t < T - 1
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t + 1 < T; t++, r++) {
+            for (int i : rows[r].large) z[(b * T + t) * V + i] = 100.0f;
+            tokens[b * T + t + 1] = rows[r].target;
+            dlp[b * T + t + 1] = (r % 2 ? -1.0f : 1.0f) * (0.5f + 0.1f * (float)r);
+        }
+    }
+    REQUIRE(r == sizeof(rows) / sizeof(rows[0]));
+    z = rounded(z);
+    std::vector<float> lp(B * T), dz(z.size());
+    logprob_forward(lp.data(), z.data(), tokens.data(), B, T, V);
+    logprob_backward(dz.data(), z.data(), tokens.data(), dlp.data(), B, T, V);
+    int* d_tokens = upload(tokens);
+    floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
+    float *d_dlp = upload(dlp), *d_lp = cuda_alloc<float>(B * T);
+    poison(d_lp, B * T);
+    poison(d_dz, z.size());
+    logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, stream);
+    logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);
+    std::vector<float> got = download(d_lp, B * T), dgot = download_x(d_dz, z.size());
+    double worst = 0, worst_row = 0;
+    for (size_t i = 0; i < B * T; i++) {
+        double err = std::fabs((double)got[i] - lp[i]) / std::max(1.0, std::fabs((double)lp[i]));
+        if (!(err <= 1e-5)) printf("  logprob row %zu: %.6g, CPU %.6g\n", i, got[i], lp[i]);
+        worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+        // (a row with nothing to predict is 0 on the CPU: then any nonzero value is an infinite error)
+        double rerr = relative_error(dgot.data() + i * V, dz.data() + i * V, V);
+        if (!(rerr < TOL)) printf("  dlogits row %zu: rel err %.2e\n", i, rerr);
+        worst_row = std::max(worst_row, std::isnan(rerr) ? INFINITY : rerr);
+    }
+    printf("  %-24s worst %.2e (tolerance 1e-05); dlogits worst row rel err %.2e (tolerance %.0e)\n", "logprob levels", worst, worst_row, TOL);
+    CHECK(worst <= 1e-5);
+    CHECK(worst_row < TOL);
+    void* bufs[] = {d_tokens, d_z, d_dz, d_dlp, d_lp};
+    for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
 TEST_CASE("gradient norm and clipping on the device match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 8);
     size_t n = 100003;
@@ -257,6 +389,64 @@ TEST_CASE("gradient norm and clipping on the device match the CPU", "[kernels]")
         std::vector<float> nc = download(norm_coef, 2);
         CHECK(nc[0] == Approx(norm).epsilon(1e-5));
         check_close("clipped gradients", download(d_g, n), ref, 1e-6);
+    }
+    void* bufs[] = {d_g, partials, norm_coef};
+    for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
+// The device norm is two levels of reduction: GRAD_NORM_BLOCKS blocks of 256 threads stride
+// over the gradient (one full grid of partials covers 512 * 256 = 131072 values) and write one
+// partial each, then one block of 1024 threads adds the partials. Here n = 131072 + 131: every
+// block has values (the last block's partial is not 0), a few threads take a second stride,
+// and n is a multiple of no block size. Two fixed data sets, each against the exact norm
+// (a plain sum in double, not the CPU twin, which is checked too):
+//   "even":  every value in [0.5, 1], so each block's partial is ~1/512 of the sum and
+//            dropping any partial (the last one included) moves the norm by ~1e-3;
+//   "ends":  values in [-1e-3, 1e-3] and five values of 10: the first (0), the last thread of
+//            block 0 (255), the first of the last block (511 * 256), the last of the first
+//            stride (131071) and the last value (n - 1, in the second stride), so dropping
+//            any single one of them moves the norm by over 10%.
+// Checked: every partial written (poisoned first), the partials add up to the sum of squares
+// (the first level alone), the norm (both levels), the clip coefficient and the clipped values.
+// Tolerances: FP32 sums over a tree of depth ~20 are within ~1e-6 of the exact value; 1e-5
+// for the norm, the sum of partials, the coefficient and the clipped values (which carry the
+// coefficient's error).
+TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid of partials)", "[kernels][reduction]") {
+    const size_t grid = (size_t)GRAD_NORM_BLOCKS * 256;  // 256 threads per block, as clip_grad_norm_cuda launches
+    const size_t n = grid + 131;
+    std::vector<float> even = fixed_floats(n, 801, 0.25f), ends = fixed_floats(n, 802, 1e-3f);
+    for (float& v : even) v += 0.75f;
+    for (size_t i : {(size_t)0, (size_t)255, (size_t)(GRAD_NORM_BLOCKS - 1) * 256, grid - 1, n - 1}) ends[i] = 10.0f;
+    float *d_g = cuda_alloc<float>(n), *partials = cuda_alloc<float>(GRAD_NORM_BLOCKS), *norm_coef = cuda_alloc<float>(2);
+    for (const std::vector<float>* data : {&even, &ends}) {
+        const std::vector<float>& g = *data;
+        INFO((data == &even ? "even" : "ends") << " data, n = " << n);
+        double ss = 0;
+        for (float v : g) ss += (double)v * v;
+        const double exact = std::sqrt(ss);
+        const float max_norm = (float)(exact / 2);  // clips by about one half
+        std::vector<float> cpu = g;
+        CHECK(clip_grad_norm(cpu.data(), n, 1e9f) == Approx(exact).epsilon(1e-6));
+        cudaCheck(cudaMemcpy(d_g, g.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+        poison(partials, GRAD_NORM_BLOCKS);
+        poison(norm_coef, 2);
+        clip_grad_norm_cuda(d_g, n, max_norm, partials, norm_coef, stream);
+        std::vector<float> part = download(partials, GRAD_NORM_BLOCKS), nc = download(norm_coef, 2), out = download(d_g, n);
+        size_t unwritten = 0;
+        double part_sum = 0;
+        for (float p : part) {
+            unwritten += !std::isfinite(p);
+            part_sum += p;
+        }
+        CHECK(unwritten == 0);
+        CHECK(part_sum == Approx(ss).epsilon(1e-5));
+        CHECK(nc[0] == Approx(exact).epsilon(1e-5));
+        const double coef = max_norm / (exact + 1e-6);
+        CHECK(nc[1] == Approx(coef).epsilon(1e-5));
+        std::vector<float> ref(n);
+        for (size_t i = 0; i < n; i++) ref[i] = (float)(g[i] * coef);
+        check_close("clipped gradients", out, ref, 1e-5);
+        for (size_t i : {(size_t)0, grid - 1, grid, n - 1}) CHECK(out[i] == Approx(ref[i]).epsilon(1e-5));
     }
     void* bufs[] = {d_g, partials, norm_coef};
     for (void* p : bufs) cudaCheck(cudaFree(p));

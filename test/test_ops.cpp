@@ -26,9 +26,9 @@ static double dot(const Vec& a, const Vec& b) {
     return s;
 }
 
-// Compares analytic with the central difference of loss() over every element of x.
-static void check_gradient(const char* what, Vec& x, const Vec& analytic, const std::function<double()>& loss) {
-    const double h = 1e-5;
+// Compares analytic with the central difference of loss() over every element of x. The step
+// h is 1e-5 for inputs of order 1; inputs of order s take h = 1e-5 * s (the same relative step).
+static void check_gradient(const char* what, Vec& x, const Vec& analytic, const std::function<double()>& loss, double h = 1e-5) {
     double max_err = 0, max_grad = 1e-12;
     for (size_t i = 0; i < x.size(); i++) {
         double saved = x[i];
@@ -54,17 +54,39 @@ TEST_CASE("embedding backward matches finite differences", "[ops][fd]") {
     check_gradient("dwte", wte, dwte, [&] { embedding_forward(out.data(), tokens.data(), wte.data(), N, C); return dot(out, G); });
 }
 
+// Inputs of order 1 (eps hardly matters) and of order 1e-3 (mean square 1e-6 < eps = 1e-5,
+// so eps sets rstd); the step scales with the inputs (h = 1e-8 for 1e-3: truncation
+// (h / 3e-3)^2 ~ 1e-11, rounding 1e-16 * |L| / h ~ 1e-7 against gradients of order 300).
 TEST_CASE("rmsnorm backward matches finite differences", "[ops][fd]") {
-    std::mt19937 rng(2);
-    size_t N = 5, C = 11;
-    double eps = 1e-5;
-    Vec x = random_vec(N * C, rng), w = random_vec(C, rng), G = random_vec(N * C, rng), out(N * C), rstd(N);
-    Vec dx(N * C, 0.0), dw(C, 0.0);
-    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
-    rmsnorm_backward(dx.data(), dw.data(), G.data(), x.data(), w.data(), rstd.data(), N, C);
-    auto loss = [&] { rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps); return dot(out, G); };
-    check_gradient("dx", x, dx, loss);
-    check_gradient("dweight", w, dw, loss);
+    for (double scale : {1.0, 1e-3}) {
+        INFO("inputs of scale " << scale);
+        std::mt19937 rng(2);
+        size_t N = 5, C = 11;
+        double eps = 1e-5;
+        Vec x = random_vec(N * C, rng, scale), w = random_vec(C, rng), G = random_vec(N * C, rng), out(N * C), rstd(N);
+        Vec dx(N * C, 0.0), dw(C, 0.0);
+        rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
+        rmsnorm_backward(dx.data(), dw.data(), G.data(), x.data(), w.data(), rstd.data(), N, C);
+        auto loss = [&] { rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps); return dot(out, G); };
+        check_gradient("dx", x, dx, loss, 1e-5 * scale);
+        check_gradient("dweight", w, dw, loss);
+    }
+}
+
+TEST_CASE("rmsnorm forward on hand-worked rows where eps matters", "[ops]") {
+    // a row of C equal values a, weight 1: out = a / sqrt(a^2 + eps), rstd = 1 / sqrt(a^2 + eps)
+    const size_t C = 6;
+    const double eps = 1e-5;
+    for (double a : {1e-3, 3e-3, 1.0}) {
+        Vec x(C, a), w(C, 1.0), out(C), rstd(1);
+        rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), 1, C, eps);
+        CHECK(rstd[0] == Approx(1.0 / std::sqrt(a * a + eps)).epsilon(1e-12));
+        for (size_t i = 0; i < C; i++) CHECK(out[i] == Approx(a / std::sqrt(a * a + eps)).epsilon(1e-12));
+    }
+    // 1e-3: mean square 1e-6, so rstd = 1 / sqrt(1.1e-5) = 301.51..., not 1 / 1e-3 = 1000
+    Vec x(C, 1e-3), w(C, 1.0), out(C), rstd(1);
+    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), 1, C, eps);
+    CHECK(rstd[0] == Approx(301.5113445777636).epsilon(1e-12));
 }
 
 TEST_CASE("matmul backward matches finite differences", "[ops][fd]") {
@@ -94,14 +116,17 @@ TEST_CASE("matmul forward matches a plain triple loop", "[ops]") {
 }
 
 TEST_CASE("rope backward matches finite differences and rotates as transformers does", "[ops][fd]") {
-    std::mt19937 rng(5);
-    size_t B = 2, T = 5, NH = 3;
-    int hd = 6;
+    for (double theta : {10000.0, 500000.0}) {  // the default and Llama 3's
+        INFO("theta " << theta);
+        std::mt19937 rng(5);
+        size_t B = 2, T = 5, NH = 3;
+        int hd = 6;
+        Vec x = random_vec(B * T * NH * hd, rng), G = random_vec(x.size(), rng), out(x.size());
+        Vec dx = G;  // the backward works in place on the gradient
+        rope_backward(dx.data(), B, T, NH, hd, theta);
+        check_gradient("dx", x, dx, [&] { out = x; rope_forward(out.data(), B, T, NH, hd, theta); return dot(out, G); });
+    }
     double theta = 10000.0;
-    Vec x = random_vec(B * T * NH * hd, rng), G = random_vec(x.size(), rng), out(x.size());
-    Vec dx = G;  // the backward works in place on the gradient
-    rope_backward(dx.data(), B, T, NH, hd, theta);
-    check_gradient("dx", x, dx, [&] { out = x; rope_forward(out.data(), B, T, NH, hd, theta); return dot(out, G); });
     // hand-worked: position 1, pair 0 of a head of size 2 rotates by exactly 1 radian
     Vec v = {1.0, 0.0, 1.0, 0.0};  // (B=1, T=2, NH=1, hd=2)
     rope_forward(v.data(), 1, 2, 1, 2, theta);
@@ -109,6 +134,22 @@ TEST_CASE("rope backward matches finite differences and rotates as transformers 
     CHECK(v[1] == 0.0);
     CHECK(v[2] == Approx(std::cos(1.0)).epsilon(1e-7));
     CHECK(v[3] == Approx(std::sin(1.0)).epsilon(1e-7));
+    // hand-worked, theta 500000: position 3, pair 1 of a head of size 4 (the pair (x[1], x[3]))
+    // rotates by 3 / 500000^(2/4) = 3 / sqrt(500000) = 4.2426e-3 radians (1.5e-2 at theta
+    // 10000); pair 0 by 3 radians. The backward rotates by minus that angle.
+    const double a = 3.0 / std::sqrt(500000.0);
+    for (int direction : {+1, -1}) {
+        INFO("direction " << direction);
+        Vec w(4 * 4, 0.0);  // (B=1, T=4, NH=1, hd=4)
+        w[3 * 4 + 0] = 1.0;
+        w[3 * 4 + 1] = 2.0;
+        if (direction > 0) rope_forward(w.data(), 1, 4, 1, 4, 500000.0);
+        else rope_backward(w.data(), 1, 4, 1, 4, 500000.0);
+        CHECK(w[3 * 4 + 0] == Approx(std::cos(3.0)).epsilon(1e-6));
+        CHECK(w[3 * 4 + 2] == Approx(direction * std::sin(3.0)).epsilon(1e-6));
+        CHECK(w[3 * 4 + 1] == Approx(2.0 * std::cos(a)).epsilon(1e-6));
+        CHECK(w[3 * 4 + 3] == Approx(direction * 2.0 * std::sin(a)).epsilon(1e-6));
+    }
 }
 
 TEST_CASE("attention backward matches finite differences (multi-head and grouped-query)", "[ops][fd]") {
@@ -168,6 +209,26 @@ TEST_CASE("masked mean loss and sequence sums on a hand-worked example", "[ops]"
     masked_mean_loss_backward(dlp.data(), mask.data(), 2, 3, count);
     std::vector<double> expected = {0, -1.0 / 3, -1.0 / 3, 0, 0, -1.0 / 3};
     for (int i = 0; i < 6; i++) CHECK(dlp[i] == Approx(expected[i]));
+}
+
+// The CPU norm sums 64 chunks [n c / 64, n (c + 1) / 64). n = 64 * 1000 + 37 is a multiple of
+// no chunk count; values in [-1e-3, 1e-3] (mean square 3e-7, 0.02 in all) and 10 at the first
+// and last value and at both ends of chunks 1 and 63, so dropping any of them moves the norm
+// by over 10%. Against a plain sum in double.
+TEST_CASE("clip_grad_norm sums every chunk, with large values at the ends (fixed data)", "[ops]") {
+    const size_t n = 64 * 1000 + 37;
+    std::mt19937 rng(11);
+    std::uniform_int_distribution<int> dist(-1000, 1000);
+    std::vector<float> g(n);
+    for (float& v : g) v = (float)dist(rng) * 1e-6f;
+    for (size_t i : {(size_t)0, n / 64 - 1, n / 64, n * 63 / 64 - 1, n * 63 / 64, n - 1}) g[i] = 10.0f;
+    double ss = 0;
+    for (float v : g) ss += (double)v * v;
+    std::vector<float> c = g;
+    float norm = clip_grad_norm(c.data(), n, (float)(std::sqrt(ss) / 4));
+    CHECK(norm == Approx(std::sqrt(ss)).epsilon(1e-7));
+    const double coef = std::sqrt(ss) / 4 / (norm + 1e-6);
+    for (size_t i : {(size_t)0, (size_t)1, n / 2, n - 1}) CHECK(c[i] == Approx(g[i] * coef).epsilon(1e-6));
 }
 
 TEST_CASE("clip_grad_norm and adamw on hand-worked values", "[ops]") {
