@@ -23,12 +23,13 @@ endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = train_sft logprobs
+PROGRAMS = train_sft train_rm logprobs
 train_sft_SRC = train_sft.cu
+train_rm_SRC = train_rm.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm
 TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
@@ -114,6 +115,17 @@ build/train_sft_emu: train_sft.cu llm.cu test/cuda_emu.h
 build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
 
+build/train_rm_cpu: train_rm.cu llm.cu
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) -x c++ train_rm.cu -o $@
+
+build/train_rm_emu: train_rm.cu llm.cu test/cuda_emu.h
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ train_rm.cu -o $@
+
+build/test_rm: test/test_main.cpp test/test_rm.cpp test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@
+
 test: deps $(TESTS)
 	@bash test/run_all.sh $(TESTS) test/nvcc_gate.sh
 
@@ -130,4 +142,4 @@ test-gpu: deps
 	python3 dev/bench_gpu.py --out dev/gpu_bench.txt
 
 clean:
-	rm -rf build logprobs bench_step
+	rm -rf build $(PROGRAMS) bench_step

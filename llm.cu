@@ -774,9 +774,19 @@ __global__ void rope_kernel(floatX* x, size_t B, int T, int NH, int hd, float th
     v[i + half] = from_float<floatX>(x2 * c + x1 * s);
 }
 
+// direction +1 rotates (the forward), -1 rotates back (the backward): the two launchers below
+// fix it, so the model names which one it means and the op test checks each against its twin
 inline void rope_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
     LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), 256), 256, 0, stream, x, B, T, NH, hd, (float)theta, (float)direction);
     cudaCheck(cudaGetLastError());
+}
+
+inline void rope_forward_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+    rope_cuda(x, B, T, NH, hd, theta, +1, stream);
+}
+
+inline void rope_backward_cuda(floatX* dx, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+    rope_cuda(dx, B, T, NH, hd, theta, -1, stream);
 }
 #endif
 
@@ -1864,8 +1874,8 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         matmul_forward_cuda(q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_forward_cuda(k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rope_cuda(q, B, T, (int)H, hd, c.rope_theta, +1, st);
-        rope_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, +1, st);
+        rope_forward_cuda(q, B, T, (int)H, hd, c.rope_theta, st);
+        rope_forward_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, st);
         attention_forward_cuda(a.att_out + l * N * C, a.att + l * B * H * T * T, q, k, v, g->attn, B, T, (int)H, c.n_kv_heads, hd, st);
         matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
         residual_forward_cuda(mid, x, a.scratch, N * C, st);
@@ -1935,8 +1945,8 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         matmul_backward_cuda(d.att_out, gr.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
         attention_backward_cuda(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
                                 a.v + l * N * KVD, g->attn, B, T, (int)H, KV, hd, st);
-        rope_cuda(d.q, B, T, (int)H, hd, c.rope_theta, -1, st);
-        rope_cuda(d.k, B, T, KV, hd, c.rope_theta, -1, st);
+        rope_backward_cuda(d.q, B, T, (int)H, hd, c.rope_theta, st);
+        rope_backward_cuda(d.k, B, T, KV, hd, c.rope_theta, st);
         const floatX* attn_in = a.attn_in + l * N * C;
         matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
@@ -2272,14 +2282,15 @@ inline void tokens_save(const TokenData& d, const char* path) {
     atomic_commit(&f);
 }
 
-// Copies the sequences rows[0..B) into a (B, T) batch, padding with token 0 and mask 0
+// Copies the sequences rows[0..B) into a (B, T) batch, padding with token `pad` (0 unless a
+// reward model, which scores the last token that is not its pad id, needs that id) and mask 0
 // (padding sits after each sequence, so causal attention never lets it change a target).
-inline void tokens_fill_rows(const TokenData& d, const size_t* rows, int B, int T, int* tokens, uint8_t* mask) {
+inline void tokens_fill_rows(const TokenData& d, const size_t* rows, int B, int T, int* tokens, uint8_t* mask, int pad = 0) {
     for (int b = 0; b < B; b++) {
         size_t len = token_seq_len(d, rows[b]), start = d.offsets[rows[b]];
         for (int t = 0; t < T; t++) {
             bool in = (size_t)t < len;
-            tokens[b * T + t] = in ? d.tokens[start + t] : 0;
+            tokens[b * T + t] = in ? d.tokens[start + t] : pad;
             mask[b * T + t] = in ? d.mask[start + t] : 0;
         }
     }
@@ -2290,6 +2301,112 @@ inline void tokens_fill_batch(const TokenData& d, size_t first, int B, int T, in
     std::vector<size_t> rows(B);
     for (int b = 0; b < B; b++) rows[b] = first + b;
     tokens_fill_rows(d, rows.data(), B, T, tokens, mask);
+}
+
+// ----------------------------------------------------------------------------
+// Pair file format (.pairs), version 1: preference pairs (Xwin-Pair, TRL's chosen/rejected
+// convention) as token sequences, written by dev/data/prepare_pairs.py. Little-endian.
+// Header: 64 bytes.
+//   0  uint32 magic = 0x52505758 (the bytes "XWPR")    4  uint32 version = 1
+//   8  uint32 n_pairs (>= 1)                           12 uint32 n_groups (0..64)
+//   16 uint64 n_tokens                                 24..63 zero
+// Then n_groups names of 16 bytes each (UTF-8, zero-padded: e.g. the world's task kinds),
+// then n_pairs records of 16 bytes:
+//   uint32 prompt_len (tokens the two sequences share: the conversation up to the answer),
+//   uint32 group (< n_groups, or 0 when n_groups is 0), float32 score_chosen,
+//   float32 score_rejected (the ratings; score_chosen > score_rejected),
+// then uint64 offsets[2 n_pairs + 1] (sequence 2i is pair i's chosen conversation, 2i + 1
+// its rejected one; offsets[0] = 0, strictly increasing), uint32 tokens[n_tokens],
+// uint8 mask[n_tokens] (1 on the final answer's tokens and its EOS, as in a token file).
+// The loader checks that the two sequences of a pair start with the same prompt_len tokens
+// and that each has an answer after them.
+
+constexpr uint32_t PAIRS_MAGIC = 0x52505758;
+constexpr size_t PAIRS_HEADER_BYTES = 64, PAIRS_GROUP_NAME_BYTES = 16, PAIRS_MAX_GROUPS = 64;
+
+struct PairRecord {
+    uint32_t prompt_len;
+    uint32_t group;
+    float score_chosen;
+    float score_rejected;
+};
+static_assert(sizeof(PairRecord) == 16, "PairRecord is read from the file as is");
+
+struct PairData {
+    size_t n_pairs = 0;
+    std::vector<std::string> groups;  // (n_groups) names
+    std::vector<PairRecord> pairs;    // (n_pairs)
+    TokenData seqs;                   // 2 n_pairs sequences: chosen, rejected, chosen, ...
+};
+
+// Reads and checks a pair file against a vocabulary size. Returns "" or what is wrong.
+inline std::string pairs_load_checked(PairData* p, const char* path, int vocab_size) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    size_t size = file_size_of(f);
+    if (size == 0) return "file is empty";
+    if (size < PAIRS_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte pair-file header", size, PAIRS_HEADER_BYTES);
+    unsigned char h[PAIRS_HEADER_BYTES];
+    if (fread(h, 1, PAIRS_HEADER_BYTES, f) != PAIRS_HEADER_BYTES) return "read error in header";
+    uint32_t u[4];
+    uint64_t n_tokens;
+    memcpy(u, h, 16);
+    memcpy(&n_tokens, h + 16, 8);
+    if (u[0] != PAIRS_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWPR\"): not an xwin.cu pair file", u[0], PAIRS_MAGIC);
+    if (u[1] != 1) return string_format("unsupported pair file version %u (this build reads version 1)", u[1]);
+    if (u[2] == 0) return "file holds no pairs (n_pairs = 0)";
+    if (u[3] > PAIRS_MAX_GROUPS) return string_format("n_groups %u is more than %zu", u[3], PAIRS_MAX_GROUPS);
+    for (size_t i = 24; i < PAIRS_HEADER_BYTES; i++) {
+        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
+    }
+    size_t n = u[2], G = u[3], n_seqs = 2 * n;
+    if (n_tokens > size || n > size) return string_format("header counts (%zu pairs, %llu tokens) exceed the file size %zu: truncated or corrupt", n, (unsigned long long)n_tokens, size);
+    size_t expected = PAIRS_HEADER_BYTES + G * PAIRS_GROUP_NAME_BYTES + n * sizeof(PairRecord) + (n_seqs + 1) * 8 + n_tokens * 5;
+    if (size != expected) return string_format("file is %zu bytes but its header describes %zu bytes%s", size, expected, size < expected ? ": truncated" : "");
+    std::vector<char> names(G * PAIRS_GROUP_NAME_BYTES);
+    p->n_pairs = n;
+    p->pairs.resize(n);
+    TokenData& d = p->seqs;
+    d.n_seqs = n_seqs;
+    d.offsets.resize(n_seqs + 1);
+    d.tokens.resize(n_tokens);
+    d.mask.resize(n_tokens);
+    std::vector<uint32_t> raw(n_tokens);
+    if (fread(names.data(), 1, names.size(), f) != names.size() || fread(p->pairs.data(), sizeof(PairRecord), n, f) != n ||
+        fread(d.offsets.data(), 8, n_seqs + 1, f) != n_seqs + 1 || fread(raw.data(), 4, n_tokens, f) != n_tokens ||
+        fread(d.mask.data(), 1, n_tokens, f) != n_tokens) return "read error";
+    p->groups.clear();
+    for (size_t g = 0; g < G; g++) p->groups.emplace_back(names.data() + g * PAIRS_GROUP_NAME_BYTES, strnlen(names.data() + g * PAIRS_GROUP_NAME_BYTES, PAIRS_GROUP_NAME_BYTES));
+    if (d.offsets[0] != 0 || d.offsets[n_seqs] != n_tokens) return "offsets must start at 0 and end at n_tokens";
+    for (size_t i = 0; i < n_seqs; i++) {
+        if (d.offsets[i + 1] <= d.offsets[i]) return string_format("sequence %zu is empty or its offsets decrease", i);
+    }
+    for (size_t i = 0; i < n_tokens; i++) {
+        if (raw[i] >= (uint32_t)vocab_size) return string_format("token %zu has id %u >= vocab_size %d", i, raw[i], vocab_size);
+        if (d.mask[i] > 1) return string_format("mask byte %zu is %u (must be 0 or 1)", i, d.mask[i]);
+        d.tokens[i] = (int)raw[i];
+    }
+    for (size_t i = 0; i < n; i++) {
+        const PairRecord& r = p->pairs[i];
+        const int* c = d.tokens.data() + d.offsets[2 * i];
+        const int* rj = d.tokens.data() + d.offsets[2 * i + 1];
+        size_t lc = token_seq_len(d, 2 * i), lr = token_seq_len(d, 2 * i + 1);
+        if (r.prompt_len < 1 || r.prompt_len >= lc || r.prompt_len >= lr) {
+            return string_format("pair %zu: prompt_len %u leaves no answer (chosen %zu tokens, rejected %zu)", i, r.prompt_len, lc, lr);
+        }
+        for (size_t t = 0; t < r.prompt_len; t++) {
+            if (c[t] != rj[t]) return string_format("pair %zu: the chosen and rejected prompts differ at token %zu (%d vs %d)", i, t, c[t], rj[t]);
+        }
+        if (G ? r.group >= G : r.group != 0) return string_format("pair %zu: group %u is not below n_groups %zu", i, r.group, G);
+        if (!std::isfinite(r.score_chosen) || !std::isfinite(r.score_rejected)) return string_format("pair %zu: a score is not finite", i);
+    }
+    return "";
+}
+
+inline void pairs_load(PairData* p, const char* path, int vocab_size) {
+    std::string err = pairs_load_checked(p, path, vocab_size);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
 }
 
 // ----------------------------------------------------------------------------
@@ -3633,6 +3750,51 @@ inline void trainer_close(Trainer* tr) {
     trainer_flush(tr);
     if (fclose(tr->log) != 0) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
     tr->log = nullptr;
+}
+
+// ---- reward-model objective and its measures
+
+// The reward model's loss, as TRL's RewardTrainer: over the P pairs of a step,
+//   loss = mean_i [ -log sigmoid(r_c,i - r_r,i - margin_i) ] + center * mean_i [ (r_c,i + r_r,i)^2 ]
+// (the Bradley-Terry model with an optional margin, and the reward-centring term of
+// center_rewards_coefficient). A step may come in several micro-batches: this returns one
+// micro-batch's share of the step's loss, `count` being the step's number of pairs, and writes
+// d(loss)/d(r_c) and d(loss)/d(r_r) into drc and drr (n each). margin may be null (no margin).
+inline double reward_pair_loss(const float* rc, const float* rr, const float* margin, size_t n, size_t count, float center, float* drc,
+                               float* drr) {
+    double loss = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)rc[i] - rr[i] - (margin ? margin[i] : 0.0f), sum = (double)rc[i] + rr[i];
+        double nll = d > 0 ? std::log1p(std::exp(-d)) : -d + std::log1p(std::exp(d));  // -log sigmoid(d)
+        double sig_neg = 1.0 / (1.0 + std::exp(d));                                      // sigmoid(-d)
+        loss += (nll + center * sum * sum) / count;
+        drc[i] = (float)((-sig_neg + 2.0 * center * sum) / count);
+        drr[i] = (float)((sig_neg + 2.0 * center * sum) / count);
+    }
+    return loss;
+}
+
+// Spearman's rank correlation of x and y (n each): Pearson's correlation of their ranks, tied
+// values sharing their mean rank. 0 when either has no spread.
+inline double spearman(const std::vector<double>& x, const std::vector<double>& y) {
+    auto ranks = [](const std::vector<double>& v) {
+        std::vector<size_t> order(v.size());
+        for (size_t i = 0; i < v.size(); i++) order[i] = i;
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return v[a] < v[b]; });
+        std::vector<double> r(v.size());
+        for (size_t i = 0; i < order.size();) {
+            size_t j = i;
+            while (j + 1 < order.size() && v[order[j + 1]] == v[order[i]]) j++;
+            for (size_t k = i; k <= j; k++) r[order[k]] = 0.5 * (i + j) + 1;
+            i = j + 1;
+        }
+        return r;
+    };
+    std::vector<double> a = ranks(x), b = ranks(y);
+    double n = (double)a.size(), ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
+    for (size_t i = 0; i < a.size(); i++) ma += a[i] / n, mb += b[i] / n;
+    for (size_t i = 0; i < a.size(); i++) sab += (a[i] - ma) * (b[i] - mb), saa += (a[i] - ma) * (a[i] - ma), sbb += (b[i] - mb) * (b[i] - mb);
+    return saa > 0 && sbb > 0 ? sab / std::sqrt(saa * sbb) : 0.0;
 }
 
 // ---- the inputs of a stage agree with its model

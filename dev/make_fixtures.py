@@ -57,6 +57,10 @@ REWARD_FIXTURES = {
     "reward_gqa_padded": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=160, ffn_dim=128,
                               tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64,
                               lengths=[16, 11, 6], pad_inside=(1, 4)),
+    # rows 2i and 2i + 1 are pair i's chosen and rejected answers: one reward-model step
+    "reward_step": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=80,
+                        tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32,
+                        lengths=[10, 7, 12, 9], step=dict(margins=[1.5, 0.5], center=0.05)),
 }
 
 SEED = 1234
@@ -300,7 +304,7 @@ def make(name, spec, tmp):
 
 def make_reward(name, spec, tmp):
     """A one-label LlamaForSequenceClassification: scores and every gradient in float64."""
-    c = {k: v for k, v in spec.items() if k not in ("lengths", "pad_inside")}
+    c = {k: v for k, v in spec.items() if k not in ("lengths", "pad_inside", "step")}
     c["head_type"] = 1
     lengths, V = spec["lengths"], c["vocab_size"]
     B, T, pad_id = len(lengths), max(lengths), V - 1
@@ -340,11 +344,40 @@ def make_reward(name, spec, tmp):
     entries = [("pad_id", np.array([pad_id])), ("score_idx", np.array(idx)), ("scores", scores.detach().numpy()),
                ("dscores", dscores.numpy())]
     entries += [(f"grad.{k}", v.numpy()) for k, v in grads.items()]
+    if "step" in spec:
+        entries += reward_step(spec["step"], cfg, hf, tokens)
     xf.write_fixture(os.path.join(out, "expect.bin"), entries)
     sizes = {f: os.path.getsize(os.path.join(out, f)) for f in ("model.bin", "tokens.tok", "expect.bin")}
     print(f"{name}: B={B} T={T} lengths {lengths} pad_id {pad_id} score_idx {idx} params={xf.n_params(cfg):,}  "
           f"scores {[round(float(x), 6) for x in scores.detach()]}  " + "  ".join(f"{f} {s:,} B" for f, s in sizes.items()))
     return sum(sizes.values())
+
+
+def reward_step(step, cfg, hf, tokens):
+    """One reward-model step in float64 as TRL's RewardTrainer takes it: rows 2i and 2i + 1
+    are pair i's chosen and rejected answers; loss = mean(-logsigmoid(r_c - r_r - margin))
+    + center * mean((r_c + r_r)^2); then clipping below the gradient norm and AdamW (decay
+    on matrices only). Returns the fixture entries."""
+    model = LlamaForSequenceClassification.from_pretrained(hf, attn_implementation="eager").double()
+    margins = torch.tensor(step["margins"], dtype=torch.float64)
+    r = model(tokens).logits[:, 0]
+    rc, rr = r[0::2], r[1::2]
+    loss = -F.logsigmoid(rc - rr - margins).mean() + step["center"] * ((rc + rr) ** 2).mean()
+    loss.backward()
+    params = list(model.parameters())
+    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+    max_norm = f32(0.5 * norm)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=LR, betas=(BETA1, BETA2), eps=EPS)
+    opt.step()
+    final = gather(cfg, lambda n: model.get_parameter(n).detach().clone())
+    print(f"  reward step: loss {float(loss):.10f} grad_norm {norm:.8f} max_norm {max_norm:.8f}")
+    return ([("step_margins", margins.numpy()), ("step_center", np.array([step["center"]])),
+             ("step_loss", np.array([float(loss)])), ("step_grad_norm", np.array([norm])),
+             ("adamw", np.array([LR, BETA1, BETA2, EPS, WD, max_norm]))]
+            + [(f"param1.{k}", v.numpy()) for k, v in final.items()])
 
 
 def main():

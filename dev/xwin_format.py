@@ -260,6 +260,35 @@ def _le_array(code, size, values):
     return a.tobytes()
 
 
+PAIRS_MAGIC = 0x52505758  # "XWPR"
+PAIRS_HEADER = 64
+
+
+def write_pairs(path, groups, records, seqs, masks):
+    """Write a pair file (format in llm.cu, "Pair file format"). groups: names (<= 15 bytes
+    each); records: (prompt_len, group, score_chosen, score_rejected) per pair; seqs and
+    masks: 2 per pair, chosen then rejected. Standard library only."""
+    _check(len(records) >= 1, "need at least one pair")
+    _check(len(seqs) == 2 * len(records) == len(masks), "need two sequences and masks per pair")
+    _check(len(groups) <= 64, "at most 64 groups")
+    names = b""
+    for g in groups:
+        raw = g.encode("utf-8")
+        _check(len(raw) <= 15, f"group name {g!r} is longer than 15 bytes")
+        names += raw + bytes(16 - len(raw))
+    recs = b"".join(struct.pack("<2I2f", p, g, c, r) for p, g, c, r in records)
+    offsets = [0]
+    for s in seqs:
+        _check(len(s) >= 1, "a sequence is empty")
+        offsets.append(offsets[-1] + len(s))
+    tokens = [int(t) for s in seqs for t in s]
+    mask = [int(v) for m in masks for v in m]
+    _check(len(tokens) == len(mask), "tokens and masks differ in length")
+    head = struct.pack("<4IQ", PAIRS_MAGIC, 1, len(records), len(groups), len(tokens))
+    head += bytes(PAIRS_HEADER - len(head))
+    _atomic_write(path, [head, names, recs, _le_array("Q", 8, offsets), _le_array("I", 4, tokens), bytes(mask)])
+
+
 def read_tokens(path):
     """(seqs, masks) as lists of numpy arrays (uint32 tokens, uint8 masks)."""
     with open(path, "rb") as f:

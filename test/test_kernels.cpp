@@ -225,8 +225,8 @@ TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta"
         REQUIRE(relative_error(bwd.data(), fwd.data(), x.size()) > 10 * TOL);
         if (theta != 10000.0) REQUIRE(relative_error(fwd_default.data(), fwd.data(), x.size()) > 10 * TOL);
         floatX *d_a = upload_x(x), *d_b = upload_x(x);
-        rope_cuda(d_a, B, (int)T, (int)NH, hd, theta, +1, stream);
-        rope_cuda(d_b, B, (int)T, (int)NH, hd, theta, -1, stream);
+        rope_forward_cuda(d_a, B, (int)T, (int)NH, hd, theta, stream);
+        rope_backward_cuda(d_b, B, (int)T, (int)NH, hd, theta, stream);
         check_close("rope forward", download_x(d_a, x.size()), fwd);
         check_close("rope backward", download_x(d_b, x.size()), bwd);
         cudaCheck(cudaFree(d_a));

@@ -197,7 +197,7 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
     auto with_u32 = [&](size_t offset, uint32_t value) { auto b = good; memcpy(&b[offset], &value, 4); return b; };
     auto with_f64 = [&](size_t offset, double value) { auto b = good; memcpy(&b[offset], &value, 8); return b; };
     CHECK_THAT(load_error(with_u32(0, 0x12345678)), Catch::Contains("bad magic 0x12345678"));
-    CHECK_THAT(load_error(with_u32(4, 2)), Catch::Contains("unsupported model file version 2"));
+    CHECK_THAT(load_error(with_u32(4, 3)), Catch::Contains("unsupported model file version 3"));
     CHECK_THAT(load_error(with_u32(8, 7)), Catch::Contains("unknown dtype 7"));
     CHECK_THAT(load_error(with_u32(12, 9)), Catch::Contains("unknown head_type 9"));
     auto truncated = good;

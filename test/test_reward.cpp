@@ -164,6 +164,93 @@ TEST_CASE("reward model: scores and every gradient match transformers (grouped-q
     run_reward_parity("reward_gqa_padded");
 }
 
+TEST_CASE("the reward-model loss on hand-worked values and finite differences", "[reward][loss]") {
+    float rc[2] = {1.0f, -0.5f}, rr[2] = {0.0f, 0.25f}, m[2] = {0.0f, 0.5f}, drc[2], drr[2];
+    // one pair, no margin, no centring: log(1 + e^-1) and d/dr_c = -sigmoid(-1)
+    double loss = reward_pair_loss(rc, rr, nullptr, 1, 1, 0.0f, drc, drr);
+    CHECK(loss == Approx(0.31326168751822286).epsilon(1e-12));
+    CHECK(drc[0] == Approx(-0.2689414213699951).epsilon(1e-6));
+    CHECK(drr[0] == Approx(0.2689414213699951).epsilon(1e-6));
+    // two pairs with margins and centring, split over two "micro-batches" of a step of 2
+    const float center = 0.1f;
+    double total = reward_pair_loss(rc, rr, m, 1, 2, center, drc, drr) + reward_pair_loss(rc + 1, rr + 1, m + 1, 1, 2, center, drc + 1, drr + 1);
+    // by hand: pair 0: d = 1, nll 0.3132617, (1 + 0)^2 = 1; pair 1: d = -0.5 - 0.25 - 0.5 = -1.25,
+    // nll = log(1 + e^1.25) = 1.5019291, (-0.25)^2 = 0.0625; mean of each over 2 pairs
+    CHECK(total == Approx((0.31326168751822286 + 1.501929081345373) / 2 + 0.1 * (1.0 + 0.0625) / 2).epsilon(1e-6));
+    auto L = [&](const float* a, const float* b) {
+        float da[2], db[2];
+        return reward_pair_loss(a, b, m, 2, 2, center, da, db);
+    };
+    for (int i = 0; i < 2; i++) {
+        for (int side = 0; side < 2; side++) {
+            float a[2] = {rc[0], rc[1]}, b[2] = {rr[0], rr[1]};
+            float* x = side == 0 ? a : b;
+            const float h = 1e-2f;  // float inputs: a large step, the loss is smooth (its third derivative is small)
+            x[i] += h;
+            double up = L(a, b);
+            x[i] -= 2 * h;
+            double down = L(a, b);
+            double numeric = (up - down) / (2 * h);
+            CHECK((side == 0 ? drc[i] : drr[i]) == Approx(numeric).margin(1e-4));
+        }
+    }
+}
+
+TEST_CASE("Spearman's correlation on hand-worked values, ties included", "[reward][loss]") {
+    CHECK(spearman({1, 2, 3, 4}, {1, 3, 2, 4}) == Approx(0.8));            // 1 - 6 * 2 / (4 * 15)
+    CHECK(spearman({1, 1, 2}, {1, 2, 3}) == Approx(1.5 / std::sqrt(3.0)));  // ranks 1.5, 1.5, 3
+    CHECK(spearman({3, 2, 1}, {1, 2, 3}) == Approx(-1.0));
+    CHECK(spearman({5, 5, 5}, {1, 2, 3}) == 0.0);  // no spread
+}
+
+// One reward-model step as TRL takes it (dev/make_fixtures.py, reward_step): the loss with
+// margins and centring over two pairs (rows 2i chosen, 2i + 1 rejected), the backward from
+// the scores, clipping, AdamW; the parameters after it against torch's in float64.
+TEST_CASE("one reward-model step (margin, centring, clipping, AdamW) matches torch", "[reward][parity]") {
+    std::string dir = "test/fixtures/reward_step/";
+    Runner r;
+    llama_load(&r.host, (dir + "model.bin").c_str());
+    TokenData data;
+    tokens_load(&data, (dir + "tokens.tok").c_str(), r.host.config.vocab_size);
+    auto e = fixture_load(dir + "expect.bin");
+    int B = (int)data.n_seqs, T = (int)token_seq_len(data, 0), P = B / 2;
+    std::vector<int> tokens(B * T);
+    std::vector<uint8_t> mask(B * T);
+    tokens_fill_batch(data, 0, B, T, tokens.data(), mask.data());
+    runner_init(&r, B, T, true);
+    runner_zero_grad(&r);
+    const float* s = runner_score(&r, tokens.data(), B, T);
+    std::vector<float> rc(P), rr(P), drc(P), drr(P), dscores(B);
+    for (int i = 0; i < P; i++) rc[i] = s[2 * i], rr[i] = s[2 * i + 1];
+    double loss = reward_pair_loss(rc.data(), rr.data(), e["step_margins"].data.data(), P, P, e["step_center"].data[0], drc.data(), drr.data());
+    CHECK(loss == Approx(e["step_loss"].data[0]).epsilon(TOL_SCORES));
+    for (int i = 0; i < P; i++) dscores[2 * i] = drc[i], dscores[2 * i + 1] = drr[i];
+    runner_score_backward(&r, tokens.data(), dscores.data(), B, T);
+    const float* hp = e["adamw"].data.data();
+    float norm = runner_clip_grad_norm(&r, hp[5]);
+    CHECK(norm == Approx(e["step_grad_norm"].data[0]).epsilon(TOL_SCORES));
+    runner_update(&r, AdamWConfig{hp[0], hp[1], hp[2], hp[3], hp[4]});
+    runner_download_params(&r);
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(r.host.config, sizes);
+    // Adam's first step moves each weight by about lr: float32 lands ~1e-6 from float64 (1e-4
+    // as the language-model parity argues); BF16 compute rounds the gradients, 5e-2 as there
+#if defined(XWIN_CUDA) && !defined(ENABLE_FP32)
+    const double tol = 5e-2;
+#else
+    const double tol = 1e-4;
+#endif
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        if (sizes[i] == 0) continue;
+        std::string key = std::string("param1.") + PARAM_NAMES[i];
+        double err = relative_error(r.host.params_memory + offset, e[key].data.data(), sizes[i]);
+        INFO(key << " relative error " << err);
+        CHECK(err < tol);
+        offset += sizes[i];
+    }
+    runner_free(&r);
+}
+
 #ifdef XWIN_CUDA
 // The two kernels against their CPU twin on sizes that fill no block evenly: B = 5 sequences
 // (a block holds 4 warps), C = 70 channels (not a multiple of 32 or of 256).

@@ -1,0 +1,70 @@
+// What the tests of the stage programs share: running a program, scratch files, a small
+// model. Each program's test binary (test_sft, test_rm) includes it once.
+#pragma once
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "fixture.h"
+
+// The programs run with 2 OpenMP threads beside other processes (a parallel make, the test
+// itself polling): threads that spin at barriers then fight for the cores, and a step can
+// take 30x longer. Passive waiting changes no result, only the time.
+static const int passive_omp = setenv("OMP_WAIT_POLICY", "passive", 0);
+
+// a path under /tmp of this test process
+static std::string scratch(const char* name) { return std::string("/tmp/xwin_test_") + std::to_string(getpid()) + "_" + name; }
+
+// runs a shell command; returns its exit code and fills out with stdout+stderr
+static int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    char buf[4096];
+    out->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
+    int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void rm_rf(const std::string& path) {
+    std::string out;
+    run("rm -rf '" + path + "'", &out);
+}
+
+static std::vector<unsigned char> file_bytes(const std::string& path) {
+    std::vector<unsigned char> b;
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return b;
+    b.resize(file_size_of(f));
+    if (fread(b.data(), 1, b.size(), f) != b.size()) b.clear();
+    fclose(f);
+    return b;
+}
+
+static void write_bytes(const std::string& path, const std::vector<unsigned char>& b) {
+    FILE* f = fopen_check(path.c_str(), "wb");
+    if (!b.empty()) REQUIRE(fwrite(b.data(), 1, b.size(), f) == b.size());
+    fclose(f);
+}
+
+static bool exists(const std::string& path) {
+    struct stat st;
+    return lstat(path.c_str(), &st) == 0;
+}
+
+// a small model over the byte vocabulary, so the runs stay short (nan_at: a NaN weight there)
+static std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1) {
+    std::string path = scratch(name);
+    Llama m;
+    llama_init(&m, LlamaConfig{dim, layers, 4, 2, 259, 2 * dim, 256, 1, HEAD_LM, 10000.0, 1e-5});
+    uint64_t rng = 7;
+    for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
+    if (nan_at >= 0) m.params_memory[nan_at] = NAN;
+    llama_save(&m, path.c_str(), DTYPE_FP32);
+    llama_free(&m);
+    return path;
+}
+

@@ -1,0 +1,203 @@
+/*
+train_rm: the reward model, stage 2 of Xwin-LM.
+
+The SFT model with its language-model head replaced by a scalar score head (transformers'
+LlamaForSequenceClassification, one label, no bias) learns to rank answers: on preference
+pairs (Xwin-Pair; a pair file from dev/data/prepare_pairs.py) the loss is TRL's
+RewardTrainer's, the Bradley-Terry model
+    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)
+           + center * mean over pairs of (r_chosen + r_rejected)^2
+where r is the score of a whole conversation (taken at its last token), the margin is
+-a times the gap of the two ratings (0: none) and -u is TRL's center_rewards_coefficient.
+Validation: the loss, the pair accuracy, and Spearman's correlation between the scores and
+the gold ratings of the held-out answers, overall and per group (the world's task kinds).
+
+  ./train_rm                 the built-in world: from out/sft/model.bin (./train_sft makes it)
+                             on data/world/'s pairs, saved to out/rm/model.bin
+  ./train_rm -h              every flag, its range and its default; -b and -d count pairs
+*/
+#include "llm.cu"
+
+struct RMConfig {
+    TrainConfig train;
+    const char* sft_path = "out/sft/model.bin";
+    const char* train_path = "data/world/pairs_train.pairs";
+    const char* val_path = "data/world/pairs_val.pairs";
+    const char* tokenizer_path = "data/world/byte.tokenizer";
+    float margin = 0.0f;  // margin = this * (score_chosen - score_rejected)
+    float center = 0.0f;  // TRL's center_rewards_coefficient
+};
+
+// The reward model made from the SFT model: its trunk as it is, a new score row w ~ N(0, 0.02)
+// (transformers' initializer_range, as LlamaForSequenceClassification initialises its score),
+// and the tokenizer's pad, bos and eos ids (the score is taken at the last non-pad token).
+static void reward_model_from_sft(Llama* rm, const Llama* sft, const Tokenizer* tok, uint64_t seed) {
+    LlamaConfig c = sft->config;
+    c.head_type = HEAD_REWARD;
+    c.tied_embeddings = 0;
+    c.pad_id = tok->pad_id, c.bos_id = tok->bos_id, c.eos_id = tok->eos_id;
+    llama_init(rm, c);
+    size_t trunk = rm->num_params - (size_t)c.dim;  // every tensor before the head, in file order
+    memcpy(rm->params_memory, sft->params_memory, trunk * sizeof(float));
+    uint64_t rng = seed ^ 0x5EED5C0EULL;
+    for (int i = 0; i < c.dim; i++) rm->params.head[i] = 0.02f * rng_normal(&rng);
+}
+
+// The scores of pairs rows[0..n): sequences 2i (chosen) and 2i + 1 (rejected) of the batch,
+// right-padded with the model's pad id. Fills rc, rr (n each).
+static void score_pairs(Runner* r, const PairData& p, const size_t* rows, int n, std::vector<size_t>& seqs, std::vector<int>& tokens,
+                        std::vector<uint8_t>& mask, float* rc, float* rr, int* T_out) {
+    int T = 0;
+    for (int i = 0; i < n; i++) {
+        seqs[2 * i] = 2 * rows[i], seqs[2 * i + 1] = 2 * rows[i] + 1;
+        T = std::max(T, (int)std::max(token_seq_len(p.seqs, 2 * rows[i]), token_seq_len(p.seqs, 2 * rows[i] + 1)));
+    }
+    tokens_fill_rows(p.seqs, seqs.data(), 2 * n, T, tokens.data(), mask.data(), r->host.config.pad_id);
+    const float* s = runner_score(r, tokens.data(), 2 * n, T);
+    for (int i = 0; i < n; i++) rc[i] = s[2 * i], rr[i] = s[2 * i + 1];
+    *T_out = T;
+}
+
+static void pair_margins(const PairData& p, const size_t* rows, int n, float scale, float* margin) {
+    for (int i = 0; i < n; i++) margin[i] = scale * (p.pairs[rows[i]].score_chosen - p.pairs[rows[i]].score_rejected);
+}
+
+struct RMEval {
+    double loss = 0, accuracy = 0, spearman = 0;
+    std::vector<double> group_accuracy, group_spearman;  // (n_groups)
+};
+
+// The validation measures over every pair of p.
+static RMEval evaluate(Runner* r, const PairData& p, const RMConfig& cfg, std::vector<size_t>& seqs, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+    int B = cfg.train.micro_batch, T;
+    size_t G = std::max(p.groups.size(), (size_t)1);
+    std::vector<float> rc(B), rr(B), margin(B), drc(B), drr(B);
+    std::vector<size_t> rows(B);
+    std::vector<std::vector<double>> scores(G), gold(G);
+    std::vector<double> all_scores, all_gold, correct(G, 0), count(G, 0);
+    RMEval e;
+    for (size_t first = 0; first < p.n_pairs; first += B) {
+        int n = (int)std::min((size_t)B, p.n_pairs - first);
+        for (int i = 0; i < n; i++) rows[i] = first + i;
+        score_pairs(r, p, rows.data(), n, seqs, tokens, mask, rc.data(), rr.data(), &T);
+        pair_margins(p, rows.data(), n, cfg.margin, margin.data());
+        e.loss += reward_pair_loss(rc.data(), rr.data(), margin.data(), n, p.n_pairs, cfg.center, drc.data(), drr.data());
+        for (int i = 0; i < n; i++) {
+            const PairRecord& rec = p.pairs[rows[i]];
+            size_t g = p.groups.empty() ? 0 : rec.group;
+            correct[g] += rc[i] > rr[i], count[g] += 1;
+            for (auto [s, y] : {std::pair<double, double>{rc[i], rec.score_chosen}, {rr[i], rec.score_rejected}}) {
+                scores[g].push_back(s), gold[g].push_back(y), all_scores.push_back(s), all_gold.push_back(y);
+            }
+        }
+    }
+    double right = 0;
+    for (size_t g = 0; g < G; g++) {
+        right += correct[g];
+        e.group_accuracy.push_back(count[g] ? correct[g] / count[g] : 0.0);
+        e.group_spearman.push_back(spearman(scores[g], gold[g]));
+    }
+    e.accuracy = right / p.n_pairs;
+    e.spearman = spearman(all_scores, all_gold);
+    return e;
+}
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    RMConfig cfg;
+    TrainConfig& tc = cfg.train;
+    tc.out_dir = "out/rm";
+    tc.micro_batch = 16, tc.total_batch = 32, tc.lr = 5e-4f, tc.warmup = 20, tc.max_steps = 0, tc.epochs = 1;
+    tc.val_every = 50, tc.checkpoint_every = 100;
+    std::vector<Flag> flags = {
+        {'m', FLAG_PATH, &cfg.sft_path, 0, 0, "the SFT model the reward model starts from"},
+        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
+        {'j', FLAG_OPTIONAL_PATH, &cfg.val_path, 0, 0, "validation pairs ('': none)"},
+        {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model (its pad id pads the batches)"},
+        {'a', FLAG_FLOAT, &cfg.margin, 0, 100, "margin = this * (score_chosen - score_rejected) (0: no margin)"},
+        {'u', FLAG_FLOAT, &cfg.center, 0, 100, "reward centring: this * mean((r_chosen + r_rejected)^2) (TRL's center_rewards_coefficient)"},
+    };
+    train_flags(&flags, &tc);
+    flags_parse(argc, argv, "the reward model on preference pairs (stage 2 of Xwin-LM); -b and -d count pairs", flags);
+
+    // load: the reward model (the checkpoint's when resuming, else made from the SFT model), pairs, tokenizer
+    Trainer tr;
+    trainer_init(&tr, &tc, "train_rm");
+    Tokenizer tok;
+    tokenizer_load(&tok, cfg.tokenizer_path);
+    Runner runner;
+    if (!trainer_load_model(&tr, &runner.host, nullptr)) {
+        if (access(cfg.sft_path, R_OK) != 0) fail_file(cfg.sft_path, "cannot read the SFT model the reward model starts from: make it with ./train_sft (or pass -m)");
+        Llama sft;
+        llama_load(&sft, cfg.sft_path);
+        if (sft.config.head_type != HEAD_LM) fail_file(cfg.sft_path, "is already a reward model; train_rm starts from an SFT (language) model");
+        tokenizer_check_model(&tok, cfg.tokenizer_path, sft.config.vocab_size, cfg.sft_path);
+        if (tok.pad_id < 0) fail_file(cfg.tokenizer_path, "has no pad id; the reward model pads its batches with it");
+        reward_model_from_sft(&runner.host, &sft, &tok, tc.seed);
+        llama_free(&sft);
+    }
+    const LlamaConfig& c = runner.host.config;
+    if (tc.max_len > c.max_seq_len) fail_flag('t', "%d is more than the max_seq_len %d of the model", tc.max_len, c.max_seq_len);
+    tokenizer_check_model(&tok, cfg.tokenizer_path, c.vocab_size, cfg.sft_path);
+    PairData train, val;
+    pairs_load(&train, cfg.train_path, c.vocab_size);
+    tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
+    bool has_val = *cfg.val_path;
+    if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
+    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true);
+    uint64_t data_size;
+    uint32_t data_hash;
+    tokens_identity(train.seqs, &data_size, &data_hash);
+    trainer_start(&tr, &runner, train.n_pairs, data_size, data_hash);
+    printf("train_rm on %s | %zu parameters | %zu train pairs, %zu val | batch %d x %d pairs | %d steps | lr %.1e | margin %g | center %g\n",
+           runner_device(), runner.host.num_params, train.n_pairs, has_val ? val.n_pairs : 0, tc.micro_batch, tr.accum, tr.max_steps, tc.lr,
+           cfg.margin, cfg.center);
+    if (!tr.resume_dir.empty()) printf("resumed from %s at step %u\n", tr.resume_dir.c_str(), tr.state.step);
+
+    int B = tc.micro_batch;
+    std::vector<int> tokens((size_t)2 * B * tc.max_len);
+    std::vector<uint8_t> mask(tokens.size());
+    std::vector<size_t> rows(tc.total_batch), seqs(2 * B);
+    std::vector<float> rc(B), rr(B), margin(B), drc(B), drr(B), dscores(2 * B);
+    // loop: one optimizer step per total batch of pairs
+    while (trainer_running(&tr)) {
+        trainer_next_rows(&tr, rows.data());
+        runner_zero_grad(&runner);
+        double loss = 0, correct = 0, gap = 0;
+        size_t step_tokens = 0;
+        for (int a = 0; a < tr.accum; a++) {
+            const size_t* mrows = rows.data() + (size_t)a * B;
+            int T;
+            score_pairs(&runner, train, mrows, B, seqs, tokens, mask, rc.data(), rr.data(), &T);
+            pair_margins(train, mrows, B, cfg.margin, margin.data());
+            loss += reward_pair_loss(rc.data(), rr.data(), margin.data(), B, tc.total_batch, cfg.center, drc.data(), drr.data());
+            for (int i = 0; i < B; i++) {
+                correct += rc[i] > rr[i], gap += rc[i] - rr[i];
+                dscores[2 * i] = drc[i], dscores[2 * i + 1] = drr[i];
+            }
+            runner_score_backward(&runner, tokens.data(), dscores.data(), 2 * B, T);
+            step_tokens += (size_t)2 * B * T;
+        }
+        // step: clip, lr, AdamW, step line (with TRL's accuracy and margin), log
+        trainer_step_end(&tr, loss, step_tokens, {{"accuracy", correct / tc.total_batch}, {"margin", gap / tc.total_batch}});
+        if (has_val && trainer_due(&tr, tc.val_every)) {
+            RMEval e = evaluate(&runner, val, cfg, seqs, tokens, mask);
+            trainer_log(&tr, {{"val_loss", e.loss}, {"val_accuracy", e.accuracy}, {"val_spearman", e.spearman}});
+        }
+        trainer_checkpoint(&tr);
+    }
+    if (trainer_finished(&tr)) {
+        if (has_val) {
+            RMEval e = evaluate(&runner, val, cfg, seqs, tokens, mask);
+            printf("held-out pairs: accuracy %.3f, Spearman %.3f with the gold ratings, loss %.4f\n", e.accuracy, e.spearman, e.loss);
+            for (size_t g = 0; g < val.groups.size(); g++) {
+                printf("  %-10s accuracy %.3f | Spearman %.3f\n", val.groups[g].c_str(), e.group_accuracy[g], e.group_spearman[g]);
+            }
+        }
+        trainer_save_model(&tr);
+    }
+    trainer_close(&tr);
+    tokenizer_free(&tok);
+    runner_free(&runner);
+    return 0;
+}
