@@ -104,24 +104,16 @@ build/emu_planted_bugs_asan: test/emu_planted_bugs.cpp test/cuda_emu.h
 	$(CXX) -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Werror -Itest $< -o $@ -pthread
 
 # the programs the tests run: the CPU build and the CUDA build over the emulation layer
-build/train_sft_cpu: train_sft.cu llm.cu
+build/%_cpu: %.cu llm.cu
 	@mkdir -p build
-	$(CXX) $(CXXFLAGS) -x c++ train_sft.cu -o $@
+	$(CXX) $(CXXFLAGS) -x c++ $< -o $@
 
-build/train_sft_emu: train_sft.cu llm.cu test/cuda_emu.h
+build/%_emu: %.cu llm.cu test/cuda_emu.h
 	@mkdir -p build
-	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ train_sft.cu -o $@
+	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ $< -o $@
 
 build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
-
-build/train_rm_cpu: train_rm.cu llm.cu
-	@mkdir -p build
-	$(CXX) $(CXXFLAGS) -x c++ train_rm.cu -o $@
-
-build/train_rm_emu: train_rm.cu llm.cu test/cuda_emu.h
-	@mkdir -p build
-	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ train_rm.cu -o $@
 
 build/test_rm: test/test_main.cpp test/test_rm.cpp test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@

@@ -3426,11 +3426,10 @@ inline bool ends_with(const std::string& s, const char* suffix) {
     return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
 }
 
-// Removes the *.tmp files an interrupted write left in out_dir and its ckpt_* folders
-// (regular files only: AtomicFile writes no other kind).
-inline int remove_leftover_tmp(const std::string& out_dir) {
-    int removed = 0;
-    std::vector<std::string> dirs = {out_dir};
+// The *.tmp files an interrupted write left in out_dir and its ckpt_* folders (regular files
+// only: AtomicFile writes no other kind).
+inline std::vector<std::string> leftover_tmp_files(const std::string& out_dir) {
+    std::vector<std::string> found, dirs = {out_dir};
     for (size_t d = 0; d < dirs.size(); d++) {
         DIR* dir = opendir(dirs[d].c_str());
         if (!dir) continue;
@@ -3439,10 +3438,16 @@ inline int remove_leftover_tmp(const std::string& out_dir) {
             struct stat st;
             if (lstat(path.c_str(), &st) != 0) continue;
             if (d == 0 && S_ISDIR(st.st_mode) && name.rfind("ckpt_", 0) == 0) dirs.push_back(path);
-            else if (S_ISREG(st.st_mode) && ends_with(name, ".tmp") && remove(path.c_str()) == 0) removed++;
+            else if (S_ISREG(st.st_mode) && ends_with(name, ".tmp")) found.push_back(path);
         }
         closedir(dir);
     }
+    return found;
+}
+
+inline int remove_leftover_tmp(const std::string& out_dir) {
+    int removed = 0;
+    for (const std::string& path : leftover_tmp_files(out_dir)) removed += remove(path.c_str()) == 0;
     return removed;
 }
 

@@ -418,21 +418,7 @@ TEST_CASE("write failures exit 1 naming the file and leave no .tmp behind", "[sf
 }
 
 // the *.tmp files under dir and its ckpt_* folders (no process spawned: it is polled)
-static int count_tmp(const std::string& dir) {
-    int count = 0;
-    std::vector<std::string> dirs = {dir};
-    for (size_t d = 0; d < dirs.size(); d++) {
-        DIR* h = opendir(dirs[d].c_str());
-        if (!h) continue;
-        while (struct dirent* e = readdir(h)) {
-            std::string name = e->d_name;
-            if (d == 0 && name.rfind("ckpt_", 0) == 0) dirs.push_back(dir + "/" + name);
-            count += ends_with(name, ".tmp");
-        }
-        closedir(h);
-    }
-    return count;
-}
+static int count_tmp(const std::string& dir) { return (int)leftover_tmp_files(dir).size(); }
 
 // Starts cmd in its own process; returns its pid.
 static pid_t spawn(const std::string& cmd, const std::string& log) {

@@ -20,8 +20,6 @@ BAD LINES are reported as "IN:LINE: problem"; without --skip-bad any bad line is
 error and nothing is written. A pair longer than --max-len tokens is dropped and counted.
 """
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -30,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from prepare_sft import HFEncoder, PrepareError, check_messages, encode_byte, read_jsonl  # noqa: E402
+from prepare_sft import PrepareError, check_messages, read_jsonl, run_cli  # noqa: E402
 
 
 def answer_start(mask):
@@ -117,24 +115,8 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Preference pairs JSONL -> .pairs with the Vicuna v1.1 template.")
-    ap.add_argument("input")
-    ap.add_argument("output")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tokenizer", choices=["byte"], help="the byte-level tokenizer")
-    g.add_argument("--hf", metavar="FOLDER", help="a Hugging Face tokenizer folder (fast tokenizer)")
-    ap.add_argument("--max-len", type=int, default=256, help="longest sequence in tokens; longer pairs are dropped")
-    ap.add_argument("--skip-bad", action="store_true", help="leave out bad lines (each reported) and count them")
-    args = ap.parse_args(argv)
-    if args.max_len < 2:
-        ap.error("--max-len must be at least 2")
-    try:
-        encode = encode_byte if args.tokenizer == "byte" else HFEncoder(args.hf)
-        prepare(args.input, args.output, encode, args.max_len, skip_bad=args.skip_bad)
-    except (PrepareError, OSError) as e:
-        print(f"prepare_pairs: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli("prepare_pairs", "Preference pairs JSONL -> .pairs with the Vicuna v1.1 template.", prepare, argv,
+                   "longest sequence in tokens; longer pairs are dropped (default 256)")
 
 
 if __name__ == "__main__":

@@ -250,15 +250,16 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
     return stats
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat JSONL -> .tok with the Vicuna v1.1 template and loss mask.")
+def run_cli(prog, description, prepare_fn, argv, max_len_help):
+    """The command line both prepare_sft.py and prepare_pairs.py have: IN OUT, a tokenizer,
+    --max-len, --skip-bad; an error is one line "prog: error: ..." and exit code 1."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("input")
     ap.add_argument("output")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", choices=["byte"], help="the byte-level tokenizer")
     g.add_argument("--hf", metavar="FOLDER", help="a Hugging Face tokenizer folder (fast tokenizer)")
-    ap.add_argument("--max-len", type=int, default=256,
-                    help="longest sequence in tokens; longer conversations lose whole turns (default 256)")
+    ap.add_argument("--max-len", type=int, default=256, help=max_len_help)
     ap.add_argument("--skip-bad", action="store_true",
                     help="leave out bad lines (each reported as IN:LINE: problem) and count them")
     args = ap.parse_args(argv)
@@ -266,11 +267,16 @@ def main(argv=None):
         ap.error("--max-len must be at least 2")
     try:
         encode = encode_byte if args.tokenizer == "byte" else HFEncoder(args.hf)
-        prepare(args.input, args.output, encode, args.max_len, skip_bad=args.skip_bad)
+        prepare_fn(args.input, args.output, encode, args.max_len, skip_bad=args.skip_bad)
     except (PrepareError, OSError) as e:
-        print(f"prepare_sft: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    return run_cli("prepare_sft", "Chat JSONL -> .tok with the Vicuna v1.1 template and loss mask.", prepare, argv,
+                   "longest sequence in tokens; longer conversations lose whole turns (default 256)")
 
 
 if __name__ == "__main__":
