@@ -30,12 +30,15 @@ Contents, in file order (search for the quoted heading):
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            embedding, rmsnorm, matmul, rope, attention, swiglu, residual,
+                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention,
+                            kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
                             logprob, masked_mean_loss, clip_grad_norm, adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
   "The model on the GPU"    defines: LlamaCuda, llama_cuda_init/_forward/_backward/_update/_download
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
+  "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
+                            infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
   "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
@@ -731,24 +734,29 @@ inline void rope_cos_sin(int pos, int i, int hd, double theta, float* cos_out, f
 // In place on x (B, T, NH, hd), rotate-half layout: for i < hd/2 the pair is (x[i], x[i + hd/2]):
 //   x[i] <- x[i] cos - x[i+hd/2] sin,  x[i+hd/2] <- x[i+hd/2] cos + x[i] sin,  at position t.
 // The backward is the inverse rotation applied to the gradient (sin -> -sin).
+
+// the NH heads (NH, hd) of one token at position pos; direction +1 rotates, -1 rotates back
+template <typename T>
+void rope_rotate_token(T* x, int pos, size_t NH, int hd, double theta, int direction) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float c, s;
+        rope_cos_sin(pos, i, hd, theta, &c, &s);
+        T cs = T(c), sn = T(s) * T(direction);
+        for (size_t h = 0; h < NH; h++) {
+            T* v = x + h * hd;
+            T x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * cs - x2 * sn;
+            v[i + half] = x2 * cs + x1 * sn;
+        }
+    }
+}
+
 template <typename T>
 void rope_rotate(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta, int direction) {
-    int half = hd / 2;
     #pragma omp parallel for collapse(2)
     for (size_t b = 0; b < B; b++) {
-        for (size_t t = 0; t < Tn; t++) {
-            for (int i = 0; i < half; i++) {
-                float c, s;
-                rope_cos_sin((int)t, i, hd, theta, &c, &s);
-                T cs = T(c), sn = T(s) * T(direction);
-                for (size_t h = 0; h < NH; h++) {
-                    T* v = x + ((b * Tn + t) * NH + h) * hd;
-                    T x1 = v[i], x2 = v[i + half];
-                    v[i] = x1 * cs - x2 * sn;
-                    v[i + half] = x2 * cs + x1 * sn;
-                }
-            }
-        }
+        for (size_t t = 0; t < Tn; t++) rope_rotate_token(x + (b * Tn + t) * NH * hd, (int)t, NH, hd, theta, direction);
     }
 }
 template <typename T>
@@ -756,15 +764,24 @@ void rope_forward(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta) { 
 template <typename T>
 void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(dx, B, Tn, NH, hd, theta, -1); }
 
+// The forward at given positions (the new tokens of a KV cache): x (N, NH, hd), token n at position pos[n] (N)
+template <typename T>
+void rope_forward_at(T* x, const int* pos, size_t N, size_t NH, int hd, double theta) {
+    #pragma omp parallel for
+    for (size_t n = 0; n < N; n++) rope_rotate_token(x + n * NH * hd, pos[n], NH, hd, theta, +1);
+}
+
 #ifdef XWIN_CUDA
-// one thread per rotated pair (b, t, h, i); direction +1 forward, -1 backward
-__global__ void rope_kernel(floatX* x, size_t B, int T, int NH, int hd, float theta, float direction) {
+// one thread per rotated pair (token n = (b, t), h, i); the token sits at position pos[n], or at t
+// when pos is null; direction +1 forward, -1 backward
+__global__ void rope_kernel(floatX* x, const int* pos, size_t B, int T, int NH, int hd, float theta, float direction) {
     int half = hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= B * T * NH * half) return;
     int i = (int)(idx % half);
     size_t row = idx / half;  // (b, t, h)
-    int t = (int)((row / NH) % T);
+    size_t token = row / NH;  // (b, t)
+    int t = pos ? pos[token] : (int)(token % T);
     float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
     float angle = (float)t * inv_freq;
     float c = cosf(angle), s = sinf(angle) * direction;
@@ -775,18 +792,25 @@ __global__ void rope_kernel(floatX* x, size_t B, int T, int NH, int hd, float th
 }
 
 // direction +1 rotates (the forward), -1 rotates back (the backward): the two launchers below
-// fix it, so the model names which one it means and the op test checks each against its twin
-inline void rope_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
-    LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), 256), 256, 0, stream, x, B, T, NH, hd, (float)theta, (float)direction);
+// fix it, so the model names which one it means and the op test checks each against its twin.
+// pos (B * T, device) or null: the position of each token (null: t).
+inline void rope_cuda(floatX* x, const int* pos, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
+    const int block_size = 256;
+    LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), block_size), block_size, 0, stream, x, pos, B, T, NH, hd, (float)theta, (float)direction);
     cudaCheck(cudaGetLastError());
 }
 
 inline void rope_forward_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
-    rope_cuda(x, B, T, NH, hd, theta, +1, stream);
+    rope_cuda(x, nullptr, B, T, NH, hd, theta, +1, stream);
 }
 
 inline void rope_backward_cuda(floatX* dx, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
-    rope_cuda(dx, B, T, NH, hd, theta, -1, stream);
+    rope_cuda(dx, nullptr, B, T, NH, hd, theta, -1, stream);
+}
+
+// x (N, NH, hd), token n at position pos[n] (N, device): rope_forward_at
+inline void rope_forward_at_cuda(floatX* x, const int* pos, size_t N, int NH, int hd, double theta, cudaStream_t stream) {
+    rope_cuda(x, pos, N, 1, NH, hd, theta, +1, stream);
 }
 #endif
 
@@ -1003,6 +1027,204 @@ inline void attention_backward_cuda(floatX* dq, floatX* dk, floatX* dv, const fl
     LAUNCH(heads_unpermute_kernel, ceil_div(B * T * H * hd, 256), 256, 0, stream, dq, s.dqp, B, T, H, H, hd, 1);
     LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dk, s.dkp, B, T, H, KV, hd, 1);
     LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dv, s.dvp, B, T, H, KV, hd, 1);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// A KV cache holds, per layer, the keys and values (after RoPE) of every position so far of
+// each sequence: k_cache, v_cache (B, maxT, KV, hd) for one layer. New tokens are appended at
+// each sequence's own position pos[b] (sequences of a batch may have different lengths).
+// k_cache[b, pos[b] + t] = k[b, t], v_cache likewise;  k, v (B, Tn, KVD), pos (B)
+template <typename T>
+void kv_cache_write(T* k_cache, T* v_cache, const T* k, const T* v, const int* pos, size_t B, size_t Tn, size_t KVD, size_t maxT) {
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) {
+            size_t dst = (b * maxT + pos[b] + t) * KVD, src = (b * Tn + t) * KVD;
+            memcpy(k_cache + dst, k + src, KVD * sizeof(T));
+            memcpy(v_cache + dst, v + src, KVD * sizeof(T));
+        }
+    }
+}
+
+// Attention of Tn new tokens per sequence over a KV cache that already holds them: the query
+// q[b, t] of the token at position p = pos[b] + t attends to positions 0..p of its sequence,
+// exactly as row p of attention_forward (same arithmetic, so the CPU cached forward gives the
+// full forward's numbers); query head h reads kv head h / (H / KV).
+//   q (B, Tn, H, hd), k_cache and v_cache (B, maxT, KV, hd), pos (B), out (B, Tn, H, hd)
+template <typename T>
+void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, const int* pos, size_t B, size_t Tn,
+                              size_t H, size_t KV, size_t hd, size_t maxT) {
+    T scale = T(1) / std::sqrt(T(hd));
+    size_t group = H / KV;
+    #pragma omp parallel
+    {
+        std::vector<T> a(maxT);  // one row of probabilities per thread
+        #pragma omp for collapse(3)
+        for (size_t b = 0; b < B; b++) {
+            for (size_t t = 0; t < Tn; t++) {
+                for (size_t h = 0; h < H; h++) {
+                    size_t p = (size_t)pos[b] + t, kh = h / group;
+                    const T* qv = q + ((b * Tn + t) * H + h) * hd;
+                    T maxv = -INFINITY;
+                    for (size_t t2 = 0; t2 <= p; t2++) {
+                        const T* kv = k_cache + ((b * maxT + t2) * KV + kh) * hd;
+                        T s = 0;
+                        for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                        a[t2] = s * scale;
+                        if (a[t2] > maxv) maxv = a[t2];
+                    }
+                    T sum = 0;
+                    for (size_t t2 = 0; t2 <= p; t2++) {
+                        a[t2] = std::exp(a[t2] - maxv);
+                        sum += a[t2];
+                    }
+                    for (size_t t2 = 0; t2 <= p; t2++) a[t2] /= sum;
+                    T* o = out + ((b * Tn + t) * H + h) * hd;
+                    for (size_t i = 0; i < hd; i++) o[i] = 0;
+                    for (size_t t2 = 0; t2 <= p; t2++) {
+                        const T* vv = v_cache + ((b * maxT + t2) * KV + kh) * hd;
+                        for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// the block shape of attention_decode_cuda below (named here, for the inference runner's default)
+constexpr int ATTN_DECODE_THREADS = 64;  // threads per block: one cache position each per tile
+constexpr int ATTN_DECODE_CHUNK = 256;   // cache positions per block, unless the scratch caps the number of blocks
+
+#ifdef XWIN_CUDA
+// one thread per element (b, t, j) of k and v
+__global__ void kv_cache_write_kernel(floatX* k_cache, floatX* v_cache, const floatX* k, const floatX* v, const int* pos,
+                                      size_t B, int Tn, int KVD, int maxT) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * Tn * KVD) return;
+    int j = (int)(idx % KVD);
+    int t = (int)((idx / KVD) % Tn);
+    size_t b = idx / ((size_t)KVD * Tn);
+    size_t dst = (b * maxT + pos[b] + t) * KVD + j;
+    k_cache[dst] = k[idx];
+    v_cache[dst] = v[idx];
+}
+
+inline void kv_cache_write_cuda(floatX* k_cache, floatX* v_cache, const floatX* k, const floatX* v, const int* pos, size_t B, int Tn,
+                                int KVD, int maxT, cudaStream_t stream) {
+    const int block_size = 256;
+    LAUNCH(kv_cache_write_kernel, ceil_div(B * Tn * KVD, block_size), block_size, 0, stream, k_cache, v_cache, k, v, pos, B, Tn, KVD, maxT);
+    cudaCheck(cudaGetLastError());
+}
+
+// Attention over a KV cache on the GPU, split-K ("flash decoding"): a decoded token has one
+// query row per head but a cache that may be thousands of positions long, so the positions
+// 0..p a query row (b, t, h) attends to are cut into chunks, one block each, which run in
+// parallel. Block (row, s) writes its chunk's partial softmax in FP32:
+//   m = max of the chunk's scores,  l = sum exp(score - m),  o = sum exp(score - m) v  (unnormalised),
+// and a second kernel merges the chunks: M = max_s m_s, out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
+// Within a block the chunk goes in tiles of ATTN_DECODE_THREADS positions with the same running
+// rescaling, so the shared memory does not grow with the chunk. A chunk past p is empty:
+// m = -inf, l = 0, o = 0, which the merge weighs 0. Query head h reads kv head h / (H / KV)
+// straight from the cache (no copy per query head). Prefill uses the same two kernels (Tn
+// query rows per sequence); decode is Tn = 1.
+//   part_o (rows, S, hd), part_ml (rows, S, 2) with rows = B * Tn * H and S = gridDim.y chunks
+
+// one block per (query row, chunk); per tile thread j scores position j, then thread i updates output dimension i
+__global__ void attention_decode_partial_kernel(float* part_o, float* part_ml, const floatX* q, const floatX* k_cache, const floatX* v_cache,
+                                                const int* pos, int Tn, int H, int KV, int hd, int maxT, int chunk) {
+    DYNAMIC_SHARED(float, smem);
+    float* qs = smem;                 // (hd) the query row, in FP32
+    float* o = smem + hd;             // (hd) the running weighted sum of values
+    float* p = smem + 2 * hd;         // (blockDim.x) the tile's exp(score - m)
+    float* reduce = p + blockDim.x;   // (32) block_reduce scratch
+    size_t row = blockIdx.x;          // (b, t, h)
+    int s = blockIdx.y, S = gridDim.y, h = (int)(row % H), t = (int)((row / H) % Tn);
+    size_t b = row / ((size_t)H * Tn);
+    int start = s * chunk, end = min(pos[b] + t + 1, start + chunk);  // this block's positions [start, end)
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t kv_row = (size_t)KV * hd;  // from one position to the next in the cache
+    const floatX* kc = k_cache + b * maxT * kv_row + (size_t)(h / (H / KV)) * hd;
+    const floatX* vc = v_cache + b * maxT * kv_row + (size_t)(h / (H / KV)) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        qs[i] = to_float(q[row * hd + i]);
+        o[i] = 0.0f;
+    }
+    __syncthreads();
+    float m = -INFINITY, l = 0.0f;
+    for (int t0 = start; t0 < end; t0 += blockDim.x) {  // block-uniform bounds: every thread takes each tile
+        int j = t0 + threadIdx.x;
+        float score = -INFINITY;
+        if (j < end) {
+            float dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += qs[i] * to_float(kc[j * kv_row + i]);
+            score = dot * scale;
+        }
+        float m_new = fmaxf(m, block_reduce(score, reduce, true));  // finite: a tile has a position
+        float e = j < end ? expf(score - m_new) : 0.0f;
+        p[threadIdx.x] = e;
+        float tile_sum = block_reduce(e, reduce, false);  // its barriers also publish p
+        float rescale = expf(m - m_new);                  // 0 on the first tile (m = -inf)
+        l = l * rescale + tile_sum;
+        m = m_new;
+        int n = min((int)blockDim.x, end - t0);
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            float acc = o[i] * rescale;
+            for (int jj = 0; jj < n; jj++) acc += p[jj] * to_float(vc[(t0 + jj) * kv_row + i]);
+            o[i] = acc;
+        }
+        __syncthreads();  // the next tile rewrites p
+    }
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) part_o[(row * S + s) * hd + i] = o[i];
+    if (threadIdx.x == 0) {
+        part_ml[(row * S + s) * 2] = m;
+        part_ml[(row * S + s) * 2 + 1] = l;
+    }
+}
+
+// one thread per element (row, i) of out: merges the S chunks of its row
+__global__ void attention_decode_combine_kernel(floatX* out, const float* part_o, const float* part_ml, size_t rows, int S, int hd) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * hd) return;
+    size_t row = idx / hd;
+    int i = (int)(idx % hd);
+    const float* ml = part_ml + row * S * 2;
+    float M = -INFINITY;
+    for (int s = 0; s < S; s++) M = fmaxf(M, ml[2 * s]);  // chunk 0 is never empty: M is finite
+    float denom = 0.0f, acc = 0.0f;
+    for (int s = 0; s < S; s++) {
+        float w = expf(ml[2 * s] - M);
+        denom += w * ml[2 * s + 1];
+        acc += w * part_o[(row * S + s) * hd + i];
+    }
+    out[idx] = from_float<floatX>(acc / denom);
+}
+
+// out (B, Tn, H, hd) = attention_cached_forward, in the two kernels above. max_len (host) bounds
+// pos[b] + Tn over the batch (the longest attended length); part_o (part_rows, hd) and part_ml
+// (part_rows, 2) are FP32 scratch for part_rows >= B * Tn * H partial rows, which caps the
+// number of chunks per query row: S = min(ceil(max_len / chunk), part_rows / rows), the chunk
+// then widened to cover max_len.
+inline void attention_decode_cuda(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* pos, size_t B,
+                                  int Tn, int H, int KV, int hd, int maxT, int max_len, float* part_o, float* part_ml, size_t part_rows,
+                                  cudaStream_t stream, int chunk = ATTN_DECODE_CHUNK) {
+    const int block_size = ATTN_DECODE_THREADS, combine_block_size = 256;
+    size_t rows = B * Tn * H;
+    if (part_rows < rows || max_len < 1 || max_len > maxT || chunk < 1) {
+        fprintf(stderr, "error: attention_decode_cuda: %zu query rows need at least that many partial rows (have %zu), max_len %d in 1..%d\n",
+                rows, part_rows, max_len, maxT);
+        exit(1);
+    }
+    int splits = (int)ceil_div(max_len, chunk);
+    if ((size_t)splits > part_rows / rows) {
+        splits = (int)(part_rows / rows);
+        chunk = (int)ceil_div(max_len, splits);
+    }
+    size_t shmem = (2 * hd + block_size + 32) * sizeof(float);
+    LAUNCH(attention_decode_partial_kernel, dim3((unsigned)rows, (unsigned)splits), block_size, shmem, stream, part_o, part_ml, q, k_cache,
+           v_cache, pos, Tn, H, KV, hd, maxT, chunk);
+    cudaCheck(cudaGetLastError());
+    LAUNCH(attention_decode_combine_kernel, ceil_div(rows * hd, combine_block_size), combine_block_size, 0, stream, out, part_o, part_ml,
+           rows, splits, hd);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2188,6 +2410,358 @@ inline void runner_set_optimizer(Runner* r, const float* m, const float* v, int 
 inline void runner_free(Runner* r) {
 #ifdef XWIN_CUDA
     llama_cuda_free(&r->gpu);
+#endif
+    llama_free(&r->host);
+}
+
+// ----------------------------------------------------------------------------
+// Inference with a KV cache: llama_forward cut into a prefill of the prompts and a decode of
+// one token per sequence at a time. Per layer, the keys and values of every position so far
+// (the n_kv heads, after RoPE) are cached, so a new token costs one row of each matmul and
+// one query row per head against the cache. Nothing for training is allocated: no gradients,
+// no AdamW moments, no FP32 master copy on the GPU, and the activations of one layer only (of
+// the new tokens), which every layer reuses. Each sequence of the batch has its own position.
+//   infer_prefill(inf, tokens (B, Tn), lens (B) or null)  empties the cache, then runs the
+//       prompts, right-padded to Tn: sequence b's prompt is its first lens[b] tokens (all Tn
+//       when lens is null). Padding is computed but never attended to (a query at position p
+//       sees positions 0..p, and the decode overwrites the cache from lens[b] on). Returns the
+//       logits (B, V) at each prompt's last token.
+//   infer_decode(inf, next (B))  one more token per sequence, at its position pos[b];
+//       returns the logits (B, V) there.
+// The same four ops as the training forward, plus kv_cache_write, rope_forward_at and
+// attention_cached_forward (on the GPU attention_decode_cuda, split across blocks).
+
+template <typename X>  // float on the CPU, floatX on the GPU
+struct InferStateT {
+    X* k_cache;        // (L, B, maxT, KVD) keys after RoPE
+    X* v_cache;        // (L, B, maxT, KVD)
+    X* x;              // (B, Tc, C)   the residual stream of the new tokens
+    X* norm;           // (B, Tc, C)   rmsnorm(x) * weight, the input of the attention, then of the MLP
+    float* rstd;       // (B, Tc)
+    X* q;              // (B, Tc, C)   after RoPE
+    X* k;              // (B, Tc, KVD) after RoPE, on its way to the cache
+    X* v;              // (B, Tc, KVD)
+    X* att_out;        // (B, Tc, C)
+    X* scratch;        // (B, Tc, C)   a projection's output before the residual add
+    X* gate;           // (B, Tc, F)   h @ w_gate^T, then silu(gate) * up in place
+    X* up;             // (B, Tc, F)
+    X* last;           // (B, C)       the residual row of each sequence's last new token
+    X* last_norm;      // (B, C)
+    float* last_rstd;  // (B)
+    X* logits;         // (B, V)
+    int* tokens;       // (B, Tc)      the new tokens
+    int* pos;          // (B)          each sequence's position before the new tokens
+    int* tok_pos;      // (B, Tc)      the position of each new token: pos[b] + t
+    int* last_row;     // (B)          row b * Tn + lens[b] - 1 of the new tokens
+};
+
+// Carves the state for B sequences of up to maxT tokens, up to Tc new tokens per sequence and call.
+template <typename X>
+size_t point_infer_state(InferStateT<X>* s, void* memory, const LlamaConfig& c, size_t B, size_t maxT, size_t Tc) {
+    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), V = c.vocab_size, N = B * Tc;
+    Carver k{(char*)memory};
+    k.take(s->k_cache, L * B * maxT * KVD); k.take(s->v_cache, L * B * maxT * KVD);
+    k.take(s->x, N * C); k.take(s->norm, N * C); k.take(s->rstd, N); k.take(s->q, N * C); k.take(s->k, N * KVD);
+    k.take(s->v, N * KVD); k.take(s->att_out, N * C); k.take(s->scratch, N * C); k.take(s->gate, N * F); k.take(s->up, N * F);
+    k.take(s->last, B * C); k.take(s->last_norm, B * C); k.take(s->last_rstd, B); k.take(s->logits, B * V);
+    k.take(s->tokens, N); k.take(s->pos, B); k.take(s->tok_pos, N); k.take(s->last_row, B);
+    return k.bytes;
+}
+
+// The checks of both builds; fills the host's positions of the new tokens and the rows of the
+// last ones, then advances pos. tokens (B, Tn); lens (B) or null (every sequence takes Tn).
+inline void infer_plan(std::vector<int>& pos, std::vector<int>& tok_pos, std::vector<int>& last_row, const int* lens, int B, int Tn,
+                       int max_T, int max_chunk) {
+    if (Tn < 1 || Tn > max_chunk) {
+        fprintf(stderr, "error: %d new tokens per sequence; this inference state takes 1..%d per call\n", Tn, max_chunk);
+        exit(1);
+    }
+    tok_pos.resize((size_t)B * Tn);
+    last_row.resize(B);
+    for (int b = 0; b < B; b++) {
+        int len = lens ? lens[b] : Tn;
+        if (len < 1 || len > Tn || pos[b] + Tn > max_T) {
+            fprintf(stderr, "error: sequence %d: %d new tokens of %d at position %d do not fit a cache of %d positions\n", b, len, Tn, pos[b], max_T);
+            exit(1);
+        }
+        for (int t = 0; t < Tn; t++) tok_pos[(size_t)b * Tn + t] = pos[b] + t;
+        last_row[b] = b * Tn + len - 1;
+    }
+}
+
+inline void infer_require_lm(const LlamaConfig& c, int B, int max_T, int max_chunk) {
+    if (c.head_type != HEAD_LM || B < 1 || max_T < 1 || max_T > c.max_seq_len || max_chunk < 1 || max_chunk > max_T) {
+        fprintf(stderr, "error: inference needs a language model and 1 <= max_chunk (%d) <= max_T (%d) <= max_seq_len (%d), B (%d) >= 1\n",
+                max_chunk, max_T, c.max_seq_len, B);
+        exit(1);
+    }
+}
+
+struct Infer {
+    const Llama* model = nullptr;  // the weights: the host model's FP32 parameters (not owned)
+    int B = 0, max_T = 0, max_chunk = 0;  // B sequences of up to max_T tokens, up to max_chunk new ones per call
+    std::vector<int> pos;          // (B) the tokens in the cache of each sequence
+    std::vector<int> tok_pos;      // (B, Tn) the last call's positions of the new tokens
+    std::vector<int> last_row;     // (B)
+    size_t bytes = 0;              // all that infer_init allocated
+    void* memory = nullptr;
+    InferStateT<float> s;
+};
+
+inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max_chunk) {
+    infer_require_lm(model->config, B, max_T, max_chunk);
+    *inf = Infer{};
+    inf->model = model;
+    inf->B = B;
+    inf->max_T = max_T;
+    inf->max_chunk = max_chunk;
+    inf->pos.assign(B, 0);
+    inf->bytes = point_infer_state(&inf->s, nullptr, model->config, B, max_T, max_chunk);
+    inf->memory = malloc_check(inf->bytes);
+    point_infer_state(&inf->s, inf->memory, model->config, B, max_T, max_chunk);
+}
+
+inline void infer_free(Infer* inf) {
+    free(inf->memory);
+    *inf = Infer{};
+}
+
+// Appends Tn tokens per sequence (lens as infer_prefill) and returns the logits (B, V) at each
+// sequence's last new token; the ops of llama_forward on the new rows, attending to the cache.
+inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const int* lens) {
+    const LlamaConfig& c = inf->model->config;
+    int B = inf->B;
+    infer_plan(inf->pos, inf->tok_pos, inf->last_row, lens, B, Tn, inf->max_T, inf->max_chunk);
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * Tn, cache = (size_t)B * inf->max_T * KVD;
+    const ParamTensors& p = inf->model->params;
+    InferStateT<float>& s = inf->s;
+    embedding_forward(s.x, tokens, p.wte, N, C);
+    for (size_t l = 0; l < L; l++) {
+        float* k_cache = s.k_cache + l * cache;
+        float* v_cache = s.v_cache + l * cache;
+        rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, C, c.norm_eps);
+        matmul_forward(s.q, s.norm, p.wq + l * C * C, N, C, C);
+        matmul_forward(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD);
+        matmul_forward(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD);
+        rope_forward_at(s.q, inf->tok_pos.data(), N, H, (int)hd, c.rope_theta);
+        rope_forward_at(s.k, inf->tok_pos.data(), N, KV, (int)hd, c.rope_theta);
+        kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
+        attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
+        matmul_forward(s.scratch, s.att_out, p.wo + l * C * C, N, C, C);
+        residual_forward(s.x, s.x, s.scratch, N * C);
+        rmsnorm_forward(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, C, c.norm_eps);
+        matmul_forward(s.gate, s.norm, p.w_gate + l * F * C, N, C, F);
+        matmul_forward(s.up, s.norm, p.w_up + l * F * C, N, C, F);
+        swiglu_forward(s.gate, s.gate, s.up, N * F);
+        matmul_forward(s.scratch, s.gate, p.w_down + l * C * F, N, F, C);
+        residual_forward(s.x, s.x, s.scratch, N * C);
+    }
+    embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
+    rmsnorm_forward(s.last_norm, s.last_rstd, s.last, p.final_norm, B, C, c.norm_eps);
+    matmul_forward(s.logits, s.last_norm, p.head, B, C, (size_t)c.vocab_size);
+    for (int b = 0; b < B; b++) inf->pos[b] += inf->last_row[b] - b * Tn + 1;
+    return s.logits;
+}
+
+inline const float* infer_prefill(Infer* inf, const int* tokens, int Tn, const int* lens = nullptr) {
+    inf->pos.assign(inf->B, 0);
+    return infer_extend(inf, tokens, Tn, lens);
+}
+
+inline const float* infer_decode(Infer* inf, const int* next) { return infer_extend(inf, next, 1, nullptr); }
+
+#ifdef XWIN_CUDA
+// The same on the GPU: only the floatX compute copy of the weights (rounded on the host, as
+// cast_to_floatX_cuda rounds, so both GPU paths read the same weights), the cache and one
+// layer's activations; the attention of the new tokens is attention_decode_cuda.
+struct InferCuda {
+    LlamaConfig config{};
+    size_t num_params = 0;
+    int B = 0, max_T = 0, max_chunk = 0, attn_chunk = ATTN_DECODE_CHUNK;
+    floatX* params_memory = nullptr;  // (num_params) the weights, in floatX only
+    ParamTensorsT<floatX> params;
+    void* state_memory = nullptr;
+    InferStateT<floatX> s;
+    float* part_o = nullptr;          // (part_rows, hd) attention_decode_cuda's partial outputs
+    float* part_ml = nullptr;         // (part_rows, 2)  and their max and sum
+    size_t part_rows = 0;
+    std::vector<int> pos, tok_pos, last_row;  // on the host, as Infer's
+    size_t bytes = 0;                 // all device memory infer_cuda_init allocated
+    cudaStream_t stream = nullptr;
+};
+
+// attn_chunk: the cache positions per block of the attention (tests make it small to split short caches)
+inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, int max_chunk, cudaStream_t stream,
+                            int attn_chunk = ATTN_DECODE_CHUNK) {
+    const LlamaConfig& c = host->config;
+    infer_require_lm(c, B, max_T, max_chunk);
+    *g = InferCuda{};
+    g->config = c;
+    g->num_params = host->num_params;
+    g->B = B;
+    g->max_T = max_T;
+    g->max_chunk = max_chunk;
+    g->attn_chunk = attn_chunk;
+    g->stream = stream;
+    g->pos.assign(B, 0);
+    size_t n = g->num_params;
+    g->params_memory = cuda_alloc<floatX>(n);
+    g->params = point_parameters(c, g->params_memory);
+    std::vector<floatX> chunk(std::min(n, (size_t)1 << 22));
+    for (size_t done = 0; done < n; done += chunk.size()) {
+        size_t count = std::min(chunk.size(), n - done);
+        for (size_t i = 0; i < count; i++) chunk[i] = from_float<floatX>(host->params_memory[done + i]);
+        cudaCheck(cudaMemcpy(g->params_memory + done, chunk.data(), count * sizeof(floatX), cudaMemcpyHostToDevice));
+    }
+    size_t state_bytes = point_infer_state(&g->s, nullptr, c, B, max_T, max_chunk);
+    g->state_memory = cuda_alloc<char>(state_bytes);
+    point_infer_state(&g->s, g->state_memory, c, B, max_T, max_chunk);
+    // enough partial rows for every chunk of a decode, and for one chunk per query row of a prefill
+    size_t decode_rows = (size_t)B * c.n_heads * ceil_div(max_T, attn_chunk), prefill_rows = (size_t)B * max_chunk * c.n_heads;
+    g->part_rows = std::max(decode_rows, prefill_rows);
+    g->part_o = cuda_alloc<float>(g->part_rows * head_dim(c));
+    g->part_ml = cuda_alloc<float>(g->part_rows * 2);
+    g->bytes = n * sizeof(floatX) + state_bytes + g->part_rows * (head_dim(c) + 2) * sizeof(float);
+}
+
+inline void infer_cuda_free(InferCuda* g) {
+    void* buffers[] = {g->params_memory, g->state_memory, g->part_o, g->part_ml};
+    for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
+    *g = InferCuda{};
+}
+
+// as infer_extend; tokens (B, Tn) on the host, the logits (B, V) stay on the device in s.logits
+inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens) {
+    const LlamaConfig& c = g->config;
+    int B = g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
+    infer_plan(g->pos, g->tok_pos, g->last_row, lens, B, Tn, g->max_T, g->max_chunk);
+    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * Tn, cache = (size_t)B * g->max_T * KVD;
+    int max_len = 0;
+    for (int b = 0; b < B; b++) max_len = std::max(max_len, g->pos[b] + Tn);
+    cudaStream_t st = g->stream;
+    const ParamTensorsT<floatX>& p = g->params;
+    InferStateT<floatX>& s = g->s;
+    cudaCheck(cudaMemcpyAsync(s.tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(s.pos, g->pos.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(s.tok_pos, g->tok_pos.data(), N * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
+    embedding_forward_cuda(s.x, s.tokens, p.wte, N, C, st);
+    for (size_t l = 0; l < L; l++) {
+        nvtxRangePushA("layer inference");
+        floatX* k_cache = s.k_cache + l * cache;
+        floatX* v_cache = s.v_cache + l * cache;
+        rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, (int)C, c.norm_eps, st);
+        matmul_forward_cuda(s.q, s.norm, p.wq + l * C * C, N, C, C, st);
+        matmul_forward_cuda(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD, st);
+        matmul_forward_cuda(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD, st);
+        rope_forward_at_cuda(s.q, s.tok_pos, N, H, hd, c.rope_theta, st);
+        rope_forward_at_cuda(s.k, s.tok_pos, N, KV, hd, c.rope_theta, st);
+        kv_cache_write_cuda(k_cache, v_cache, s.k, s.v, s.pos, B, Tn, (int)KVD, g->max_T, st);
+        attention_decode_cuda(s.att_out, s.q, k_cache, v_cache, s.pos, B, Tn, H, KV, hd, g->max_T, max_len, g->part_o, g->part_ml,
+                              g->part_rows, st, g->attn_chunk);
+        matmul_forward_cuda(s.scratch, s.att_out, p.wo + l * C * C, N, C, C, st);
+        residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);
+        rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
+        matmul_forward_cuda(s.gate, s.norm, p.w_gate + l * F * C, N, C, F, st);
+        matmul_forward_cuda(s.up, s.norm, p.w_up + l * F * C, N, C, F, st);
+        swiglu_forward_cuda(s.gate, s.gate, s.up, N * F, st);
+        matmul_forward_cuda(s.scratch, s.gate, p.w_down + l * C * F, N, F, C, st);
+        residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);
+        nvtxRangePop();
+    }
+    embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
+    rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, p.final_norm, B, (int)C, c.norm_eps, st);
+    matmul_forward_cuda(s.logits, s.last_norm, p.head, B, C, (size_t)c.vocab_size, st);
+    for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
+}
+
+inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const int* lens = nullptr) {
+    g->pos.assign(g->B, 0);
+    infer_cuda_extend(g, tokens, Tn, lens);
+}
+
+inline void infer_cuda_decode(InferCuda* g, const int* next) { infer_cuda_extend(g, next, 1, nullptr); }
+
+// the logits (B, V) of the last call, to the host
+inline void infer_cuda_logits(InferCuda* g, float* out) {
+    size_t n = (size_t)g->B * g->config.vocab_size;
+    std::vector<floatX> raw(n);
+    cudaCheck(cudaMemcpyAsync(raw.data(), g->s.logits, n * sizeof(floatX), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
+    for (size_t i = 0; i < n; i++) out[i] = to_float(raw[i]);
+}
+#endif
+
+// The inference runner: one API over both builds, beside the training Runner. The host Llama
+// holds the config and, on the CPU build, the weights; it is never given gradients or moments.
+struct InferRunner {
+    Llama host;
+#ifdef XWIN_CUDA
+    InferCuda gpu;
+    std::vector<float> logits;  // (B, V) on the host
+#else
+    Infer cpu;
+#endif
+};
+
+// host must hold a loaded language model; B sequences of up to max_T tokens, up to max_chunk
+// new tokens per sequence and call; attn_chunk as infer_cuda_init (the GPU build's only)
+inline void infer_runner_init(InferRunner* r, int B, int max_T, int max_chunk, int attn_chunk = ATTN_DECODE_CHUNK) {
+#ifdef XWIN_CUDA
+    infer_cuda_init(&r->gpu, &r->host, B, max_T, max_chunk, 0, attn_chunk);
+    r->logits.resize((size_t)B * r->host.config.vocab_size);
+#else
+    (void)attn_chunk;
+    infer_init(&r->cpu, &r->host, B, max_T, max_chunk);
+#endif
+}
+
+// prompts (B, Tn), right-padded, of lens[b] tokens (null: Tn each) -> the logits (B, V) at their last tokens
+inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int Tn, const int* lens = nullptr) {
+#ifdef XWIN_CUDA
+    infer_cuda_prefill(&r->gpu, tokens, Tn, lens);
+    infer_cuda_logits(&r->gpu, r->logits.data());
+    return r->logits.data();
+#else
+    return infer_prefill(&r->cpu, tokens, Tn, lens);
+#endif
+}
+
+// next (B): one token per sequence -> the logits (B, V) after it
+inline const float* infer_runner_decode(InferRunner* r, const int* next) {
+#ifdef XWIN_CUDA
+    infer_cuda_decode(&r->gpu, next);
+    infer_cuda_logits(&r->gpu, r->logits.data());
+    return r->logits.data();
+#else
+    return infer_decode(&r->cpu, next);
+#endif
+}
+
+// (B) the tokens each sequence has in the cache
+inline const int* infer_runner_positions(const InferRunner* r) {
+#ifdef XWIN_CUDA
+    return r->gpu.pos.data();
+#else
+    return r->cpu.pos.data();
+#endif
+}
+
+// the bytes the runner allocated beyond the host model (device memory on the GPU build)
+inline size_t infer_runner_bytes(const InferRunner* r) {
+#ifdef XWIN_CUDA
+    return r->gpu.bytes;
+#else
+    return r->cpu.bytes;
+#endif
+}
+
+inline void infer_runner_free(InferRunner* r) {
+#ifdef XWIN_CUDA
+    infer_cuda_free(&r->gpu);
+#else
+    infer_free(&r->cpu);
 #endif
     llama_free(&r->host);
 }

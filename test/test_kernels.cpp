@@ -563,7 +563,8 @@ TEST_CASE("kernels: parity with transformers, odd sizes", "[kernels][parity]") {
 #ifdef XWIN_CUDA_EMULATION
 // Last in the file, so it sees every launch above: which __global__ kernels of llm.cu ran.
 // The reward head's tests, in this translation unit (llm.cu's kernels are defined once per
-// program) and before the coverage check below, which must come last.
+// program) and before the coverage check below, which must come last. Likewise the KV cache's.
+#include "test_infer.cpp"
 #include "test_reward.cpp"
 
 TEST_CASE("every __global__ kernel of llm.cu was executed", "[kernels][coverage]") {
