@@ -68,6 +68,16 @@ FILES (in --out)
         are comments, then one prompt per line, tab-separated fields
             kind  gold  system  user  [assistant  user] ...
         (the message contents in order; no field holds a tab or newline)
+    pairs_train.jsonl, pairs_val.jsonl  preference pairs (Xwin-Pair) in TRL's convention:
+        {"chosen": [messages], "rejected": [messages], "score_chosen": s,
+        "score_rejected": r, "kind": k}. For each of --pairs-train (--pairs-val)
+        prompts, task instances disjoint from the eval prompts (and the val
+        pairs' from the train pairs'), four final answers are drawn (one correct, one sloppy, two wrong,
+        as in the SFT data), each rated by the gold judge; up to two pairs of two
+        answers with different ratings are kept (the higher-rated one chosen; ties
+        are left out). Follow-up prompts carry the correct first answer, so about
+        a sixth of the pairs are multi-turn. dev/data/prepare_pairs.py makes the
+        .pairs files train_rm reads.
     byte.tokenizer      the byte-level tokenizer (dev/export_tokenizer.py)
 The .tok files come from dev/data/prepare_sft.py (needs numpy).
 """
@@ -337,24 +347,31 @@ def wrong_word(rng, kind, key, gold, first):
 
 
 def noisy_answer(rng, kind, key, gold, first):
-    """(text, category) of a final answer."""
+    """(text, category) of a final answer: 70% correct, 14% sloppy, 16% wrong."""
     r = rng.random()
-    if r < 0.70:
-        return canonical(gold), "correct"
-    if r < 0.84:
+    category = "correct" if r < 0.70 else "sloppy" if r < 0.84 else "wrong"
+    return answer_of(rng, kind, key, gold, first, category), category
+
+
+def answer_of(rng, kind, key, gold, first, category):
+    """A final answer of a category: correct, sloppy (the right answer in a wrong form) or
+    wrong (a plausible mistake, hedging, or a refusal)."""
+    if category == "correct":
+        return canonical(gold)
+    if category == "sloppy":
         if any(c.isalpha() for c in gold) and rng.random() < 0.2:
-            return canonical(flip_case(gold)), "sloppy"
-        return pick(rng, SLOPPY).format(g=gold), "sloppy"
+            return canonical(flip_case(gold))
+        return pick(rng, SLOPPY).format(g=gold)
     numeric = gold.isdigit()
     wrong = (wrong_number if numeric else wrong_word)(rng, kind, key, gold, first)
     r = rng.random()
     if r < 0.8:
-        return canonical(wrong), "wrong"
+        return canonical(wrong)
     if r < 0.9:
-        return wrong, "wrong"
+        return wrong
     if r < 0.95:
-        return f"The answer is {wrong}. The answer is {gold}.", "wrong"  # hedging
-    return pick(rng, ["I am not sure.", "I cannot solve this task."]), "wrong"
+        return f"The answer is {wrong}. The answer is {gold}."  # hedging
+    return pick(rng, ["I am not sure.", "I cannot solve this task."])
 
 
 # ---------------------------------------------------------------- the data sets
@@ -406,6 +423,42 @@ def make_sft(rng, n, excluded):
         rows.append((kind, gold, judge(kind, gold, texts[-1])))
         cats[cat] = cats.get(cat, 0) + 1
     return convs, rows, used, cats
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PAIR_CATEGORIES = ("correct", "sloppy", "wrong", "wrong")  # the responses drawn per prompt
+PAIRS_PER_PROMPT = 2
+
+
+def make_pairs(rng, n, excluded):
+    """Xwin-Pair for the world: for n task instances not in excluded, several final answers
+    of the kinds the SFT data has (one correct, one sloppy, two wrong, drawn as
+    noisy_answer draws them), each rated by the gold judge; then up to PAIRS_PER_PROMPT
+    pairs of two answers with different ratings, the better one chosen (ties are left out).
+    Rows in TRL's convention; returns (rows, keys used, rating histogram)."""
+    rows, used, ratings = [], set(), {}
+    for kind in kind_schedule(rng, n):
+        while True:
+            key, users, answers, gold = make_instance(rng, kind)
+            if key not in excluded:  # (instances may repeat, as in the SFT data: some kinds have few)
+                break
+        used.add(key)
+        prompt = messages_of(users, [canonical(a) for a in answers[:-1]] + [None])
+        rated = {}
+        for category in PAIR_CATEGORIES:
+            text = answer_of(rng, kind, key, gold, answers[0], category)
+            rated[text] = judge(kind, gold, text)
+        for s in rated.values():
+            ratings[s] = ratings.get(s, 0) + 1
+        texts = sorted(rated)
+        candidates = [(a, b) for a in texts for b in texts if rated[a] > rated[b]]
+        rng.shuffle(candidates)
+        for a, b in candidates[:PAIRS_PER_PROMPT]:
+            rows.append({"chosen": prompt + [{"role": "assistant", "content": a}],
+                         "rejected": prompt + [{"role": "assistant", "content": b}],
+                         "score_chosen": rated[a], "score_rejected": rated[b], "kind": kind})
+    return rows, used, ratings
 
 
 # ---------------------------------------------------------------- judge fixture
@@ -554,6 +607,8 @@ def main(argv=None):
     ap.add_argument("--train", type=int, default=20000)
     ap.add_argument("--val", type=int, default=500)
     ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--pairs-train", type=int, default=3000, help="prompts of the training preference pairs")
+    ap.add_argument("--pairs-val", type=int, default=200, help="prompts of the validation preference pairs")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -564,6 +619,12 @@ def main(argv=None):
     assert not (train_keys & (eval_keys | val_keys)) and not (val_keys & eval_keys)
     for p in eval_prompts:
         assert judge(p["kind"], p["gold"], canonical(p["gold"])) == 10
+    # preference pairs: their own random stream (the SFT data stays as it is), prompts disjoint
+    # from the held-out eval prompts and from each other
+    pair_rng = random.Random(args.seed + 2)
+    pairs_val, pairs_val_keys, _ = make_pairs(pair_rng, args.pairs_val, eval_keys)
+    pairs_train, pairs_train_keys, pair_ratings = make_pairs(pair_rng, args.pairs_train, eval_keys | pairs_val_keys)
+    assert not (pairs_train_keys & (eval_keys | pairs_val_keys)) and not (pairs_val_keys & eval_keys)
 
     def out(name):
         return os.path.join(args.out, name)
@@ -572,6 +633,8 @@ def main(argv=None):
     write_lines(out("sft_val.jsonl"), jsonl(val))
     write_lines(out("sft_train_judge.tsv"), [f"{k}\t{g}\t{s}" for k, g, s in train_rows])
     write_lines(out("sft_val_judge.tsv"), [f"{k}\t{g}\t{s}" for k, g, s in val_rows])
+    write_lines(out("pairs_train.jsonl"), jsonl(pairs_train))
+    write_lines(out("pairs_val.jsonl"), jsonl(pairs_val))
     write_lines(out("eval_prompts.jsonl"), jsonl(eval_prompts))
     write_lines(out("eval_prompts.tsv"), eval_tsv(eval_prompts))
     export_tokenizer.export_byte_level(out("byte.tokenizer"))
@@ -588,6 +651,8 @@ def main(argv=None):
     print(f"eval: {len(eval_prompts)} prompts, kinds "
           f"{dict(sorted(histogram(p['kind'] for p in eval_prompts).items()))}")
     print(f"train answer categories: {dict(sorted(cats.items()))}")
+    print(f"pairs: {len(pairs_train)} train, {len(pairs_val)} val; ratings of their answers "
+          f"{dict(sorted(pair_ratings.items()))}")
     print_distribution("train", train_rows)
     print_distribution("val", val_rows)
     lengths = [len(SYSTEM) + sum(len(m["content"]) + 12 for m in c["messages"][1:]) for c in train]
