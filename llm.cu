@@ -42,7 +42,7 @@ Contents, in file order (search for the quoted heading):
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
   "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
-  "Task world"              defines: WorldPrompt, world_judge, world_load_prompts
+  "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
   "The chat template"       defines: chat_encode_prompt, generate_greedy, mfu_text
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
@@ -3550,9 +3550,10 @@ struct WorldPrompt {
     std::vector<std::string> messages;  // system, user, [assistant, user]...: ends with a user turn
 };
 
+inline const char* const WORLD_KINDS[6] = {"arith", "reverse", "sort", "count", "max", "followup"};
+
 inline bool world_kind_known(const std::string& kind) {
-    static const char* const kinds[] = {"arith", "reverse", "sort", "count", "max", "followup"};
-    for (const char* k : kinds) if (kind == k) return true;
+    for (const char* k : WORLD_KINDS) if (kind == k) return true;
     return false;
 }
 
@@ -4411,9 +4412,12 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
 }
 
 // The gold judge's mean score (0..10) of greedy answers to the first n eval prompts of the
-// built-in world; prints the first `show` answers.
-inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show) {
-    double total = 0;
+// built-in world; prints the first `show` answers. per_kind (optional) gets each kind's mean
+// in the world's kind order, e.g. "arith 4.1, reverse 6.5, ...".
+inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show,
+                             std::string* per_kind = nullptr) {
+    double total = 0, kind_total[6] = {0};
+    int kind_n[6] = {0};
     n = std::min(n, prompts.size());
     for (size_t i = 0; i < n; i++) {
         const WorldPrompt& p = prompts[i];
@@ -4423,7 +4427,17 @@ inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<
         std::string text = tokenizer_decode(tok, answer.data(), (int)answer.size());
         int score = world_judge(p.kind, p.gold, text);
         total += score;
+        for (int k = 0; k < 6; k++) if (p.kind == WORLD_KINDS[k]) kind_total[k] += score, kind_n[k]++;
         if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), score);
+    }
+    if (per_kind) {
+        per_kind->clear();
+        char buf[64];
+        for (int k = 0; k < 6; k++) {
+            if (!kind_n[k]) continue;
+            snprintf(buf, sizeof(buf), "%s%s %.1f", per_kind->empty() ? "" : ", ", WORLD_KINDS[k], kind_total[k] / kind_n[k]);
+            *per_kind += buf;
+        }
     }
     return n ? total / n : 0.0;
 }

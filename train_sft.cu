@@ -149,8 +149,9 @@ int main(int argc, char** argv) {
     if (trainer_finished(&tr)) {
         if (!prompts.empty()) {
             printf("greedy answers to held-out prompts:\n");
-            double score = world_evaluate(&runner, &tok, prompts, 100, 6);
-            printf("gold judge: mean %.2f / 10 over %zu held-out prompts\n", score, std::min(prompts.size(), (size_t)100));
+            std::string per_kind;
+            double score = world_evaluate(&runner, &tok, prompts, 100, 6, &per_kind);
+            printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
         }
         trainer_save_model(&tr);
     }
