@@ -649,60 +649,68 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, const floatX* do
 }
 #endif
 
-// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none).
-// Four rows at a time share each weight row while it is in cache.
-template <typename T>
-void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    #pragma omp parallel for schedule(static)
-    for (size_t n0 = 0; n0 < N; n0 += 4) {
-        size_t rows = N - n0 < 4 ? N - n0 : 4;
-        const T* x0 = inp + n0 * C;
-        const T* x1 = inp + (n0 + (rows > 1)) * C;
-        const T* x2 = inp + (n0 + (rows > 2) * 2) * C;
-        const T* x3 = inp + (n0 + (rows > 3) * 3) * C;
-        for (size_t o = 0; o < OC; o++) {
-            const T* w = weight + o * C;
-            T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-            #pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (size_t i = 0; i < C; i++) {
-                a0 += x0[i] * w[i];
-                a1 += x1[i] * w[i];
-                a2 += x2[i] * w[i];
-                a3 += x3[i] * w[i];
-            }
-            T acc[4] = {a0, a1, a2, a3};
-            for (size_t r = 0; r < rows; r++) out[(n0 + r) * OC + o] = acc[r];
+// One tile of matmul_tiles: out[i0.., j0..] += the 4 x 16 sums over k. With Tail, only the
+// first `cols` columns exist: B is read through a zero-padded copy of its row.
+template <typename T, bool Tail>
+inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P,
+                        size_t i0, size_t j0, size_t cols) {
+    constexpr size_t R = 4, W = 16;
+    size_t a[R];  // rows past M repeat the last row; their sums are not stored
+    for (size_t r = 0; r < R; r++) a[r] = (i0 + r < M ? i0 + r : M - 1) * sa;
+    T acc[R][W] = {}, pad[W] = {};
+    for (size_t k = 0; k < K; k++) {
+        const T* b = B + k * P + j0;
+        if (Tail) {
+            for (size_t j = 0; j < cols; j++) pad[j] = b[j];
+            b = pad;
+        }
+        T a0 = A[a[0] + k * sk], a1 = A[a[1] + k * sk], a2 = A[a[2] + k * sk], a3 = A[a[3] + k * sk];
+        #pragma omp simd
+        for (size_t j = 0; j < W; j++) {
+            acc[0][j] += a0 * b[j], acc[1][j] += a1 * b[j], acc[2][j] += a2 * b[j], acc[3][j] += a3 * b[j];
         }
     }
+    for (size_t r = 0; r < R; r++) {
+        if (i0 + r >= M) break;
+        for (size_t j = 0; j < (Tail ? cols : W); j++) out[(i0 + r) * P + j0 + j] += acc[r][j];
+    }
+}
+
+// out (M, P) += A (M, K) @ B (K, P), B row-major, A read through strides: A[i, k] is
+// A[i * sa + k * sk], so A may be a transpose. Tiles of 4 output rows x 16 columns keep
+// their sums in registers while k streams past, so every loaded B value feeds four
+// multiply-adds. The tiles are independent: the result does not depend on the number of
+// threads.
+template <typename T>
+void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P) {
+    constexpr size_t R = 4, W = 16;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (size_t it = 0; it < (M + R - 1) / R; it++) {
+        for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
+            size_t i0 = it * R, j0 = jt * W;
+            if (j0 + W <= P) matmul_tile<T, false>(out, A, sa, sk, B, M, K, P, i0, j0, W);
+            else matmul_tile<T, true>(out, A, sa, sk, B, M, K, P, i0, j0, P - j0);
+        }
+    }
+}
+
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none); through a
+// transposed copy of the weight, so that the tiles read it along their rows.
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
+    std::vector<T> wt(C * OC);
+    for (size_t o = 0; o < OC; o++) {
+        for (size_t c = 0; c < C; c++) wt[c * OC + o] = weight[o * C + c];
+    }
+    std::fill(out, out + N * OC, T(0));
+    matmul_tiles(out, inp, C, 1, wt.data(), N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    #pragma omp parallel for schedule(static)
-    for (size_t n = 0; n < N; n++) {
-        T* dx = dinp + n * C;
-        for (size_t o = 0; o < OC; o++) {
-            T d = dout[n * OC + o];
-            const T* w = weight + o * C;
-            #pragma omp simd
-            for (size_t i = 0; i < C; i++) dx[i] += d * w[i];
-        }
-    }
-    // eight weight rows at a time stay in cache while every input row streams past once
-    #pragma omp parallel for schedule(static)
-    for (size_t o0 = 0; o0 < OC; o0 += 8) {
-        size_t o1 = o0 + 8 < OC ? o0 + 8 : OC;
-        for (size_t n = 0; n < N; n++) {
-            const T* x = inp + n * C;
-            for (size_t o = o0; o < o1; o++) {
-                T d = dout[n * OC + o];
-                T* dw = dweight + o * C;
-                #pragma omp simd
-                for (size_t i = 0; i < C; i++) dw[i] += d * x[i];
-            }
-        }
-    }
+    matmul_tiles(dinp, dout, OC, 1, weight, N, OC, C);
+    matmul_tiles(dweight, dout, 1, OC, inp, OC, N, C);
 }
 
 #ifdef XWIN_CUDA
