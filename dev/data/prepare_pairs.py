@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from prepare_sft import PrepareError, check_messages, read_jsonl, run_cli  # noqa: E402
+from prepare_sft import PrepareError, check_messages, good_lines, run_cli  # noqa: E402
 
 
 def answer_start(mask):
@@ -79,17 +79,7 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
     import xwin_format as xf
     seqs, masks, records, kinds = [], [], [], []
     stats = {"read": 0, "pairs": 0, "dropped": 0, "bad": 0}
-    for lineno, obj, problem in read_jsonl(in_path):
-        stats["read"] += 1
-        if problem is None:
-            try:
-                ids_c, mask_c, ids_r, mask_r, prompt_len, scores, kind = encode_pair(encode, obj)
-            except PrepareError as e:
-                problem = str(e)
-        if problem is not None:
-            stats["bad"] += 1
-            print(f"{in_path}:{lineno}: {problem}{' (skipped)' if skip_bad else ''}", file=sys.stderr)
-            continue
+    for ids_c, mask_c, ids_r, mask_r, prompt_len, scores, kind in good_lines(in_path, lambda obj: encode_pair(encode, obj), stats, skip_bad):
         if max(len(ids_c), len(ids_r)) > max_len:
             stats["dropped"] += 1
             continue

@@ -202,6 +202,22 @@ def read_jsonl(path):
         raise PrepareError(f"{path}: not a readable gzip file: {e}")
 
 
+def good_lines(in_path, parse, stats, skip_bad):
+    """parse(obj) of every line of in_path that is JSON and that parse accepts. Each bad
+    line is reported on stderr as IN:LINE: problem and counted in stats["bad"]; the
+    caller refuses to write anything when there are some, unless skip_bad."""
+    for lineno, obj, problem in read_jsonl(in_path):
+        stats["read"] += 1
+        if problem is None:
+            try:
+                yield parse(obj)
+                continue
+            except PrepareError as e:
+                problem = str(e)
+        stats["bad"] += 1
+        print(f"{in_path}:{lineno}: {problem}{' (skipped)' if skip_bad else ''}", file=sys.stderr)
+
+
 def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
     """Encodes every conversation of in_path and writes out_path; returns a dict
     of counts. Each bad line is reported on stderr as IN:LINE: problem; unless
@@ -209,20 +225,14 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
     import xwin_format as xf
     seqs, masks = [], []
     stats = {"read": 0, "whole": 0, "truncated": 0, "dropped": 0, "pairs_dropped": 0, "bad": 0}
-    for lineno, obj, problem in read_jsonl(in_path):
-        stats["read"] += 1
-        if problem is None:
-            try:
-                if not isinstance(obj, dict):
-                    raise PrepareError("not a JSON object")
-                system, pairs = check_messages(obj.get("messages"))
-                ids, mask, kept = fit(encode, system, pairs, max_len)
-            except PrepareError as e:
-                problem = str(e)
-        if problem is not None:
-            stats["bad"] += 1
-            print(f"{in_path}:{lineno}: {problem}{' (skipped)' if skip_bad else ''}", file=sys.stderr)
-            continue
+
+    def parse(obj):
+        if not isinstance(obj, dict):
+            raise PrepareError("not a JSON object")
+        system, pairs = check_messages(obj.get("messages"))
+        return pairs, fit(encode, system, pairs, max_len)
+
+    for pairs, (ids, mask, kept) in good_lines(in_path, parse, stats, skip_bad):
         if kept == 0:
             stats["dropped"] += 1
             continue
