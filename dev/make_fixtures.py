@@ -117,15 +117,19 @@ def masked_loss(logits, tokens, mask):
     return -sums.sum() / m.sum(), sums
 
 
+def adamw(params):
+    """torch's AdamW as ours runs it: weight decay on the matrices, none on the norm weights."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=LR, betas=(BETA1, BETA2), eps=EPS)
+
+
 def train(model, cfg, tokens, mask, max_norm):
     """Two clip + AdamW steps on the same batch. Returns the gradients at the
     initial weights (our names), the two pre-clip norms, the step-2 loss and
     the parameters after step 2 (our names)."""
     params = list(model.parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=LR, betas=(BETA1, BETA2), eps=EPS)
+    opt = adamw(params)
     norms, losses, grads = [], [], None
     for step in range(2):
         opt.zero_grad()
@@ -368,10 +372,7 @@ def reward_step(step, cfg, hf, tokens):
     norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
     max_norm = f32(0.5 * norm)
     torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=LR, betas=(BETA1, BETA2), eps=EPS)
-    opt.step()
+    adamw(params).step()
     final = gather(cfg, lambda n: model.get_parameter(n).detach().clone())
     print(f"  reward step: loss {float(loss):.10f} grad_norm {norm:.8f} max_norm {max_norm:.8f}")
     return ([("step_margins", margins.numpy()), ("step_center", np.array([step["center"]])),

@@ -297,15 +297,13 @@ TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
-TEST_CASE("logprob kernels match the CPU", "[kernels]") {
-    std::mt19937 rng(test_seed() + 7);
-    size_t B = 2, T = 5, V = 300;  // V spans more than one 256-thread pass
-    std::vector<int> tokens(B * T);
-    for (int& t : tokens) t = (int)(rng() % V);
-    std::vector<float> z = rounded(random_floats(B * T * V, rng, 3.0f)), dlp = random_floats(B * T, rng), lp(B * T), dz(z.size());
-    dlp[2] = 0.0f;  // a position whose gradient is zero writes zeros
-    logprob_forward(lp.data(), z.data(), tokens.data(), B, T, V);
-    logprob_backward(dz.data(), z.data(), tokens.data(), dlp.data(), B, T, V);
+// The logprob forward and backward on the CPU (lp, dz) and as kernels (got, dgot; outputs
+// poisoned with NaN first) for logits z (B, T, V), tokens (B, T) and dlp (B, T).
+static void run_logprob(const std::vector<int>& tokens, const std::vector<float>& z, const std::vector<float>& dlp, size_t B, size_t T, size_t V,
+                        std::vector<float>* lp, std::vector<float>* dz, std::vector<float>* got, std::vector<float>* dgot) {
+    lp->assign(B * T, 0.0f), dz->assign(z.size(), 0.0f);
+    logprob_forward(lp->data(), z.data(), tokens.data(), B, T, V);
+    logprob_backward(dz->data(), z.data(), tokens.data(), dlp.data(), B, T, V);
     int* d_tokens = upload(tokens);
     floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
     float *d_dlp = upload(dlp), *d_lp = cuda_alloc<float>(B * T);
@@ -313,10 +311,21 @@ TEST_CASE("logprob kernels match the CPU", "[kernels]") {
     poison(d_dz, z.size());
     logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, stream);
     logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);
-    check_close("logprob", download(d_lp, B * T), lp, 1e-5);  // FP32 output
-    check_close("dlogits", download_x(d_dz, z.size()), dz);
+    *got = download(d_lp, B * T), *dgot = download_x(d_dz, z.size());
     void* bufs[] = {d_tokens, d_z, d_dz, d_dlp, d_lp};
     for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
+TEST_CASE("logprob kernels match the CPU", "[kernels]") {
+    std::mt19937 rng(test_seed() + 7);
+    size_t B = 2, T = 5, V = 300;  // V spans more than one 256-thread pass
+    std::vector<int> tokens(B * T);
+    for (int& t : tokens) t = (int)(rng() % V);
+    std::vector<float> z = rounded(random_floats(B * T * V, rng, 3.0f)), dlp = random_floats(B * T, rng), lp, dz, got, dgot;
+    dlp[2] = 0.0f;  // a position whose gradient is zero writes zeros
+    run_logprob(tokens, z, dlp, B, T, V, &lp, &dz, &got, &dgot);
+    check_close("logprob", got, lp, 1e-5);  // FP32 output
+    check_close("dlogits", dgot, dz);
 }
 
 // The log-sum-exp of a logits row is a block reduction (256 threads striding over V, then
@@ -347,17 +356,8 @@ TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][
     }
     REQUIRE(r == sizeof(rows) / sizeof(rows[0]));
     z = rounded(z);
-    std::vector<float> lp(B * T), dz(z.size());
-    logprob_forward(lp.data(), z.data(), tokens.data(), B, T, V);
-    logprob_backward(dz.data(), z.data(), tokens.data(), dlp.data(), B, T, V);
-    int* d_tokens = upload(tokens);
-    floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
-    float *d_dlp = upload(dlp), *d_lp = cuda_alloc<float>(B * T);
-    poison(d_lp, B * T);
-    poison(d_dz, z.size());
-    logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, stream);
-    logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);
-    std::vector<float> got = download(d_lp, B * T), dgot = download_x(d_dz, z.size());
+    std::vector<float> lp, dz, got, dgot;
+    run_logprob(tokens, z, dlp, B, T, V, &lp, &dz, &got, &dgot);
     double worst = 0, worst_row = 0;
     for (size_t i = 0; i < B * T; i++) {
         double err = std::fabs((double)got[i] - lp[i]) / std::max(1.0, std::fabs((double)lp[i]));
@@ -371,8 +371,6 @@ TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][
     printf("  %-24s worst %.2e (tolerance 1e-05); dlogits worst row rel err %.2e (tolerance %.0e)\n", "logprob levels", worst, worst_row, TOL);
     CHECK(worst <= 1e-5);
     CHECK(worst_row < TOL);
-    void* bufs[] = {d_tokens, d_z, d_dz, d_dlp, d_lp};
-    for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
 TEST_CASE("gradient norm and clipping on the device match the CPU", "[kernels]") {
