@@ -3779,6 +3779,32 @@ inline void epoch_order(std::vector<size_t>& order, size_t n, uint64_t seed, uin
     for (size_t i = n; i > 1; i--) std::swap(order[i - 1], order[rng_next(&state) % i]);
 }
 
+// Batches of sequences of similar lengths, as transformers' group_by_length: the shuffled order
+// is cut into windows of LENGTH_WINDOW batches; in each window the rows are sorted by length
+// (longest first) and the window's batches are then put in a shuffled order. A micro-batch is
+// padded to its longest sequence, so on the world's data (50..162 tokens, mean 91) this cuts
+// the padded tokens from 1.47x the real ones to about 1.02x: a step a third faster, same data.
+constexpr size_t LENGTH_WINDOW = 64;
+
+inline void group_by_length(std::vector<size_t>& order, const std::vector<uint32_t>& lengths, size_t batch, uint64_t seed, uint64_t epoch) {
+    size_t n = order.size(), window = LENGTH_WINDOW * batch;
+    uint64_t state = (seed ^ 0x6C656E67746873ull) * 0x9E3779B97F4A7C15ull + epoch;  // not the shuffle's stream
+    std::vector<size_t> sorted;
+    for (size_t w0 = 0; w0 < n; w0 += window) {
+        size_t w1 = std::min(n, w0 + window);
+        std::stable_sort(order.begin() + w0, order.begin() + w1, [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
+        sorted.assign(order.begin() + w0, order.begin() + w1);
+        size_t n_batches = (w1 - w0 + batch - 1) / batch;
+        std::vector<size_t> batches(n_batches);
+        for (size_t i = 0; i < n_batches; i++) batches[i] = i;
+        for (size_t i = n_batches; i > 1; i--) std::swap(batches[i - 1], batches[rng_next(&state) % i]);
+        size_t at = w0;
+        for (size_t bi : batches) {
+            for (size_t j = bi * batch; j < std::min(w1 - w0, (bi + 1) * batch); j++) order[at++] = sorted[j];
+        }
+    }
+}
+
 // linear warmup from 0 to peak over `warmup` steps, then cosine decay to min_ratio * peak
 // at max_steps (steps count from 1)
 inline float lr_at(int step, int max_steps, int warmup, float peak, float min_ratio) {
@@ -4071,11 +4097,19 @@ struct Trainer {
     int max_steps = 0;
     int accum = 1;                 // micro-batches per step
     std::vector<size_t> order;     // (n_seqs) the current epoch's order
+    std::vector<uint32_t> lengths; // (n_seqs) each row's tokens, set before trainer_start: batches of
+                                   // similar lengths (group_by_length); empty: the plain shuffle
     AdamWConfig opt{};
     std::string log_path;
     FILE* log = nullptr;
     std::chrono::steady_clock::time_point t0;
 };
+
+// The order of epoch e: the shuffle, then (with lengths) batches of similar lengths
+inline void trainer_epoch_order(Trainer* tr, uint64_t epoch) {
+    epoch_order(tr->order, tr->n_seqs, tr->cfg->seed, epoch);
+    if (!tr->lengths.empty()) group_by_length(tr->order, tr->lengths, (size_t)tr->cfg->total_batch, tr->cfg->seed, epoch);
+}
 
 // Checks the batch flags, makes the output folder, removes what an interrupted write left
 // there, and with -y 1 finds the checkpoint to resume.
@@ -4235,7 +4269,8 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
         if (remove(latest.c_str()) == 0) printf("fresh run: removed %s of an earlier run in %s\n", latest.c_str(), c.out_dir);
     }
     tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
-    epoch_order(tr->order, n_seqs, c.seed, tr->state.epoch);
+    if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
+    trainer_epoch_order(tr, tr->state.epoch);
     tr->opt = AdamWConfig{c.lr, 0.9f, 0.999f, 1e-8f, c.weight_decay};  // Xwin-LM: betas 0.9/0.999
 }
 
@@ -4251,7 +4286,7 @@ inline void trainer_next_rows(Trainer* tr, size_t* rows) {
         if (s.position == tr->n_seqs) {
             s.epoch += 1;
             s.position = 0;
-            epoch_order(tr->order, tr->n_seqs, tr->cfg->seed, s.epoch);
+            trainer_epoch_order(tr, s.epoch);
         }
         rows[i] = tr->order[s.position++];
     }

@@ -148,6 +148,8 @@ int main(int argc, char** argv) {
     uint64_t data_size;
     uint32_t data_hash;
     tokens_identity(train.seqs, &data_size, &data_hash);
+    for (size_t i = 0; i < train.n_pairs; i++)  // batches of similar lengths
+        tr.lengths.push_back((uint32_t)std::max(token_seq_len(train.seqs, 2 * i), token_seq_len(train.seqs, 2 * i + 1)));
     trainer_start(&tr, &runner, train.n_pairs, data_size, data_hash);
     printf("train_rm on %s | %zu parameters | %zu train pairs, %zu val | batch %d x %d pairs | %d steps | lr %.1e | margin %g | center %g\n",
            runner_device(), runner.host.num_params, train.n_pairs, has_val ? val.n_pairs : 0, tc.micro_batch, tr.accum, tr.max_steps, tc.lr,

@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
     uint64_t data_size;
     uint32_t data_hash;
     tokens_identity(train, &data_size, &data_hash);
+    for (size_t i = 0; i < train.n_seqs; i++) tr.lengths.push_back((uint32_t)token_seq_len(train, i));  // batches of similar lengths
     trainer_start(&tr, &runner, train.n_seqs, data_size, data_hash);
     printf("train_sft on %s | %zu parameters | %zu train sequences, %zu val | batch %d x %d | %d steps | lr %.1e\n", runner_device(),
            runner.host.num_params, train.n_seqs, has_val ? val.n_seqs : 0, tc.micro_batch, tr.accum, tr.max_steps, tc.lr);
