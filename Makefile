@@ -81,11 +81,11 @@ build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(TEST_CXXFLAGS) $(TEST_SRC) -o $@
 
-build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) $(KERNEL_TEST_SRC) -o $@
 
-build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
 
