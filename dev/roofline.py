@@ -24,6 +24,7 @@ scale pass reads and writes every gradient). Host copies (tokens, dlp) are left 
                   them with the emulated step's)
       --memory    the bytes llama_cuda_init allocates for training, alone (the tests compare it
                   with the emulated allocation)
+      --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
 --attention cublas is the attention before flash attention: cuBLAS GEMMs over (B, H, T, T)
 scores and probabilities, with the heads permuted (and kv heads expanded) around them.
 """
@@ -254,21 +255,25 @@ def memory_plan(cfg, B, T, attention, x):
     }
 
 
-def predict(cfg, B, T, attention, x=2):
+def predict(cfg, B, T, attention, x=2, efficiency=1.0):
+    """Per kernel [launches, FLOPs, bytes, seconds, seconds compute-bound], the step's seconds, the attention's, the MFU.
+    efficiency: the fraction of the peak FLOP/s every launch reaches (1: the roofline)."""
     s = build_step(cfg, B, T, attention, x)
+    peak = PEAK_FLOPS * efficiency
     rows = {}
     for kernel, what, flops, nbytes in s.launches:
-        t = max(flops / PEAK_FLOPS, nbytes / HBM_BYTES)
-        r = rows.setdefault(kernel, [0, 0.0, 0.0, 0.0])
+        t = max(flops / peak, nbytes / HBM_BYTES)
+        r = rows.setdefault(kernel, [0, 0.0, 0.0, 0.0, 0.0])
         r[0] += 1
         r[1] += flops
         r[2] += nbytes
         r[3] += t
+        r[4] += t if flops / peak >= nbytes / HBM_BYTES else 0.0  # the time of its compute-bound launches
     step = sum(r[3] for r in rows.values())
     attn_kernels = [k for k in rows if "attention" in k or "heads_" in k or "softmax" in k]
     attn = sum(rows[k][3] for k in attn_kernels)
     if attention != "flash":  # the attention GEMMs are cuBLAS launches among the others
-        attn += sum(max(f / PEAK_FLOPS, b / HBM_BYTES) for k, w, f, b in s.launches
+        attn += sum(max(f / peak, b / HBM_BYTES) for k, w, f, b in s.launches
                     if k == "gemm (cuBLAS)" and ("att" in w or "scores" in w))
     mfu = 6.0 * num_params(cfg) * B * T / (step * PEAK_FLOPS)
     return rows, step, attn, mfu, s
@@ -278,11 +283,12 @@ def gb(b):
     return b / 1e9
 
 
-def print_kernels(cfg, B, T, attention, x):
-    rows, step, attn, mfu, _ = predict(cfg, B, T, attention, x)
+def print_kernels(cfg, B, T, attention, x, efficiency):
+    rows, step, attn, mfu, _ = predict(cfg, B, T, attention, x, efficiency)
     print(f"{'launch':40s} {'count':>6s} {'GFLOP':>10s} {'GB':>9s} {'ms (predicted)':>15s}  bound")
-    for kernel, (n, flops, nbytes, t) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
-        bound = "compute" if flops / PEAK_FLOPS >= nbytes / HBM_BYTES else "memory"
+    for kernel, (n, flops, nbytes, t, t_compute) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
+        share = t_compute / t if t else 0.0
+        bound = "compute" if share > 0.99 else "memory" if share < 0.01 else f"{100 * share:.0f}% of it compute"
         print(f"{kernel:40s} {n:6d} {flops / 1e9:10.1f} {gb(nbytes):9.2f} {t * 1e3:15.2f}  {bound}")
     print(f"step: {step * 1e3:.1f} ms predicted, attention {attn * 1e3:.1f} ms, MFU {100 * mfu:.1f}%")
 
@@ -296,15 +302,16 @@ def print_memory(cfg, B, T, attention, x):
           " before the CUDA context and cuBLAS workspace)")
 
 
-def print_summary():
+def print_summary(efficiency):
     cases = [("TinyLlama 1.1B", "tinyllama", 4, 2048), ("TinyLlama 1.1B", "tinyllama", 8, 2048), ("Llama-2-7B", "llama2-7b", 1, 4096)]
-    print(f"predicted at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {HBM_BYTES / 1e12:.1f} TB/s, BF16, one step (forward, backward, clip, AdamW)")
+    print(f"predicted at {PEAK_FLOPS / 1e12:.0f} TFLOP/s{'' if efficiency == 1 else f' x {efficiency:g}'} and {HBM_BYTES / 1e12:.1f} TB/s,"
+          " BF16, one step (forward, backward, clip, AdamW)")
     print()
     print("| model | B x T | attention | step (ms) | of which attention (ms) | MFU | memory (GB) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for name, key, B, T in cases:
         for attention, label in (("cublas", "before: cuBLAS, (T, T) scores"), ("flash", "after: flash attention")):
-            rows, step, attn, mfu, _ = predict(CONFIGS[key], B, T, attention)
+            rows, step, attn, mfu, _ = predict(CONFIGS[key], B, T, attention, 2, efficiency)
             mem = sum(memory_plan(CONFIGS[key], B, T, attention, 2).values())
             fits = "" if mem < GPU_MEMORY else " (> 80)"
             print(f"| {name} | {B} x {T} | {label} | {step * 1e3:.1f} | {attn * 1e3:.1f} | {100 * mfu:.1f}% | {gb(mem):.1f}{fits} |")
@@ -320,9 +327,12 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
     a = ap.parse_args()
+    if not 0 < a.efficiency <= 1:
+        sys.exit("error: --efficiency must be in (0, 1]")
     if a.config is None:
-        print_summary()
+        print_summary(a.efficiency)
         return
     if a.config in CONFIGS:
         cfg = CONFIGS[a.config]
@@ -348,9 +358,9 @@ def main():
     else:
         print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")
         if a.kernels:
-            print_kernels(cfg, a.b, a.t, a.attention, x)
+            print_kernels(cfg, a.b, a.t, a.attention, x, a.efficiency)
         else:
-            _, step, attn, mfu, _ = predict(cfg, a.b, a.t, a.attention, x)
+            _, step, attn, mfu, _ = predict(cfg, a.b, a.t, a.attention, x, a.efficiency)
             print(f"step {step * 1e3:.1f} ms, attention {attn * 1e3:.1f} ms, MFU {100 * mfu:.1f}%")
         print("memory:")
         print_memory(cfg, a.b, a.t, a.attention, x)
