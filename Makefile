@@ -5,6 +5,7 @@
 #   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
 #                   and the nvcc gate; installs Debian's catch2 when root
 #   make test-gpu   the kernel tests on a real GPU and the GPU benchmark against PyTorch
+#   make profile    the GPU programs and build/bench_gpu with -lineinfo, for Nsight Systems / Compute
 #   make clean
 
 CXX ?= g++
@@ -37,7 +38,7 @@ EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -inclu
 KERNEL_TEST_SRC = test/test_main.cpp test/test_kernels.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
 
-.PHONY: all cpu gpu test test-gpu deps clean
+.PHONY: all cpu gpu profile test test-gpu deps clean
 
 # make: the GPU programs where nvcc and a GPU are both present, else the CPU programs
 # (so that make && ./train_sft runs anywhere; make gpu builds for the GPU regardless)
@@ -61,6 +62,13 @@ cpu: llm.cu
 gpu: llm.cu
 	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $($(p)_SRC) $(NVCC_LDFLAGS) -o $(p) &&) true
 
+# make profile: the GPU build with source lines in the binaries (-lineinfo: ncu shows the
+# time per CUDA line), and the per-kernel benchmark; the commands are in the README
+profile: NVCCFLAGS += -lineinfo
+profile: gpu
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) dev/bench_gpu.cu $(NVCC_LDFLAGS) -o build/bench_gpu
+
 # the CPU benchmark of dev/bench_cpu.py
 bench_step: $(BENCH) llm.cu
 	$(CXX) $(CXXFLAGS) -x c++ $(BENCH) -o $@
@@ -81,11 +89,11 @@ build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(TEST_CXXFLAGS) $(TEST_SRC) -o $@
 
-build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) $(KERNEL_TEST_SRC) -o $@
 
-build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
 

@@ -26,11 +26,14 @@ Every index product is computed in size_t.
 Contents, in file order (search for the quoted heading):
   "errors"                  defines: fail_file, string_format, fopen_check, fread_check, malloc_check,
                             crc32_update, file_crc32, AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
-  "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck
+  "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck,
+                            NVTX_RANGE_FN, NVTX_RANGE (Nsight ranges, compiled away outside nvcc)
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention,
+                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention
+                            (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
+                            WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
                             logprob, masked_mean_loss, clip_grad_norm, adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
@@ -65,6 +68,7 @@ Contents, in file order (search for the quoted heading):
 #include <cstring>
 #include <queue>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <dirent.h>
 #include <fcntl.h>
@@ -238,11 +242,13 @@ inline uint16_t float_to_bf16(float f) {
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <nvtx3/nvToolsExt.h>
 #define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
-// (a byte array, so two kernels may give their dynamic shared memory one name and two types)
+// (a byte array, so two kernels may give their dynamic shared memory one name and two types;
+// 128-byte aligned, as the flash kernels' wmma tiles need at least 32)
 #define DYNAMIC_SHARED(type, name)                                             \
-    extern __shared__ __align__(16) unsigned char xwin_dynamic_smem_##name[]; \
+    extern __shared__ __align__(128) unsigned char xwin_dynamic_smem_##name[]; \
     type* const name = reinterpret_cast<type*>(xwin_dynamic_smem_##name)
 #endif
 
@@ -272,6 +278,23 @@ inline void cublas_check(cublasStatus_t status, const char* file, int line) {
     }
 }
 #define cublasCheck(call) cublas_check((call), __FILE__, __LINE__)
+
+// NVTX ranges name the work in Nsight Systems (nsys) and Nsight Compute (ncu --nvtx):
+// NVTX_RANGE_FN() opens every launcher and names the range after it until the function returns;
+// NVTX_RANGE(format, ...) names the rest of a scope, e.g. a layer with its index. Compiled away
+// outside nvcc (the CPU build and the emulation).
+#if defined(__CUDACC__)
+struct NvtxRange {
+    explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+    explicit NvtxRange(const std::string& name) { nvtxRangePushA(name.c_str()); }
+    ~NvtxRange() { nvtxRangePop(); }
+};
+#define NVTX_RANGE_FN() NvtxRange nvtx_range_fn(__func__)
+#define NVTX_RANGE(...) NvtxRange nvtx_range(string_format(__VA_ARGS__))
+#else
+#define NVTX_RANGE_FN() (void)0
+#define NVTX_RANGE(...) (void)0
+#endif
 
 __device__ __host__ inline float to_float(float x) { return x; }
 __device__ __host__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -548,11 +571,13 @@ __global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const
 }
 
 inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(embedding_forward_kernel, ceil_div(N * C, 256), 256, 0, stream, out, tokens, wte, N, C);
     cudaCheck(cudaGetLastError());
 }
 
 inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream, int pad_id = -1) {
+    NVTX_RANGE_FN();
     LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C, pad_id);
     cudaCheck(cudaGetLastError());
 }
@@ -636,12 +661,14 @@ __global__ void rmsnorm_weight_backward_kernel(float* dweight, const floatX* dou
 }
 
 inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, double eps, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(rmsnorm_forward_kernel, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight, N, C, (float)eps);
     cudaCheck(cudaGetLastError());
 }
 
 inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
                                   const float* rstd, size_t N, int C, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(rmsnorm_backward_kernel, ceil_div(N, 8), 256, 0, stream, dinp, dout, inp, weight, rstd, N, C);
     cudaCheck(cudaGetLastError());
     LAUNCH(rmsnorm_weight_backward_kernel, ceil_div(C, 128), 128, 0, stream, dweight, dout, inp, rstd, N, C);
@@ -720,11 +747,13 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 //   dW (OC, C) += dout^T @ inp              is  dW^T += inp^T op_T(dout^T)    (m=C, n=OC, k=N)
 // Parameter gradients are FP32 (cuBLAS writes FP32 C from floatX A and B).
 inline void matmul_forward_cuda(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     gemm(true, false, (int)OC, (int)N, (int)C, 1.0f, weight, (int)C, 0, inp, (int)C, 0, 0.0f, out, CUBLAS_FLOATX, (int)OC, 0, 1, stream);
 }
 
 inline void matmul_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
                                  size_t N, size_t C, size_t OC, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, weight, (int)C, 0, dout, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
     gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout, (int)OC, 0, 1.0f, dweight, CUDA_R_32F, (int)C, 0, 1, stream);
 }
@@ -803,21 +832,25 @@ __global__ void rope_kernel(floatX* x, const int* pos, size_t B, int T, int NH, 
 // fix it, so the model names which one it means and the op test checks each against its twin.
 // pos (B * T, device) or null: the position of each token (null: t).
 inline void rope_cuda(floatX* x, const int* pos, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     const int block_size = 256;
     LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), block_size), block_size, 0, stream, x, pos, B, T, NH, hd, (float)theta, (float)direction);
     cudaCheck(cudaGetLastError());
 }
 
 inline void rope_forward_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     rope_cuda(x, nullptr, B, T, NH, hd, theta, +1, stream);
 }
 
 inline void rope_backward_cuda(floatX* dx, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     rope_cuda(dx, nullptr, B, T, NH, hd, theta, -1, stream);
 }
 
 // x (N, NH, hd), token n at position pos[n] (N, device): rope_forward_at
 inline void rope_forward_at_cuda(floatX* x, const int* pos, size_t N, int NH, int hd, double theta, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     rope_cuda(x, pos, N, 1, NH, hd, theta, +1, stream);
 }
 #endif
@@ -913,129 +946,478 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
 }
 
 #ifdef XWIN_CUDA
-// On the GPU, attention is three steps around two batched GEMMs over the (b, h) pairs:
-//   q, k, v (B, T, NH, hd) are permuted to (B, H, T, hd), a kv head repeated for its query heads;
-//   scores (B, H, T, T) = q k^T * scale (FP32), att = causal softmax(scores);
-//   out (B, H, T, hd) = att v, permuted back to (B, T, H, hd).
-// The backward runs the same GEMMs transposed and sums the query heads of a group back
-// into their kv head when it un-permutes dk and dv.
-struct AttentionScratch {
-    floatX* qp;       // (B, H, T, hd)
-    floatX* kp;       // (B, H, T, hd)
-    floatX* vp;       // (B, H, T, hd)
-    floatX* outp;     // (B, H, T, hd) the output, then the output's gradient
-    floatX* dqp;      // (B, H, T, hd)
-    floatX* dkp;      // (B, H, T, hd)
-    floatX* dvp;      // (B, H, T, hd)
-    float* scores;    // (B, H, T, T) scores, then the gradient of att
-    floatX* dscores;  // (B, H, T, T)
+// On the GPU, attention is flash attention (FlashAttention-2, Dao 2023), written here: the
+// (T, T) scores and probabilities are never stored. A block takes FLASH_TILE query rows of one
+// (b, h) and walks over the key/value tiles up to its diagonal (causal: the tiles after it are
+// skipped), with the q, k and v tiles in shared memory. Per key tile, each warp computes the
+// scores of its 16 query rows, s = q k^T * scale, and updates the row's running max m, sum l
+// and output o (the online softmax):
+//   m' = max(m, max_j s_j),  l = l e^(m - m') + sum_j e^(s_j - m'),  o = o e^(m - m') + sum_j e^(s_j - m') v_j
+// and at the end writes out = o / l and lse = m + log l, the log-sum-exp of the row, which is
+// all the backward keeps of the softmax. The backward recomputes P = exp(s - lse) per tile:
+//   delta_t = sum_i dout[t, i] out[t, i]       (= sum_j P_tj dP_tj)
+//   dP = dout v^T,  dS = P (dP - delta),  dq = scale dS k,  dk = scale dS^T q,  dv = P^T dout
+// in two kernels and no atomics: one block per key tile accumulates dk and dv over every query
+// tile from its diagonal on, of every query head of its group (a kv head is read in place by
+// the query heads sharing it, nothing is expanded); one block per query tile accumulates dq
+// over the key tiles up to its diagonal. Both recompute s (and dP): 7 tile products where one
+// kernel adding dq atomically would do 5, for a deterministic backward.
+// The tile products are BF16 x BF16 with FP32 accumulation on the tensor cores (wmma, 16x16x16);
+// the FP32 build does the same products in FP32 FMAs (wmma has no 16x16x16 FP32 shape, and
+// TF32's 10-bit mantissa would not make an FP32 build). A head of size hd <= 128 is zero-padded
+// in shared memory to D = 16, 32, 64 or 128 columns.
+//   q, out (B, T, H, hd);  k, v (B, T, KV, hd);  lse, delta (B, H, T) FP32
+
+// ---- warp tiles: a 16 x 16 FP32 tile held by one warp, accumulated from shared memory.
+// warp_tile_mma: t += A (16 x K) @ B (K x 16), A row-major with row stride lda; B row-major with
+// stride ldb, or with TRANS_B the transpose of a row-major (16 x K) matrix of stride ldb. K is a
+// multiple of 16, pointers 32-byte aligned, strides multiples of 16 bytes (wmma's rules).
+#ifndef ENABLE_FP32
+struct WarpTile {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+};
+__device__ inline void warp_tile_zero(WarpTile& t) { nvcuda::wmma::fill_fragment(t.f, 0.0f); }
+__device__ inline void warp_tile_load(WarpTile& t, const float* p, int ld) {
+    nvcuda::wmma::load_matrix_sync(t.f, p, ld, nvcuda::wmma::mem_row_major);
+}
+__device__ inline void warp_tile_store(float* p, int ld, const WarpTile& t) {
+    nvcuda::wmma::store_matrix_sync(p, t.f, ld, nvcuda::wmma::mem_row_major);
+}
+template <bool TRANS_B>
+__device__ inline void warp_tile_mma(WarpTile& t, const floatX* a, int lda, const floatX* b, int ldb, int K) {
+    namespace wmma = nvcuda::wmma;
+    typedef typename std::conditional<TRANS_B, wmma::col_major, wmma::row_major>::type LayoutB;
+    #pragma unroll 1
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, LayoutB> fb;
+        wmma::load_matrix_sync(fa, a + k, lda);
+        wmma::load_matrix_sync(fb, TRANS_B ? b + k : b + (size_t)k * ldb, ldb);
+        wmma::mma_sync(t.f, fa, fb, t.f);
+    }
+}
+#else
+struct WarpTile {
+    float x[8];  // lane l holds the elements (l / 16 + 2 j, l % 16), j = 0..7
+};
+__device__ inline void warp_tile_zero(WarpTile& t) {
+    #pragma unroll
+    for (int j = 0; j < 8; j++) t.x[j] = 0.0f;
+}
+__device__ inline void warp_tile_load(WarpTile& t, const float* p, int ld) {
+    int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int j = 0; j < 8; j++) t.x[j] = p[(lane / 16 + 2 * j) * ld + lane % 16];
+}
+__device__ inline void warp_tile_store(float* p, int ld, const WarpTile& t) {
+    int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int j = 0; j < 8; j++) p[(lane / 16 + 2 * j) * ld + lane % 16] = t.x[j];
+}
+template <bool TRANS_B>
+__device__ inline void warp_tile_mma(WarpTile& t, const float* a, int lda, const float* b, int ldb, int K) {
+    int lane = threadIdx.x % 32, c = lane % 16;
+    const float* a_lane = a + (lane / 16) * lda;  // the lane's rows are a_lane + 2 j lda
+    #pragma unroll 1
+    for (int k = 0; k < K; k++) {
+        float bk = TRANS_B ? b[c * ldb + k] : b[k * ldb + c];
+        #pragma unroll
+        for (int j = 0; j < 8; j++) t.x[j] += a_lane[2 * j * lda + k] * bk;
+    }
+}
+#endif
+
+// ---- the flash kernels' tiles in shared memory
+constexpr int FLASH_TILE = sizeof(floatX) == 2 ? 64 : 32;  // query rows, and key rows, of a tile (FP32: half, for shared memory)
+constexpr int FLASH_THREADS = 2 * FLASH_TILE;                // one warp per 16 rows of a tile
+// row strides in shared memory (elements): padded by 16 bytes, keeping wmma's multiples of 16 bytes
+__host__ __device__ constexpr int flash_ld(int cols) { return cols + 16 / (int)sizeof(floatX); }  // floatX rows
+__host__ __device__ constexpr int flash_ldf(int cols) { return cols + 4; }                     // FP32 rows
+
+// Consecutive arrays in one shared-memory buffer, each 128-byte aligned; with a null buffer it
+// only adds up the bytes, so the launcher sizes the buffer with the kernel's own carving.
+struct SharedCarver {
+    char* base;
+    size_t bytes = 0;
+    template <typename U>
+    __host__ __device__ U* take(size_t count) {
+        U* p = base ? (U*)(base + bytes) : nullptr;
+        bytes += (count * sizeof(U) + 127) / 128 * 128;
+        return p;
+    }
 };
 
-inline size_t point_attention_scratch(AttentionScratch* s, void* memory, size_t B, size_t T, size_t H, size_t hd) {
-    Carver k{(char*)memory};
-    size_t heads = B * H * T * hd, square = B * H * T * T;
-    k.take(s->qp, heads); k.take(s->kp, heads); k.take(s->vp, heads); k.take(s->outp, heads);
-    k.take(s->dqp, heads); k.take(s->dkp, heads); k.take(s->dvp, heads);
-    k.take(s->scores, square); k.take(s->dscores, square);
-    return k.bytes;
+// The forward's tiles: q, k, v (FLASH_TILE, D), the scores s (FP32) and probabilities p of the
+// key tile (FLASH_TILE, FLASH_TILE), the output o (FLASH_TILE, D) in FP32.
+struct FlashForwardShared {
+    floatX *q, *k, *v, *p;
+    float *s, *o;
+};
+template <int D>
+__host__ __device__ inline size_t flash_forward_shared(FlashForwardShared* s, char* base) {
+    SharedCarver c{base};
+    s->q = c.take<floatX>(FLASH_TILE * flash_ld(D));
+    s->k = c.take<floatX>(FLASH_TILE * flash_ld(D));
+    s->v = c.take<floatX>(FLASH_TILE * flash_ld(D));
+    s->p = c.take<floatX>(FLASH_TILE * flash_ld(FLASH_TILE));
+    s->s = c.take<float>(FLASH_TILE * flash_ldf(FLASH_TILE));
+    s->o = c.take<float>(FLASH_TILE * flash_ldf(D));
+    return c.bytes;
 }
 
-// dst (B, H, T, hd) <- src (B, T, NH, hd); query head h reads source head h / (H / NH)
-__global__ void heads_permute_kernel(floatX* dst, const floatX* src, size_t B, int T, int H, int NH, int hd) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= B * H * T * hd) return;
-    int i = (int)(idx % hd);
-    int t = (int)((idx / hd) % T);
-    int h = (int)((idx / ((size_t)hd * T)) % H);
-    size_t b = idx / ((size_t)hd * T * H);
-    dst[idx] = src[((b * T + t) * NH + h / (H / NH)) * hd + i];
+// The backward's tiles (both kernels): q and dout of a query tile, k and v of a key tile (each
+// pair contiguous: after the loop a pair holds the (FLASH_TILE, D) FP32 tile of a result on its
+// way out), s and dP (FP32), P and dS (floatX), all (FLASH_TILE, FLASH_TILE) (transposed in the
+// dk/dv kernel: key rows, query columns); lse and delta of the query tile's rows.
+struct FlashBackwardShared {
+    floatX *q, *dout, *k, *v, *p, *ds;
+    float *s, *dp, *lse, *delta;
+};
+template <int D>
+__host__ __device__ inline size_t flash_backward_shared(FlashBackwardShared* s, char* base) {
+    SharedCarver c{base};
+    s->q = c.take<floatX>(2 * FLASH_TILE * flash_ld(D));
+    s->dout = s->q ? s->q + FLASH_TILE * flash_ld(D) : nullptr;
+    s->k = c.take<floatX>(2 * FLASH_TILE * flash_ld(D));
+    s->v = s->k ? s->k + FLASH_TILE * flash_ld(D) : nullptr;
+    s->p = c.take<floatX>(FLASH_TILE * flash_ld(FLASH_TILE));
+    s->ds = c.take<floatX>(FLASH_TILE * flash_ld(FLASH_TILE));
+    s->s = c.take<float>(FLASH_TILE * flash_ldf(FLASH_TILE));
+    s->dp = c.take<float>(FLASH_TILE * flash_ldf(FLASH_TILE));
+    s->lse = c.take<float>(FLASH_TILE);
+    s->delta = c.take<float>(FLASH_TILE);
+    return c.bytes;
 }
 
-// dst (B, T, NH, hd) (+)= sum over the H / NH query heads of each source head of src (B, H, T, hd)
-__global__ void heads_unpermute_kernel(floatX* dst, const floatX* src, size_t B, int T, int H, int NH, int hd, int accumulate) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= B * T * NH * hd) return;
-    int i = (int)(idx % hd);
-    int nh = (int)((idx / hd) % NH);
-    int t = (int)((idx / ((size_t)hd * NH)) % T);
-    size_t b = idx / ((size_t)hd * NH * T);
-    int group = H / NH;
-    float sum = accumulate ? to_float(dst[idx]) : 0.0f;
-    for (int g = 0; g < group; g++) sum += to_float(src[((b * H + nh * group + g) * T + t) * hd + i]);
-    dst[idx] = from_float<floatX>(sum);
+// The (FLASH_TILE, D) tile of rows t0.. of head nh of x (B, T, NH, hd) into shared memory,
+// row stride flash_ld(D); zero past T and past hd.
+template <int D>
+__device__ inline void flash_load_tile(floatX* tile, const floatX* x, size_t b, int t0, int T, int NH, int nh, int hd) {
+    for (int idx = threadIdx.x; idx < FLASH_TILE * D; idx += blockDim.x) {
+        int r = idx / D, c = idx % D, t = t0 + r;
+        tile[r * flash_ld(D) + c] = t < T && c < hd ? x[((b * T + t) * NH + nh) * hd + c] : from_float<floatX>(0.0f);
+    }
 }
 
-// one warp per row (b, h, t): att[t2] = softmax over t2 <= t of scores, 0 above the diagonal
-__global__ void causal_softmax_kernel(floatX* att, const float* scores, size_t rows, int T) {
+// one block per (tile of FLASH_TILE query rows, b * H + h); warp w owns rows 16 w .. 16 w + 15
+// of the tile, two lanes per row in the softmax (each over half of the key tile's columns)
+template <int D>
+__global__ void flash_attention_forward_kernel(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, int T,
+                                               int H, int KV, int hd) {
+    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    DYNAMIC_SHARED(char, smem);
+    FlashForwardShared sh;
+    flash_forward_shared<D>(&sh, smem);
+    int q0 = blockIdx.x * BT, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    size_t b = blockIdx.y / H;
+    float scale = 1.0f / sqrtf((float)hd);
+    flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
+    for (int idx = threadIdx.x; idx < BT * D; idx += blockDim.x) sh.o[idx / D * LO + idx % D] = 0.0f;
+    int row = 16 * warp + lane / 2, i = q0 + row;  // this lane's row, in the tile and in the sequence,
+    int c0 = lane % 2 * (BT / 2), d0 = lane % 2 * (D / 2);  // and its half of the columns of s and of o
+    const floatX* q_w = sh.q + 16 * warp * LX;      // the warp's 16 rows of q, s, p, o
+    float* s_w = sh.s + 16 * warp * LS;
+    const floatX* p_w = sh.p + 16 * warp * LP;
+    float* o_w = sh.o + 16 * warp * LO;
+    float m = -INFINITY, l = 0.0f;
+    for (int kv0 = 0; kv0 < min(T, q0 + BT); kv0 += BT) {  // causal: no key tile after the tile's last row
+        __syncthreads();  // every warp is done with the previous k and v tiles
+        flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
+        flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
+        __syncthreads();
+        for (int n = 0; n < BT / 16; n++) {  // s = q k^T, unscaled
+            WarpTile t;
+            warp_tile_zero(t);
+            warp_tile_mma<true>(t, q_w, LX, sh.k + 16 * n * LX, LX, D);
+            warp_tile_store(s_w + 16 * n, LS, t);
+        }
+        __syncwarp();  // the lanes read elements of s that other lanes stored
+        const float* s_row = sh.s + row * LS;
+        float m_tile = -INFINITY;
+        for (int c = c0; c < c0 + BT / 2; c++) {
+            if (kv0 + c <= i && kv0 + c < T) m_tile = fmaxf(m_tile, s_row[c] * scale);
+        }
+        float m_new = fmaxf(m, fmaxf(m_tile, __shfl_xor_sync(0xffffffff, m_tile, 1)));
+        float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing to attend to (past T) keeps l = 0
+        float rescale = expf(m - m_use);                   // 0 on the row's first tile
+        float sum = 0.0f;
+        for (int c = c0; c < c0 + BT / 2; c++) {
+            float p = kv0 + c <= i && kv0 + c < T ? expf(s_row[c] * scale - m_use) : 0.0f;
+            sh.p[row * LP + c] = from_float<floatX>(p);
+            sum += p;
+        }
+        l = l * rescale + sum + __shfl_xor_sync(0xffffffff, sum, 1);
+        m = m_new;
+        for (int d = d0; d < d0 + D / 2; d++) sh.o[row * LO + d] *= rescale;
+        __syncwarp();  // p and o are read by the warp's tile products
+        for (int n = 0; n < D / 16; n++) {  // o += p v
+            WarpTile t;
+            warp_tile_load(t, o_w + 16 * n, LO);
+            warp_tile_mma<false>(t, p_w, LP, sh.v + 16 * n, LX, BT);
+            warp_tile_store(o_w + 16 * n, LO, t);
+        }
+    }
+    __syncwarp();
+    if (i < T) {
+        for (int d = d0; d < d0 + D / 2; d++) sh.o[row * LO + d] /= l;
+        if (lane % 2 == 0) lse[(b * H + h) * T + i] = m + logf(l);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BT * hd; idx += blockDim.x) {  // the tile's rows of out, coalesced
+        int r = idx / hd, d = idx % hd;
+        if (q0 + r < T) out[((b * T + q0 + r) * H + h) * hd + d] = from_float<floatX>(sh.o[r * LO + d]);
+    }
+}
+
+// one warp per query row (b, t, h): delta[b, h, t] = sum_i dout[b, t, h, i] out[b, t, h, i]
+__global__ void flash_attention_backward_delta_kernel(float* delta, const floatX* dout, const floatX* out, size_t rows, int T, int H, int hd) {
     size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
-    int t = (int)(row % T);
-    const float* s = scores + row * T;
-    float maxv = -INFINITY;
-    for (int j = lane; j <= t; j += 32) maxv = fmaxf(maxv, s[j]);
-    maxv = warp_reduce_max(maxv);
     float sum = 0.0f;
-    for (int j = lane; j <= t; j += 32) sum += expf(s[j] - maxv);
+    for (int i = lane; i < hd; i += 32) sum += to_float(dout[row * hd + i]) * to_float(out[row * hd + i]);
     sum = warp_reduce_sum(sum);
-    for (int j = lane; j < T; j += 32) att[row * T + j] = from_float<floatX>(j <= t ? expf(s[j] - maxv) / sum : 0.0f);
+    int h = (int)(row % H), t = (int)((row / H) % T);
+    size_t b = row / ((size_t)H * T);
+    if (lane == 0) delta[(b * H + h) * T + t] = sum;
 }
 
-// one warp per row: dscores[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j]) * scale
-__global__ void causal_softmax_backward_kernel(floatX* dscores, const float* datt, const floatX* att, size_t rows, int T, float scale) {
-    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    int t = (int)(row % T);
-    const floatX* a = att + row * T;
-    const float* d = datt + row * T;
-    float dot = 0.0f;
-    for (int j = lane; j <= t; j += 32) dot += to_float(a[j]) * d[j];
-    dot = warp_reduce_sum(dot);
-    for (int j = lane; j < T; j += 32) dscores[row * T + j] = from_float<floatX>(j <= t ? to_float(a[j]) * (d[j] - dot) * scale : 0.0f);
+// rows t0.. of head nh of x (B, T, NH, hd) += f * the (FLASH_TILE, >= hd) FP32 tile of row stride ld (rows before T)
+__device__ inline void flash_add_tile(floatX* x, const float* tile, int ld, float f, size_t b, int t0, int T, int NH, int nh, int hd) {
+    for (int idx = threadIdx.x; idx < FLASH_TILE * hd; idx += blockDim.x) {
+        int r = idx / hd, d = idx % hd;
+        if (t0 + r >= T) continue;
+        size_t at = ((b * T + t0 + r) * NH + nh) * hd + d;
+        x[at] = from_float<floatX>(to_float(x[at]) + f * tile[r * ld + d]);
+    }
 }
 
-inline void attention_forward_cuda(floatX* out, floatX* att, const floatX* q, const floatX* k, const floatX* v, const AttentionScratch& s,
-                                   size_t B, int T, int H, int KV, int hd, cudaStream_t stream) {
-    size_t heads = B * H * T * hd, rows = B * H * T;
-    long long sq = (long long)T * hd, ss = (long long)T * T;
-    int batch = (int)(B * H);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.qp, q, B, T, H, H, hd);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.kp, k, B, T, H, KV, hd);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.vp, v, B, T, H, KV, hd);
-    cudaCheck(cudaGetLastError());
-    gemm(true, false, T, T, hd, 1.0f / sqrtf((float)hd), s.kp, hd, sq, s.qp, hd, sq, 0.0f, s.scores, CUDA_R_32F, T, ss, batch, stream);
-    LAUNCH(causal_softmax_kernel, ceil_div(rows, 8), 256, 0, stream, att, s.scores, rows, T);
-    cudaCheck(cudaGetLastError());
-    gemm(false, false, hd, T, T, 1.0f, s.vp, hd, sq, att, T, ss, 0.0f, s.outp, CUBLAS_FLOATX, hd, sq, batch, stream);
-    LAUNCH(heads_unpermute_kernel, ceil_div(heads, 256), 256, 0, stream, out, s.outp, B, T, H, H, hd, 0);
+// lse and delta of the query rows q0.. of (b, h) into shared memory (0 past T, where nothing reads them)
+__device__ inline void flash_load_rows(float* lse_s, float* delta_s, const float* lse, const float* delta, size_t bh, int q0, int T) {
+    for (int r = threadIdx.x; r < FLASH_TILE; r += blockDim.x) {
+        lse_s[r] = q0 + r < T ? lse[bh * T + q0 + r] : 0.0f;
+        delta_s[r] = q0 + r < T ? delta[bh * T + q0 + r] : 0.0f;
+    }
+}
+
+// one block per (tile of FLASH_TILE key rows, b * KV + kh); warp w owns key rows 16 w .. 16 w + 15
+// of the tile and their dk and dv, held in its tiles over the query heads of the group and the
+// query tiles from the diagonal on; s, dP, P and dS are computed transposed (key rows, query columns)
+template <int D>
+__global__ void flash_attention_backward_dkdv_kernel(floatX* dk, floatX* dv, const floatX* dout, const float* lse, const float* delta,
+                                                     const floatX* q, const floatX* k, const floatX* v, int T, int H, int KV, int hd) {
+    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    DYNAMIC_SHARED(char, smem);
+    FlashBackwardShared sh;
+    flash_backward_shared<D>(&sh, smem);
+    int kv0 = blockIdx.x * BT, kh = blockIdx.y % KV, group = H / KV, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    size_t b = blockIdx.y / KV;
+    float scale = 1.0f / sqrtf((float)hd);
+    flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
+    flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
+    const floatX* k_w = sh.k + 16 * warp * LX;  // the warp's 16 key rows of k, v, s, dP, P, dS
+    const floatX* v_w = sh.v + 16 * warp * LX;
+    float* s_w = sh.s + 16 * warp * LS;
+    float* dp_w = sh.dp + 16 * warp * LS;
+    floatX* p_w = sh.p + 16 * warp * LP;
+    floatX* ds_w = sh.ds + 16 * warp * LP;
+    WarpTile dk_acc[D / 16], dv_acc[D / 16];
+    #pragma unroll
+    for (int n = 0; n < D / 16; n++) warp_tile_zero(dk_acc[n]), warp_tile_zero(dv_acc[n]);
+    for (int h = kh * group; h < (kh + 1) * group; h++) {
+        for (int q0 = kv0; q0 < T; q0 += BT) {  // causal: no query tile before the diagonal
+            __syncthreads();  // every warp is done with the previous q and dout tiles
+            flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
+            flash_load_tile<D>(sh.dout, dout, b, q0, T, H, h, hd);
+            flash_load_rows(sh.lse, sh.delta, lse, delta, b * H + h, q0, T);
+            __syncthreads();
+            for (int n = 0; n < BT / 16; n++) {  // s^T = k q^T, dP^T = v dout^T
+                WarpTile t;
+                warp_tile_zero(t);
+                warp_tile_mma<true>(t, k_w, LX, sh.q + 16 * n * LX, LX, D);
+                warp_tile_store(s_w + 16 * n, LS, t);
+                warp_tile_zero(t);
+                warp_tile_mma<true>(t, v_w, LX, sh.dout + 16 * n * LX, LX, D);
+                warp_tile_store(dp_w + 16 * n, LS, t);
+            }
+            __syncwarp();
+            for (int e = lane; e < 16 * BT; e += 32) {  // key row r, query column c
+                int r = e / BT, c = e % BT, j = kv0 + 16 * warp + r, i = q0 + c;
+                float p = i < T && j <= i ? expf(s_w[r * LS + c] * scale - sh.lse[c]) : 0.0f;
+                p_w[r * LP + c] = from_float<floatX>(p);
+                ds_w[r * LP + c] = from_float<floatX>(p * (dp_w[r * LS + c] - sh.delta[c]));
+            }
+            __syncwarp();
+            #pragma unroll
+            for (int n = 0; n < D / 16; n++) {  // dv += P^T dout, dk += dS^T q
+                warp_tile_mma<false>(dv_acc[n], p_w, LP, sh.dout + 16 * n, LX, BT);
+                warp_tile_mma<false>(dk_acc[n], ds_w, LP, sh.q + 16 * n, LX, BT);
+            }
+        }
+    }
+    float* stage = (float*)sh.q;  // (BT, D) FP32 in place of the q and dout tiles
+    __syncthreads();
+    #pragma unroll
+    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dv_acc[n]);
+    __syncthreads();
+    flash_add_tile(dv, stage, LO, 1.0f, b, kv0, T, KV, kh, hd);
+    __syncthreads();
+    #pragma unroll
+    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dk_acc[n]);
+    __syncthreads();
+    flash_add_tile(dk, stage, LO, scale, b, kv0, T, KV, kh, hd);
+}
+
+// one block per (tile of FLASH_TILE query rows, b * H + h); warp w owns query rows 16 w .. 16 w + 15
+// of the tile and their dq, held in its tiles over the key tiles up to the diagonal
+template <int D>
+__global__ void flash_attention_backward_dq_kernel(floatX* dq, const floatX* dout, const float* lse, const float* delta, const floatX* q,
+                                                   const floatX* k, const floatX* v, int T, int H, int KV, int hd) {
+    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    DYNAMIC_SHARED(char, smem);
+    FlashBackwardShared sh;
+    flash_backward_shared<D>(&sh, smem);
+    int q0 = blockIdx.x * BT, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    size_t b = blockIdx.y / H;
+    float scale = 1.0f / sqrtf((float)hd);
+    flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
+    flash_load_tile<D>(sh.dout, dout, b, q0, T, H, h, hd);
+    flash_load_rows(sh.lse, sh.delta, lse, delta, b * H + h, q0, T);
+    const floatX* q_w = sh.q + 16 * warp * LX;  // the warp's 16 query rows of q, dout, s, dP, dS
+    const floatX* dout_w = sh.dout + 16 * warp * LX;
+    float* s_w = sh.s + 16 * warp * LS;
+    float* dp_w = sh.dp + 16 * warp * LS;
+    floatX* ds_w = sh.ds + 16 * warp * LP;
+    WarpTile dq_acc[D / 16];
+    #pragma unroll
+    for (int n = 0; n < D / 16; n++) warp_tile_zero(dq_acc[n]);
+    for (int kv0 = 0; kv0 < min(T, q0 + BT); kv0 += BT) {  // causal: no key tile after the tile's last row
+        __syncthreads();  // every warp is done with the previous k and v tiles
+        flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
+        flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
+        __syncthreads();
+        for (int n = 0; n < BT / 16; n++) {  // s = q k^T, dP = dout v^T
+            WarpTile t;
+            warp_tile_zero(t);
+            warp_tile_mma<true>(t, q_w, LX, sh.k + 16 * n * LX, LX, D);
+            warp_tile_store(s_w + 16 * n, LS, t);
+            warp_tile_zero(t);
+            warp_tile_mma<true>(t, dout_w, LX, sh.v + 16 * n * LX, LX, D);
+            warp_tile_store(dp_w + 16 * n, LS, t);
+        }
+        __syncwarp();
+        for (int e = lane; e < 16 * BT; e += 32) {  // query row r, key column c
+            int r = e / BT, c = e % BT, i = q0 + 16 * warp + r, j = kv0 + c;
+            float p = i < T && j <= i ? expf(s_w[r * LS + c] * scale - sh.lse[16 * warp + r]) : 0.0f;
+            ds_w[r * LP + c] = from_float<floatX>(p * (dp_w[r * LS + c] - sh.delta[16 * warp + r]));
+        }
+        __syncwarp();
+        #pragma unroll
+        for (int n = 0; n < D / 16; n++) warp_tile_mma<false>(dq_acc[n], ds_w, LP, sh.k + 16 * n, LX, BT);  // dq += dS k
+    }
+    float* stage = (float*)sh.k;  // (BT, D) FP32 in place of the k and v tiles
+    __syncthreads();
+    #pragma unroll
+    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dq_acc[n]);
+    __syncthreads();
+    flash_add_tile(dq, stage, LO, scale, b, q0, T, H, h, hd);
+}
+
+// The padded head size D of the flash kernels for heads of size hd: 16, 32, 64 or 128; 0 past 128.
+inline int flash_attention_head_tile(int hd) { return hd < 1 ? 0 : hd <= 16 ? 16 : hd <= 32 ? 32 : hd <= 64 ? 64 : hd <= 128 ? 128 : 0; }
+
+// "" when the flash kernels take heads of size hd, else what is wrong.
+inline std::string flash_attention_check(int hd) {
+    if (flash_attention_head_tile(hd) == 0)
+        return string_format("head size %d: flash attention takes head sizes 1..128 (dim / n_heads)", hd);
+    return "";
+}
+
+// Lets kernel use `bytes` of dynamic shared memory (more than the default 48 KiB needs opting in).
+template <typename Kernel>
+inline void flash_allow_shared(Kernel kernel, size_t bytes) {
+    static int limit = [] {
+        int v = 0;
+        cudaCheck(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        return v;
+    }();
+    if (bytes > (size_t)limit) {
+        fprintf(stderr, "error: flash attention needs %zu bytes of shared memory per block, this GPU allows %d\n", bytes, limit);
+        exit(1);
+    }
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+template <int D>
+inline void flash_attention_forward_launch(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, size_t B, int T,
+                                           int H, int KV, int hd, cudaStream_t stream) {
+    const int block_size = FLASH_THREADS;
+    FlashForwardShared layout;
+    size_t shmem = flash_forward_shared<D>(&layout, nullptr);
+    flash_allow_shared(flash_attention_forward_kernel<D>, shmem);
+    dim3 grid(ceil_div(T, FLASH_TILE), (unsigned)(B * H));
+    LAUNCH(flash_attention_forward_kernel<D>, grid, block_size, shmem, stream, out, lse, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
 }
 
-// dq, dk, dv (+)= the gradients, given dout (B, T, H, hd) and the saved att, q, k, v
-inline void attention_backward_cuda(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* att, const floatX* q,
-                                    const floatX* k, const floatX* v, const AttentionScratch& s, size_t B, int T, int H, int KV, int hd,
-                                    cudaStream_t stream) {
-    size_t heads = B * H * T * hd, rows = B * H * T;
-    long long sq = (long long)T * hd, ss = (long long)T * T;
-    int batch = (int)(B * H);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.qp, q, B, T, H, H, hd);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.kp, k, B, T, H, KV, hd);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.vp, v, B, T, H, KV, hd);
-    LAUNCH(heads_permute_kernel, ceil_div(heads, 256), 256, 0, stream, s.outp, dout, B, T, H, H, hd);
+template <int D>
+inline void flash_attention_backward_launch(floatX* dq, floatX* dk, floatX* dv, const float* delta, const floatX* dout, const float* lse,
+                                            const floatX* q, const floatX* k, const floatX* v, size_t B, int T, int H, int KV, int hd,
+                                            cudaStream_t stream) {
+    const int block_size = FLASH_THREADS;
+    FlashBackwardShared layout;
+    size_t shmem = flash_backward_shared<D>(&layout, nullptr);
+    flash_allow_shared(flash_attention_backward_dkdv_kernel<D>, shmem);
+    flash_allow_shared(flash_attention_backward_dq_kernel<D>, shmem);
+    LAUNCH(flash_attention_backward_dkdv_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * KV)), block_size, shmem, stream, dk, dv,
+           dout, lse, delta, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
-    // datt = dout v^T;  dv = att^T dout
-    gemm(true, false, T, T, hd, 1.0f, s.vp, hd, sq, s.outp, hd, sq, 0.0f, s.scores, CUDA_R_32F, T, ss, batch, stream);
-    gemm(false, true, hd, T, T, 1.0f, s.outp, hd, sq, att, T, ss, 0.0f, s.dvp, CUBLAS_FLOATX, hd, sq, batch, stream);
-    LAUNCH(causal_softmax_backward_kernel, ceil_div(rows, 8), 256, 0, stream, s.dscores, s.scores, att, rows, T, 1.0f / sqrtf((float)hd));
+    LAUNCH(flash_attention_backward_dq_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * H)), block_size, shmem, stream, dq, dout,
+           lse, delta, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
-    // dq = dscores k;  dk = dscores^T q
-    gemm(false, false, hd, T, T, 1.0f, s.kp, hd, sq, s.dscores, T, ss, 0.0f, s.dqp, CUBLAS_FLOATX, hd, sq, batch, stream);
-    gemm(false, true, hd, T, T, 1.0f, s.qp, hd, sq, s.dscores, T, ss, 0.0f, s.dkp, CUBLAS_FLOATX, hd, sq, batch, stream);
-    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * H * hd, 256), 256, 0, stream, dq, s.dqp, B, T, H, H, hd, 1);
-    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dk, s.dkp, B, T, H, KV, hd, 1);
-    LAUNCH(heads_unpermute_kernel, ceil_div(B * T * KV * hd, 256), 256, 0, stream, dv, s.dvp, B, T, H, KV, hd, 1);
+}
+
+// the padded head size of hd, or a clear error
+inline int flash_attention_require(int hd) {
+    std::string problem = flash_attention_check(hd);
+    if (!problem.empty()) {
+        fprintf(stderr, "error: %s\n", problem.c_str());
+        exit(1);
+    }
+    return flash_attention_head_tile(hd);
+}
+
+// out (B, T, H, hd) = causal softmax(q k^T / sqrt(hd)) v, as attention_forward; lse (B, H, T) the
+// log-sum-exp of each row of scaled scores, for the backward. H a multiple of KV.
+inline void flash_attention_forward_cuda(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, size_t B, int T,
+                                         int H, int KV, int hd, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    switch (flash_attention_require(hd)) {
+        case 16: flash_attention_forward_launch<16>(out, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        case 32: flash_attention_forward_launch<32>(out, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        case 64: flash_attention_forward_launch<64>(out, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        default: flash_attention_forward_launch<128>(out, lse, q, k, v, B, T, H, KV, hd, stream); break;
+    }
+}
+
+// dq, dk, dv (+)= the gradients of attention_backward, given dout (B, T, H, hd) and the forward's
+// out and lse; delta (B, H, T) FP32 scratch
+inline void flash_attention_backward_cuda(floatX* dq, floatX* dk, floatX* dv, float* delta, const floatX* dout, const floatX* out,
+                                          const float* lse, const floatX* q, const floatX* k, const floatX* v, size_t B, int T, int H,
+                                          int KV, int hd, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    int D = flash_attention_require(hd);
+    const int delta_block_size = 256;
+    size_t rows = B * T * H;
+    LAUNCH(flash_attention_backward_delta_kernel, ceil_div(rows, delta_block_size / 32), delta_block_size, 0, stream, delta, dout, out,
+           rows, T, H, hd);
     cudaCheck(cudaGetLastError());
+    switch (D) {
+        case 16: flash_attention_backward_launch<16>(dq, dk, dv, delta, dout, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        case 32: flash_attention_backward_launch<32>(dq, dk, dv, delta, dout, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        case 64: flash_attention_backward_launch<64>(dq, dk, dv, delta, dout, lse, q, k, v, B, T, H, KV, hd, stream); break;
+        default: flash_attention_backward_launch<128>(dq, dk, dv, delta, dout, lse, q, k, v, B, T, H, KV, hd, stream); break;
+    }
 }
 #endif
 
@@ -1119,6 +1501,7 @@ __global__ void kv_cache_write_kernel(floatX* k_cache, floatX* v_cache, const fl
 
 inline void kv_cache_write_cuda(floatX* k_cache, floatX* v_cache, const floatX* k, const floatX* v, const int* pos, size_t B, int Tn,
                                 int KVD, int maxT, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     const int block_size = 256;
     LAUNCH(kv_cache_write_kernel, ceil_div(B * Tn * KVD, block_size), block_size, 0, stream, k_cache, v_cache, k, v, pos, B, Tn, KVD, maxT);
     cudaCheck(cudaGetLastError());
@@ -1215,6 +1598,7 @@ __global__ void attention_decode_combine_kernel(floatX* out, const float* part_o
 inline void attention_decode_cuda(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* pos, size_t B,
                                   int Tn, int H, int KV, int hd, int maxT, int max_len, float* part_o, float* part_ml, size_t part_rows,
                                   cudaStream_t stream, int chunk = ATTN_DECODE_CHUNK) {
+    NVTX_RANGE_FN();
     const int block_size = ATTN_DECODE_THREADS, combine_block_size = 256;
     size_t rows = B * Tn * H;
     if (part_rows < rows || max_len < 1 || max_len > maxT || chunk < 1) {
@@ -1277,11 +1661,13 @@ __global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX*
 }
 
 inline void swiglu_forward_cuda(floatX* out, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(swiglu_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, gate, up, n);
     cudaCheck(cudaGetLastError());
 }
 
 inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(swiglu_backward_kernel, ceil_div(n, 256), 256, 0, stream, dgate, dup, dout, gate, up, n);
     cudaCheck(cudaGetLastError());
 }
@@ -1301,6 +1687,7 @@ __global__ void residual_forward_kernel(floatX* out, const floatX* a, const floa
 }
 
 inline void residual_forward_cuda(floatX* out, const floatX* a, const floatX* b, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(residual_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, a, b, n);
     cudaCheck(cudaGetLastError());
 }
@@ -1391,11 +1778,13 @@ __global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, c
 }
 
 inline void logprob_forward_cuda(float* lp, const floatX* logits, const int* tokens, size_t B, int T, int V, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(logprob_forward_kernel, (unsigned)(B * T), 256, 0, stream, lp, logits, tokens, B * T, T, V);
     cudaCheck(cudaGetLastError());
 }
 
 inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t B, int T, int V, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(logprob_backward_kernel, (unsigned)(B * T), 256, 0, stream, dlogits, logits, tokens, dlp, B * T, T, V);
     cudaCheck(cudaGetLastError());
 }
@@ -1468,6 +1857,7 @@ __global__ void reward_head_backward_kernel(floatX* dh, float* dw, const float* 
 }
 
 inline void reward_head_forward_cuda(float* scores, const floatX* h, const floatX* w, const int* idx, int B, int T, int C, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     const int block_size = 128, warps = block_size / 32;  // a warp per sequence
     LAUNCH(reward_head_forward_kernel, (unsigned)ceil_div(B, warps), block_size, 0, stream, scores, h, w, idx, B, T, C);
     cudaCheck(cudaGetLastError());
@@ -1475,6 +1865,7 @@ inline void reward_head_forward_cuda(float* scores, const floatX* h, const float
 
 inline void reward_head_backward_cuda(floatX* dh, float* dw, const float* dscores, const floatX* h, const floatX* w, const int* idx,
                                       int B, int T, int C, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     const int block_size = 256;  // a thread per channel
     LAUNCH(reward_head_backward_kernel, (unsigned)ceil_div(C, block_size), block_size, 0, stream, dh, dw, dscores, h, w, idx, B, T, C);
     cudaCheck(cudaGetLastError());
@@ -1572,6 +1963,7 @@ __global__ void grad_scale_kernel(float* grads, size_t n, const float* norm_coef
 
 // partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch
 inline void clip_grad_norm_cuda(float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, 256, 0, stream, partials, grads, n);
     LAUNCH(grad_norm_finish_kernel, 1, 1024, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
     LAUNCH(grad_scale_kernel, ceil_div(n, 256), 256, 0, stream, grads, n, norm_coef);
@@ -1619,6 +2011,7 @@ __global__ void adamw_kernel(float* master, floatX* params, const float* grads, 
 
 inline void adamw_update_cuda(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt,
                               float weight_decay, int t, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
     LAUNCH(adamw_kernel, ceil_div(n, 256), 256, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2, opt.eps,
            weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2));
@@ -1632,6 +2025,7 @@ __global__ void cast_to_floatX_kernel(floatX* out, const float* in, size_t n) {
 }
 
 inline void cast_to_floatX_cuda(floatX* out, const float* in, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
     LAUNCH(cast_to_floatX_kernel, ceil_div(n, 256), 256, 0, stream, out, in, n);
     cudaCheck(cudaGetLastError());
 }
@@ -1640,7 +2034,7 @@ inline void cast_to_floatX_cuda(floatX* out, const float* in, size_t n, cudaStre
 // ----------------------------------------------------------------------------
 // Activations of one forward pass, kept for the backward; one allocation for (B, T).
 
-constexpr int NUM_ACT_TENSORS = 20;
+constexpr int NUM_ACT_TENSORS = 21;
 
 template <typename X>  // the activation type: float on the CPU, floatX on the GPU
 struct ActTensorsT {
@@ -1650,7 +2044,7 @@ struct ActTensorsT {
     X* q;               // (L, B, T, C)   after RoPE
     X* k;               // (L, B, T, KVD) after RoPE
     X* v;               // (L, B, T, KVD)
-    X* att;             // (L, B, H, T, T) attention probabilities
+    X* att;             // (L, B, H, T, T) attention probabilities (CPU; none on the GPU)
     X* att_out;         // (L, B, T, C)   attention output before wo
     X* residual_mid;    // (L, B, T, C)   residual after the attention block
     X* mlp_in;          // (L, B, T, C)
@@ -1664,29 +2058,32 @@ struct ActTensorsT {
     float* lp;          // (B, T)         token log-probs (see logprob_forward)
     X* scratch;         // (B, T, C)      projection output before the residual add
     float* scores;      // (B)            reward head only: one score per sequence
+    float* lse;         // (L, B, H, T)   GPU only: the log-sum-exp of each attention row (flash attention)
 };
 using ActTensors = ActTensorsT<float>;
 
-// element counts of the activation tensors, in the order of ActTensorsT
-inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS]) {
+// element counts of the activation tensors, in the order of ActTensorsT; flash: the GPU's layout,
+// where attention keeps the log-sum-exp of each row instead of the (T, T) probabilities
+inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS], bool flash = false) {
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
     bool lm = c.head_type == HEAD_LM;  // a reward model has no (B, T, V) logits anywhere
     size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
-                                  L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
-                                  L * N * F, N * C, N, lm ? N * c.vocab_size : 0, N, N * C, lm ? 0 : B};
+                                  flash ? 0 : L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
+                                  L * N * F, N * C, N, lm ? N * c.vocab_size : 0, N, N * C, lm ? 0 : B, flash ? L * B * H * T : 0};
     memcpy(s, sz, sizeof(sz));
 }
 
 template <typename X>
-size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T) {
+size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T, bool flash = false) {
     size_t s[NUM_ACT_TENSORS];
-    act_sizes(c, B, T, s);
+    act_sizes(c, B, T, s, flash);
     Carver k{(char*)memory};
     k.take(a->residual, s[0]); k.take(a->attn_in, s[1]); k.take(a->attn_rstd, s[2]); k.take(a->q, s[3]);
     k.take(a->k, s[4]); k.take(a->v, s[5]); k.take(a->att, s[6]); k.take(a->att_out, s[7]);
     k.take(a->residual_mid, s[8]); k.take(a->mlp_in, s[9]); k.take(a->mlp_rstd, s[10]); k.take(a->gate, s[11]);
     k.take(a->up, s[12]); k.take(a->swiglu, s[13]); k.take(a->final_in, s[14]); k.take(a->final_rstd, s[15]);
     k.take(a->logits, s[16]); k.take(a->lp, s[17]); k.take(a->scratch, s[18]); k.take(a->scores, s[19]);
+    k.take(a->lse, s[20]);
     return k.bytes;
 }
 
@@ -1988,7 +2385,7 @@ inline void llama_update(Llama* model, const AdamWConfig& opt) {
 // ----------------------------------------------------------------------------
 // The model on the GPU: llama_forward and llama_backward above, each op replaced by its
 // kernel. FP32 master weights, gradients and AdamW moments; floatX compute weights and
-// activations. One stream; NVTX ranges name the layers in Nsight Systems.
+// activations. One stream; NVTX ranges name every launcher and each layer with its index.
 
 struct LlamaCuda {
     LlamaConfig config{};
@@ -2005,8 +2402,7 @@ struct LlamaCuda {
     ActTensorsT<floatX> acts;
     void* grad_acts_memory = nullptr;
     GradActTensorsT<floatX> grad_acts;
-    void* attn_memory = nullptr;
-    AttentionScratch attn;
+    float* attn_delta = nullptr;      // (B, H, T) flash attention's backward: rowsum(dout * out)
     int* tokens = nullptr;            // (B, T)
     int* score_idx = nullptr;         // (B) reward head: the scored position of each sequence
     float* dlp = nullptr;             // (B, T)
@@ -2030,6 +2426,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
         exit(1);
     }
+    flash_attention_require(head_dim(c));
     *g = LlamaCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -2042,10 +2439,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->params = point_parameters(c, g->params_memory);
     cudaCheck(cudaMemcpyAsync(g->master, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice, stream));
     cast_to_floatX_cuda(g->params_memory, g->master, n, stream);
-    g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T));
-    point_activations(&g->acts, g->acts_memory, c, B, T);
-    g->attn_memory = cuda_alloc<char>(point_attention_scratch(&g->attn, nullptr, B, T, c.n_heads, head_dim(c)));
-    point_attention_scratch(&g->attn, g->attn_memory, B, T, c.n_heads, head_dim(c));
+    g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T, true));
+    point_activations(&g->acts, g->acts_memory, c, B, T, true);
     g->tokens = cuda_alloc<int>((size_t)B * T);
     g->score_idx = cuda_alloc<int>(B);
     if (training) {
@@ -2062,13 +2457,14 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->dscores = cuda_alloc<float>(B);
         g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
         g->norm_coef = cuda_alloc<float>(2);
+        g->attn_delta = cuda_alloc<float>((size_t)B * c.n_heads * T);
     }
     cudaCheck(cudaStreamSynchronize(stream));
 }
 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
-                       g->grad_acts_memory, g->attn_memory, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef};
+                       g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2076,6 +2472,7 @@ inline void llama_cuda_free(LlamaCuda* g) {
 // tokens (B, T) on the host -> acts.logits and acts.lp on the device with the language-model
 // head, or acts.scores (B) with the reward head, at positions score_idx (B, on the host)
 inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, const int* score_idx = nullptr) {
+    NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     if (B > g->B || T > g->T) {
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, g->B, g->T);
@@ -2089,7 +2486,7 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
     cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
     embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
     for (size_t l = 0; l < L; l++) {
-        nvtxRangePushA("layer forward");
+        NVTX_RANGE("layer %zu forward", l);
         floatX* x = a.residual + l * N * C;
         floatX* attn_in = a.attn_in + l * N * C;
         floatX* q = a.q + l * N * C;
@@ -2106,7 +2503,7 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
         rope_forward_cuda(q, B, T, (int)H, hd, c.rope_theta, st);
         rope_forward_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, st);
-        attention_forward_cuda(a.att_out + l * N * C, a.att + l * B * H * T * T, q, k, v, g->attn, B, T, (int)H, c.n_kv_heads, hd, st);
+        flash_attention_forward_cuda(a.att_out + l * N * C, a.lse + l * B * H * T, q, k, v, B, T, (int)H, c.n_kv_heads, hd, st);
         matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
         residual_forward_cuda(mid, x, a.scratch, N * C, st);
         rmsnorm_forward_cuda(mlp_in, a.mlp_rstd + l * N, mid, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
@@ -2115,7 +2512,6 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         swiglu_forward_cuda(sw, gate, up, N * F, st);
         matmul_forward_cuda(a.scratch, sw, p.w_down + l * C * F, N, F, C, st);
         residual_forward_cuda(a.residual + (l + 1) * N * C, mid, a.scratch, N * C, st);
-        nvtxRangePop();
     }
     rmsnorm_forward_cuda(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, (int)C, c.norm_eps, st);
     if (c.head_type == HEAD_REWARD) {
@@ -2139,11 +2535,15 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
     cudaCheck(cudaStreamSynchronize(g->stream));
 }
 
-inline void llama_cuda_zero_grad(LlamaCuda* g) { cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream)); }
+inline void llama_cuda_zero_grad(LlamaCuda* g) {
+    NVTX_RANGE_FN();
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream));
+}
 
 // Backward of the trunk from grad_acts.norm_out = d(objective)/d(final_in) (B, T, C), which a
 // head's backward writes (llama_backward_trunk on the device); accumulates into grads.
 inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
+    NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
     int hd = head_dim(c), KV = c.n_kv_heads;
@@ -2156,7 +2556,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     zero(d.residual, N * C);
     rmsnorm_backward_cuda(d.residual, gr.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
     for (size_t l = L; l-- > 0;) {
-        nvtxRangePushA("layer backward");
+        NVTX_RANGE("layer %zu backward", l);
         zero(d.swiglu, N * F);
         zero(d.gate, N * F);
         zero(d.up, N * F);
@@ -2173,8 +2573,8 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         zero(d.v, N * KVD);
         zero(d.norm_out, N * C);
         matmul_backward_cuda(d.att_out, gr.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
-        attention_backward_cuda(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
-                                a.v + l * N * KVD, g->attn, B, T, (int)H, KV, hd, st);
+        flash_attention_backward_cuda(d.q, d.k, d.v, g->attn_delta, d.att_out, a.att_out + l * N * C, a.lse + l * B * H * T,
+                                      a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD, B, T, (int)H, KV, hd, st);
         rope_backward_cuda(d.q, B, T, (int)H, hd, c.rope_theta, st);
         rope_backward_cuda(d.k, B, T, KV, hd, c.rope_theta, st);
         const floatX* attn_in = a.attn_in + l * N * C;
@@ -2183,13 +2583,13 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         matmul_backward_cuda(d.norm_out, gr.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
         rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
                               a.attn_rstd + l * N, N, (int)C, st);
-        nvtxRangePop();
     }
     embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st, c.pad_id);
 }
 
 // Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
 inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+    NVTX_RANGE_FN();
     size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
@@ -2203,6 +2603,7 @@ inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
 // Backward of an objective of the reward model's scores, dscores (B) on the host, at the
 // positions of the last forward; accumulates into grads.
 inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B, int T) {
+    NVTX_RANGE_FN();
     size_t N = (size_t)B * T, C = g->config.dim;
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
@@ -2214,6 +2615,7 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
 
 // clips on the device; returns the norm before clipping (one small copy to the host)
 inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
+    NVTX_RANGE_FN();
     clip_grad_norm_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
     float norm_coef[2];
     cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
@@ -2222,6 +2624,7 @@ inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
 }
 
 inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
+    NVTX_RANGE_FN();
     g->adam_step += 1;
     size_t sizes[NUM_PARAM_TENSORS], offset = 0;
     param_sizes(g->config, sizes);
@@ -2641,6 +3044,7 @@ inline void infer_cuda_free(InferCuda* g) {
 
 // as infer_extend; tokens (B, Tn) on the host, the logits (B, V) stay on the device in s.logits
 inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens) {
+    NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     int B = g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
     infer_plan(g->pos, g->tok_pos, g->last_row, lens, B, Tn, g->max_T, g->max_chunk);
@@ -2656,7 +3060,7 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
     cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
     embedding_forward_cuda(s.x, s.tokens, p.wte, N, C, st);
     for (size_t l = 0; l < L; l++) {
-        nvtxRangePushA("layer inference");
+        NVTX_RANGE("layer %zu inference", l);
         floatX* k_cache = s.k_cache + l * cache;
         floatX* v_cache = s.v_cache + l * cache;
         rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, (int)C, c.norm_eps, st);
@@ -2676,7 +3080,6 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
         swiglu_forward_cuda(s.gate, s.gate, s.up, N * F, st);
         matmul_forward_cuda(s.scratch, s.gate, p.w_down + l * C * F, N, F, C, st);
         residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);
-        nvtxRangePop();
     }
     embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
     rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, p.final_norm, B, (int)C, c.norm_eps, st);

@@ -29,6 +29,9 @@
 //   warp-level barriers exchanging one value per lane; the source-lane rules follow PTX shfl.sync exactly,
 //   incl. `width`. Only the full mask 0xffffffff is supported, and shuffles/votes need all 32 lanes of the
 //   warp: calling one in a partial warp (blockDim not a multiple of 32) or after lanes exited is an error.
+// * Warp matrix operations (nvcuda::wmma, m16n16k16, bf16/half inputs, float accumulators): each lane holds its
+//   own part of a fragment, as on the GPU, so mma_sync is per lane and exact in float; a lane that reads what
+//   other lanes stored without __syncwarp() reads unwritten memory (see the section's comment).
 // * Atomics are real host atomics (blocks run on several OS threads). Device memory is host heap memory.
 //   Streams, events and async copies are synchronous (cudaEventElapsedTime measures host time). cuBLAS GEMMs
 //   are computed on the CPU with fp32 accumulation, following the column-major definition.
@@ -1571,6 +1574,115 @@ inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
     return static_cast<unsigned>(emu::detail::warp_reduce(emu::detail::OP_REDUCE_MIN, mask, v,
         [](uint64_t acc, uint64_t x, unsigned) { return std::min(acc, x); }));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Warp matrix operations (nvcuda::wmma, <mma.h>): the m16n16k16 shape with __nv_bfloat16 or __half inputs
+// and float accumulators, row- and column-major. A fragment belongs to one lane, as on the GPU, and CUDA
+// leaves open which elements of the 16 x 16 tile a lane holds; here lane l holds
+//   accumulator: the 8 elements (r, c) = (l / 16 + 2 j, l % 16), j = 0..7           (x[j])
+//   matrix_a:    the 8 rows l / 16 + 2 j of A, all 16 columns each                  (x[16 j + k])
+//   matrix_b:    column l % 16 of B, all 16 rows                                    (x[k])
+// so mma_sync needs nothing from other lanes: D(r, c) = C(r, c) + sum over k of A(r, k) B(k, c), the
+// products and the sum in float, k in order. store_matrix_sync writes only the lane's 8 elements, so a lane
+// that reads what other lanes stored without a __syncwarp() in between reads memory they have not written yet
+// (the lanes of a warp run one after the other up to their next barrier), as on the GPU where the order is
+// undefined. Each call checks what CUDA requires: a full warp (blockDim a multiple of 32), a 256-bit
+// aligned pointer, ldm a multiple of 16 bytes. Element-wise loops over x[0..num_elements) work as on the GPU.
+// ---------------------------------------------------------------------------------------------------------
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+class fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "cuda_emu: only the m16n16k16 wmma shape is emulated");
+    static_assert(std::is_same<Use, accumulator>::value ? std::is_same<T, float>::value && std::is_same<Layout, void>::value
+                                                        : (std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value) &&
+                                                              (std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value),
+                  "cuda_emu: emulated wmma fragments: matrix_a/matrix_b of __nv_bfloat16 or __half with row_major or col_major, "
+                  "accumulator of float");
+
+public:
+    static constexpr int num_elements = std::is_same<Use, matrix_a>::value ? 128 : std::is_same<Use, matrix_b>::value ? 16 : 8;
+    T x[num_elements];
+};
+
+namespace detail {
+// The calling lane, after the checks every wmma call makes.
+inline unsigned checked_lane(const char* what, const void* p, unsigned ldm, size_t elem_bytes) {
+    ::emu::detail::Worker& w = *::emu::detail::tls_worker;
+    ::emu::detail::Thr* t = ::emu::detail::current_thread(what);
+    if (w.warps[t->warp].nlanes != 32)
+        ::emu::detail::thread_fail(w, t, std::string(what) + " called in a partial warp: warp " + std::to_string(t->warp) +
+                                             " has only " + std::to_string(w.warps[t->warp].nlanes) + " lanes");
+    if (p) {
+        if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+            ::emu::detail::thread_fail(w, t, std::string(what) + ": the pointer must be 256-bit (32-byte) aligned");
+        if (ldm * elem_bytes % 16 != 0 || ldm < 16)
+            ::emu::detail::thread_fail(w, t, std::string(what) + ": ldm " + std::to_string(ldm) +
+                                                 " must be at least 16 and a multiple of 16 bytes");
+    }
+    return t->lane;
+}
+inline size_t at(bool row_major_layout, int r, int c, unsigned ldm) {
+    return row_major_layout ? static_cast<size_t>(r) * ldm + c : static_cast<size_t>(c) * ldm + r;
+}
+}  // namespace detail
+
+template <class Use, class T, class Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v) {
+    detail::checked_lane("fill_fragment()", nullptr, 0, 0);
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+template <class T, class Layout>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    const unsigned lane = detail::checked_lane("load_matrix_sync()", p, ldm, sizeof(T));
+    const bool rm = std::is_same<Layout, row_major>::value;
+    for (int j = 0; j < 8; ++j)
+        for (int k = 0; k < 16; ++k) f.x[16 * j + k] = p[detail::at(rm, static_cast<int>(lane / 16) + 2 * j, k, ldm)];
+}
+
+template <class T, class Layout>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    const unsigned lane = detail::checked_lane("load_matrix_sync()", p, ldm, sizeof(T));
+    const bool rm = std::is_same<Layout, row_major>::value;
+    for (int k = 0; k < 16; ++k) f.x[k] = p[detail::at(rm, k, static_cast<int>(lane % 16), ldm)];
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t layout) {
+    const unsigned lane = detail::checked_lane("load_matrix_sync()", p, ldm, sizeof(float));
+    for (int j = 0; j < 8; ++j)
+        f.x[j] = p[detail::at(layout == mem_row_major, static_cast<int>(lane / 16) + 2 * j, static_cast<int>(lane % 16), ldm)];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+    const unsigned lane = detail::checked_lane("store_matrix_sync()", p, ldm, sizeof(float));
+    for (int j = 0; j < 8; ++j)
+        p[detail::at(layout == mem_row_major, static_cast<int>(lane / 16) + 2 * j, static_cast<int>(lane % 16), ldm)] = f.x[j];
+}
+
+template <class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c,
+                     bool satf = false) {
+    detail::checked_lane("mma_sync()", nullptr, 0, 0);
+    if (satf) ::emu::detail::fatal("mma_sync(): satf is not emulated");
+    float bk[16];
+    for (int k = 0; k < 16; ++k) bk[k] = static_cast<float>(b.x[k]);
+    for (int j = 0; j < 8; ++j) {  // d may be c: each element is read before it is written
+        float sum = c.x[j];
+        for (int k = 0; k < 16; ++k) sum += static_cast<float>(a.x[16 * j + k]) * bk[k];
+        d.x[j] = sum;
+    }
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 inline void __threadfence_block() { __asm__ volatile("" ::: "memory"); }
 inline void __threadfence() {

@@ -1247,6 +1247,126 @@ TEST_CASE("ASan build: a write past a cudaMalloc buffer is a heap-buffer-overflo
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// Warp matrix operations (nvcuda::wmma)
+// ------------------------------------------------------------------------------------------------------------
+namespace {
+namespace wmma = nvcuda::wmma;
+constexpr int kWmmaK = 32, kWmmaLd = 40, kWmmaLdc = 20, kWmmaStride = 2048;  // elements; each warp's operands 4 KiB apart
+
+// element (r, c) of a matrix stored with leading dimension ld, row- or column-major
+size_t at(bool row_major, int r, int c, int ld) { return row_major ? static_cast<size_t>(r) * ld + c : static_cast<size_t>(c) * ld + r; }
+
+// Each warp w: D_w (16 x 16) = A_w (16 x 32) B_w (32 x 16) + C_w, in two k steps.
+template <class T, class LA, class LB>
+__global__ void wmma_product(float* d, const T* a, const T* b, const float* c, int acc_row_major) {
+    const int w = static_cast<int>(threadIdx.x / 32);
+    const bool a_rm = std::is_same<LA, wmma::row_major>::value, b_rm = std::is_same<LB, wmma::row_major>::value;
+    const wmma::layout_t acc_layout = acc_row_major ? wmma::mem_row_major : wmma::mem_col_major;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, c + w * kWmmaStride, kWmmaLdc, acc_layout);
+    for (int k = 0; k < kWmmaK; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+        wmma::load_matrix_sync(fa, a + w * kWmmaStride + at(a_rm, 0, k, kWmmaLd), kWmmaLd);
+        wmma::load_matrix_sync(fb, b + w * kWmmaStride + at(b_rm, k, 0, kWmmaLd), kWmmaLd);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(d + w * kWmmaStride, acc, kWmmaLdc, acc_layout);
+}
+
+// Lane 0 counts the elements of the stored tile that hold the filled value, with or without a __syncwarp().
+__global__ void wmma_store_then_read(float* tile, int* count, int sync) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 7.0f);
+    wmma::store_matrix_sync(tile, acc, 16, wmma::mem_row_major);
+    if (sync) __syncwarp();
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int i = 0; i < 256; ++i) n += tile[i] == 7.0f;
+        *count = n;
+    }
+}
+
+__global__ void wmma_load_at(const __nv_bfloat16* p, int ldm) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, p, static_cast<unsigned>(ldm));
+}
+
+template <class T, class LA, class LB>
+void check_wmma_product(bool acc_row_major, std::mt19937& rng) {
+    const bool a_rm = std::is_same<LA, wmma::row_major>::value, b_rm = std::is_same<LB, wmma::row_major>::value;
+    const int warps = 2;
+    std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+    std::vector<T> a(warps * kWmmaStride, T(0.0f)), b(warps * kWmmaStride, T(0.0f));
+    std::vector<float> c(warps * kWmmaStride, 0.0f);
+    for (int w = 0; w < warps; ++w) {
+        for (int r = 0; r < 16; ++r)
+            for (int k = 0; k < kWmmaK; ++k) a[w * kWmmaStride + at(a_rm, r, k, kWmmaLd)] = T(dist(rng));
+        for (int k = 0; k < kWmmaK; ++k)
+            for (int n = 0; n < 16; ++n) b[w * kWmmaStride + at(b_rm, k, n, kWmmaLd)] = T(dist(rng));
+        for (int r = 0; r < 16; ++r)
+            for (int n = 0; n < 16; ++n) c[w * kWmmaStride + at(acc_row_major, r, n, kWmmaLdc)] = dist(rng);
+    }
+    Dev<T> da(a), db(b);
+    Dev<float> dc(c), dd(warps * kWmmaStride);
+    LAUNCH((wmma_product<T, LA, LB>), 1, 32 * warps, 0, 0, dd.p, da.p, db.p, dc.p, acc_row_major ? 1 : 0);
+    const std::vector<float> d = dd.download();
+    double worst = 0;
+    for (int w = 0; w < warps; ++w) {
+        for (int r = 0; r < 16; ++r) {
+            for (int n = 0; n < 16; ++n) {
+                double ref = c[w * kWmmaStride + at(acc_row_major, r, n, kWmmaLdc)], mag = std::fabs(ref);
+                for (int k = 0; k < kWmmaK; ++k) {
+                    double p = static_cast<double>(static_cast<float>(a[w * kWmmaStride + at(a_rm, r, k, kWmmaLd)])) *
+                               static_cast<double>(static_cast<float>(b[w * kWmmaStride + at(b_rm, k, n, kWmmaLd)]));
+                    ref += p;
+                    mag += std::fabs(p);
+                }
+                // 33 float additions of exact products: within 33 * 2^-24 of the magnitude
+                worst = std::max(worst, std::fabs(d[w * kWmmaStride + at(acc_row_major, r, n, kWmmaLdc)] - ref) / mag);
+            }
+        }
+    }
+    INFO("A " << (a_rm ? "row" : "col") << "-major, B " << (b_rm ? "row" : "col") << "-major, accumulator "
+              << (acc_row_major ? "row" : "col") << "-major, " << (std::is_same<T, __half>::value ? "half" : "bf16"));
+    CHECK(worst < 33.0 * 6e-8);
+}
+}  // namespace
+
+TEST_CASE("wmma m16n16k16 matches a plain matmul in every layout (bf16 and half inputs, float accumulators)", "[emu][wmma]") {
+    std::mt19937 rng(11);
+    for (bool acc_rm : {true, false}) {
+        check_wmma_product<__nv_bfloat16, wmma::row_major, wmma::row_major>(acc_rm, rng);
+        check_wmma_product<__nv_bfloat16, wmma::row_major, wmma::col_major>(acc_rm, rng);
+        check_wmma_product<__nv_bfloat16, wmma::col_major, wmma::row_major>(acc_rm, rng);
+        check_wmma_product<__nv_bfloat16, wmma::col_major, wmma::col_major>(acc_rm, rng);
+    }
+    check_wmma_product<__half, wmma::row_major, wmma::col_major>(true, rng);
+}
+
+TEST_CASE("wmma: each lane stores its own part of a tile, so reading the others' needs __syncwarp", "[emu][wmma]") {
+    Dev<float> tile(256);
+    Dev<int> count(1);
+    for (int sync : {0, 1}) {
+        tile.upload(std::vector<float>(256, -1.0f));
+        LAUNCH(wmma_store_then_read, 1, 32, 0, 0, tile.p, count.p, sync);
+        const int n = count.download()[0];
+        INFO("sync " << sync);
+        if (sync) CHECK(n == 256);
+        else CHECK(n < 256);  // lane 0 has stored its own elements, the other lanes have not run yet
+    }
+}
+
+TEST_CASE("wmma: a partial warp, a misaligned pointer and a bad ldm are reported", "[emu][wmma]") {
+    emu::ScopedThrowOnError throw_errors;
+    Dev<__nv_bfloat16> buf(1024);
+    REQUIRE_THROWS_WITH(LAUNCH(wmma_load_at, 1, 48, 0, 0, buf.p, 16), Contains("partial warp"));
+    REQUIRE_THROWS_WITH(LAUNCH(wmma_load_at, 1, 32, 0, 0, buf.p + 8, 16), Contains("256-bit (32-byte) aligned"));
+    REQUIRE_THROWS_WITH(LAUNCH(wmma_load_at, 1, 32, 0, 0, buf.p, 20), Contains("ldm 20 must be"));
+    LAUNCH(wmma_load_at, 1, 32, 0, 0, buf.p + 16, 24);  // 32 bytes in, 48-byte rows: fine
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // Cost measurements (hidden: run with  test_binary "[perf]")
 // ------------------------------------------------------------------------------------------------------------
 namespace {

@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Predicted GPU time and memory of one training step of xwin.cu (standard library only).
+
+A roofline of the GPU build as llm.cu issues its work: every kernel launch, cuBLAS GEMM and
+memset of one step (llama_cuda_zero_grad, llama_cuda_forward, llama_cuda_backward,
+llama_cuda_clip_grad_norm, llama_cuda_update: one micro-batch of B sequences of T tokens,
+language-model head), with the FLOPs it executes and the bytes it moves through HBM, and its
+predicted time max(FLOPs / peak, bytes / bandwidth) at an H100's 798 TFLOP/s dense BF16 and
+3.0 TB/s. The step's predicted time is their sum; its MFU is the step line's (mfu_text in
+llm.cu): 6 * parameters * tokens / (time * peak). Every number here is PREDICTED, not measured:
+a roofline is a bound that real kernels approach, not a timing.
+
+Bytes: each tensor a launch reads or writes, once (row re-reads within a block, and the tiles
+of k and v that the flash kernels' blocks of one head share, are taken to hit L1/L2); an
+accumulating write (+=) reads and writes. The gradient clipping is counted as clipping (the
+scale pass reads and writes every gradient). Host copies (tokens, dlp) are left out.
+
+  python3 dev/roofline.py                      the README's tables: before/after for TinyLlama
+                                               (B 4 and 8, T 2048) and Llama-2-7B (B 1, T 4096)
+  python3 dev/roofline.py tinyllama -b 4 -t 2048 [--attention cublas] [--kernels]
+  python3 dev/roofline.py DIM,LAYERS,HEADS,KV_HEADS,VOCAB,FFN -b B -t T [--precision fp32]
+      --kernels   every kernel's launches, FLOPs, bytes and predicted time
+      --launches  the kernel launches of one step, "name count" per line (the tests compare
+                  them with the emulated step's)
+      --memory    the bytes llama_cuda_init allocates for training, alone (the tests compare it
+                  with the emulated allocation)
+      --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
+--attention cublas is the attention before flash attention: cuBLAS GEMMs over (B, H, T, T)
+scores and probabilities, with the heads permuted (and kv heads expanded) around them.
+"""
+import argparse
+import sys
+
+PEAK_FLOPS = 798e12  # H100, dense BF16 (issue 11's figure)
+HBM_BYTES = 3.0e12   # H100, HBM3
+GPU_MEMORY = 80e9
+
+CONFIGS = {  # dim, layers, heads, kv heads, vocab, ffn (untied heads)
+    "tinyllama": (2048, 22, 32, 4, 32000, 5632),
+    "llama2-7b": (4096, 32, 32, 32, 32000, 11008),
+}
+
+
+class Step:
+    """The launches of one step, in order: (kernel, what, flops, bytes)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def add(self, kernel, what, flops, nbytes):
+        self.launches.append((kernel, what, float(flops), float(nbytes)))
+
+
+def head_tile(hd):  # llm.cu flash_attention_head_tile
+    for d in (16, 32, 64, 128):
+        if hd <= d:
+            return d
+    raise SystemExit(f"error: head size {hd}: flash attention takes head sizes 1..128")
+
+
+def build_step(cfg, B, T, attention, x):
+    """The launches of llama_cuda_zero_grad + forward + backward + clip + update. x: bytes per floatX."""
+    C, L, H, KV, V, F = cfg
+    hd, N = C // H, B * T
+    KVD = KV * hd
+    P = num_params(cfg)
+    s = Step()
+    f4 = 4
+
+    def gemm(what, m, n, k, a, b, c, accumulate):  # C (m x n) (+)= A B, each operand once
+        s.add("gemm (cuBLAS)", what, 2 * m * n * k, a + b + c * (2 if accumulate else 1))
+
+    def matmul_forward(what, N_, Cin, OC):
+        gemm(what, OC, N_, Cin, OC * Cin * x, N_ * Cin * x, N_ * OC * x, False)
+
+    def matmul_backward(what, N_, Cin, OC):
+        gemm(what + " dinp", Cin, N_, OC, OC * Cin * x, N_ * OC * x, N_ * Cin * x, True)
+        gemm(what + " dweight", Cin, OC, N_, N_ * Cin * x, N_ * OC * x, OC * Cin * f4, True)
+
+    def memset(what, nbytes):
+        s.add("memset", what, 0, nbytes)
+
+    def rmsnorm_forward(what):
+        s.add("rmsnorm_forward_kernel", what, 4 * N * C, 2 * N * C * x + C * x + N * f4)
+
+    def rmsnorm_backward(what):
+        s.add("rmsnorm_backward_kernel", what, 8 * N * C, 4 * N * C * x + C * x + N * f4)
+        s.add("rmsnorm_weight_backward_kernel", what, 3 * N * C, 2 * N * C * x + N * f4 + 2 * C * f4)
+
+    def rope(what, NH):
+        s.add("rope_kernel", what, 6 * N * NH * hd, 2 * N * NH * hd * x)
+
+    # ---- llama_cuda_zero_grad
+    memset("gradients", P * f4)
+    # ---- llama_cuda_forward
+    s.add("embedding_forward_kernel", "embedding", 0, N * 4 + 2 * N * C * x)
+    for _ in range(L):
+        rmsnorm_forward("attention norm")
+        matmul_forward("q", N, C, C)
+        matmul_forward("k", N, C, KVD)
+        matmul_forward("v", N, C, KVD)
+        rope("q", H)
+        rope("k", KV)
+        if attention == "flash":
+            flash_forward(s, B, T, H, KV, hd, x)
+        else:
+            cublas_attention_forward(s, B, T, H, KV, hd, x)
+        matmul_forward("o", N, C, C)
+        s.add("residual_forward_kernel", "attention residual", N * C, 3 * N * C * x)
+        rmsnorm_forward("mlp norm")
+        matmul_forward("gate", N, C, F)
+        matmul_forward("up", N, C, F)
+        s.add("swiglu_forward_kernel", "swiglu", 6 * N * F, 3 * N * F * x)
+        matmul_forward("down", N, F, C)
+        s.add("residual_forward_kernel", "mlp residual", N * C, 3 * N * C * x)
+    rmsnorm_forward("final norm")
+    matmul_forward("head", N, C, V)
+    s.add("logprob_forward_kernel", "log-probs", 4 * N * V, N * V * x + 2 * N * 4)
+    # ---- llama_cuda_backward
+    s.add("logprob_backward_kernel", "d logits", 6 * N * V, 2 * N * V * x + 2 * N * 4)
+    memset("d norm_out", N * C * x)
+    matmul_backward("head", N, C, V)
+    memset("d residual", N * C * x)
+    rmsnorm_backward("final norm")
+    for _ in range(L):
+        for what, n in (("d swiglu", N * F), ("d gate", N * F), ("d up", N * F), ("d norm_out", N * C)):
+            memset(what, n * x)
+        matmul_backward("down", N, F, C)
+        s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 7 * N * F * x)
+        matmul_backward("gate", N, C, F)
+        matmul_backward("up", N, C, F)
+        rmsnorm_backward("mlp norm")
+        for what, n in (("d att_out", N * C), ("d q", N * C), ("d k", N * KVD), ("d v", N * KVD), ("d norm_out", N * C)):
+            memset(what, n * x)
+        matmul_backward("o", N, C, C)
+        if attention == "flash":
+            flash_backward(s, B, T, H, KV, hd, x)
+        else:
+            cublas_attention_backward(s, B, T, H, KV, hd, x)
+        rope("d q", H)
+        rope("d k", KV)
+        matmul_backward("q", N, C, C)
+        matmul_backward("k", N, C, KVD)
+        matmul_backward("v", N, C, KVD)
+        rmsnorm_backward("attention norm")
+    s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + N * 4 + 2 * N * C * f4)
+    # ---- llama_cuda_clip_grad_norm (clipping) and llama_cuda_update (one AdamW launch per tensor)
+    s.add("grad_norm_partial_kernel", "gradient norm", 2 * P, P * f4)
+    s.add("grad_norm_finish_kernel", "gradient norm", 512, 512 * f4)
+    s.add("grad_scale_kernel", "clipping", P, 2 * P * f4)
+    for n in param_sizes(cfg):
+        if n:
+            s.add("adamw_kernel", "AdamW", 12 * n, n * (7 * f4 + x))
+    return s
+
+
+def flash_forward(s, B, T, H, KV, hd, x):
+    """flash_attention_forward_cuda: tile products over the causal tile pairs, D the padded head."""
+    tile, D = TILE[x], head_tile(hd)
+    nt = -(-T // tile)
+    pairs = B * H * nt * (nt + 1) // 2  # (query tile, key tile) pairs at or below the diagonal
+    N, C, KVD = B * T, H * hd, KV * hd
+    s.add("flash_attention_forward_kernel", "attention", pairs * 2 * (2 * tile * tile * D),
+          2 * N * C * x + 2 * N * KVD * x + B * H * T * 4)
+
+
+def flash_backward(s, B, T, H, KV, hd, x):
+    tile, D = TILE[x], head_tile(hd)
+    nt = -(-T // tile)
+    pairs = B * H * nt * (nt + 1) // 2
+    N, C, KVD, rows = B * T, H * hd, KV * hd, B * H * T
+    s.add("flash_attention_backward_delta_kernel", "attention delta", 2 * N * C, 2 * N * C * x + rows * 4)
+    # dk, dv: s^T, dP^T, P^T dout, dS^T q per pair; dq: s, dP, dS k per pair
+    s.add("flash_attention_backward_dkdv_kernel", "attention dk dv", pairs * 4 * (2 * tile * tile * D),
+          2 * N * C * x + 2 * N * KVD * x + 2 * rows * 4 + 2 * 2 * N * KVD * x)
+    s.add("flash_attention_backward_dq_kernel", "attention dq", pairs * 3 * (2 * tile * tile * D),
+          2 * N * C * x + 2 * N * KVD * x + 2 * rows * 4 + 2 * N * C * x)
+
+
+def cublas_attention_forward(s, B, T, H, KV, hd, x):
+    """attention_forward_cuda before flash attention: permutes, two batched GEMMs, softmax."""
+    heads, sq = B * H * T * hd, B * H * T * T
+    s.add("heads_permute_kernel", "q", 0, 2 * heads * x)
+    s.add("heads_permute_kernel", "k (expanded)", 0, B * T * KV * hd * x + heads * x)
+    s.add("heads_permute_kernel", "v (expanded)", 0, B * T * KV * hd * x + heads * x)
+    s.add("gemm (cuBLAS)", "scores q k^T", 2 * sq * hd, 2 * heads * x + sq * 4)
+    s.add("causal_softmax_kernel", "softmax", 5 * sq // 2, sq * 4 // 2 + sq * x)
+    s.add("gemm (cuBLAS)", "att v", 2 * sq * hd, sq * x + 2 * heads * x)
+    s.add("heads_unpermute_kernel", "out", 0, 2 * heads * x)
+
+
+def cublas_attention_backward(s, B, T, H, KV, hd, x):
+    heads, sq, kv_heads = B * H * T * hd, B * H * T * T, B * T * KV * hd
+    s.add("heads_permute_kernel", "q", 0, 2 * heads * x)
+    s.add("heads_permute_kernel", "k (expanded)", 0, kv_heads * x + heads * x)
+    s.add("heads_permute_kernel", "v (expanded)", 0, kv_heads * x + heads * x)
+    s.add("heads_permute_kernel", "dout", 0, 2 * heads * x)
+    s.add("gemm (cuBLAS)", "datt = dout v^T", 2 * sq * hd, 2 * heads * x + sq * 4)
+    s.add("gemm (cuBLAS)", "dv = att^T dout", 2 * sq * hd, sq * x + 2 * heads * x)
+    s.add("causal_softmax_backward_kernel", "softmax backward", 4 * sq // 2, sq * x // 2 + sq * 4 // 2 + sq * x)
+    s.add("gemm (cuBLAS)", "dq = dscores k", 2 * sq * hd, sq * x + 2 * heads * x)
+    s.add("gemm (cuBLAS)", "dk = dscores^T q", 2 * sq * hd, sq * x + 2 * heads * x)
+    s.add("heads_unpermute_kernel", "dq", 0, heads * x + 2 * heads * x)
+    s.add("heads_unpermute_kernel", "dk (group sum)", 0, heads * x + 2 * kv_heads * x)
+    s.add("heads_unpermute_kernel", "dv (group sum)", 0, heads * x + 2 * kv_heads * x)
+
+
+TILE = {2: 64, 4: 32}  # FLASH_TILE: query and key rows of a tile, BF16 and FP32 builds
+
+
+def param_sizes(cfg):  # llm.cu param_sizes, untied language-model head
+    C, L, H, KV, V, F = cfg
+    KVD = KV * (C // H)
+    return [V * C, L * C, L * C * C, L * KVD * C, L * KVD * C, L * C * C, L * C, L * F * C, L * F * C, L * C * F, C, V * C]
+
+
+def num_params(cfg):
+    return sum(param_sizes(cfg))
+
+
+def carve(sizes):
+    """Bytes of consecutive tensors (count, element bytes), each 16-byte aligned (llm.cu Carver)."""
+    total = 0
+    for count, elem in sizes:
+        total = (total + 15) // 16 * 16 + count * elem
+    return total
+
+
+def memory_plan(cfg, B, T, attention, x):
+    """What llama_cuda_init allocates for training, by part, in bytes (every cudaMalloc)."""
+    C, L, H, KV, V, F = cfg
+    hd, N = C // H, B * T
+    KVD = KV * hd
+    P = num_params(cfg)
+    flash = attention == "flash"
+    acts = carve([((L + 1) * N * C, x), (L * N * C, x), (L * N, 4), (L * N * C, x), (L * N * KVD, x), (L * N * KVD, x),
+                  (0 if flash else L * B * H * T * T, x), (L * N * C, x), (L * N * C, x), (L * N * C, x), (L * N, 4),
+                  (L * N * F, x), (L * N * F, x), (L * N * F, x), (N * C, x), (N, 4), (N * V, x), (N, 4), (N * C, x),
+                  (0, 4), (L * B * H * T if flash else 0, 4)])
+    grad_acts = carve([(N * C, x), (N * C, x), (N * C, x), (N * KVD, x), (N * KVD, x), (N * C, x), (N * F, x), (N * F, x),
+                       (N * F, x), (N * V, x)])
+    if flash:
+        attn = B * H * T * 4  # attn_delta
+    else:
+        heads, sq = B * H * T * hd, B * H * T * T
+        attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
+    small = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4  # tokens, score_idx, dlp, dscores, norm scratch
+    return {
+        "weights (FP32 master + compute copy)": P * (4 + x),
+        "gradients + AdamW m, v (FP32)": 3 * P * 4,
+        "activations": acts,
+        "activation gradients": grad_acts,
+        "attention scratch": attn,
+        "other": small,
+    }
+
+
+def predict(cfg, B, T, attention, x=2, efficiency=1.0):
+    """Per kernel [launches, FLOPs, bytes, seconds, seconds compute-bound], the step's seconds, the attention's, the MFU.
+    efficiency: the fraction of the peak FLOP/s every launch reaches (1: the roofline)."""
+    s = build_step(cfg, B, T, attention, x)
+    peak = PEAK_FLOPS * efficiency
+    rows = {}
+    for kernel, what, flops, nbytes in s.launches:
+        t = max(flops / peak, nbytes / HBM_BYTES)
+        r = rows.setdefault(kernel, [0, 0.0, 0.0, 0.0, 0.0])
+        r[0] += 1
+        r[1] += flops
+        r[2] += nbytes
+        r[3] += t
+        r[4] += t if flops / peak >= nbytes / HBM_BYTES else 0.0  # the time of its compute-bound launches
+    step = sum(r[3] for r in rows.values())
+    attn_kernels = [k for k in rows if "attention" in k or "heads_" in k or "softmax" in k]
+    attn = sum(rows[k][3] for k in attn_kernels)
+    if attention != "flash":  # the attention GEMMs are cuBLAS launches among the others
+        attn += sum(max(f / peak, b / HBM_BYTES) for k, w, f, b in s.launches
+                    if k == "gemm (cuBLAS)" and ("att" in w or "scores" in w))
+    mfu = 6.0 * num_params(cfg) * B * T / (step * PEAK_FLOPS)
+    return rows, step, attn, mfu, s
+
+
+def gb(b):
+    return b / 1e9
+
+
+def print_kernels(cfg, B, T, attention, x, efficiency):
+    rows, step, attn, mfu, _ = predict(cfg, B, T, attention, x, efficiency)
+    print(f"{'launch':40s} {'count':>6s} {'GFLOP':>10s} {'GB':>9s} {'ms (predicted)':>15s}  bound")
+    for kernel, (n, flops, nbytes, t, t_compute) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
+        share = t_compute / t if t else 0.0
+        bound = "compute" if share > 0.99 else "memory" if share < 0.01 else f"{100 * share:.0f}% of it compute"
+        print(f"{kernel:40s} {n:6d} {flops / 1e9:10.1f} {gb(nbytes):9.2f} {t * 1e3:15.2f}  {bound}")
+    print(f"step: {step * 1e3:.1f} ms predicted, attention {attn * 1e3:.1f} ms, MFU {100 * mfu:.1f}%")
+
+
+def print_memory(cfg, B, T, attention, x):
+    plan = memory_plan(cfg, B, T, attention, x)
+    for part, b in plan.items():
+        print(f"  {part:40s} {gb(b):8.2f} GB")
+    total = sum(plan.values())
+    print(f"  {'total':40s} {gb(total):8.2f} GB ({'fits' if total < GPU_MEMORY else 'does not fit'} in 80 GB,"
+          " before the CUDA context and cuBLAS workspace)")
+
+
+def print_summary(efficiency):
+    cases = [("TinyLlama 1.1B", "tinyllama", 4, 2048), ("TinyLlama 1.1B", "tinyllama", 8, 2048), ("Llama-2-7B", "llama2-7b", 1, 4096)]
+    print(f"predicted at {PEAK_FLOPS / 1e12:.0f} TFLOP/s{'' if efficiency == 1 else f' x {efficiency:g}'} and {HBM_BYTES / 1e12:.1f} TB/s,"
+          " BF16, one step (forward, backward, clip, AdamW)")
+    print()
+    print("| model | B x T | attention | step (ms) | of which attention (ms) | MFU | memory (GB) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for name, key, B, T in cases:
+        for attention, label in (("cublas", "before: cuBLAS, (T, T) scores"), ("flash", "after: flash attention")):
+            rows, step, attn, mfu, _ = predict(CONFIGS[key], B, T, attention, 2, efficiency)
+            mem = sum(memory_plan(CONFIGS[key], B, T, attention, 2).values())
+            fits = "" if mem < GPU_MEMORY else " (> 80)"
+            print(f"| {name} | {B} x {T} | {label} | {step * 1e3:.1f} | {attn * 1e3:.1f} | {100 * mfu:.1f}% | {gb(mem):.1f}{fits} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", help="tinyllama, llama2-7b or DIM,LAYERS,HEADS,KV_HEADS,VOCAB,FFN")
+    ap.add_argument("-b", type=int, default=4, help="sequences per step")
+    ap.add_argument("-t", type=int, default=2048, help="tokens per sequence")
+    ap.add_argument("--attention", choices=["flash", "cublas"], default="flash")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--launches", action="store_true")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
+    a = ap.parse_args()
+    if not 0 < a.efficiency <= 1:
+        sys.exit("error: --efficiency must be in (0, 1]")
+    if a.config is None:
+        print_summary(a.efficiency)
+        return
+    if a.config in CONFIGS:
+        cfg = CONFIGS[a.config]
+    else:
+        try:
+            cfg = tuple(int(v) for v in a.config.split(","))
+        except ValueError:
+            cfg = ()
+        if len(cfg) != 6 or min(cfg) < 1 or cfg[0] % cfg[2] or cfg[2] % cfg[3]:
+            sys.exit(f"error: config '{a.config}': expected tinyllama, llama2-7b or DIM,LAYERS,HEADS,KV_HEADS,VOCAB,FFN "
+                     "(positive, DIM a multiple of HEADS, HEADS of KV_HEADS)")
+    if a.b < 1 or a.t < 1:
+        sys.exit("error: -b and -t must be positive")
+    x = 2 if a.precision == "bf16" else 4
+    if a.launches:
+        counts = {}
+        for kernel, _, _, _ in build_step(cfg, a.b, a.t, a.attention, x).launches:
+            counts[kernel] = counts.get(kernel, 0) + 1
+        for kernel in sorted(counts):
+            print(kernel, counts[kernel])
+    elif a.memory:
+        print(sum(memory_plan(cfg, a.b, a.t, a.attention, x).values()))
+    else:
+        print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")
+        if a.kernels:
+            print_kernels(cfg, a.b, a.t, a.attention, x, a.efficiency)
+        else:
+            _, step, attn, mfu, _ = predict(cfg, a.b, a.t, a.attention, x, a.efficiency)
+            print(f"step {step * 1e3:.1f} ms, attention {attn * 1e3:.1f} ms, MFU {100 * mfu:.1f}%")
+        print("memory:")
+        print_memory(cfg, a.b, a.t, a.attention, x)
+
+
+if __name__ == "__main__":
+    main()
