@@ -538,3 +538,59 @@ TEST_CASE("train_sft on the built-in world: the loss falls", "[sft]") {
     CHECK(val < first - 2.0);
     rm_rf(dir);
 }
+
+// Batches of similar lengths: each epoch's order is still a permutation of the rows, every
+// batch is a run of consecutive rows of its window sorted by length, the batches of a window
+// come in a shuffled order, and on the world's data the padded tokens fall to near the real ones.
+TEST_CASE("group_by_length: permutation, batches of neighbouring lengths, less padding", "[sft][plumbing]") {
+    TokenData d;
+    tokens_load(&d, "data/world/sft_train.tok", 259);
+    std::vector<uint32_t> lengths(d.n_seqs);
+    for (size_t i = 0; i < d.n_seqs; i++) lengths[i] = (uint32_t)token_seq_len(d, i);
+    const size_t batch = 8, window = LENGTH_WINDOW * batch;
+    std::vector<size_t> shuffled, grouped;
+    epoch_order(shuffled, d.n_seqs, 1337, 0);
+    grouped = shuffled;
+    group_by_length(grouped, lengths, batch, 1337, 0);
+    std::vector<size_t> a = shuffled, b = grouped;
+    std::sort(a.begin(), a.end()), std::sort(b.begin(), b.end());
+    CHECK(a == b);
+    size_t padded_shuffled = 0, padded_grouped = 0, real = 0, out_of_order_batches = 0;
+    for (size_t w0 = 0; w0 < d.n_seqs; w0 += window) {
+        size_t w1 = std::min(d.n_seqs, w0 + window);
+        // the window holds the same rows as the shuffle's window
+        std::vector<size_t> s(shuffled.begin() + w0, shuffled.begin() + w1), g(grouped.begin() + w0, grouped.begin() + w1);
+        std::sort(s.begin(), s.end()), std::sort(g.begin(), g.end());
+        REQUIRE(s == g);
+        std::vector<uint32_t> sorted;
+        for (size_t i = w0; i < w1; i++) sorted.push_back(lengths[shuffled[i]]);
+        std::sort(sorted.begin(), sorted.end(), std::greater<uint32_t>());
+        uint32_t previous_max = 1u << 30;
+        for (size_t b0 = w0; b0 < w1; b0 += batch) {
+            size_t b1 = std::min(w1, b0 + batch);
+            uint32_t lo = 1u << 30, hi = 0, hi_shuffled = 0;
+            for (size_t i = b0; i < b1; i++) {
+                lo = std::min(lo, lengths[grouped[i]]), hi = std::max(hi, lengths[grouped[i]]);
+                hi_shuffled = std::max(hi_shuffled, lengths[shuffled[i]]);
+                real += lengths[grouped[i]];
+            }
+            // no row of the window lies strictly between the batch's shortest and longest outside it
+            size_t inside = 0;
+            for (uint32_t len : sorted) inside += len > lo && len < hi;
+            size_t inside_batch = 0;
+            for (size_t i = b0; i < b1; i++) inside_batch += lengths[grouped[i]] > lo && lengths[grouped[i]] < hi;
+            CHECK(inside == inside_batch);
+            out_of_order_batches += hi > previous_max;
+            previous_max = hi;
+            padded_grouped += (b1 - b0) * hi, padded_shuffled += (b1 - b0) * hi_shuffled;
+        }
+    }
+    CHECK(out_of_order_batches > d.n_seqs / batch / 4);  // not simply longest first
+    CHECK((double)padded_shuffled / real > 1.3);
+    CHECK((double)padded_grouped / real < 1.05);
+    // another epoch, another order
+    std::vector<size_t> grouped1;
+    epoch_order(grouped1, d.n_seqs, 1337, 1);
+    group_by_length(grouped1, lengths, batch, 1337, 1);
+    CHECK(grouped1 != grouped);
+}
