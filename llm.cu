@@ -4185,7 +4185,7 @@ inline void epoch_order(std::vector<size_t>& order, size_t n, uint64_t seed, uin
 // Batches of sequences of similar lengths, as transformers' group_by_length: the shuffled order
 // is cut into windows of LENGTH_WINDOW batches; in each window the rows are sorted by length
 // (longest first) and the window's batches are then put in a shuffled order. A micro-batch is
-// padded to its longest sequence, so on the world's data (50..162 tokens, mean 91) this cuts
+// padded to its longest sequence, so on the world's data (51..155 tokens, mean 86) this cuts
 // the padded tokens from 1.47x the real ones to about 1.02x: a step a third faster, same data.
 constexpr size_t LENGTH_WINDOW = 64;
 

@@ -64,7 +64,12 @@ int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);  // the step lines reach a log file as they happen
     SFTConfig cfg;
     cfg.train.out_dir = "out/sft";
-    cfg.train.max_steps = 600;
+    // the world's default: 6000 steps of 8 conversations (2.4 epochs). Small batches and many
+    // steps learn the world's rules in the fewest conversations (600 x 32 reach a judge mean of
+    // 4.2 where 6000 x 8 reach 6.3); validation and checkpoints every 500 and 1000 steps
+    cfg.train.max_steps = 6000;
+    cfg.train.micro_batch = 8, cfg.train.total_batch = 8;
+    cfg.train.val_every = 500, cfg.train.checkpoint_every = 1000;
     std::vector<Flag> flags = {
         {'m', FLAG_OPTIONAL_PATH, &cfg.model_path, 0, 0, "model to fine-tune ('': a new model of the world config)"},
         {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training token file (dev/data/prepare_sft.py)"},

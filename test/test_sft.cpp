@@ -86,7 +86,7 @@ TEST_CASE("train_sft -h prints the usage made from its flag table", "[sft][flags
     for (const char* flag : {"-m <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-f <int>", "-g <int>", "-r <int>"}) {
         CHECK_THAT(out, Catch::Contains(flag));
     }
-    CHECK_THAT(out, Catch::Contains("(default 600, 0..1000000000)"));  // -x: default and range
+    CHECK_THAT(out, Catch::Contains("(default 6000, 0..1000000000)"));  // -x: default and range
 }
 
 // Each bad invocation: one line "error: ..." naming the flag or file, exit 1, and nothing

@@ -5,27 +5,37 @@
 
 Standard library only, deterministic for a given seed. The world is a set of
 tiny instruction tasks whose answers a program can check, small enough for a
-byte-level model (a whole conversation in the template is 50-162 bytes). It
+byte-level model (a whole conversation in the template is 51-155 bytes). It
 exists so that every stage of the recipe (SFT, reward model, best-of-n,
 rejection sampling, DPO) can be run end to end and measured by a gold judge,
 without any outside data.
 
 KINDS (two prompt phrasings each; numbers are integers, words lowercase a-z)
-    arith     "Add 12 and 7." / "What is 12 plus 7?"                      -> 19
-              "Subtract 7 from 12." / "What is 12 minus 7?"  (a >= b)       -> 5
+    arith     "Add 42 and 7." / "What is 42 plus 7?"                      -> 49
+              "Subtract 2 from 47." / "What is 47 minus 2?"               -> 45
+              a two-digit number (10..99) and a one-digit one, with no carry and no
+              borrow: each digit of the answer comes from one column
     reverse   "Reverse the word 'cat'." / "Write 'cat' backwards."        -> tac
-    sort      "Sort the letters of 'house'." /
-              "Put the letters of 'house' in alphabetical order."         -> ehosu
-    count     "How many times does 'a' appear in 'banana'?" /
-              "Count the letter 'a' in 'banana'."                         -> 3
-    max       "What is the largest of 12, 85 and 40?" /
-              "Which is biggest: 12, 85 or 40?"                           -> 85
+              three-letter words
+    sort      "Sort the digits of 583." /
+              "Put the digits of 583 in increasing order."                -> 358
+              three digits 1..9 (repeats allowed)
+    count     "How many times does 'a' appear in 'bake'?" /
+              "Count the letter 'a' in 'bake'."                           -> 1
+              words of 3-4 letters
+    max       "What is the largest of 2, 8 and 4?" /
+              "Which is biggest: 2, 8 or 4?"                              -> 8
+              three distinct numbers 0..9
     followup  two user turns; the second refers to the first answer:
-              "Add 12 and 7." -> 19, then "Now double it." -> 38
-              "Add 12 and 7." -> 19, then "Now add 5 to it." -> 24
+              "Which is biggest: 2, 8 or 4?" -> 8, then "Now add 5 to it." -> 13  (5 in 1..9)
               "Reverse the word 'cat'." -> tac, then "Now make it uppercase." -> TAC
               "Reverse the word 'cat'." -> tac, then "Now reverse it back." -> cat
-Operands are 0..99 (sums up to 198, "add N" with N in 1..20), words 3-7 letters.
+The six kinds are sized for a byte-level model of 0.76M parameters trained from scratch on
+2 CPU cores in minutes: every answer is computed column by column (arith), by position
+(reverse), by content (sort, count, max) or from the previous turn (followup), and a
+held-out prompt is a new instance of a rule seen in training, never a memorised one.
+The training conversations over-sample the two kinds that take longest to learn
+(SFT_KIND_WEIGHTS: arith and reverse twice as often); the evaluation prompts are balanced.
 
 ANSWER STYLE: every answer is exactly "The answer is <gold>." where <gold> is
 the bare result: a decimal number without sign or leading zeros, or a word.
@@ -131,6 +141,17 @@ tulip turn twin under uncle upper valley van vase video violin voice wait walk w
 wash watch water wave wheel white wide wild wind window wing winter wise wolf wood wool
 word work world yard year yellow young zebra zero zone
 """.split()
+# more three-letter words (for reverse, followup)
+WORDS += """
+ant ape arm art ash bag bat bed bee big bin bit box boy bud bug bun bus cab can cap car
+cod cow cry cub dam day den dew dig dot dry ear eel elf elk elm emu eye fan fig fin fir
+fog fun fur gap gas gem gum gym ham hay hen hip hog hop hub hug hut ink inn jet jug kid
+kit lab lap leg lid lip log mat mop mud mug net nut oak oar ore pad pan paw pea pet pie
+pin pit pod pop pup rag ram rat ray rib rod rug saw sip ski son spy tag tan tap tin tip
+toe tub tug urn vet wax web wig yak yam zip zoo
+""".split()
+WORDS3 = sorted(set(w for w in WORDS if len(w) == 3))       # reverse, followup
+WORDS34 = sorted(set(w for w in WORDS if 3 <= len(w) <= 4))  # count
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 # ---------------------------------------------------------------- the gold judge
@@ -202,30 +223,31 @@ def pick(rng, options):
 
 
 def make_arith(rng):
-    a, b = rng.randrange(100), rng.randrange(100)
+    tens, units = rng.randrange(1, 10), rng.randrange(10)
+    a = 10 * tens + units
     if rng.random() < 0.5:
+        b = rng.randrange(10 - units)  # no carry
         user = pick(rng, ["Add {a} and {b}.", "What is {a} plus {b}?"]).format(a=a, b=b)
         return ("add", a, b), [user], str(a + b)
-    a, b = max(a, b), min(a, b)
+    b = rng.randrange(units + 1)  # no borrow
     user = pick(rng, ["Subtract {b} from {a}.", "What is {a} minus {b}?"]).format(a=a, b=b)
     return ("sub", a, b), [user], str(a - b)
 
 
 def make_reverse(rng):
-    w = pick(rng, WORDS)
+    w = pick(rng, WORDS3)
     user = pick(rng, ["Reverse the word '{w}'.", "Write '{w}' backwards."]).format(w=w)
     return (w,), [user], w[::-1]
 
 
 def make_sort(rng):
-    w = pick(rng, WORDS)
-    user = pick(rng, ["Sort the letters of '{w}'.",
-                      "Put the letters of '{w}' in alphabetical order."]).format(w=w)
-    return (w,), [user], "".join(sorted(w))
+    n = "".join(str(rng.randrange(1, 10)) for _ in range(3))
+    user = pick(rng, ["Sort the digits of {n}.", "Put the digits of {n} in increasing order."]).format(n=n)
+    return (n,), [user], "".join(sorted(n))
 
 
 def make_count(rng):
-    w = pick(rng, WORDS)
+    w = pick(rng, WORDS34)
     if rng.random() < 0.75:
         c = pick(rng, w)
     else:
@@ -236,23 +258,19 @@ def make_count(rng):
 
 
 def make_max(rng):
-    nums = rng.sample(range(100), 3)
+    nums = rng.sample(range(10), 3)
     user = pick(rng, ["What is the largest of {0}, {1} and {2}?",
                       "Which is biggest: {0}, {1} or {2}?"]).format(*nums)
     return tuple(nums), [user], str(max(nums))
 
 
 def make_followup(rng):
-    variant = pick(rng, ["double", "addn", "upper", "back"])
-    if variant in ("double", "addn"):
-        a, b = rng.randrange(100), rng.randrange(100)
-        first = pick(rng, ["Add {a} and {b}.", "What is {a} plus {b}?"]).format(a=a, b=b)
-        s = a + b
-        if variant == "double":
-            return (variant, a, b), [first, "Now double it."], str(s), str(2 * s)
-        n = rng.randrange(1, 21)
-        return (variant, a, b, n), [first, f"Now add {n} to it."], str(s), str(s + n)
-    w = pick(rng, WORDS)
+    variant = pick(rng, ["addn", "upper", "back"])
+    if variant == "addn":
+        nums, users, first = make_max(rng)
+        n = rng.randrange(1, 10)
+        return (variant,) + nums + (n,), [users[0], f"Now add {n} to it."], first, str(int(first) + n)
+    w = pick(rng, WORDS3)
     first = pick(rng, ["Reverse the word '{w}'.", "Write '{w}' backwards."]).format(w=w)
     if variant == "upper":
         return (variant, w), [first, "Now make it uppercase."], w[::-1], w[::-1].upper()
@@ -315,6 +333,8 @@ def wrong_number(rng, kind, key, gold, first):
         options = [first]  # forgot to apply the follow-up
     elif kind == "count" and r < 0.2:
         options = [str(len(key[1]))]
+    elif kind == "sort" and r < 0.7:
+        options = [key[1], gold[::-1], swap_adjacent(rng, gold)]  # unsorted, descending, two swapped
     elif r < 0.7:
         options = [str(g + d) for d in (-1, 1)]
     elif r < 0.8:
@@ -385,10 +405,16 @@ def messages_of(users, answers):
     return msgs
 
 
-def kind_schedule(rng, n):
-    """n kinds, balanced (each kind n/6 times, the rest at random), shuffled."""
-    kinds = [KINDS[i % len(KINDS)] for i in range(n - n % len(KINDS))]
-    kinds += [pick(rng, KINDS) for _ in range(n % len(KINDS))]
+# the share of each kind in the SFT conversations: the kinds that take longest to learn twice
+SFT_KIND_WEIGHTS = {"arith": 2, "reverse": 2, "sort": 1, "count": 1, "max": 1, "followup": 1}
+
+
+def kind_schedule(rng, n, weights=None):
+    """n kinds in proportion to weights (default: balanced), the remainder at random, shuffled."""
+    weights = weights or {k: 1 for k in KINDS}
+    cycle = [k for k in KINDS for _ in range(weights[k])]
+    kinds = [cycle[i % len(cycle)] for i in range(n - n % len(cycle))]
+    kinds += [pick(rng, cycle) for _ in range(n % len(cycle))]
     rng.shuffle(kinds)
     return kinds
 
@@ -411,7 +437,7 @@ def make_sft(rng, n, excluded):
     """n conversations whose task instances are not in excluded; returns
     (conversations, judge rows, keys used, category counts)."""
     convs, rows, used, cats = [], [], set(), {}
-    for kind in kind_schedule(rng, n):
+    for kind in kind_schedule(rng, n, SFT_KIND_WEIGHTS):
         while True:
             key, users, answers, gold = make_instance(rng, kind)
             if key not in excluded:
@@ -536,15 +562,17 @@ def operands_of(p):
         op = "add" if ("Add" in users[0] or "plus" in users[0]) else "sub"
         a, b = (nums[1], nums[0]) if users[0].startswith("Subtract") else (nums[0], nums[1])
         return (kind, op, a, b)
-    if kind in ("reverse", "sort"):
+    if kind == "reverse":
         return (kind, quoted[0])
+    if kind == "sort":
+        return (kind, re.findall(r"[0-9]+", users[0])[0])
     if kind == "count":
         return (kind, quoted[1], quoted[0])
     if kind == "max":
         return (kind,) + tuple(nums)
-    variant = {"Now double it.": "double", "Now make it uppercase.": "upper",
-               "Now reverse it back.": "back"}.get(users[1], "addn")
-    return (kind, variant, quoted[0]) if quoted else (kind, variant) + tuple(nums)
+    variant = {"Now make it uppercase.": "upper", "Now reverse it back.": "back"}.get(users[1], "addn")
+    n = [int(x) for x in re.findall(r"[0-9]+", users[1])]
+    return (kind, variant, quoted[0]) if quoted else (kind, variant) + tuple(nums) + tuple(n)
 
 
 # ---------------------------------------------------------------- writing
