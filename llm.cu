@@ -4186,7 +4186,7 @@ inline void epoch_order(std::vector<size_t>& order, size_t n, uint64_t seed, uin
 // is cut into windows of LENGTH_WINDOW batches; in each window the rows are sorted by length
 // (longest first) and the window's batches are then put in a shuffled order. A micro-batch is
 // padded to its longest sequence, so on the world's data (51..155 tokens, mean 86) this cuts
-// the padded tokens from 1.47x the real ones to about 1.02x: a step a third faster, same data.
+// the padded tokens of a batch of 8 from 1.41x the real ones (1.54x at 16) to below 1.05x.
 constexpr size_t LENGTH_WINDOW = 64;
 
 inline void group_by_length(std::vector<size_t>& order, const std::vector<uint32_t>& lengths, size_t batch, uint64_t seed, uint64_t epoch) {
