@@ -23,9 +23,10 @@ endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = train_sft train_rm logprobs
+PROGRAMS = train_sft train_rm sample logprobs
 train_sft_SRC = train_sft.cu
 train_rm_SRC = train_rm.cu
+sample_SRC = sample.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
