@@ -4955,8 +4955,11 @@ inline void json_append(std::string& out, const Json& v) {
         case Json::BOOL: out += v.boolean ? "true" : "false"; break;
         case Json::NUMBER: {
             if (!std::isfinite(v.number)) { out += "null"; break; }
-            std::string t = string_format("%.9g", v.number);
-            if (strtod(t.c_str(), nullptr) != v.number) t = string_format("%.17g", v.number);
+            std::string t;
+            for (int digits = 6; digits <= 17; digits++) {  // the fewest significant digits that read back the same double
+                t = string_format("%.*g", digits, v.number);
+                if (strtod(t.c_str(), nullptr) == v.number) break;
+            }
             out += t;
             break;
         }
