@@ -104,7 +104,9 @@ static void init_runner(Loaded* L, int n, const SampleConfig& cfg) {
     infer_runner_init(&L->policy, B, max_T, L->longest);
 }
 
-static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int B, int T) {
+// The reward model, for B conversations at a time of up to its context (a repaired response can
+// be longer in tokens than it was sampled: each invalid byte becomes the 3 bytes of U+FFFD).
+static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int B) {
     llama_load(&rm->host, path);
     const LlamaConfig &c = rm->host.config, &p = L.policy.host.config;
     if (c.head_type != HEAD_REWARD) fail_file(path, "is a language model; -r takes a reward model (./train_rm makes one)");
@@ -112,7 +114,7 @@ static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int
         fail_file(path, "has vocab_size %d but the policy model has %d: the reward model scores another vocabulary", c.vocab_size, p.vocab_size);
     }
     if (c.pad_id < 0) fail_file(path, "has no pad id; the responses are scored in padded batches");
-    runner_init(rm, B, std::min(T, c.max_seq_len), false);
+    runner_init(rm, B, c.max_seq_len, false);
 }
 
 // ---- responses: text, gold scores, reward scores
@@ -230,7 +232,7 @@ static void make_set(const SampleConfig& cfg) {
     init_runner(&L, cfg.n, cfg);
     bool scored = *cfg.rm_path;
     Runner rm;
-    if (scored) load_reward_model(&rm, cfg.rm_path, L, std::min(cfg.n, 32), L.longest + cfg.max_new + 1);
+    if (scored) load_reward_model(&rm, cfg.rm_path, L, std::min(cfg.n, 32));
     std::string out_path = *cfg.out_path ? cfg.out_path : "out/xwin_set.jsonl";
     GenerateConfig g = generate_config(cfg, L.tok, 1.0f);
     printf("sample on %s | %s | %zu prompts x %d responses | temperature %g, top-k %d, top-p %g | up to %d new tokens | seed %llu%s\n", runner_device(),
@@ -555,7 +557,7 @@ static void best_of_n_curve(const SampleConfig& cfg) {
            stats.tokens / (ms / 1000), g.sampler.temperature, g.sampler.top_k, g.sampler.top_p);
     if (*rm_path) {
         Runner rm;
-        load_reward_model(&rm, rm_path, L, 32, L.longest + cfg.max_new + 1);
+        load_reward_model(&rm, rm_path, L, 32);
         auto t0 = std::chrono::steady_clock::now();
         for (size_t i = 0; i < all.size(); i++) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, 32);
         printf("reward model scored %zu responses in %.1f s\n", stats.responses, ms_since(t0) / 1000);
