@@ -196,6 +196,38 @@ TEST_CASE("the inference runner allocates no training state", "[infer]") {
     infer_runner_free(&inf);
 }
 
+// The cache operations of generate: a prompt prefilled in one sequence and copied into others
+// decodes in each of them exactly as in itself (the same arithmetic on the same numbers, so
+// bit for bit on every build), and a sequence rewound by one position and given another token
+// decodes exactly as one that never saw the first.
+TEST_CASE("KV cache: a copied sequence decodes as its source; a rewound one as if never extended", "[infer]") {
+    InferRunner inf;
+    llama_load(&inf.host, "test/fixtures/gqa_untied/model.bin");
+    size_t V = inf.host.config.vocab_size;
+    infer_runner_init(&inf, 4, 20, 6);
+    // sequence 0 holds a 6-token prompt, sequence 1 a 3-token one; 2 and 3 become copies of 0
+    std::vector<int> prompt = {3, 17, 42, 5, 99, 7, 8, 9, 10, 0, 0, 0}, lens = {6, 3};
+    infer_runner_prefill(&inf, prompt.data(), 6, lens.data(), 2);
+    infer_runner_copy_sequence(&inf, 0, 2);
+    infer_runner_copy_sequence(&inf, 0, 3);
+    CHECK(infer_runner_positions(&inf)[2] == 6);
+    CHECK(infer_runner_positions(&inf)[3] == 6);
+    std::vector<int> next = {11, 12, 11, 13};
+    const float* logits = infer_runner_decode(&inf, next.data());
+    std::vector<float> once(logits, logits + 4 * V);
+    auto row = [&](const std::vector<float>& v, int b) { return std::vector<float>(v.begin() + b * V, v.begin() + (b + 1) * V); };
+    CHECK(row(once, 2) == row(once, 0));  // the copy, given the same token
+    CHECK(row(once, 3) != row(once, 0));  // another token
+    // every sequence back to its prompt's end; sequence 3 now takes token 11: as sequence 0 did
+    for (int b = 0; b < 4; b++) infer_runner_rewind(&inf, b, b == 1 ? 3 : 6);
+    next[3] = 11;
+    logits = infer_runner_decode(&inf, next.data());
+    std::vector<float> again(logits, logits + 4 * V);
+    CHECK(row(again, 3) == row(once, 0));
+    CHECK(row(again, 1) == row(once, 1));  // sequence 1 (the other prompt) decodes its token again, the same
+    infer_runner_free(&inf);
+}
+
 // Greedy decoding on the KV cache against transformers' greedy generate (float64, KV cache,
 // one prompt at a time) on a converted model (test/fixtures/greedy_gqa, dev/make_fixtures.py):
 // the three prompts of different lengths decode together, right-padded in one prefill, and
