@@ -699,16 +699,28 @@ void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M
     }
 }
 
+// wt (C, OC) = weight (OC, C)^T
+template <typename T>
+void matmul_transpose_weight(T* wt, const T* weight, size_t C, size_t OC) {
+    for (size_t o = 0; o < OC; o++) {
+        for (size_t c = 0; c < C; c++) wt[c * OC + o] = weight[o * C + c];
+    }
+}
+
+// out (N, OC) = inp (N, C) @ wt (C, OC): the weight transposed already (inference does it once)
+template <typename T>
+void matmul_forward_transposed(T* out, const T* inp, const T* wt, size_t N, size_t C, size_t OC) {
+    std::fill(out, out + N * OC, T(0));
+    matmul_tiles(out, inp, C, 1, wt, N, C, OC);
+}
+
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none); through a
 // transposed copy of the weight, so that the tiles read it along their rows.
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
     std::vector<T> wt(C * OC);
-    for (size_t o = 0; o < OC; o++) {
-        for (size_t c = 0; c < C; c++) wt[c * OC + o] = weight[o * C + c];
-    }
-    std::fill(out, out + N * OC, T(0));
-    matmul_tiles(out, inp, C, 1, wt.data(), N, C, OC);
+    matmul_transpose_weight(wt.data(), weight, C, OC);
+    matmul_forward_transposed(out, inp, wt.data(), N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
@@ -2512,6 +2524,8 @@ inline void infer_require_lm(const LlamaConfig& c, int B, int max_T, int max_chu
 
 struct Infer {
     const Llama* model = nullptr;  // the weights: the host model's FP32 parameters (not owned)
+    std::vector<float> wt_memory;  // (num_params) its matrices transposed once for matmul_forward_transposed
+    ParamTensors wt;               // (the norms and wte slots are not used; a tied head is wte^T)
     int B = 0, max_T = 0, max_chunk = 0;  // B sequences of up to max_T tokens, up to max_chunk new ones per call
     std::vector<int> pos;          // (B) the tokens in the cache of each sequence
     std::vector<int> tok_pos;      // (B, Tn) the last call's positions of the new tokens
@@ -2529,9 +2543,26 @@ inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max
     inf->max_T = max_T;
     inf->max_chunk = max_chunk;
     inf->pos.assign(B, 0);
-    inf->bytes = point_infer_state(&inf->s, nullptr, model->config, B, max_T, max_chunk);
+    const LlamaConfig& c = model->config;
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c);
+    inf->wt_memory.resize(model->num_params);
+    inf->wt = point_parameters(c, inf->wt_memory.data());
+    const ParamTensors& p = model->params;
+    ParamTensors& t = inf->wt;
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
+        matmul_transpose_weight(t.wq + l * C * C, p.wq + l * C * C, C, C);
+        matmul_transpose_weight(t.wk + l * KVD * C, p.wk + l * KVD * C, C, KVD);
+        matmul_transpose_weight(t.wv + l * KVD * C, p.wv + l * KVD * C, C, KVD);
+        matmul_transpose_weight(t.wo + l * C * C, p.wo + l * C * C, C, C);
+        matmul_transpose_weight(t.w_gate + l * F * C, p.w_gate + l * F * C, C, F);
+        matmul_transpose_weight(t.w_up + l * F * C, p.w_up + l * F * C, C, F);
+        matmul_transpose_weight(t.w_down + l * C * F, p.w_down + l * C * F, F, C);
+    }
+    matmul_transpose_weight(t.head, p.head, C, (size_t)c.vocab_size);
+    inf->bytes = point_infer_state(&inf->s, nullptr, c, B, max_T, max_chunk);
     inf->memory = malloc_check(inf->bytes);
-    point_infer_state(&inf->s, inf->memory, model->config, B, max_T, max_chunk);
+    point_infer_state(&inf->s, inf->memory, c, B, max_T, max_chunk);
+    inf->bytes += inf->wt_memory.size() * sizeof(float);
 }
 
 inline void infer_free(Infer* inf) {
@@ -2549,32 +2580,32 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
     infer_plan(inf->pos, inf->tok_pos, inf->last_row, lens, B, Tn, inf->max_T, inf->max_chunk);
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
     size_t N = (size_t)B * Tn, cache = (size_t)inf->B * inf->max_T * KVD;  // a layer's cache holds all inf->B sequences
-    const ParamTensors& p = inf->model->params;
+    const ParamTensors &p = inf->model->params, &w = inf->wt;  // w: the matrices transposed
     InferStateT<float>& s = inf->s;
     embedding_forward(s.x, tokens, p.wte, N, C);
     for (size_t l = 0; l < L; l++) {
         float* k_cache = s.k_cache + l * cache;
         float* v_cache = s.v_cache + l * cache;
         rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, C, c.norm_eps);
-        matmul_forward(s.q, s.norm, p.wq + l * C * C, N, C, C);
-        matmul_forward(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD);
-        matmul_forward(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD);
+        matmul_forward_transposed(s.q, s.norm, w.wq + l * C * C, N, C, C);
+        matmul_forward_transposed(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
+        matmul_forward_transposed(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
         rope_forward_at(s.q, inf->tok_pos.data(), N, H, (int)hd, c.rope_theta);
         rope_forward_at(s.k, inf->tok_pos.data(), N, KV, (int)hd, c.rope_theta);
         kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
         attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
-        matmul_forward(s.scratch, s.att_out, p.wo + l * C * C, N, C, C);
+        matmul_forward_transposed(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
         residual_forward(s.x, s.x, s.scratch, N * C);
         rmsnorm_forward(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, C, c.norm_eps);
-        matmul_forward(s.gate, s.norm, p.w_gate + l * F * C, N, C, F);
-        matmul_forward(s.up, s.norm, p.w_up + l * F * C, N, C, F);
+        matmul_forward_transposed(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
+        matmul_forward_transposed(s.up, s.norm, w.w_up + l * F * C, N, C, F);
         swiglu_forward(s.gate, s.gate, s.up, N * F);
-        matmul_forward(s.scratch, s.gate, p.w_down + l * C * F, N, F, C);
+        matmul_forward_transposed(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
         residual_forward(s.x, s.x, s.scratch, N * C);
     }
     embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
     rmsnorm_forward(s.last_norm, s.last_rstd, s.last, p.final_norm, B, C, c.norm_eps);
-    matmul_forward(s.logits, s.last_norm, p.head, B, C, (size_t)c.vocab_size);
+    matmul_forward_transposed(s.logits, s.last_norm, w.head, B, C, (size_t)c.vocab_size);
     for (int b = 0; b < B; b++) inf->pos[b] += inf->last_row[b] - b * Tn + 1;
     return s.logits;
 }

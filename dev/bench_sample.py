@@ -8,7 +8,7 @@ batch of N sequences with a KV cache (transformers: generate(num_return_sequence
 The figure is generated tokens per second (each response's tokens up to and including its
 EOS), ./sample over transformers, timing only the generation (no loading, no writing).
 
-    make sample && python dev/bench_sample.py [--model out/sft/model.bin] [--prompts 16] [--n 16]
+    make cpu && python dev/bench_sample.py [--model out/sft/model.bin] [--prompts 16] [--n 16]
     make gpu && python dev/bench_sample.py --device cuda    # transformers in bfloat16 on the GPU
 
 Needs torch and transformers (pip install torch transformers safetensors numpy).
