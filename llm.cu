@@ -517,10 +517,15 @@ inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && 
 // ----------------------------------------------------------------------------
 // CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
 
+// Below this many elements (or multiply-adds) an op runs on one thread: waking the others would
+// cost more than it saves. The small ops of a decode step (a few rows each, ~60 of them per
+// token) stay serial; training's are far above it. No result depends on the thread count.
+constexpr size_t PARALLEL_MIN_WORK = (size_t)1 << 16;
+
 // x[b,t,:] = wte[tokens[b,t], :]
 template <typename T>
 void embedding_forward(T* out, const int* tokens, const T* wte, size_t N, size_t C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         memcpy(out + n * C, wte + (size_t)tokens[n] * C, C * sizeof(T));
     }
@@ -566,7 +571,7 @@ inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* 
 // out = x / sqrt(mean(x^2) + eps) * weight; rstd (N) saved for the backward
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, size_t N, size_t C, double eps) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         const T* x = inp + n * C;
         T ss = 0;
@@ -689,7 +694,7 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
 template <typename T>
 void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P) {
     constexpr size_t R = 4, W = 16;
-    #pragma omp parallel for collapse(2) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static) if (M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
@@ -792,7 +797,7 @@ void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) 
 // The forward at given positions (the new tokens of a KV cache): x (N, NH, hd), token n at position pos[n] (N)
 template <typename T>
 void rope_forward_at(T* x, const int* pos, size_t N, size_t NH, int hd, double theta) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * NH * hd >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) rope_rotate_token(x + n * NH * hd, pos[n], NH, hd, theta, +1);
 }
 
@@ -1080,8 +1085,9 @@ template <typename T>
 void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, const int* pos, size_t B, size_t Tn,
                               size_t H, size_t KV, size_t hd, size_t maxT) {
     T scale = T(1) / std::sqrt(T(hd));
-    size_t group = H / KV;
-    #pragma omp parallel
+    size_t group = H / KV, work = 0;  // multiply-adds: 2 hd per query row and attended position
+    for (size_t b = 0; b < B; b++) work += 2 * H * hd * Tn * (pos[b] + (Tn + 1) / 2);
+    #pragma omp parallel if (work >= 16 * PARALLEL_MIN_WORK)
     {
         std::vector<T> a(maxT);  // one row of probabilities per thread
         #pragma omp for collapse(3)
@@ -1257,7 +1263,7 @@ inline void attention_decode_cuda(floatX* out, const floatX* q, const floatX* k_
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x)
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         T g = gate[i];
         out[i] = g / (T(1) + std::exp(-g)) * up[i];
@@ -1307,7 +1313,7 @@ inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout,
 // out = a + b (the residual stream)
 template <typename T>
 void residual_forward(T* out, const T* a, const T* b, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 

@@ -22,9 +22,12 @@ import sys
 import tempfile
 import time
 
-import torch
-from transformers import LlamaForCausalLM
-from transformers.utils import logging as hf_logging
+# both sides wait for their OpenMP threads passively: on a shared machine, spinning threads
+# fight other processes for the cores and a step can take many times longer
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
