@@ -30,7 +30,8 @@ Contents, in file order (search for the quoted heading):
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention,
+                            PARALLEL_MIN_WORK; embedding, rmsnorm, matmul (matmul_forward_transposed: a weight
+                            transposed once), rope (rope_forward_at: given positions), attention,
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
                             logprob, masked_mean_loss, clip_grad_norm, adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
@@ -52,7 +53,8 @@ Contents, in file order (search for the quoted heading):
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
                             generate (n samples per prompt on an InferRunner, one prefill each, duplicates
-                            drawn again), generate_greedy(_batch), world_prompt_ids, world_evaluate;
+                            drawn again), infer_runner_shape/_from, generate_greedy(_batch), world_prompt_ids,
+                            world_evaluate;
                             best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse/_append,
                             utf8_repair, read_lines_checked, json_messages, prompts_load_checked
 */
