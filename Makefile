@@ -3,7 +3,7 @@
 #   make cpu        the same programs for the CPU (g++ -O3 -fopenmp)
 #   make gpu        the GPU programs (GPU_ARCH=90 to override the detected architecture)
 #   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
-#                   and the nvcc gate; installs Debian's catch2 when root
+#                   and the nvcc gate; installs Debian's catch2 and libstb-dev when root
 #   make test-gpu   the kernel tests on a real GPU and the GPU benchmark against PyTorch
 #   make profile    the GPU programs and build/bench_gpu with -lineinfo, for Nsight Systems / Compute
 #   make clean
@@ -24,21 +24,23 @@ endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = train_sft train_rm logprobs
+PROGRAMS = train_sft train_rm sample logprobs
 train_sft_SRC = train_sft.cu
 train_rm_SRC = train_rm.cu
+sample_SRC = sample.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_sample
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
 EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
 KERNEL_TEST_SRC = test/test_main.cpp test/test_kernels.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
+STB_HEADER = /usr/include/stb/stb_image_write.h
 
-.PHONY: all cpu gpu profile test test-gpu deps clean
+.PHONY: all cpu gpu profile test test-gpu deps deps-stb clean
 
 # make: the GPU programs where nvcc and a GPU are both present, else the CPU programs
 # (so that make && ./train_sft runs anywhere; make gpu builds for the GPU regardless)
@@ -56,10 +58,10 @@ all: cpu
 endif
 
 # each program is one .cu file; g++ reads it as C++ (-x c++), nvcc as CUDA
-cpu: llm.cu
+cpu: llm.cu | deps-stb
 	$(foreach p,$(PROGRAMS),$(CXX) $(CXXFLAGS) -x c++ $($(p)_SRC) -o $(p) &&) true
 
-gpu: llm.cu
+gpu: llm.cu | deps-stb
 	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $($(p)_SRC) $(NVCC_LDFLAGS) -o $(p) &&) true
 
 # make profile: the GPU build with source lines in the binaries (-lineinfo: ncu shows the
@@ -73,17 +75,25 @@ profile: gpu
 bench_step: $(BENCH) llm.cu
 	$(CXX) $(CXXFLAGS) -x c++ $(BENCH) -o $@
 
-# Debian's catch2 (v2, single header). Installed here when root; otherwise the command is printed.
+# Debian's catch2 (v2, single header) for the tests and libstb-dev (stb_image_write.h, for the
+# PNG of ./sample) for the programs. Installed here when root; otherwise the command is printed.
 # (The tests also run python3 on dev/data/prepare_sft.py, which needs only its standard library.)
-deps:
-	@if [ ! -f $(CATCH_HEADER) ]; then \
+define debian_install
+	@if [ ! -f $(1) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing catch2 from Debian"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq catch2) >/dev/null || exit 1; \
+	    echo "installing $(2) from Debian"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2)) >/dev/null || exit 1; \
 	  else \
-	    echo "error: Catch2 is missing. Install it with: sudo apt-get install catch2"; exit 1; \
+	    echo "error: $(2) is missing. Install it with: sudo apt-get install $(2)"; exit 1; \
 	  fi; \
 	fi
+endef
+
+deps: deps-stb
+	$(call debian_install,$(CATCH_HEADER),catch2)
+
+deps-stb:
+	$(call debian_install,$(STB_HEADER),libstb-dev)
 
 build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
@@ -112,11 +122,11 @@ build/emu_planted_bugs_asan: test/emu_planted_bugs.cpp test/cuda_emu.h
 	$(CXX) -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Werror -Itest $< -o $@ -pthread
 
 # the programs the tests run: the CPU build and the CUDA build over the emulation layer
-build/%_cpu: %.cu llm.cu
+build/%_cpu: %.cu llm.cu | deps-stb
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS) -x c++ $< -o $@
 
-build/%_emu: %.cu llm.cu test/cuda_emu.h
+build/%_emu: %.cu llm.cu test/cuda_emu.h | deps-stb
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ $< -o $@
 
@@ -125,6 +135,9 @@ build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build
 
 build/test_rm: test/test_main.cpp test/test_rm.cpp test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@
+
+build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@
 
 test: deps $(TESTS)
 	@bash test/run_all.sh $(TESTS) test/nvcc_gate.sh

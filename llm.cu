@@ -31,7 +31,8 @@ Contents, in file order (search for the quoted heading):
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention
+                            PARALLEL_MIN_WORK; embedding, rmsnorm, matmul (matmul_forward_transposed: a weight
+                            transposed once), rope (rope_forward_at: given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
@@ -41,18 +42,24 @@ Contents, in file order (search for the quoted heading):
   "The model on the GPU"    defines: LlamaCuda, llama_cuda_init/_forward/_backward/_update/_download
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
   "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
-                            infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode
+                            infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
+                            _copy_sequence/_rewind
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
   "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
-  "The chat template"       defines: chat_encode_prompt, generate_greedy, mfu_text
+  "The chat template"       defines: chat_encode_prompt, mfu_text
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
                             _step_end, _log, _checkpoint, _save_model, _close;
-                            tokenizer_check_model, tokens_identity, tokens_check_for_training,
-                            world_evaluate
+                            tokenizer_check_model, tokens_identity, tokens_check_for_training
+  "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
+                            generate (n samples per prompt on an InferRunner, one prefill each, duplicates
+                            drawn again), infer_runner_shape/_from, generate_greedy(_batch), world_prompt_ids,
+                            world_evaluate;
+                            best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse/_append,
+                            utf8_repair, read_lines_checked, json_messages, prompts_load_checked
 */
 #pragma once
 
@@ -535,10 +542,15 @@ inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && 
 // ----------------------------------------------------------------------------
 // CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
 
+// Below this many elements (or multiply-adds) an op runs on one thread: waking the others would
+// cost more than it saves. The small ops of a decode step (a few rows each, ~60 of them per
+// token) stay serial; training's are far above it. No result depends on the thread count.
+constexpr size_t PARALLEL_MIN_WORK = (size_t)1 << 16;
+
 // x[b,t,:] = wte[tokens[b,t], :]
 template <typename T>
 void embedding_forward(T* out, const int* tokens, const T* wte, size_t N, size_t C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         memcpy(out + n * C, wte + (size_t)tokens[n] * C, C * sizeof(T));
     }
@@ -586,7 +598,7 @@ inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* 
 // out = x / sqrt(mean(x^2) + eps) * weight; rstd (N) saved for the backward
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, size_t N, size_t C, double eps) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         const T* x = inp + n * C;
         T ss = 0;
@@ -711,7 +723,7 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
 template <typename T>
 void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P) {
     constexpr size_t R = 4, W = 16;
-    #pragma omp parallel for collapse(2) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static) if (M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
@@ -721,16 +733,28 @@ void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M
     }
 }
 
+// wt (C, OC) = weight (OC, C)^T
+template <typename T>
+void matmul_transpose_weight(T* wt, const T* weight, size_t C, size_t OC) {
+    for (size_t o = 0; o < OC; o++) {
+        for (size_t c = 0; c < C; c++) wt[c * OC + o] = weight[o * C + c];
+    }
+}
+
+// out (N, OC) = inp (N, C) @ wt (C, OC): the weight transposed already (inference does it once)
+template <typename T>
+void matmul_forward_transposed(T* out, const T* inp, const T* wt, size_t N, size_t C, size_t OC) {
+    std::fill(out, out + N * OC, T(0));
+    matmul_tiles(out, inp, C, 1, wt, N, C, OC);
+}
+
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none); through a
 // transposed copy of the weight, so that the tiles read it along their rows.
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
     std::vector<T> wt(C * OC);
-    for (size_t o = 0; o < OC; o++) {
-        for (size_t c = 0; c < C; c++) wt[c * OC + o] = weight[o * C + c];
-    }
-    std::fill(out, out + N * OC, T(0));
-    matmul_tiles(out, inp, C, 1, wt.data(), N, C, OC);
+    matmul_transpose_weight(wt.data(), weight, C, OC);
+    matmul_forward_transposed(out, inp, wt.data(), N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
@@ -804,7 +828,7 @@ void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) 
 // The forward at given positions (the new tokens of a KV cache): x (N, NH, hd), token n at position pos[n] (N)
 template <typename T>
 void rope_forward_at(T* x, const int* pos, size_t N, size_t NH, int hd, double theta) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N * NH * hd >= PARALLEL_MIN_WORK)
     for (size_t n = 0; n < N; n++) rope_rotate_token(x + n * NH * hd, pos[n], NH, hd, theta, +1);
 }
 
@@ -1445,8 +1469,9 @@ template <typename T>
 void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, const int* pos, size_t B, size_t Tn,
                               size_t H, size_t KV, size_t hd, size_t maxT) {
     T scale = T(1) / std::sqrt(T(hd));
-    size_t group = H / KV;
-    #pragma omp parallel
+    size_t group = H / KV, work = 0;  // multiply-adds: 2 hd per query row and attended position
+    for (size_t b = 0; b < B; b++) work += 2 * H * hd * Tn * (pos[b] + (Tn + 1) / 2);
+    #pragma omp parallel if (work >= 16 * PARALLEL_MIN_WORK)
     {
         std::vector<T> a(maxT);  // one row of probabilities per thread
         #pragma omp for collapse(3)
@@ -1624,7 +1649,7 @@ inline void attention_decode_cuda(floatX* out, const floatX* q, const floatX* k_
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x)
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         T g = gate[i];
         out[i] = g / (T(1) + std::exp(-g)) * up[i];
@@ -1676,7 +1701,7 @@ inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout,
 // out = a + b (the residual stream)
 template <typename T>
 void residual_forward(T* out, const T* a, const T* b, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
@@ -2910,6 +2935,8 @@ inline void infer_require_lm(const LlamaConfig& c, int B, int max_T, int max_chu
 
 struct Infer {
     const Llama* model = nullptr;  // the weights: the host model's FP32 parameters (not owned)
+    std::vector<float> wt_memory;  // (num_params) its matrices transposed once for matmul_forward_transposed
+    ParamTensors wt;               // (the norms and wte slots are not used; a tied head is wte^T)
     int B = 0, max_T = 0, max_chunk = 0;  // B sequences of up to max_T tokens, up to max_chunk new ones per call
     std::vector<int> pos;          // (B) the tokens in the cache of each sequence
     std::vector<int> tok_pos;      // (B, Tn) the last call's positions of the new tokens
@@ -2927,9 +2954,26 @@ inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max
     inf->max_T = max_T;
     inf->max_chunk = max_chunk;
     inf->pos.assign(B, 0);
-    inf->bytes = point_infer_state(&inf->s, nullptr, model->config, B, max_T, max_chunk);
+    const LlamaConfig& c = model->config;
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c);
+    inf->wt_memory.resize(model->num_params);
+    inf->wt = point_parameters(c, inf->wt_memory.data());
+    const ParamTensors& p = model->params;
+    ParamTensors& t = inf->wt;
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
+        matmul_transpose_weight(t.wq + l * C * C, p.wq + l * C * C, C, C);
+        matmul_transpose_weight(t.wk + l * KVD * C, p.wk + l * KVD * C, C, KVD);
+        matmul_transpose_weight(t.wv + l * KVD * C, p.wv + l * KVD * C, C, KVD);
+        matmul_transpose_weight(t.wo + l * C * C, p.wo + l * C * C, C, C);
+        matmul_transpose_weight(t.w_gate + l * F * C, p.w_gate + l * F * C, C, F);
+        matmul_transpose_weight(t.w_up + l * F * C, p.w_up + l * F * C, C, F);
+        matmul_transpose_weight(t.w_down + l * C * F, p.w_down + l * C * F, F, C);
+    }
+    matmul_transpose_weight(t.head, p.head, C, (size_t)c.vocab_size);
+    inf->bytes = point_infer_state(&inf->s, nullptr, c, B, max_T, max_chunk);
     inf->memory = malloc_check(inf->bytes);
-    point_infer_state(&inf->s, inf->memory, model->config, B, max_T, max_chunk);
+    point_infer_state(&inf->s, inf->memory, c, B, max_T, max_chunk);
+    inf->bytes += inf->wt_memory.size() * sizeof(float);
 }
 
 inline void infer_free(Infer* inf) {
@@ -2939,45 +2983,47 @@ inline void infer_free(Infer* inf) {
 
 // Appends Tn tokens per sequence (lens as infer_prefill) and returns the logits (B, V) at each
 // sequence's last new token; the ops of llama_forward on the new rows, attending to the cache.
-inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const int* lens) {
+// nb > 0: only the first nb sequences take tokens (nb, Tn) and give logits (nb, V); the
+// others keep their cache and position.
+inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const int* lens, int nb = 0) {
     const LlamaConfig& c = inf->model->config;
-    int B = inf->B;
+    int B = nb > 0 ? std::min(nb, inf->B) : inf->B;
     infer_plan(inf->pos, inf->tok_pos, inf->last_row, lens, B, Tn, inf->max_T, inf->max_chunk);
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
-    size_t N = (size_t)B * Tn, cache = (size_t)B * inf->max_T * KVD;
-    const ParamTensors& p = inf->model->params;
+    size_t N = (size_t)B * Tn, cache = (size_t)inf->B * inf->max_T * KVD;  // a layer's cache holds all inf->B sequences
+    const ParamTensors &p = inf->model->params, &w = inf->wt;  // w: the matrices transposed
     InferStateT<float>& s = inf->s;
     embedding_forward(s.x, tokens, p.wte, N, C);
     for (size_t l = 0; l < L; l++) {
         float* k_cache = s.k_cache + l * cache;
         float* v_cache = s.v_cache + l * cache;
         rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, C, c.norm_eps);
-        matmul_forward(s.q, s.norm, p.wq + l * C * C, N, C, C);
-        matmul_forward(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD);
-        matmul_forward(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD);
+        matmul_forward_transposed(s.q, s.norm, w.wq + l * C * C, N, C, C);
+        matmul_forward_transposed(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
+        matmul_forward_transposed(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
         rope_forward_at(s.q, inf->tok_pos.data(), N, H, (int)hd, c.rope_theta);
         rope_forward_at(s.k, inf->tok_pos.data(), N, KV, (int)hd, c.rope_theta);
         kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
         attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
-        matmul_forward(s.scratch, s.att_out, p.wo + l * C * C, N, C, C);
+        matmul_forward_transposed(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
         residual_forward(s.x, s.x, s.scratch, N * C);
         rmsnorm_forward(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, C, c.norm_eps);
-        matmul_forward(s.gate, s.norm, p.w_gate + l * F * C, N, C, F);
-        matmul_forward(s.up, s.norm, p.w_up + l * F * C, N, C, F);
+        matmul_forward_transposed(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
+        matmul_forward_transposed(s.up, s.norm, w.w_up + l * F * C, N, C, F);
         swiglu_forward(s.gate, s.gate, s.up, N * F);
-        matmul_forward(s.scratch, s.gate, p.w_down + l * C * F, N, F, C);
+        matmul_forward_transposed(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
         residual_forward(s.x, s.x, s.scratch, N * C);
     }
     embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
     rmsnorm_forward(s.last_norm, s.last_rstd, s.last, p.final_norm, B, C, c.norm_eps);
-    matmul_forward(s.logits, s.last_norm, p.head, B, C, (size_t)c.vocab_size);
+    matmul_forward_transposed(s.logits, s.last_norm, w.head, B, C, (size_t)c.vocab_size);
     for (int b = 0; b < B; b++) inf->pos[b] += inf->last_row[b] - b * Tn + 1;
     return s.logits;
 }
 
-inline const float* infer_prefill(Infer* inf, const int* tokens, int Tn, const int* lens = nullptr) {
+inline const float* infer_prefill(Infer* inf, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
     inf->pos.assign(inf->B, 0);
-    return infer_extend(inf, tokens, Tn, lens);
+    return infer_extend(inf, tokens, Tn, lens, nb);
 }
 
 inline const float* infer_decode(Infer* inf, const int* next) { return infer_extend(inf, next, 1, nullptr); }
@@ -3043,12 +3089,12 @@ inline void infer_cuda_free(InferCuda* g) {
 }
 
 // as infer_extend; tokens (B, Tn) on the host, the logits (B, V) stay on the device in s.logits
-inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens) {
+inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens, int nb = 0) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
-    int B = g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
+    int B = nb > 0 ? std::min(nb, g->B) : g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
     infer_plan(g->pos, g->tok_pos, g->last_row, lens, B, Tn, g->max_T, g->max_chunk);
-    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * Tn, cache = (size_t)B * g->max_T * KVD;
+    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * Tn, cache = (size_t)g->B * g->max_T * KVD;
     int max_len = 0;
     for (int b = 0; b < B; b++) max_len = std::max(max_len, g->pos[b] + Tn);
     cudaStream_t st = g->stream;
@@ -3087,9 +3133,9 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
     for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
 }
 
-inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const int* lens = nullptr) {
+inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
     g->pos.assign(g->B, 0);
-    infer_cuda_extend(g, tokens, Tn, lens);
+    infer_cuda_extend(g, tokens, Tn, lens, nb);
 }
 
 inline void infer_cuda_decode(InferCuda* g, const int* next) { infer_cuda_extend(g, next, 1, nullptr); }
@@ -3128,14 +3174,16 @@ inline void infer_runner_init(InferRunner* r, int B, int max_T, int max_chunk, i
 #endif
 }
 
-// prompts (B, Tn), right-padded, of lens[b] tokens (null: Tn each) -> the logits (B, V) at their last tokens
-inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int Tn, const int* lens = nullptr) {
+// prompts (B, Tn), right-padded, of lens[b] tokens (null: Tn each) -> the logits (B, V) at their last tokens.
+// nb > 0: only the first nb sequences are prompts (tokens (nb, Tn), logits (nb, V)); the
+// others start empty (infer_runner_copy_sequence fills them from a prompt).
+inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
 #ifdef XWIN_CUDA
-    infer_cuda_prefill(&r->gpu, tokens, Tn, lens);
+    infer_cuda_prefill(&r->gpu, tokens, Tn, lens, nb);
     infer_cuda_logits(&r->gpu, r->logits.data());
     return r->logits.data();
 #else
-    return infer_prefill(&r->cpu, tokens, Tn, lens);
+    return infer_prefill(&r->cpu, tokens, Tn, lens, nb);
 #endif
 }
 
@@ -3157,6 +3205,45 @@ inline const int* infer_runner_positions(const InferRunner* r) {
 #else
     return r->cpu.pos.data();
 #endif
+}
+
+// Sequence dst becomes a copy of sequence src: the cached keys and values of its positions, in
+// every layer, and its position. So several samples of one prompt share its prefill.
+inline void infer_runner_copy_sequence(InferRunner* r, int src, int dst) {
+    if (src == dst) return;
+    const LlamaConfig& c = r->host.config;
+    size_t KVD = kv_dim(c);
+#ifdef XWIN_CUDA
+    InferCuda& g = r->gpu;
+    size_t seq = (size_t)g.max_T * KVD, layer = (size_t)g.B * seq, n = (size_t)g.pos[src] * KVD;
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
+        for (floatX* cache : {g.s.k_cache, g.s.v_cache}) {
+            cudaCheck(cudaMemcpyAsync(cache + l * layer + dst * seq, cache + l * layer + src * seq, n * sizeof(floatX), cudaMemcpyDeviceToDevice, g.stream));
+        }
+    }
+    g.pos[dst] = g.pos[src];
+#else
+    Infer& inf = r->cpu;
+    size_t seq = (size_t)inf.max_T * KVD, layer = (size_t)inf.B * seq, n = (size_t)inf.pos[src] * KVD;
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
+        for (float* cache : {inf.s.k_cache, inf.s.v_cache}) memcpy(cache + l * layer + dst * seq, cache + l * layer + src * seq, n * sizeof(float));
+    }
+    inf.pos[dst] = inf.pos[src];
+#endif
+}
+
+// Sequence b forgets every position from pos on (pos <= its position): the next decode writes there.
+inline void infer_runner_rewind(InferRunner* r, int b, int pos) {
+#ifdef XWIN_CUDA
+    std::vector<int>& p = r->gpu.pos;
+#else
+    std::vector<int>& p = r->cpu.pos;
+#endif
+    if (pos < 0 || pos > p[b]) {
+        fprintf(stderr, "error: sequence %d holds %d positions; cannot rewind it to %d\n", b, p[b], pos);
+        exit(1);
+    }
+    p[b] = pos;
 }
 
 // the bytes the runner allocated beyond the host model (device memory on the GPU build)
@@ -4101,29 +4188,6 @@ inline void chat_encode_prompt(const Tokenizer* tok, const std::string& system, 
     tokenizer_encode(tok, text.c_str(), text.size(), out);
 }
 
-// Greedy decoding of up to max_new tokens after the prompt, stopping at EOS; a full
-// forward per token (the models of this program are small or the prompts few).
-// Returns the generated ids without the EOS.
-inline std::vector<int> generate_greedy(Runner* r, const std::vector<int>& prompt, int max_new, int eos_id) {
-    std::vector<int> seq = prompt, out;
-    std::vector<float> logits(r->host.config.vocab_size);
-#ifdef XWIN_CUDA
-    int limit = r->gpu.T;  // the allocation, at most max_seq_len
-#else
-    int limit = r->host.T;
-#endif
-    while ((int)out.size() < max_new && (int)seq.size() < limit) {
-        int T = (int)seq.size();
-        runner_forward(r, seq.data(), 1, T);
-        runner_logits_row(r, 0, T - 1, T, logits.data());
-        int best = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
-        if (best == eos_id) break;
-        seq.push_back(best);
-        out.push_back(best);
-    }
-    return out;
-}
-
 // " | 41.2% MFU" on the GPU build: the model FLOPs of a training step, 6 per parameter per
 // token (the attention scores are left out, so this is a lower bound), against the GPU's
 // dense peak for the precision (A100: 312 TFLOP/s BF16, 19.5 FP32; H100 SXM: 989, 67);
@@ -4857,6 +4921,223 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
     if (targets == 0) fail_file(path, "has no target tokens (the mask is 0 after every sequence's first token): nothing to learn or measure");
 }
 
+// ----------------------------------------------------------------------------
+// Sampling and generation on an InferRunner (stage 3, Xwin-Set, and every evaluation).
+// A token is drawn from softmax(logits / temperature), restricted to the top_k most probable
+// tokens and then to the smallest set of those whose probability reaches top_p, renormalised
+// (transformers' order: temperature, top-k, top-p); temperature 0 is greedy decoding (the
+// first of the largest logits, as torch.argmax). Each response has its own random stream
+// (rng_next), seeded by (seed, prompt index, sample index, attempt), so the same seed gives the
+// same text on the same build however the prompts are batched. The n samples of a prompt share
+// one prefill: the prompt runs once, in one sequence of the runner, whose cache is then copied
+// into the n sequences that decode its samples. A response ends at EOS (not kept) or after
+// max_new sampled tokens (EOS included, as transformers' max_new_tokens).
+
+struct SamplerConfig {
+    float temperature = 1.0f;  // 0: greedy
+    int top_k = 0;             // keep the k most probable tokens (0: all)
+    float top_p = 1.0f;        // then the smallest set of them whose probability reaches top_p (1: all)
+};
+
+// probs (V) <- the distribution a token is drawn from, in double. order (V) is scratch: the
+// ids by decreasing probability (ties: the lower id first).
+inline void sample_distribution(double* probs, const float* logits, int V, const SamplerConfig& s, std::vector<int>& order) {
+    if (s.temperature == 0.0f) {
+        int best = (int)(std::max_element(logits, logits + V) - logits);
+        for (int i = 0; i < V; i++) probs[i] = i == best ? 1.0 : 0.0;
+        return;
+    }
+    double mx = *std::max_element(logits, logits + V), sum = 0;
+    for (int i = 0; i < V; i++) sum += probs[i] = std::exp(((double)logits[i] - mx) / s.temperature);
+    for (int i = 0; i < V; i++) probs[i] /= sum;
+    bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p < 1.0f;
+    if (!cut_k && !cut_p) return;
+    order.resize(V);
+    for (int i = 0; i < V; i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); });
+    int keep = cut_k ? s.top_k : V;
+    double kept = 0;
+    for (int i = 0; i < keep; i++) kept += probs[order[i]];
+    if (cut_p) {  // the mass after top-k, renormalised, must reach top_p
+        double mass = 0;
+        int n = 0;
+        while (n < keep && mass < (double)s.top_p * kept) mass += probs[order[n++]];
+        keep = n, kept = mass;
+    }
+    for (int i = keep; i < V; i++) probs[order[i]] = 0.0;
+    for (int i = 0; i < V; i++) probs[i] /= kept;
+}
+
+inline double rng_unit(uint64_t* state) { return (double)(rng_next(state) >> 11) * 0x1.0p-53; }  // [0, 1), 53 bits
+
+// One token from logits (V); probs and order are scratch.
+inline int sample_token(const float* logits, int V, const SamplerConfig& s, uint64_t* rng, std::vector<double>& probs, std::vector<int>& order) {
+    if (s.temperature == 0.0f) return (int)(std::max_element(logits, logits + V) - logits);
+    probs.resize(V);
+    sample_distribution(probs.data(), logits, V, s, order);
+    double u = rng_unit(rng), acc = 0;
+    int last = 0;
+    for (int i = 0; i < V; i++) {
+        if (probs[i] == 0.0) continue;
+        acc += probs[i], last = i;
+        if (u < acc) return i;
+    }
+    return last;  // u above the rounded total
+}
+
+// The random stream of sample `sample` (its `attempt`-th draw) of prompt `prompt`.
+inline uint64_t sample_seed(uint64_t seed, uint64_t prompt, uint64_t sample, uint64_t attempt) {
+    uint64_t state = seed;
+    for (uint64_t x : {prompt, sample, attempt}) state = rng_next(&state) ^ x;
+    return rng_next(&state);
+}
+
+struct GenerateConfig {
+    SamplerConfig sampler;
+    int max_new = 64;   // sampled tokens per response at most, its EOS included
+    int eos_id = -1;
+    uint64_t seed = 1;
+    int resample = 0;   // a response equal to an earlier one of its prompt is drawn again, up to this many times
+};
+
+struct GenerateStats {
+    size_t responses = 0;
+    size_t tokens = 0;      // tokens sampled, EOS included (the ones decoded for finished sequences are not counted)
+    size_t resampled = 0;   // draws again of a duplicate response
+    size_t duplicates = 0;  // responses still equal to an earlier one of their prompt after `resample` draws
+    size_t cut = 0;         // responses that reached max_new or the context before an EOS
+};
+
+inline void infer_runner_shape(const InferRunner* r, int* B, int* max_T, int* max_chunk) {
+#ifdef XWIN_CUDA
+    *B = r->gpu.B, *max_T = r->gpu.max_T, *max_chunk = r->gpu.max_chunk;
+#else
+    *B = r->cpu.B, *max_T = r->cpu.max_T, *max_chunk = r->cpu.max_chunk;
+#endif
+}
+
+// n responses to each prompt (token ids, without the EOS) into (*out)[p], n each, B / n
+// prompts at a time (B: the runner's sequences). first: the index of prompts[0] among all the
+// prompts of the run, for the seeds. Adds to *stats.
+inline void generate(InferRunner* r, const std::vector<std::vector<int>>& prompts, int n, const GenerateConfig& g, size_t first,
+                     std::vector<std::vector<std::vector<int>>>* out, GenerateStats* stats) {
+    int B, max_T, max_chunk, V = r->host.config.vocab_size;
+    infer_runner_shape(r, &B, &max_T, &max_chunk);
+    if (n < 1 || n > B || g.max_new < 1) {
+        fprintf(stderr, "error: %d responses per prompt and %d new tokens each: need 1..%d responses (the runner's batch) and >= 1 token\n", n, g.max_new, B);
+        exit(1);
+    }
+    int P = B / n;
+    out->assign(prompts.size(), {});
+    std::vector<float> prompt_logits((size_t)P * V);
+    std::vector<int> tokens, lens(P), next(B, 0), plen(B, 0), attempt(B);
+    std::vector<uint64_t> rng(B);
+    std::vector<char> pending(B), active(B, 0);
+    std::vector<std::vector<int>> resp(B);
+    std::vector<double> probs(V);
+    std::vector<int> order;
+    auto take = [&](int s, const float* logits) {  // sequence s samples its next token from logits (V)
+        int tok = sample_token(logits, V, g.sampler, &rng[s], probs, order);
+        stats->tokens++;
+        if (tok == g.eos_id) {
+            active[s] = 0;
+            return;
+        }
+        resp[s].push_back(tok);
+        if ((int)resp[s].size() == g.max_new || plen[s] + (int)resp[s].size() > max_T) active[s] = 0, stats->cut++;
+    };
+    auto duplicate = [&](int s) {  // equal to an earlier response of its prompt
+        for (int i = s - s % n; i < s; i++) if (resp[i] == resp[s]) return true;
+        return false;
+    };
+    for (size_t p0 = 0; p0 < prompts.size(); p0 += P) {
+        int np = (int)std::min((size_t)P, prompts.size() - p0), ns = np * n, Tn = 0;
+        for (int p = 0; p < np; p++) {
+            int len = (int)prompts[p0 + p].size();
+            if (len < 1 || len > max_chunk || len >= max_T) {
+                fprintf(stderr, "error: prompt %zu has %d tokens; this runner takes prompts of 1..%d tokens\n", first + p0 + p, len,
+                        std::min(max_chunk, max_T - 1));
+                exit(1);
+            }
+            lens[p] = len, Tn = std::max(Tn, len);
+        }
+        // prefill each prompt once, then copy it into the sequences of its samples (the last
+        // prompts first: a prompt's sequences never precede it, so no source is overwritten)
+        tokens.assign((size_t)np * Tn, 0);
+        for (int p = 0; p < np; p++) std::copy(prompts[p0 + p].begin(), prompts[p0 + p].end(), tokens.begin() + (size_t)p * Tn);
+        const float* logits = infer_runner_prefill(r, tokens.data(), Tn, lens.data(), np);
+        std::copy(logits, logits + (size_t)np * V, prompt_logits.begin());
+        for (int p = np - 1; p >= 0; p--) {
+            for (int j = n - 1; j >= 0; j--) infer_runner_copy_sequence(r, p, p * n + j);
+        }
+        for (int s = 0; s < B; s++) plen[s] = s < ns ? lens[s / n] : 0, pending[s] = s < ns, attempt[s] = -1;
+        // rounds: draw the pending responses; then the duplicates are pending again, up to g.resample times
+        for (bool any = true; any;) {
+            for (int s = 0; s < ns; s++) {
+                if (!pending[s]) continue;
+                pending[s] = 0, active[s] = 1, attempt[s]++;
+                rng[s] = sample_seed(g.seed, first + p0 + s / n, s % n, attempt[s]);
+                resp[s].clear();
+                take(s, prompt_logits.data() + (size_t)(s / n) * V);
+            }
+            while (std::find(active.begin(), active.end(), 1) != active.end()) {
+                for (int s = 0; s < B; s++) {
+                    infer_runner_rewind(r, s, active[s] ? plen[s] + (int)resp[s].size() - 1 : plen[s]);  // a finished sequence decodes in place
+                    next[s] = active[s] ? resp[s].back() : 0;
+                }
+                logits = infer_runner_decode(r, next.data());
+                for (int s = 0; s < ns; s++) if (active[s]) take(s, logits + (size_t)s * V);
+            }
+            any = false;
+            for (int s = 0; s < ns; s++) {
+                if (duplicate(s) && attempt[s] < g.resample) pending[s] = 1, any = true, stats->resampled++;
+            }
+        }
+        for (int s = 0; s < ns; s++) {
+            stats->duplicates += duplicate(s);
+            (*out)[p0 + s / n].push_back(resp[s]);
+        }
+        stats->responses += ns;
+    }
+}
+
+// A runner over the weights of a training runner (copied; on the GPU build downloaded first).
+inline void infer_runner_from(InferRunner* ir, Runner* r, int B, int max_T, int max_chunk) {
+    runner_download_params(r);
+    llama_init(&ir->host, r->host.config);
+    memcpy(ir->host.params_memory, r->host.params_memory, r->host.num_params * sizeof(float));
+    infer_runner_init(ir, B, max_T, max_chunk);
+}
+
+// Greedy answers (ids without the EOS, up to max_new sampled tokens) of a training runner's
+// model to several prompts, up to 32 at a time, with a KV cache.
+inline std::vector<std::vector<int>> generate_greedy_batch(Runner* r, const std::vector<std::vector<int>>& prompts, int max_new, int eos_id) {
+    int longest = 1;
+    for (const std::vector<int>& p : prompts) longest = std::max(longest, (int)p.size());
+    int max_T = std::min(r->host.config.max_seq_len, longest + max_new);
+    InferRunner ir;
+    infer_runner_from(&ir, r, (int)std::max<size_t>(1, std::min<size_t>(prompts.size(), 32)), max_T, std::min(longest, max_T));
+    GenerateConfig g;
+    g.sampler.temperature = 0.0f;
+    g.max_new = max_new, g.eos_id = eos_id;
+    GenerateStats stats;
+    std::vector<std::vector<std::vector<int>>> out;
+    generate(&ir, prompts, 1, g, 0, &out, &stats);
+    infer_runner_free(&ir);
+    std::vector<std::vector<int>> answers;
+    for (auto& o : out) answers.push_back(o[0]);
+    return answers;
+}
+
+inline std::vector<int> generate_greedy(Runner* r, const std::vector<int>& prompt, int max_new, int eos_id) {
+    return generate_greedy_batch(r, {prompt}, max_new, eos_id)[0];
+}
+
+// The ids of a world prompt in the chat template, ready for the answer.
+inline void world_prompt_ids(const Tokenizer* tok, const WorldPrompt& p, std::vector<int>& ids) {
+    chat_encode_prompt(tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
+}
+
 // The gold judge's mean score (0..10) of greedy answers to the first n eval prompts of the
 // built-in world; prints the first `show` answers. per_kind (optional) gets each kind's mean
 // in the world's kind order, e.g. "arith 4.1, reverse 6.5, ...".
@@ -4865,12 +5146,12 @@ inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<
     double total = 0, kind_total[6] = {0};
     int kind_n[6] = {0};
     n = std::min(n, prompts.size());
+    std::vector<std::vector<int>> ids(n);
+    for (size_t i = 0; i < n; i++) world_prompt_ids(tok, prompts[i], ids[i]);
+    std::vector<std::vector<int>> answers = generate_greedy_batch(r, ids, 48, tok->eos_id);
     for (size_t i = 0; i < n; i++) {
         const WorldPrompt& p = prompts[i];
-        std::vector<int> ids;
-        chat_encode_prompt(tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
-        std::vector<int> answer = generate_greedy(r, ids, 48, tok->eos_id);
-        std::string text = tokenizer_decode(tok, answer.data(), (int)answer.size());
+        std::string text = tokenizer_decode(tok, answers[i].data(), (int)answers[i].size());
         int score = world_judge(p.kind, p.gold, text);
         total += score;
         for (int k = 0; k < 6; k++) if (p.kind == WORLD_KINDS[k]) kind_total[k] += score, kind_n[k]++;
@@ -4886,4 +5167,380 @@ inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<
         }
     }
     return n ? total / n : 0.0;
+}
+
+// ---- selection from a set of scored responses
+
+// The expected `value` of the response that best-of-n picks (the highest `select` score; on
+// ties the earlier response) from n of the m responses of a prompt drawn without replacement,
+// averaged over all C(m, n) draws: with the responses ranked by select ascending (rank i =
+// 1..m), the one of rank i is picked in C(i-1, n-1) of them. n = 1 is the mean, n = m the
+// pick of all m.
+inline double best_of_n(const std::vector<double>& select, const std::vector<double>& value, int n) {
+    int m = (int)select.size();
+    if (n < 1 || n > m) return NAN;
+    std::vector<int> order(m);
+    for (int i = 0; i < m; i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return select[a] < select[b] || (select[a] == select[b] && a > b); });
+    double expect = 0, log_total = std::lgamma(m + 1.0) - std::lgamma(n + 1.0) - std::lgamma(m - n + 1.0);
+    for (int i = n; i <= m; i++) {  // rank i picks in C(i-1, n-1) draws
+        double log_ways = std::lgamma((double)i) - std::lgamma((double)n) - std::lgamma((double)(i - n + 1));
+        expect += value[order[i - 1]] * std::exp(log_ways - log_total);
+    }
+    return expect;
+}
+
+// How DPO pairs are drawn from a scored set: the best response (the highest score, the first
+// on ties) is chosen; rejected is the worst, a random one, or the one whose score is nearest
+// mu - 2 sigma of the set's scores (Xwin-LM's choice), each among the responses that score
+// below the best.
+enum PairStrategy { PAIR_WORST = 0, PAIR_RANDOM = 1, PAIR_SIGMA = 2 };
+inline const char* const PAIR_STRATEGY_NAMES[3] = {"best vs worst", "best vs random", "best vs nearest mu - 2 sigma"};
+
+inline int best_index(const std::vector<double>& scores) {
+    return (int)(std::max_element(scores.begin(), scores.end()) - scores.begin());
+}
+
+// The rejected response's index, or -1 when none scores below the best.
+inline int rejected_index(const std::vector<double>& scores, int strategy, uint64_t* rng) {
+    double best = scores[best_index(scores)], mean = 0, var = 0;
+    std::vector<int> below;
+    for (size_t i = 0; i < scores.size(); i++) if (scores[i] < best) below.push_back((int)i);
+    if (below.empty()) return -1;
+    if (strategy == PAIR_RANDOM) return below[rng_next(rng) % below.size()];
+    int pick = below[0];
+    if (strategy == PAIR_WORST) {
+        for (int i : below) if (scores[i] < scores[pick]) pick = i;
+        return pick;
+    }
+    for (double x : scores) mean += x / scores.size();
+    for (double x : scores) var += (x - mean) * (x - mean) / scores.size();
+    double target = mean - 2.0 * std::sqrt(var);  // the population sigma of all the set's scores
+    for (int i : below) if (std::fabs(scores[i] - target) < std::fabs(scores[pick] - target)) pick = i;
+    return pick;
+}
+
+// ---- JSON: a reader and a writer for the JSONL files of the sampling stage (RFC 8259; the
+// text is UTF-8, \u escapes become UTF-8, a lone surrogate or invalid UTF-8 is an error)
+
+struct Json {
+    enum Type { NUL, BOOL, NUMBER, STRING, ARRAY, OBJECT };
+    Type type = NUL;
+    bool boolean = false;
+    double number = 0;
+    std::string text;                                   // STRING
+    std::vector<Json> items;                            // ARRAY
+    std::vector<std::pair<std::string, Json>> members;  // OBJECT, in file order
+};
+
+inline Json json_string(const std::string& s) { Json j; j.type = Json::STRING; j.text = s; return j; }
+inline Json json_number(double x) { Json j; j.type = Json::NUMBER; j.number = x; return j; }
+inline Json json_array() { Json j; j.type = Json::ARRAY; return j; }
+inline Json json_object() { Json j; j.type = Json::OBJECT; return j; }
+
+// the member named key of an object, or null
+inline const Json* json_get(const Json& obj, const char* key) {
+    if (obj.type != Json::OBJECT) return nullptr;
+    for (const auto& m : obj.members) if (m.first == key) return &m.second;
+    return nullptr;
+}
+
+inline void utf8_append(std::string& out, uint32_t cp) {
+    if (cp < 0x80) {
+        out += (char)cp;
+    } else if (cp < 0x800) {
+        out += (char)(0xC0 | cp >> 6), out += (char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        out += (char)(0xE0 | cp >> 12), out += (char)(0x80 | (cp >> 6 & 0x3F)), out += (char)(0x80 | (cp & 0x3F));
+    } else {
+        out += (char)(0xF0 | cp >> 18), out += (char)(0x80 | (cp >> 12 & 0x3F)), out += (char)(0x80 | (cp >> 6 & 0x3F)), out += (char)(0x80 | (cp & 0x3F));
+    }
+}
+
+// s with every byte that does not start a valid UTF-8 character replaced by U+FFFD
+inline std::string utf8_repair(const std::string& s) {
+    std::string out;
+    for (size_t i = 0; i < s.size();) {
+        size_t k = tokenizer_utf8_len(s.data() + i, s.size() - i);
+        if (k == 0) out += "\xEF\xBF\xBD", i += 1;
+        else out.append(s, i, k), i += k;
+    }
+    return out;
+}
+
+struct JsonReader {
+    const std::string& s;
+    size_t i = 0;
+    std::string err;
+};
+
+inline bool json_error(JsonReader& r, const char* what) {
+    if (r.err.empty()) r.err = string_format("%s at byte %zu", what, r.i + 1);
+    return false;
+}
+
+inline void json_skip_space(JsonReader& r) {
+    while (r.i < r.s.size() && (r.s[r.i] == ' ' || r.s[r.i] == '\t' || r.s[r.i] == '\n' || r.s[r.i] == '\r')) r.i++;
+}
+
+inline bool json_hex4(JsonReader& r, uint32_t* cp) {
+    *cp = 0;
+    for (int k = 0; k < 4; k++, r.i++) {
+        char c = r.i < r.s.size() ? r.s[r.i] : 0;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return json_error(r, "bad \\u escape");
+        *cp = *cp * 16 + d;
+    }
+    return true;
+}
+
+inline bool json_read_string(JsonReader& r, std::string& out) {
+    out.clear();
+    r.i++;  // the opening quote
+    for (;;) {
+        if (r.i >= r.s.size()) return json_error(r, "unterminated string");
+        unsigned char c = r.s[r.i];
+        if (c == '"') {
+            r.i++;
+            return true;
+        }
+        if (c < 0x20) return json_error(r, "control character in a string");
+        if (c != '\\') {
+            size_t k = tokenizer_utf8_len(r.s.data() + r.i, r.s.size() - r.i);
+            if (k == 0) return json_error(r, "invalid UTF-8");
+            out.append(r.s, r.i, k);
+            r.i += k;
+            continue;
+        }
+        char e = ++r.i < r.s.size() ? r.s[r.i++] : 0;
+        const char* from = "\"\\/bfnrt";
+        const char* to = "\"\\/\b\f\n\r\t";
+        const char* at = e ? strchr(from, e) : nullptr;
+        if (at) {
+            out += to[at - from];
+            continue;
+        }
+        if (e != 'u') return r.i--, json_error(r, "bad escape");
+        uint32_t cp, low;
+        if (!json_hex4(r, &cp)) return false;
+        if (cp >= 0xDC00 && cp <= 0xDFFF) return json_error(r, "lone surrogate");
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+            if (r.s.compare(r.i, 2, "\\u") != 0) return json_error(r, "lone surrogate");
+            r.i += 2;
+            if (!json_hex4(r, &low)) return false;
+            if (low < 0xDC00 || low > 0xDFFF) return json_error(r, "lone surrogate");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+        }
+        utf8_append(out, cp);
+    }
+}
+
+inline bool json_read_value(JsonReader& r, Json* v, int depth) {
+    json_skip_space(r);
+    if (depth > 64) return json_error(r, "nested deeper than 64");
+    if (r.i >= r.s.size()) return json_error(r, "unexpected end");
+    char c = r.s[r.i];
+    *v = Json{};
+    if (c == '"') {
+        v->type = Json::STRING;
+        return json_read_string(r, v->text);
+    }
+    if (c == '[' || c == '{') {
+        bool object = c == '{';
+        v->type = object ? Json::OBJECT : Json::ARRAY;
+        r.i++;
+        json_skip_space(r);
+        if (r.i < r.s.size() && r.s[r.i] == (object ? '}' : ']')) return r.i++, true;
+        for (;;) {
+            Json item;
+            std::string key;
+            if (object) {
+                json_skip_space(r);
+                if (r.i >= r.s.size() || r.s[r.i] != '"') return json_error(r, "expected a member name");
+                if (!json_read_string(r, key)) return false;
+                json_skip_space(r);
+                if (r.i >= r.s.size() || r.s[r.i] != ':') return json_error(r, "expected ':'");
+                r.i++;
+            }
+            if (!json_read_value(r, &item, depth + 1)) return false;
+            if (object) v->members.emplace_back(key, std::move(item));
+            else v->items.push_back(std::move(item));
+            json_skip_space(r);
+            if (r.i < r.s.size() && r.s[r.i] == ',') {
+                r.i++;
+                continue;
+            }
+            if (r.i < r.s.size() && r.s[r.i] == (object ? '}' : ']')) return r.i++, true;
+            return json_error(r, object ? "expected ',' or '}'" : "expected ',' or ']'");
+        }
+    }
+    for (const char* word : {"true", "false", "null"}) {
+        if (r.s.compare(r.i, strlen(word), word) == 0) {
+            r.i += strlen(word);
+            v->type = word[0] == 'n' ? Json::NUL : Json::BOOL;
+            v->boolean = word[0] == 't';
+            return true;
+        }
+    }
+    // a number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+    size_t start = r.i, j = r.i;
+    auto digits = [&]() { size_t k = j; while (j < r.s.size() && isdigit((unsigned char)r.s[j])) j++; return j > k; };
+    if (j < r.s.size() && r.s[j] == '-') j++;
+    if (j < r.s.size() && r.s[j] == '0') j++;
+    else if (!digits()) return json_error(r, "unexpected character");
+    if (j < r.s.size() && r.s[j] == '.' && (++j, !digits())) return r.i = j, json_error(r, "bad number");
+    if (j < r.s.size() && (r.s[j] == 'e' || r.s[j] == 'E')) {
+        j++;
+        if (j < r.s.size() && (r.s[j] == '+' || r.s[j] == '-')) j++;
+        if (!digits()) return r.i = j, json_error(r, "bad number");
+    }
+    v->type = Json::NUMBER;
+    v->number = strtod(r.s.substr(start, j - start).c_str(), nullptr);
+    r.i = j;
+    return true;
+}
+
+// Parses one JSON text (one line of a JSONL file). Returns "" or what is wrong and where.
+inline std::string json_parse(const std::string& text, Json* out) {
+    JsonReader r{text, 0, ""};
+    if (!json_read_value(r, out, 0)) return r.err;
+    json_skip_space(r);
+    if (r.i != text.size()) return json_error(r, "extra text after the value"), r.err;
+    return "";
+}
+
+// Appends s quoted and escaped (s must be valid UTF-8: see utf8_repair)
+inline void json_append_string(std::string& out, const std::string& s) {
+    out += '"';
+    for (unsigned char c : s) {
+        if (c == '"') out += "\\\"";
+        else if (c == '\\') out += "\\\\";
+        else if (c == '\n') out += "\\n";
+        else if (c == '\t') out += "\\t";
+        else if (c == '\r') out += "\\r";
+        else if (c < 0x20) out += string_format("\\u%04x", c);
+        else out += (char)c;
+    }
+    out += '"';
+}
+
+// Appends v as compact JSON; a number takes the fewest digits that read back the same
+// (integers without a point); a non-finite number is written as null (JSON has no NaN).
+inline void json_append(std::string& out, const Json& v) {
+    switch (v.type) {
+        case Json::NUL: out += "null"; break;
+        case Json::BOOL: out += v.boolean ? "true" : "false"; break;
+        case Json::NUMBER: {
+            if (!std::isfinite(v.number)) { out += "null"; break; }
+            std::string t;
+            for (int digits = 6; digits <= 17; digits++) {  // the fewest significant digits that read back the same double
+                t = string_format("%.*g", digits, v.number);
+                if (strtod(t.c_str(), nullptr) == v.number) break;
+            }
+            out += t;
+            break;
+        }
+        case Json::STRING: json_append_string(out, v.text); break;
+        case Json::ARRAY:
+            out += '[';
+            for (size_t i = 0; i < v.items.size(); i++) out += i ? ", " : "", json_append(out, v.items[i]);
+            out += ']';
+            break;
+        case Json::OBJECT:
+            out += '{';
+            for (size_t i = 0; i < v.members.size(); i++) {
+                out += i ? ", " : "";
+                json_append_string(out, v.members[i].first);
+                out += ": ";
+                json_append(out, v.members[i].second);
+            }
+            out += '}';
+            break;
+    }
+}
+
+// The lines of a text file (without their '\n', or a final '\r'). Returns "" or what is wrong.
+inline std::string read_lines_checked(const char* path, std::vector<std::string>* lines) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return std::string("cannot open: ") + strerror(errno);
+    std::string data;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) data.append(buf, n);
+    bool bad = ferror(f) != 0;
+    fclose(f);
+    if (bad) return "read error";
+    lines->clear();
+    for (size_t pos = 0; pos < data.size();) {
+        size_t end = data.find('\n', pos);
+        if (end == std::string::npos) end = data.size();
+        lines->push_back(data.substr(pos, end - pos));
+        if (!lines->back().empty() && lines->back().back() == '\r') lines->back().pop_back();
+        pos = end + 1;
+    }
+    return "";
+}
+
+// A conversation's messages from JSON [{"role", "content"}, ...]: an optional system message,
+// then user and assistant in turn. Into *turns as WorldPrompt.messages holds them (system
+// first, "" for the default). Returns "" or what is wrong.
+inline std::string json_messages(const Json* m, std::vector<std::string>* turns) {
+    if (!m || m->type != Json::ARRAY || m->items.empty()) return "no 'messages' list (or an empty one)";
+    turns->assign(1, "");
+    for (size_t i = 0; i < m->items.size(); i++) {
+        const Json *role = json_get(m->items[i], "role"), *content = json_get(m->items[i], "content");
+        if (!role || role->type != Json::STRING || !content || content->type != Json::STRING)
+            return string_format("message %zu has no string 'role' and 'content'", i + 1);
+        bool system = i == 0 && role->text == "system";
+        const char* want = turns->size() % 2 == 1 ? "user" : "assistant";
+        if (system) (*turns)[0] = content->text;
+        else if (role->text == want) turns->push_back(content->text);
+        else return string_format("message %zu is '%s' where '%s' was due (system first, then user and assistant in turn)", i + 1, role->text.c_str(), want);
+    }
+    if (turns->size() < 2) return "no user message";
+    return "";
+}
+
+// JSON messages of a conversation (WorldPrompt.messages order: system, user, assistant, ...);
+// the system message is left out when it is "" (the template's default line).
+inline Json json_of_messages(const std::vector<std::string>& turns) {
+    Json list = json_array();
+    for (size_t i = 0; i < turns.size(); i++) {
+        if (i == 0 && turns[0].empty()) continue;
+        Json m = json_object();
+        m.members.emplace_back("role", json_string(i == 0 ? "system" : i % 2 ? "user" : "assistant"));
+        m.members.emplace_back("content", json_string(turns[i]));
+        list.items.push_back(m);
+    }
+    return list;
+}
+
+// Prompts to answer: the world's .tsv (world_load_prompts), or JSONL with one conversation a line
+// {"messages": [...], "kind": ..., "gold": ...} (kind and gold optional, as in
+// data/world/eval_prompts.jsonl); a conversation that ends with an assistant message gives the
+// prompt before it (so an SFT file gives its prompts). Returns "" or what is wrong (with the line).
+inline std::string prompts_load_checked(std::vector<WorldPrompt>* out, const char* path) {
+    if (ends_with(path, ".tsv")) return world_load_prompts_checked(out, path);
+    std::vector<std::string> lines;
+    std::string err = read_lines_checked(path, &lines);
+    if (!err.empty()) return err;
+    out->clear();
+    for (size_t i = 0; i < lines.size(); i++) {
+        if (lines[i].find_first_not_of(" \t") == std::string::npos) continue;
+        std::string where = "line " + std::to_string(i + 1) + ": ";
+        Json row;
+        err = json_parse(lines[i], &row);
+        if (!err.empty()) return where + "not JSON: " + err;
+        WorldPrompt p;
+        err = json_messages(json_get(row, "messages"), &p.messages);
+        if (!err.empty()) return where + err;
+        if (p.messages.size() % 2 == 1) p.messages.pop_back();  // ends with an assistant message: its prompt
+        const Json *kind = json_get(row, "kind"), *gold = json_get(row, "gold");
+        if (kind && kind->type == Json::STRING) p.kind = kind->text;
+        if (gold && gold->type == Json::STRING) p.gold = gold->text;
+        if (!p.kind.empty() && !world_kind_known(p.kind)) return where + "unknown kind '" + p.kind + "'";
+        out->push_back(p);
+    }
+    if (out->empty()) return "no prompts";
+    return "";
 }

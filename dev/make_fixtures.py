@@ -11,6 +11,12 @@ logits, masked mean cross-entropy, per-sequence log-prob sums and gradients at
 the initial weights, then two steps of gradient clipping plus AdamW on the
 same batch (gradient norms, loss at step 2, parameters after step 2).
 
+The generation fixture (greedy_gqa) is a converted model, prompts of different
+lengths, and what transformers' greedy generate (float64, KV cache, batch 1 per
+prompt, max_new_tokens and an eos_token_id that one of the prompts reaches)
+returns for each, token for token; the smallest gap between the two largest
+logits along the way is recorded, so a float32 run must make the same choices.
+
 The reward fixtures (reward_*) are LlamaForSequenceClassification models with one
 label: a batch of token rows (right-padded with pad_id where a row is shorter,
 one row with pad_id inside it too, which transformers' rule of the rightmost
@@ -61,6 +67,14 @@ REWARD_FIXTURES = {
     "reward_step": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=80,
                         tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32,
                         lengths=[10, 7, 12, 9], step=dict(margins=[1.5, 0.5], center=0.05)),
+}
+
+# greedy generation: the model, the prompt lengths, the new tokens; eos is the token that the
+# first prompt's greedy path reaches at step eos_step (so that sequence stops there)
+GENERATE_FIXTURES = {
+    "greedy_gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=160, ffn_dim=128,
+                       tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64,
+                       lengths=[5, 9, 3], max_new=12, eos_step=6),
 }
 
 SEED = 1234
@@ -381,6 +395,62 @@ def reward_step(step, cfg, hf, tokens):
             + [(f"param1.{k}", v.numpy()) for k, v in final.items()])
 
 
+def greedy_path(model, prompt, max_new):
+    """Greedy tokens after prompt (no EOS) and the smallest top-1 minus top-2 logit gap."""
+    ids, gaps = prompt.clone(), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(ids[None]).logits[0, -1]
+            top = torch.topk(logits, 2).values
+            gaps.append(float(top[0] - top[1]))
+            ids = torch.cat([ids, logits.argmax()[None]])
+    return ids[len(prompt):].tolist(), min(gaps)
+
+
+def make_generate(name, spec, tmp):
+    """transformers' greedy generate, token for token, on a converted model."""
+    c = {k: v for k, v in spec.items() if k not in ("lengths", "max_new", "eos_step")}
+    c["head_type"] = 0
+    V, max_new = c["vocab_size"], spec["max_new"]
+    for seed in range(SEED, SEED + 100):
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(hf_config(c))
+        init_weights(model, gen)
+        prompts = [torch.randint(0, V, (n,), generator=gen) for n in spec["lengths"]]
+        ref = copy.deepcopy(model).double()
+        paths = [greedy_path(ref, p, max_new) for p in prompts]
+        eos = paths[0][0][spec["eos_step"]]
+        if eos in paths[0][0][:spec["eos_step"]]:
+            continue
+        if min(g for _, g in paths) > 1e-2:
+            break
+    else:
+        raise RuntimeError("no seed gave greedy paths with clear choices")
+    model.config.eos_token_id = eos
+    hf = os.path.join(tmp, "hf")
+    model.save_pretrained(hf)
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    cfg = convert(hf, os.path.join(out, "model.bin"))
+    assert cfg.pop("dtype") == "fp32" and cfg["eos_token_id"] == eos, cfg
+    ref = LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager").double()
+    entries = [("eos_id", np.array([eos])), ("max_new", np.array([max_new])), ("min_gap", np.array([min(g for _, g in paths)]))]
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            got = ref.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                               max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos, use_cache=True)[0, len(p):].tolist()
+        want = paths[i][0]
+        want = want[:want.index(eos) + 1] if eos in want else want  # generate stops after the EOS
+        assert got == want, (i, got, want)
+        entries += [(f"prompt.{i}", p.numpy()), (f"generated.{i}", np.array(got))]
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in ("model.bin", "expect.bin")}
+    print(f"{name}: seed {seed} eos {eos} prompts {spec['lengths']} generated {[len(e[1]) for e in entries[4::2]]} "
+          f"min top-2 gap {min(g for _, g in paths):.4f}  " + "  ".join(f"{f} {s:,} B" for f, s in sizes.items()))
+    return sum(sizes.values())
+
+
 def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -396,6 +466,11 @@ def main():
             continue
         with tempfile.TemporaryDirectory() as tmp:
             total += make_reward(name, spec, tmp)
+    for name, spec in GENERATE_FIXTURES.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            total += make_generate(name, spec, tmp)
     with tempfile.TemporaryDirectory() as tmp:
         check_reward_round_trip({**FIXTURES["gqa_untied"], "head_type": 1}, tmp)
     print(f"round trips ok (fp32, bf16, reward head); fixtures total {total:,} bytes in {OUT}")

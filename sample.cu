@@ -1,0 +1,625 @@
+/*
+sample: generation with a KV cache, stage 3 of Xwin-LM (Xwin-Set), and the data of stages 4
+and 5 made from it; evaluation; chat.
+
+Xwin-Set: for every prompt, N distinct responses are sampled from the SFT model (temperature,
+top-k, top-p; one random stream per response, so the same seed gives the same text) and each
+is scored by the reward model. Rejection sampling (RS) fine-tunes on the best response of each
+prompt; DPO trains on pairs drawn from the set. The N samples of a prompt share one prefill
+(generate in llm.cu); a duplicate of an earlier response is drawn again, up to -u times.
+
+  ./sample                        the world's held-out prompts, from out/sft/model.bin: the greedy
+                                  judge mean and the best-of-n curve (n = 1..64) with the best chosen
+                                  by the gold judge (the upper bound) and, when out/rm/model.bin
+                                  exists, by the reward model; a table and out/sample/best_of_n.png
+  ./sample -n 64 -r out/rm/model.bin -i prompts.jsonl -o set.jsonl
+                                  the Xwin-Set: one JSON line per prompt {kind, gold, messages,
+                                  responses, rm_scores, gold_scores} (gold scores where the world
+                                  knows the answer; rm_scores with -r)
+  ./sample -s set.jsonl -o rs.jsonl -d pairs.jsonl -g 2
+                                  from a set: the best response of each prompt as SFT JSONL (RS data,
+                                  for dev/data/prepare_sft.py) and DPO pairs in TRL's convention (for
+                                  dev/data/prepare_pairs.py), rejected by -g: 0 worst, 1 random,
+                                  2 nearest mu - 2 sigma of the prompt's scores
+  ./sample -e 1 -m model.bin -o answers.jsonl -a reference.jsonl
+                                  evaluation: greedy answers judged by the gold judge; the mean, and
+                                  the win rate against a reference outputs file (an earlier -e -o)
+  ./sample -c 1                   chat in the template: a line of stdin is a user turn
+  ./sample -h                     every flag, its range and its default
+*/
+#include "llm.cu"
+
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#include <stb/stb_easy_font.h>
+
+#include <iostream>
+
+struct SampleConfig {
+    const char* model_path = "out/sft/model.bin";
+    const char* rm_path = "";  // '': none (the curve takes out/rm/model.bin when it exists)
+    const char* tokenizer_path = "data/world/byte.tokenizer";
+    const char* prompts_path = "data/world/eval_prompts.tsv";
+    const char* out_path = "";
+    const char* set_path = "";
+    const char* pairs_path = "";
+    const char* reference_path = "";
+    int n = 0;                  // responses per prompt (-n: the Xwin-Set mode)
+    int eval = 0, chat = 0;
+    float temperature = -1.0f;  // -1: the mode's default (1 to sample, 0 for -e and -c)
+    float top_p = 1.0f;
+    int top_k = 0;
+    int max_new = 48;
+    int resample = 4;
+    int batch = 64;
+    int max_prompts = 0;
+    int select = 0;             // RS and DPO from a set: by 0 the reward scores, 1 the gold scores
+    int strategy = PAIR_SIGMA;
+    uint64_t seed = 1337;
+};
+
+static const int CURVE_N = 64;  // the best-of-n curve: n = 1, 2, 4, ..., 64
+
+// ---- the models and the prompts
+
+struct Loaded {
+    InferRunner policy;
+    Tokenizer tok;
+    std::vector<WorldPrompt> prompts;
+    std::vector<std::vector<int>> ids;  // each prompt in the template
+    int longest = 0;
+};
+
+static void load_policy(Loaded* L, const SampleConfig& cfg) {
+    if (access(cfg.model_path, R_OK) != 0) fail_file(cfg.model_path, "cannot read the model: make the world's SFT model with make && ./train_sft (or pass -m)");
+    llama_load(&L->policy.host, cfg.model_path);
+    const LlamaConfig& c = L->policy.host.config;
+    if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "is a reward model; sampling needs a language model (-m)");
+    tokenizer_load(&L->tok, cfg.tokenizer_path);
+    tokenizer_check_model(&L->tok, cfg.tokenizer_path, c.vocab_size, cfg.model_path);
+}
+
+// The prompts, each in the template; one that leaves no room for an answer in the context is refused.
+static void load_prompts(Loaded* L, const SampleConfig& cfg) {
+    std::string err = prompts_load_checked(&L->prompts, cfg.prompts_path);
+    if (!err.empty()) fail_file(cfg.prompts_path, "%s", err.c_str());
+    if (cfg.max_prompts > 0 && (size_t)cfg.max_prompts < L->prompts.size()) L->prompts.resize(cfg.max_prompts);
+    int context = L->policy.host.config.max_seq_len;
+    L->ids.resize(L->prompts.size());
+    for (size_t i = 0; i < L->prompts.size(); i++) {
+        world_prompt_ids(&L->tok, L->prompts[i], L->ids[i]);
+        int len = (int)L->ids[i].size();
+        if (len >= context) {
+            fail_file(cfg.prompts_path, "prompt %zu is %d tokens in the template, longer than the context of %d tokens (max_seq_len of %s) less one for the answer",
+                      i + 1, len, context, cfg.model_path);
+        }
+        L->longest = std::max(L->longest, len);
+    }
+}
+
+// The runner for n responses per prompt: B a multiple of n (at least n), the cache long enough
+// for the longest prompt and max_new tokens (or the context).
+static void init_runner(Loaded* L, int n, const SampleConfig& cfg) {
+    int B = std::max(n, cfg.batch / n * n), max_T = std::min(L->policy.host.config.max_seq_len, L->longest + cfg.max_new);
+    infer_runner_init(&L->policy, B, max_T, L->longest);
+}
+
+// The reward model, for B conversations at a time of up to its context (a repaired response can
+// be longer in tokens than it was sampled: each invalid byte becomes the 3 bytes of U+FFFD).
+static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int B) {
+    llama_load(&rm->host, path);
+    const LlamaConfig &c = rm->host.config, &p = L.policy.host.config;
+    if (c.head_type != HEAD_REWARD) fail_file(path, "is a language model; -r takes a reward model (./train_rm makes one)");
+    if (c.vocab_size != p.vocab_size) {
+        fail_file(path, "has vocab_size %d but the policy model has %d: the reward model scores another vocabulary", c.vocab_size, p.vocab_size);
+    }
+    if (c.pad_id < 0) fail_file(path, "has no pad id; the responses are scored in padded batches");
+    runner_init(rm, B, c.max_seq_len, false);
+}
+
+// ---- responses: text, gold scores, reward scores
+
+struct Response {
+    std::string text;  // decoded, invalid UTF-8 replaced by U+FFFD
+    std::vector<int> ids;  // the text's tokens, as the conversation file would give them
+    double gold = NAN, rm = NAN;
+};
+
+static Response make_response(const Tokenizer* tok, const std::vector<int>& sampled, const WorldPrompt& p, size_t* repaired) {
+    Response r;
+    std::string raw = tokenizer_decode(tok, sampled.data(), (int)sampled.size());
+    r.text = utf8_repair(raw);
+    *repaired += r.text != raw;
+    tokenizer_encode(tok, r.text.c_str(), r.text.size(), r.ids);
+    if (!p.kind.empty() && !p.gold.empty()) r.gold = world_judge(p.kind, p.gold, r.text);
+    return r;
+}
+
+// Each response's reward score: the conversation prompt + response + EOS, right-padded with the
+// reward model's pad id, B at a time (runner_score takes the last token that is not padding).
+static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
+    int max_T = rm->host.T, pad = rm->host.config.pad_id;
+#ifdef XWIN_CUDA
+    max_T = rm->gpu.T;
+#endif
+    std::vector<int> tokens;
+    for (size_t first = 0; first < resp.size(); first += B) {
+        int nb = (int)std::min((size_t)B, resp.size() - first), T = 0;
+        for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
+        T = std::min(T, max_T);  // a conversation past the reward model's context is scored at its cut
+        tokens.assign((size_t)nb * T, pad);
+        for (int b = 0; b < nb; b++) {
+            std::vector<int> seq = prompt;
+            seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
+            seq.push_back(eos_id);
+            std::copy(seq.begin(), seq.begin() + std::min((int)seq.size(), T), tokens.begin() + (size_t)b * T);
+        }
+        const float* s = runner_score(rm, tokens.data(), nb, T);
+        for (int b = 0; b < nb; b++) {
+            if (!std::isfinite(s[b])) {
+                fprintf(stderr, "error: the reward model gave a non-finite score (%g)\n", s[b]);
+                exit(1);
+            }
+            resp[first + b].rm = s[b];
+        }
+    }
+}
+
+// The step line of a batch of prompts: responses, tokens and tokens/s.
+static void print_batch(size_t done, size_t total, const GenerateStats& before, const GenerateStats& after, double ms) {
+    size_t tokens = after.tokens - before.tokens;
+    printf("prompts %4zu/%zu | %zu responses | %zu tokens | %zu resampled | %.1f ms | %.0f tok/s\n", done, total, after.responses - before.responses,
+           tokens, after.resampled - before.resampled, ms, tokens / (ms / 1000.0));
+    fflush(stdout);
+}
+
+static double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// n responses to every prompt (with make_response), P prompts per generate call.
+static std::vector<std::vector<Response>> sample_all(Loaded* L, int n, const GenerateConfig& g, GenerateStats* stats, size_t* repaired, double* total_ms) {
+    int B, max_T, max_chunk;
+    infer_runner_shape(&L->policy, &B, &max_T, &max_chunk);
+    size_t P = B / n;
+    std::vector<std::vector<Response>> all(L->prompts.size());
+    *total_ms = 0;
+    for (size_t first = 0; first < L->prompts.size(); first += P) {
+        size_t np = std::min(P, L->prompts.size() - first);
+        std::vector<std::vector<int>> ids(L->ids.begin() + first, L->ids.begin() + first + np);
+        std::vector<std::vector<std::vector<int>>> out;
+        GenerateStats before = *stats;
+        auto t0 = std::chrono::steady_clock::now();
+        generate(&L->policy, ids, n, g, first, &out, stats);
+        double ms = ms_since(t0);
+        *total_ms += ms;
+        print_batch(first + np, L->prompts.size(), before, *stats, ms);
+        for (size_t p = 0; p < np; p++) {
+            for (const std::vector<int>& r : out[p]) all[first + p].push_back(make_response(&L->tok, r, L->prompts[first + p], repaired));
+        }
+    }
+    return all;
+}
+
+static GenerateConfig generate_config(const SampleConfig& cfg, const Tokenizer& tok, float default_temperature) {
+    GenerateConfig g;
+    g.sampler.temperature = cfg.temperature < 0 ? default_temperature : cfg.temperature;
+    g.sampler.top_k = cfg.top_k, g.sampler.top_p = cfg.top_p;
+    g.max_new = cfg.max_new, g.eos_id = tok.eos_id, g.seed = cfg.seed, g.resample = cfg.resample;
+    return g;
+}
+
+static void write_file(const std::string& path, const std::string& text) {
+    make_dir(dir_of(path));
+    AtomicFile f;
+    atomic_open(&f, path);
+    atomic_write(&f, text.data(), text.size());
+    atomic_commit(&f);
+}
+
+static Json json_numbers(const std::vector<Response>& resp, bool rm) {
+    Json a = json_array();
+    for (const Response& r : resp) a.items.push_back(json_number(rm ? r.rm : r.gold));
+    return a;
+}
+
+// ---- -n: the Xwin-Set
+
+static void make_set(const SampleConfig& cfg) {
+    Loaded L;
+    load_policy(&L, cfg);
+    load_prompts(&L, cfg);
+    init_runner(&L, cfg.n, cfg);
+    bool scored = *cfg.rm_path;
+    Runner rm;
+    if (scored) load_reward_model(&rm, cfg.rm_path, L, std::min(cfg.n, 32));
+    std::string out_path = *cfg.out_path ? cfg.out_path : "out/xwin_set.jsonl";
+    GenerateConfig g = generate_config(cfg, L.tok, 1.0f);
+    printf("sample on %s | %s | %zu prompts x %d responses | temperature %g, top-k %d, top-p %g | up to %d new tokens | seed %llu%s\n", runner_device(),
+           cfg.model_path, L.prompts.size(), cfg.n, g.sampler.temperature, g.sampler.top_k, g.sampler.top_p, g.max_new,
+           (unsigned long long)g.seed, scored ? (std::string(" | reward model ") + cfg.rm_path).c_str() : "");
+    GenerateStats stats;
+    size_t repaired = 0;
+    double ms;
+    std::vector<std::vector<Response>> all = sample_all(&L, cfg.n, g, &stats, &repaired, &ms);
+    std::string text;
+    double gold_sum = 0, rm_sum = 0;
+    size_t gold_n = 0;
+    for (size_t i = 0; i < all.size(); i++) {
+        const WorldPrompt& p = L.prompts[i];
+        if (scored) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, std::min(cfg.n, 32));
+        Json row = json_object(), responses = json_array();
+        if (!p.kind.empty()) row.members.emplace_back("kind", json_string(p.kind));
+        if (!p.gold.empty()) row.members.emplace_back("gold", json_string(p.gold));
+        row.members.emplace_back("messages", json_of_messages(p.messages));
+        for (const Response& r : all[i]) {
+            responses.items.push_back(json_string(r.text));
+            if (!std::isnan(r.gold)) gold_sum += r.gold, gold_n++;
+            rm_sum += scored ? r.rm : 0.0;
+        }
+        row.members.emplace_back("responses", responses);
+        if (scored) row.members.emplace_back("rm_scores", json_numbers(all[i], true));
+        if (!std::isnan(all[i][0].gold)) row.members.emplace_back("gold_scores", json_numbers(all[i], false));
+        json_append(text, row);
+        text += '\n';
+    }
+    write_file(out_path, text);
+    printf("%zu responses, %zu tokens in %.1f s: %.0f tok/s | duplicates drawn again %zu times, %zu left (-u %d) | %zu cut at %d tokens | %zu with invalid UTF-8 repaired\n",
+           stats.responses, stats.tokens, ms / 1000, stats.tokens / (ms / 1000), stats.resampled, stats.duplicates, cfg.resample, stats.cut, g.max_new, repaired);
+    if (gold_n) printf("gold judge: mean %.2f / 10 over the %zu responses\n", gold_sum / gold_n, gold_n);
+    if (scored) printf("reward model: mean score %.3f\n", rm_sum / stats.responses);
+    printf("wrote %s\n", out_path.c_str());
+    if (scored) runner_free(&rm);
+    infer_runner_free(&L.policy);
+    tokenizer_free(&L.tok);
+}
+
+// ---- -s: RS data and DPO pairs from a set
+
+struct SetRow {
+    Json row;
+    std::vector<std::string> messages, responses;
+    std::vector<double> scores;  // the selection scores (-j)
+    std::string kind;
+};
+
+static std::vector<SetRow> read_set(const char* path, int select) {
+    const char* key = select == 0 ? "rm_scores" : "gold_scores";
+    std::vector<std::string> lines;
+    std::string err = read_lines_checked(path, &lines);
+    if (!err.empty()) fail_file(path, "%s", err.c_str());
+    std::vector<SetRow> rows;
+    for (size_t i = 0; i < lines.size(); i++) {
+        if (lines[i].find_first_not_of(" \t") == std::string::npos) continue;
+        SetRow r;
+        err = json_parse(lines[i], &r.row);
+        if (!err.empty()) fail_file(path, "line %zu: not JSON: %s", i + 1, err.c_str());
+        err = json_messages(json_get(r.row, "messages"), &r.messages);
+        if (err.empty() && r.messages.size() % 2 == 1) err = "the messages end with an assistant message, not with the prompt's user turn";
+        if (!err.empty()) fail_file(path, "line %zu: %s", i + 1, err.c_str());
+        const Json *resp = json_get(r.row, "responses"), *scores = json_get(r.row, key), *kind = json_get(r.row, "kind");
+        if (!resp || resp->type != Json::ARRAY || resp->items.empty()) fail_file(path, "line %zu: no 'responses' list", i + 1);
+        if (!scores || scores->type != Json::ARRAY || scores->items.size() != resp->items.size()) {
+            fail_file(path, "line %zu: no '%s' list of one score per response%s", i + 1, key,
+                      select == 0 ? " (a set made with -r; -j 1 selects by the gold scores)" : "");
+        }
+        for (size_t k = 0; k < resp->items.size(); k++) {
+            if (resp->items[k].type != Json::STRING) fail_file(path, "line %zu: response %zu is not a string", i + 1, k + 1);
+            if (scores->items[k].type != Json::NUMBER) fail_file(path, "line %zu: %s %zu is not a number", i + 1, key, k + 1);
+            r.responses.push_back(resp->items[k].text);
+            r.scores.push_back(scores->items[k].number);
+        }
+        if (kind && kind->type == Json::STRING) r.kind = kind->text;
+        rows.push_back(std::move(r));
+    }
+    if (rows.empty()) fail_file(path, "no rows: not a set made by ./sample -n");
+    return rows;
+}
+
+static Json conversation(const SetRow& r, const std::string& answer) {
+    std::vector<std::string> turns = r.messages;
+    turns.push_back(answer);
+    return json_of_messages(turns);
+}
+
+static void from_set(const SampleConfig& cfg) {
+    if (!*cfg.out_path && !*cfg.pairs_path) fail_flag('s', "nothing to write: give -o (the best responses, RS data) and/or -d (DPO pairs)");
+    std::vector<SetRow> rows = read_set(cfg.set_path, cfg.select);
+    std::string rs, pairs;
+    uint64_t rng = cfg.seed;
+    size_t n_pairs = 0, ties = 0;
+    double best_sum = 0, all_sum = 0;
+    size_t all_n = 0;
+    for (const SetRow& r : rows) {
+        int best = best_index(r.scores);
+        best_sum += r.scores[best];
+        for (double s : r.scores) all_sum += s, all_n++;
+        Json sft = json_object();
+        sft.members.emplace_back("messages", conversation(r, r.responses[best]));
+        json_append(rs, sft);
+        rs += '\n';
+        int rejected = rejected_index(r.scores, cfg.strategy, &rng);
+        if (rejected < 0) {
+            ties++;
+            continue;
+        }
+        Json pair = json_object();
+        pair.members.emplace_back("chosen", conversation(r, r.responses[best]));
+        pair.members.emplace_back("rejected", conversation(r, r.responses[rejected]));
+        pair.members.emplace_back("score_chosen", json_number(r.scores[best]));
+        pair.members.emplace_back("score_rejected", json_number(r.scores[rejected]));
+        if (!r.kind.empty()) pair.members.emplace_back("kind", json_string(r.kind));
+        json_append(pairs, pair);
+        pairs += '\n';
+        n_pairs++;
+    }
+    const char* by = cfg.select == 0 ? "reward" : "gold";
+    printf("%s: %zu prompts, %zu responses | best by the %s scores: mean %.3f (all responses %.3f)\n", cfg.set_path, rows.size(), all_n, by,
+           best_sum / rows.size(), all_sum / all_n);
+    if (*cfg.out_path) write_file(cfg.out_path, rs), printf("wrote %s: %zu best-of-n conversations (RS data)\n", cfg.out_path, rows.size());
+    if (*cfg.pairs_path) {
+        write_file(cfg.pairs_path, pairs);
+        printf("wrote %s: %zu pairs, %s; %zu prompts left out (every response scores the same)\n", cfg.pairs_path, n_pairs,
+               PAIR_STRATEGY_NAMES[cfg.strategy], ties);
+    }
+}
+
+// ---- -e: evaluation by the gold judge
+
+static void evaluate(const SampleConfig& cfg) {
+    Loaded L;
+    load_policy(&L, cfg);
+    load_prompts(&L, cfg);
+    for (size_t i = 0; i < L.prompts.size(); i++) {
+        if (L.prompts[i].kind.empty() || L.prompts[i].gold.empty()) fail_file(cfg.prompts_path, "prompt %zu has no kind and gold: the gold judge cannot score it", i + 1);
+    }
+    init_runner(&L, 1, cfg);
+    GenerateConfig g = generate_config(cfg, L.tok, 0.0f);
+    GenerateStats stats;
+    size_t repaired = 0;
+    double ms;
+    std::vector<std::vector<Response>> all = sample_all(&L, 1, g, &stats, &repaired, &ms);
+    std::vector<double> ref;  // the reference's gold score of each prompt
+    if (*cfg.reference_path) {
+        std::vector<std::string> lines;
+        std::string err = read_lines_checked(cfg.reference_path, &lines);
+        if (!err.empty()) fail_file(cfg.reference_path, "%s", err.c_str());
+        for (size_t i = 0; i < lines.size() && ref.size() < all.size(); i++) {
+            if (lines[i].find_first_not_of(" \t") == std::string::npos) continue;
+            Json row;
+            std::vector<std::string> turns;
+            err = json_parse(lines[i], &row);
+            if (err.empty()) err = json_messages(json_get(row, "messages"), &turns);
+            const Json* resp = json_get(row, "response");
+            if (err.empty() && (!resp || resp->type != Json::STRING)) err = "no 'response' string";
+            if (err.empty() && turns != L.prompts[ref.size()].messages) err = string_format("its prompt is not prompt %zu of %s", ref.size() + 1, cfg.prompts_path);
+            if (!err.empty()) fail_file(cfg.reference_path, "line %zu: %s", i + 1, err.c_str());
+            const WorldPrompt& p = L.prompts[ref.size()];
+            ref.push_back(world_judge(p.kind, p.gold, resp->text));
+        }
+        if (ref.size() != all.size()) fail_file(cfg.reference_path, "has %zu outputs for the %zu prompts", ref.size(), all.size());
+    }
+    double total = 0, wins = 0, ties = 0;
+    std::string text;
+    for (size_t i = 0; i < all.size(); i++) {
+        const Response& r = all[i][0];
+        total += r.gold;
+        if (!ref.empty()) wins += r.gold > ref[i], ties += r.gold == ref[i];
+        Json row = json_object();
+        row.members.emplace_back("kind", json_string(L.prompts[i].kind));
+        row.members.emplace_back("gold", json_string(L.prompts[i].gold));
+        row.members.emplace_back("messages", json_of_messages(L.prompts[i].messages));
+        row.members.emplace_back("response", json_string(r.text));
+        row.members.emplace_back("gold_score", json_number(r.gold));
+        json_append(text, row);
+        text += '\n';
+    }
+    size_t n = all.size();
+    printf("%s: gold judge mean %.3f / 10 over %zu prompts (%s, temperature %g) | %.0f tok/s\n", cfg.model_path, total / n, n, cfg.prompts_path,
+           g.sampler.temperature, stats.tokens / (ms / 1000));
+    if (!ref.empty()) {
+        printf("against %s: win rate %.3f (%.0f wins, %.0f ties, %.0f losses; a tie counts half)\n", cfg.reference_path, (wins + 0.5 * ties) / n, wins,
+               ties, n - wins - ties);
+    }
+    if (*cfg.out_path) write_file(cfg.out_path, text), printf("wrote %s\n", cfg.out_path);
+    infer_runner_free(&L.policy);
+    tokenizer_free(&L.tok);
+}
+
+// ---- -c: chat
+
+static void chat(const SampleConfig& cfg) {
+    Loaded L;
+    load_policy(&L, cfg);
+    int context = L.policy.host.config.max_seq_len;
+    infer_runner_init(&L.policy, 1, context, context);
+    GenerateConfig g = generate_config(cfg, L.tok, 0.0f);
+    std::vector<std::string> turns;
+    std::string line;
+    printf("chat with %s (temperature %g): one line per turn, end with EOF (Ctrl-D)\n", cfg.model_path, g.sampler.temperature);
+    for (size_t round = 0; printf("USER: "), fflush(stdout), std::getline(std::cin, line); round++) {
+        turns.push_back(line);
+        std::vector<std::vector<int>> ids(1);
+        chat_encode_prompt(&L.tok, "", turns, ids[0]);
+        if ((int)ids[0].size() >= context) {
+            printf("error: the conversation is %zu tokens, longer than the context of %d tokens (max_seq_len); it starts over\n", ids[0].size(), context);
+            turns.clear();
+            continue;
+        }
+        std::vector<std::vector<std::vector<int>>> out;
+        GenerateStats stats;
+        generate(&L.policy, ids, 1, g, round, &out, &stats);
+        std::string answer = utf8_repair(tokenizer_decode(&L.tok, out[0][0].data(), (int)out[0][0].size()));
+        printf("ASSISTANT: %s\n", answer.c_str());
+        turns.push_back(answer);
+    }
+    printf("\n");
+    infer_runner_free(&L.policy);
+    tokenizer_free(&L.tok);
+}
+
+// ---- no mode: the best-of-n curve on the world
+
+// A plot of the curves into an RGB image: x = log2 n, y = the judge's 0..10.
+struct Plot {
+    int w = 720, h = 440, left = 60, right = 190, top = 40, bottom = 50;
+    std::vector<unsigned char> rgb;
+};
+
+static void plot_rect(Plot* p, int x0, int y0, int x1, int y1, const unsigned char* c) {
+    for (int y = std::max(0, y0); y < std::min(p->h, y1); y++) {
+        for (int x = std::max(0, x0); x < std::min(p->w, x1); x++) memcpy(&p->rgb[((size_t)y * p->w + x) * 3], c, 3);
+    }
+}
+
+// text at (x, y) in stb_easy_font's glyphs, scaled 2x
+static void plot_text(Plot* p, int x, int y, const char* text, const unsigned char* c) {
+    static char buf[60000];
+    int quads = stb_easy_font_print(0, 0, (char*)text, nullptr, buf, sizeof(buf));
+    for (int q = 0; q < quads; q++) {
+        const float* v = (const float*)(buf + q * 64);  // 4 vertices of 16 bytes: x, y, z, color
+        plot_rect(p, x + 2 * (int)v[0], y + 2 * (int)v[1], x + 2 * (int)v[8], y + 2 * (int)v[9], c);
+    }
+}
+
+static void plot_line(Plot* p, double x0, double y0, double x1, double y1, const unsigned char* c, bool dashed) {
+    int steps = (int)std::max(std::fabs(x1 - x0), std::fabs(y1 - y0)) + 1;
+    for (int i = 0; i <= steps; i++) {
+        if (dashed && (i / 6) % 2) continue;
+        int x = (int)std::lround(x0 + (x1 - x0) * i / steps), y = (int)std::lround(y0 + (y1 - y0) * i / steps);
+        plot_rect(p, x - 1, y - 1, x + 2, y + 2, c);
+    }
+}
+
+static void draw_curves(const char* path, const std::vector<int>& ns, const std::vector<std::vector<double>>& curves,
+                        const std::vector<const char*>& names, double greedy) {
+    const unsigned char white[3] = {255, 255, 255}, black[3] = {0, 0, 0}, grid[3] = {225, 225, 225}, gray[3] = {130, 130, 130};
+    const unsigned char colors[2][3] = {{30, 150, 60}, {40, 90, 200}};
+    Plot p;
+    p.rgb.assign((size_t)p.w * p.h * 3, 255);
+    plot_rect(&p, 0, 0, p.w, p.h, white);
+    int x0 = p.left, x1 = p.w - p.right, y0 = p.h - p.bottom, y1 = p.top;
+    auto X = [&](double i) { return x0 + (x1 - x0) * i / (ns.size() - 1); };
+    auto Y = [&](double score) { return y0 + (y1 - y0) * score / 10.0; };
+    for (int s = 0; s <= 10; s += 2) {
+        plot_rect(&p, x0, (int)Y(s), x1, (int)Y(s) + 1, grid);
+        plot_text(&p, x0 - 30, (int)Y(s) - 6, std::to_string(s).c_str(), black);
+    }
+    for (size_t i = 0; i < ns.size(); i++) {
+        plot_rect(&p, (int)X(i), y1, (int)X(i) + 1, y0, grid);
+        plot_text(&p, (int)X(i) - 6, y0 + 8, std::to_string(ns[i]).c_str(), black);
+    }
+    plot_rect(&p, x0, y0, x1 + 1, y0 + 1, black);
+    plot_rect(&p, x0, y1, x0 + 1, y0, black);
+    plot_text(&p, x0, 10, "best-of-n: gold judge mean (0..10)", black);
+    plot_text(&p, (x0 + x1) / 2 - 10, y0 + 28, "n", black);
+    plot_line(&p, x0, Y(greedy), x1, Y(greedy), gray, true);
+    plot_text(&p, x1 + 15, y1 + 60, "greedy", gray);
+    for (size_t c = 0; c < curves.size(); c++) {
+        for (size_t i = 0; i + 1 < ns.size(); i++) plot_line(&p, X(i), Y(curves[c][i]), X(i + 1), Y(curves[c][i + 1]), colors[c], false);
+        for (size_t i = 0; i < ns.size(); i++) plot_rect(&p, (int)X(i) - 3, (int)Y(curves[c][i]) - 3, (int)X(i) + 4, (int)Y(curves[c][i]) + 4, colors[c]);
+        plot_text(&p, x1 + 15, y1 + 20 * (int)c, names[c], colors[c]);
+    }
+    make_dir(dir_of(path));
+    std::string tmp = std::string(path) + ".tmp";
+    if (!stbi_write_png(tmp.c_str(), p.w, p.h, 3, p.rgb.data(), p.w * 3)) fail_file(path, "cannot write the PNG (%s)", tmp.c_str());
+    if (rename(tmp.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp.c_str(), strerror(errno));
+}
+
+static void best_of_n_curve(const SampleConfig& cfg) {
+    Loaded L;
+    load_policy(&L, cfg);
+    load_prompts(&L, cfg);
+    for (size_t i = 0; i < L.prompts.size(); i++) {
+        if (L.prompts[i].kind.empty() || L.prompts[i].gold.empty()) fail_file(cfg.prompts_path, "prompt %zu has no kind and gold: the gold judge cannot score it", i + 1);
+    }
+    const char* rm_path = *cfg.rm_path ? cfg.rm_path : access("out/rm/model.bin", R_OK) == 0 ? "out/rm/model.bin" : "";
+    std::string png = *cfg.out_path ? cfg.out_path : "out/sample/best_of_n.png";
+    printf("best-of-n on %s | %s | %zu held-out prompts | %d samples each | %s\n", runner_device(), cfg.model_path, L.prompts.size(), CURVE_N,
+           *rm_path ? (std::string("reward model ") + rm_path).c_str() : "no reward model (./train_rm makes out/rm/model.bin)");
+    // the greedy answers, then CURVE_N samples of each prompt, on one runner
+    init_runner(&L, CURVE_N, cfg);
+    GenerateConfig g = generate_config(cfg, L.tok, 0.0f);
+    g.sampler = SamplerConfig{0.0f, 0, 1.0f};
+    GenerateStats greedy_stats;
+    size_t repaired = 0;
+    double ms;
+    std::vector<std::vector<Response>> greedy = sample_all(&L, 1, g, &greedy_stats, &repaired, &ms);
+    double greedy_mean = 0;
+    for (auto& r : greedy) greedy_mean += r[0].gold / greedy.size();
+    printf("greedy: gold judge mean %.3f / 10 | %.0f tok/s\n", greedy_mean, greedy_stats.tokens / (ms / 1000));
+    // independent samples (no resampling of duplicates): best-of-n is over i.i.d. draws
+    g = generate_config(cfg, L.tok, 1.0f);
+    g.resample = 0;
+    GenerateStats stats;
+    std::vector<std::vector<Response>> all = sample_all(&L, CURVE_N, g, &stats, &repaired, &ms);
+    printf("%zu samples, %zu tokens in %.1f s: %.0f tok/s | temperature %g, top-k %d, top-p %g\n", stats.responses, stats.tokens, ms / 1000,
+           stats.tokens / (ms / 1000), g.sampler.temperature, g.sampler.top_k, g.sampler.top_p);
+    if (*rm_path) {
+        Runner rm;
+        load_reward_model(&rm, rm_path, L, 32);
+        auto t0 = std::chrono::steady_clock::now();
+        for (size_t i = 0; i < all.size(); i++) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, 32);
+        printf("reward model scored %zu responses in %.1f s\n", stats.responses, ms_since(t0) / 1000);
+        runner_free(&rm);
+    }
+    std::vector<int> ns;
+    std::vector<std::vector<double>> curves(*rm_path ? 2 : 1);
+    for (int n = 1; n <= CURVE_N; n *= 2) {
+        ns.push_back(n);
+        for (auto& c : curves) c.push_back(0.0);
+        for (const std::vector<Response>& resp : all) {
+            std::vector<double> gold, rm;
+            for (const Response& r : resp) gold.push_back(r.gold), rm.push_back(r.rm);
+            curves[0].back() += best_of_n(gold, gold, n) / all.size();
+            if (*rm_path) curves[1].back() += best_of_n(rm, gold, n) / all.size();
+        }
+    }
+    printf("\nbest-of-n, gold judge mean (0..10) over %zu prompts (greedy %.3f):\n   n | best by gold | best by RM\n", all.size(), greedy_mean);
+    for (size_t i = 0; i < ns.size(); i++) {
+        printf("%4d | %12.3f | %s\n", ns[i], curves[0][i], *rm_path ? string_format("%10.3f", curves[1][i]).c_str() : "         -");
+    }
+    std::vector<const char*> names = {"best by gold", "best by RM"};
+    draw_curves(png.c_str(), ns, curves, names, greedy_mean);
+    printf("wrote %s\n", png.c_str());
+    infer_runner_free(&L.policy);
+    tokenizer_free(&L.tok);
+}
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    SampleConfig cfg;
+    std::vector<Flag> flags = {
+        {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the policy (SFT) model"},
+        {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
+        {'i', FLAG_PATH, &cfg.prompts_path, 0, 0, "prompts: the world's .tsv, or JSONL {messages, [kind, gold]}"},
+        {'o', FLAG_OPTIONAL_PATH, &cfg.out_path, 0, 0, "output: the set (-n), RS data (-s), answers (-e), the PNG (no mode)"},
+        {'n', FLAG_INT, &cfg.n, 1, 1 << 16, "sample this many distinct responses per prompt: the Xwin-Set (0: not this mode)"},
+        {'r', FLAG_OPTIONAL_PATH, &cfg.rm_path, 0, 0, "reward model that scores every response ('': none)"},
+        {'s', FLAG_OPTIONAL_PATH, &cfg.set_path, 0, 0, "from this set: the best responses (-o) and DPO pairs (-d)"},
+        {'d', FLAG_OPTIONAL_PATH, &cfg.pairs_path, 0, 0, "DPO pairs from the set (-s), TRL's JSONL"},
+        {'g', FLAG_INT, &cfg.strategy, 0, 2, "rejected response of a pair: 0 worst, 1 random, 2 nearest mu - 2 sigma (Xwin-LM)"},
+        {'j', FLAG_INT, &cfg.select, 0, 1, "the best of a set by: 0 the reward scores, 1 the gold scores"},
+        {'e', FLAG_INT, &cfg.eval, 0, 1, "1: evaluate: the gold judge's mean of the answers (-o), win rate against -a"},
+        {'a', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "reference outputs for the win rate (an earlier -e 1 -o file)"},
+        {'c', FLAG_INT, &cfg.chat, 0, 1, "1: chat in the template on stdin"},
+        {'t', FLAG_FLOAT, &cfg.temperature, 0, 100, "temperature (-1: 1 to sample, 0 = greedy for -e, -c)"},
+        {'w', FLAG_INT, &cfg.top_k, 0, 1 << 30, "top-k: keep the k most probable tokens (0: all)"},
+        {'p', FLAG_FLOAT, &cfg.top_p, 0, 1, "top-p in (0, 1]: keep the smallest set whose probability reaches it"},
+        {'x', FLAG_INT, &cfg.max_new, 1, 1 << 20, "new tokens per response at most (EOS included)"},
+        {'u', FLAG_INT, &cfg.resample, 0, 1000000, "draw a duplicate response again up to this many times (-n)"},
+        {'b', FLAG_INT, &cfg.batch, 1, 1 << 16, "sequences decoded together (rounded down to a multiple of -n)"},
+        {'l', FLAG_INT, &cfg.max_prompts, 0, 1 << 30, "the first this many prompts (0: all)"},
+        {'z', FLAG_U64, &cfg.seed, 0, 0, "seed of the samples"},
+    };
+    flags_parse(argc, argv, "sampling with a KV cache: the Xwin-Set (-n), RS and DPO data (-s), evaluation (-e), chat (-c); no mode: the best-of-n curve", flags);
+    if (cfg.top_p == 0.0f) fail_flag('p', "top-p 0 keeps no token: it must be in (0, 1]");
+    int modes = (cfg.n > 0) + (*cfg.set_path != 0) + cfg.eval + cfg.chat;
+    if (modes > 1) fail_flag(cfg.n > 0 ? 'n' : *cfg.set_path ? 's' : 'e', "-n, -s, -e 1 and -c 1 are separate modes: give one");
+    if (cfg.n > 0) make_set(cfg);
+    else if (*cfg.set_path) from_set(cfg);
+    else if (cfg.eval) evaluate(cfg);
+    else if (cfg.chat) chat(cfg);
+    else best_of_n_curve(cfg);
+    return 0;
+}
