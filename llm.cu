@@ -38,7 +38,8 @@ Contents, in file order (search for the quoted heading):
                             logprob, masked_mean_loss, clip_grad_norm, adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
-  "The model on the GPU"    defines: LlamaCuda, llama_cuda_init/_forward/_backward/_update/_download
+  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
+                            llama_cuda_init/_forward/_backward/_update/_download
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
   "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
                             infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode
@@ -2419,7 +2420,69 @@ U* cuda_alloc(size_t count) {
     return (U*)p;
 }
 
-// Uploads a host model's weights; allocates everything for batches up to (B, T), once.
+// What llama_cuda_init allocates, by kind, in bytes: every cudaMalloc of the model, computed
+// before the first one (dev/roofline.py's memory_plan computes the same numbers).
+struct GpuMemoryPlan {
+    size_t weights = 0;           // (num_params) floatX, the compute copy
+    size_t master = 0;            // (num_params) FP32 master weights
+    size_t grads = 0;             // (num_params) FP32, training
+    size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
+    size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
+    size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
+    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta
+};
+
+inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
+    return m.weights + m.master + m.grads + m.moments + m.activations + m.grad_activations + m.scratch;
+}
+
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training) {
+    size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    for (size_t s : sizes) n += s;
+    GpuMemoryPlan m;
+    m.weights = n * sizeof(floatX);
+    m.master = n * sizeof(float);
+    ActTensorsT<floatX> acts;
+    m.activations = point_activations(&acts, nullptr, c, B, T, true);
+    m.scratch = N * sizeof(int) + B * sizeof(int);
+    if (training) {
+        GradActTensorsT<floatX> grad_acts;
+        m.grads = n * sizeof(float);
+        m.moments = 2 * n * sizeof(float);
+        m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
+        m.scratch += N * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
+                     (size_t)B * c.n_heads * T * sizeof(float);
+    }
+    return m;
+}
+
+// "2.20 GB", "156.29 kB": bytes in decimal units
+inline std::string bytes_text(size_t b) {
+    return b >= 1000000000 ? string_format("%.2f GB", b / 1e9) : b >= 1000000 ? string_format("%.2f MB", b / 1e6) : string_format("%.2f kB", b / 1e3);
+}
+
+// "weights 2.20 GB, master 4.40 GB, ..., total 32.10 GB": the plan in one line
+inline std::string gpu_memory_plan_text(const GpuMemoryPlan& m) {
+    const char* names[] = {"weights", "master", "grads", "moments", "activations", "activation grads", "scratch", "total"};
+    size_t bytes[] = {m.weights, m.master, m.grads, m.moments, m.activations, m.grad_activations, m.scratch, gpu_memory_plan_total(m)};
+    std::string out;
+    for (int i = 0; i < 8; i++) out += string_format("%s%s %s", i ? ", " : "", names[i], bytes_text(bytes[i]).c_str());
+    return out;
+}
+
+// "" when the plan fits in free_bytes, else the one-line refusal naming what is needed against what the device has
+inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size_t free_bytes, size_t total_bytes) {
+    size_t need = gpu_memory_plan_total(m);
+    if (need <= free_bytes) return "";
+    return string_format("the GPU model at batch (%d, %d) needs %s (%s) but the device has %s free of %s; "
+                         "HINT: use a smaller batch or sequence length",
+                         B, T, bytes_text(need).c_str(), gpu_memory_plan_text(m).c_str(), bytes_text(free_bytes).c_str(),
+                         bytes_text(total_bytes).c_str());
+}
+
+// Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
+// printing the memory plan; refuses (exits) when the device has less free memory than it needs.
 inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream) {
     const LlamaConfig& c = host->config;
     if (T > c.max_seq_len) {
@@ -2430,6 +2493,15 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     *g = LlamaCuda{};
     g->config = c;
     g->num_params = host->num_params;
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training);
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("GPU memory plan (B %d, T %d%s): %s\n", B, T, training ? ", training" : "", gpu_memory_plan_text(plan).c_str());
+    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
+    if (!refusal.empty()) {
+        fprintf(stderr, "error: %s\n", refusal.c_str());
+        exit(1);
+    }
     g->B = B;
     g->T = T;
     g->stream = stream;

@@ -24,6 +24,8 @@ scale pass reads and writes every gradient). Host copies (tokens, dlp) are left 
                   them with the emulated step's)
       --memory    the bytes llama_cuda_init allocates for training, alone (the tests compare it
                   with the emulated allocation)
+      --memory-plan   the same by kind, "kind bytes" per line (the tests compare it with llm.cu's
+                  gpu_memory_plan)
       --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
 --attention cublas is the attention before flash attention: cuBLAS GEMMs over (B, H, T, T)
 scores and probabilities, with the heads permuted (and kv heads expanded) around them.
@@ -244,14 +246,15 @@ def memory_plan(cfg, B, T, attention, x):
     else:
         heads, sq = B * H * T * hd, B * H * T * T
         attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
-    small = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4  # tokens, score_idx, dlp, dscores, norm scratch
-    return {
-        "weights (FP32 master + compute copy)": P * (4 + x),
-        "gradients + AdamW m, v (FP32)": 3 * P * 4,
+    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn  # tokens, score_idx, dlp, dscores, norm scratch
+    return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
+        "weights": P * x,  # the compute copy
+        "master": P * 4,
+        "grads": P * 4,
+        "moments": 2 * P * 4,  # AdamW m, v
         "activations": acts,
-        "activation gradients": grad_acts,
-        "attention scratch": attn,
-        "other": small,
+        "activation grads": grad_acts,
+        "scratch": scratch,  # with the attention's scratch
     }
 
 
@@ -327,6 +330,7 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--memory-plan", action="store_true")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
     a = ap.parse_args()
     if not 0 < a.efficiency <= 1:
@@ -355,6 +359,9 @@ def main():
             print(kernel, counts[kernel])
     elif a.memory:
         print(sum(memory_plan(cfg, a.b, a.t, a.attention, x).values()))
+    elif a.memory_plan:
+        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x).items():
+            print(kind, b)
     else:
         print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")
         if a.kernels:
