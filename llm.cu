@@ -35,7 +35,8 @@ Contents, in file order (search for the quoted heading):
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
-                            logprob, masked_mean_loss, clip_grad_norm, adamw_update
+                            logprob, masked_mean_loss, clip_grad_norm (grad_norm_coef_cuda: the clip folded into
+                            AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
   "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
@@ -1932,8 +1933,10 @@ inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
 }
 
 #ifdef XWIN_CUDA
-// The global norm on the device in two kernels (per-block partial sums, then one block),
-// and clipping by a coefficient the host never reads: norm_coef = {norm, coef}.
+// The global norm on the device in two kernels (per-block partial sums, then one block) and
+// the clip coefficient the host never reads: norm_coef = {norm, coef}. There is no scaling
+// pass over the gradients: AdamW multiplies each gradient by coef as it reads it
+// (adamw_update_cuda's grad_scale), the same product clip_grad_norm then adamw_update make.
 constexpr int GRAD_NORM_BLOCKS = 512;
 
 __global__ void grad_norm_partial_kernel(float* partials, const float* grads, size_t n) {
@@ -1956,18 +1959,12 @@ __global__ void grad_norm_finish_kernel(float* norm_coef, const float* partials,
     }
 }
 
-__global__ void grad_scale_kernel(float* grads, size_t n, const float* norm_coef) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    float coef = norm_coef[1];
-    if (i < n && coef != 1.0f) grads[i] *= coef;
-}
-
-// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch
-inline void clip_grad_norm_cuda(float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are
+inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, 256, 0, stream, partials, grads, n);
-    LAUNCH(grad_norm_finish_kernel, 1, 1024, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
-    LAUNCH(grad_scale_kernel, ceil_div(n, 256), 256, 0, stream, grads, n, norm_coef);
+    const int block_size = 256, finish_block_size = 1024;
+    LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, block_size, 0, stream, partials, grads, n);
+    LAUNCH(grad_norm_finish_kernel, 1, finish_block_size, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1979,12 +1976,14 @@ struct AdamWConfig {
     float lr, beta1, beta2, eps, weight_decay;
 };
 
-inline void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt, float weight_decay, int t) {
+// grad_scale multiplies each gradient as it is read (the GPU's clipping; 1 on the CPU, which clips in place)
+inline void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt, float weight_decay, int t,
+                         float grad_scale = 1.0f) {
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
     float step_size = (float)(opt.lr / bc1), bc2_sqrt = (float)std::sqrt(bc2);
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
-        float g = grads[i];
+        float g = grads[i] * grad_scale;
         params[i] *= 1.0f - opt.lr * weight_decay;
         m[i] = opt.beta1 * m[i] + (1.0f - opt.beta1) * g;
         v[i] = opt.beta2 * v[i] + (1.0f - opt.beta2) * g * g;
@@ -1994,12 +1993,13 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
 
 #ifdef XWIN_CUDA
 // AdamW fused over one tensor of the flat buffers: the FP32 master weight, its moments and
-// the floatX copy the forward reads, in the same arithmetic order as adamw_update.
+// the floatX copy the forward reads, in the same arithmetic order as adamw_update. One thread
+// per element; grad_scale (1 value on the device, the clip coefficient) or nullptr for 1.
 __global__ void adamw_kernel(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1,
-                             float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt) {
+                             float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt, const float* grad_scale) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = grads[i], p = master[i];
+    float g = grads[i] * (grad_scale ? *grad_scale : 1.0f), p = master[i];
     p *= 1.0f - lr * weight_decay;
     float mi = beta1 * m[i] + (1.0f - beta1) * g;
     float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
@@ -2010,12 +2010,14 @@ __global__ void adamw_kernel(float* master, floatX* params, const float* grads, 
     params[i] = from_float<floatX>(p);
 }
 
+// grad_scale: a device pointer to the clip coefficient (grad_norm_coef_cuda's norm_coef + 1), or nullptr
 inline void adamw_update_cuda(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt,
-                              float weight_decay, int t, cudaStream_t stream) {
+                              float weight_decay, int t, cudaStream_t stream, const float* grad_scale = nullptr) {
     NVTX_RANGE_FN();
+    const int block_size = 256;
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
-    LAUNCH(adamw_kernel, ceil_div(n, 256), 256, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2, opt.eps,
-           weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2));
+    LAUNCH(adamw_kernel, ceil_div(n, block_size), block_size, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2,
+           opt.eps, weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2), grad_scale);
     cudaCheck(cudaGetLastError());
 }
 
@@ -2410,6 +2412,7 @@ struct LlamaCuda {
     float* dscores = nullptr;         // (B) reward head
     float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
     float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
+    bool clip_pending = false;        // the next llama_cuda_update scales the gradients by norm_coef[1]
     cudaStream_t stream = nullptr;
 };
 
@@ -2490,9 +2493,6 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         exit(1);
     }
     flash_attention_require(head_dim(c));
-    *g = LlamaCuda{};
-    g->config = c;
-    g->num_params = host->num_params;
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training);
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -2502,6 +2502,9 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         fprintf(stderr, "error: %s\n", refusal.c_str());
         exit(1);
     }
+    *g = LlamaCuda{};
+    g->config = c;
+    g->num_params = host->num_params;
     g->B = B;
     g->T = T;
     g->stream = stream;
@@ -2609,6 +2612,7 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
 
 inline void llama_cuda_zero_grad(LlamaCuda* g) {
     NVTX_RANGE_FN();
+    g->clip_pending = false;
     cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream));
 }
 
@@ -2685,10 +2689,13 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
     llama_cuda_backward_trunk(g, B, T);
 }
 
-// clips on the device; returns the norm before clipping (one small copy to the host)
+// the norm and clip coefficient on the device; returns the norm before clipping (one small
+// copy to the host). The gradients stay as they are: the next llama_cuda_update clips them as
+// AdamW reads them (no pass over the gradients of its own).
 inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
     NVTX_RANGE_FN();
-    clip_grad_norm_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    g->clip_pending = true;
     float norm_coef[2];
     cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
     cudaCheck(cudaStreamSynchronize(g->stream));
@@ -2704,9 +2711,10 @@ inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
         if (sizes[i] == 0) continue;  // a tied head: an empty grid is an invalid launch
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         adamw_update_cuda(g->master + offset, g->params_memory + offset, g->grads_memory + offset, g->m_memory + offset,
-                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream);
+                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
         offset += sizes[i];
     }
+    g->clip_pending = false;
 }
 
 // the FP32 master weights back into a host model of the same config (for saving)

@@ -12,8 +12,8 @@ a roofline is a bound that real kernels approach, not a timing.
 
 Bytes: each tensor a launch reads or writes, once (row re-reads within a block, and the tiles
 of k and v that the flash kernels' blocks of one head share, are taken to hit L1/L2); an
-accumulating write (+=) reads and writes. The gradient clipping is counted as clipping (the
-scale pass reads and writes every gradient). Host copies (tokens, dlp) are left out.
+accumulating write (+=) reads and writes. The gradient clipping is folded into AdamW (no scale
+pass). Host copies (tokens, dlp) are left out.
 
   python3 dev/roofline.py                      the README's tables: before/after for TinyLlama
                                                (B 4 and 8, T 2048) and Llama-2-7B (B 1, T 4096)
@@ -146,10 +146,10 @@ def build_step(cfg, B, T, attention, x):
         matmul_backward("v", N, C, KVD)
         rmsnorm_backward("attention norm")
     s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + N * 4 + 2 * N * C * f4)
-    # ---- llama_cuda_clip_grad_norm (clipping) and llama_cuda_update (one AdamW launch per tensor)
+    # ---- llama_cuda_clip_grad_norm (the norm and coefficient) and llama_cuda_update (one AdamW launch per
+    # tensor, which clips each gradient as it reads it: no pass of its own)
     s.add("grad_norm_partial_kernel", "gradient norm", 2 * P, P * f4)
     s.add("grad_norm_finish_kernel", "gradient norm", 512, 512 * f4)
-    s.add("grad_scale_kernel", "clipping", P, 2 * P * f4)
     for n in param_sizes(cfg):
         if n:
             s.add("adamw_kernel", "AdamW", 12 * n, n * (7 * f4 + x))

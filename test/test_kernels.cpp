@@ -336,23 +336,39 @@ TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][
     CHECK(worst_row < TOL);
 }
 
-TEST_CASE("gradient norm and clipping on the device match the CPU", "[kernels]") {
+// The device clips inside AdamW: grad_norm_coef_cuda leaves the gradients as they are and
+// adamw_update_cuda multiplies each by the coefficient as it reads it; the CPU clips in place
+// (clip_grad_norm) then steps (adamw_update). Same products, so 1e-6 as the AdamW test; the
+// coefficient carries the norm's FP32 reduction error (1e-5).
+TEST_CASE("gradient norm and clipping on the device match the CPU (the clip folded into AdamW)", "[kernels]") {
     std::mt19937 rng(test_seed() + 8);
     size_t n = 100003;
-    std::vector<float> g = random_floats(n, rng);
+    std::vector<float> g = random_floats(n, rng), p = random_floats(n, rng), m = random_floats(n, rng, 0.1f), v = random_floats(n, rng, 0.1f);
+    for (float& x : v) x = x * x;
+    AdamWConfig opt{1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f};
     float *d_g = upload(g), *partials = cuda_alloc<float>(GRAD_NORM_BLOCKS), *norm_coef = cuda_alloc<float>(2);
+    floatX* d_px = cuda_alloc<floatX>(n);
     for (float max_norm : {1.0f, 1e9f}) {  // clips, then does not
-        std::vector<float> ref = g;
+        std::vector<float> ref = g, pr = p, mr = m, vr = v;
         float norm = clip_grad_norm(ref.data(), n, max_norm);
-        cudaCheck(cudaMemcpy(d_g, g.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+        adamw_update(pr.data(), ref.data(), mr.data(), vr.data(), n, opt, 0.1f, 2);
         poison(norm_coef, 2);
-        clip_grad_norm_cuda(d_g, n, max_norm, partials, norm_coef, stream);
+        grad_norm_coef_cuda(d_g, n, max_norm, partials, norm_coef, stream);
         std::vector<float> nc = download(norm_coef, 2);
         CHECK(nc[0] == Approx(norm).epsilon(1e-5));
-        check_close("clipped gradients", download(d_g, n), ref, 1e-6);
+        CHECK(nc[1] == Approx(max_norm == 1.0f ? 1.0f / (norm + 1e-6f) : 1.0f).epsilon(1e-5));
+        CHECK(download(d_g, n) == g);  // no pass over the gradients
+        float *d_p = upload(p), *d_m = upload(m), *d_v = upload(v);
+        adamw_update_cuda(d_p, d_px, d_g, d_m, d_v, n, opt, 0.1f, 2, stream, norm_coef + 1);
+        check_close("adamw master, clipped", download(d_p, n), pr, 1e-6);
+        check_close("adamw m, clipped", download(d_m, n), mr, 1e-5);
+        check_close("adamw v, clipped", download(d_v, n), vr, 1e-5);
+        CHECK(download(d_g, n) == g);
+        void* step_bufs[] = {d_p, d_m, d_v};
+        for (void* b : step_bufs) cudaCheck(cudaFree(b));
     }
-    void* bufs[] = {d_g, partials, norm_coef};
-    for (void* p : bufs) cudaCheck(cudaFree(p));
+    void* bufs[] = {d_g, partials, norm_coef, d_px};
+    for (void* b : bufs) cudaCheck(cudaFree(b));
 }
 
 // The device norm is two levels of reduction: GRAD_NORM_BLOCKS blocks of 256 threads stride
@@ -368,12 +384,11 @@ TEST_CASE("gradient norm and clipping on the device match the CPU", "[kernels]")
 //            stride (131071) and the last value (n - 1, in the second stride), so dropping
 //            any single one of them moves the norm by over 10%.
 // Checked: every partial written (poisoned first), the partials add up to the sum of squares
-// (the first level alone), the norm (both levels), the clip coefficient and the clipped values.
-// Tolerances: FP32 sums over a tree of depth ~20 are within ~1e-6 of the exact value; 1e-5
-// for the norm, the sum of partials, the coefficient and the clipped values (which carry the
-// coefficient's error).
+// (the first level alone), the norm (both levels), the clip coefficient, and the gradients
+// left untouched. Tolerances: FP32 sums over a tree of depth ~20 are within ~1e-6 of the
+// exact value; 1e-5 for the norm, the sum of partials and the coefficient.
 TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid of partials)", "[kernels][reduction]") {
-    const size_t grid = (size_t)GRAD_NORM_BLOCKS * 256;  // 256 threads per block, as clip_grad_norm_cuda launches
+    const size_t grid = (size_t)GRAD_NORM_BLOCKS * 256;  // 256 threads per block, as grad_norm_coef_cuda launches
     const size_t n = grid + 131;
     std::vector<float> even = fixed_floats(n, 801, 0.25f), ends = fixed_floats(n, 802, 1e-3f);
     for (float& v : even) v += 0.75f;
@@ -391,7 +406,7 @@ TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid
         cudaCheck(cudaMemcpy(d_g, g.data(), n * sizeof(float), cudaMemcpyHostToDevice));
         poison(partials, GRAD_NORM_BLOCKS);
         poison(norm_coef, 2);
-        clip_grad_norm_cuda(d_g, n, max_norm, partials, norm_coef, stream);
+        grad_norm_coef_cuda(d_g, n, max_norm, partials, norm_coef, stream);
         std::vector<float> part = download(partials, GRAD_NORM_BLOCKS), nc = download(norm_coef, 2), out = download(d_g, n);
         size_t unwritten = 0;
         double part_sum = 0;
@@ -404,10 +419,7 @@ TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid
         CHECK(nc[0] == Approx(exact).epsilon(1e-5));
         const double coef = max_norm / (exact + 1e-6);
         CHECK(nc[1] == Approx(coef).epsilon(1e-5));
-        std::vector<float> ref(n);
-        for (size_t i = 0; i < n; i++) ref[i] = (float)(g[i] * coef);
-        check_close("clipped gradients", out, ref, 1e-5);
-        for (size_t i : {(size_t)0, grid - 1, grid, n - 1}) CHECK(out[i] == Approx(ref[i]).epsilon(1e-5));
+        CHECK(out == g);  // AdamW clips as it reads them (the test above)
     }
     void* bufs[] = {d_g, partials, norm_coef};
     for (void* p : bufs) cudaCheck(cudaFree(p));
