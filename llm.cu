@@ -1653,13 +1653,15 @@ __global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const flo
     out[i] = from_float<floatX>(g / (1.0f + expf(-g)) * to_float(up[i]));
 }
 
+// One thread per element. Unlike the CPU twin it WRITES dgate and dup (=, not +=): in the
+// model they are the only gradient of gate and up, so the GPU model zeroes nothing before it.
 __global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = to_float(gate[i]), d = to_float(dout[i]);
     float s = 1.0f / (1.0f + expf(-g));
-    dgate[i] = from_float<floatX>(to_float(dgate[i]) + d * to_float(up[i]) * s * (1.0f + g * (1.0f - s)));
-    dup[i] = from_float<floatX>(to_float(dup[i]) + d * g * s);
+    dgate[i] = from_float<floatX>(d * to_float(up[i]) * s * (1.0f + g * (1.0f - s)));
+    dup[i] = from_float<floatX>(d * g * s);
 }
 
 inline void swiglu_forward_cuda(floatX* out, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
@@ -2634,9 +2636,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
         zero(d.swiglu, N * F);
-        zero(d.gate, N * F);
-        zero(d.up, N * F);
-        zero(d.norm_out, N * C);
+        zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward_cuda writes them
         matmul_backward_cuda(d.swiglu, gr.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C, st);
         swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F, st);
         matmul_backward_cuda(d.norm_out, gr.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F, st);

@@ -125,10 +125,10 @@ def build_step(cfg, B, T, attention, x):
     memset("d residual", N * C * x)
     rmsnorm_backward("final norm")
     for _ in range(L):
-        for what, n in (("d swiglu", N * F), ("d gate", N * F), ("d up", N * F), ("d norm_out", N * C)):
+        for what, n in (("d swiglu", N * F), ("d norm_out", N * C)):  # swiglu_backward writes d gate, d up
             memset(what, n * x)
         matmul_backward("down", N, F, C)
-        s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 7 * N * F * x)
+        s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 5 * N * F * x)
         matmul_backward("gate", N, C, F)
         matmul_backward("up", N, C, F)
         rmsnorm_backward("mlp norm")

@@ -240,15 +240,16 @@ TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 6);
     size_t n = 1003;
     std::vector<float> g = rounded(random_floats(n, rng, 2.0f)), u = rounded(random_floats(n, rng)), d = rounded(random_floats(n, rng));
-    std::vector<float> dg0 = rounded(random_floats(n, rng)), du0 = rounded(random_floats(n, rng));
-    std::vector<float> out(n), sum(n), dg = dg0, du = du0;
+    std::vector<float> out(n), sum(n), dg(n, 0.0f), du(n, 0.0f);  // the kernel writes (=) what the twin adds to zeros
     swiglu_forward(out.data(), g.data(), u.data(), n);
     swiglu_backward(dg.data(), du.data(), d.data(), g.data(), u.data(), n);
     residual_forward(sum.data(), g.data(), u.data(), n);
-    floatX *d_g = upload_x(g), *d_u = upload_x(u), *d_d = upload_x(d), *d_dg = upload_x(dg0), *d_du = upload_x(du0);
+    floatX *d_g = upload_x(g), *d_u = upload_x(u), *d_d = upload_x(d), *d_dg = cuda_alloc<floatX>(n), *d_du = cuda_alloc<floatX>(n);
     floatX *d_out = cuda_alloc<floatX>(n), *d_sum = cuda_alloc<floatX>(n);
     poison(d_out, n);
     poison(d_sum, n);
+    poison(d_dg, n);  // NaN where it would read before writing
+    poison(d_du, n);
     swiglu_forward_cuda(d_out, d_g, d_u, n, stream);
     swiglu_backward_cuda(d_dg, d_du, d_d, d_g, d_u, n, stream);
     residual_forward_cuda(d_sum, d_g, d_u, n, stream);
