@@ -31,7 +31,7 @@ Contents, in file order (search for the quoted heading):
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            embedding, rmsnorm, matmul, rope (rope_forward_at: given positions), attention
+                            embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm, matmul, rope (rope_forward_at: given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
@@ -565,11 +565,38 @@ __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const f
     out[idx] = wte[(size_t)tokens[idx / C] * C + idx % C];
 }
 
-// one thread per element of dout; rows that share a token meet in an FP32 atomicAdd
-__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, int pad_id) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= N * C || tokens[idx / C] == pad_id) return;
-    atomicAdd(&dwte[(size_t)tokens[idx / C] * C + idx % C], to_float(dout[idx]));
+// The embedding backward on the GPU adds the rows of each token in the order of the serial CPU
+// loop (by position), with no atomics, so its bits do not depend on scheduling: the positions are
+// first bucketed by token on the host (the tokens are there). buckets (3N + 1) holds
+//   order (N): the non-pad positions sorted by token, then position; rows (N): the token of each
+//   bucket; start (N + 1): where each bucket begins in order (the last entry: the count).
+// Returns the number of buckets.
+inline int embedding_buckets(int* buckets, const int* tokens, size_t N, int pad_id) {
+    int *order = buckets, *rows = buckets + N, *start = buckets + 2 * N;
+    size_t n = 0;
+    for (size_t i = 0; i < N; i++)
+        if (tokens[i] != pad_id) order[n++] = (int)i;
+    std::stable_sort(order, order + n, [&](int a, int b) { return tokens[a] < tokens[b]; });
+    int n_buckets = 0;
+    for (size_t j = 0; j < n; j++) {
+        if (j > 0 && tokens[order[j]] == tokens[order[j - 1]]) continue;
+        rows[n_buckets] = tokens[order[j]];
+        start[n_buckets++] = (int)j;
+    }
+    start[n_buckets] = (int)n;
+    return n_buckets;
+}
+
+// one block per (bucket, block of channels): a thread adds its channel of each of the bucket's
+// positions, in order, into its token's row
+__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* buckets, size_t N, size_t C) {
+    const int *order = buckets, *rows = buckets + N, *start = buckets + 2 * N;
+    size_t c = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float* row = dwte + (size_t)rows[blockIdx.x] * C;
+    float acc = row[c];
+    for (int j = start[blockIdx.x]; j < start[blockIdx.x + 1]; j++) acc += to_float(dout[(size_t)order[j] * C + c]);
+    row[c] = acc;
 }
 
 inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C, cudaStream_t stream) {
@@ -578,9 +605,12 @@ inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX*
     cudaCheck(cudaGetLastError());
 }
 
-inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream, int pad_id = -1) {
+// buckets (3N + 1) on the device, n_buckets: embedding_buckets' of the tokens
+inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* buckets, int n_buckets, size_t N, size_t C, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C, pad_id);
+    const int block_size = 256;
+    if (n_buckets == 0) return;  // every position a pad: nothing to add (an empty grid is an invalid launch)
+    LAUNCH(embedding_backward_kernel, dim3((unsigned)n_buckets, ceil_div(C, block_size)), block_size, 0, stream, dwte, dout, buckets, N, C);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2409,6 +2439,9 @@ struct LlamaCuda {
     GradActTensorsT<floatX> grad_acts;
     float* attn_delta = nullptr;      // (B, H, T) flash attention's backward: rowsum(dout * out)
     int* tokens = nullptr;            // (B, T)
+    int* token_buckets = nullptr;     // (3 B T + 1) training: the last forward's tokens, bucketed by embedding_buckets
+    int n_token_buckets = 0;
+    std::vector<int> host_token_buckets;  // (3 B T + 1) their host copy
     int* score_idx = nullptr;         // (B) reward head: the scored position of each sequence
     float* dlp = nullptr;             // (B, T)
     float* dscores = nullptr;         // (B) reward head
@@ -2434,7 +2467,7 @@ struct GpuMemoryPlan {
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
-    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta
+    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta, embedding buckets
 };
 
 inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
@@ -2457,7 +2490,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
         m.moments = 2 * n * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
         m.scratch += N * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
-                     (size_t)B * c.n_heads * T * sizeof(float);
+                     (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int);
     }
     return m;
 }
@@ -2535,13 +2568,16 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
         g->norm_coef = cuda_alloc<float>(2);
         g->attn_delta = cuda_alloc<float>((size_t)B * c.n_heads * T);
+        g->token_buckets = cuda_alloc<int>(3 * (size_t)B * T + 1);
+        g->host_token_buckets.assign(3 * (size_t)B * T + 1, 0);
     }
     cudaCheck(cudaStreamSynchronize(stream));
 }
 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
-                       g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef};
+                       g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
+                       g->token_buckets};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2561,6 +2597,10 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
     const ParamTensorsT<floatX>& p = g->params;
     ActTensorsT<floatX>& a = g->acts;
     cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
+    if (g->token_buckets) {  // training: for the embedding backward (a pageable copy: the host buffer is free on return)
+        g->n_token_buckets = embedding_buckets(g->host_token_buckets.data(), tokens, N, c.pad_id);
+        cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
+    }
     embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu forward", l);
@@ -2660,7 +2700,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
                               a.attn_rstd + l * N, N, (int)C, st);
     }
-    embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st, c.pad_id);
+    embedding_backward_cuda(gr.wte, d.residual, g->token_buckets, g->n_token_buckets, N, C, st);
 }
 
 // Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.

@@ -145,7 +145,8 @@ def build_step(cfg, B, T, attention, x):
         matmul_backward("k", N, C, KVD)
         matmul_backward("v", N, C, KVD)
         rmsnorm_backward("attention norm")
-    s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + N * 4 + 2 * N * C * f4)
+    # tokens bucketed by row (3 N + 1 ints), each row read and written once (at most N rows)
+    s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + (3 * N + 1) * 4 + 2 * N * C * f4)
     # ---- llama_cuda_clip_grad_norm (the norm and coefficient) and llama_cuda_update (one AdamW launch per
     # tensor, which clips each gradient as it reads it: no pass of its own)
     s.add("grad_norm_partial_kernel", "gradient norm", 2 * P, P * f4)
@@ -246,7 +247,8 @@ def memory_plan(cfg, B, T, attention, x):
     else:
         heads, sq = B * H * T * hd, B * H * T * T
         attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
-    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn  # tokens, score_idx, dlp, dscores, norm scratch
+    # tokens, score_idx, dlp, dscores, norm scratch, the embedding backward's token buckets
+    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4
     return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
         "weights": P * x,  # the compute copy
         "master": P * 4,

@@ -101,25 +101,49 @@ static void check_close(const char* what, const std::vector<float>& out, const s
 
 static cudaStream_t stream = nullptr;
 
-TEST_CASE("embedding kernels match the CPU", "[kernels]") {
+// The GPU's embedding backward adds each token's positions in the serial CPU loop's order (by
+// position) with no atomics, so it gives the CPU twin's bits exactly (dout is rounded to floatX
+// first, as the kernel reads it), run after run. Tokens with repeats and pads (pad id 3).
+TEST_CASE("embedding kernels match the CPU; the backward is the serial sum's bits", "[kernels]") {
     std::mt19937 rng(test_seed() + 1);
-    size_t N = 37, C = 45, V = 11;
+    size_t N = 37, C = 300, V = 11;  // C: two blocks of channels
+    const int pad_id = 3;
     std::vector<int> tokens(N);
     for (int& t : tokens) t = (int)(rng() % V);
+    tokens[0] = tokens[N - 1] = pad_id;
     std::vector<float> wte = rounded(random_floats(V * C, rng)), dout = rounded(random_floats(N * C, rng));
     std::vector<float> dwte0 = random_floats(V * C, rng), ref(N * C), dref = dwte0;
     embedding_forward(ref.data(), tokens.data(), wte.data(), N, C);
-    embedding_backward(dref.data(), dout.data(), tokens.data(), N, C);
+    embedding_backward(dref.data(), dout.data(), tokens.data(), N, C, pad_id);
+    std::vector<int> buckets(3 * N + 1);
+    int n_buckets = embedding_buckets(buckets.data(), tokens.data(), N, pad_id);
     int* d_tokens = upload(tokens);
+    int* d_buckets = upload(buckets);
     floatX *d_wte = upload_x(wte), *d_out = cuda_alloc<floatX>(N * C), *d_dout = upload_x(dout);
     float* d_dwte = upload(dwte0);
     poison(d_out, N * C);
     embedding_forward_cuda(d_out, d_tokens, d_wte, N, C, stream);
-    embedding_backward_cuda(d_dwte, d_dout, d_tokens, N, C, stream);
+    embedding_backward_cuda(d_dwte, d_dout, d_buckets, n_buckets, N, C, stream);
     check_close("embedding forward", download_x(d_out, N * C), ref, 1e-7);  // a copy: exact
-    check_close("embedding backward", download(d_dwte, V * C), dref, 1e-6);  // FP32 atomics: order only
-    void* bufs[] = {d_tokens, d_wte, d_out, d_dout, d_dwte};
+    std::vector<float> first = download(d_dwte, V * C);
+    check_close("embedding backward", first, dref, 1e-7);
+    CHECK(first == dref);  // the same additions in the same order
+    cudaCheck(cudaMemcpy(d_dwte, dwte0.data(), V * C * sizeof(float), cudaMemcpyHostToDevice));
+    embedding_backward_cuda(d_dwte, d_dout, d_buckets, n_buckets, N, C, stream);
+    CHECK(download(d_dwte, V * C) == first);
+    void* bufs[] = {d_tokens, d_buckets, d_wte, d_out, d_dout, d_dwte};
     for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
+// embedding_buckets on a hand-worked example: tokens 5 2 5 7 2 5 with pad id 7
+TEST_CASE("embedding_buckets sorts the positions by token, then position, without the pads", "[kernels]") {
+    std::vector<int> tokens = {5, 2, 5, 7, 2, 5}, buckets(3 * 6 + 1, -9);
+    REQUIRE(embedding_buckets(buckets.data(), tokens.data(), 6, 7) == 2);
+    CHECK(std::vector<int>(buckets.begin(), buckets.begin() + 5) == std::vector<int>{1, 4, 0, 2, 5});  // order
+    CHECK(std::vector<int>(buckets.begin() + 6, buckets.begin() + 8) == std::vector<int>{2, 5});        // rows
+    CHECK(std::vector<int>(buckets.begin() + 12, buckets.begin() + 15) == std::vector<int>{0, 2, 5});  // start
+    std::vector<int> pads = {7, 7};
+    CHECK(embedding_buckets(buckets.data(), pads.data(), 2, 7) == 0);
 }
 
 TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
