@@ -667,28 +667,43 @@ __global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* i
     if (lane == 0) rstd[n] = r;
 }
 
-// one warp per row: dinp += r * (dout*w - xhat * mean(dout*w*xhat))
-__global__ void rmsnorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N, int C) {
-    size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+// The weight gradient sum_n dout * xhat is summed in two fixed orders, so it is the same bits run
+// after run: each block of the backward sums its RMSNORM_BACKWARD_ROWS rows into a partial (row
+// order), then one thread per channel adds the partials (block order).
+constexpr int RMSNORM_BACKWARD_ROWS = 32;
+
+// one block per RMSNORM_BACKWARD_ROWS rows: a warp per row for dinp += r * (dout*w - xhat *
+// mean(dout*w*xhat)), then a thread per channel for the block's partial of dweight (the rows
+// the block just read, from L1/L2)
+__global__ void rmsnorm_backward_kernel(floatX* dinp, float* dweight_partials, const floatX* dout, const floatX* inp, const floatX* weight,
+                                        const float* rstd, size_t N, int C) {
+    size_t row0 = (size_t)blockIdx.x * RMSNORM_BACKWARD_ROWS;
+    size_t row1 = row0 + RMSNORM_BACKWARD_ROWS < N ? row0 + RMSNORM_BACKWARD_ROWS : N;
     int lane = threadIdx.x % 32;
-    if (n >= N) return;
-    const floatX* x = inp + n * C;
-    const floatX* d = dout + n * C;
-    float r = rstd[n], dot = 0.0f;
-    for (int i = lane; i < C; i += 32) dot += to_float(d[i]) * to_float(weight[i]) * to_float(x[i]) * r;
-    dot = warp_reduce_sum(dot) / (float)C;
-    for (int i = lane; i < C; i += 32) {
-        float g = r * (to_float(d[i]) * to_float(weight[i]) - to_float(x[i]) * r * dot);
-        dinp[n * C + i] = from_float<floatX>(to_float(dinp[n * C + i]) + g);
+    for (size_t n = row0 + threadIdx.x / 32; n < row1; n += blockDim.x / 32) {
+        const floatX* x = inp + n * C;
+        const floatX* d = dout + n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (int i = lane; i < C; i += 32) dot += to_float(d[i]) * to_float(weight[i]) * to_float(x[i]) * r;
+        dot = warp_reduce_sum(dot) / (float)C;
+        for (int i = lane; i < C; i += 32) {
+            float g = r * (to_float(d[i]) * to_float(weight[i]) - to_float(x[i]) * r * dot);
+            dinp[n * C + i] = from_float<floatX>(to_float(dinp[n * C + i]) + g);
+        }
+    }
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {  // reads dout, inp, rstd only: no barrier needed
+        float acc = 0.0f;
+        for (size_t n = row0; n < row1; n++) acc += to_float(dout[n * C + i]) * to_float(inp[n * C + i]) * rstd[n];
+        dweight_partials[(size_t)blockIdx.x * C + i] = acc;
     }
 }
 
-// one thread per channel, summing over the rows: dweight += sum_n dout * xhat (deterministic)
-__global__ void rmsnorm_weight_backward_kernel(float* dweight, const floatX* dout, const floatX* inp, const float* rstd, size_t N, int C) {
+// one thread per channel: dweight += the blocks' partials, in block order
+__global__ void rmsnorm_weight_reduce_kernel(float* dweight, const float* partials, int n_partials, int C) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= C) return;
     float acc = 0.0f;
-    for (size_t n = 0; n < N; n++) acc += to_float(dout[n * C + i]) * to_float(inp[n * C + i]) * rstd[n];
+    for (int b = 0; b < n_partials; b++) acc += partials[(size_t)b * C + i];
     dweight[i] += acc;
 }
 
@@ -698,12 +713,17 @@ inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, co
     cudaCheck(cudaGetLastError());
 }
 
-inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
-                                  const float* rstd, size_t N, int C, cudaStream_t stream) {
+// dweight_partials: (rmsnorm_backward_blocks(N), C) device scratch
+inline size_t rmsnorm_backward_blocks(size_t N) { return ceil_div(N, (size_t)RMSNORM_BACKWARD_ROWS); }
+
+inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_partials, const floatX* dout, const floatX* inp,
+                                  const floatX* weight, const float* rstd, size_t N, int C, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(rmsnorm_backward_kernel, ceil_div(N, 8), 256, 0, stream, dinp, dout, inp, weight, rstd, N, C);
+    const int block_size = 256, reduce_block_size = 256;  // 8 warps, 4 rows each
+    size_t blocks = rmsnorm_backward_blocks(N);
+    LAUNCH(rmsnorm_backward_kernel, blocks, block_size, 0, stream, dinp, dweight_partials, dout, inp, weight, rstd, N, C);
     cudaCheck(cudaGetLastError());
-    LAUNCH(rmsnorm_weight_backward_kernel, ceil_div(C, 128), 128, 0, stream, dweight, dout, inp, rstd, N, C);
+    LAUNCH(rmsnorm_weight_reduce_kernel, ceil_div(C, reduce_block_size), reduce_block_size, 0, stream, dweight, dweight_partials, (int)blocks, C);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2438,6 +2458,7 @@ struct LlamaCuda {
     void* grad_acts_memory = nullptr;
     GradActTensorsT<floatX> grad_acts;
     float* attn_delta = nullptr;      // (B, H, T) flash attention's backward: rowsum(dout * out)
+    float* norm_weight_partials = nullptr;  // (rmsnorm_backward_blocks(B T), C) the RMSNorm backward's partial weight gradients
     int* tokens = nullptr;            // (B, T)
     int* token_buckets = nullptr;     // (3 B T + 1) training: the last forward's tokens, bucketed by embedding_buckets
     int n_token_buckets = 0;
@@ -2467,7 +2488,8 @@ struct GpuMemoryPlan {
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
-    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta, embedding buckets
+    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta, embedding buckets,
+                                  // RMSNorm weight-gradient partials
 };
 
 inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
@@ -2490,7 +2512,8 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
         m.moments = 2 * n * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
         m.scratch += N * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
-                     (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int);
+                     (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int) +
+                     rmsnorm_backward_blocks(N) * c.dim * sizeof(float);
     }
     return m;
 }
@@ -2569,6 +2592,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->norm_coef = cuda_alloc<float>(2);
         g->attn_delta = cuda_alloc<float>((size_t)B * c.n_heads * T);
         g->token_buckets = cuda_alloc<int>(3 * (size_t)B * T + 1);
+        g->norm_weight_partials = cuda_alloc<float>(rmsnorm_backward_blocks((size_t)B * T) * c.dim);
         g->host_token_buckets.assign(3 * (size_t)B * T + 1, 0);
     }
     cudaCheck(cudaStreamSynchronize(stream));
@@ -2577,7 +2601,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
-                       g->token_buckets};
+                       g->token_buckets, g->norm_weight_partials};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2672,7 +2696,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     GradActTensorsT<floatX>& d = g->grad_acts;
     auto zero = [&](floatX* ptr, size_t count) { cudaCheck(cudaMemsetAsync(ptr, 0, count * sizeof(floatX), st)); };
     zero(d.residual, N * C);
-    rmsnorm_backward_cuda(d.residual, gr.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
+    rmsnorm_backward_cuda(d.residual, gr.final_norm, g->norm_weight_partials, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
         zero(d.swiglu, N * F);
@@ -2681,7 +2705,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F, st);
         matmul_backward_cuda(d.norm_out, gr.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F, st);
         matmul_backward_cuda(d.norm_out, gr.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F, st);
-        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
+        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
                               a.mlp_rstd + l * N, N, (int)C, st);
         zero(d.att_out, N * C);
         zero(d.q, N * C);
@@ -2697,7 +2721,7 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_backward_cuda(d.norm_out, gr.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
+        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
                               a.attn_rstd + l * N, N, (int)C, st);
     }
     embedding_backward_cuda(gr.wte, d.residual, g->token_buckets, g->n_token_buckets, N, C, st);

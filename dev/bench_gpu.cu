@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     printf("op embedding_forward %.4f\n", time_ms([&] { embedding_forward_cuda(a.residual, g.tokens, p.wte, N, C, st); }));
     printf("op embedding_backward %.4f\n", time_ms([&] { embedding_backward_cuda(g.grads.wte, d.residual, g.token_buckets, g.n_token_buckets, N, C, st); }));
     printf("op rmsnorm_forward %.4f\n", time_ms([&] { rmsnorm_forward_cuda(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, (int)C, 1e-5, st); }));
-    printf("op rmsnorm_backward %.4f\n", time_ms([&] { rmsnorm_backward_cuda(d.residual, g.grads.attn_norm, d.norm_out, a.residual, p.attn_norm, a.attn_rstd, N, (int)C, st); }));
+    printf("op rmsnorm_backward %.4f\n", time_ms([&] { rmsnorm_backward_cuda(d.residual, g.grads.attn_norm, g.norm_weight_partials, d.norm_out, a.residual, p.attn_norm, a.attn_rstd, N, (int)C, st); }));
     printf("op matmul_forward_qkvo %.4f\n", time_ms([&] { matmul_forward_cuda(a.q, a.attn_in, p.wq, N, C, C, st); }));
     printf("op matmul_backward_qkvo %.4f\n", time_ms([&] { matmul_backward_cuda(d.norm_out, g.grads.wq, d.q, a.attn_in, p.wq, N, C, C, st); }));
     printf("op matmul_forward_mlp %.4f\n", time_ms([&] { matmul_forward_cuda(a.gate, a.mlp_in, p.w_gate, N, C, F, st); }));

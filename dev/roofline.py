@@ -85,9 +85,11 @@ def build_step(cfg, B, T, attention, x):
     def rmsnorm_forward(what):
         s.add("rmsnorm_forward_kernel", what, 4 * N * C, 2 * N * C * x + C * x + N * f4)
 
-    def rmsnorm_backward(what):
-        s.add("rmsnorm_backward_kernel", what, 8 * N * C, 4 * N * C * x + C * x + N * f4)
-        s.add("rmsnorm_weight_backward_kernel", what, 3 * N * C, 2 * N * C * x + N * f4 + 2 * C * f4)
+    nb = -(-N // 32)  # RMSNORM_BACKWARD_ROWS rows per block, one partial weight gradient each
+
+    def rmsnorm_backward(what):  # dinp and the blocks' partial weight gradients (rows re-read from L1/L2), then their sum
+        s.add("rmsnorm_backward_kernel", what, 11 * N * C, 4 * N * C * x + C * x + N * f4 + nb * C * f4)
+        s.add("rmsnorm_weight_reduce_kernel", what, nb * C, nb * C * f4 + 2 * C * f4)
 
     def rope(what, NH):
         s.add("rope_kernel", what, 6 * N * NH * hd, 2 * N * NH * hd * x)
@@ -247,8 +249,9 @@ def memory_plan(cfg, B, T, attention, x):
     else:
         heads, sq = B * H * T * hd, B * H * T * T
         attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
-    # tokens, score_idx, dlp, dscores, norm scratch, the embedding backward's token buckets
-    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4
+    # tokens, score_idx, dlp, dscores, norm scratch, the embedding backward's token buckets, the RMSNorm
+    # backward's partial weight gradients
+    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4 + -(-N // 32) * C * 4
     return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
         "weights": P * x,  # the compute copy
         "master": P * 4,

@@ -146,25 +146,33 @@ TEST_CASE("embedding_buckets sorts the positions by token, then position, withou
     CHECK(embedding_buckets(buckets.data(), pads.data(), 2, 7) == 0);
 }
 
+// N = 77: three blocks of the backward (32 rows each, the last partial), so three partial
+// weight gradients; a second backward gives the same bits.
 TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 2);
-    size_t N = 13, C = 75;
+    size_t N = 77, C = 75;
     std::vector<float> x = rounded(random_floats(N * C, rng)), w = rounded(random_floats(C, rng)), dout = rounded(random_floats(N * C, rng));
     std::vector<float> dinp0 = rounded(random_floats(N * C, rng)), dw0 = random_floats(C, rng);
     std::vector<float> out(N * C), rstd(N), dinp = dinp0, dw = dw0;
     rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5);
     rmsnorm_backward(dinp.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
     floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
-    float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0);
+    float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_partials = cuda_alloc<float>(rmsnorm_backward_blocks(N) * C);
+    REQUIRE(rmsnorm_backward_blocks(N) == 3);
     poison(d_out, N * C);
     poison(d_rstd, N);
+    poison(d_partials, rmsnorm_backward_blocks(N) * C);
     rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, 1e-5, stream);
-    rmsnorm_backward_cuda(d_dinp, d_dw, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
+    rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
     check_close("rmsnorm out", download_x(d_out, N * C), out);
     check_close("rmsnorm rstd", download(d_rstd, N), rstd, 1e-5);
     check_close("rmsnorm dinp", download_x(d_dinp, N * C), dinp);
-    check_close("rmsnorm dweight", download(d_dw, C), dw, 1e-5);
-    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw};
+    std::vector<float> dw_gpu = download(d_dw, C);
+    check_close("rmsnorm dweight", dw_gpu, dw, 1e-5);
+    cudaCheck(cudaMemcpy(d_dw, dw0.data(), C * sizeof(float), cudaMemcpyHostToDevice));
+    rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
+    CHECK(download(d_dw, C) == dw_gpu);  // deterministic
+    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_partials};
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
@@ -172,8 +180,8 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
 // square root, or left out, moves rstd by a factor of 5 or more. Rows 1..4 also hold one
 // value of 1 at the end or the start of the warp's passes over the row (C - 1, 0, 31, 128),
 // so skipping any element of the sum of squares moves rstd by orders of magnitude.
-// N = 21 rows (8 per block) and C = 139 channels (> 128 per block of the weight gradient,
-// not a multiple of 32) leave a partial block everywhere. The backward is fed the CPU twin's
+// N = 21 rows (one partial block of 32 rows in the backward, 8 per block in the forward) and
+// C = 139 channels (> 128, not a multiple of 32) leave a partial block everywhere. The backward is fed the CPU twin's
 // rstd, so it is checked on its own, not through the forward. Tolerances as above (TOL:
 // bfloat16 outputs; 1e-5 for rstd and dweight, which are FP32 in both builds: only the
 // order of the FP32 sums differs).
@@ -200,15 +208,16 @@ TEST_CASE("rmsnorm kernels with small inputs where eps matters (fixed data)", "[
 
     floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
     float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_rstd_cpu = upload(rstd);
+    float* d_partials = cuda_alloc<float>(rmsnorm_backward_blocks(N) * C);
     poison(d_out, N * C);
     poison(d_rstd, N);
     rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, eps, stream);
     check_close("rmsnorm small out", download_x(d_out, N * C), out);
     check_close("rmsnorm small rstd", download(d_rstd, N), rstd, 1e-5);
-    rmsnorm_backward_cuda(d_dinp, d_dw, d_dout, d_x, d_w, d_rstd_cpu, N, (int)C, stream);
+    rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd_cpu, N, (int)C, stream);
     check_close("rmsnorm small dinp", download_x(d_dinp, N * C), dinp);
     check_close("rmsnorm small dweight", download(d_dw, C), dw, 1e-5);
-    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_rstd_cpu};
+    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_rstd_cpu, d_partials};
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
