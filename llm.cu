@@ -306,6 +306,26 @@ template <> __device__ __host__ inline __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
+// 128 bits of floatX (8 bf16 or 4 floats), moved between registers and memory in one access
+// (ld/st.global.v4); the elementwise kernels use it where the pointers are 16-byte aligned
+// (aligned16) and the group is whole, and go element by element otherwise.
+struct alignas(16) x128 {
+    static constexpr int size = 16 / sizeof(floatX);
+    floatX v[size];
+};
+__device__ inline x128 load128(const floatX* p) {
+    int4 bits = *reinterpret_cast<const int4*>(p);
+    x128 out;
+    memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+__device__ inline void store128(floatX* p, const x128& x) {
+    int4 bits;
+    memcpy(&bits, &x, sizeof(bits));
+    *reinterpret_cast<int4*>(p) = bits;
+}
+inline bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
+
 // sum and max over a full warp, then over a block (blockDim.x a multiple of 32, <= 1024)
 __device__ inline float warp_reduce_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
@@ -650,20 +670,34 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 }
 
 #ifdef XWIN_CUDA
-// one warp per row: the sum of squares by a warp reduction, then the scaled row
-__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps) {
+// one warp per row: the sum of squares by a warp reduction, then the scaled row; with vec
+// (rows of whole x128 groups, 16-byte aligned) a lane moves x128 groups, else single elements
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps, bool vec) {
     size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (n >= N) return;  // whole warps leave together
     const floatX* x = inp + n * C;
+    floatX* o = out + n * C;
     float ss = 0.0f;
-    for (int i = lane; i < C; i += 32) {
-        float v = to_float(x[i]);
-        ss += v * v;
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i);
+            for (int k = 0; k < x128::size; k++) ss += to_float(v.v[k]) * to_float(v.v[k]);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) ss += to_float(x[i]) * to_float(x[i]);
     }
     ss = warp_reduce_sum(ss);
     float r = 1.0f / sqrtf(ss / (float)C + eps);
-    for (int i = lane; i < C; i += 32) out[n * C + i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i), w = load128(weight + i), y;
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
+            store128(o + i, y);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    }
     if (lane == 0) rstd[n] = r;
 }
 
@@ -709,7 +743,9 @@ __global__ void rmsnorm_weight_reduce_kernel(float* dweight, const float* partia
 
 inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, double eps, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(rmsnorm_forward_kernel, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight, N, C, (float)eps);
+    const int block_size = 256;  // 8 warps: 8 rows per block
+    bool vec = C % x128::size == 0 && aligned16(out) && aligned16(inp) && aligned16(weight);
+    LAUNCH(rmsnorm_forward_kernel, ceil_div(N, block_size / 32), block_size, 0, stream, out, rstd, inp, weight, N, C, (float)eps, vec);
     cudaCheck(cudaGetLastError());
 }
 
@@ -1696,33 +1732,66 @@ void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up
 }
 
 #ifdef XWIN_CUDA
-__global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const floatX* up, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = to_float(gate[i]);
-    out[i] = from_float<floatX>(g / (1.0f + expf(-g)) * to_float(up[i]));
+__device__ inline float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// one thread per x128 group of elements (128-bit accesses when vec and the group is whole)
+__global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const floatX* up, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    if (vec && i0 + x128::size <= n) {
+        x128 vg = load128(gate + i0), vu = load128(up + i0), vo;
+        for (int k = 0; k < x128::size; k++) vo.v[k] = from_float<floatX>(swiglu_value(to_float(vg.v[k]), to_float(vu.v[k])));
+        store128(out + i0, vo);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) out[i] = from_float<floatX>(swiglu_value(to_float(gate[i]), to_float(up[i])));
 }
 
-// One thread per element. Unlike the CPU twin it WRITES dgate and dup (=, not +=): in the
-// model they are the only gradient of gate and up, so the GPU model zeroes nothing before it.
-__global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = to_float(gate[i]), d = to_float(dout[i]);
+// {dgate, dup} of one element
+__device__ inline void swiglu_grads(float* dg, float* du, float d, float g, float u) {
     float s = 1.0f / (1.0f + expf(-g));
-    dgate[i] = from_float<floatX>(d * to_float(up[i]) * s * (1.0f + g * (1.0f - s)));
-    dup[i] = from_float<floatX>(d * g * s);
+    *dg = d * u * s * (1.0f + g * (1.0f - s));
+    *du = d * g * s;
+}
+
+// One thread per x128 group of elements (128-bit accesses when vec and the group is whole).
+// Unlike the CPU twin it WRITES dgate and dup (=, not +=): in the model they are the only
+// gradient of gate and up, so the GPU model zeroes nothing before it.
+__global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    float dg, du;
+    if (vec && i0 + x128::size <= n) {
+        x128 vd = load128(dout + i0), vg = load128(gate + i0), vu = load128(up + i0), odg, odu;
+        for (int k = 0; k < x128::size; k++) {
+            swiglu_grads(&dg, &du, to_float(vd.v[k]), to_float(vg.v[k]), to_float(vu.v[k]));
+            odg.v[k] = from_float<floatX>(dg);
+            odu.v[k] = from_float<floatX>(du);
+        }
+        store128(dgate + i0, odg);
+        store128(dup + i0, odu);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) {
+        swiglu_grads(&dg, &du, to_float(dout[i]), to_float(gate[i]), to_float(up[i]));
+        dgate[i] = from_float<floatX>(dg);
+        dup[i] = from_float<floatX>(du);
+    }
 }
 
 inline void swiglu_forward_cuda(floatX* out, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(swiglu_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, gate, up, n);
+    const int block_size = 256;
+    bool vec = aligned16(out) && aligned16(gate) && aligned16(up);
+    LAUNCH(swiglu_forward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, out, gate, up, n, vec);
     cudaCheck(cudaGetLastError());
 }
 
 inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(swiglu_backward_kernel, ceil_div(n, 256), 256, 0, stream, dgate, dup, dout, gate, up, n);
+    const int block_size = 256;
+    bool vec = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
+    LAUNCH(swiglu_backward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, dgate, dup, dout, gate, up, n, vec);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1735,14 +1804,25 @@ void residual_forward(T* out, const T* a, const T* b, size_t n) {
 }
 
 #ifdef XWIN_CUDA
-__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = from_float<floatX>(to_float(a[i]) + to_float(b[i]));
+// one thread per x128 group of elements: 128-bit loads and stores when vec and the group is
+// whole, element by element otherwise (the tail, unaligned pointers)
+__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    if (vec && i0 + x128::size <= n) {
+        x128 va = load128(a + i0), vb = load128(b + i0), vo;
+        for (int k = 0; k < x128::size; k++) vo.v[k] = from_float<floatX>(to_float(va.v[k]) + to_float(vb.v[k]));
+        store128(out + i0, vo);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) out[i] = from_float<floatX>(to_float(a[i]) + to_float(b[i]));
 }
 
 inline void residual_forward_cuda(floatX* out, const floatX* a, const floatX* b, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(residual_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, a, b, n);
+    const int block_size = 256;
+    bool vec = aligned16(out) && aligned16(a) && aligned16(b);
+    LAUNCH(residual_forward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, out, a, b, n, vec);
     cudaCheck(cudaGetLastError());
 }
 #endif

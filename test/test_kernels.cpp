@@ -147,33 +147,38 @@ TEST_CASE("embedding_buckets sorts the positions by token, then position, withou
 }
 
 // N = 77: three blocks of the backward (32 rows each, the last partial), so three partial
-// weight gradients; a second backward gives the same bits.
+// weight gradients; a second backward gives the same bits. C = 75: the forward goes element by
+// element; C = 264 = 33 x128 groups in BF16 (66 in FP32): 128-bit accesses, a warp's second
+// pass over the row partial.
 TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 2);
-    size_t N = 77, C = 75;
-    std::vector<float> x = rounded(random_floats(N * C, rng)), w = rounded(random_floats(C, rng)), dout = rounded(random_floats(N * C, rng));
-    std::vector<float> dinp0 = rounded(random_floats(N * C, rng)), dw0 = random_floats(C, rng);
-    std::vector<float> out(N * C), rstd(N), dinp = dinp0, dw = dw0;
-    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5);
-    rmsnorm_backward(dinp.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
-    floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
-    float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_partials = cuda_alloc<float>(rmsnorm_backward_blocks(N) * C);
-    REQUIRE(rmsnorm_backward_blocks(N) == 3);
-    poison(d_out, N * C);
-    poison(d_rstd, N);
-    poison(d_partials, rmsnorm_backward_blocks(N) * C);
-    rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, 1e-5, stream);
-    rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
-    check_close("rmsnorm out", download_x(d_out, N * C), out);
-    check_close("rmsnorm rstd", download(d_rstd, N), rstd, 1e-5);
-    check_close("rmsnorm dinp", download_x(d_dinp, N * C), dinp);
-    std::vector<float> dw_gpu = download(d_dw, C);
-    check_close("rmsnorm dweight", dw_gpu, dw, 1e-5);
-    cudaCheck(cudaMemcpy(d_dw, dw0.data(), C * sizeof(float), cudaMemcpyHostToDevice));
-    rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
-    CHECK(download(d_dw, C) == dw_gpu);  // deterministic
-    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_partials};
-    for (void* p : bufs) cudaCheck(cudaFree(p));
+    const size_t N = 77;
+    for (size_t C : {(size_t)75, (size_t)264}) {  // rows element by element; rows of whole x128 groups
+        INFO("C = " << C);
+        std::vector<float> x = rounded(random_floats(N * C, rng)), w = rounded(random_floats(C, rng)), dout = rounded(random_floats(N * C, rng));
+        std::vector<float> dinp0 = rounded(random_floats(N * C, rng)), dw0 = random_floats(C, rng);
+        std::vector<float> out(N * C), rstd(N), dinp = dinp0, dw = dw0;
+        rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5);
+        rmsnorm_backward(dinp.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
+        floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(N * C);
+        float *d_rstd = cuda_alloc<float>(N), *d_dw = upload(dw0), *d_partials = cuda_alloc<float>(rmsnorm_backward_blocks(N) * C);
+        REQUIRE(rmsnorm_backward_blocks(N) == 3);
+        poison(d_out, N * C);
+        poison(d_rstd, N);
+        poison(d_partials, rmsnorm_backward_blocks(N) * C);
+        rmsnorm_forward_cuda(d_out, d_rstd, d_x, d_w, N, (int)C, 1e-5, stream);
+        rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
+        check_close("rmsnorm out", download_x(d_out, N * C), out);
+        check_close("rmsnorm rstd", download(d_rstd, N), rstd, 1e-5);
+        check_close("rmsnorm dinp", download_x(d_dinp, N * C), dinp);
+        std::vector<float> dw_gpu = download(d_dw, C);
+        check_close("rmsnorm dweight", dw_gpu, dw, 1e-5);
+        cudaCheck(cudaMemcpy(d_dw, dw0.data(), C * sizeof(float), cudaMemcpyHostToDevice));
+        rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
+        CHECK(download(d_dw, C) == dw_gpu);  // deterministic
+        void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_partials};
+        for (void* p : bufs) cudaCheck(cudaFree(p));
+    }
 }
 
 // Inputs of magnitude 1e-3 (mean square ~3e-7), so eps = 1e-5 sets rstd: eps outside the
@@ -269,6 +274,8 @@ TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta"
 
 // Attention: the flash kernels' tests are in test_flash.cpp (#included below).
 
+// n = 1003: whole x128 groups (8 bf16 or 4 floats, 128-bit accesses) and a tail of 3 elements;
+// then from the second element on, where no pointer is 16-byte aligned.
 TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 6);
     size_t n = 1003;
@@ -290,6 +297,18 @@ TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     check_close("swiglu dgate", download_x(d_dg, n), dg);
     check_close("swiglu dup", download_x(d_du, n), du);
     check_close("residual", download_x(d_sum, n), sum);
+    // one element in: no pointer 16-byte aligned, so every group goes element by element
+    poison(d_out, n);
+    poison(d_sum, n);
+    poison(d_dg, n);
+    swiglu_forward_cuda(d_out + 1, d_g + 1, d_u + 1, n - 1, stream);
+    swiglu_backward_cuda(d_dg + 1, d_du + 1, d_d + 1, d_g + 1, d_u + 1, n - 1, stream);
+    residual_forward_cuda(d_sum + 1, d_g + 1, d_u + 1, n - 1, stream);
+    auto from1 = [](const std::vector<float>& v) { return std::vector<float>(v.begin() + 1, v.end()); };
+    check_close("swiglu out, unaligned", from1(download_x(d_out, n)), from1(out));
+    check_close("swiglu dgate, unaligned", from1(download_x(d_dg, n)), from1(dg));
+    check_close("residual, unaligned", from1(download_x(d_sum, n)), from1(sum));
+    CHECK(std::isnan(download_x(d_out, n)[0]));
     void* bufs[] = {d_g, d_u, d_d, d_dg, d_du, d_out, d_sum};
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
