@@ -586,6 +586,43 @@ TEST_CASE("kernels: parity with transformers, multi-head tied", "[kernels][parit
 TEST_CASE("kernels: parity with transformers, grouped-query", "[kernels][parity]") { run_model_parity("gqa_untied"); }
 TEST_CASE("kernels: parity with transformers, odd sizes", "[kernels][parity]") { run_model_parity("odd_sizes"); }
 
+// No FP32 atomics in a training step (the embedding and RMSNorm weight gradients are summed in
+// fixed orders, the flash backward per tile): two steps from the same start give the same bits
+// (the emulation runs large grids' blocks on several OS threads, in no fixed order). Tokens that repeat
+// (a vocabulary of 20 for 140 positions) and pads (id 0), so rows of wte gather many positions.
+TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinism]") {
+    LlamaConfig c{64, 2, 8, 2, 20, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    c.pad_id = 0;
+    const int B = 2, T = 70;
+    Llama host;
+    llama_init(&host, c);
+    uint64_t rng = 11;
+    for (size_t i = 0; i < host.num_params; i++) host.params_memory[i] = 0.05f * rng_normal(&rng);
+    std::vector<int> tokens(B * T);
+    for (int& t : tokens) t = (int)(rng_uniform(&rng) * 20) % 20;
+    std::vector<float> lp(B * T), dlp(B * T, -1.0f / (B * T));
+    auto step = [&] {
+        LlamaCuda g;
+        llama_cuda_init(&g, &host, B, T, true, stream);
+        llama_cuda_forward(&g, tokens.data(), B, T);
+        llama_cuda_logprobs(&g, lp.data(), B, T);
+        llama_cuda_backward(&g, dlp.data(), B, T);
+        llama_cuda_clip_grad_norm(&g, 0.5f);
+        std::vector<float> grads = download(g.grads_memory, g.num_params);
+        llama_cuda_update(&g, AdamWConfig{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f});
+        std::vector<float> master = download(g.master, g.num_params);
+        llama_cuda_free(&g);
+        grads.insert(grads.end(), master.begin(), master.end());
+        return grads;
+    };
+    std::vector<float> first = step(), second = step();
+    size_t nonzero = 0;
+    for (size_t i = 0; i < (size_t)c.vocab_size * c.dim; i++) nonzero += first[i] != 0.0f;  // the wte gradient
+    CHECK(nonzero == (size_t)(c.vocab_size - 1) * c.dim);  // every row but the pad's (all 20 tokens occur)
+    CHECK(first == second);
+    llama_free(&host);
+}
+
 // The flash attention's tests, in this translation unit (llm.cu's kernels are defined once per
 // program), on the GPU too.
 #include "test_flash.cpp"
