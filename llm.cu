@@ -31,15 +31,18 @@ Contents, in file order (search for the quoted heading):
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
-                            PARALLEL_MIN_WORK; embedding, rmsnorm, matmul (matmul_forward_transposed: a weight
-                            transposed once), rope (rope_forward_at: given positions), attention
+                            PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
+                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_forward_at:
+                            given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
-                            logprob, masked_mean_loss, clip_grad_norm, adamw_update
+                            logprob, masked_mean_loss, clip_grad_norm (grad_norm_coef_cuda: the clip folded into
+                            AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
-  "The model on the GPU"    defines: LlamaCuda, llama_cuda_init/_forward/_backward/_update/_download
+  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
+                            llama_cuda_init/_forward/_backward/_update/_download
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
   "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
                             infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
@@ -311,6 +314,26 @@ template <> __device__ __host__ inline __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
+// 128 bits of floatX (8 bf16 or 4 floats), moved between registers and memory in one access
+// (ld/st.global.v4); the elementwise kernels use it where the pointers are 16-byte aligned
+// (aligned16) and the group is whole, and go element by element otherwise.
+struct alignas(16) x128 {
+    static constexpr int size = 16 / sizeof(floatX);
+    floatX v[size];
+};
+__device__ inline x128 load128(const floatX* p) {
+    int4 bits = *reinterpret_cast<const int4*>(p);
+    x128 out;
+    memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+__device__ inline void store128(floatX* p, const x128& x) {
+    int4 bits;
+    memcpy(&bits, &x, sizeof(bits));
+    *reinterpret_cast<int4*>(p) = bits;
+}
+inline bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
+
 // sum and max over a full warp, then over a block (blockDim.x a multiple of 32, <= 1024)
 __device__ inline float warp_reduce_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
@@ -575,11 +598,38 @@ __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const f
     out[idx] = wte[(size_t)tokens[idx / C] * C + idx % C];
 }
 
-// one thread per element of dout; rows that share a token meet in an FP32 atomicAdd
-__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, int pad_id) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= N * C || tokens[idx / C] == pad_id) return;
-    atomicAdd(&dwte[(size_t)tokens[idx / C] * C + idx % C], to_float(dout[idx]));
+// The embedding backward on the GPU adds the rows of each token in the order of the serial CPU
+// loop (by position), with no atomics, so its bits do not depend on scheduling: the positions are
+// first bucketed by token on the host (the tokens are there). buckets (3N + 1) holds
+//   order (N): the non-pad positions sorted by token, then position; rows (N): the token of each
+//   bucket; start (N + 1): where each bucket begins in order (the last entry: the count).
+// Returns the number of buckets.
+inline int embedding_buckets(int* buckets, const int* tokens, size_t N, int pad_id) {
+    int *order = buckets, *rows = buckets + N, *start = buckets + 2 * N;
+    size_t n = 0;
+    for (size_t i = 0; i < N; i++)
+        if (tokens[i] != pad_id) order[n++] = (int)i;
+    std::stable_sort(order, order + n, [&](int a, int b) { return tokens[a] < tokens[b]; });
+    int n_buckets = 0;
+    for (size_t j = 0; j < n; j++) {
+        if (j > 0 && tokens[order[j]] == tokens[order[j - 1]]) continue;
+        rows[n_buckets] = tokens[order[j]];
+        start[n_buckets++] = (int)j;
+    }
+    start[n_buckets] = (int)n;
+    return n_buckets;
+}
+
+// one block per (bucket, block of channels): a thread adds its channel of each of the bucket's
+// positions, in order, into its token's row
+__global__ void embedding_backward_kernel(float* dwte, const floatX* dout, const int* buckets, size_t N, size_t C) {
+    const int *order = buckets, *rows = buckets + N, *start = buckets + 2 * N;
+    size_t c = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float* row = dwte + (size_t)rows[blockIdx.x] * C;
+    float acc = row[c];
+    for (int j = start[blockIdx.x]; j < start[blockIdx.x + 1]; j++) acc += to_float(dout[(size_t)order[j] * C + c]);
+    row[c] = acc;
 }
 
 inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C, cudaStream_t stream) {
@@ -588,9 +638,12 @@ inline void embedding_forward_cuda(floatX* out, const int* tokens, const floatX*
     cudaCheck(cudaGetLastError());
 }
 
-inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C, cudaStream_t stream, int pad_id = -1) {
+// buckets (3N + 1) on the device, n_buckets: embedding_buckets' of the tokens
+inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* buckets, int n_buckets, size_t N, size_t C, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(embedding_backward_kernel, ceil_div(N * C, 256), 256, 0, stream, dwte, dout, tokens, N, C, pad_id);
+    const int block_size = 256;
+    if (n_buckets == 0) return;  // every position a pad: nothing to add (an empty grid is an invalid launch)
+    LAUNCH(embedding_backward_kernel, dim3((unsigned)n_buckets, ceil_div(C, block_size)), block_size, 0, stream, dwte, dout, buckets, N, C);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -630,60 +683,96 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 }
 
 #ifdef XWIN_CUDA
-// one warp per row: the sum of squares by a warp reduction, then the scaled row
-__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps) {
+// one warp per row: the sum of squares by a warp reduction, then the scaled row; with vec
+// (rows of whole x128 groups, 16-byte aligned) a lane moves x128 groups, else single elements
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps, bool vec) {
     size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (n >= N) return;  // whole warps leave together
     const floatX* x = inp + n * C;
+    floatX* o = out + n * C;
     float ss = 0.0f;
-    for (int i = lane; i < C; i += 32) {
-        float v = to_float(x[i]);
-        ss += v * v;
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i);
+            for (int k = 0; k < x128::size; k++) ss += to_float(v.v[k]) * to_float(v.v[k]);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) ss += to_float(x[i]) * to_float(x[i]);
     }
     ss = warp_reduce_sum(ss);
     float r = 1.0f / sqrtf(ss / (float)C + eps);
-    for (int i = lane; i < C; i += 32) out[n * C + i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i), w = load128(weight + i), y;
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
+            store128(o + i, y);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    }
     if (lane == 0) rstd[n] = r;
 }
 
-// one warp per row: dinp += r * (dout*w - xhat * mean(dout*w*xhat))
-__global__ void rmsnorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N, int C) {
-    size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+// The weight gradient sum_n dout * xhat is summed in two fixed orders, so it is the same bits run
+// after run: each block of the backward sums its RMSNORM_BACKWARD_ROWS rows into a partial (row
+// order), then one thread per channel adds the partials (block order).
+constexpr int RMSNORM_BACKWARD_ROWS = 32;
+
+// one block per RMSNORM_BACKWARD_ROWS rows: a warp per row for dinp += r * (dout*w - xhat *
+// mean(dout*w*xhat)), then a thread per channel for the block's partial of dweight (the rows
+// the block just read, from L1/L2)
+__global__ void rmsnorm_backward_kernel(floatX* dinp, float* dweight_partials, const floatX* dout, const floatX* inp, const floatX* weight,
+                                        const float* rstd, size_t N, int C) {
+    size_t row0 = (size_t)blockIdx.x * RMSNORM_BACKWARD_ROWS;
+    size_t row1 = row0 + RMSNORM_BACKWARD_ROWS < N ? row0 + RMSNORM_BACKWARD_ROWS : N;
     int lane = threadIdx.x % 32;
-    if (n >= N) return;
-    const floatX* x = inp + n * C;
-    const floatX* d = dout + n * C;
-    float r = rstd[n], dot = 0.0f;
-    for (int i = lane; i < C; i += 32) dot += to_float(d[i]) * to_float(weight[i]) * to_float(x[i]) * r;
-    dot = warp_reduce_sum(dot) / (float)C;
-    for (int i = lane; i < C; i += 32) {
-        float g = r * (to_float(d[i]) * to_float(weight[i]) - to_float(x[i]) * r * dot);
-        dinp[n * C + i] = from_float<floatX>(to_float(dinp[n * C + i]) + g);
+    for (size_t n = row0 + threadIdx.x / 32; n < row1; n += blockDim.x / 32) {
+        const floatX* x = inp + n * C;
+        const floatX* d = dout + n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (int i = lane; i < C; i += 32) dot += to_float(d[i]) * to_float(weight[i]) * to_float(x[i]) * r;
+        dot = warp_reduce_sum(dot) / (float)C;
+        for (int i = lane; i < C; i += 32) {
+            float g = r * (to_float(d[i]) * to_float(weight[i]) - to_float(x[i]) * r * dot);
+            dinp[n * C + i] = from_float<floatX>(to_float(dinp[n * C + i]) + g);
+        }
+    }
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {  // reads dout, inp, rstd only: no barrier needed
+        float acc = 0.0f;
+        for (size_t n = row0; n < row1; n++) acc += to_float(dout[n * C + i]) * to_float(inp[n * C + i]) * rstd[n];
+        dweight_partials[(size_t)blockIdx.x * C + i] = acc;
     }
 }
 
-// one thread per channel, summing over the rows: dweight += sum_n dout * xhat (deterministic)
-__global__ void rmsnorm_weight_backward_kernel(float* dweight, const floatX* dout, const floatX* inp, const float* rstd, size_t N, int C) {
+// one thread per channel: dweight += the blocks' partials, in block order
+__global__ void rmsnorm_weight_reduce_kernel(float* dweight, const float* partials, int n_partials, int C) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= C) return;
     float acc = 0.0f;
-    for (size_t n = 0; n < N; n++) acc += to_float(dout[n * C + i]) * to_float(inp[n * C + i]) * rstd[n];
+    for (int b = 0; b < n_partials; b++) acc += partials[(size_t)b * C + i];
     dweight[i] += acc;
 }
 
 inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, double eps, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(rmsnorm_forward_kernel, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight, N, C, (float)eps);
+    const int block_size = 256;  // 8 warps: 8 rows per block
+    bool vec = C % x128::size == 0 && aligned16(out) && aligned16(inp) && aligned16(weight);
+    LAUNCH(rmsnorm_forward_kernel, ceil_div(N, block_size / 32), block_size, 0, stream, out, rstd, inp, weight, N, C, (float)eps, vec);
     cudaCheck(cudaGetLastError());
 }
 
-inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
-                                  const float* rstd, size_t N, int C, cudaStream_t stream) {
+// dweight_partials: (rmsnorm_backward_blocks(N), C) device scratch
+inline size_t rmsnorm_backward_blocks(size_t N) { return ceil_div(N, (size_t)RMSNORM_BACKWARD_ROWS); }
+
+inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_partials, const floatX* dout, const floatX* inp,
+                                  const floatX* weight, const float* rstd, size_t N, int C, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(rmsnorm_backward_kernel, ceil_div(N, 8), 256, 0, stream, dinp, dout, inp, weight, rstd, N, C);
+    const int block_size = 256, reduce_block_size = 256;  // 8 warps, 4 rows each
+    size_t blocks = rmsnorm_backward_blocks(N);
+    LAUNCH(rmsnorm_backward_kernel, blocks, block_size, 0, stream, dinp, dweight_partials, dout, inp, weight, rstd, N, C);
     cudaCheck(cudaGetLastError());
-    LAUNCH(rmsnorm_weight_backward_kernel, ceil_div(C, 128), 128, 0, stream, dweight, dout, inp, rstd, N, C);
+    LAUNCH(rmsnorm_weight_reduce_kernel, ceil_div(C, reduce_block_size), reduce_block_size, 0, stream, dweight, dweight_partials, (int)blocks, C);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1669,31 +1758,66 @@ void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up
 }
 
 #ifdef XWIN_CUDA
-__global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const floatX* up, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = to_float(gate[i]);
-    out[i] = from_float<floatX>(g / (1.0f + expf(-g)) * to_float(up[i]));
+__device__ inline float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// one thread per x128 group of elements (128-bit accesses when vec and the group is whole)
+__global__ void swiglu_forward_kernel(floatX* out, const floatX* gate, const floatX* up, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    if (vec && i0 + x128::size <= n) {
+        x128 vg = load128(gate + i0), vu = load128(up + i0), vo;
+        for (int k = 0; k < x128::size; k++) vo.v[k] = from_float<floatX>(swiglu_value(to_float(vg.v[k]), to_float(vu.v[k])));
+        store128(out + i0, vo);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) out[i] = from_float<floatX>(swiglu_value(to_float(gate[i]), to_float(up[i])));
 }
 
-__global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = to_float(gate[i]), d = to_float(dout[i]);
+// {dgate, dup} of one element
+__device__ inline void swiglu_grads(float* dg, float* du, float d, float g, float u) {
     float s = 1.0f / (1.0f + expf(-g));
-    dgate[i] = from_float<floatX>(to_float(dgate[i]) + d * to_float(up[i]) * s * (1.0f + g * (1.0f - s)));
-    dup[i] = from_float<floatX>(to_float(dup[i]) + d * g * s);
+    *dg = d * u * s * (1.0f + g * (1.0f - s));
+    *du = d * g * s;
+}
+
+// One thread per x128 group of elements (128-bit accesses when vec and the group is whole).
+// Unlike the CPU twin it WRITES dgate and dup (=, not +=): in the model they are the only
+// gradient of gate and up, so the GPU model zeroes nothing before it.
+__global__ void swiglu_backward_kernel(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    float dg, du;
+    if (vec && i0 + x128::size <= n) {
+        x128 vd = load128(dout + i0), vg = load128(gate + i0), vu = load128(up + i0), odg, odu;
+        for (int k = 0; k < x128::size; k++) {
+            swiglu_grads(&dg, &du, to_float(vd.v[k]), to_float(vg.v[k]), to_float(vu.v[k]));
+            odg.v[k] = from_float<floatX>(dg);
+            odu.v[k] = from_float<floatX>(du);
+        }
+        store128(dgate + i0, odg);
+        store128(dup + i0, odu);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) {
+        swiglu_grads(&dg, &du, to_float(dout[i]), to_float(gate[i]), to_float(up[i]));
+        dgate[i] = from_float<floatX>(dg);
+        dup[i] = from_float<floatX>(du);
+    }
 }
 
 inline void swiglu_forward_cuda(floatX* out, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(swiglu_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, gate, up, n);
+    const int block_size = 256;
+    bool vec = aligned16(out) && aligned16(gate) && aligned16(up);
+    LAUNCH(swiglu_forward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, out, gate, up, n, vec);
     cudaCheck(cudaGetLastError());
 }
 
 inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(swiglu_backward_kernel, ceil_div(n, 256), 256, 0, stream, dgate, dup, dout, gate, up, n);
+    const int block_size = 256;
+    bool vec = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
+    LAUNCH(swiglu_backward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, dgate, dup, dout, gate, up, n, vec);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1706,14 +1830,25 @@ void residual_forward(T* out, const T* a, const T* b, size_t n) {
 }
 
 #ifdef XWIN_CUDA
-__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = from_float<floatX>(to_float(a[i]) + to_float(b[i]));
+// one thread per x128 group of elements: 128-bit loads and stores when vec and the group is
+// whole, element by element otherwise (the tail, unaligned pointers)
+__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n, bool vec) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
+    if (i0 >= n) return;
+    if (vec && i0 + x128::size <= n) {
+        x128 va = load128(a + i0), vb = load128(b + i0), vo;
+        for (int k = 0; k < x128::size; k++) vo.v[k] = from_float<floatX>(to_float(va.v[k]) + to_float(vb.v[k]));
+        store128(out + i0, vo);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + x128::size; i++) out[i] = from_float<floatX>(to_float(a[i]) + to_float(b[i]));
 }
 
 inline void residual_forward_cuda(floatX* out, const floatX* a, const floatX* b, size_t n, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(residual_forward_kernel, ceil_div(n, 256), 256, 0, stream, out, a, b, n);
+    const int block_size = 256;
+    bool vec = aligned16(out) && aligned16(a) && aligned16(b);
+    LAUNCH(residual_forward_kernel, ceil_div(n, (size_t)block_size * x128::size), block_size, 0, stream, out, a, b, n, vec);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -1956,8 +2091,10 @@ inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
 }
 
 #ifdef XWIN_CUDA
-// The global norm on the device in two kernels (per-block partial sums, then one block),
-// and clipping by a coefficient the host never reads: norm_coef = {norm, coef}.
+// The global norm on the device in two kernels (per-block partial sums, then one block) and
+// the clip coefficient the host never reads: norm_coef = {norm, coef}. There is no scaling
+// pass over the gradients: AdamW multiplies each gradient by coef as it reads it
+// (adamw_update_cuda's grad_scale), the same product clip_grad_norm then adamw_update make.
 constexpr int GRAD_NORM_BLOCKS = 512;
 
 __global__ void grad_norm_partial_kernel(float* partials, const float* grads, size_t n) {
@@ -1980,18 +2117,12 @@ __global__ void grad_norm_finish_kernel(float* norm_coef, const float* partials,
     }
 }
 
-__global__ void grad_scale_kernel(float* grads, size_t n, const float* norm_coef) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    float coef = norm_coef[1];
-    if (i < n && coef != 1.0f) grads[i] *= coef;
-}
-
-// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch
-inline void clip_grad_norm_cuda(float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are
+inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, 256, 0, stream, partials, grads, n);
-    LAUNCH(grad_norm_finish_kernel, 1, 1024, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
-    LAUNCH(grad_scale_kernel, ceil_div(n, 256), 256, 0, stream, grads, n, norm_coef);
+    const int block_size = 256, finish_block_size = 1024;
+    LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, block_size, 0, stream, partials, grads, n);
+    LAUNCH(grad_norm_finish_kernel, 1, finish_block_size, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2003,12 +2134,14 @@ struct AdamWConfig {
     float lr, beta1, beta2, eps, weight_decay;
 };
 
-inline void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt, float weight_decay, int t) {
+// grad_scale multiplies each gradient as it is read (the GPU's clipping; 1 on the CPU, which clips in place)
+inline void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt, float weight_decay, int t,
+                         float grad_scale = 1.0f) {
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
     float step_size = (float)(opt.lr / bc1), bc2_sqrt = (float)std::sqrt(bc2);
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
-        float g = grads[i];
+        float g = grads[i] * grad_scale;
         params[i] *= 1.0f - opt.lr * weight_decay;
         m[i] = opt.beta1 * m[i] + (1.0f - opt.beta1) * g;
         v[i] = opt.beta2 * v[i] + (1.0f - opt.beta2) * g * g;
@@ -2018,12 +2151,13 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
 
 #ifdef XWIN_CUDA
 // AdamW fused over one tensor of the flat buffers: the FP32 master weight, its moments and
-// the floatX copy the forward reads, in the same arithmetic order as adamw_update.
+// the floatX copy the forward reads, in the same arithmetic order as adamw_update. One thread
+// per element; grad_scale (1 value on the device, the clip coefficient) or nullptr for 1.
 __global__ void adamw_kernel(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1,
-                             float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt) {
+                             float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt, const float* grad_scale) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = grads[i], p = master[i];
+    float g = grads[i] * (grad_scale ? *grad_scale : 1.0f), p = master[i];
     p *= 1.0f - lr * weight_decay;
     float mi = beta1 * m[i] + (1.0f - beta1) * g;
     float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
@@ -2034,12 +2168,14 @@ __global__ void adamw_kernel(float* master, floatX* params, const float* grads, 
     params[i] = from_float<floatX>(p);
 }
 
+// grad_scale: a device pointer to the clip coefficient (grad_norm_coef_cuda's norm_coef + 1), or nullptr
 inline void adamw_update_cuda(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, const AdamWConfig& opt,
-                              float weight_decay, int t, cudaStream_t stream) {
+                              float weight_decay, int t, cudaStream_t stream, const float* grad_scale = nullptr) {
     NVTX_RANGE_FN();
+    const int block_size = 256;
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
-    LAUNCH(adamw_kernel, ceil_div(n, 256), 256, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2, opt.eps,
-           weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2));
+    LAUNCH(adamw_kernel, ceil_div(n, block_size), block_size, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2,
+           opt.eps, weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2), grad_scale);
     cudaCheck(cudaGetLastError());
 }
 
@@ -2428,12 +2564,17 @@ struct LlamaCuda {
     void* grad_acts_memory = nullptr;
     GradActTensorsT<floatX> grad_acts;
     float* attn_delta = nullptr;      // (B, H, T) flash attention's backward: rowsum(dout * out)
+    float* norm_weight_partials = nullptr;  // (rmsnorm_backward_blocks(B T), C) the RMSNorm backward's partial weight gradients
     int* tokens = nullptr;            // (B, T)
+    int* token_buckets = nullptr;     // (3 B T + 1) training: the last forward's tokens, bucketed by embedding_buckets
+    int n_token_buckets = 0;
+    std::vector<int> host_token_buckets;  // (3 B T + 1) their host copy
     int* score_idx = nullptr;         // (B) reward head: the scored position of each sequence
     float* dlp = nullptr;             // (B, T)
     float* dscores = nullptr;         // (B) reward head
     float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
     float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
+    bool clip_pending = false;        // the next llama_cuda_update scales the gradients by norm_coef[1]
     cudaStream_t stream = nullptr;
 };
 
@@ -2444,7 +2585,71 @@ U* cuda_alloc(size_t count) {
     return (U*)p;
 }
 
-// Uploads a host model's weights; allocates everything for batches up to (B, T), once.
+// What llama_cuda_init allocates, by kind, in bytes: every cudaMalloc of the model, computed
+// before the first one (dev/roofline.py's memory_plan computes the same numbers).
+struct GpuMemoryPlan {
+    size_t weights = 0;           // (num_params) floatX, the compute copy
+    size_t master = 0;            // (num_params) FP32 master weights
+    size_t grads = 0;             // (num_params) FP32, training
+    size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
+    size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
+    size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
+    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta, embedding buckets,
+                                  // RMSNorm weight-gradient partials
+};
+
+inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
+    return m.weights + m.master + m.grads + m.moments + m.activations + m.grad_activations + m.scratch;
+}
+
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training) {
+    size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    for (size_t s : sizes) n += s;
+    GpuMemoryPlan m;
+    m.weights = n * sizeof(floatX);
+    m.master = n * sizeof(float);
+    ActTensorsT<floatX> acts;
+    m.activations = point_activations(&acts, nullptr, c, B, T, true);
+    m.scratch = N * sizeof(int) + B * sizeof(int);
+    if (training) {
+        GradActTensorsT<floatX> grad_acts;
+        m.grads = n * sizeof(float);
+        m.moments = 2 * n * sizeof(float);
+        m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
+        m.scratch += N * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
+                     (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int) +
+                     rmsnorm_backward_blocks(N) * c.dim * sizeof(float);
+    }
+    return m;
+}
+
+// "2.20 GB", "156.29 kB": bytes in decimal units
+inline std::string bytes_text(size_t b) {
+    return b >= 1000000000 ? string_format("%.2f GB", b / 1e9) : b >= 1000000 ? string_format("%.2f MB", b / 1e6) : string_format("%.2f kB", b / 1e3);
+}
+
+// "weights 2.20 GB, master 4.40 GB, ..., total 32.10 GB": the plan in one line
+inline std::string gpu_memory_plan_text(const GpuMemoryPlan& m) {
+    const char* names[] = {"weights", "master", "grads", "moments", "activations", "activation grads", "scratch", "total"};
+    size_t bytes[] = {m.weights, m.master, m.grads, m.moments, m.activations, m.grad_activations, m.scratch, gpu_memory_plan_total(m)};
+    std::string out;
+    for (int i = 0; i < 8; i++) out += string_format("%s%s %s", i ? ", " : "", names[i], bytes_text(bytes[i]).c_str());
+    return out;
+}
+
+// "" when the plan fits in free_bytes, else the one-line refusal naming what is needed against what the device has
+inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size_t free_bytes, size_t total_bytes) {
+    size_t need = gpu_memory_plan_total(m);
+    if (need <= free_bytes) return "";
+    return string_format("the GPU model at batch (%d, %d) needs %s (%s) but the device has %s free of %s; "
+                         "HINT: use a smaller batch or sequence length",
+                         B, T, bytes_text(need).c_str(), gpu_memory_plan_text(m).c_str(), bytes_text(free_bytes).c_str(),
+                         bytes_text(total_bytes).c_str());
+}
+
+// Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
+// printing the memory plan; refuses (exits) when the device has less free memory than it needs.
 inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream) {
     const LlamaConfig& c = host->config;
     if (T > c.max_seq_len) {
@@ -2452,6 +2657,15 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         exit(1);
     }
     flash_attention_require(head_dim(c));
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training);
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("GPU memory plan (B %d, T %d%s): %s\n", B, T, training ? ", training" : "", gpu_memory_plan_text(plan).c_str());
+    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
+    if (!refusal.empty()) {
+        fprintf(stderr, "error: %s\n", refusal.c_str());
+        exit(1);
+    }
     *g = LlamaCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -2483,13 +2697,17 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
         g->norm_coef = cuda_alloc<float>(2);
         g->attn_delta = cuda_alloc<float>((size_t)B * c.n_heads * T);
+        g->token_buckets = cuda_alloc<int>(3 * (size_t)B * T + 1);
+        g->norm_weight_partials = cuda_alloc<float>(rmsnorm_backward_blocks((size_t)B * T) * c.dim);
+        g->host_token_buckets.assign(3 * (size_t)B * T + 1, 0);
     }
     cudaCheck(cudaStreamSynchronize(stream));
 }
 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
-                       g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef};
+                       g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
+                       g->token_buckets, g->norm_weight_partials};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2509,6 +2727,10 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
     const ParamTensorsT<floatX>& p = g->params;
     ActTensorsT<floatX>& a = g->acts;
     cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
+    if (g->token_buckets) {  // training: for the embedding backward (a pageable copy: the host buffer is free on return)
+        g->n_token_buckets = embedding_buckets(g->host_token_buckets.data(), tokens, N, c.pad_id);
+        cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
+    }
     embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu forward", l);
@@ -2562,6 +2784,7 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
 
 inline void llama_cuda_zero_grad(LlamaCuda* g) {
     NVTX_RANGE_FN();
+    g->clip_pending = false;
     cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream));
 }
 
@@ -2579,18 +2802,16 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     GradActTensorsT<floatX>& d = g->grad_acts;
     auto zero = [&](floatX* ptr, size_t count) { cudaCheck(cudaMemsetAsync(ptr, 0, count * sizeof(floatX), st)); };
     zero(d.residual, N * C);
-    rmsnorm_backward_cuda(d.residual, gr.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
+    rmsnorm_backward_cuda(d.residual, gr.final_norm, g->norm_weight_partials, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
         zero(d.swiglu, N * F);
-        zero(d.gate, N * F);
-        zero(d.up, N * F);
-        zero(d.norm_out, N * C);
+        zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward_cuda writes them
         matmul_backward_cuda(d.swiglu, gr.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C, st);
         swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F, st);
         matmul_backward_cuda(d.norm_out, gr.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F, st);
         matmul_backward_cuda(d.norm_out, gr.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F, st);
-        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
+        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
                               a.mlp_rstd + l * N, N, (int)C, st);
         zero(d.att_out, N * C);
         zero(d.q, N * C);
@@ -2606,10 +2827,10 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_backward_cuda(d.norm_out, gr.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
+        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
                               a.attn_rstd + l * N, N, (int)C, st);
     }
-    embedding_backward_cuda(gr.wte, d.residual, g->tokens, N, C, st, c.pad_id);
+    embedding_backward_cuda(gr.wte, d.residual, g->token_buckets, g->n_token_buckets, N, C, st);
 }
 
 // Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
@@ -2638,10 +2859,13 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
     llama_cuda_backward_trunk(g, B, T);
 }
 
-// clips on the device; returns the norm before clipping (one small copy to the host)
+// the norm and clip coefficient on the device; returns the norm before clipping (one small
+// copy to the host). The gradients stay as they are: the next llama_cuda_update clips them as
+// AdamW reads them (no pass over the gradients of its own).
 inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
     NVTX_RANGE_FN();
-    clip_grad_norm_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    g->clip_pending = true;
     float norm_coef[2];
     cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
     cudaCheck(cudaStreamSynchronize(g->stream));
@@ -2657,9 +2881,10 @@ inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
         if (sizes[i] == 0) continue;  // a tied head: an empty grid is an invalid launch
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         adamw_update_cuda(g->master + offset, g->params_memory + offset, g->grads_memory + offset, g->m_memory + offset,
-                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream);
+                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
         offset += sizes[i];
     }
+    g->clip_pending = false;
 }
 
 // the FP32 master weights back into a host model of the same config (for saving)

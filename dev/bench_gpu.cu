@@ -85,9 +85,9 @@ int main(int argc, char** argv) {
     ParamTensorsT<floatX>& p = g.params;
     cudaStream_t st = 0;
     printf("op embedding_forward %.4f\n", time_ms([&] { embedding_forward_cuda(a.residual, g.tokens, p.wte, N, C, st); }));
-    printf("op embedding_backward %.4f\n", time_ms([&] { embedding_backward_cuda(g.grads.wte, d.residual, g.tokens, N, C, st); }));
+    printf("op embedding_backward %.4f\n", time_ms([&] { embedding_backward_cuda(g.grads.wte, d.residual, g.token_buckets, g.n_token_buckets, N, C, st); }));
     printf("op rmsnorm_forward %.4f\n", time_ms([&] { rmsnorm_forward_cuda(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, (int)C, 1e-5, st); }));
-    printf("op rmsnorm_backward %.4f\n", time_ms([&] { rmsnorm_backward_cuda(d.residual, g.grads.attn_norm, d.norm_out, a.residual, p.attn_norm, a.attn_rstd, N, (int)C, st); }));
+    printf("op rmsnorm_backward %.4f\n", time_ms([&] { rmsnorm_backward_cuda(d.residual, g.grads.attn_norm, g.norm_weight_partials, d.norm_out, a.residual, p.attn_norm, a.attn_rstd, N, (int)C, st); }));
     printf("op matmul_forward_qkvo %.4f\n", time_ms([&] { matmul_forward_cuda(a.q, a.attn_in, p.wq, N, C, C, st); }));
     printf("op matmul_backward_qkvo %.4f\n", time_ms([&] { matmul_backward_cuda(d.norm_out, g.grads.wq, d.q, a.attn_in, p.wq, N, C, C, st); }));
     printf("op matmul_forward_mlp %.4f\n", time_ms([&] { matmul_forward_cuda(a.gate, a.mlp_in, p.w_gate, N, C, F, st); }));
@@ -101,7 +101,7 @@ int main(int argc, char** argv) {
     printf("op residual_forward %.4f\n", time_ms([&] { residual_forward_cuda(a.residual_mid, a.residual, a.scratch, N * C, st); }));
     printf("op logprob_forward %.4f\n", time_ms([&] { logprob_forward_cuda(a.lp, a.logits, g.tokens, B, T, (int)V, st); }));
     printf("op logprob_backward %.4f\n", time_ms([&] { logprob_backward_cuda(d.logits, a.logits, g.tokens, g.dlp, B, T, (int)V, st); }));
-    printf("op clip_grad_norm %.4f\n", time_ms([&] { clip_grad_norm_cuda(g.grads_memory, g.num_params, 1e9f, g.norm_partials, g.norm_coef, st); }));
+    printf("op clip_grad_norm %.4f\n", time_ms([&] { grad_norm_coef_cuda(g.grads_memory, g.num_params, 1e9f, g.norm_partials, g.norm_coef, st); }));
     printf("op adamw %.4f\n", time_ms([&] { adamw_update_cuda(g.master, g.params_memory, g.grads_memory, g.m_memory, g.v_memory, g.num_params, AdamWConfig{1e-5f, 0.9f, 0.95f, 1e-8f, 0.0f}, 0.0f, 1, st); }));
     float ms = time_ms(step, 10);
     // 6 N P for the matmuls plus the attention's 12 L T^2 C per sequence (forward and backward)

@@ -12,8 +12,8 @@ a roofline is a bound that real kernels approach, not a timing.
 
 Bytes: each tensor a launch reads or writes, once (row re-reads within a block, and the tiles
 of k and v that the flash kernels' blocks of one head share, are taken to hit L1/L2); an
-accumulating write (+=) reads and writes. The gradient clipping is counted as clipping (the
-scale pass reads and writes every gradient). Host copies (tokens, dlp) are left out.
+accumulating write (+=) reads and writes. The gradient clipping is folded into AdamW (no scale
+pass). Host copies (tokens, dlp) are left out.
 
   python3 dev/roofline.py                      the README's tables: before/after for TinyLlama
                                                (B 4 and 8, T 2048) and Llama-2-7B (B 1, T 4096)
@@ -24,6 +24,8 @@ scale pass reads and writes every gradient). Host copies (tokens, dlp) are left 
                   them with the emulated step's)
       --memory    the bytes llama_cuda_init allocates for training, alone (the tests compare it
                   with the emulated allocation)
+      --memory-plan   the same by kind, "kind bytes" per line (the tests compare it with llm.cu's
+                  gpu_memory_plan)
       --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
 --attention cublas is the attention before flash attention: cuBLAS GEMMs over (B, H, T, T)
 scores and probabilities, with the heads permuted (and kv heads expanded) around them.
@@ -83,9 +85,11 @@ def build_step(cfg, B, T, attention, x):
     def rmsnorm_forward(what):
         s.add("rmsnorm_forward_kernel", what, 4 * N * C, 2 * N * C * x + C * x + N * f4)
 
-    def rmsnorm_backward(what):
-        s.add("rmsnorm_backward_kernel", what, 8 * N * C, 4 * N * C * x + C * x + N * f4)
-        s.add("rmsnorm_weight_backward_kernel", what, 3 * N * C, 2 * N * C * x + N * f4 + 2 * C * f4)
+    nb = -(-N // 32)  # RMSNORM_BACKWARD_ROWS rows per block, one partial weight gradient each
+
+    def rmsnorm_backward(what):  # dinp and the blocks' partial weight gradients (rows re-read from L1/L2), then their sum
+        s.add("rmsnorm_backward_kernel", what, 11 * N * C, 4 * N * C * x + C * x + N * f4 + nb * C * f4)
+        s.add("rmsnorm_weight_reduce_kernel", what, nb * C, nb * C * f4 + 2 * C * f4)
 
     def rope(what, NH):
         s.add("rope_kernel", what, 6 * N * NH * hd, 2 * N * NH * hd * x)
@@ -123,10 +127,10 @@ def build_step(cfg, B, T, attention, x):
     memset("d residual", N * C * x)
     rmsnorm_backward("final norm")
     for _ in range(L):
-        for what, n in (("d swiglu", N * F), ("d gate", N * F), ("d up", N * F), ("d norm_out", N * C)):
+        for what, n in (("d swiglu", N * F), ("d norm_out", N * C)):  # swiglu_backward writes d gate, d up
             memset(what, n * x)
         matmul_backward("down", N, F, C)
-        s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 7 * N * F * x)
+        s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 5 * N * F * x)
         matmul_backward("gate", N, C, F)
         matmul_backward("up", N, C, F)
         rmsnorm_backward("mlp norm")
@@ -143,11 +147,12 @@ def build_step(cfg, B, T, attention, x):
         matmul_backward("k", N, C, KVD)
         matmul_backward("v", N, C, KVD)
         rmsnorm_backward("attention norm")
-    s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + N * 4 + 2 * N * C * f4)
-    # ---- llama_cuda_clip_grad_norm (clipping) and llama_cuda_update (one AdamW launch per tensor)
+    # tokens bucketed by row (3 N + 1 ints), each row read and written once (at most N rows)
+    s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + (3 * N + 1) * 4 + 2 * N * C * f4)
+    # ---- llama_cuda_clip_grad_norm (the norm and coefficient) and llama_cuda_update (one AdamW launch per
+    # tensor, which clips each gradient as it reads it: no pass of its own)
     s.add("grad_norm_partial_kernel", "gradient norm", 2 * P, P * f4)
     s.add("grad_norm_finish_kernel", "gradient norm", 512, 512 * f4)
-    s.add("grad_scale_kernel", "clipping", P, 2 * P * f4)
     for n in param_sizes(cfg):
         if n:
             s.add("adamw_kernel", "AdamW", 12 * n, n * (7 * f4 + x))
@@ -244,14 +249,17 @@ def memory_plan(cfg, B, T, attention, x):
     else:
         heads, sq = B * H * T * hd, B * H * T * T
         attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
-    small = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4  # tokens, score_idx, dlp, dscores, norm scratch
-    return {
-        "weights (FP32 master + compute copy)": P * (4 + x),
-        "gradients + AdamW m, v (FP32)": 3 * P * 4,
+    # tokens, score_idx, dlp, dscores, norm scratch, the embedding backward's token buckets, the RMSNorm
+    # backward's partial weight gradients
+    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4 + -(-N // 32) * C * 4
+    return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
+        "weights": P * x,  # the compute copy
+        "master": P * 4,
+        "grads": P * 4,
+        "moments": 2 * P * 4,  # AdamW m, v
         "activations": acts,
-        "activation gradients": grad_acts,
-        "attention scratch": attn,
-        "other": small,
+        "activation grads": grad_acts,
+        "scratch": scratch,  # with the attention's scratch
     }
 
 
@@ -327,6 +335,7 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--memory-plan", action="store_true")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
     a = ap.parse_args()
     if not 0 < a.efficiency <= 1:
@@ -355,6 +364,9 @@ def main():
             print(kernel, counts[kernel])
     elif a.memory:
         print(sum(memory_plan(cfg, a.b, a.t, a.attention, x).values()))
+    elif a.memory_plan:
+        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x).items():
+            print(kind, b)
     else:
         print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")
         if a.kernels:

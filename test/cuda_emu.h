@@ -1395,6 +1395,7 @@ struct Registry {
     std::set<CUevent_st*> events;
     std::map<const void*, size_t> max_dyn_smem;         // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
     size_t allocated = 0;
+    size_t device_memory = 80ull << 30;                 // the device's memory (emu_set_device_memory)
     static Registry& get() {
         static Registry* r = new Registry();
         return *r;
@@ -1874,9 +1875,13 @@ inline cudaError_t cudaMalloc(void** p, size_t size) {
     *p = nullptr;
     if (size == 0) return cudaSuccess;
     void* q = nullptr;
+    auto& r = emu::detail::Registry::get();
+    {
+        std::lock_guard<std::mutex> lk(r.m);
+        if (size > r.device_memory || r.allocated > r.device_memory - size) return emu::detail::set_error(cudaErrorMemoryAllocation);
+    }
     if (posix_memalign(&q, 256, size) != 0) return emu::detail::set_error(cudaErrorMemoryAllocation);
     std::memset(q, 0xff, size);
-    auto& r = emu::detail::Registry::get();
     std::lock_guard<std::mutex> lk(r.m);
     r.device_allocs[reinterpret_cast<uintptr_t>(q)] = size;
     r.allocated += size;
@@ -1977,10 +1982,17 @@ inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t count
     return cudaSuccess;
 }
 inline cudaError_t cudaMemPrefetchAsync(const void*, size_t, int, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
-    const size_t total = 80ull << 30;
+// The emulated device has 80 GiB unless a test sets another size (to see a program refuse a plan
+// that does not fit): cudaMemGetInfo reports it less what is allocated, and cudaMalloc fails beyond it.
+inline void emu_set_device_memory(size_t bytes) {
     auto& r = emu::detail::Registry::get();
     std::lock_guard<std::mutex> lk(r.m);
+    r.device_memory = bytes;
+}
+inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    auto& r = emu::detail::Registry::get();
+    std::lock_guard<std::mutex> lk(r.m);
+    const size_t total = r.device_memory;
     if (free_bytes) *free_bytes = total > r.allocated ? total - r.allocated : 0;
     if (total_bytes) *total_bytes = total;
     return cudaSuccess;

@@ -821,6 +821,20 @@ TEST_CASE("runtime API: memory, copies, streams, events, device", "[emu][runtime
     size_t free_b = 0, total_b = 0;
     REQUIRE(cudaMemGetInfo(&free_b, &total_b) == cudaSuccess);
     CHECK(total_b >= free_b);
+    // a smaller device (emu_set_device_memory): reported, and cudaMalloc fails past it
+    const size_t used = total_b - free_b;
+    emu_set_device_memory(used + 4096);
+    REQUIRE(cudaMemGetInfo(&free_b, &total_b) == cudaSuccess);
+    CHECK(free_b == 4096);
+    CHECK(total_b == used + 4096);
+    void* fits = nullptr;
+    void* too_big = &fits;
+    CHECK(cudaMalloc(&fits, 4000) == cudaSuccess);
+    CHECK(cudaMalloc(&too_big, 97) == cudaErrorMemoryAllocation);
+    CHECK(too_big == nullptr);
+    CHECK(cudaGetLastError() == cudaErrorMemoryAllocation);
+    CHECK(cudaFree(fits) == cudaSuccess);
+    emu_set_device_memory(80ull << 30);
     CHECK(nvtxRangePushA("range") >= 0);
     CHECK(nvtxRangePop() >= 0);
     CHECK(static_cast<int>(warpSize) == 32);

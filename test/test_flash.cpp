@@ -10,6 +10,8 @@
 
 static const size_t FLASH_GUARD = 64;  // elements after each output, which must stay NaN
 
+#include <sys/wait.h>
+
 // a device copy of v followed by FLASH_GUARD NaN elements
 static floatX* upload_guarded(const std::vector<float>& v) {
     floatX* d = cuda_alloc<floatX>(v.size() + FLASH_GUARD);
@@ -228,6 +230,75 @@ TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[ke
     CHECK(modelled.size() > 15);
     CHECK(ran == modelled);
     llama_cuda_free(&g);
+    llama_free(&host);
+}
+
+// The memory plan llama_cuda_init prints before its first allocation: by kind, dev/roofline.py's
+// numbers; in all, what it allocates (training and inference); a device with less free memory
+// than the plan gets a one-line refusal and exit 1 before any allocation.
+TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init allocates; too little memory is refused", "[kernels][roofline][memory]") {
+    LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    const int B = 2, T = 70;
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, true);
+    std::map<std::string, size_t> cpp = {{"weights", plan.weights}, {"master", plan.master}, {"grads", plan.grads},
+                                         {"moments", plan.moments}, {"activations", plan.activations},
+                                         {"activation grads", plan.grad_activations}, {"scratch", plan.scratch}}, py;
+    std::istringstream lines(command_output("python3 dev/roofline.py 64,2,8,2,160,96 -b 2 -t 70 --memory-plan --precision " +
+                                            std::string(sizeof(floatX) == 2 ? "bf16" : "fp32")));
+    for (std::string line; std::getline(lines, line);) py[line.substr(0, line.rfind(' '))] = std::stoull(line.substr(line.rfind(' ') + 1));
+    CHECK(py == cpp);
+    CHECK(plan.master == 78144 * 4);  // 160*64*2 (wte, head) + 2*(64 + 64*64*2 + 16*64*2 + 64 + 3*96*64) + 64 parameters
+    Llama host;
+    llama_init(&host, c);
+    for (size_t i = 0; i < host.num_params; i++) host.params_memory[i] = 0.01f;
+    for (bool training : {true, false}) {
+        size_t free0 = 0, free1 = 0;
+        cudaCheck(cudaMemGetInfo(&free0, nullptr));
+        LlamaCuda g;
+        llama_cuda_init(&g, &host, B, T, training, stream);
+        cudaCheck(cudaMemGetInfo(&free1, nullptr));
+        CHECK(free0 - free1 == gpu_memory_plan_total(gpu_memory_plan(c, B, T, training)));
+        llama_cuda_free(&g);
+    }
+    CHECK(gpu_memory_plan(c, B, T, false).grads == 0);
+    CHECK(gpu_memory_refusal(plan, B, T, gpu_memory_plan_total(plan), 1 << 30) == "");
+
+    // a device of 1 MB more than is allocated now, less than the plan's 2.1 MB (BF16): refused before cudaMalloc fails
+    size_t free_now = 0, total_now = 0;
+    cudaCheck(cudaMemGetInfo(&free_now, &total_now));
+    emu_set_device_memory(total_now - free_now + 1000000);
+    std::string msg = gpu_memory_refusal(plan, B, T, 1000000, 1000000);
+    CHECK(msg.find("needs " + bytes_text(gpu_memory_plan_total(plan)) + " (weights ") != std::string::npos);
+    CHECK(msg.find("but the device has 1.00 MB free of 1.00 MB") != std::string::npos);
+    CHECK(bytes_text(2125464) == "2.13 MB");
+    CHECK(bytes_text(32100000000ull) == "32.10 GB");
+    CHECK(bytes_text(7672) == "7.67 kB");
+    CHECK(msg.find('\n') == std::string::npos);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 1);
+        LlamaCuda g;
+        llama_cuda_init(&g, &host, B, T, true, stream);
+        _exit(0);
+    }
+    close(fds[1]);
+    std::string err;
+    char buf[512];
+    for (ssize_t r; (r = read(fds[0], buf, sizeof(buf))) > 0;) err.append(buf, (size_t)r);
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    emu_set_device_memory(80ull << 30);
+    printf("refusal: %s", err.c_str());
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 1);
+    CHECK(err == "error: " + gpu_memory_refusal(plan, B, T, 1000000, total_now - free_now + 1000000) + "\n");
     llama_free(&host);
 }
 #endif
