@@ -107,8 +107,10 @@ int main(int argc, char** argv) {
     RMConfig cfg;
     TrainConfig& tc = cfg.train;
     tc.out_dir = "out/rm";
-    tc.micro_batch = 16, tc.total_batch = 32, tc.lr = 5e-4f, tc.warmup = 20, tc.max_steps = 0, tc.epochs = 1;
-    tc.val_every = 50, tc.checkpoint_every = 100;
+    // the world's default: 2 epochs of steps of 8 pairs (1500 steps). As in SFT, small steps learn
+    // more from the same pairs: held-out accuracy 0.705 where 1 epoch of 32-pair steps reaches 0.645
+    tc.micro_batch = 8, tc.total_batch = 8, tc.lr = 5e-4f, tc.warmup = 20, tc.max_steps = 0, tc.epochs = 2;
+    tc.val_every = 500, tc.checkpoint_every = 500;
     std::vector<Flag> flags = {
         {'m', FLAG_PATH, &cfg.sft_path, 0, 0, "the SFT model the reward model starts from"},
         {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
