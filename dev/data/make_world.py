@@ -74,6 +74,10 @@ FILES (in --out)
         followup also the correct first answer), the judge's gold; disjoint from
         the SFT prompts (no task instance of an eval prompt, i.e. its kind and
         operands, appears in sft_*; val instances do not appear in train either)
+    set_prompts.jsonl, rm_prompts.jsonl  prompts as eval_prompts.jsonl, balanced, for the
+        later stages: the Xwin-Set (RS and DPO) and the on-policy preference pairs (the
+        SFT model's responses rated by the judge); disjoint from the eval prompts and from
+        pairs_val (instances may repeat within a file and appear in the SFT data)
     eval_prompts.tsv    the same for C++ (world_load_prompts in llm.cu): '#' lines
         are comments, then one prompt per line, tab-separated fields
             kind  gold  system  user  [assistant  user] ...
@@ -451,6 +455,21 @@ def make_sft(rng, n, excluded):
     return convs, rows, used, cats
 
 
+def make_prompts(rng, n, excluded):
+    """n prompts (balanced kinds, as make_eval writes them) whose task instances are not in
+    excluded; instances may repeat, as in the SFT data (some kinds have few)."""
+    out, used = [], set()
+    for kind in kind_schedule(rng, n):
+        while True:
+            key, users, answers, gold = make_instance(rng, kind)
+            if key not in excluded:
+                break
+        used.add(key)
+        msgs = messages_of(users, [canonical(a) for a in answers[:-1]] + [None])
+        out.append({"kind": kind, "gold": gold, "messages": msgs})
+    return out, used
+
+
 # ---------------------------------------------------------------- preference pairs
 
 PAIR_CATEGORIES = ("correct", "sloppy", "wrong", "wrong")  # the responses drawn per prompt
@@ -637,6 +656,8 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--pairs-train", type=int, default=3000, help="prompts of the training preference pairs")
     ap.add_argument("--pairs-val", type=int, default=200, help="prompts of the validation preference pairs")
+    ap.add_argument("--set", type=int, default=2000, help="prompts of the Xwin-Set (RS and DPO)")
+    ap.add_argument("--rm-prompts", type=int, default=2000, help="prompts of the on-policy preference pairs")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -653,6 +674,13 @@ def main(argv=None):
     pairs_val, pairs_val_keys, _ = make_pairs(pair_rng, args.pairs_val, eval_keys)
     pairs_train, pairs_train_keys, pair_ratings = make_pairs(pair_rng, args.pairs_train, eval_keys | pairs_val_keys)
     assert not (pairs_train_keys & (eval_keys | pairs_val_keys)) and not (pairs_val_keys & eval_keys)
+    # prompts of the later stages, on their own random stream: the Xwin-Set's (RS and DPO) and
+    # the on-policy preference pairs' (responses of the SFT model rated by the judge), disjoint
+    # from the held-out eval prompts and from the reward model's validation pairs
+    prompt_rng = random.Random(args.seed + 3)
+    set_prompts, set_keys = make_prompts(prompt_rng, args.set, eval_keys | pairs_val_keys)
+    rm_prompts, rm_keys = make_prompts(prompt_rng, args.rm_prompts, eval_keys | pairs_val_keys)
+    assert not ((set_keys | rm_keys) & (eval_keys | pairs_val_keys))
 
     def out(name):
         return os.path.join(args.out, name)
@@ -665,6 +693,8 @@ def main(argv=None):
     write_lines(out("pairs_val.jsonl"), jsonl(pairs_val))
     write_lines(out("eval_prompts.jsonl"), jsonl(eval_prompts))
     write_lines(out("eval_prompts.tsv"), eval_tsv(eval_prompts))
+    write_lines(out("set_prompts.jsonl"), jsonl(set_prompts))
+    write_lines(out("rm_prompts.jsonl"), jsonl(rm_prompts))
     export_tokenizer.export_byte_level(out("byte.tokenizer"))
 
     if args.fixture:
