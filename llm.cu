@@ -48,6 +48,9 @@ Contents, in file order (search for the quoted heading):
                             infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
                             _copy_sequence/_rewind
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
+  "Pair file format"        defines: PairRecord, PairData, pairs_load (preference pairs)
+  "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_save, reference_load_checked
+                            (DPO's frozen reference, refused for another model or other pairs)
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
   "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
@@ -59,10 +62,11 @@ Contents, in file order (search for the quoted heading):
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
                             generate (n samples per prompt on an InferRunner, one prefill each, duplicates
-                            drawn again), infer_runner_shape/_from, generate_greedy(_batch), world_prompt_ids,
-                            world_evaluate;
+                            drawn again), infer_runner_shape/_of/_from, generate_greedy(_batch, _model),
+                            world_prompt_ids, world_scores, world_kind_means, world_evaluate;
                             best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse/_append,
                             utf8_repair, read_lines_checked, json_messages, prompts_load_checked
+  "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init/_rect/_text/_line, plot_save_png
 */
 #pragma once
 
@@ -3515,6 +3519,13 @@ struct TokenData {
 
 inline size_t token_seq_len(const TokenData& d, size_t i) { return (size_t)(d.offsets[i + 1] - d.offsets[i]); }
 
+// the targets (mask 1, past the first token) of sequence i
+inline size_t token_targets(const TokenData& d, size_t i) {
+    size_t n = 0;
+    for (uint64_t j = d.offsets[i] + 1; j < d.offsets[i + 1]; j++) n += d.mask[j];
+    return n;
+}
+
 // Reads and checks a token file against a vocabulary size. Returns "" or what is wrong.
 inline std::string tokens_load_checked(TokenData* d, const char* path, int vocab_size) {
     FILE* f = fopen(path, "rb");
@@ -3704,6 +3715,94 @@ inline std::string pairs_load_checked(PairData* p, const char* path, int vocab_s
 inline void pairs_load(PairData* p, const char* path, int vocab_size) {
     std::string err = pairs_load_checked(p, path, vocab_size);
     if (!err.empty()) fail_file(path, "%s", err.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// Reference log-prob file format (.logps), version 1: DPO's frozen reference, computed once
+// by the starting model before training (train_dpo), so that a DPO step holds one model.
+// It names the model and the pairs that made it, and a loader refuses it for any other.
+// Little-endian. Header: 64 bytes.
+//   0  uint32 magic = 0x46525758 (the bytes "XWRF")    4  uint32 version = 1
+//   8  uint32 n_pairs (>= 1)                           12 uint32 model_crc (CRC-32 of the model file)
+//   16 uint64 model_size (bytes of the model file)     24 uint64 pairs_size (tokens_identity of the pairs)
+//   32 uint32 pairs_hash (tokens_identity)             36..63 zero
+// Then float32 chosen[n_pairs], float32 rejected[n_pairs]: the reference's log-prob sums over
+// each answer's target tokens (the pair file's mask). The file is exactly as long as this says.
+
+constexpr uint32_t REFERENCE_MAGIC = 0x46525758;
+constexpr size_t REFERENCE_HEADER_BYTES = 64;
+
+struct ReferenceLogps {
+    uint32_t model_crc = 0;
+    uint64_t model_size = 0, pairs_size = 0;
+    uint32_t pairs_hash = 0;
+    std::vector<float> chosen, rejected;  // (n_pairs) each
+};
+
+// The identity of a model file (its size and CRC-32), as a reference file records it.
+inline std::string model_file_identity(const char* path, uint64_t* size, uint32_t* crc) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", strerror(errno));
+    *size = file_size_of(f);
+    fclose(f);
+    if (!file_crc32(path, crc)) return "read error";
+    return "";
+}
+
+inline void reference_save(const ReferenceLogps& r, const char* path) {
+    unsigned char h[REFERENCE_HEADER_BYTES] = {0};
+    uint32_t u[4] = {REFERENCE_MAGIC, 1, (uint32_t)r.chosen.size(), r.model_crc};
+    memcpy(h, u, 16);
+    memcpy(h + 16, &r.model_size, 8);
+    memcpy(h + 24, &r.pairs_size, 8);
+    memcpy(h + 32, &r.pairs_hash, 4);
+    AtomicFile a;
+    atomic_open(&a, path);
+    atomic_write(&a, h, sizeof(h));
+    atomic_write(&a, r.chosen.data(), r.chosen.size() * sizeof(float));
+    atomic_write(&a, r.rejected.data(), r.rejected.size() * sizeof(float));
+    atomic_commit(&a);
+}
+
+// Reads a reference file and checks it against the model and the pairs it must belong to
+// (want's identity fields). Returns "" or what is wrong.
+inline std::string reference_load_checked(ReferenceLogps* r, const char* path, const ReferenceLogps& want, size_t n_pairs) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return string_format("cannot open: %s", strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    size_t size = file_size_of(f);
+    if (size < REFERENCE_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte reference-file header", size, REFERENCE_HEADER_BYTES);
+    unsigned char h[REFERENCE_HEADER_BYTES];
+    if (fread(h, 1, REFERENCE_HEADER_BYTES, f) != REFERENCE_HEADER_BYTES) return "read error in header";
+    uint32_t u[4];
+    memcpy(u, h, 16);
+    memcpy(&r->model_size, h + 16, 8);
+    memcpy(&r->pairs_size, h + 24, 8);
+    memcpy(&r->pairs_hash, h + 32, 4);
+    r->model_crc = u[3];
+    if (u[0] != REFERENCE_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWRF\"): not an xwin.cu reference file", u[0], REFERENCE_MAGIC);
+    if (u[1] != 1) return string_format("unsupported reference file version %u (this build reads version 1)", u[1]);
+    for (size_t i = 36; i < REFERENCE_HEADER_BYTES; i++) {
+        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
+    }
+    if (size != REFERENCE_HEADER_BYTES + (size_t)u[2] * 8) return string_format("file is %zu bytes but its header describes %zu", size, REFERENCE_HEADER_BYTES + (size_t)u[2] * 8);
+    if (r->model_size != want.model_size || r->model_crc != want.model_crc) {
+        return string_format("holds the log-probs of another model (a %llu-byte model file with CRC-32 %08x; the starting model is %llu bytes with CRC-32 %08x): "
+                             "delete it to compute the reference again", (unsigned long long)r->model_size, r->model_crc,
+                             (unsigned long long)want.model_size, want.model_crc);
+    }
+    if (u[2] != n_pairs || r->pairs_size != want.pairs_size || r->pairs_hash != want.pairs_hash) {
+        return string_format("was made for other pairs (%u pairs, data %llu bytes, hash %08x; these are %zu pairs, %llu bytes, hash %08x): "
+                             "delete it to compute the reference again", u[2], (unsigned long long)r->pairs_size, r->pairs_hash, n_pairs,
+                             (unsigned long long)want.pairs_size, want.pairs_hash);
+    }
+    r->chosen.resize(u[2]);
+    r->rejected.resize(u[2]);
+    if (fread(r->chosen.data(), 4, u[2], f) != u[2] || fread(r->rejected.data(), 4, u[2], f) != u[2]) return "read error";
+    for (size_t i = 0; i < u[2]; i++) {
+        if (!std::isfinite(r->chosen[i]) || !std::isfinite(r->rejected[i])) return string_format("pair %zu: a log-prob is not finite", i);
+    }
+    return "";
 }
 
 // ----------------------------------------------------------------------------
@@ -5326,22 +5425,27 @@ inline void generate(InferRunner* r, const std::vector<std::vector<int>>& prompt
     }
 }
 
-// A runner over the weights of a training runner (copied; on the GPU build downloaded first).
-inline void infer_runner_from(InferRunner* ir, Runner* r, int B, int max_T, int max_chunk) {
-    runner_download_params(r);
-    llama_init(&ir->host, r->host.config);
-    memcpy(ir->host.params_memory, r->host.params_memory, r->host.num_params * sizeof(float));
+// A runner over a copy of a model's weights.
+inline void infer_runner_of(InferRunner* ir, const Llama* model, int B, int max_T, int max_chunk) {
+    llama_init(&ir->host, model->config);
+    memcpy(ir->host.params_memory, model->params_memory, model->num_params * sizeof(float));
     infer_runner_init(ir, B, max_T, max_chunk);
 }
 
-// Greedy answers (ids without the EOS, up to max_new sampled tokens) of a training runner's
-// model to several prompts, up to 32 at a time, with a KV cache.
-inline std::vector<std::vector<int>> generate_greedy_batch(Runner* r, const std::vector<std::vector<int>>& prompts, int max_new, int eos_id) {
+// A runner over the weights of a training runner (copied; on the GPU build downloaded first).
+inline void infer_runner_from(InferRunner* ir, Runner* r, int B, int max_T, int max_chunk) {
+    runner_download_params(r);
+    infer_runner_of(ir, &r->host, B, max_T, max_chunk);
+}
+
+// Greedy answers (ids without the EOS, up to max_new sampled tokens) of a model to several
+// prompts, up to 32 at a time, with a KV cache.
+inline std::vector<std::vector<int>> generate_greedy_model(const Llama* model, const std::vector<std::vector<int>>& prompts, int max_new, int eos_id) {
     int longest = 1;
     for (const std::vector<int>& p : prompts) longest = std::max(longest, (int)p.size());
-    int max_T = std::min(r->host.config.max_seq_len, longest + max_new);
+    int max_T = std::min(model->config.max_seq_len, longest + max_new);
     InferRunner ir;
-    infer_runner_from(&ir, r, (int)std::max<size_t>(1, std::min<size_t>(prompts.size(), 32)), max_T, std::min(longest, max_T));
+    infer_runner_of(&ir, model, (int)std::max<size_t>(1, std::min<size_t>(prompts.size(), 32)), max_T, std::min(longest, max_T));
     GenerateConfig g;
     g.sampler.temperature = 0.0f;
     g.max_new = max_new, g.eos_id = eos_id;
@@ -5354,6 +5458,12 @@ inline std::vector<std::vector<int>> generate_greedy_batch(Runner* r, const std:
     return answers;
 }
 
+// the same for a training runner's model
+inline std::vector<std::vector<int>> generate_greedy_batch(Runner* r, const std::vector<std::vector<int>>& prompts, int max_new, int eos_id) {
+    runner_download_params(r);
+    return generate_greedy_model(&r->host, prompts, max_new, eos_id);
+}
+
 inline std::vector<int> generate_greedy(Runner* r, const std::vector<int>& prompt, int max_new, int eos_id) {
     return generate_greedy_batch(r, {prompt}, max_new, eos_id)[0];
 }
@@ -5363,35 +5473,51 @@ inline void world_prompt_ids(const Tokenizer* tok, const WorldPrompt& p, std::ve
     chat_encode_prompt(tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
 }
 
+// The gold judge's score (0..10) of a model's greedy answer to each of the first n world
+// prompts; prints the first `show` answers.
+inline std::vector<int> world_scores(const Llama* model, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show) {
+    n = std::min(n, prompts.size());
+    std::vector<std::vector<int>> ids(n);
+    for (size_t i = 0; i < n; i++) world_prompt_ids(tok, prompts[i], ids[i]);
+    std::vector<std::vector<int>> answers = generate_greedy_model(model, ids, 48, tok->eos_id);
+    std::vector<int> scores(n);
+    for (size_t i = 0; i < n; i++) {
+        const WorldPrompt& p = prompts[i];
+        std::string text = tokenizer_decode(tok, answers[i].data(), (int)answers[i].size());
+        scores[i] = world_judge(p.kind, p.gold, text);
+        if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), scores[i]);
+    }
+    return scores;
+}
+
+// Each kind's mean of scores (of prompts[0..scores.size())), in the world's kind order; NaN
+// for a kind with no prompt.
+inline std::vector<double> world_kind_means(const std::vector<WorldPrompt>& prompts, const std::vector<int>& scores) {
+    std::vector<double> total(6, 0.0), count(6, 0.0);
+    for (size_t i = 0; i < scores.size(); i++) {
+        for (int k = 0; k < 6; k++) if (prompts[i].kind == WORLD_KINDS[k]) total[k] += scores[i], count[k] += 1;
+    }
+    for (int k = 0; k < 6; k++) total[k] = count[k] ? total[k] / count[k] : NAN;
+    return total;
+}
+
 // The gold judge's mean score (0..10) of greedy answers to the first n eval prompts of the
 // built-in world; prints the first `show` answers. per_kind (optional) gets each kind's mean
 // in the world's kind order, e.g. "arith 4.1, reverse 6.5, ...".
 inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show,
                              std::string* per_kind = nullptr) {
-    double total = 0, kind_total[6] = {0};
-    int kind_n[6] = {0};
-    n = std::min(n, prompts.size());
-    std::vector<std::vector<int>> ids(n);
-    for (size_t i = 0; i < n; i++) world_prompt_ids(tok, prompts[i], ids[i]);
-    std::vector<std::vector<int>> answers = generate_greedy_batch(r, ids, 48, tok->eos_id);
-    for (size_t i = 0; i < n; i++) {
-        const WorldPrompt& p = prompts[i];
-        std::string text = tokenizer_decode(tok, answers[i].data(), (int)answers[i].size());
-        int score = world_judge(p.kind, p.gold, text);
-        total += score;
-        for (int k = 0; k < 6; k++) if (p.kind == WORLD_KINDS[k]) kind_total[k] += score, kind_n[k]++;
-        if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), score);
-    }
+    runner_download_params(r);
+    std::vector<int> scores = world_scores(&r->host, tok, prompts, n, show);
     if (per_kind) {
         per_kind->clear();
-        char buf[64];
+        std::vector<double> means = world_kind_means(prompts, scores);
         for (int k = 0; k < 6; k++) {
-            if (!kind_n[k]) continue;
-            snprintf(buf, sizeof(buf), "%s%s %.1f", per_kind->empty() ? "" : ", ", WORLD_KINDS[k], kind_total[k] / kind_n[k]);
-            *per_kind += buf;
+            if (!std::isnan(means[k])) *per_kind += string_format("%s%s %.1f", per_kind->empty() ? "" : ", ", WORLD_KINDS[k], means[k]);
         }
     }
-    return n ? total / n : 0.0;
+    double total = 0;
+    for (int s : scores) total += s;
+    return scores.empty() ? 0.0 : total / scores.size();
 }
 
 // ---- selection from a set of scored responses
@@ -5769,3 +5895,58 @@ inline std::string prompts_load_checked(std::vector<WorldPrompt>* out, const cha
     if (out->empty()) return "no prompts";
     return "";
 }
+
+// ----------------------------------------------------------------------------
+// PNG plots, for the programs that draw one (sample, train_dpo): they define XWIN_PLOTS before
+// including llm.cu, and the build takes stb_image_write.h and stb_easy_font.h from Debian's
+// libstb-dev.
+
+#ifdef XWIN_PLOTS
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#include <stb/stb_easy_font.h>
+
+// An RGB image with margins around the plotting area, drawn by rectangles, lines and text.
+struct Plot {
+    int w = 720, h = 440, left = 60, right = 190, top = 40, bottom = 50;
+    std::vector<unsigned char> rgb;  // (h, w, 3)
+};
+
+inline void plot_init(Plot* p, int w, int h) {
+    p->w = w, p->h = h;
+    p->rgb.assign((size_t)w * h * 3, 255);
+}
+
+inline void plot_rect(Plot* p, int x0, int y0, int x1, int y1, const unsigned char* c) {
+    for (int y = std::max(0, y0); y < std::min(p->h, y1); y++) {
+        for (int x = std::max(0, x0); x < std::min(p->w, x1); x++) memcpy(&p->rgb[((size_t)y * p->w + x) * 3], c, 3);
+    }
+}
+
+// text at (x, y) in stb_easy_font's glyphs, scaled 2x
+inline void plot_text(Plot* p, int x, int y, const char* text, const unsigned char* c) {
+    static char buf[60000];
+    int quads = stb_easy_font_print(0, 0, (char*)text, nullptr, buf, sizeof(buf));
+    for (int q = 0; q < quads; q++) {
+        const float* v = (const float*)(buf + q * 64);  // 4 vertices of 16 bytes: x, y, z, color
+        plot_rect(p, x + 2 * (int)v[0], y + 2 * (int)v[1], x + 2 * (int)v[8], y + 2 * (int)v[9], c);
+    }
+}
+
+inline void plot_line(Plot* p, double x0, double y0, double x1, double y1, const unsigned char* c, bool dashed) {
+    int steps = (int)std::max(std::fabs(x1 - x0), std::fabs(y1 - y0)) + 1;
+    for (int i = 0; i <= steps; i++) {
+        if (dashed && (i / 6) % 2) continue;
+        int x = (int)std::lround(x0 + (x1 - x0) * i / steps), y = (int)std::lround(y0 + (y1 - y0) * i / steps);
+        plot_rect(p, x - 1, y - 1, x + 2, y + 2, c);
+    }
+}
+
+// the image to path, through a .tmp file and a rename
+inline void plot_save_png(const Plot* p, const char* path) {
+    make_dir(dir_of(path));
+    std::string tmp = std::string(path) + ".tmp";
+    if (!stbi_write_png(tmp.c_str(), p->w, p->h, 3, p->rgb.data(), p->w * 3)) fail_file(path, "cannot write the PNG (%s)", tmp.c_str());
+    if (rename(tmp.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp.c_str(), strerror(errno));
+}
+#endif  // XWIN_PLOTS

@@ -27,11 +27,8 @@ prompt; DPO trains on pairs drawn from the set. The N samples of a prompt share 
   ./sample -c 1                   chat in the template: a line of stdin is a user turn
   ./sample -h                     every flag, its range and its default
 */
+#define XWIN_PLOTS  // llm.cu's PNG plots (stb_image_write, stb_easy_font from Debian's libstb-dev)
 #include "llm.cu"
-
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#include <stb/stb_image_write.h>
-#include <stb/stb_easy_font.h>
 
 #include <iostream>
 
@@ -460,43 +457,12 @@ static void chat(const SampleConfig& cfg) {
 
 // ---- no mode: the best-of-n curve on the world
 
-// A plot of the curves into an RGB image: x = log2 n, y = the judge's 0..10.
-struct Plot {
-    int w = 720, h = 440, left = 60, right = 190, top = 40, bottom = 50;
-    std::vector<unsigned char> rgb;
-};
-
-static void plot_rect(Plot* p, int x0, int y0, int x1, int y1, const unsigned char* c) {
-    for (int y = std::max(0, y0); y < std::min(p->h, y1); y++) {
-        for (int x = std::max(0, x0); x < std::min(p->w, x1); x++) memcpy(&p->rgb[((size_t)y * p->w + x) * 3], c, 3);
-    }
-}
-
-// text at (x, y) in stb_easy_font's glyphs, scaled 2x
-static void plot_text(Plot* p, int x, int y, const char* text, const unsigned char* c) {
-    static char buf[60000];
-    int quads = stb_easy_font_print(0, 0, (char*)text, nullptr, buf, sizeof(buf));
-    for (int q = 0; q < quads; q++) {
-        const float* v = (const float*)(buf + q * 64);  // 4 vertices of 16 bytes: x, y, z, color
-        plot_rect(p, x + 2 * (int)v[0], y + 2 * (int)v[1], x + 2 * (int)v[8], y + 2 * (int)v[9], c);
-    }
-}
-
-static void plot_line(Plot* p, double x0, double y0, double x1, double y1, const unsigned char* c, bool dashed) {
-    int steps = (int)std::max(std::fabs(x1 - x0), std::fabs(y1 - y0)) + 1;
-    for (int i = 0; i <= steps; i++) {
-        if (dashed && (i / 6) % 2) continue;
-        int x = (int)std::lround(x0 + (x1 - x0) * i / steps), y = (int)std::lround(y0 + (y1 - y0) * i / steps);
-        plot_rect(p, x - 1, y - 1, x + 2, y + 2, c);
-    }
-}
-
 static void draw_curves(const char* path, const std::vector<int>& ns, const std::vector<std::vector<double>>& curves,
                         const std::vector<const char*>& names, double greedy) {
     const unsigned char white[3] = {255, 255, 255}, black[3] = {0, 0, 0}, grid[3] = {225, 225, 225}, gray[3] = {130, 130, 130};
     const unsigned char colors[2][3] = {{30, 150, 60}, {40, 90, 200}};
     Plot p;
-    p.rgb.assign((size_t)p.w * p.h * 3, 255);
+    plot_init(&p, 720, 440);
     plot_rect(&p, 0, 0, p.w, p.h, white);
     int x0 = p.left, x1 = p.w - p.right, y0 = p.h - p.bottom, y1 = p.top;
     auto X = [&](double i) { return x0 + (x1 - x0) * i / (ns.size() - 1); };
@@ -520,10 +486,7 @@ static void draw_curves(const char* path, const std::vector<int>& ns, const std:
         for (size_t i = 0; i < ns.size(); i++) plot_rect(&p, (int)X(i) - 3, (int)Y(curves[c][i]) - 3, (int)X(i) + 4, (int)Y(curves[c][i]) + 4, colors[c]);
         plot_text(&p, x1 + 15, y1 + 20 * (int)c, names[c], colors[c]);
     }
-    make_dir(dir_of(path));
-    std::string tmp = std::string(path) + ".tmp";
-    if (!stbi_write_png(tmp.c_str(), p.w, p.h, 3, p.rgb.data(), p.w * 3)) fail_file(path, "cannot write the PNG (%s)", tmp.c_str());
-    if (rename(tmp.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp.c_str(), strerror(errno));
+    plot_save_png(&p, path);
 }
 
 static void best_of_n_curve(const SampleConfig& cfg) {
