@@ -32,7 +32,7 @@ logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
 TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_sample
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp test/test_dpo_ops.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
 EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
@@ -99,11 +99,11 @@ build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(TEST_CXXFLAGS) $(TEST_SRC) -o $@
 
-build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/test_dpo_ops.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) $(KERNEL_TEST_SRC) -o $@
 
-build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/test_dpo_ops.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
 

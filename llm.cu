@@ -42,7 +42,7 @@ Contents, in file order (search for the quoted heading):
   "Activations"             defines: ActTensors, GradActTensors and their carving
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
   "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
-                            llama_cuda_init/_forward/_backward/_update/_download
+                            llama_cuda_init/_forward/_backward (_from_dlp: from a dlp on the device)/_update/_download
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
   "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
                             infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
@@ -60,6 +60,10 @@ Contents, in file order (search for the quoted heading):
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
                             _step_end, _log, _checkpoint, _save_model, _close;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
+  "DPO"                     defines: sequence_logprob_forward/_backward (_cuda: a block per sequence),
+                            runner_sequence_logprobs/_backward (the GPU moves B sums, not (B, T) log-probs);
+                            DPOLossType, DPOConfig, dpo_config_check, dpo_loss (sigmoid with label smoothing,
+                            IPO, the chosen NLL), DPOMetrics, dpo_metrics_add
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
                             generate (n samples per prompt on an InferRunner, one prefill each, duplicates
                             drawn again), infer_runner_shape/_of/_from, generate_greedy(_batch, _model),
@@ -2576,6 +2580,9 @@ struct LlamaCuda {
     int* score_idx = nullptr;         // (B) reward head: the scored position of each sequence
     float* dlp = nullptr;             // (B, T)
     float* dscores = nullptr;         // (B) reward head
+    uint8_t* mask = nullptr;          // (B, T) the loss mask of the last runner_sequence_logprobs
+    float* seq_sums = nullptr;        // (B) its per-sequence log-prob sums
+    float* dsums = nullptr;           // (B) training: d(objective)/d(seq_sums), from the host
     float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
     float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
     bool clip_pending = false;        // the next llama_cuda_update scales the gradients by norm_coef[1]
@@ -2598,8 +2605,8 @@ struct GpuMemoryPlan {
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
-    size_t scratch = 0;           // tokens, score_idx; training: dlp, dscores, norm scratch, attention delta, embedding buckets,
-                                  // RMSNorm weight-gradient partials
+    size_t scratch = 0;           // tokens, score_idx, the sequence sums' mask and sums; training: dlp, dscores, dsums, norm
+                                  // scratch, attention delta, embedding buckets, RMSNorm weight-gradient partials
 };
 
 inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
@@ -2615,13 +2622,13 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     m.master = n * sizeof(float);
     ActTensorsT<floatX> acts;
     m.activations = point_activations(&acts, nullptr, c, B, T, true);
-    m.scratch = N * sizeof(int) + B * sizeof(int);
+    m.scratch = N * sizeof(int) + B * sizeof(int) + N * sizeof(uint8_t) + B * sizeof(float);
     if (training) {
         GradActTensorsT<floatX> grad_acts;
         m.grads = n * sizeof(float);
         m.moments = 2 * n * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
-        m.scratch += N * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
+        m.scratch += N * sizeof(float) + B * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
                      (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int) +
                      rmsnorm_backward_blocks(N) * c.dim * sizeof(float);
     }
@@ -2686,6 +2693,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     point_activations(&g->acts, g->acts_memory, c, B, T, true);
     g->tokens = cuda_alloc<int>((size_t)B * T);
     g->score_idx = cuda_alloc<int>(B);
+    g->mask = cuda_alloc<uint8_t>((size_t)B * T);  // a reference model's sequence sums need no training
+    g->seq_sums = cuda_alloc<float>(B);
     if (training) {
         g->grads_memory = cuda_alloc<float>(n);
         g->grads = point_parameters(c, g->grads_memory);
@@ -2698,6 +2707,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T);
         g->dlp = cuda_alloc<float>((size_t)B * T);
         g->dscores = cuda_alloc<float>(B);
+        g->dsums = cuda_alloc<float>(B);
         g->norm_partials = cuda_alloc<float>(GRAD_NORM_BLOCKS);
         g->norm_coef = cuda_alloc<float>(2);
         g->attn_delta = cuda_alloc<float>((size_t)B * c.n_heads * T);
@@ -2711,7 +2721,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
-                       g->token_buckets, g->norm_weight_partials};
+                       g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2837,17 +2847,24 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     embedding_backward_cuda(gr.wte, d.residual, g->token_buckets, g->n_token_buckets, N, C, st);
 }
 
-// Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
-inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+// Backward of an objective of the token log-probs from g->dlp (B, T) on the device (the host's
+// copy of llama_cuda_backward, or a kernel's: runner_sequence_backward); accumulates into grads.
+inline void llama_cuda_backward_from_dlp(LlamaCuda* g, int B, int T) {
     NVTX_RANGE_FN();
     size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
-    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, N * sizeof(float), cudaMemcpyHostToDevice, st));
     logprob_backward_cuda(d.logits, g->acts.logits, g->tokens, g->dlp, B, T, (int)V, st);
     cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
     matmul_backward_cuda(d.norm_out, g->grads.head, d.logits, g->acts.final_in, g->params.head, N, C, V, st);
     llama_cuda_backward_trunk(g, B, T);
+}
+
+// Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
+inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
+    NVTX_RANGE_FN();
+    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, (size_t)B * T * sizeof(float), cudaMemcpyHostToDevice, g->stream));
+    llama_cuda_backward_from_dlp(g, B, T);
 }
 
 // Backward of an objective of the reward model's scores, dscores (B) on the host, at the
@@ -2907,10 +2924,15 @@ inline void llama_cuda_download(LlamaCuda* g, Llama* host) {
 struct Runner {
     Llama host;
     std::vector<int> score_idx;  // (B) reward head: the scored position of each sequence
+    std::vector<float> seq_sums; // (B) the last runner_sequence_logprobs's sums, on the host
+    int seq_B = 0, seq_T = 0;    // its shape, which runner_sequence_backward must repeat
 #ifdef XWIN_CUDA
     LlamaCuda gpu;
     std::vector<float> lp;       // (B, T) the last forward's token log-probs, on the host
     std::vector<float> scores;   // (B) the last forward's reward scores, on the host
+#else
+    std::vector<uint8_t> seq_mask;  // (B, T) the last runner_sequence_logprobs's mask, for the backward
+    std::vector<float> seq_dlp;     // (B, T) training: d(objective)/d(lp) that the backward builds
 #endif
 };
 
@@ -2936,12 +2958,15 @@ inline const char* runner_device() {
 // host must hold a loaded model; allocates for batches up to (B, T), once
 inline void runner_init(Runner* r, int B, int T, bool training) {
     r->score_idx.assign(B, 0);
+    r->seq_sums.assign(B, 0.0f);
 #ifdef XWIN_CUDA
     llama_cuda_init(&r->gpu, &r->host, B, T, training, 0);
     r->lp.resize((size_t)B * T);
     r->scores.resize(B);
 #else
     llama_alloc(&r->host, B, T, training);
+    r->seq_mask.assign((size_t)B * T, 0);
+    r->seq_dlp.assign(training ? (size_t)B * T : 0, 0.0f);
 #endif
 }
 
@@ -5259,6 +5284,214 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
         for (uint64_t j = d.offsets[i] + 1; j < d.offsets[i + 1]; j++) targets += d.mask[j];
     }
     if (targets == 0) fail_file(path, "has no target tokens (the mask is 0 after every sequence's first token): nothing to learn or measure");
+}
+
+// ----------------------------------------------------------------------------
+// DPO: per-sequence log-prob sums and the preference losses (stage 5). The policy and the
+// frozen reference each give the log-prob of every response (its target tokens' log-probs
+// added up); the loss of a pair compares the policy's margin of chosen over rejected with the
+// reference's. Pairs come as the pair file has them (2i chosen, 2i + 1 rejected); the ops
+// below care only about rows.
+
+// sums (B) = the log-prob of each sequence's target tokens: sums[b] = sum over t >= 1 of
+// mask[b, t] * lp[b, t]; lp (B, T) from logprob_forward, mask (B, T) the token file's loss mask.
+// Alignment, as masked_mean_loss reads them: lp[b, t] = log p(tokens[b, t] | tokens[b, < t])
+// (from the logits at row t - 1), and mask[b, t] = 1 makes tokens[b, t] a target; position 0
+// has nothing predicting it (lp 0) and never counts, whatever its mask says. Added in order, in
+// double (sequence_logprob_sums above returns the same sums in double, for measures).
+template <typename T>
+void sequence_logprob_forward(T* sums, const T* lp, const uint8_t* mask, size_t B, size_t Tn) {
+    for (size_t b = 0; b < B; b++) {
+        double s = 0;
+        for (size_t t = 1; t < Tn; t++) {
+            if (mask[b * Tn + t]) s += lp[b * Tn + t];
+        }
+        sums[b] = T(s);
+    }
+}
+
+// Given dsums (B) = d(objective)/d(sums): dlp (B, T) = d(objective)/d(lp) = dsums[b] at the
+// targets (t >= 1, mask 1) and 0 elsewhere. Writes dlp (=), it does not add to it.
+template <typename T>
+void sequence_logprob_backward(T* dlp, const T* dsums, const uint8_t* mask, size_t B, size_t Tn) {
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) dlp[b * Tn + t] = (t != 0 && mask[b * Tn + t]) ? dsums[b] : T(0);
+    }
+}
+
+#ifdef XWIN_CUDA
+// one block per sequence: each thread adds its strided share of the targets, then block_reduce
+// (a fixed order and tree for a given block size: the same bits run after run, no atomics)
+__global__ void sequence_logprob_forward_kernel(float* sums, const float* lp, const uint8_t* mask, int T) {
+    __shared__ float shared[32];
+    size_t row = (size_t)blockIdx.x * T;
+    float s = 0.0f;
+    for (int t = 1 + threadIdx.x; t < T; t += blockDim.x) {
+        if (mask[row + t]) s += lp[row + t];
+    }
+    s = block_reduce(s, shared, false);
+    if (threadIdx.x == 0) sums[blockIdx.x] = s;
+}
+
+// one thread per element (b, t) of dlp (B, T)
+__global__ void sequence_logprob_backward_kernel(float* dlp, const float* dsums, const uint8_t* mask, size_t N, int T) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    dlp[i] = (i % T != 0 && mask[i]) ? dsums[i / T] : 0.0f;
+}
+
+inline void sequence_logprob_forward_cuda(float* sums, const float* lp, const uint8_t* mask, int B, int T, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // a block per sequence; block_reduce needs a multiple of 32 (<= 1024)
+    LAUNCH(sequence_logprob_forward_kernel, (unsigned)B, block_size, 0, stream, sums, lp, mask, T);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void sequence_logprob_backward_cuda(float* dlp, const float* dsums, const uint8_t* mask, int B, int T, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // a thread per element, any count (the last block's tail returns)
+    size_t N = (size_t)B * T;
+    LAUNCH(sequence_logprob_backward_kernel, ceil_div(N, block_size), block_size, 0, stream, dlp, dsums, mask, N, T);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// tokens (B, T), mask (B, T) -> the sum of each sequence's masked token log-probs (B) on the host
+// (valid until the next call). On the GPU the mask goes up, the sums are made on the device and
+// only the B sums come down; the CPU keeps the mask for runner_sequence_backward.
+inline const float* runner_sequence_logprobs(Runner* r, const int* tokens, const uint8_t* mask, int B, int T) {
+    runner_require_head(r, HEAD_LM, "sequence log-probs");
+    r->seq_B = B;
+    r->seq_T = T;
+#ifdef XWIN_CUDA
+    LlamaCuda* g = &r->gpu;
+    llama_cuda_forward(g, tokens, B, T);
+    cudaCheck(cudaMemcpyAsync(g->mask, mask, (size_t)B * T, cudaMemcpyHostToDevice, g->stream));
+    sequence_logprob_forward_cuda(g->seq_sums, g->acts.lp, g->mask, B, T, g->stream);
+    cudaCheck(cudaMemcpyAsync(r->seq_sums.data(), g->seq_sums, B * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    cudaCheck(cudaStreamSynchronize(g->stream));
+#else
+    llama_forward(&r->host, tokens, B, T);
+    memcpy(r->seq_mask.data(), mask, (size_t)B * T);
+    sequence_logprob_forward(r->seq_sums.data(), r->host.acts.lp, mask, B, T);
+#endif
+    return r->seq_sums.data();
+}
+
+// accumulates the gradient of an objective whose derivative by the last runner_sequence_logprobs's
+// sums is dsums (B); tokens and the shape are that call's. On the GPU only the B derivatives go up:
+// the kernel spreads them over dlp (B, T) on the device, where the head's backward reads it.
+inline void runner_sequence_backward(Runner* r, const int* tokens, const float* dsums, int B, int T) {
+    if (B != r->seq_B || T != r->seq_T) {
+        fprintf(stderr, "error: runner_sequence_backward of a (%d, %d) batch after sequence log-probs of (%d, %d)\n", B, T, r->seq_B, r->seq_T);
+        exit(1);
+    }
+#ifdef XWIN_CUDA
+    (void)tokens;  // the device kept them from the forward
+    LlamaCuda* g = &r->gpu;
+    cudaCheck(cudaMemcpyAsync(g->dsums, dsums, B * sizeof(float), cudaMemcpyHostToDevice, g->stream));
+    sequence_logprob_backward_cuda(g->dlp, g->dsums, g->mask, B, T, g->stream);
+    llama_cuda_backward_from_dlp(g, B, T);
+#else
+    sequence_logprob_backward(r->seq_dlp.data(), dsums, r->seq_mask.data(), B, T);
+    llama_backward(&r->host, tokens, r->seq_dlp.data(), B, T);
+#endif
+}
+
+// ---- the preference losses: on the host, in double (they act on a few scalars per pair)
+
+enum DPOLossType { DPO_SIGMOID = 0, DPO_IPO = 1 };
+
+struct DPOConfig {
+    int loss_type = DPO_SIGMOID;
+    float beta = 0.1f;             // > 0
+    float label_smoothing = 0.0f;  // [0, 0.5): conservative DPO (sigmoid only)
+    float nll_weight = 0.0f;       // >= 0: weight of the NLL of the chosen responses (TRL's rpo_alpha)
+};
+
+// returns "" or a one-line message naming the setting's problem
+inline std::string dpo_config_check(const DPOConfig& cfg) {
+    if (cfg.loss_type != DPO_SIGMOID && cfg.loss_type != DPO_IPO) return string_format("loss type %d is not 0 (sigmoid) or 1 (IPO)", cfg.loss_type);
+    if (!(cfg.beta > 0.0f) || !std::isfinite(cfg.beta)) return string_format("beta %g must be > 0", cfg.beta);
+    if (!(cfg.label_smoothing >= 0.0f && cfg.label_smoothing < 0.5f)) {
+        return string_format("label smoothing %g must be in [0, 0.5)", cfg.label_smoothing);
+    }
+    if (cfg.loss_type == DPO_IPO && cfg.label_smoothing != 0.0f) {
+        return string_format("label smoothing %g is for the sigmoid loss only; IPO takes none (set it to 0)", cfg.label_smoothing);
+    }
+    if (!(cfg.nll_weight >= 0.0f) || !std::isfinite(cfg.nll_weight)) return string_format("nll_weight %g must be >= 0", cfg.nll_weight);
+    return "";
+}
+
+// -log sigmoid(x) = log(1 + e^-x) = max(-x, 0) + log1p(e^-|x|), finite for every x
+inline double neg_log_sigmoid(double x) { return std::max(-x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+// sigmoid(x) without overflow: e^-|x| is at most 1
+inline double sigmoid_stable(double x) {
+    double e = std::exp(-std::fabs(x));
+    return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+
+// The DPO loss of n pairs, as TRL's DPOTrainer defines it. pc, pr: the policy's log-prob sums of
+// the chosen and rejected responses; rc, rr: the reference's; nc, nr: each response's number of
+// target tokens. With h the policy's log-ratio margin over the reference's (TRL's `logits`,
+// pi_logratios - ref_logratios):
+//   sigmoid (TRL's loss_type "sigmoid" with label_smoothing eps: conservative DPO):
+//     h = (pc - pr) - (rc - rr);  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+//   IPO (TRL's "ipo", which first divides every log-prob sum by its response's token count):
+//     h = (pc/nc - pr/nr) - (rc/nc - rr/nr);  loss = (h - 1/(2 beta))^2
+// (a count below 1 is taken as 1, as TRL clamps it.) nll_weight adds the mean NLL of the
+// chosen responses' tokens (TRL's rpo_alpha times its nll_loss; later TRL's loss_type "sft").
+// A step may come in micro-batches: this returns this micro-batch's share of the step loss,
+//   (sum over its n pairs of the pair loss) / total_pairs + nll_weight * (-(sum of pc)) / total_chosen_tokens,
+// total_pairs and total_chosen_tokens being the step's, and writes dpc, dpr (n): the
+// derivatives of that share by pc and pr (the reference's get none).
+inline double dpo_loss(const DPOConfig& cfg, const float* pc, const float* pr, const float* rc, const float* rr, const float* nc,
+                       const float* nr, int n, size_t total_pairs, size_t total_chosen_tokens, float* dpc, float* dpr) {
+    const double beta = cfg.beta, eps = cfg.label_smoothing, pairs = (double)total_pairs;
+    const double dnll = total_chosen_tokens ? -(double)cfg.nll_weight / (double)total_chosen_tokens : 0.0;  // d(NLL term)/d(pc)
+    double loss = 0;
+    for (int i = 0; i < n; i++) {
+        double pair, dh, hc = 1, hr = 1;  // the pair's loss, d(pair)/dh, dh/d(pc) and -dh/d(pr)
+        if (cfg.loss_type == DPO_IPO) {
+            hc = 1.0 / std::max((double)nc[i], 1.0);
+            hr = 1.0 / std::max((double)nr[i], 1.0);
+            double h = ((double)pc[i] * hc - (double)pr[i] * hr) - ((double)rc[i] * hc - (double)rr[i] * hr);
+            double u = h - 1.0 / (2.0 * beta);
+            pair = u * u;
+            dh = 2.0 * u;
+        } else {
+            double h = ((double)pc[i] - pr[i]) - ((double)rc[i] - rr[i]), x = beta * h;
+            pair = (1.0 - eps) * neg_log_sigmoid(x) + eps * neg_log_sigmoid(-x);
+            dh = beta * (-(1.0 - eps) * sigmoid_stable(-x) + eps * sigmoid_stable(x));
+        }
+        loss += pair / pairs + dnll * pc[i];
+        dpc[i] = (float)(dh * hc / pairs + dnll);
+        dpr[i] = (float)(-dh * hr / pairs);
+    }
+    return loss;
+}
+
+// TRL's DPO metrics, as sums over pairs (divide each by `pairs` to log them): rewards/chosen =
+// beta (pc - rc), rewards/rejected = beta (pr - rr), rewards/accuracies = [chosen reward >
+// rejected reward], rewards/margins = chosen - rejected reward, logps/chosen = pc,
+// logps/rejected = pr. Always of the sums, as today's TRL logs them (earlier TRL logged
+// per-token means under IPO).
+struct DPOMetrics {
+    double rewards_chosen = 0, rewards_rejected = 0, accuracies = 0, margins = 0, logps_chosen = 0, logps_rejected = 0;
+    double pairs = 0;
+};
+
+inline void dpo_metrics_add(DPOMetrics* m, const DPOConfig& cfg, const float* pc, const float* pr, const float* rc, const float* rr, int n) {
+    for (int i = 0; i < n; i++) {
+        double chosen = cfg.beta * ((double)pc[i] - rc[i]), rejected = cfg.beta * ((double)pr[i] - rr[i]);
+        m->rewards_chosen += chosen;
+        m->rewards_rejected += rejected;
+        m->accuracies += chosen > rejected ? 1.0 : 0.0;
+        m->margins += chosen - rejected;
+        m->logps_chosen += pc[i];
+        m->logps_rejected += pr[i];
+        m->pairs += 1;
+    }
 }
 
 // ----------------------------------------------------------------------------

@@ -21,7 +21,19 @@ The reward fixtures (reward_*) are LlamaForSequenceClassification models with on
 label: a batch of token rows (right-padded with pad_id where a row is shorter,
 one row with pad_id inside it too, which transformers' rule of the rightmost
 non-pad token must skip), the float64 scores, and the gradient of every
-parameter of sum_b dscores[b] * score[b] for random dscores. The
+parameter of sum_b dscores[b] * score[b] for random dscores.
+
+The DPO fixtures: dpo_loss holds the preference losses written in torch from
+their definitions (TRL's DPOTrainer: "sigmoid" with label smoothing, "ipo" on
+per-token means, the chosen NLL of rpo_alpha) on float32 inputs, as one
+micro-batch's share of a larger step, with their autograd derivatives by the
+policy's log-prob sums, for several settings. dpo_step is one DPO step of a
+LlamaForCausalLM in float64: right-padded pairs (rows 2i chosen, 2i + 1
+rejected, sharing a prompt; the mask on the response tokens only), the
+reference log-prob sums of the initial model, the sigmoid loss with label
+smoothing and the NLL term, its gradients, clipping, AdamW, and the parameters
+after it (Adam's first step is about lr * sign(g), so the gradients themselves
+are stored to check their sizes). The
 script also checks the converter and exporter round trips (fp32 and bf16, and
 a reward-head model) and prints a summary, including how far a float32 run of
 the same model lands from the float64 reference.
@@ -67,6 +79,14 @@ REWARD_FIXTURES = {
     "reward_step": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=80,
                         tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32,
                         lengths=[10, 7, 12, 9], step=dict(margins=[1.5, 0.5], center=0.05)),
+}
+
+# DPO: one step of a LlamaForCausalLM on pairs (prompt length, chosen response length, rejected
+# response length); the batch is right-padded with token 0 under mask 0
+DPO_FIXTURES = {
+    "dpo_step": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=80,
+                     tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32,
+                     pairs=[(5, 4, 6), (3, 7, 2), (6, 3, 5)], beta=0.2, label_smoothing=0.1, nll_weight=0.5),
 }
 
 # greedy generation: the model, the prompt lengths, the new tokens; eos is the token that the
@@ -395,6 +415,116 @@ def reward_step(step, cfg, hf, tokens):
             + [(f"param1.{k}", v.numpy()) for k, v in final.items()])
 
 
+def dpo_pair_losses(pc, pr, rc, rr, nc, nr, loss_type, beta, label_smoothing):
+    """Per-pair DPO losses as TRL's DPOTrainer defines them (float64 tensors of n)."""
+    if loss_type == "ipo":  # every log-prob sum divided by its response's token count first
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    h = (pc - pr) - (rc - rr)  # TRL's logits: pi_logratios - ref_logratios
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+
+
+def make_dpo_loss(out_name):
+    """dpo_loss: the losses and their derivatives by pc and pr, from torch's autograd, for
+    float32 inputs (5 pairs; the last pair's margin is far out, so that a naive log(1 + e^x)
+    overflows even in double), as a micro-batch's share of a step of 8 pairs."""
+    gen = torch.Generator().manual_seed(SEED)
+    n, total_pairs = 5, 8
+    f = lambda t: t.float().double()  # float32 values, computed on in float64
+    rc = f(-30 + 10 * torch.randn(n, generator=gen, dtype=torch.float64))
+    rr = f(-30 + 10 * torch.randn(n, generator=gen, dtype=torch.float64))
+    pc0 = f(rc + 3 * torch.randn(n, generator=gen, dtype=torch.float64))
+    pr0 = f(rr + 3 * torch.randn(n, generator=gen, dtype=torch.float64))
+    nc = torch.randint(1, 20, (n,), generator=gen).double()
+    nr = torch.randint(1, 20, (n,), generator=gen).double()
+    pc0[-1], pr0[-1] = f(torch.tensor(-5.0)), f(torch.tensor(-1900.0))  # margin ~ 1900: beta h up to ~ 950
+    total_tokens = int(nc.sum()) + 23  # the step's other micro-batches hold 23 chosen tokens more
+    cases = [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.1, 0.25), ("ipo", 0.1, 0.0, 0.0), ("ipo", 0.3, 0.0, 0.25)]
+    entries = [("pc", pc0.numpy()), ("pr", pr0.numpy()), ("rc", rc.numpy()), ("rr", rr.numpy()), ("nc", nc.numpy()),
+               ("nr", nr.numpy()), ("totals", np.array([total_pairs, total_tokens]))]
+    for i, (kind, beta, eps, nll) in enumerate(cases):
+        beta, eps, nll = f32(beta), f32(eps), f32(nll)  # the float32 settings the C++ side holds
+        pc, pr = pc0.clone().requires_grad_(), pr0.clone().requires_grad_()
+        loss = (dpo_pair_losses(pc, pr, rc, rr, nc, nr, kind, beta, eps).sum() / total_pairs
+                + nll * -pc.sum() / total_tokens)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+        entries += [(f"case{i}.config", np.array([1 if kind == "ipo" else 0, beta, eps, nll])),
+                    (f"case{i}.loss", np.array([loss.item()])), (f"case{i}.dpc", pc.grad.numpy()),
+                    (f"case{i}.dpr", pr.grad.numpy())]
+        print(f"{out_name} case {i}: {kind} beta {beta:.6g} label_smoothing {eps:.6g} nll_weight {nll:.6g}: loss {loss.item():.10f}")
+    out = os.path.join(OUT, out_name)
+    os.makedirs(out, exist_ok=True)
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    return os.path.getsize(os.path.join(out, "expect.bin"))
+
+
+def make_dpo_step(name, spec, tmp):
+    """One DPO step in float64 as TRL's DPOTrainer takes it (loss_type "sigmoid" with
+    label_smoothing, rpo_alpha = nll_weight), the reference being the initial model:
+    the log-prob sums over the response tokens, the loss, clipping below the gradient norm,
+    AdamW (decay on matrices only). Writes the model, the pairs as a token file and the
+    reference sums, loss, gradients before clipping, norm and parameters after the step."""
+    c = {k: v for k, v in spec.items() if k not in ("pairs", "beta", "label_smoothing", "nll_weight")}
+    c["head_type"] = 0
+    V = c["vocab_size"]
+    beta, eps, nll = f32(spec["beta"]), f32(spec["label_smoothing"]), f32(spec["nll_weight"])
+    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(hf_config(c))
+    init_weights(model, gen)
+    seqs, masks = [], []
+    for p, a, b in spec["pairs"]:
+        prompt = torch.randint(0, V, (p,), generator=gen).tolist()
+        for n in (a, b):  # chosen, then rejected: the same prompt, each its own response
+            seqs.append(prompt + torch.randint(0, V, (n,), generator=gen).tolist())
+            masks.append([0] * p + [1] * n)
+    B, T = len(seqs), max(len(s) for s in seqs)
+    tokens = torch.zeros(B, T, dtype=torch.long)  # right-padded with 0 under mask 0, as tokens_fill_batch
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m)
+    hf = os.path.join(tmp, "hf")
+    model.save_pretrained(hf)
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    cfg = convert(hf, os.path.join(out, "model.bin"))
+    assert cfg.pop("dtype") == "fp32" and cfg["head_type"] == 0, cfg
+    xf.write_tokens(os.path.join(out, "tokens.tok"), seqs, masks)
+
+    ref = LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager").double()
+    with torch.no_grad():
+        _, ref_sums = masked_loss(ref(tokens).logits, tokens, mask)
+    policy = LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager").double()
+    _, sums = masked_loss(policy(tokens).logits, tokens, mask)
+    counts = mask[:, 1:].sum(1).double()
+    pc, pr, rc, rr = sums[0::2], sums[1::2], ref_sums[0::2], ref_sums[1::2]
+    chosen_tokens = int(counts[0::2].sum())
+    losses = dpo_pair_losses(pc, pr, rc, rr, counts[0::2], counts[1::2], "sigmoid", beta, eps)
+    loss = losses.mean() + nll * -pc.sum() / chosen_tokens  # TRL: losses + rpo_alpha * nll_loss, then the mean
+    loss.backward()
+    grads = gather(cfg, lambda n: policy.get_parameter(n).grad.detach().clone())
+    params = list(policy.parameters())
+    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+    max_norm = f32(0.5 * norm)
+    min_grad = min(float(p.grad.abs()[p.grad != 0].min()) for p in params)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    adamw(params).step()
+    final = gather(cfg, lambda n: policy.get_parameter(n).detach().clone())
+    entries = [("dpo", np.array([beta, eps, nll])), ("ref_sums", ref_sums.numpy()), ("loss", np.array([loss.item()])),
+               ("grad_norm", np.array([norm])), ("adamw", np.array([LR, BETA1, BETA2, EPS, WD, max_norm]))]
+    entries += [(f"grad.{k}", v.numpy()) for k, v in grads.items()]
+    entries += [(f"param1.{k}", v.numpy()) for k, v in final.items()]
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in ("model.bin", "tokens.tok", "expect.bin")}
+    print(f"{name}: B={B} T={T} pairs {spec['pairs']} chosen tokens {chosen_tokens} params={xf.n_params(cfg):,}  "
+          f"ref sums {[round(float(x), 6) for x in ref_sums]}  loss {loss.item():.10f} grad_norm {norm:.8f} "
+          f"max_norm {max_norm:.8f} smallest nonzero |grad| {min_grad:.1e}  " + "  ".join(f"{f} {s:,} B" for f, s in sizes.items()))
+    return sum(sizes.values())
+
+
 def greedy_path(model, prompt, max_new):
     """Greedy tokens after prompt (no EOS) and the smallest top-1 minus top-2 logit gap."""
     ids, gaps = prompt.clone(), []
@@ -466,6 +596,13 @@ def main():
             continue
         with tempfile.TemporaryDirectory() as tmp:
             total += make_reward(name, spec, tmp)
+    if not only or "dpo_loss" in only:
+        total += make_dpo_loss("dpo_loss")
+    for name, spec in DPO_FIXTURES.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            total += make_dpo_step(name, spec, tmp)
     for name, spec in GENERATE_FIXTURES.items():
         if only and name not in only:
             continue

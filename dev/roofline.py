@@ -249,9 +249,10 @@ def memory_plan(cfg, B, T, attention, x):
     else:
         heads, sq = B * H * T * hd, B * H * T * T
         attn = carve([(heads, x)] * 7 + [(sq, 4), (sq, x)])
-    # tokens, score_idx, dlp, dscores, norm scratch, the embedding backward's token buckets, the RMSNorm
-    # backward's partial weight gradients
-    scratch = N * 4 + B * 4 + N * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4 + -(-N // 32) * C * 4
+    # tokens, score_idx, the sequence sums' mask (bytes) and sums, dlp, dscores, dsums, norm scratch, the embedding
+    # backward's token buckets, the RMSNorm backward's partial weight gradients
+    scratch = (N * 4 + B * 4 + N + B * 4 + N * 4 + B * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4
+               + -(-N // 32) * C * 4)
     return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
         "weights": P * x,  # the compute copy
         "master": P * 4,
