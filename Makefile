@@ -24,14 +24,15 @@ endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = train_sft train_rm sample logprobs
+PROGRAMS = train_sft train_rm train_dpo sample logprobs
 train_sft_SRC = train_sft.cu
 train_rm_SRC = train_rm.cu
+train_dpo_SRC = train_dpo.cu
 sample_SRC = sample.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_sample
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample
 TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp test/test_dpo_ops.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
@@ -135,6 +136,9 @@ build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build
 
 build/test_rm: test/test_main.cpp test/test_rm.cpp test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@
+
+build/test_dpo: test/test_main.cpp test/test_dpo.cpp test/program.h test/fixture.h llm.cu build/train_dpo_cpu build/train_dpo_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_dpo.cpp -o $@
 
 build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@

@@ -1,0 +1,157 @@
+// The DPO stage as a program: train_dpo (the CPU build and the CUDA kernels through the
+// emulation layer) on small pair files: its refusals (bad flags, another model's reference,
+// a tokenizer of another vocabulary), the reference file made once and reused, that DPO moves
+// the policy towards the chosen answers, and its exact resume. The binaries are
+// build/train_dpo_cpu and build/train_dpo_emu.
+#include <catch2/catch.hpp>
+
+#include "program.h"
+
+static std::string conversation_json(const std::vector<std::string>& turns) {
+    std::string out = "[";
+    for (size_t i = 0; i < turns.size(); i++) {
+        out += std::string(i ? ", " : "") + "{\"role\": \"" + (i % 2 ? "assistant" : "user") + "\", \"content\": \"" + turns[i] + "\"}";
+    }
+    return out + "]";
+}
+
+// n pairs of arithmetic answers: the world's frame against a sloppy form of the same sum
+static std::string write_dpo_pairs(const char* name, int n, unsigned seed) {
+    std::string in = scratch((std::string(name) + ".jsonl").c_str()), path = scratch((std::string(name) + ".pairs").c_str()), text, out;
+    uint64_t rng = seed;
+    for (int i = 0; i < n; i++) {
+        int a = (int)(rng_next(&rng) % 10), b = (int)(rng_next(&rng) % 10);
+        std::string q = "What is " + std::to_string(a) + " plus " + std::to_string(b) + "?", sum = std::to_string(a + b);
+        text += "{\"chosen\": " + conversation_json({q, "The answer is " + sum + "."}) + ", \"rejected\": " +
+                conversation_json({q, "the answer is " + sum}) + ", \"score_chosen\": 10, \"score_rejected\": 5, \"kind\": \"arith\"}\n";
+    }
+    write_bytes(in, std::vector<unsigned char>(text.begin(), text.end()));
+    REQUIRE(run("python3 dev/data/prepare_pairs.py " + in + " " + path + " --tokenizer byte", &out) == 0);
+    remove(in.c_str());
+    return path;
+}
+
+// the values of a key on the log's lines that have it
+static std::vector<double> log_values(const std::string& log, const char* key) {
+    std::vector<double> out;
+    FILE* f = fopen_check(log.c_str(), "r");
+    char line[4096];
+    std::string pattern = std::string("\"") + key + "\": ";
+    while (fgets(line, sizeof(line), f)) {
+        const char* p = strstr(line, pattern.c_str());
+        double x;
+        if (p && sscanf(p + pattern.size(), "%lf", &x) == 1) out.push_back(x);
+    }
+    fclose(f);
+    return out;
+}
+
+TEST_CASE("train_dpo refuses bad flags, another model's reference and another vocabulary, in one line", "[dpo]") {
+    std::string model = write_small_model("dpo_refuse.bin", 32, 2), other = write_small_model("dpo_other.bin", 48, 2);
+    std::string pairs = write_dpo_pairs("dpo_refuse", 16, 1), dir = scratch("dpo_refuse_out"), out;
+    std::string common = "build/train_dpo_cpu -m " + model + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir;
+    CHECK(run(common + " -B 0", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: -B: beta 0 must be > 0"));
+    CHECK(run(common + " -L 0.5", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: -L: label smoothing 0.5 must be in [0, 0.5)"));
+    CHECK(run(common + " -S 1 -L 0.1", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: -L:"));
+    // a tokenizer whose ids the model does not have (a vocabulary of 250 under the byte tokenizer's 259)
+    std::string big = scratch("dpo_small_vocab.bin");
+    {
+        Llama m;
+        llama_init(&m, LlamaConfig{32, 1, 4, 2, 250, 64, 256, 1, HEAD_LM, 10000.0, 1e-5});
+        llama_save(&m, big.c_str(), DTYPE_FP32);
+        llama_free(&m);
+    }
+    CHECK(run("build/train_dpo_cpu -m " + big + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: data/world/byte.tokenizer"));
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    // the reference made by one model, then offered to another: refused, naming the file
+    REQUIRE(run(common, &out) == 0);
+    INFO(out);
+    REQUIRE(exists(pairs + ".logps"));
+    std::vector<unsigned char> ref = file_bytes(pairs + ".logps");
+    CHECK(run("build/train_dpo_cpu -m " + other + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: holds the log-probs of another model"));
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(file_bytes(pairs + ".logps") == ref);  // nothing lost
+    // and a reference of other pairs (-R)
+    std::string more = write_dpo_pairs("dpo_more", 20, 2);
+    CHECK(run("build/train_dpo_cpu -m " + model + " -i " + more + " -R " + pairs + ".logps -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("was made for other pairs"));
+    // a corrupt reference file: its size no longer matches the header
+    std::vector<unsigned char> cut(ref.begin(), ref.end() - 4);
+    write_bytes(pairs + ".logps", cut);
+    CHECK(run(common, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: file is"));
+    for (const std::string& p : {model, other, big, pairs, pairs + ".logps", more, more + ".logps"}) remove(p.c_str());
+    rm_rf(dir);
+}
+
+TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {
+    std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_dpo_pairs("dpo_train", 96, 3), val = write_dpo_pairs("dpo_val", 24, 4);
+    std::string dir = scratch("dpo_run"), out;
+    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -v 24 -n 0 -r 5";
+    REQUIRE(run(common + " -o " + dir, &out) == 0);
+    INFO(out);
+    CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + " by " + model));
+    std::string log = dir + "/log.jsonl";
+    std::vector<double> loss = log_values(log, "loss"), margin = log_values(log, "rewards/margins"), chosen = log_values(log, "rewards/chosen"),
+                        val_acc = log_values(log, "val_rewards/accuracies"), val_margin = log_values(log, "val_rewards/margins");
+    REQUIRE(loss.size() == 24);  // the steps' lines (the validation line has val_ keys)
+    REQUIRE(val_acc.size() == 1);
+    // step 1: the policy is the reference, so every implicit reward is 0 and the loss is log 2
+    CHECK(loss[0] == Approx(std::log(2.0)).epsilon(1e-5));
+    CHECK(chosen[0] == Approx(0.0).margin(1e-5));
+    CHECK(margin[0] == Approx(0.0).margin(1e-5));
+    // 24 steps on a preference for the world's frame: the margin grows and the held-out pairs
+    // come out right (chance is 0.5)
+    double last = (loss[21] + loss[22] + loss[23]) / 3;
+    printf("train_dpo on arithmetic pairs: loss %.4f -> %.4f, held-out accuracy %.3f, held-out margin %.3f\n", loss[0], last, val_acc[0], val_margin[0]);
+    CHECK(last < 0.6);
+    CHECK(val_acc[0] > 0.9);
+    CHECK(val_margin[0] > 0.2);
+    // a second run reuses the reference file, whose sums are the starting model's
+    REQUIRE(run(common + " -o " + dir + " -x 1", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + ": " + train + ".logps"));
+    ReferenceLogps want, ref;
+    REQUIRE(model_file_identity(model.c_str(), &want.model_size, &want.model_crc) == "");
+    PairData p;
+    pairs_load(&p, train.c_str(), 259);
+    tokens_identity(p.seqs, &want.pairs_size, &want.pairs_hash);
+    REQUIRE(reference_load_checked(&ref, (train + ".logps").c_str(), want, p.n_pairs) == "");
+    {
+        Runner r;
+        llama_load(&r.host, model.c_str());
+        runner_init(&r, 2, 256, false);
+        for (size_t i : {(size_t)0, (size_t)37, p.n_pairs - 1}) {
+            size_t rows[2] = {2 * i, 2 * i + 1};
+            int T = (int)std::max(token_seq_len(p.seqs, rows[0]), token_seq_len(p.seqs, rows[1]));
+            std::vector<int> tokens(2 * T);
+            std::vector<uint8_t> mask(2 * T);
+            tokens_fill_rows(p.seqs, rows, 2, T, tokens.data(), mask.data());
+            const float* lp = runner_forward(&r, tokens.data(), 2, T);
+            double sum[2] = {0, 0};
+            for (int b = 0; b < 2; b++) for (int t = 1; t < T; t++) if (mask[b * T + t]) sum[b] += lp[b * T + t];
+            CHECK(ref.chosen[i] == Approx(sum[0]).epsilon(1e-5));
+            CHECK(ref.rejected[i] == Approx(sum[1]).epsilon(1e-5));
+            CHECK(sum[0] < 0);
+        }
+        runner_free(&r);
+    }
+    // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
+    for (std::string binary : {"build/train_dpo_cpu", "build/train_dpo_emu"}) {
+        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -r 3";
+        std::string a = scratch("dpo_a"), b = scratch("dpo_b");
+        remove((val + ".logps").c_str());
+        REQUIRE(run(cmd + " -o " + a, &out) == 0);
+        REQUIRE(run(cmd + " -o " + b + " -z 2", &out) == 0);
+        REQUIRE(run(cmd + " -o " + b + " -y 1", &out) == 0);
+        CHECK_THAT(out, Catch::Contains("resumed from"));
+        CHECK(file_bytes(a + "/model.bin") == file_bytes(b + "/model.bin"));
+        rm_rf(a), rm_rf(b);
+    }
+    for (const std::string& f : {model, train, train + ".logps", val, val + ".logps"}) remove(f.c_str());
+    rm_rf(dir);
+}

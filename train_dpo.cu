@@ -1,0 +1,466 @@
+/*
+train_dpo: DPO, stage 5 of Xwin-LM, and the whole recipe behind `make && ./train_dpo`.
+
+Direct preference optimization trains the policy pi on preference pairs (chosen c, rejected r,
+the same prompt) against a frozen reference rho, the model DPO starts from:
+    h = (log pi(c) - log pi(r)) - (log rho(c) - log rho(r))
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (-S 0: sigmoid; -L eps)
+    loss = (h' - 1 / (2 beta))^2, h' from per-token means              (-S 1: IPO)
+  + -N times the NLL of the chosen answers (TRL's rpo_alpha), where log pi(x) is the sum of the
+log-probs of an answer's tokens (dpo_loss in llm.cu). The reference's log-probs never change:
+they are computed once, by the starting model, before the first step, and stored beside the
+pairs (<pairs>.logps) with the identity of the model that made them; a step holds one model.
+
+  ./train_dpo                   the world's recipe: DPO from the RS model (out/rs/model.bin) on pairs
+                                from the Xwin-Set; any earlier stage whose output is missing runs
+                                first with its defaults (SFT, the preference pairs and the reward
+                                model, the Xwin-Set, RS), each command printed as it starts; at the
+                                end, every stage's model on the held-out prompts: the stage table,
+                                out/report.md and out/report.png
+  ./train_dpo -m rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
+                                DPO alone on any pair file (dev/data/prepare_pairs.py)
+  ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
+*/
+#define XWIN_PLOTS  // the report's PNG
+#include "llm.cu"
+
+#include <sys/wait.h>
+
+struct DPOStageConfig {
+    TrainConfig train;
+    DPOConfig dpo;
+    const char* model_path = "out/rs/model.bin";  // the policy's start and the reference
+    const char* train_path = "out/set/dpo_train.pairs";
+    const char* val_path = "out/set/dpo_val.pairs";
+    const char* tokenizer_path = "data/world/byte.tokenizer";
+    const char* reference_path = "";  // '': <train pairs>.logps (and <val pairs>.logps)
+    const char* prompts_path = "data/world/eval_prompts.tsv";
+};
+
+// ---- the pairs of a micro-batch: sequence 2i is pair i's chosen answer, 2i + 1 its rejected
+
+struct PairBatch {
+    std::vector<size_t> seqs;      // (2 B)
+    std::vector<int> tokens;       // (2 B, T)
+    std::vector<uint8_t> mask;     // (2 B, T) the answers' target tokens
+    std::vector<float> pc, pr;     // (B) the policy's log-prob sums of chosen and rejected
+    std::vector<float> rc, rr;     // (B) the reference's
+    std::vector<float> nc, nr;     // (B) target tokens of each answer
+    std::vector<float> dpc, dpr;   // (B) d(loss) / d(pc), d(pr)
+    std::vector<float> dsums;      // (2 B)
+    int T = 0;
+};
+
+static void pair_batch_init(PairBatch* pb, int B, int max_len) {
+    pb->seqs.resize(2 * B), pb->tokens.resize((size_t)2 * B * max_len), pb->mask.resize(pb->tokens.size());
+    for (auto* v : {&pb->pc, &pb->pr, &pb->rc, &pb->rr, &pb->nc, &pb->nr, &pb->dpc, &pb->dpr}) v->resize(B);
+    pb->dsums.resize(2 * B);
+}
+
+// The policy's log-prob sums of pairs rows[0..n) into pb->pc, pb->pr (one forward of 2n sequences).
+static void policy_logps(Runner* r, const PairData& p, const size_t* rows, int n, PairBatch* pb) {
+    pb->T = 0;
+    for (int i = 0; i < n; i++) {
+        pb->seqs[2 * i] = 2 * rows[i], pb->seqs[2 * i + 1] = 2 * rows[i] + 1;
+        pb->T = std::max(pb->T, (int)std::max(token_seq_len(p.seqs, 2 * rows[i]), token_seq_len(p.seqs, 2 * rows[i] + 1)));
+    }
+    tokens_fill_rows(p.seqs, pb->seqs.data(), 2 * n, pb->T, pb->tokens.data(), pb->mask.data());
+    const float* sums = runner_sequence_logprobs(r, pb->tokens.data(), pb->mask.data(), 2 * n, pb->T);
+    for (int i = 0; i < n; i++) {
+        pb->pc[i] = sums[2 * i], pb->pr[i] = sums[2 * i + 1];
+        pb->nc[i] = pb->nr[i] = 0;
+        for (int t = 0; t < pb->T; t++) pb->nc[i] += pb->mask[(size_t)2 * i * pb->T + t], pb->nr[i] += pb->mask[(size_t)(2 * i + 1) * pb->T + t];
+    }
+}
+
+// ---- the reference: the starting model's log-prob sums of every pair, once, before training
+
+static ReferenceLogps reference_identity(const char* model_path, const PairData& p) {
+    ReferenceLogps id;
+    std::string err = model_file_identity(model_path, &id.model_size, &id.model_crc);
+    if (!err.empty()) fail_file(model_path, "%s", err.c_str());
+    tokens_identity(p.seqs, &id.pairs_size, &id.pairs_hash);
+    return id;
+}
+
+// The reference of pairs p: read from ref_path when it exists (and belongs to the starting
+// model and to these pairs), else computed by r, which must hold the starting model, and saved.
+static ReferenceLogps reference_logps(Runner* r, const char* model_path, const PairData& p, const char* pairs_path, const std::string& ref_path,
+                                      bool may_compute, int B, PairBatch* pb) {
+    ReferenceLogps ref = reference_identity(model_path, p);
+    if (access(ref_path.c_str(), F_OK) == 0) {
+        ReferenceLogps loaded;
+        std::string err = reference_load_checked(&loaded, ref_path.c_str(), ref, p.n_pairs);
+        if (!err.empty()) fail_file(ref_path.c_str(), "%s", err.c_str());
+        printf("reference log-probs of %s: %s\n", pairs_path, ref_path.c_str());
+        return loaded;
+    }
+    if (!may_compute) fail_file(ref_path.c_str(), "is missing; the reference is computed by the starting model before step 1, so a resumed run needs it");
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<size_t> rows(B);
+    for (size_t first = 0; first < p.n_pairs; first += B) {
+        int n = (int)std::min((size_t)B, p.n_pairs - first);
+        for (int i = 0; i < n; i++) rows[i] = first + i;
+        policy_logps(r, p, rows.data(), n, pb);
+        for (int i = 0; i < n; i++) ref.chosen.push_back(pb->pc[i]), ref.rejected.push_back(pb->pr[i]);
+    }
+    reference_save(ref, ref_path.c_str());
+    printf("reference log-probs of %s by %s: %zu pairs in %.1f s, saved to %s\n", pairs_path, model_path, p.n_pairs,
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), ref_path.c_str());
+    return ref;
+}
+
+static void reference_rows(const ReferenceLogps& ref, const size_t* rows, int n, PairBatch* pb) {
+    for (int i = 0; i < n; i++) pb->rc[i] = ref.chosen[rows[i]], pb->rr[i] = ref.rejected[rows[i]];
+}
+
+// The loss and TRL's metrics over every pair of p (validation).
+static double evaluate(Runner* r, const PairData& p, const ReferenceLogps& ref, const DPOConfig& dpo, int B, PairBatch* pb, DPOMetrics* m) {
+    std::vector<size_t> rows(B);
+    size_t chosen_tokens = 0;
+    for (size_t i = 0; i < p.n_pairs; i++) chosen_tokens += token_targets(p.seqs, 2 * i);
+    double loss = 0;
+    *m = DPOMetrics{};
+    for (size_t first = 0; first < p.n_pairs; first += B) {
+        int n = (int)std::min((size_t)B, p.n_pairs - first);
+        for (int i = 0; i < n; i++) rows[i] = first + i;
+        policy_logps(r, p, rows.data(), n, pb);
+        reference_rows(ref, rows.data(), n, pb);
+        loss += dpo_loss(dpo, pb->pc.data(), pb->pr.data(), pb->rc.data(), pb->rr.data(), pb->nc.data(), pb->nr.data(), n, p.n_pairs, chosen_tokens,
+                         pb->dpc.data(), pb->dpr.data());
+        dpo_metrics_add(m, dpo, pb->pc.data(), pb->pr.data(), pb->rc.data(), pb->rr.data(), n);
+    }
+    return loss;
+}
+
+// TRL's metric names: the means over the pairs of DPOMetrics (val: of the validation pairs)
+static std::vector<Metric> metric_list(const DPOMetrics& m, bool val) {
+    static const char* names[2][6] = {
+        {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"},
+        {"val_rewards/chosen", "val_rewards/rejected", "val_rewards/accuracies", "val_rewards/margins", "val_logps/chosen", "val_logps/rejected"}};
+    double values[6] = {m.rewards_chosen, m.rewards_rejected, m.accuracies, m.margins, m.logps_chosen, m.logps_rejected};
+    std::vector<Metric> out;
+    for (int i = 0; i < 6; i++) out.push_back({names[val][i], values[i] / std::max(m.pairs, 1.0)});
+    return out;
+}
+
+// ---- DPO on one pair file: load, reference, loop, loss, step, log, checkpoint, save
+
+static void train_dpo(DPOStageConfig& cfg) {
+    TrainConfig& tc = cfg.train;
+    std::string err = dpo_config_check(cfg.dpo);
+    if (!err.empty()) fail_flag(cfg.dpo.loss_type == DPO_IPO && cfg.dpo.label_smoothing > 0 ? 'L' : cfg.dpo.beta <= 0 ? 'B' : 'L', "%s", err.c_str());
+    // load: the policy (the checkpoint's when resuming, else the starting model), pairs, tokenizer
+    Trainer tr;
+    trainer_init(&tr, &tc, "train_dpo");
+    Tokenizer tok;
+    tokenizer_load(&tok, cfg.tokenizer_path);
+    if (access(cfg.model_path, R_OK) != 0) fail_file(cfg.model_path, "cannot read the model DPO starts from (the reference)");
+    Runner runner;
+    bool resumed = trainer_load_model(&tr, &runner.host, cfg.model_path);
+    (void)resumed;
+    const LlamaConfig& c = runner.host.config;
+    if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "is a reward model; DPO trains a language model");
+    if (tc.max_len > c.max_seq_len) fail_flag('t', "%d is more than the max_seq_len %d of the model", tc.max_len, c.max_seq_len);
+    tokenizer_check_model(&tok, cfg.tokenizer_path, c.vocab_size, cfg.model_path);
+    PairData train, val;
+    pairs_load(&train, cfg.train_path, c.vocab_size);
+    tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
+    bool has_val = *cfg.val_path;
+    if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
+    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true);
+    int B = tc.micro_batch;
+    PairBatch pb;
+    pair_batch_init(&pb, B, tc.max_len);
+
+    // the reference: the starting model's log-probs of every pair, before the first step
+    std::string ref_path = *cfg.reference_path ? cfg.reference_path : std::string(cfg.train_path) + ".logps";
+    bool fresh = tr.resume_dir.empty();
+    ReferenceLogps ref = reference_logps(&runner, cfg.model_path, train, cfg.train_path, ref_path, fresh, B, &pb), val_ref;
+    if (has_val) val_ref = reference_logps(&runner, cfg.model_path, val, cfg.val_path, std::string(cfg.val_path) + ".logps", fresh, B, &pb);
+
+    uint64_t data_size;
+    uint32_t data_hash;
+    tokens_identity(train.seqs, &data_size, &data_hash);
+    for (size_t i = 0; i < train.n_pairs; i++)  // batches of similar lengths
+        tr.lengths.push_back((uint32_t)std::max(token_seq_len(train.seqs, 2 * i), token_seq_len(train.seqs, 2 * i + 1)));
+    trainer_start(&tr, &runner, train.n_pairs, data_size, data_hash);
+    printf("train_dpo on %s | %s | %zu train pairs, %zu val | batch %d x %d pairs | %d steps | lr %.1e | %s beta %g, label smoothing %g, nll %g\n",
+           runner_device(), cfg.model_path, train.n_pairs, has_val ? val.n_pairs : 0, B, tr.accum, tr.max_steps, tc.lr,
+           cfg.dpo.loss_type == DPO_IPO ? "IPO" : "sigmoid", cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight);
+    if (!tr.resume_dir.empty()) printf("resumed from %s at step %u\n", tr.resume_dir.c_str(), tr.state.step);
+
+    std::vector<size_t> rows(tc.total_batch);
+    // loop: one optimizer step per total batch of pairs
+    while (trainer_running(&tr)) {
+        trainer_next_rows(&tr, rows.data());
+        size_t chosen_tokens = 0;  // the NLL term is a mean over the step's chosen tokens
+        for (size_t row : rows) chosen_tokens += token_targets(train.seqs, 2 * row);
+        runner_zero_grad(&runner);
+        double loss = 0;
+        DPOMetrics m;
+        size_t step_tokens = 0;
+        for (int a = 0; a < tr.accum; a++) {
+            const size_t* mrows = rows.data() + (size_t)a * B;
+            // the policy's log-probs of chosen and rejected, the reference's, the loss
+            policy_logps(&runner, train, mrows, B, &pb);
+            reference_rows(ref, mrows, B, &pb);
+            loss += dpo_loss(cfg.dpo, pb.pc.data(), pb.pr.data(), pb.rc.data(), pb.rr.data(), pb.nc.data(), pb.nr.data(), B, tc.total_batch,
+                             chosen_tokens, pb.dpc.data(), pb.dpr.data());
+            dpo_metrics_add(&m, cfg.dpo, pb.pc.data(), pb.pr.data(), pb.rc.data(), pb.rr.data(), B);
+            for (int i = 0; i < B; i++) pb.dsums[2 * i] = pb.dpc[i], pb.dsums[2 * i + 1] = pb.dpr[i];
+            runner_sequence_backward(&runner, pb.tokens.data(), pb.dsums.data(), 2 * B, pb.T);
+            step_tokens += (size_t)2 * B * pb.T;
+        }
+        // step: clip, lr, AdamW, step line (with TRL's metrics), log
+        trainer_step_end(&tr, loss, step_tokens, metric_list(m, false));
+        if (has_val && trainer_due(&tr, tc.val_every)) {
+            DPOMetrics vm;
+            double vloss = evaluate(&runner, val, val_ref, cfg.dpo, B, &pb, &vm);
+            std::vector<Metric> v = metric_list(vm, true);
+            v.insert(v.begin(), {"val_loss", vloss});
+            trainer_log(&tr, v);
+        }
+        trainer_checkpoint(&tr);
+    }
+    if (trainer_finished(&tr)) {
+        if (*cfg.prompts_path) {
+            std::vector<WorldPrompt> prompts = world_load_prompts(cfg.prompts_path);
+            std::string per_kind;
+            double score = world_evaluate(&runner, &tok, prompts, 100, 4, &per_kind);
+            printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+        }
+        trainer_save_model(&tr);
+    }
+    trainer_close(&tr);
+    tokenizer_free(&tok);
+    runner_free(&runner);
+}
+
+// ---- the recipe around DPO: the world's stages, each run when its output is missing
+
+static std::string program_dir;  // where train_dpo is: the other stage programs are beside it
+static const char* RECIPE_TIMES = "out/recipe_times.tsv";  // stage <TAB> seconds of its last run here
+
+static double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+static void run_command(const std::string& cmd) {
+    printf("\n$ %s\n", cmd.c_str());
+    fflush(stdout);
+    int rc = system(cmd.c_str());
+    if (rc != 0) {
+        fprintf(stderr, "error: the recipe stopped: this command failed (%s %d): %s\n", WIFEXITED(rc) ? "exit" : "status",
+                WIFEXITED(rc) ? WEXITSTATUS(rc) : rc, cmd.c_str());
+        exit(1);
+    }
+}
+
+static void record_time(const char* stage, double s) {
+    FILE* f = fopen_check(RECIPE_TIMES, "a");
+    fprintf(f, "%s\t%.1f\n", stage, s);
+    if (fclose(f) != 0) fail_file(RECIPE_TIMES, "write failed: %s", strerror(errno));
+}
+
+// the last recorded time of each stage
+static std::vector<std::pair<std::string, double>> recorded_times() {
+    std::vector<std::pair<std::string, double>> out;
+    FILE* f = fopen(RECIPE_TIMES, "r");
+    if (!f) return out;
+    char name[64];
+    double s;
+    while (fscanf(f, "%63s %lf", name, &s) == 2) {
+        bool found = false;
+        for (auto& e : out) if (e.first == name) e.second = s, found = true;
+        if (!found) out.emplace_back(name, s);
+    }
+    fclose(f);
+    return out;
+}
+
+struct Stage {
+    const char* name;                   // in the stage table
+    const char* output;                 // the stage runs when this is missing (or an earlier stage ran)
+    std::vector<std::string> commands;  // {P} is the programs' folder
+};
+
+// The world's recipe before DPO, in order (Xwin-LM sections 2-4 on the built-in world).
+static std::vector<Stage> recipe_stages() {
+    return {
+        {"sft", "out/sft/model.bin", {"{P}/train_sft"}},
+        // Xwin-Pair: the world's pairs plus on-policy ones (8 SFT answers per prompt rated by the
+        // gold judge: the best against the worst and against a random lower one), then the RM
+        {"rm", "out/rm/model.bin",
+         {"{P}/sample -n 8 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl",
+          "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl",
+          "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 1 -d out/xwin_pair/on_policy_random.jsonl",
+          "cat data/world/pairs_train.jsonl out/xwin_pair/on_policy_worst.jsonl out/xwin_pair/on_policy_random.jsonl > out/xwin_pair/pairs_train.jsonl",
+          "python3 dev/data/prepare_pairs.py out/xwin_pair/pairs_train.jsonl out/xwin_pair/pairs_train.pairs --tokenizer byte",
+          "{P}/train_rm -i out/xwin_pair/pairs_train.pairs"}},
+        // Xwin-Set: 64 distinct answers per prompt from the SFT model, scored by the RM; the best
+        // of each prompt is the RS data, best against mu - 2 sigma the DPO pairs (50 held out)
+        {"xwin-set", "out/set/dpo_train.pairs",
+         {"{P}/sample -n 64 -l 300 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
+          "{P}/sample -s out/set/xwin_set.jsonl -o out/set/rs.jsonl -d out/set/dpo.jsonl -g 2",
+          "python3 dev/data/prepare_sft.py out/set/rs.jsonl out/set/rs.tok --tokenizer byte",
+          "head -n -50 out/set/dpo.jsonl > out/set/dpo_train.jsonl && tail -n 50 out/set/dpo.jsonl > out/set/dpo_val.jsonl",
+          "python3 dev/data/prepare_pairs.py out/set/dpo_val.jsonl out/set/dpo_val.pairs --tokenizer byte",
+          "rm -f out/set/dpo_train.pairs.logps out/set/dpo_val.pairs.logps",
+          "python3 dev/data/prepare_pairs.py out/set/dpo_train.jsonl out/set/dpo_train.pairs --tokenizer byte"}},
+        // RS: the SFT model fine-tuned on the best answer of each prompt
+        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 150 -l 3e-5 -w 10 -v 0 -n 0 -s 0"}},
+    };
+}
+
+// Runs every stage whose output is missing, and every stage after one that ran.
+static void run_missing_stages() {
+    bool forced = false;
+    make_dir("out/xwin_pair");
+    make_dir("out/set");
+    for (const Stage& st : recipe_stages()) {
+        if (!forced && access(st.output, F_OK) == 0) {
+            printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
+            continue;
+        }
+        forced = true;
+        printf("\nrecipe: stage %s (%s is missing)\n", st.name, st.output);
+        auto t0 = std::chrono::steady_clock::now();
+        for (std::string cmd : st.commands) {
+            size_t at = cmd.find("{P}");
+            if (at != std::string::npos) cmd.replace(at, 3, program_dir);
+            run_command(cmd);
+        }
+        record_time(st.name, seconds_since(t0));
+    }
+    if (forced) remove("out/dpo/model.bin");
+}
+
+// ---- the stage table: every stage's model on the held-out prompts
+
+struct StageResult {
+    std::string name, model;
+    std::vector<int> scores;        // (prompts) the gold judge's score of each greedy answer
+    double mean = 0, win_rate = 0;  // win rate against SFT: wins + ties / 2 over the prompts
+    std::vector<double> kinds;      // (6) per kind
+};
+
+static void draw_report(const char* path, const std::vector<StageResult>& rows) {
+    const unsigned char black[3] = {0, 0, 0}, grid[3] = {225, 225, 225};
+    const unsigned char colors[3][3] = {{130, 130, 130}, {40, 90, 200}, {200, 80, 40}};
+    Plot p;
+    plot_init(&p, 820, 420);
+    p.left = 60, p.right = 130, p.top = 40, p.bottom = 50;
+    int x0 = p.left, x1 = p.w - p.right, y0 = p.h - p.bottom, y1 = p.top;
+    auto Y = [&](double score) { return (int)(y0 + (y1 - y0) * score / 10.0); };
+    for (int s = 0; s <= 10; s += 2) {
+        plot_rect(&p, x0, Y(s), x1, Y(s) + 1, grid);
+        plot_text(&p, x0 - 30, Y(s) - 6, std::to_string(s).c_str(), black);
+    }
+    const char* groups[7] = {"mean", "arith", "reverse", "sort", "count", "max", "followup"};
+    int gw = (x1 - x0) / 7, bw = (gw - 16) / (int)rows.size();
+    for (int g = 0; g < 7; g++) {
+        int gx = x0 + g * gw + 8;
+        for (size_t r = 0; r < rows.size() && r < 3; r++) {
+            double v = g == 0 ? rows[r].mean : rows[r].kinds[g - 1];
+            if (!std::isnan(v)) plot_rect(&p, gx + (int)r * bw, Y(v), gx + (int)(r + 1) * bw - 2, y0, colors[r]);
+        }
+        plot_text(&p, gx, y0 + 10, groups[g], black);
+    }
+    plot_rect(&p, x0, y0, x1, y0 + 1, black);
+    plot_text(&p, x0, 10, "gold judge mean (0..10) on the held-out prompts, per stage", black);
+    for (size_t r = 0; r < rows.size() && r < 3; r++) plot_text(&p, x1 + 15, y1 + 20 * (int)r, rows[r].name.c_str(), colors[r]);
+    plot_save_png(&p, path);
+}
+
+static void stage_table(const char* prompts_path, const char* tokenizer_path, double dpo_seconds) {
+    std::vector<WorldPrompt> prompts = world_load_prompts(prompts_path);
+    Tokenizer tok;
+    tokenizer_load(&tok, tokenizer_path);
+    std::vector<StageResult> rows(3);
+    const char* names[3][2] = {{"SFT", "out/sft/model.bin"}, {"RS", "out/rs/model.bin"}, {"DPO", "out/dpo/model.bin"}};
+    for (int i = 0; i < 3; i++) rows[i].name = names[i][0], rows[i].model = names[i][1];
+    for (StageResult& r : rows) {
+        Llama model;
+        llama_load(&model, r.model.c_str());
+        tokenizer_check_model(&tok, tokenizer_path, model.config.vocab_size, r.model.c_str());
+        r.scores = world_scores(&model, &tok, prompts, prompts.size(), 0);
+        llama_free(&model);
+        for (int s : r.scores) r.mean += s;
+        r.mean /= r.scores.size();
+        r.kinds = world_kind_means(prompts, r.scores);
+        for (size_t i = 0; i < r.scores.size(); i++) {
+            r.win_rate += r.scores[i] > rows[0].scores[i] ? 1.0 : r.scores[i] == rows[0].scores[i] ? 0.5 : 0.0;
+        }
+        r.win_rate /= r.scores.size();
+    }
+    record_time("dpo", dpo_seconds);
+    auto times = recorded_times();
+    auto time_of = [&](const char* stage) {
+        for (auto& t : times) if (t.first == stage) return string_format("%.0f s", t.second);
+        return std::string("-");
+    };
+    double total = 0;
+    for (auto& t : times) total += t.second;
+    std::string md = string_format("| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | wall time |\n"
+                                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    const char* stage_of[3] = {"sft", "rs", "dpo"};
+    for (size_t r = 0; r < rows.size(); r++) {
+        if (r == 1) {  // the stages between SFT and RS make no policy of their own
+            md += "| reward model (Xwin-Pair) | | | | | | | | | " + time_of("rm") + " |\n";
+            md += "| Xwin-Set (64 answers a prompt) | | | | | | | | | " + time_of("xwin-set") + " |\n";
+        }
+        md += string_format("| %s | %.2f |", rows[r].name.c_str(), rows[r].mean);
+        for (double k : rows[r].kinds) md += string_format(" %.1f |", k);
+        md += string_format(" %.3f | %s |\n", rows[r].win_rate, time_of(stage_of[r]).c_str());
+    }
+    md += string_format("| total | | | | | | | | | %.0f s |\n", total);
+    printf("\nstage table (gold judge on the %zu held-out prompts of %s):\n\n%s\n", prompts.size(), prompts_path, md.c_str());
+    std::string report = "# The Xwin-LM recipe on the built-in world\n\n"
+                         "Made by `./train_dpo`: every stage's model answers the " + std::to_string(prompts.size()) +
+                         " held-out prompts greedily, and the gold judge scores each answer (0..10). The win rate counts a tie as half. "
+                         "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`).\n\n" + md +
+                         "\n![per stage](report.png)\n\nThe commands of the stages before DPO:\n\n";
+    for (const Stage& st : recipe_stages()) {
+        for (const std::string& cmd : st.commands) report += "    " + cmd.substr(cmd.find("{P}") == 0 ? 4 : 0) + "\n";
+    }
+    AtomicFile a;
+    atomic_open(&a, "out/report.md");
+    atomic_write(&a, report.data(), report.size());
+    atomic_commit(&a);
+    draw_report("out/report.png", rows);
+    printf("wrote out/report.md and out/report.png\n");
+    tokenizer_free(&tok);
+}
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    DPOStageConfig cfg;
+    TrainConfig& tc = cfg.train;
+    tc.out_dir = "out/dpo";
+    tc.micro_batch = 8, tc.total_batch = 8, tc.lr = 1e-4f, tc.warmup = 10, tc.epochs = 3;
+    tc.val_every = 100, tc.checkpoint_every = 200;
+    std::vector<Flag> flags = {
+        {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
+        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
+        {'j', FLAG_OPTIONAL_PATH, &cfg.val_path, 0, 0, "validation pairs ('': none)"},
+        {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
+        {'R', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "the reference log-probs of the training pairs ('': <pairs>.logps)"},
+        {'p', FLAG_OPTIONAL_PATH, &cfg.prompts_path, 0, 0, "held-out world prompts to answer and judge at the end ('': none)"},
+        {'S', FLAG_INT, &cfg.dpo.loss_type, 0, 1, "loss: 0 sigmoid (DPO), 1 IPO"},
+        {'B', FLAG_FLOAT, &cfg.dpo.beta, -1e9, 1e9, "beta: the strength of the reference (> 0)"},
+        {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
+        {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: none)"},
+    };
+    train_flags(&flags, &tc);
+    flags_parse(argc, argv, "DPO against a frozen reference (stage 5 of Xwin-LM); with the world's defaults, the whole recipe; -b and -d count pairs", flags);
+    // the world's defaults: the recipe runs around DPO
+    DPOStageConfig defaults;
+    bool recipe = strcmp(cfg.model_path, defaults.model_path) == 0 && strcmp(cfg.train_path, defaults.train_path) == 0;
+    program_dir = dir_of(argv[0]);
+    if (recipe && !tc.resume) run_missing_stages();
+    auto t0 = std::chrono::steady_clock::now();
+    train_dpo(cfg);
+    if (recipe && tc.stop_at == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0));
+    return 0;
+}
