@@ -76,6 +76,10 @@ profile: gpu
 bench_step: $(BENCH) llm.cu
 	$(CXX) $(CXXFLAGS) -x c++ $(BENCH) -o $@
 
+# a DPO step against an SFT step on the same tokens (dev/bench_dpo.cu)
+bench_dpo: dev/bench_dpo.cu llm.cu
+	$(CXX) $(CXXFLAGS) -x c++ dev/bench_dpo.cu -o $@
+
 # Debian's catch2 (v2, single header) for the tests and libstb-dev (stb_image_write.h, for the
 # PNG of ./sample) for the programs. Installed here when root; otherwise the command is printed.
 # (The tests also run python3 on dev/data/prepare_sft.py, which needs only its standard library.)
@@ -159,4 +163,4 @@ test-gpu: deps
 	python3 dev/bench_gpu.py --out dev/gpu_bench.txt
 
 clean:
-	rm -rf build $(PROGRAMS) bench_step
+	rm -rf build $(PROGRAMS) bench_step bench_dpo
