@@ -4701,23 +4701,7 @@ inline std::string flag_set(const Flag& f, const char* text) {
 
 // Reads "-X value" pairs against the table; -h prints the usage made from the table (with
 // the defaults) and exits 0. Anything wrong is a one-line error naming the flag, exit 1.
-// OpenMP threads that spin at the end of a parallel region take the cores from other
-// processes; with one busy core beside a 2-thread run, every region then waits for a thread
-// the kernel has descheduled, and a step takes 10x longer. A short spin (then sleep) costs an
-// idle machine little. The runtime reads it only at start, so the program starts again with
-// it once; a policy set by the user is kept.
-inline void openmp_short_spin(char** argv) {
-#ifdef _OPENMP
-    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
-    setenv("GOMP_SPINCOUNT", "10000", 1);
-    execv("/proc/self/exe", argv);  // returns only on failure: then run as is
-#else
-    (void)argv;
-#endif
-}
-
 inline void flags_parse(int argc, char** argv, const char* summary, const std::vector<Flag>& flags) {
-    openmp_short_spin(argv);
     std::string usage = string_format("usage: %s [flags]\n%s\n", argv[0], summary);
     for (const Flag& f : flags) {
         std::string range = f.type == FLAG_INT ? string_format(", %.0f..%.0f", f.min, f.max) : f.type == FLAG_FLOAT ? string_format(", %g..%g", f.min, f.max) : "";
