@@ -422,7 +422,10 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
                          "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`).\n\n" + md +
                          "\n![per stage](report.png)\n\nThe commands of the stages before DPO:\n\n";
     for (const Stage& st : recipe_stages()) {
-        for (const std::string& cmd : st.commands) report += "    " + cmd.substr(cmd.find("{P}") == 0 ? 4 : 0) + "\n";
+        for (std::string cmd : st.commands) {
+            if (cmd.find("{P}") == 0) cmd.replace(0, 3, ".");
+            report += "    " + cmd + "\n";
+        }
     }
     AtomicFile a;
     atomic_open(&a, "out/report.md");

@@ -7,7 +7,7 @@ Run it after `./train_dpo` (which makes the Xwin-Set and the RS model). For ever
 keeps the first n responses of each prompt (each response has its own random stream, so
 these are the responses a set of n would have drawn); for every strategy it builds the
 DPO pairs as the recipe does (the best by the reward model against 0: the worst, 1: a
-random lower one, 2: the one nearest mu - 2 sigma; the last 200 pairs held out), trains
+random lower one, 2: the one nearest mu - 2 sigma; the last 50 pairs held out), trains
 DPO from the RS model with train_dpo's defaults, and scores the result's greedy answers to
 the 200 held-out prompts with the gold judge (./sample -e 1). Writes a Markdown table.
 Standard library only; about 1-2 minutes per run on 2 CPU cores.
@@ -67,7 +67,7 @@ def main():
             d = f"{args.out}/{name}_{n}"
             os.makedirs(os.path.join(ROOT, d), exist_ok=True)
             run(f"./sample -s {set_n} -d {d}/pairs.jsonl -g {g}")
-            run(f"head -n -200 {d}/pairs.jsonl > {d}/train.jsonl && tail -n 200 {d}/pairs.jsonl > {d}/val.jsonl")
+            run(f"head -n -50 {d}/pairs.jsonl > {d}/train.jsonl && tail -n 50 {d}/pairs.jsonl > {d}/val.jsonl")
             for split in ("train", "val"):
                 run(f"rm -f {d}/{split}.pairs.logps && python3 dev/data/prepare_pairs.py {d}/{split}.jsonl {d}/{split}.pairs --tokenizer byte")
             run(f"./train_dpo -m {args.model} -i {d}/train.pairs -j {d}/val.pairs -p '' -o {d}")
