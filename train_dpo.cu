@@ -157,8 +157,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     tokenizer_load(&tok, cfg.tokenizer_path);
     if (access(cfg.model_path, R_OK) != 0) fail_file(cfg.model_path, "cannot read the model DPO starts from (the reference)");
     Runner runner;
-    bool resumed = trainer_load_model(&tr, &runner.host, cfg.model_path);
-    (void)resumed;
+    trainer_load_model(&tr, &runner.host, cfg.model_path);  // the checkpoint's weights when resuming
     const LlamaConfig& c = runner.host.config;
     if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "is a reward model; DPO trains a language model");
     if (tc.max_len > c.max_seq_len) fail_flag('t', "%d is more than the max_seq_len %d of the model", tc.max_len, c.max_seq_len);
