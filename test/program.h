@@ -68,3 +68,37 @@ static std::string write_small_model(const char* name = "small.bin", int dim = 3
     return path;
 }
 
+// ---- preference pairs in TRL's JSONL convention, for dev/data/prepare_pairs.py
+
+inline std::string conversation_json(const std::vector<std::string>& turns) {
+    std::string out = "[";
+    for (size_t i = 0; i < turns.size(); i++) {
+        out += std::string(i ? ", " : "") + "{\"role\": \"" + (i % 2 ? "assistant" : "user") + "\", \"content\": \"" + turns[i] + "\"}";
+    }
+    return out + "]";
+}
+
+inline std::string pair_json(const std::vector<std::string>& prompt, const std::string& chosen, const std::string& rejected, double sc, double sr,
+                            const std::string& kind) {
+    std::vector<std::string> c = prompt, r = prompt;
+    c.push_back(chosen), r.push_back(rejected);
+    return "{\"chosen\": " + conversation_json(c) + ", \"rejected\": " + conversation_json(r) + ", \"score_chosen\": " + std::to_string(sc) +
+           ", \"score_rejected\": " + std::to_string(sr) + ", \"kind\": \"" + kind + "\"}\n";
+}
+
+// Pairs of arithmetic answers, the answer in the world's frame against a sloppy one
+// (lowercase, no period, as the world's sloppy answers): a ranking a small model that never
+// saw the world can learn from the answers' form in a few dozen steps.
+inline std::string write_arith_pairs(const char* name, int n, unsigned seed) {
+    std::string in = scratch((std::string(name) + ".jsonl").c_str()), path = scratch((std::string(name) + ".pairs").c_str()), text, out;
+    uint64_t rng = seed;
+    for (int i = 0; i < n; i++) {
+        int a = (int)(rng_next(&rng) % 10), b = (int)(rng_next(&rng) % 10);
+        std::string q = "What is " + std::to_string(a) + " plus " + std::to_string(b) + "?", sum = std::to_string(a + b);
+        text += pair_json({q}, "The answer is " + sum + ".", "the answer is " + sum, 10, 6, "arith");
+    }
+    write_bytes(in, std::vector<unsigned char>(text.begin(), text.end()));
+    REQUIRE(run("python3 dev/data/prepare_pairs.py " + in + " " + path + " --tokenizer byte", &out) == 0);
+    remove(in.c_str());
+    return path;
+}

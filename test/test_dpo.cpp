@@ -7,30 +7,6 @@
 
 #include "program.h"
 
-static std::string conversation_json(const std::vector<std::string>& turns) {
-    std::string out = "[";
-    for (size_t i = 0; i < turns.size(); i++) {
-        out += std::string(i ? ", " : "") + "{\"role\": \"" + (i % 2 ? "assistant" : "user") + "\", \"content\": \"" + turns[i] + "\"}";
-    }
-    return out + "]";
-}
-
-// n pairs of arithmetic answers: the world's frame against a sloppy form of the same sum
-static std::string write_dpo_pairs(const char* name, int n, unsigned seed) {
-    std::string in = scratch((std::string(name) + ".jsonl").c_str()), path = scratch((std::string(name) + ".pairs").c_str()), text, out;
-    uint64_t rng = seed;
-    for (int i = 0; i < n; i++) {
-        int a = (int)(rng_next(&rng) % 10), b = (int)(rng_next(&rng) % 10);
-        std::string q = "What is " + std::to_string(a) + " plus " + std::to_string(b) + "?", sum = std::to_string(a + b);
-        text += "{\"chosen\": " + conversation_json({q, "The answer is " + sum + "."}) + ", \"rejected\": " +
-                conversation_json({q, "the answer is " + sum}) + ", \"score_chosen\": 10, \"score_rejected\": 5, \"kind\": \"arith\"}\n";
-    }
-    write_bytes(in, std::vector<unsigned char>(text.begin(), text.end()));
-    REQUIRE(run("python3 dev/data/prepare_pairs.py " + in + " " + path + " --tokenizer byte", &out) == 0);
-    remove(in.c_str());
-    return path;
-}
-
 // the values of a key on the log's lines that have it
 static std::vector<double> log_values(const std::string& log, const char* key) {
     std::vector<double> out;
@@ -48,7 +24,7 @@ static std::vector<double> log_values(const std::string& log, const char* key) {
 
 TEST_CASE("train_dpo refuses bad flags, another model's reference and another vocabulary, in one line", "[dpo]") {
     std::string model = write_small_model("dpo_refuse.bin", 32, 2), other = write_small_model("dpo_other.bin", 48, 2);
-    std::string pairs = write_dpo_pairs("dpo_refuse", 16, 1), dir = scratch("dpo_refuse_out"), out;
+    std::string pairs = write_arith_pairs("dpo_refuse", 16, 1), dir = scratch("dpo_refuse_out"), out;
     std::string common = "build/train_dpo_cpu -m " + model + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir;
     CHECK(run(common + " -B 0", &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: -B: beta 0 must be > 0"));
@@ -77,7 +53,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(file_bytes(pairs + ".logps") == ref);  // nothing lost
     // and a reference of other pairs (-R)
-    std::string more = write_dpo_pairs("dpo_more", 20, 2);
+    std::string more = write_arith_pairs("dpo_more", 20, 2);
     CHECK(run("build/train_dpo_cpu -m " + model + " -i " + more + " -R " + pairs + ".logps -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
     CHECK_THAT(out, Catch::Contains("was made for other pairs"));
     // a corrupt reference file: its size no longer matches the header
@@ -90,7 +66,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
 }
 
 TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {
-    std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_dpo_pairs("dpo_train", 96, 3), val = write_dpo_pairs("dpo_val", 24, 4);
+    std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_arith_pairs("dpo_train", 96, 3), val = write_arith_pairs("dpo_val", 24, 4);
     std::string dir = scratch("dpo_run"), out;
     std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -v 24 -n 0 -r 5";
     REQUIRE(run(common + " -o " + dir, &out) == 0);

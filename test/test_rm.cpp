@@ -27,22 +27,6 @@ static std::vector<int> render(const std::vector<std::string>& turns, size_t* pr
     return ids;
 }
 
-static std::string conversation_json(const std::vector<std::string>& turns) {
-    std::string out = "[";
-    for (size_t i = 0; i < turns.size(); i++) {
-        out += std::string(i ? ", " : "") + "{\"role\": \"" + (i % 2 ? "assistant" : "user") + "\", \"content\": \"" + turns[i] + "\"}";
-    }
-    return out + "]";
-}
-
-static std::string pair_json(const std::vector<std::string>& prompt, const std::string& chosen, const std::string& rejected, double sc, double sr,
-                             const std::string& kind) {
-    std::vector<std::string> c = prompt, r = prompt;
-    c.push_back(chosen), r.push_back(rejected);
-    return "{\"chosen\": " + conversation_json(c) + ", \"rejected\": " + conversation_json(r) + ", \"score_chosen\": " + std::to_string(sc) +
-           ", \"score_rejected\": " + std::to_string(sr) + ", \"kind\": \"" + kind + "\"}\n";
-}
-
 TEST_CASE("prepare_pairs.py writes the template's tokens, prompt lengths, ratings and groups", "[rm][prepare]") {
     std::string in = scratch("pairs.jsonl"), out_path = scratch("pairs.pairs"), out;
     std::string text = pair_json({"What is 2 plus 3?"}, "The answer is 5.", "The answer is 6.", 10, 0, "arith") +
@@ -112,23 +96,6 @@ TEST_CASE("train_rm without its SFT model says the command that makes it", "[rm]
     CHECK(run("build/train_rm_cpu -o " + scratch("rm_nosft") + " -m " + scratch("missing_sft.bin"), &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + scratch("missing_sft.bin") + ": cannot read the SFT model the reward model starts from: make it with ./train_sft"));
     rm_rf(scratch("rm_nosft"));
-}
-
-// Pairs of arithmetic answers, the answer in the world's frame against a sloppy one
-// (lowercase, no period, as the world's sloppy answers): a ranking a small model that never
-// saw the world can learn from the answers' form in a few dozen steps.
-static std::string write_arith_pairs(const char* name, int n, unsigned seed) {
-    std::string in = scratch((std::string(name) + ".jsonl").c_str()), path = scratch((std::string(name) + ".pairs").c_str()), text, out;
-    uint64_t rng = seed;
-    for (int i = 0; i < n; i++) {
-        int a = (int)(rng_next(&rng) % 10), b = (int)(rng_next(&rng) % 10);
-        std::string q = "What is " + std::to_string(a) + " plus " + std::to_string(b) + "?", sum = std::to_string(a + b);
-        text += pair_json({q}, "The answer is " + sum + ".", "the answer is " + sum, 10, 6, "arith");
-    }
-    write_bytes(in, std::vector<unsigned char>(text.begin(), text.end()));
-    REQUIRE(run("python3 dev/data/prepare_pairs.py " + in + " " + path + " --tokenizer byte", &out) == 0);
-    remove(in.c_str());
-    return path;
 }
 
 TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically", "[rm]") {
