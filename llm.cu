@@ -36,7 +36,8 @@ Contents, in file order (search for the quoted heading):
                             given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
-                            kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual,
+                            kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
+                            (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
                             logprob, masked_mean_loss, clip_grad_norm (grad_norm_coef_cuda: the clip folded into
                             AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
@@ -1861,6 +1862,82 @@ inline void residual_forward_cuda(floatX* out, const floatX* a, const floatX* b,
 }
 #endif
 
+// The residual add and the RMSNorm that reads its result, in one pass over the row:
+//   residual = a + b;  out = residual / sqrt(mean(residual^2) + eps) * weight;  rstd (N) saved.
+// The same float operations in the same order as residual_forward then rmsnorm_forward, so
+// the results are those bits. a may be residual (the add in place).
+// residual, out, a, b (N, C); weight (C); rstd (N)
+template <typename T>
+void fused_residual_rmsnorm_forward(T* residual, T* out, T* rstd, const T* a, const T* b, const T* weight, size_t N, size_t C, double eps) {
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
+    for (size_t n = 0; n < N; n++) {
+        T* x = residual + n * C;
+        for (size_t i = 0; i < C; i++) x[i] = a[n * C + i] + b[n * C + i];
+        T ss = 0;
+        for (size_t i = 0; i < C; i++) ss += x[i] * x[i];
+        T r = T(1) / std::sqrt(ss / T(C) + T(eps));
+        for (size_t i = 0; i < C; i++) out[n * C + i] = x[i] * r * weight[i];
+        rstd[n] = r;
+    }
+}
+
+#ifdef XWIN_CUDA
+// one warp per row: a lane adds its elements of a and b, rounds the sum to floatX and stores it
+// in residual, summing the squares of the rounded values; after the warp reduction it reads its
+// own stored elements back (from L1) for the scaled row, so the norm is computed from the
+// residual exactly as rmsnorm_forward_kernel computes it from the stored stream. With vec (rows
+// of whole x128 groups, 16-byte aligned) a lane moves x128 groups, else single elements.
+__global__ void fused_residual_rmsnorm_forward_kernel(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b,
+                                                      const floatX* weight, size_t N, int C, float eps, bool vec) {
+    size_t n = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;  // whole warps leave together
+    floatX* x = residual + n * C;
+    const floatX* ra = a + n * C;
+    const floatX* rb = b + n * C;
+    floatX* o = out + n * C;
+    float ss = 0.0f;
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 va = load128(ra + i), vb = load128(rb + i), vx;
+            for (int k = 0; k < x128::size; k++) {
+                vx.v[k] = from_float<floatX>(to_float(va.v[k]) + to_float(vb.v[k]));
+                ss += to_float(vx.v[k]) * to_float(vx.v[k]);
+            }
+            store128(x + i, vx);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) {
+            floatX v = from_float<floatX>(to_float(ra[i]) + to_float(rb[i]));
+            x[i] = v;
+            ss += to_float(v) * to_float(v);
+        }
+    }
+    ss = warp_reduce_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    if (vec) {  // each lane reads back the groups it stored: no barrier needed
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i), w = load128(weight + i), y;
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
+            store128(o + i, y);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    }
+    if (lane == 0) rstd[n] = r;
+}
+
+inline void fused_residual_rmsnorm_forward_cuda(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b,
+                                                const floatX* weight, size_t N, int C, double eps, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // 8 warps: 8 rows per block
+    bool vec = C % x128::size == 0 && aligned16(residual) && aligned16(out) && aligned16(a) && aligned16(b) && aligned16(weight);
+    LAUNCH(fused_residual_rmsnorm_forward_kernel, ceil_div(N, block_size / 32), block_size, 0, stream, residual, out, rstd, a, b, weight,
+           N, C, (float)eps, vec);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
 // Token log-probs: lp[b,t] = log softmax(logits[b,t-1])[tokens[b,t]] for t >= 1; lp[b,0] = 0.
 // logits (B, T, V), tokens (B, T), lp (B, T)
 template <typename T>
@@ -2433,6 +2510,7 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
     const ParamTensors& p = model->params;
     ActTensors& a = model->acts;
     embedding_forward(a.residual, tokens, p.wte, N, C);
+    rmsnorm_forward(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         float* x = a.residual + l * N * C;
         float* attn_in = a.attn_in + l * N * C;
@@ -2446,7 +2524,6 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
         float* gate = a.gate + l * N * F;
         float* up = a.up + l * N * F;
         float* sw = a.swiglu + l * N * F;
-        rmsnorm_forward(attn_in, a.attn_rstd + l * N, x, p.attn_norm + l * C, N, C, c.norm_eps);
         matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
         matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
         matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
@@ -2454,15 +2531,17 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
         rope_forward(k, B, T, KV, hd, c.rope_theta);
         attention_forward(att_out, att, q, k, v, B, T, H, KV, hd);
         matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
-        residual_forward(mid, x, a.scratch, N * C);
-        rmsnorm_forward(mlp_in, a.mlp_rstd + l * N, mid, p.mlp_norm + l * C, N, C, c.norm_eps);
+        fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
         matmul_forward(gate, mlp_in, p.w_gate + l * F * C, N, C, F);
         matmul_forward(up, mlp_in, p.w_up + l * F * C, N, C, F);
         swiglu_forward(sw, gate, up, N * F);
         matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
-        residual_forward(a.residual + (l + 1) * N * C, mid, a.scratch, N * C);
+        // the stream entering the next layer and that layer's attention norm, or the final norm
+        bool last = l + 1 == L;
+        fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
+                                       last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
+                                       last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
     }
-    rmsnorm_forward(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, C, c.norm_eps);
     if (c.head_type == HEAD_REWARD) {
         reward_head_forward(a.scores, a.final_in, p.head, score_idx, B, T, C);
         return;
@@ -2746,6 +2825,7 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
     }
     embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
+    rmsnorm_forward_cuda(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, (int)C, c.norm_eps, st);  // later layers' come fused
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu forward", l);
         floatX* x = a.residual + l * N * C;
@@ -2758,7 +2838,6 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         floatX* gate = a.gate + l * N * F;
         floatX* up = a.up + l * N * F;
         floatX* sw = a.swiglu + l * N * F;
-        rmsnorm_forward_cuda(attn_in, a.attn_rstd + l * N, x, p.attn_norm + l * C, N, (int)C, c.norm_eps, st);
         matmul_forward_cuda(q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_forward_cuda(k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
@@ -2766,15 +2845,17 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         rope_forward_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, st);
         flash_attention_forward_cuda(a.att_out + l * N * C, a.lse + l * B * H * T, q, k, v, B, T, (int)H, c.n_kv_heads, hd, st);
         matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
-        residual_forward_cuda(mid, x, a.scratch, N * C, st);
-        rmsnorm_forward_cuda(mlp_in, a.mlp_rstd + l * N, mid, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
+        fused_residual_rmsnorm_forward_cuda(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
         matmul_forward_cuda(gate, mlp_in, p.w_gate + l * F * C, N, C, F, st);
         matmul_forward_cuda(up, mlp_in, p.w_up + l * F * C, N, C, F, st);
         swiglu_forward_cuda(sw, gate, up, N * F, st);
         matmul_forward_cuda(a.scratch, sw, p.w_down + l * C * F, N, F, C, st);
-        residual_forward_cuda(a.residual + (l + 1) * N * C, mid, a.scratch, N * C, st);
+        // the stream entering the next layer and that layer's attention norm, or the final norm
+        bool last = l + 1 == L;
+        fused_residual_rmsnorm_forward_cuda(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
+                                            last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
+                                            last ? p.final_norm : p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
     }
-    rmsnorm_forward_cuda(a.final_in, a.final_rstd, a.residual + L * N * C, p.final_norm, N, (int)C, c.norm_eps, st);
     if (c.head_type == HEAD_REWARD) {
         cudaCheck(cudaMemcpyAsync(g->score_idx, score_idx, B * sizeof(int), cudaMemcpyHostToDevice, st));
         reward_head_forward_cuda(a.scores, a.final_in, p.head, g->score_idx, B, T, (int)C, st);
@@ -3248,10 +3329,10 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
     const ParamTensors &p = inf->model->params, &w = inf->wt;  // w: the matrices transposed
     InferStateT<float>& s = inf->s;
     embedding_forward(s.x, tokens, p.wte, N, C);
+    rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         float* k_cache = s.k_cache + l * cache;
         float* v_cache = s.v_cache + l * cache;
-        rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, C, c.norm_eps);
         matmul_forward_transposed(s.q, s.norm, w.wq + l * C * C, N, C, C);
         matmul_forward_transposed(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
         matmul_forward_transposed(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
@@ -3260,13 +3341,13 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
         kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
         attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
         matmul_forward_transposed(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
-        residual_forward(s.x, s.x, s.scratch, N * C);
-        rmsnorm_forward(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, C, c.norm_eps);
+        fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
         matmul_forward_transposed(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
         matmul_forward_transposed(s.up, s.norm, w.w_up + l * F * C, N, C, F);
         swiglu_forward(s.gate, s.gate, s.up, N * F);
         matmul_forward_transposed(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
-        residual_forward(s.x, s.x, s.scratch, N * C);
+        if (l + 1 < L) fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
+        else residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the last rows, below
     }
     embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
     rmsnorm_forward(s.last_norm, s.last_rstd, s.last, p.final_norm, B, C, c.norm_eps);
@@ -3359,11 +3440,11 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
     cudaCheck(cudaMemcpyAsync(s.tok_pos, g->tok_pos.data(), N * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
     embedding_forward_cuda(s.x, s.tokens, p.wte, N, C, st);
+    rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.attn_norm, N, (int)C, c.norm_eps, st);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu inference", l);
         floatX* k_cache = s.k_cache + l * cache;
         floatX* v_cache = s.v_cache + l * cache;
-        rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.attn_norm + l * C, N, (int)C, c.norm_eps, st);
         matmul_forward_cuda(s.q, s.norm, p.wq + l * C * C, N, C, C, st);
         matmul_forward_cuda(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_forward_cuda(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD, st);
@@ -3373,13 +3454,13 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
         attention_decode_cuda(s.att_out, s.q, k_cache, v_cache, s.pos, B, Tn, H, KV, hd, g->max_T, max_len, g->part_o, g->part_ml,
                               g->part_rows, st, g->attn_chunk);
         matmul_forward_cuda(s.scratch, s.att_out, p.wo + l * C * C, N, C, C, st);
-        residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);
-        rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
+        fused_residual_rmsnorm_forward_cuda(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
         matmul_forward_cuda(s.gate, s.norm, p.w_gate + l * F * C, N, C, F, st);
         matmul_forward_cuda(s.up, s.norm, p.w_up + l * F * C, N, C, F, st);
         swiglu_forward_cuda(s.gate, s.gate, s.up, N * F, st);
         matmul_forward_cuda(s.scratch, s.gate, p.w_down + l * C * F, N, F, C, st);
-        residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);
+        if (l + 1 < L) fused_residual_rmsnorm_forward_cuda(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
+        else residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);  // the final norm reads only the last rows, below
     }
     embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
     rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, p.final_norm, B, (int)C, c.norm_eps, st);

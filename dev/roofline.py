@@ -91,6 +91,9 @@ def build_step(cfg, B, T, attention, x):
         s.add("rmsnorm_backward_kernel", what, 11 * N * C, 4 * N * C * x + C * x + N * f4 + nb * C * f4)
         s.add("rmsnorm_weight_reduce_kernel", what, nb * C, nb * C * f4 + 2 * C * f4)
 
+    def fused_residual_rmsnorm_forward(what):  # reads a, b, weight; writes the residual, the norm, rstd (the row re-read from L1)
+        s.add("fused_residual_rmsnorm_forward_kernel", what, 5 * N * C, 4 * N * C * x + C * x + N * f4)
+
     def rope(what, NH):
         s.add("rope_kernel", what, 6 * N * NH * hd, 2 * N * NH * hd * x)
 
@@ -98,8 +101,8 @@ def build_step(cfg, B, T, attention, x):
     memset("gradients", P * f4)
     # ---- llama_cuda_forward
     s.add("embedding_forward_kernel", "embedding", 0, N * 4 + 2 * N * C * x)
-    for _ in range(L):
-        rmsnorm_forward("attention norm")
+    rmsnorm_forward("attention norm")  # the first layer's; the others' come fused with the residual add before them
+    for l in range(L):
         matmul_forward("q", N, C, C)
         matmul_forward("k", N, C, KVD)
         matmul_forward("v", N, C, KVD)
@@ -110,14 +113,12 @@ def build_step(cfg, B, T, attention, x):
         else:
             cublas_attention_forward(s, B, T, H, KV, hd, x)
         matmul_forward("o", N, C, C)
-        s.add("residual_forward_kernel", "attention residual", N * C, 3 * N * C * x)
-        rmsnorm_forward("mlp norm")
+        fused_residual_rmsnorm_forward("attention residual, mlp norm")
         matmul_forward("gate", N, C, F)
         matmul_forward("up", N, C, F)
         s.add("swiglu_forward_kernel", "swiglu", 6 * N * F, 3 * N * F * x)
         matmul_forward("down", N, F, C)
-        s.add("residual_forward_kernel", "mlp residual", N * C, 3 * N * C * x)
-    rmsnorm_forward("final norm")
+        fused_residual_rmsnorm_forward("mlp residual, " + ("attention norm" if l + 1 < L else "final norm"))
     matmul_forward("head", N, C, V)
     s.add("logprob_forward_kernel", "log-probs", 4 * N * V, N * V * x + 2 * N * 4)
     # ---- llama_cuda_backward

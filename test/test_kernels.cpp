@@ -313,6 +313,62 @@ TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// The fused residual add + RMSNorm against its CPU twin, and the twin against the two ops it
+// replaces (residual_forward, then rmsnorm_forward: the same bits). N = 77 rows: 10 blocks of
+// 8 warps, the last partial. C = 75: element by element; C = 264: x128 groups and a partial
+// second pass. Then in place (a is the residual, as inference adds), and against the unfused
+// kernels, whose bits it must give: the norm is taken of the residual as floatX stores it.
+TEST_CASE("fused residual + rmsnorm kernel matches the CPU and the unfused kernels", "[kernels]") {
+    std::mt19937 rng(test_seed() + 11);
+    const size_t N = 77;
+    const double eps = 1e-5;
+    for (size_t C : {(size_t)75, (size_t)264}) {
+        INFO("C = " << C);
+        std::vector<float> a = rounded(random_floats(N * C, rng)), b = rounded(random_floats(N * C, rng, 0.5f));
+        std::vector<float> w = rounded(random_floats(C, rng));
+        std::vector<float> res(N * C), out(N * C), rstd(N), res2(N * C), out2(N * C), rstd2(N);
+        fused_residual_rmsnorm_forward(res.data(), out.data(), rstd.data(), a.data(), b.data(), w.data(), N, C, eps);
+        residual_forward(res2.data(), a.data(), b.data(), N * C);
+        rmsnorm_forward(out2.data(), rstd2.data(), res2.data(), w.data(), N, C, eps);
+        CHECK(res == res2);
+        CHECK(out == out2);
+        CHECK(rstd == rstd2);
+        REQUIRE(relative_error(a.data(), res.data(), N * C) > 0.1);  // b is not negligible
+
+        floatX *d_a = upload_x(a), *d_b = upload_x(b), *d_w = upload_x(w), *d_res = cuda_alloc<floatX>(N * C), *d_out = cuda_alloc<floatX>(N * C);
+        float* d_rstd = cuda_alloc<float>(N);
+        poison(d_res, N * C);
+        poison(d_out, N * C);
+        poison(d_rstd, N);
+        fused_residual_rmsnorm_forward_cuda(d_res, d_out, d_rstd, d_a, d_b, d_w, N, (int)C, eps, stream);
+        std::vector<float> g_res = download_x(d_res, N * C), g_out = download_x(d_out, N * C), g_rstd = download(d_rstd, N);
+        check_close("fused residual", g_res, res);
+        check_close("fused norm out", g_out, out);
+        // FP32: only the order of the sum differs. BF16: the kernel's rstd is that of the residual rounded
+        // to bfloat16 (each element within 2^-9), the twin's that of the exact sum: well under 1e-3.
+        check_close("fused rstd", g_rstd, rstd, sizeof(floatX) == 2 ? 1e-3 : 1e-5);
+
+        // the unfused kernels give the same bits
+        floatX *d_res_u = cuda_alloc<floatX>(N * C), *d_out_u = cuda_alloc<floatX>(N * C);
+        float* d_rstd_u = cuda_alloc<float>(N);
+        residual_forward_cuda(d_res_u, d_a, d_b, N * C, stream);
+        rmsnorm_forward_cuda(d_out_u, d_rstd_u, d_res_u, d_w, N, (int)C, eps, stream);
+        CHECK(download_x(d_res_u, N * C) == g_res);
+        CHECK(download_x(d_out_u, N * C) == g_out);
+        CHECK(download(d_rstd_u, N) == g_rstd);
+
+        // in place: the residual overwrites a
+        poison(d_out, N * C);
+        poison(d_rstd, N);
+        fused_residual_rmsnorm_forward_cuda(d_a, d_out, d_rstd, d_a, d_b, d_w, N, (int)C, eps, stream);
+        CHECK(download_x(d_a, N * C) == g_res);
+        CHECK(download_x(d_out, N * C) == g_out);
+        CHECK(download(d_rstd, N) == g_rstd);
+        void* bufs[] = {d_a, d_b, d_w, d_res, d_out, d_rstd, d_res_u, d_out_u, d_rstd_u};
+        for (void* p : bufs) cudaCheck(cudaFree(p));
+    }
+}
+
 // The logprob forward and backward on the CPU (lp, dz) and as kernels (got, dgot; outputs
 // poisoned with NaN first) for logits z (B, T, V), tokens (B, T) and dlp (B, T).
 static void run_logprob(const std::vector<int>& tokens, const std::vector<float>& z, const std::vector<float>& dlp, size_t B, size_t T, size_t V,
