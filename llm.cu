@@ -32,8 +32,8 @@ Contents, in file order (search for the quoted heading):
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
                             PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
-                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_forward_at:
-                            given positions), attention
+                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_table: cos and
+                            sin computed once; rope_forward_at: given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
@@ -890,18 +890,36 @@ inline void rope_cos_sin(int pos, int i, int hd, double theta, float* cos_out, f
     *sin_out = sinf(angle);
 }
 
+// The cos and sin of every position < max_T and pair, computed once (per model allocation or
+// inference state) by rope_cos_sin, so the ops below read them and call no sin, cos or pow.
+// table (max_T, hd/2, 2): {cos, sin} of position t, pair i at (t * hd/2 + i) * 2
+inline size_t rope_table_size(int max_T, int hd) { return (size_t)max_T * (hd / 2) * 2; }
+
+inline void rope_table_fill(float* table, int max_T, int hd, double theta) {
+    int half = hd / 2;
+    for (int t = 0; t < max_T; t++) {
+        for (int i = 0; i < half; i++) rope_cos_sin(t, i, hd, theta, &table[((size_t)t * half + i) * 2], &table[((size_t)t * half + i) * 2 + 1]);
+    }
+}
+
+inline std::vector<float> rope_table(int max_T, int hd, double theta) {
+    std::vector<float> table(rope_table_size(max_T, hd));
+    rope_table_fill(table.data(), max_T, hd, theta);
+    return table;
+}
+
 // In place on x (B, T, NH, hd), rotate-half layout: for i < hd/2 the pair is (x[i], x[i + hd/2]):
 //   x[i] <- x[i] cos - x[i+hd/2] sin,  x[i+hd/2] <- x[i+hd/2] cos + x[i] sin,  at position t.
-// The backward is the inverse rotation applied to the gradient (sin -> -sin).
+// The backward is the inverse rotation applied to the gradient (sin -> -sin). cos and sin come
+// from a rope_table of at least T (or the largest position + 1) rows.
 
 // the NH heads (NH, hd) of one token at position pos; direction +1 rotates, -1 rotates back
 template <typename T>
-void rope_rotate_token(T* x, int pos, size_t NH, int hd, double theta, int direction) {
+void rope_rotate_token(T* x, const float* table, int pos, size_t NH, int hd, int direction) {
     int half = hd / 2;
+    const float* cs_row = table + (size_t)pos * half * 2;
     for (int i = 0; i < half; i++) {
-        float c, s;
-        rope_cos_sin(pos, i, hd, theta, &c, &s);
-        T cs = T(c), sn = T(s) * T(direction);
+        T cs = T(cs_row[2 * i]), sn = T(cs_row[2 * i + 1]) * T(direction);
         for (size_t h = 0; h < NH; h++) {
             T* v = x + h * hd;
             T x1 = v[i], x2 = v[i + half];
@@ -912,28 +930,28 @@ void rope_rotate_token(T* x, int pos, size_t NH, int hd, double theta, int direc
 }
 
 template <typename T>
-void rope_rotate(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta, int direction) {
+void rope_rotate(T* x, const float* table, size_t B, size_t Tn, size_t NH, int hd, int direction) {
     #pragma omp parallel for collapse(2)
     for (size_t b = 0; b < B; b++) {
-        for (size_t t = 0; t < Tn; t++) rope_rotate_token(x + (b * Tn + t) * NH * hd, (int)t, NH, hd, theta, direction);
+        for (size_t t = 0; t < Tn; t++) rope_rotate_token(x + (b * Tn + t) * NH * hd, table, (int)t, NH, hd, direction);
     }
 }
 template <typename T>
-void rope_forward(T* x, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(x, B, Tn, NH, hd, theta, +1); }
+void rope_forward(T* x, const float* table, size_t B, size_t Tn, size_t NH, int hd) { rope_rotate(x, table, B, Tn, NH, hd, +1); }
 template <typename T>
-void rope_backward(T* dx, size_t B, size_t Tn, size_t NH, int hd, double theta) { rope_rotate(dx, B, Tn, NH, hd, theta, -1); }
+void rope_backward(T* dx, const float* table, size_t B, size_t Tn, size_t NH, int hd) { rope_rotate(dx, table, B, Tn, NH, hd, -1); }
 
 // The forward at given positions (the new tokens of a KV cache): x (N, NH, hd), token n at position pos[n] (N)
 template <typename T>
-void rope_forward_at(T* x, const int* pos, size_t N, size_t NH, int hd, double theta) {
+void rope_forward_at(T* x, const float* table, const int* pos, size_t N, size_t NH, int hd) {
     #pragma omp parallel for if (N * NH * hd >= PARALLEL_MIN_WORK)
-    for (size_t n = 0; n < N; n++) rope_rotate_token(x + n * NH * hd, pos[n], NH, hd, theta, +1);
+    for (size_t n = 0; n < N; n++) rope_rotate_token(x + n * NH * hd, table, pos[n], NH, hd, +1);
 }
 
 #ifdef XWIN_CUDA
 // one thread per rotated pair (token n = (b, t), h, i); the token sits at position pos[n], or at t
-// when pos is null; direction +1 forward, -1 backward
-__global__ void rope_kernel(floatX* x, const int* pos, size_t B, int T, int NH, int hd, float theta, float direction) {
+// when pos is null; direction +1 forward, -1 backward; cos and sin from the table (a float2 load)
+__global__ void rope_kernel(floatX* x, const float* table, const int* pos, size_t B, int T, int NH, int hd, float direction) {
     int half = hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= B * T * NH * half) return;
@@ -941,9 +959,8 @@ __global__ void rope_kernel(floatX* x, const int* pos, size_t B, int T, int NH, 
     size_t row = idx / half;  // (b, t, h)
     size_t token = row / NH;  // (b, t)
     int t = pos ? pos[token] : (int)(token % T);
-    float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-    float angle = (float)t * inv_freq;
-    float c = cosf(angle), s = sinf(angle) * direction;
+    float2 cs = ((const float2*)table)[(size_t)t * half + i];
+    float c = cs.x, s = cs.y * direction;
     floatX* v = x + row * hd;
     float x1 = to_float(v[i]), x2 = to_float(v[i + half]);
     v[i] = from_float<floatX>(x1 * c - x2 * s);
@@ -952,28 +969,38 @@ __global__ void rope_kernel(floatX* x, const int* pos, size_t B, int T, int NH, 
 
 // direction +1 rotates (the forward), -1 rotates back (the backward): the two launchers below
 // fix it, so the model names which one it means and the op test checks each against its twin.
-// pos (B * T, device) or null: the position of each token (null: t).
-inline void rope_cuda(floatX* x, const int* pos, size_t B, int T, int NH, int hd, double theta, int direction, cudaStream_t stream) {
+// table: a rope_table on the device (8-byte aligned, as cudaMalloc gives); pos (B * T, device)
+// or null: the position of each token (null: t).
+inline void rope_cuda(floatX* x, const float* table, const int* pos, size_t B, int T, int NH, int hd, int direction, cudaStream_t stream) {
     NVTX_RANGE_FN();
     const int block_size = 256;
-    LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), block_size), block_size, 0, stream, x, pos, B, T, NH, hd, (float)theta, (float)direction);
+    LAUNCH(rope_kernel, ceil_div(B * T * NH * (hd / 2), block_size), block_size, 0, stream, x, table, pos, B, T, NH, hd, (float)direction);
     cudaCheck(cudaGetLastError());
 }
 
-inline void rope_forward_cuda(floatX* x, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+inline void rope_forward_cuda(floatX* x, const float* table, size_t B, int T, int NH, int hd, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    rope_cuda(x, nullptr, B, T, NH, hd, theta, +1, stream);
+    rope_cuda(x, table, nullptr, B, T, NH, hd, +1, stream);
 }
 
-inline void rope_backward_cuda(floatX* dx, size_t B, int T, int NH, int hd, double theta, cudaStream_t stream) {
+inline void rope_backward_cuda(floatX* dx, const float* table, size_t B, int T, int NH, int hd, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    rope_cuda(dx, nullptr, B, T, NH, hd, theta, -1, stream);
+    rope_cuda(dx, table, nullptr, B, T, NH, hd, -1, stream);
 }
 
 // x (N, NH, hd), token n at position pos[n] (N, device): rope_forward_at
-inline void rope_forward_at_cuda(floatX* x, const int* pos, size_t N, int NH, int hd, double theta, cudaStream_t stream) {
+inline void rope_forward_at_cuda(floatX* x, const float* table, const int* pos, size_t N, int NH, int hd, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    rope_cuda(x, pos, N, 1, NH, hd, theta, +1, stream);
+    rope_cuda(x, table, pos, N, 1, NH, hd, +1, stream);
+}
+
+// a rope_table of max_T rows, computed on the host and copied into a new device buffer
+inline float* rope_table_cuda(int max_T, int hd, double theta) {
+    std::vector<float> table = rope_table(max_T, hd, theta);
+    float* d = nullptr;
+    cudaCheck(cudaMalloc(&d, table.size() * sizeof(float)));
+    cudaCheck(cudaMemcpy(d, table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice));
+    return d;
 }
 #endif
 
@@ -2377,6 +2404,7 @@ struct Llama {
     ActTensors acts;
     void* grad_acts_memory;
     GradActTensors grad_acts;
+    float* rope_table;     // (T, hd/2, 2) the cos and sin of every position < T (rope_table), with the activations
 };
 
 // A model with zeroed parameters for a config (the loaders and tests fill them).
@@ -2471,6 +2499,8 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
     model->T = T;
     model->acts_memory = malloc_check(point_activations(&model->acts, nullptr, c, B, T));
     point_activations(&model->acts, model->acts_memory, c, B, T);
+    model->rope_table = (float*)malloc_check(rope_table_size(T, head_dim(c)) * sizeof(float));
+    rope_table_fill(model->rope_table, T, head_dim(c), c.rope_theta);
     if (!training) return;
     size_t n = model->num_params;
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
@@ -2493,6 +2523,7 @@ inline void llama_free(Llama* model) {
     free(model->v_memory);
     free(model->acts_memory);
     free(model->grad_acts_memory);
+    free(model->rope_table);
     *model = Llama{};
 }
 
@@ -2527,8 +2558,8 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
         matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
         matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
         matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
-        rope_forward(q, B, T, H, hd, c.rope_theta);
-        rope_forward(k, B, T, KV, hd, c.rope_theta);
+        rope_forward(q, model->rope_table, B, T, H, hd);
+        rope_forward(k, model->rope_table, B, T, KV, hd);
         attention_forward(att_out, att, q, k, v, B, T, H, KV, hd);
         matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
         fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
@@ -2585,8 +2616,8 @@ inline void llama_backward_trunk(Llama* model, const int* tokens, int B, int T) 
         matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
         attention_backward(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
                            a.v + l * N * KVD, B, T, H, KV, hd);
-        rope_backward(d.q, B, T, H, hd, c.rope_theta);
-        rope_backward(d.k, B, T, KV, hd, c.rope_theta);
+        rope_backward(d.q, model->rope_table, B, T, H, hd);
+        rope_backward(d.k, model->rope_table, B, T, KV, hd);
         const float* attn_in = a.attn_in + l * N * C;
         matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
         matmul_backward(d.norm_out, g.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD);
@@ -2652,6 +2683,7 @@ struct LlamaCuda {
     GradActTensorsT<floatX> grad_acts;
     float* attn_delta = nullptr;      // (B, H, T) flash attention's backward: rowsum(dout * out)
     float* norm_weight_partials = nullptr;  // (rmsnorm_backward_blocks(B T), C) the RMSNorm backward's partial weight gradients
+    float* rope_table = nullptr;      // (T, hd/2, 2) the cos and sin of every position < T (rope_table)
     int* tokens = nullptr;            // (B, T)
     int* token_buckets = nullptr;     // (3 B T + 1) training: the last forward's tokens, bucketed by embedding_buckets
     int n_token_buckets = 0;
@@ -2686,10 +2718,11 @@ struct GpuMemoryPlan {
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
     size_t scratch = 0;           // tokens, score_idx, the sequence sums' mask and sums; training: dlp, dscores, dsums, norm
                                   // scratch, attention delta, embedding buckets, RMSNorm weight-gradient partials
+    size_t rope_table = 0;        // (T, hd/2, 2) FP32 RoPE cos and sin
 };
 
 inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
-    return m.weights + m.master + m.grads + m.moments + m.activations + m.grad_activations + m.scratch;
+    return m.weights + m.master + m.grads + m.moments + m.activations + m.grad_activations + m.scratch + m.rope_table;
 }
 
 inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training) {
@@ -2702,6 +2735,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     ActTensorsT<floatX> acts;
     m.activations = point_activations(&acts, nullptr, c, B, T, true);
     m.scratch = N * sizeof(int) + B * sizeof(int) + N * sizeof(uint8_t) + B * sizeof(float);
+    m.rope_table = rope_table_size(T, head_dim(c)) * sizeof(float);
     if (training) {
         GradActTensorsT<floatX> grad_acts;
         m.grads = n * sizeof(float);
@@ -2721,10 +2755,11 @@ inline std::string bytes_text(size_t b) {
 
 // "weights 2.20 GB, master 4.40 GB, ..., total 32.10 GB": the plan in one line
 inline std::string gpu_memory_plan_text(const GpuMemoryPlan& m) {
-    const char* names[] = {"weights", "master", "grads", "moments", "activations", "activation grads", "scratch", "total"};
-    size_t bytes[] = {m.weights, m.master, m.grads, m.moments, m.activations, m.grad_activations, m.scratch, gpu_memory_plan_total(m)};
+    const char* names[] = {"weights", "master", "grads", "moments", "activations", "activation grads", "scratch", "rope table", "total"};
+    size_t bytes[] = {m.weights, m.master, m.grads, m.moments, m.activations, m.grad_activations, m.scratch, m.rope_table,
+                      gpu_memory_plan_total(m)};
     std::string out;
-    for (int i = 0; i < 8; i++) out += string_format("%s%s %s", i ? ", " : "", names[i], bytes_text(bytes[i]).c_str());
+    for (int i = 0; i < 9; i++) out += string_format("%s%s %s", i ? ", " : "", names[i], bytes_text(bytes[i]).c_str());
     return out;
 }
 
@@ -2774,6 +2809,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->score_idx = cuda_alloc<int>(B);
     g->mask = cuda_alloc<uint8_t>((size_t)B * T);  // a reference model's sequence sums need no training
     g->seq_sums = cuda_alloc<float>(B);
+    g->rope_table = rope_table_cuda(T, head_dim(c), c.rope_theta);
     if (training) {
         g->grads_memory = cuda_alloc<float>(n);
         g->grads = point_parameters(c, g->grads_memory);
@@ -2800,7 +2836,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 inline void llama_cuda_free(LlamaCuda* g) {
     void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
-                       g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums};
+                       g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = LlamaCuda{};
 }
@@ -2841,8 +2877,8 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         matmul_forward_cuda(q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_forward_cuda(k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rope_forward_cuda(q, B, T, (int)H, hd, c.rope_theta, st);
-        rope_forward_cuda(k, B, T, c.n_kv_heads, hd, c.rope_theta, st);
+        rope_forward_cuda(q, g->rope_table, B, T, (int)H, hd, st);
+        rope_forward_cuda(k, g->rope_table, B, T, c.n_kv_heads, hd, st);
         flash_attention_forward_cuda(a.att_out + l * N * C, a.lse + l * B * H * T, q, k, v, B, T, (int)H, c.n_kv_heads, hd, st);
         matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
         fused_residual_rmsnorm_forward_cuda(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
@@ -2916,8 +2952,8 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
         matmul_backward_cuda(d.att_out, gr.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
         flash_attention_backward_cuda(d.q, d.k, d.v, g->attn_delta, d.att_out, a.att_out + l * N * C, a.lse + l * B * H * T,
                                       a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD, B, T, (int)H, KV, hd, st);
-        rope_backward_cuda(d.q, B, T, (int)H, hd, c.rope_theta, st);
-        rope_backward_cuda(d.k, B, T, KV, hd, c.rope_theta, st);
+        rope_backward_cuda(d.q, g->rope_table, B, T, (int)H, hd, st);
+        rope_backward_cuda(d.k, g->rope_table, B, T, KV, hd, st);
         const floatX* attn_in = a.attn_in + l * N * C;
         matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
         matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
@@ -3276,6 +3312,7 @@ struct Infer {
     std::vector<int> pos;          // (B) the tokens in the cache of each sequence
     std::vector<int> tok_pos;      // (B, Tn) the last call's positions of the new tokens
     std::vector<int> last_row;     // (B)
+    std::vector<float> rope_table; // (max_T, hd/2, 2) the cos and sin of every position of the cache (rope_table)
     size_t bytes = 0;              // all that infer_init allocated
     void* memory = nullptr;
     InferStateT<float> s;
@@ -3308,7 +3345,8 @@ inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max
     inf->bytes = point_infer_state(&inf->s, nullptr, c, B, max_T, max_chunk);
     inf->memory = malloc_check(inf->bytes);
     point_infer_state(&inf->s, inf->memory, c, B, max_T, max_chunk);
-    inf->bytes += inf->wt_memory.size() * sizeof(float);
+    inf->rope_table = rope_table(max_T, head_dim(c), c.rope_theta);
+    inf->bytes += inf->wt_memory.size() * sizeof(float) + inf->rope_table.size() * sizeof(float);
 }
 
 inline void infer_free(Infer* inf) {
@@ -3336,8 +3374,8 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
         matmul_forward_transposed(s.q, s.norm, w.wq + l * C * C, N, C, C);
         matmul_forward_transposed(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
         matmul_forward_transposed(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
-        rope_forward_at(s.q, inf->tok_pos.data(), N, H, (int)hd, c.rope_theta);
-        rope_forward_at(s.k, inf->tok_pos.data(), N, KV, (int)hd, c.rope_theta);
+        rope_forward_at(s.q, inf->rope_table.data(), inf->tok_pos.data(), N, H, (int)hd);
+        rope_forward_at(s.k, inf->rope_table.data(), inf->tok_pos.data(), N, KV, (int)hd);
         kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
         attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
         matmul_forward_transposed(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
@@ -3377,6 +3415,7 @@ struct InferCuda {
     InferStateT<floatX> s;
     float* part_o = nullptr;          // (part_rows, hd) attention_decode_cuda's partial outputs
     float* part_ml = nullptr;         // (part_rows, 2)  and their max and sum
+    float* rope_table = nullptr;      // (max_T, hd/2, 2) the cos and sin of every position of the cache (rope_table)
     size_t part_rows = 0;
     std::vector<int> pos, tok_pos, last_row;  // on the host, as Infer's
     size_t bytes = 0;                 // all device memory infer_cuda_init allocated
@@ -3414,11 +3453,13 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     g->part_rows = std::max(decode_rows, prefill_rows);
     g->part_o = cuda_alloc<float>(g->part_rows * head_dim(c));
     g->part_ml = cuda_alloc<float>(g->part_rows * 2);
-    g->bytes = n * sizeof(floatX) + state_bytes + g->part_rows * (head_dim(c) + 2) * sizeof(float);
+    g->rope_table = rope_table_cuda(max_T, head_dim(c), c.rope_theta);
+    g->bytes = n * sizeof(floatX) + state_bytes + g->part_rows * (head_dim(c) + 2) * sizeof(float) +
+               rope_table_size(max_T, head_dim(c)) * sizeof(float);
 }
 
 inline void infer_cuda_free(InferCuda* g) {
-    void* buffers[] = {g->params_memory, g->state_memory, g->part_o, g->part_ml};
+    void* buffers[] = {g->params_memory, g->state_memory, g->part_o, g->part_ml, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
     *g = InferCuda{};
 }
@@ -3448,8 +3489,8 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
         matmul_forward_cuda(s.q, s.norm, p.wq + l * C * C, N, C, C, st);
         matmul_forward_cuda(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD, st);
         matmul_forward_cuda(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD, st);
-        rope_forward_at_cuda(s.q, s.tok_pos, N, H, hd, c.rope_theta, st);
-        rope_forward_at_cuda(s.k, s.tok_pos, N, KV, hd, c.rope_theta, st);
+        rope_forward_at_cuda(s.q, g->rope_table, s.tok_pos, N, H, hd, st);
+        rope_forward_at_cuda(s.k, g->rope_table, s.tok_pos, N, KV, hd, st);
         kv_cache_write_cuda(k_cache, v_cache, s.k, s.v, s.pos, B, Tn, (int)KVD, g->max_T, st);
         attention_decode_cuda(s.att_out, s.q, k_cache, v_cache, s.pos, B, Tn, H, KV, hd, g->max_T, max_len, g->part_o, g->part_ml,
                               g->part_rows, st, g->attn_chunk);

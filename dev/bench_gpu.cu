@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     printf("op matmul_forward_mlp %.4f\n", time_ms([&] { matmul_forward_cuda(a.gate, a.mlp_in, p.w_gate, N, C, F, st); }));
     printf("op matmul_backward_mlp %.4f\n", time_ms([&] { matmul_backward_cuda(d.norm_out, g.grads.w_gate, d.gate, a.mlp_in, p.w_gate, N, C, F, st); }));
     printf("op matmul_forward_head %.4f\n", time_ms([&] { matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, V, st); }));
-    printf("op rope %.4f\n", time_ms([&] { rope_forward_cuda(a.q, B, T, (int)H, hd, 10000.0, st); }));
+    printf("op rope %.4f\n", time_ms([&] { rope_forward_cuda(a.q, g.rope_table, B, T, (int)H, hd, st); }));
     printf("op attention_forward %.4f\n", time_ms([&] { flash_attention_forward_cuda(a.att_out, a.lse, a.q, a.k, a.v, B, T, (int)H, c.n_kv_heads, hd, st); }));
     printf("op attention_backward %.4f\n", time_ms([&] { flash_attention_backward_cuda(d.q, d.k, d.v, g.attn_delta, d.att_out, a.att_out, a.lse, a.q, a.k, a.v, B, T, (int)H, c.n_kv_heads, hd, st); }));
     printf("op swiglu_forward %.4f\n", time_ms([&] { swiglu_forward_cuda(a.swiglu, a.gate, a.up, N * F, st); }));

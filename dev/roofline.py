@@ -94,8 +94,8 @@ def build_step(cfg, B, T, attention, x):
     def fused_residual_rmsnorm_forward(what):  # reads a, b, weight; writes the residual, the norm, rstd (the row re-read from L1)
         s.add("fused_residual_rmsnorm_forward_kernel", what, 5 * N * C, 4 * N * C * x + C * x + N * f4)
 
-    def rope(what, NH):
-        s.add("rope_kernel", what, 6 * N * NH * hd, 2 * N * NH * hd * x)
+    def rope(what, NH):  # 4 multiplies and 2 adds per pair; the table's T rows read once (every sequence shares them)
+        s.add("rope_kernel", what, 3 * N * NH * hd, 2 * N * NH * hd * x + T * hd * f4)
 
     # ---- llama_cuda_zero_grad
     memset("gradients", P * f4)
@@ -262,6 +262,7 @@ def memory_plan(cfg, B, T, attention, x):
         "activations": acts,
         "activation grads": grad_acts,
         "scratch": scratch,  # with the attention's scratch
+        "rope table": T * hd * 4,  # (T, hd/2, 2) FP32 cos and sin
     }
 
 

@@ -242,7 +242,8 @@ TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init all
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, true);
     std::map<std::string, size_t> cpp = {{"weights", plan.weights}, {"master", plan.master}, {"grads", plan.grads},
                                          {"moments", plan.moments}, {"activations", plan.activations},
-                                         {"activation grads", plan.grad_activations}, {"scratch", plan.scratch}}, py;
+                                         {"activation grads", plan.grad_activations}, {"scratch", plan.scratch},
+                                         {"rope table", plan.rope_table}}, py;
     std::istringstream lines(command_output("python3 dev/roofline.py 64,2,8,2,160,96 -b 2 -t 70 --memory-plan --precision " +
                                             std::string(sizeof(floatX) == 2 ? "bf16" : "fp32")));
     for (std::string line; std::getline(lines, line);) py[line.substr(0, line.rfind(' '))] = std::stoull(line.substr(line.rfind(' ') + 1));

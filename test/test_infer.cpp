@@ -153,10 +153,11 @@ TEST_CASE("rope at given positions equals rope over a batch of sequences", "[inf
     std::vector<float> x(B * T * NH * hd);
     for (float& v : x) v = dist(rng);
     std::vector<float> ref = x, got = x;
-    rope_forward(ref.data(), B, T, NH, hd, 5e5);
+    std::vector<float> table = rope_table((int)T, hd, 5e5);
+    rope_forward(ref.data(), table.data(), B, T, NH, hd);
     std::vector<int> pos(B * T);
     for (size_t n = 0; n < B * T; n++) pos[n] = (int)(n % T);
-    rope_forward_at(got.data(), pos.data(), B * T, NH, hd, 5e5);
+    rope_forward_at(got.data(), table.data(), pos.data(), B * T, NH, hd);
     CHECK(relative_error(got.data(), ref.data(), got.size()) == 0.0);
 }
 
@@ -172,23 +173,24 @@ TEST_CASE("the inference runner allocates no training state", "[infer]") {
     infer_runner_init(&inf, B, max_T, Tc);
     size_t cache = 2 * (size_t)c.n_layers * B * max_T * kv_dim(c), n = inf.host.num_params;
 #ifdef XWIN_CUDA
-    // the floatX weights, the cache, one layer's activations and the attention's partials: nothing else
+    // the floatX weights, the cache, one layer's activations, the attention's partials and the RoPE table: nothing else
     InferStateT<floatX> s;
     size_t state = point_infer_state(&s, nullptr, c, B, max_T, Tc);
     CHECK(state >= cache * sizeof(floatX));
     size_t parts = inf.gpu.part_rows * (head_dim(c) + 2) * sizeof(float);
-    CHECK(infer_runner_bytes(&inf) == n * sizeof(floatX) + state + parts);
+    size_t table = (size_t)max_T * head_dim(c) * sizeof(float);  // (max_T, hd/2, 2) cos and sin
+    CHECK(infer_runner_bytes(&inf) == n * sizeof(floatX) + state + parts + table);
 #if defined(XWIN_CUDA_EMULATION)
     cudaCheck(cudaMemGetInfo(&free_after, &total));
     CHECK(free_before - free_after == infer_runner_bytes(&inf));  // every device byte is accounted for
 #endif
     CHECK(infer_runner_bytes(&inf) < n * (sizeof(floatX) + sizeof(float)));  // less than one FP32 master copy more
 #else
-    // the weights are the host model's; the runner holds the cache, one layer's activations and
-    // the matrices transposed once (for the matmul's tiles)
+    // the weights are the host model's; the runner holds the cache, one layer's activations,
+    // the matrices transposed once (for the matmul's tiles) and the RoPE table (max_T, hd/2, 2)
     InferStateT<float> s;
     size_t state = point_infer_state(&s, nullptr, c, B, max_T, Tc);
-    CHECK(infer_runner_bytes(&inf) == state + n * sizeof(float));
+    CHECK(infer_runner_bytes(&inf) == state + n * sizeof(float) + (size_t)max_T * head_dim(c) * sizeof(float));
     CHECK(state >= cache * sizeof(float));
     CHECK(state < n * sizeof(float));  // less than one gradient beside the transposed copy
 #endif
@@ -291,10 +293,13 @@ TEST_CASE("KV cache kernels match the CPU: cache write, rope at positions, split
         int *d_pos = upload(pos), *d_tok_pos = upload(tok_pos);
         // rope at positions, in place on q and k
         std::vector<float> q_ref = q, k_ref = k;
-        rope_forward_at(q_ref.data(), tok_pos.data(), B * Tn, H, (int)hd, 5e5);
-        rope_forward_at(k_ref.data(), tok_pos.data(), B * Tn, KV, (int)hd, 5e5);
-        rope_forward_at_cuda(d_q, d_tok_pos, B * Tn, (int)H, (int)hd, 5e5, stream);
-        rope_forward_at_cuda(d_k, d_tok_pos, B * Tn, (int)KV, (int)hd, 5e5, stream);
+        std::vector<float> table = rope_table(maxT, (int)hd, 5e5);
+        float* d_table = upload(table);
+        rope_forward_at(q_ref.data(), table.data(), tok_pos.data(), B * Tn, H, (int)hd);
+        rope_forward_at(k_ref.data(), table.data(), tok_pos.data(), B * Tn, KV, (int)hd);
+        rope_forward_at_cuda(d_q, d_table, d_tok_pos, B * Tn, (int)H, (int)hd, stream);
+        rope_forward_at_cuda(d_k, d_table, d_tok_pos, B * Tn, (int)KV, (int)hd, stream);
+        cudaCheck(cudaFree(d_table));
         check_close("rope at positions q", download_x(d_q, q.size()), q_ref);
         check_close("rope at positions k", download_x(d_k, k.size()), k_ref);
         q_ref = download_x(d_q, q.size());  // the CPU twins below see the kernels' rounded inputs

@@ -247,28 +247,41 @@ TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
 }
 
 // The forward (direction +1) against the CPU twin's rope_forward and the backward (-1)
-// against the CPU twin's rope_backward, each from the same input, at the default theta and
-// at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of the 256-thread
-// block. The REQUIREs show the data can tell the directions and the thetas apart.
+// against the CPU twin's rope_backward, each from the same input and the same table, at the
+// default theta and at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of
+// the 256-thread block. The REQUIREs show the data can tell the directions and the thetas apart.
+// The table holds rope_cos_sin's values at (t * hd/2 + i) * 2, for every row the kernels read.
 TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta", "[kernels]") {
     const size_t B = 2, T = 13, NH = 3;
     const int hd = 12;
     std::vector<float> x = rounded(fixed_floats(B * T * NH * hd, 401)), fwd_default = x;
-    rope_forward(fwd_default.data(), B, T, NH, hd, 10000.0);
+    rope_forward(fwd_default.data(), rope_table((int)T, hd, 10000.0).data(), B, T, NH, hd);
     for (double theta : {10000.0, 500000.0}) {
         INFO("theta " << theta);
+        std::vector<float> table = rope_table((int)T, hd, theta);
+        REQUIRE(table.size() == T * hd);
+        for (int t = 0; t < (int)T; t++) {
+            for (int i = 0; i < hd / 2; i++) {
+                float c, sn;
+                rope_cos_sin(t, i, hd, theta, &c, &sn);
+                CHECK(table[((size_t)t * hd / 2 + i) * 2] == c);
+                CHECK(table[((size_t)t * hd / 2 + i) * 2 + 1] == sn);
+            }
+        }
         std::vector<float> fwd = x, bwd = x;
-        rope_forward(fwd.data(), B, T, NH, hd, theta);
-        rope_backward(bwd.data(), B, T, NH, hd, theta);
+        rope_forward(fwd.data(), table.data(), B, T, NH, hd);
+        rope_backward(bwd.data(), table.data(), B, T, NH, hd);
         REQUIRE(relative_error(bwd.data(), fwd.data(), x.size()) > 10 * TOL);
         if (theta != 10000.0) REQUIRE(relative_error(fwd_default.data(), fwd.data(), x.size()) > 10 * TOL);
         floatX *d_a = upload_x(x), *d_b = upload_x(x);
-        rope_forward_cuda(d_a, B, (int)T, (int)NH, hd, theta, stream);
-        rope_backward_cuda(d_b, B, (int)T, (int)NH, hd, theta, stream);
+        float* d_table = upload(table);
+        rope_forward_cuda(d_a, d_table, B, (int)T, (int)NH, hd, stream);
+        rope_backward_cuda(d_b, d_table, B, (int)T, (int)NH, hd, stream);
         check_close("rope forward", download_x(d_a, x.size()), fwd);
         check_close("rope backward", download_x(d_b, x.size()), bwd);
         cudaCheck(cudaFree(d_a));
         cudaCheck(cudaFree(d_b));
+        cudaCheck(cudaFree(d_table));
     }
 }
 
