@@ -38,13 +38,16 @@ Contents, in file order (search for the quoted heading):
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
                             (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
-                            logprob, masked_mean_loss, clip_grad_norm (grad_norm_coef_cuda: the clip folded into
-                            AdamW), adamw_update
+                            logprob (fused_logprob_nll: the SFT loss's log-probs and d-logits in one pass),
+                            sequence_logprob_forward/_backward (_cuda: a block per sequence), masked_mean_loss,
+                            clip_grad_norm (grad_norm_coef_cuda: the clip folded into AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving
-  "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward/_backward/_update
+  "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward(_trunk)/_backward/_update,
+                            llama_nll_forward_backward (the SFT loss and gradient, the classifier fused)
   "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
-                            llama_cuda_init/_forward/_backward (_from_dlp: from a dlp on the device)/_update/_download
-  "Running a model"         defines: Runner, runner_init/_forward/_backward/_clip_grad_norm/_update, ...
+                            llama_cuda_init/_forward(_trunk)/_backward (_from_dlp: from a dlp on the device)/_update/_download,
+                            llama_cuda_nll_forward_backward (the SFT loss and gradient: B sums to the host)
+  "Running a model"         defines: Runner, runner_init/_forward/_backward/_nll_forward_backward/_clip_grad_norm/_update, ...
   "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
                             infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
                             _copy_sequence/_rewind
@@ -61,8 +64,7 @@ Contents, in file order (search for the quoted heading):
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
                             _step_end, _log, _checkpoint, _save_model, _close;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
-  "DPO"                     defines: sequence_logprob_forward/_backward (_cuda: a block per sequence),
-                            runner_sequence_logprobs/_backward (the GPU moves B sums, not (B, T) log-probs);
+  "DPO"                     defines: runner_sequence_logprobs/_backward (the GPU moves B sums, not (B, T) log-probs);
                             DPOLossType, DPOConfig, dpo_config_check, dpo_loss (sigmoid with label smoothing,
                             IPO, the chosen NLL), DPOMetrics, dpo_metrics_add
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
@@ -2004,6 +2006,39 @@ void logprob_backward(T* dlogits, const T* logits, const int* tokens, const T* d
     }
 }
 
+// The SFT classifier in one pass (the loss is masked_mean_loss over `count` targets, so its
+// d(log-prob) is known before the log-probs are: dlp = -mask / count, masked_mean_loss_backward):
+// each logits row's max and sum are computed once and give both the token log-prob (as
+// logprob_forward) and the d-logits (as logprob_backward with that dlp). lp (B, T) out; logits
+// (B, T, V) in; dlogits (B, T, V) out, which may be logits itself (the GPU writes the d-logits
+// over the logits); tokens, mask (B, T). The same loops and roundings as logprob_forward,
+// masked_mean_loss_backward and logprob_backward, so the same bits.
+template <typename T>
+void fused_logprob_nll(T* lp, T* dlogits, const T* logits, const int* tokens, const uint8_t* mask, size_t count, size_t B,
+                       size_t Tn, size_t V) {
+    const T g_target = count ? T(-1.0 / (double)count) : T(0);  // d(loss)/d(lp) of a target
+    #pragma omp parallel for collapse(2)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) {
+            size_t row = b * Tn + t;
+            const T* z = logits + row * V;
+            T* dz = dlogits + row * V;
+            if (t == 0) lp[row] = 0;  // nothing predicts the first token
+            if (t + 1 == Tn) { for (size_t i = 0; i < V; i++) dz[i] = 0; continue; }
+            T maxv = z[0];
+            for (size_t i = 1; i < V; i++) maxv = z[i] > maxv ? z[i] : maxv;
+            T sum = 0;
+            for (size_t i = 0; i < V; i++) sum += std::exp(z[i] - maxv);
+            int target = tokens[row + 1];
+            lp[row + 1] = z[target] - maxv - std::log(sum);  // before dz overwrites z
+            T g = mask[row + 1] ? g_target : T(0);
+            if (g == T(0)) { for (size_t i = 0; i < V; i++) dz[i] = 0; continue; }
+            for (size_t i = 0; i < V; i++) dz[i] = -g * std::exp(z[i] - maxv) / sum;
+            dz[target] += g;
+        }
+    }
+}
+
 #ifdef XWIN_CUDA
 // one block per row (b, t): the FP32 log-sum-exp of the logits row t - 1 by block reductions
 __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V) {
@@ -2024,7 +2059,9 @@ __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const in
     if (threadIdx.x == 0) lp[row] = to_float(z[tokens[row]]) - maxv - logf(sum);
 }
 
-// one block per row (b, t): dlogits[b,t,:] = dlp[b,t+1] * (onehot(tokens[b,t+1]) - softmax(logits[b,t]))
+// one block per row (b, t): dlogits[b,t,:] = dlp[b,t+1] * (onehot(tokens[b,t+1]) - softmax(logits[b,t]));
+// dlogits may be logits (the GPU model's backward): the row's max and sum are complete before the
+// last pass, in which each thread reads the elements it then overwrites
 __global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t rows, int T, int V) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
@@ -2058,6 +2095,134 @@ inline void logprob_forward_cuda(float* lp, const floatX* logits, const int* tok
 inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t B, int T, int V, cudaStream_t stream) {
     NVTX_RANGE_FN();
     LAUNCH(logprob_backward_kernel, (unsigned)(B * T), 256, 0, stream, dlogits, logits, tokens, dlp, B * T, T, V);
+    cudaCheck(cudaGetLastError());
+}
+
+// one block per logits row (b, t): the FP32 max and sum of the row in one read (online: each
+// thread rescales its running sum when its max grows, then block_reduce of the maxes and of the
+// sums brought to the block's max), lp[b,t+1] from them, then a second pass over the row (from
+// L1/L2) that writes dlogits = g * (onehot(tokens[b,t+1]) - softmax), g = mask[b,t+1] * g_target.
+// dlogits may be logits: the target's logit is read before the barriers, every other element
+// by the thread that then overwrites it. vec: 128-bit groups (V % x128::size == 0, aligned rows).
+__global__ void fused_logprob_nll_kernel(float* lp, floatX* dlogits, const floatX* logits, const int* tokens, const uint8_t* mask,
+                                         float g_target, int T, int V, bool vec) {
+    __shared__ float shared[32];
+    size_t row = blockIdx.x;
+    int t = (int)(row % T);  // the same for the whole block: the barriers below are uniform
+    const floatX* z = logits + row * V;
+    floatX* dz = dlogits + row * V;
+    const int step = vec ? x128::size : 1;
+    if (t == 0 && threadIdx.x == 0) lp[row] = 0.0f;  // nothing predicts the first token
+    float g = 0.0f, maxv = 0.0f, sum = 1.0f;          // the last row predicts nothing: g = 0, zeros
+    int target = -1;
+    if (t + 1 < T) {
+        target = tokens[row + 1];
+        float z_target = to_float(z[target]);  // read before any thread writes dz (in place)
+        float m = -INFINITY, s = 0.0f;
+        auto online = [&](float x) {
+            if (x > m) { s = s * expf(m - x) + 1.0f; m = x; }
+            else s += expf(x - m);
+        };
+        for (int i = threadIdx.x * step; i < V; i += blockDim.x * step) {
+            if (vec) { x128 v = load128(z + i); for (int k = 0; k < x128::size; k++) online(to_float(v.v[k])); }
+            else online(to_float(z[i]));
+        }
+        maxv = block_reduce(m, shared, true);
+        sum = block_reduce(m == -INFINITY ? 0.0f : s * expf(m - maxv), shared, false);  // a thread with no elements adds 0
+        if (threadIdx.x == 0) lp[row + 1] = z_target - maxv - logf(sum);
+        g = mask[row + 1] ? g_target : 0.0f;
+    }
+    float scale = -g / sum;
+    for (int i = threadIdx.x * step; i < V; i += blockDim.x * step) {
+        if (vec) {
+            x128 y;
+            if (g != 0.0f) {
+                x128 v = load128(z + i);
+                for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(scale * expf(to_float(v.v[k]) - maxv) + (i + k == target ? g : 0.0f));
+            } else {
+                for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(0.0f);
+            }
+            store128(dz + i, y);
+        } else {
+            dz[i] = from_float<floatX>(g != 0.0f ? scale * expf(to_float(z[i]) - maxv) + (i == target ? g : 0.0f) : 0.0f);
+        }
+    }
+}
+
+// lp (B, T), dlogits (B, T, V) (may be logits) from logits (B, T, V), tokens and mask (B, T) on
+// the device, for the masked mean NLL over `count` targets (fused_logprob_nll)
+inline void fused_logprob_nll_cuda(float* lp, floatX* dlogits, const floatX* logits, const int* tokens, const uint8_t* mask, size_t count,
+                                   size_t B, int T, int V, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // a block per logits row, any V (block_reduce needs a multiple of 32)
+    bool vec = V % x128::size == 0 && aligned16(logits) && aligned16(dlogits);
+    float g_target = count ? (float)(-1.0 / (double)count) : 0.0f;
+    LAUNCH(fused_logprob_nll_kernel, (unsigned)(B * T), block_size, 0, stream, lp, dlogits, logits, tokens, mask, g_target, T, V, vec);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// Per-sequence log-prob sums (DPO's, and the SFT step's loss on the GPU)
+
+// sums (B) = the log-prob of each sequence's target tokens: sums[b] = sum over t >= 1 of
+// mask[b, t] * lp[b, t]; lp (B, T) from logprob_forward, mask (B, T) the token file's loss mask.
+// Alignment, as masked_mean_loss reads them: lp[b, t] = log p(tokens[b, t] | tokens[b, < t])
+// (from the logits at row t - 1), and mask[b, t] = 1 makes tokens[b, t] a target; position 0
+// has nothing predicting it (lp 0) and never counts, whatever its mask says. Added in order, in
+// double (sequence_logprob_sums above returns the same sums in double, for measures).
+template <typename T>
+void sequence_logprob_forward(T* sums, const T* lp, const uint8_t* mask, size_t B, size_t Tn) {
+    for (size_t b = 0; b < B; b++) {
+        double s = 0;
+        for (size_t t = 1; t < Tn; t++) {
+            if (mask[b * Tn + t]) s += lp[b * Tn + t];
+        }
+        sums[b] = T(s);
+    }
+}
+
+// Given dsums (B) = d(objective)/d(sums): dlp (B, T) = d(objective)/d(lp) = dsums[b] at the
+// targets (t >= 1, mask 1) and 0 elsewhere. Writes dlp (=), it does not add to it.
+template <typename T>
+void sequence_logprob_backward(T* dlp, const T* dsums, const uint8_t* mask, size_t B, size_t Tn) {
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < Tn; t++) dlp[b * Tn + t] = (t != 0 && mask[b * Tn + t]) ? dsums[b] : T(0);
+    }
+}
+
+#ifdef XWIN_CUDA
+// one block per sequence: each thread adds its strided share of the targets, then block_reduce
+// (a fixed order and tree for a given block size: the same bits run after run, no atomics)
+__global__ void sequence_logprob_forward_kernel(float* sums, const float* lp, const uint8_t* mask, int T) {
+    __shared__ float shared[32];
+    size_t row = (size_t)blockIdx.x * T;
+    float s = 0.0f;
+    for (int t = 1 + threadIdx.x; t < T; t += blockDim.x) {
+        if (mask[row + t]) s += lp[row + t];
+    }
+    s = block_reduce(s, shared, false);
+    if (threadIdx.x == 0) sums[blockIdx.x] = s;
+}
+
+// one thread per element (b, t) of dlp (B, T)
+__global__ void sequence_logprob_backward_kernel(float* dlp, const float* dsums, const uint8_t* mask, size_t N, int T) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    dlp[i] = (i % T != 0 && mask[i]) ? dsums[i / T] : 0.0f;
+}
+
+inline void sequence_logprob_forward_cuda(float* sums, const float* lp, const uint8_t* mask, int B, int T, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // a block per sequence; block_reduce needs a multiple of 32 (<= 1024)
+    LAUNCH(sequence_logprob_forward_kernel, (unsigned)B, block_size, 0, stream, sums, lp, mask, T);
+    cudaCheck(cudaGetLastError());
+}
+
+inline void sequence_logprob_backward_cuda(float* dlp, const float* dsums, const uint8_t* mask, int B, int T, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;  // a thread per element, any count (the last block's tail returns)
+    size_t N = (size_t)B * T;
+    LAUNCH(sequence_logprob_backward_kernel, ceil_div(N, block_size), block_size, 0, stream, dlp, dsums, mask, N, T);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2372,17 +2537,20 @@ struct GradActTensorsT {
     X* gate;      // (B, T, F)
     X* up;        // (B, T, F)
     X* swiglu;    // (B, T, F)
-    X* logits;    // (B, T, V) language-model head only
+    X* logits;    // (B, T, V) language-model head only; none on the GPU, which writes the d-logits over acts.logits
 };
 using GradActTensors = GradActTensorsT<float>;
 
+// dlogits_in_logits: the GPU's layout, no d-logits of their own (nullptr)
 template <typename X>
-size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaConfig& c, size_t B, size_t T) {
+size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaConfig& c, size_t B, size_t T, bool dlogits_in_logits = false) {
     size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
     Carver k{(char*)memory};
     k.take(g->residual, N * C); k.take(g->norm_out, N * C); k.take(g->q, N * C); k.take(g->k, N * KVD);
     k.take(g->v, N * KVD); k.take(g->att_out, N * C); k.take(g->gate, N * F); k.take(g->up, N * F);
-    k.take(g->swiglu, N * F); k.take(g->logits, c.head_type == HEAD_LM ? N * c.vocab_size : 0);
+    k.take(g->swiglu, N * F);
+    if (dlogits_in_logits) g->logits = nullptr;
+    else k.take(g->logits, c.head_type == HEAD_LM ? N * c.vocab_size : 0);
     return k.bytes;
 }
 
@@ -2527,10 +2695,9 @@ inline void llama_free(Llama* model) {
     *model = Llama{};
 }
 
-// tokens (B, T) -> acts.logits (B, T, V) and acts.lp (B, T) with the language-model head, or
-// acts.scores (B) with the reward head, which scores position score_idx[b] of sequence b
-// (reward_score_index). B, T <= the allocation.
-inline void llama_forward(Llama* model, const int* tokens, int B, int T, const int* score_idx = nullptr) {
+// tokens (B, T) -> every layer's activations and acts.final_in (B, T, C), the final norm's output
+// that a head reads. B, T <= the allocation.
+inline void llama_forward_trunk(Llama* model, const int* tokens, int B, int T) {
     const LlamaConfig& c = model->config;
     if (B > model->B || T > model->T) {
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, model->B, model->T);
@@ -2573,11 +2740,21 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
                                        last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
                                        last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
     }
+}
+
+// tokens (B, T) -> acts.logits (B, T, V) and acts.lp (B, T) with the language-model head, or
+// acts.scores (B) with the reward head, which scores position score_idx[b] of sequence b
+// (reward_score_index). B, T <= the allocation.
+inline void llama_forward(Llama* model, const int* tokens, int B, int T, const int* score_idx = nullptr) {
+    const LlamaConfig& c = model->config;
+    size_t C = c.dim, N = (size_t)B * T;
+    ActTensors& a = model->acts;
+    llama_forward_trunk(model, tokens, B, T);
     if (c.head_type == HEAD_REWARD) {
-        reward_head_forward(a.scores, a.final_in, p.head, score_idx, B, T, C);
+        reward_head_forward(a.scores, a.final_in, model->params.head, score_idx, B, T, C);
         return;
     }
-    matmul_forward(a.logits, a.final_in, p.head, N, C, (size_t)c.vocab_size);
+    matmul_forward(a.logits, a.final_in, model->params.head, N, C, (size_t)c.vocab_size);
     logprob_forward(a.lp, a.logits, tokens, B, T, c.vocab_size);
 }
 
@@ -2635,6 +2812,25 @@ inline void llama_backward(Llama* model, const int* tokens, const float* dlp, in
     memset(d.norm_out, 0, N * C * sizeof(float));
     matmul_backward(d.norm_out, model->grads.head, d.logits, model->acts.final_in, model->params.head, N, C, V);
     llama_backward_trunk(model, tokens, B, T);
+}
+
+// The SFT step's loss and gradient: the forward, then the masked mean NLL over `count` targets
+// (the step's, across its micro-batches) through fused_logprob_nll, which computes acts.lp and
+// d.logits from one max and sum per logits row, then the head's and the trunk's backward.
+// Accumulates into model->grads; returns this batch's share of the loss, sum(-lp[mask]) / count
+// (the same bits as llama_forward, masked_mean_loss, masked_mean_loss_backward, llama_backward).
+inline double llama_nll_forward_backward(Llama* model, const int* tokens, const uint8_t* mask, int B, int T, size_t count) {
+    size_t N = (size_t)B * T, C = model->config.dim, V = model->config.vocab_size;
+    ActTensors& a = model->acts;
+    GradActTensors& d = model->grad_acts;
+    llama_forward_trunk(model, tokens, B, T);
+    matmul_forward(a.logits, a.final_in, model->params.head, N, C, V);
+    fused_logprob_nll(a.lp, d.logits, a.logits, tokens, mask, count, B, T, V);
+    memset(d.norm_out, 0, N * C * sizeof(float));
+    matmul_backward(d.norm_out, model->grads.head, d.logits, a.final_in, model->params.head, N, C, V);
+    llama_backward_trunk(model, tokens, B, T);
+    size_t n;
+    return masked_mean_loss(a.lp, mask, B, T, &n) * n / std::max(count, (size_t)1);
 }
 
 // Backward of an objective of a reward model's scores: dscores (B) = d(objective)/d(acts.scores),
@@ -2715,7 +2911,7 @@ struct GpuMemoryPlan {
     size_t grads = 0;             // (num_params) FP32, training
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
-    size_t grad_activations = 0;  // GradActTensorsT<floatX>, training
+    size_t grad_activations = 0;  // GradActTensorsT<floatX>, training (no d-logits: they overwrite the logits)
     size_t scratch = 0;           // tokens, score_idx, the sequence sums' mask and sums; training: dlp, dscores, dsums, norm
                                   // scratch, attention delta, embedding buckets, RMSNorm weight-gradient partials
     size_t rope_table = 0;        // (T, hd/2, 2) FP32 RoPE cos and sin
@@ -2740,7 +2936,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
         GradActTensorsT<floatX> grad_acts;
         m.grads = n * sizeof(float);
         m.moments = 2 * n * sizeof(float);
-        m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T);
+        m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T, true);
         m.scratch += N * sizeof(float) + B * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
                      (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int) +
                      rmsnorm_backward_blocks(N) * c.dim * sizeof(float);
@@ -2818,8 +3014,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         cudaCheck(cudaMemsetAsync(g->grads_memory, 0, n * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->m_memory, 0, n * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->v_memory, 0, n * sizeof(float), stream));
-        g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T));
-        point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T);
+        g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T, true));
+        point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T, true);
         g->dlp = cuda_alloc<float>((size_t)B * T);
         g->dscores = cuda_alloc<float>(B);
         g->dsums = cuda_alloc<float>(B);
@@ -2841,9 +3037,8 @@ inline void llama_cuda_free(LlamaCuda* g) {
     *g = LlamaCuda{};
 }
 
-// tokens (B, T) on the host -> acts.logits and acts.lp on the device with the language-model
-// head, or acts.scores (B) with the reward head, at positions score_idx (B, on the host)
-inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, const int* score_idx = nullptr) {
+// tokens (B, T) on the host -> every layer's activations and acts.final_in (B, T, C) on the device
+inline void llama_cuda_forward_trunk(LlamaCuda* g, const int* tokens, int B, int T) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     if (B > g->B || T > g->T) {
@@ -2892,12 +3087,23 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
                                             last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
                                             last ? p.final_norm : p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
     }
+}
+
+// tokens (B, T) on the host -> acts.logits and acts.lp on the device with the language-model
+// head, or acts.scores (B) with the reward head, at positions score_idx (B, on the host)
+inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, const int* score_idx = nullptr) {
+    NVTX_RANGE_FN();
+    const LlamaConfig& c = g->config;
+    size_t C = c.dim, N = (size_t)B * T;
+    cudaStream_t st = g->stream;
+    ActTensorsT<floatX>& a = g->acts;
+    llama_cuda_forward_trunk(g, tokens, B, T);
     if (c.head_type == HEAD_REWARD) {
         cudaCheck(cudaMemcpyAsync(g->score_idx, score_idx, B * sizeof(int), cudaMemcpyHostToDevice, st));
-        reward_head_forward_cuda(a.scores, a.final_in, p.head, g->score_idx, B, T, (int)C, st);
+        reward_head_forward_cuda(a.scores, a.final_in, g->params.head, g->score_idx, B, T, (int)C, st);
         return;
     }
-    matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, (size_t)c.vocab_size, st);
+    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, (size_t)c.vocab_size, st);
     logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, c.vocab_size, st);
 }
 
@@ -2971,10 +3177,38 @@ inline void llama_cuda_backward_from_dlp(LlamaCuda* g, int B, int T) {
     size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
-    logprob_backward_cuda(d.logits, g->acts.logits, g->tokens, g->dlp, B, T, (int)V, st);
+    floatX* logits = g->acts.logits;  // (B, T, V) the forward's logits, then their gradient (in place)
+    logprob_backward_cuda(logits, logits, g->tokens, g->dlp, B, T, (int)V, st);
     cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
-    matmul_backward_cuda(d.norm_out, g->grads.head, d.logits, g->acts.final_in, g->params.head, N, C, V, st);
+    matmul_backward_cuda(d.norm_out, g->grads.head, logits, g->acts.final_in, g->params.head, N, C, V, st);
     llama_cuda_backward_trunk(g, B, T);
+}
+
+// The SFT step's loss and gradient on the device (llama_nll_forward_backward): the forward, then
+// fused_logprob_nll_cuda writes acts.lp and the d-logits of the masked mean NLL over `count`
+// targets over acts.logits from one read of each row's max and sum, then the head's and the trunk's
+// backward; accumulates into grads. The mask (B, T) goes up; down come B sums (in
+// seq_sums, the sequence sums' scratch), not (B, T) log-probs. Returns sum(-lp[mask]) / count.
+inline double llama_cuda_nll_forward_backward(LlamaCuda* g, const int* tokens, const uint8_t* mask, int B, int T, size_t count) {
+    NVTX_RANGE_FN();
+    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
+    cudaStream_t st = g->stream;
+    ActTensorsT<floatX>& a = g->acts;
+    GradActTensorsT<floatX>& d = g->grad_acts;
+    llama_cuda_forward_trunk(g, tokens, B, T);
+    cudaCheck(cudaMemcpyAsync(g->mask, mask, N, cudaMemcpyHostToDevice, st));
+    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, V, st);
+    fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g->tokens, g->mask, count, B, T, (int)V, st);
+    sequence_logprob_forward_cuda(g->seq_sums, a.lp, g->mask, B, T, st);
+    cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
+    matmul_backward_cuda(d.norm_out, g->grads.head, a.logits, a.final_in, g->params.head, N, C, V, st);
+    llama_cuda_backward_trunk(g, B, T);
+    std::vector<float> sums(B);  // after the backward is queued: the device runs on while the host waits
+    cudaCheck(cudaMemcpyAsync(sums.data(), g->seq_sums, B * sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    double nll = 0;
+    for (float x : sums) nll -= x;
+    return nll / (double)std::max(count, (size_t)1);
 }
 
 // Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
@@ -3100,7 +3334,8 @@ inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
 #endif
 }
 
-// the logits of the last forward at row (b, t) into out (V), for sampling
+// the logits of the last forward at row (b, t) into out (V), for sampling (on the GPU a backward
+// overwrites them with their gradient)
 inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
     runner_require_head(r, HEAD_LM, "logits");
     size_t V = r->host.config.vocab_size, offset = ((size_t)b * T + t) * V;
@@ -3159,6 +3394,19 @@ inline void runner_backward(Runner* r, const int* tokens, const float* dlp, int 
     llama_cuda_backward(&r->gpu, dlp, B, T);
 #else
     llama_backward(&r->host, tokens, dlp, B, T);
+#endif
+}
+
+// The SFT step's loss and gradient for tokens and mask (B, T): the masked mean NLL over the
+// step's `count` targets (its share from this batch is returned, sum(-lp[mask]) / count) and its
+// gradient accumulated, the log-probs and the d-logits from one pass over the logits
+// (llama_nll_forward_backward; on the GPU nothing of (B, T) comes to the host)
+inline double runner_nll_forward_backward(Runner* r, const int* tokens, const uint8_t* mask, int B, int T, size_t count) {
+    runner_require_head(r, HEAD_LM, "the token loss");
+#ifdef XWIN_CUDA
+    return llama_cuda_nll_forward_backward(&r->gpu, tokens, mask, B, T, count);
+#else
+    return llama_nll_forward_backward(&r->host, tokens, mask, B, T, count);
 #endif
 }
 
@@ -5397,70 +5645,8 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
 // frozen reference each give the log-prob of every response (its target tokens' log-probs
 // added up); the loss of a pair compares the policy's margin of chosen over rejected with the
 // reference's. Pairs come as the pair file has them (2i chosen, 2i + 1 rejected); the ops
-// below care only about rows.
-
-// sums (B) = the log-prob of each sequence's target tokens: sums[b] = sum over t >= 1 of
-// mask[b, t] * lp[b, t]; lp (B, T) from logprob_forward, mask (B, T) the token file's loss mask.
-// Alignment, as masked_mean_loss reads them: lp[b, t] = log p(tokens[b, t] | tokens[b, < t])
-// (from the logits at row t - 1), and mask[b, t] = 1 makes tokens[b, t] a target; position 0
-// has nothing predicting it (lp 0) and never counts, whatever its mask says. Added in order, in
-// double (sequence_logprob_sums above returns the same sums in double, for measures).
-template <typename T>
-void sequence_logprob_forward(T* sums, const T* lp, const uint8_t* mask, size_t B, size_t Tn) {
-    for (size_t b = 0; b < B; b++) {
-        double s = 0;
-        for (size_t t = 1; t < Tn; t++) {
-            if (mask[b * Tn + t]) s += lp[b * Tn + t];
-        }
-        sums[b] = T(s);
-    }
-}
-
-// Given dsums (B) = d(objective)/d(sums): dlp (B, T) = d(objective)/d(lp) = dsums[b] at the
-// targets (t >= 1, mask 1) and 0 elsewhere. Writes dlp (=), it does not add to it.
-template <typename T>
-void sequence_logprob_backward(T* dlp, const T* dsums, const uint8_t* mask, size_t B, size_t Tn) {
-    for (size_t b = 0; b < B; b++) {
-        for (size_t t = 0; t < Tn; t++) dlp[b * Tn + t] = (t != 0 && mask[b * Tn + t]) ? dsums[b] : T(0);
-    }
-}
-
-#ifdef XWIN_CUDA
-// one block per sequence: each thread adds its strided share of the targets, then block_reduce
-// (a fixed order and tree for a given block size: the same bits run after run, no atomics)
-__global__ void sequence_logprob_forward_kernel(float* sums, const float* lp, const uint8_t* mask, int T) {
-    __shared__ float shared[32];
-    size_t row = (size_t)blockIdx.x * T;
-    float s = 0.0f;
-    for (int t = 1 + threadIdx.x; t < T; t += blockDim.x) {
-        if (mask[row + t]) s += lp[row + t];
-    }
-    s = block_reduce(s, shared, false);
-    if (threadIdx.x == 0) sums[blockIdx.x] = s;
-}
-
-// one thread per element (b, t) of dlp (B, T)
-__global__ void sequence_logprob_backward_kernel(float* dlp, const float* dsums, const uint8_t* mask, size_t N, int T) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) return;
-    dlp[i] = (i % T != 0 && mask[i]) ? dsums[i / T] : 0.0f;
-}
-
-inline void sequence_logprob_forward_cuda(float* sums, const float* lp, const uint8_t* mask, int B, int T, cudaStream_t stream) {
-    NVTX_RANGE_FN();
-    const int block_size = 256;  // a block per sequence; block_reduce needs a multiple of 32 (<= 1024)
-    LAUNCH(sequence_logprob_forward_kernel, (unsigned)B, block_size, 0, stream, sums, lp, mask, T);
-    cudaCheck(cudaGetLastError());
-}
-
-inline void sequence_logprob_backward_cuda(float* dlp, const float* dsums, const uint8_t* mask, int B, int T, cudaStream_t stream) {
-    NVTX_RANGE_FN();
-    const int block_size = 256;  // a thread per element, any count (the last block's tail returns)
-    size_t N = (size_t)B * T;
-    LAUNCH(sequence_logprob_backward_kernel, ceil_div(N, block_size), block_size, 0, stream, dlp, dsums, mask, N, T);
-    cudaCheck(cudaGetLastError());
-}
-#endif
+// below care only about rows. The per-sequence sums (sequence_logprob_forward/_backward and their
+// kernels) are among the ops, after the log-probs.
 
 // tokens (B, T), mask (B, T) -> the sum of each sequence's masked token log-probs (B) on the host
 // (valid until the next call). On the GPU the mask goes up, the sums are made on the device and

@@ -114,7 +114,6 @@ int main(int argc, char** argv) {
 
     std::vector<int> tokens((size_t)tc.micro_batch * tc.max_len);
     std::vector<uint8_t> mask(tokens.size());
-    std::vector<float> dlp(tokens.size());
     std::vector<size_t> rows(tc.total_batch);
     // loop: one optimizer step per total batch
     while (trainer_running(&tr)) {
@@ -132,11 +131,7 @@ int main(int argc, char** argv) {
             int T = 0;
             for (int b = 0; b < tc.micro_batch; b++) T = std::max(T, (int)token_seq_len(train, mrows[b]));
             tokens_fill_rows(train, mrows, tc.micro_batch, T, tokens.data(), mask.data());
-            const float* lp = runner_forward(&runner, tokens.data(), tc.micro_batch, T);
-            size_t count;
-            loss += masked_mean_loss(lp, mask.data(), tc.micro_batch, T, &count) * count / std::max(step_targets, (size_t)1);
-            masked_mean_loss_backward(dlp.data(), mask.data(), tc.micro_batch, T, step_targets);
-            runner_backward(&runner, tokens.data(), dlp.data(), tc.micro_batch, T);
+            loss += runner_nll_forward_backward(&runner, tokens.data(), mask.data(), tc.micro_batch, T, step_targets);
             step_tokens += (size_t)tc.micro_batch * T;
         }
         // step: clip, lr, AdamW, step line, log

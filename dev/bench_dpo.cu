@@ -5,11 +5,11 @@ bench_dpo: a DPO step against an SFT step on the same tokens, side by side in on
   (defaults: out/sft/model.bin, data/world/pairs_train.pairs, 8, 40)
 
 Both steps take the same 2 n sequences (the chosen and rejected answers of n pairs) and the
-same mask (the answers' tokens): the SFT step is the forward, masked_mean_loss and the backward
-of its d(log-probs); the DPO step is runner_sequence_logprobs, dpo_loss against reference
-sums, and runner_sequence_backward. Each is followed by the same clip and AdamW update. The
-two alternate, rep by rep over the same pair batches; the line gives each median and the
-ratio DPO / SFT. The reference costs nothing here: train_dpo computes it once before training.
+same mask (the answers' tokens): the SFT step is train_sft's, runner_nll_forward_backward (the
+masked mean NLL's log-probs and d-logits in one pass); the DPO step is runner_sequence_logprobs,
+dpo_loss against reference sums, and runner_sequence_backward. Each is followed by the same
+clip and AdamW update. The two alternate, rep by rep over the same pair batches; the line gives
+each median and the ratio DPO / SFT. The reference costs nothing here: train_dpo computes it once before training.
 Builds for the CPU (make bench_dpo) or the GPU (nvcc -x cu, as the programs).
 */
 #include <algorithm>
@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
     runner_init(&r, 2 * n, max_T, true);
     std::vector<int> tokens((size_t)2 * n * max_T);
     std::vector<uint8_t> mask(tokens.size());
-    std::vector<float> dlp(tokens.size()), rc(n, -5.0f), rr(n, -6.0f), nc(n), nr(n), pc(n), pr(n), dpc(n), dpr(n), dsums(2 * n);
+    std::vector<float> rc(n, -5.0f), rr(n, -6.0f), nc(n), nr(n), pc(n), pr(n), dpc(n), dpr(n), dsums(2 * n);
     std::vector<size_t> seqs(2 * n);
     DPOConfig dpo;
     AdamWConfig opt{1e-5f, 0.9f, 0.999f, 1e-8f, 0.0f};
@@ -43,12 +43,10 @@ int main(int argc, char** argv) {
         for (int kind = 0; kind < 2; kind++) {
             auto t0 = std::chrono::steady_clock::now();
             runner_zero_grad(&r);
-            if (kind == 0) {  // SFT: the mean NLL of the answers' tokens
-                const float* lp = runner_forward(&r, tokens.data(), 2 * n, T);
-                size_t count;
-                masked_mean_loss(lp, mask.data(), 2 * n, T, &count);
-                masked_mean_loss_backward(dlp.data(), mask.data(), 2 * n, T, count);
-                runner_backward(&r, tokens.data(), dlp.data(), 2 * n, T);
+            if (kind == 0) {  // SFT: the mean NLL of the answers' tokens (train_sft's step)
+                size_t count = 0;
+                for (size_t i = 0; i < (size_t)2 * n * T; i++) count += i % T != 0 && mask[i];
+                runner_nll_forward_backward(&r, tokens.data(), mask.data(), 2 * n, T, count);
             } else {  // DPO: the answers' log-prob sums, the loss, the backward of the sums
                 const float* sums = runner_sequence_logprobs(&r, tokens.data(), mask.data(), 2 * n, T);
                 for (int i = 0; i < n; i++) pc[i] = sums[2 * i], pr[i] = sums[2 * i + 1], nc[i] = nr[i] = 1;

@@ -63,22 +63,18 @@ int main(int argc, char** argv) {
     std::vector<int> tokens(N);
     for (int& t : tokens) t = (int)(rng() % V);
     std::vector<uint8_t> mask(N, 1);
-    std::vector<float> lp(N), dlp(N);
     printf("shape dim %d layers %d heads %d kv %d vocab %d ffn %d B %d T %d params %zu precision %s\n", c.dim, c.n_layers, c.n_heads,
            c.n_kv_heads, c.vocab_size, c.ffn_dim, B, T, host.num_params, sizeof(floatX) == 2 ? "bf16" : "fp32");
 
-    auto step = [&] {
-        llama_cuda_forward(&g, tokens.data(), B, T);
-        llama_cuda_logprobs(&g, lp.data(), B, T);
-        size_t count;
-        masked_mean_loss(lp.data(), mask.data(), B, T, &count);
-        masked_mean_loss_backward(dlp.data(), mask.data(), B, T, count);
+    auto step = [&] {  // train_sft's: the loss and its gradient with the classifier fused
         llama_cuda_zero_grad(&g);
-        llama_cuda_backward(&g, dlp.data(), B, T);
+        llama_cuda_nll_forward_backward(&g, tokens.data(), mask.data(), B, T, N - B);
         llama_cuda_clip_grad_norm(&g, 1.0f);
         llama_cuda_update(&g, AdamWConfig{1e-5f, 0.9f, 0.95f, 1e-8f, 0.0f});
     };
     step();  // fills every activation so the ops below read real values
+    std::vector<float> dlp(N, -1.0f / (float)N);  // for logprob_backward alone (the step needs none)
+    cudaCheck(cudaMemcpy(g.dlp, dlp.data(), N * sizeof(float), cudaMemcpyHostToDevice));
 
     ActTensorsT<floatX>& a = g.acts;
     GradActTensorsT<floatX>& d = g.grad_acts;
@@ -100,7 +96,10 @@ int main(int argc, char** argv) {
     printf("op swiglu_backward %.4f\n", time_ms([&] { swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate, a.up, N * F, st); }));
     printf("op residual_forward %.4f\n", time_ms([&] { residual_forward_cuda(a.residual_mid, a.residual, a.scratch, N * C, st); }));
     printf("op logprob_forward %.4f\n", time_ms([&] { logprob_forward_cuda(a.lp, a.logits, g.tokens, B, T, (int)V, st); }));
-    printf("op logprob_backward %.4f\n", time_ms([&] { logprob_backward_cuda(d.logits, a.logits, g.tokens, g.dlp, B, T, (int)V, st); }));
+    // (in place, as the model runs them: the logits become d-logits, then d-logits of d-logits; the
+    // same work whatever the values)
+    printf("op logprob_backward %.4f\n", time_ms([&] { logprob_backward_cuda(a.logits, a.logits, g.tokens, g.dlp, B, T, (int)V, st); }));
+    printf("op fused_logprob_nll %.4f\n", time_ms([&] { fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g.tokens, g.mask, N - B, B, T, (int)V, st); }));
     printf("op clip_grad_norm %.4f\n", time_ms([&] { grad_norm_coef_cuda(g.grads_memory, g.num_params, 1e9f, g.norm_partials, g.norm_coef, st); }));
     printf("op adamw %.4f\n", time_ms([&] { adamw_update_cuda(g.master, g.params_memory, g.grads_memory, g.m_memory, g.v_memory, g.num_params, AdamWConfig{1e-5f, 0.9f, 0.95f, 1e-8f, 0.0f}, 0.0f, 1, st); }));
     float ms = time_ms(step, 10);

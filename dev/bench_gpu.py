@@ -74,7 +74,7 @@ def torch_ops():
         "attention_forward": cuda_ms(att), "attention_backward": cuda_ms(fwd_bwd(att)),
         "swiglu_forward": cuda_ms(swi), "swiglu_backward": cuda_ms(fwd_bwd(swi)),
         "residual_forward": cuda_ms(lambda: x + x),
-        "logprob_forward": cuda_ms(ce), "logprob_backward": cuda_ms(fwd_bwd(ce)),
+        "logprob_forward": cuda_ms(ce), "logprob_backward": cuda_ms(fwd_bwd(ce)), "fused_logprob_nll": cuda_ms(fwd_bwd(ce)),
         "clip_grad_norm": cuda_ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9)),
         "adamw": cuda_ms(opt.step),
     }

@@ -2,9 +2,9 @@
 """Predicted GPU time and memory of one training step of xwin.cu (standard library only).
 
 A roofline of the GPU build as llm.cu issues its work: every kernel launch, cuBLAS GEMM and
-memset of one step (llama_cuda_zero_grad, llama_cuda_forward, llama_cuda_backward,
-llama_cuda_clip_grad_norm, llama_cuda_update: one micro-batch of B sequences of T tokens,
-language-model head), with the FLOPs it executes and the bytes it moves through HBM, and its
+memset of one step (llama_cuda_zero_grad, llama_cuda_nll_forward_backward: train_sft's forward,
+loss and backward with the classifier fused, llama_cuda_clip_grad_norm, llama_cuda_update: one
+micro-batch of B sequences of T tokens, language-model head), with the FLOPs it executes and the bytes it moves through HBM, and its
 predicted time max(FLOPs / peak, bytes / bandwidth) at an H100's 798 TFLOP/s dense BF16 and
 3.0 TB/s. The step's predicted time is their sum; its MFU is the step line's (mfu_text in
 llm.cu): 6 * parameters * tokens / (time * peak). Every number here is PREDICTED, not measured:
@@ -13,7 +13,7 @@ a roofline is a bound that real kernels approach, not a timing.
 Bytes: each tensor a launch reads or writes, once (row re-reads within a block, and the tiles
 of k and v that the flash kernels' blocks of one head share, are taken to hit L1/L2); an
 accumulating write (+=) reads and writes. The gradient clipping is folded into AdamW (no scale
-pass). Host copies (tokens, dlp) are left out.
+pass). Host copies (tokens, mask, the B loss sums) are left out.
 
   python3 dev/roofline.py                      the README's tables: before/after for TinyLlama
                                                (B 4 and 8, T 2048) and Llama-2-7B (B 1, T 4096)
@@ -61,7 +61,7 @@ def head_tile(hd):  # llm.cu flash_attention_head_tile
 
 
 def build_step(cfg, B, T, attention, x):
-    """The launches of llama_cuda_zero_grad + forward + backward + clip + update. x: bytes per floatX."""
+    """The launches of llama_cuda_zero_grad + nll_forward_backward + clip + update. x: bytes per floatX."""
     C, L, H, KV, V, F = cfg
     hd, N = C // H, B * T
     KVD = KV * hd
@@ -99,7 +99,7 @@ def build_step(cfg, B, T, attention, x):
 
     # ---- llama_cuda_zero_grad
     memset("gradients", P * f4)
-    # ---- llama_cuda_forward
+    # ---- llama_cuda_nll_forward_backward: llama_cuda_forward_trunk
     s.add("embedding_forward_kernel", "embedding", 0, N * 4 + 2 * N * C * x)
     rmsnorm_forward("attention norm")  # the first layer's; the others' come fused with the residual add before them
     for l in range(L):
@@ -120,9 +120,11 @@ def build_step(cfg, B, T, attention, x):
         matmul_forward("down", N, F, C)
         fused_residual_rmsnorm_forward("mlp residual, " + ("attention norm" if l + 1 < L else "final norm"))
     matmul_forward("head", N, C, V)
-    s.add("logprob_forward_kernel", "log-probs", 4 * N * V, N * V * x + 2 * N * 4)
-    # ---- llama_cuda_backward
-    s.add("logprob_backward_kernel", "d logits", 6 * N * V, 2 * N * V * x + 2 * N * 4)
+    # the log-probs and the loss's d-logits over the logits: one read of each row for its max and sum (online), one
+    # write pass (the row re-read from L1/L2); tokens, mask, log-probs. Then the loss's B sums of the masked log-probs.
+    s.add("fused_logprob_nll_kernel", "log-probs, d logits", 8 * N * V, 2 * N * V * x + N * 4 + N + N * 4)
+    s.add("sequence_logprob_forward_kernel", "loss sums", N, N * 4 + N + B * 4)
+    # ---- the backward: the head's, then the trunk's (llama_cuda_backward_trunk)
     memset("d norm_out", N * C * x)
     matmul_backward("head", N, C, V)
     memset("d residual", N * C * x)
@@ -244,7 +246,7 @@ def memory_plan(cfg, B, T, attention, x):
                   (L * N * F, x), (L * N * F, x), (L * N * F, x), (N * C, x), (N, 4), (N * V, x), (N, 4), (N * C, x),
                   (0, 4), (L * B * H * T if flash else 0, 4)])
     grad_acts = carve([(N * C, x), (N * C, x), (N * C, x), (N * KVD, x), (N * KVD, x), (N * C, x), (N * F, x), (N * F, x),
-                       (N * F, x), (N * V, x)])
+                       (N * F, x)])  # no d-logits: the GPU writes them over the logits
     if flash:
         attn = B * H * T * 4  # attn_delta
     else:

@@ -184,7 +184,7 @@ static std::string command_output(const std::string& cmd) {
 }
 
 // dev/roofline.py models this implementation: its kernel launches of one training step (zero
-// grad, forward, backward, clip, AdamW) and its memory plan must be what the emulated GPU model
+// grad, train_sft's forward and backward with the classifier fused, clip, AdamW) and its memory plan must be what the emulated GPU model
 // launches and allocates. A grouped-query model with T = 70: two query tiles in BF16, three in FP32.
 TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[kernels][flash][roofline]") {
     LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
@@ -205,7 +205,7 @@ TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[ke
 
     std::vector<int> tokens(B * T);
     for (int& t : tokens) t = (int)(rng_uniform(&rng) * 160) % 160;
-    std::vector<float> lp(B * T), dlp(B * T, -1.0f / (B * T));
+    std::vector<uint8_t> mask(B * T, 1);
     auto counts = [] {  // launches per kernel, a template's instantiations together
         std::map<std::string, unsigned long long> m;
         for (auto& kv : emu_kernel_launch_counts()) m[std::regex_replace(kv.first, std::regex("<.*>$"), "")] += kv.second;
@@ -213,9 +213,7 @@ TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[ke
     };
     std::map<std::string, unsigned long long> before = counts();
     llama_cuda_zero_grad(&g);
-    llama_cuda_forward(&g, tokens.data(), B, T);
-    llama_cuda_logprobs(&g, lp.data(), B, T);
-    llama_cuda_backward(&g, dlp.data(), B, T);
+    llama_cuda_nll_forward_backward(&g, tokens.data(), mask.data(), B, T, B * (T - 1));  // train_sft's step
     llama_cuda_clip_grad_norm(&g, 1.0f);
     llama_cuda_update(&g, AdamWConfig{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f});
     std::map<std::string, unsigned long long> ran, modelled;

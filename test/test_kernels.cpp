@@ -397,6 +397,8 @@ static void run_logprob(const std::vector<int>& tokens, const std::vector<float>
     logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, stream);
     logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);
     *got = download(d_lp, B * T), *dgot = download_x(d_dz, z.size());
+    logprob_backward_cuda(d_z, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);  // in place, as the GPU model runs it
+    CHECK(download_x(d_z, z.size()) == *dgot);
     void* bufs[] = {d_tokens, d_z, d_dz, d_dlp, d_lp};
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
@@ -456,6 +458,74 @@ TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][
     printf("  %-24s worst %.2e (tolerance 1e-05); dlogits worst row rel err %.2e (tolerance %.0e)\n", "logprob levels", worst, worst_row, TOL);
     CHECK(worst <= 1e-5);
     CHECK(worst_row < TOL);
+}
+
+// The SFT classifier fused (fused_logprob_nll): the log-probs and the d-logits of the masked mean
+// NLL over `count` targets from one max and sum per row. Its CPU twin gives the bits of the unfused
+// ops (logprob_forward, masked_mean_loss_backward, logprob_backward), out of place and in place;
+// the kernel (online max and sum, then the write pass) matches the twin within the logprob test's
+// tolerances (lp FP32 output: 1e-5; dlogits TOL), out of place and over its own logits, with the
+// same bits both ways. V = 301: the element-wise path in both precisions; 1000: 128-bit groups, fewer
+// than the block's threads (threads with no element); 4104: groups over three strides, the last
+// partial. count is the step's (more than this batch's targets); count 0 writes zero d-logits.
+TEST_CASE("fused logprob + NLL kernel matches its CPU twin, which is the unfused ops' bits", "[kernels]") {
+    std::mt19937 rng(test_seed() + 71);
+    const size_t B = 3, T = 5;
+    for (size_t V : {(size_t)301, (size_t)1000, (size_t)4104}) {
+        for (size_t extra : {(size_t)3, (size_t)0}) {
+            std::vector<int> tokens(B * T);
+            for (int& t : tokens) t = (int)(rng() % V);
+            tokens[1] = (int)V - 1, tokens[2] = 0;  // targets at both ends of a row
+            std::vector<uint8_t> mask(B * T);
+            for (uint8_t& m : mask) m = rng() % 3 != 0;
+            mask[1] = mask[2] = 1, mask[T] = 1;  // position 0 of a sequence never counts, whatever its mask
+            size_t targets = 0;
+            for (size_t i = 0; i < B * T; i++) targets += i % T != 0 && mask[i];
+            size_t count = extra ? targets + extra : 0;
+            std::vector<float> z = rounded(random_floats(B * T * V, rng, 3.0f));
+            INFO("V " << V << ", count " << count);
+            // the twin against the unfused ops, bit for bit
+            std::vector<float> lp_ref(B * T), dlp(B * T), dz_ref(z.size());
+            logprob_forward(lp_ref.data(), z.data(), tokens.data(), B, T, V);
+            masked_mean_loss_backward(dlp.data(), mask.data(), B, T, count);
+            logprob_backward(dz_ref.data(), z.data(), tokens.data(), dlp.data(), B, T, V);
+            std::vector<float> lp(B * T, NAN), dz(z.size(), NAN), lp_in(B * T, NAN), z_in = z;
+            fused_logprob_nll(lp.data(), dz.data(), z.data(), tokens.data(), mask.data(), count, B, T, V);
+            fused_logprob_nll(lp_in.data(), z_in.data(), z_in.data(), tokens.data(), mask.data(), count, B, T, V);
+            CHECK(lp == lp_ref);
+            CHECK(dz == dz_ref);
+            CHECK(lp_in == lp_ref);
+            CHECK(z_in == dz_ref);
+            size_t nonzero = 0;
+            for (float x : dz_ref) nonzero += x != 0.0f;
+            CHECK(nonzero == (count ? targets * V : 0));  // a target's row is nonzero, every other row zero
+
+            // the kernel against the twin, then over its own logits
+            int* d_tokens = upload(tokens);
+            uint8_t* d_mask = upload(mask);
+            floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
+            float* d_lp = cuda_alloc<float>(B * T);
+            poison(d_lp, B * T);
+            poison(d_dz, z.size());
+            fused_logprob_nll_cuda(d_lp, d_dz, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, stream);
+            std::vector<float> got = download(d_lp, B * T), dgot = download_x(d_dz, z.size());
+            double worst = 0;
+            for (size_t i = 0; i < B * T; i++) {
+                double err = std::fabs((double)got[i] - lp[i]) / std::max(1.0, std::fabs((double)lp[i]));
+                worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+            }
+            printf("  fused logprob V %-5zu count %-3zu worst %.2e (tolerance 1e-05)\n", V, count, worst);
+            CHECK(worst <= 1e-5);
+            if (count) check_close("fused dlogits", dgot, dz);
+            else CHECK(dgot == std::vector<float>(z.size(), 0.0f));
+            poison(d_lp, B * T);
+            fused_logprob_nll_cuda(d_lp, d_z, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, stream);
+            CHECK(download(d_lp, B * T) == got);
+            CHECK(download_x(d_z, z.size()) == dgot);
+            void* bufs[] = {d_tokens, d_mask, d_z, d_dz, d_lp};
+            for (void* p : bufs) cudaCheck(cudaFree(p));
+        }
+    }
 }
 
 // The device clips inside AdamW: grad_norm_coef_cuda leaves the gradients as they are and
@@ -613,26 +683,26 @@ static void run_model_parity(const std::string& name) {
     int B = (int)data.n_seqs, T = (int)token_seq_len(data, 0);
     std::vector<int> tokens(B * T);
     std::vector<uint8_t> mask(B * T);
-    std::vector<float> lp(B * T), dlp(B * T);
+    std::vector<float> lp(B * T);
     tokens_fill_batch(data, 0, B, T, tokens.data(), mask.data());
     const float* hp = e["adamw"].data.data();
     AdamWConfig opt{hp[0], hp[1], hp[2], hp[3], hp[4]};
     LlamaCuda g;
     llama_cuda_init(&g, &host, B, T, true, stream);
     printf("kernel parity %s\n", name.c_str());
-    auto loss_and_grad = [&] {
-        llama_cuda_forward(&g, tokens.data(), B, T);
-        llama_cuda_logprobs(&g, lp.data(), B, T);
-        size_t count;
-        double loss = masked_mean_loss(lp.data(), mask.data(), B, T, &count);
-        masked_mean_loss_backward(dlp.data(), mask.data(), B, T, count);
+    size_t count = 0;
+    for (int i = 0; i < B * T; i++) count += i % T != 0 && mask[i];
+    auto loss_and_grad = [&] {  // train_sft's step: the classifier fused, B sums to the host
         llama_cuda_zero_grad(&g);
-        llama_cuda_backward(&g, dlp.data(), B, T);
+        double loss = llama_cuda_nll_forward_backward(&g, tokens.data(), mask.data(), B, T, count);
+        llama_cuda_logprobs(&g, lp.data(), B, T);  // its log-probs, for the sums below
         return loss;
     };
-    double loss = loss_and_grad();
+    // the logits of a plain forward (the step writes the d-logits over them)
+    llama_cuda_forward(&g, tokens.data(), B, T);
     size_t V = host.config.vocab_size;
     check_close("logits", download_x(g.acts.logits, (size_t)B * T * V), e["logits"].data, TOL_LOGITS);
+    double loss = loss_and_grad();
     CHECK(loss == Approx(e["loss"].data[0]).epsilon(TOL_LOSS));
     double sums[16];
     sequence_logprob_sums(sums, lp.data(), mask.data(), B, T);
@@ -669,19 +739,18 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
     for (size_t i = 0; i < host.num_params; i++) host.params_memory[i] = 0.05f * rng_normal(&rng);
     std::vector<int> tokens(B * T);
     for (int& t : tokens) t = (int)(rng_uniform(&rng) * 20) % 20;
-    std::vector<float> lp(B * T), dlp(B * T, -1.0f / (B * T));
+    std::vector<uint8_t> mask(B * T, 1);
     auto step = [&] {
         LlamaCuda g;
         llama_cuda_init(&g, &host, B, T, true, stream);
-        llama_cuda_forward(&g, tokens.data(), B, T);
-        llama_cuda_logprobs(&g, lp.data(), B, T);
-        llama_cuda_backward(&g, dlp.data(), B, T);
+        double loss = llama_cuda_nll_forward_backward(&g, tokens.data(), mask.data(), B, T, B * (T - 1));
         llama_cuda_clip_grad_norm(&g, 0.5f);
         std::vector<float> grads = download(g.grads_memory, g.num_params);
         llama_cuda_update(&g, AdamWConfig{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f});
         std::vector<float> master = download(g.master, g.num_params);
         llama_cuda_free(&g);
         grads.insert(grads.end(), master.begin(), master.end());
+        grads.push_back((float)loss);
         return grads;
     };
     std::vector<float> first = step(), second = step();

@@ -36,8 +36,8 @@ static void parity_setup(ParityRun& r, const std::string& name) {
     llama_alloc(&r.model, r.B, r.T, true);
 }
 
-// forward, masked mean loss, its backward; returns the loss
-static double parity_loss_and_grad(ParityRun& r) {
+// forward, masked mean loss, its backward (the ops one by one); returns the loss
+static double parity_loss_and_grad_unfused(ParityRun& r) {
     llama_forward(&r.model, r.tokens.data(), r.B, r.T);
     size_t count;
     double loss = masked_mean_loss(r.model.acts.lp, r.mask.data(), r.B, r.T, &count);
@@ -45,6 +45,14 @@ static double parity_loss_and_grad(ParityRun& r) {
     llama_zero_grad(&r.model);
     llama_backward(&r.model, r.tokens.data(), r.dlp.data(), r.B, r.T);
     return loss;
+}
+
+// the same as train_sft runs it: llama_nll_forward_backward (the classifier fused)
+static double parity_loss_and_grad(ParityRun& r) {
+    size_t count = 0;
+    for (int i = 0; i < r.B * r.T; i++) count += i % r.T != 0 && r.mask[i];
+    llama_zero_grad(&r.model);
+    return llama_nll_forward_backward(&r.model, r.tokens.data(), r.mask.data(), r.B, r.T, count);
 }
 
 static void check_param_tensors(Llama& model, const float* memory, std::map<std::string, FixtureTensor>& expect,
@@ -113,6 +121,26 @@ static void run_parity(const std::string& name) {
 TEST_CASE("parity with transformers: multi-head, tied embeddings", "[parity]") { run_parity("mha_tied"); }
 TEST_CASE("parity with transformers: grouped-query, separate head, rope_theta 500000, eps 1e-6", "[parity]") { run_parity("gqa_untied"); }
 TEST_CASE("parity with transformers: sizes not multiples of 8", "[parity]") { run_parity("odd_sizes"); }
+
+// The fused SFT step (llama_nll_forward_backward, fused_logprob_nll) gives the bits of the ops one
+// by one: the loss, the log-probs, the logits and every gradient.
+TEST_CASE("the fused SFT loss and gradient are the unfused ops' bits", "[parity]") {
+    for (const char* name : {"gqa_untied", "odd_sizes"}) {
+        ParityRun r;
+        parity_setup(r, name);
+        size_t N = (size_t)r.B * r.T, V = r.model.config.vocab_size, n = r.model.num_params;
+        double loss_ref = parity_loss_and_grad_unfused(r);
+        std::vector<float> lp_ref(r.model.acts.lp, r.model.acts.lp + N), logits_ref(r.model.acts.logits, r.model.acts.logits + N * V),
+            grads_ref(r.model.grads_memory, r.model.grads_memory + n);
+        double loss = parity_loss_and_grad(r);
+        INFO(name);
+        CHECK(loss == Approx(loss_ref).epsilon(1e-15));  // mean * count / count, as train_sft: a double rounding apart
+        CHECK(std::vector<float>(r.model.acts.lp, r.model.acts.lp + N) == lp_ref);
+        CHECK(std::vector<float>(r.model.acts.logits, r.model.acts.logits + N * V) == logits_ref);
+        CHECK(std::vector<float>(r.model.grads_memory, r.model.grads_memory + n) == grads_ref);
+        llama_free(&r.model);
+    }
+}
 
 // ---------------------------------------------------------------------------- formats
 
