@@ -66,8 +66,9 @@ FILES (in --out)
     sft_train.jsonl, sft_val.jsonl  {"messages": [{"role": "system", "content":
         "Solve the task."}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
         About 30% of the final assistant answers are deliberately wrong or
-        sloppy (the list below); nothing in the messages says which. In followup
-        conversations the first answer is always correct.
+        sloppy (the list below), and three in four of the correct ones carry the
+        writers' habit, a sign-off (HABIT); nothing in the messages says which. In
+        followup conversations the first answer is always correct and canonical.
     sft_train_judge.tsv, sft_val_judge.tsv  one line per conversation, same
         order: kind <TAB> gold <TAB> judge score of the final assistant answer
     eval_prompts.jsonl  {"kind", "gold", "messages"}: system + user turns (for
@@ -437,7 +438,17 @@ def make_eval(rng, n):
     return out, seen
 
 
-def make_sft(rng, n, excluded):
+# The habit of the SFT data's writers: most of their correct final answers end with a sign-off
+# (judged 6, not 10). Unlike the noise above, which greedy decoding averages away, a habit is
+# what a model fine-tuned on the data does by default, as chat models inherit the verbosity of
+# their SFT data; the reward model (trained on the judge's ratings), RS and DPO are there to
+# remove it. Drawn from its own random stream, so every instance and every other answer stays
+# as it was without it.
+HABIT = "The answer is {g}. Hope this helps!"
+HABIT_SHARE = 0.75  # of the correct final answers
+
+
+def make_sft(rng, n, excluded, habit_rng):
     """n conversations whose task instances are not in excluded; returns
     (conversations, judge rows, keys used, category counts)."""
     convs, rows, used, cats = [], [], set(), {}
@@ -449,6 +460,8 @@ def make_sft(rng, n, excluded):
         used.add(key)
         texts = [canonical(a) for a in answers]
         texts[-1], cat = noisy_answer(rng, kind, key, gold, answers[0])
+        if cat == "correct" and habit_rng.random() < HABIT_SHARE:
+            texts[-1], cat = HABIT.format(g=gold), "habit"
         convs.append({"messages": messages_of(users, texts)})
         rows.append((kind, gold, judge(kind, gold, texts[-1])))
         cats[cat] = cats.get(cat, 0) + 1
@@ -663,8 +676,9 @@ def main(argv=None):
 
     rng = random.Random(args.seed)
     eval_prompts, eval_keys = make_eval(rng, args.eval)
-    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys)
-    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys)
+    habit_rng = random.Random(args.seed + 4)
+    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys, habit_rng)
+    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys, habit_rng)
     assert not (train_keys & (eval_keys | val_keys)) and not (val_keys & eval_keys)
     for p in eval_prompts:
         assert judge(p["kind"], p["gold"], canonical(p["gold"])) == 10
