@@ -51,6 +51,7 @@ struct SampleConfig {
     int batch = 64;
     int max_prompts = 0;
     int select = 0;             // RS and DPO from a set: by 0 the reward scores, 1 the gold scores
+    float kl = 1.0f;            // with select 0: the score is the reward + kl * the policy's log-prob
     int strategy = PAIR_SIGMA;
     uint64_t seed = 1337;
 };
@@ -120,6 +121,7 @@ struct Response {
     std::string text;  // decoded, invalid UTF-8 replaced by U+FFFD
     std::vector<int> ids;  // the text's tokens, as the conversation file would give them
     double gold = NAN, rm = NAN;
+    double logp = NAN;  // the policy's log-prob of the response (its tokens and EOS) given the prompt
 };
 
 static Response make_response(const Tokenizer* tok, const std::vector<int>& sampled, const WorldPrompt& p, size_t* repaired) {
@@ -159,6 +161,40 @@ static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vec
             }
             resp[first + b].rm = s[b];
         }
+    }
+}
+
+// A copy of the policy for whole-sequence forwards (the inference runner decodes, this one scores).
+static void load_policy_scorer(Runner* pol, const Loaded& L, int B) {
+    const Llama& m = L.policy.host;
+    llama_init(&pol->host, m.config);
+    memcpy(pol->host.params_memory, m.params_memory, m.num_params * sizeof(float));
+    runner_init(pol, B, m.config.max_seq_len, false);
+}
+
+// Sets each response's logp: log pi(response, EOS | prompt) under the policy, the sum DPO's
+// reference takes of the same conversation (runner_sequence_logprobs), B responses at a time.
+static void policy_logprobs(Runner* pol, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
+    int max_T = pol->host.config.max_seq_len, pad = std::max(pol->host.config.pad_id, 0);
+    std::vector<int> tokens;
+    std::vector<uint8_t> mask;
+    for (size_t first = 0; first < resp.size(); first += B) {
+        int nb = (int)std::min((size_t)B, resp.size() - first), T = 0;
+        for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
+        T = std::min(T, max_T);  // a conversation past the context counts up to its cut
+        tokens.assign((size_t)nb * T, pad);
+        mask.assign((size_t)nb * T, 0);
+        for (int b = 0; b < nb; b++) {
+            std::vector<int> seq = prompt;
+            seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
+            seq.push_back(eos_id);
+            for (int t = 0; t < std::min((int)seq.size(), T); t++) {
+                tokens[(size_t)b * T + t] = seq[t];
+                mask[(size_t)b * T + t] = t >= (int)prompt.size();
+            }
+        }
+        const float* sums = runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T);
+        for (int b = 0; b < nb; b++) resp[first + b].logp = sums[b];
     }
 }
 
@@ -214,9 +250,9 @@ static void write_file(const std::string& path, const std::string& text) {
     atomic_commit(&f);
 }
 
-static Json json_numbers(const std::vector<Response>& resp, bool rm) {
+static Json json_numbers(const std::vector<Response>& resp, double Response::*field) {
     Json a = json_array();
-    for (const Response& r : resp) a.items.push_back(json_number(rm ? r.rm : r.gold));
+    for (const Response& r : resp) a.items.push_back(json_number(r.*field));
     return a;
 }
 
@@ -230,6 +266,8 @@ static void make_set(const SampleConfig& cfg) {
     bool scored = *cfg.rm_path;
     Runner rm;
     if (scored) load_reward_model(&rm, cfg.rm_path, L, std::min(cfg.n, 32));
+    Runner scorer;  // a copy of the policy that gives each response's log-prob (-q selects with it)
+    if (scored) load_policy_scorer(&scorer, L, std::min(cfg.n, 32));
     std::string out_path = *cfg.out_path ? cfg.out_path : "out/xwin_set.jsonl";
     GenerateConfig g = generate_config(cfg, L.tok, 1.0f);
     printf("sample on %s | %s | %zu prompts x %d responses | temperature %g, top-k %d, top-p %g | up to %d new tokens | seed %llu%s\n", runner_device(),
@@ -245,6 +283,7 @@ static void make_set(const SampleConfig& cfg) {
     for (size_t i = 0; i < all.size(); i++) {
         const WorldPrompt& p = L.prompts[i];
         if (scored) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, std::min(cfg.n, 32));
+        if (scored) policy_logprobs(&scorer, L.ids[i], all[i], L.tok.eos_id, std::min(cfg.n, 32));
         Json row = json_object(), responses = json_array();
         if (!p.kind.empty()) row.members.emplace_back("kind", json_string(p.kind));
         if (!p.gold.empty()) row.members.emplace_back("gold", json_string(p.gold));
@@ -255,8 +294,9 @@ static void make_set(const SampleConfig& cfg) {
             rm_sum += scored ? r.rm : 0.0;
         }
         row.members.emplace_back("responses", responses);
-        if (scored) row.members.emplace_back("rm_scores", json_numbers(all[i], true));
-        if (!std::isnan(all[i][0].gold)) row.members.emplace_back("gold_scores", json_numbers(all[i], false));
+        if (scored) row.members.emplace_back("rm_scores", json_numbers(all[i], &Response::rm));
+        if (scored) row.members.emplace_back("policy_logps", json_numbers(all[i], &Response::logp));
+        if (!std::isnan(all[i][0].gold)) row.members.emplace_back("gold_scores", json_numbers(all[i], &Response::gold));
         json_append(text, row);
         text += '\n';
     }
@@ -266,7 +306,7 @@ static void make_set(const SampleConfig& cfg) {
     if (gold_n) printf("gold judge: mean %.2f / 10 over the %zu responses\n", gold_sum / gold_n, gold_n);
     if (scored) printf("reward model: mean score %.3f\n", rm_sum / stats.responses);
     printf("wrote %s\n", out_path.c_str());
-    if (scored) runner_free(&rm);
+    if (scored) runner_free(&rm), runner_free(&scorer);
     infer_runner_free(&L.policy);
     tokenizer_free(&L.tok);
 }
@@ -280,8 +320,11 @@ struct SetRow {
     std::string kind;
 };
 
-static std::vector<SetRow> read_set(const char* path, int select) {
+// The selection score of each response: the gold judge's (select 1), or the reward model's plus
+// kl times the policy's log-prob (select 0; kl 0: the reward alone).
+static std::vector<SetRow> read_set(const char* path, int select, double kl) {
     const char* key = select == 0 ? "rm_scores" : "gold_scores";
+    bool with_logps = select == 0 && kl != 0;
     std::vector<std::string> lines;
     std::string err = read_lines_checked(path, &lines);
     if (!err.empty()) fail_file(path, "%s", err.c_str());
@@ -300,11 +343,21 @@ static std::vector<SetRow> read_set(const char* path, int select) {
             fail_file(path, "line %zu: no '%s' list of one score per response%s", i + 1, key,
                       select == 0 ? " (a set made with -r; -j 1 selects by the gold scores)" : "");
         }
+        const Json* logps = json_get(r.row, "policy_logps");
+        if (with_logps && (!logps || logps->type != Json::ARRAY || logps->items.size() != resp->items.size())) {
+            fail_file(path, "line %zu: no 'policy_logps' list of one log-prob per response (-q 0 selects by the reward alone)", i + 1);
+        }
         for (size_t k = 0; k < resp->items.size(); k++) {
             if (resp->items[k].type != Json::STRING) fail_file(path, "line %zu: response %zu is not a string", i + 1, k + 1);
             if (scores->items[k].type != Json::NUMBER) fail_file(path, "line %zu: %s %zu is not a number", i + 1, key, k + 1);
+            double score = scores->items[k].number;
+            if (with_logps) {
+                const Json& lp = logps->items[k];
+                if (lp.type != Json::NUMBER || !(lp.number <= 0)) fail_file(path, "line %zu: policy_logps %zu is not a log-prob (a number <= 0)", i + 1, k + 1);
+                score += kl * lp.number;
+            }
             r.responses.push_back(resp->items[k].text);
-            r.scores.push_back(scores->items[k].number);
+            r.scores.push_back(score);
         }
         if (kind && kind->type == Json::STRING) r.kind = kind->text;
         rows.push_back(std::move(r));
@@ -321,7 +374,7 @@ static Json conversation(const SetRow& r, const std::string& answer) {
 
 static void from_set(const SampleConfig& cfg) {
     if (!*cfg.out_path && !*cfg.pairs_path) fail_flag('s', "nothing to write: give -o (the best responses, RS data) and/or -d (DPO pairs)");
-    std::vector<SetRow> rows = read_set(cfg.set_path, cfg.select);
+    std::vector<SetRow> rows = read_set(cfg.set_path, cfg.select, cfg.kl);
     std::string rs, pairs;
     uint64_t rng = cfg.seed;
     size_t n_pairs = 0, ties = 0;
@@ -350,8 +403,8 @@ static void from_set(const SampleConfig& cfg) {
         pairs += '\n';
         n_pairs++;
     }
-    const char* by = cfg.select == 0 ? "reward" : "gold";
-    printf("%s: %zu prompts, %zu responses | best by the %s scores: mean %.3f (all responses %.3f)\n", cfg.set_path, rows.size(), all_n, by,
+    std::string by = cfg.select == 1 ? "gold" : cfg.kl == 0 ? "reward" : string_format("reward + %g log pi", cfg.kl);
+    printf("%s: %zu prompts, %zu responses | best by the %s scores: mean %.3f (all responses %.3f)\n", cfg.set_path, rows.size(), all_n, by.c_str(),
            best_sum / rows.size(), all_sum / all_n);
     if (*cfg.out_path) write_file(cfg.out_path, rs), printf("wrote %s: %zu best-of-n conversations (RS data)\n", cfg.out_path, rows.size());
     if (*cfg.pairs_path) {
@@ -563,6 +616,7 @@ int main(int argc, char** argv) {
         {'d', FLAG_OPTIONAL_PATH, &cfg.pairs_path, 0, 0, "DPO pairs from the set (-s), TRL's JSONL"},
         {'g', FLAG_INT, &cfg.strategy, 0, 2, "rejected response of a pair: 0 worst, 1 random, 2 nearest mu - 2 sigma (Xwin-LM)"},
         {'j', FLAG_INT, &cfg.select, 0, 1, "the best of a set by: 0 the reward scores, 1 the gold scores"},
+        {'q', FLAG_FLOAT, &cfg.kl, 0, 1000, "with -j 0: select by the reward + this times the policy's log-prob (0: the reward alone)"},
         {'e', FLAG_INT, &cfg.eval, 0, 1, "1: evaluate: the gold judge's mean of the answers (-o), win rate against -a"},
         {'a', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "reference outputs for the win rate (an earlier -e 1 -o file)"},
         {'c', FLAG_INT, &cfg.chat, 0, 1, "1: chat in the template on stdin"},

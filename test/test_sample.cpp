@@ -97,7 +97,7 @@ TEST_CASE("sample -n: N distinct responses per prompt with their gold scores; th
     remove(set.c_str()), remove(again.c_str()), remove(other.c_str()), remove(model.c_str());
 }
 
-TEST_CASE("sample -n -r: every response scored by the reward model as prompt + response + EOS", "[sample]") {
+TEST_CASE("sample -n -r: every response scored by the reward model as prompt + response + EOS, and its log-prob under the policy", "[sample]") {
     std::string model = write_small_model("score_policy.bin"), rm_path = write_small_reward_model("score_rm.bin"), set = scratch("scored.jsonl"), out;
     REQUIRE(run(std::string(SAMPLE) + " -m " + model + " -r " + rm_path + " -n 3 -l 2 -x 10 -o " + set, &out) == 0);
     INFO(out);
@@ -106,13 +106,16 @@ TEST_CASE("sample -n -r: every response scored by the reward model as prompt + r
     Tokenizer tok;
     tokenizer_load(&tok, "data/world/byte.tokenizer");
     std::vector<WorldPrompt> prompts = world_load_prompts("data/world/eval_prompts.tsv");
-    Runner rm;
+    Runner rm, policy;
     llama_load(&rm.host, rm_path.c_str());
     runner_init(&rm, 1, 256, false);
+    llama_load(&policy.host, model.c_str());
+    runner_init(&policy, 1, 256, false);
     for (size_t i = 0; i < rows.size(); i++) {
         std::vector<std::string> resp = strings_of(json_get(rows[i], "responses"));
-        std::vector<double> scores = numbers_of(json_get(rows[i], "rm_scores"));
+        std::vector<double> scores = numbers_of(json_get(rows[i], "rm_scores")), logps = numbers_of(json_get(rows[i], "policy_logps"));
         REQUIRE(scores.size() == resp.size());
+        REQUIRE(logps.size() == resp.size());
         for (size_t j = 0; j < resp.size(); j++) {
             std::vector<int> ids;  // one conversation, unpadded, as the template renders it
             world_prompt_ids(&tok, prompts[i], ids);
@@ -120,15 +123,22 @@ TEST_CASE("sample -n -r: every response scored by the reward model as prompt + r
             ids.push_back(257);
             double want = runner_score(&rm, ids.data(), 1, (int)ids.size())[0];
             CHECK(scores[j] == Approx(want).epsilon(1e-5));  // the batch pads; the sums run in the same order
+            // the policy's log-prob: its token log-probs of the response and the EOS, added up here
+            size_t prompt_len = ids.size() - resp[j].size() - 1;
+            const float* lp = runner_forward(&policy, ids.data(), 1, (int)ids.size());
+            double sum = 0;
+            for (size_t t = prompt_len; t < ids.size(); t++) sum += lp[t];
+            CHECK(logps[j] < 0);
+            CHECK(logps[j] == Approx(sum).epsilon(1e-5));
         }
     }
-    runner_free(&rm);
+    runner_free(&rm), runner_free(&policy);
     tokenizer_free(&tok);
     remove(set.c_str()), remove(model.c_str()), remove(rm_path.c_str());
 }
 
 static std::string set_row(const std::string& kind, const std::string& user, const std::vector<std::string>& resp, const std::vector<double>& rm,
-                           const std::vector<double>& gold) {
+                           const std::vector<double>& gold, const std::vector<double>& logps = {}) {
     Json row = json_object(), r = json_array(), a = json_array(), b = json_array();
     row.members.emplace_back("kind", json_string(kind));
     row.members.emplace_back("messages", json_of_messages({"Solve the task.", user}));
@@ -138,6 +148,11 @@ static std::string set_row(const std::string& kind, const std::string& user, con
     row.members.emplace_back("responses", r);
     row.members.emplace_back("rm_scores", a);
     row.members.emplace_back("gold_scores", b);
+    if (!logps.empty()) {
+        Json l = json_array();
+        for (double x : logps) l.items.push_back(json_number(x));
+        row.members.emplace_back("policy_logps", l);
+    }
     std::string text;
     json_append(text, row);
     return text + "\n";
@@ -157,7 +172,7 @@ TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by 
                                {2, 0, {"The answer is 5.", "ba"}, {"The answer is 6.", "ab"}},
                                {0, 1, {"The answer is 5.", "2", "The answer is ba."}, {"The answer is 6.", "two", "ab"}}};
     for (const Want& w : wants) {
-        REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -d " + pairs + " -g " + std::to_string(w.strategy) + " -j " + std::to_string(w.select), &out) == 0);
+        REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -d " + pairs + " -g " + std::to_string(w.strategy) + " -j " + std::to_string(w.select) + " -q 0", &out) == 0);
         INFO(out);
         std::vector<Json> best = read_jsonl(rs), dpo = read_jsonl(pairs);
         REQUIRE(best.size() == 3);
@@ -175,12 +190,47 @@ TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by 
         CHECK(p.n_pairs == w.chosen.size());
     }
     // best vs random: the rejected is one of the lower ones
-    REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -d " + pairs + " -g 1", &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -d " + pairs + " -g 1 -q 0", &out) == 0);
     CHECK_THAT(out, Catch::Contains("2 pairs, best vs random; 1 prompts left out (every response scores the same)"));
     std::vector<Json> dpo = read_jsonl(pairs);
     std::string rejected = json_get(dpo[0], "rejected")->items.back().members[1].second.text;
     CHECK((rejected == "5" || rejected == "6" || rejected == "The answer is 6."));
     for (const std::string& f : {set, rs, pairs, rs + ".tok", pairs + ".pairs"}) remove(f.c_str());
+}
+
+// -q: the selection score is the reward plus q times the policy's log-prob; the default q = 1
+// needs the set's policy_logps, and a set without them is a one-line error that names -q 0.
+TEST_CASE("sample -s -q: selection by the reward plus the policy's log-prob", "[sample]") {
+    std::string set = scratch("kl_set.jsonl"), rs = scratch("kl_rs.jsonl"), pairs = scratch("kl_dpo.jsonl"), out;
+    // rewards 3, 1, 0 and log-probs -6, -1, -9: by the reward "The answer is 6." (3) is best and
+    // "6." (0) worst; with q = 1 the scores are -3, 0, -9, so "The answer is 5." is best and "6."
+    // still worst; with q = 0.25 they are 1.5, 0.75, -2.25: the reward's choice again
+    std::string text = set_row("arith", "What is 2 plus 3?", {"The answer is 6.", "The answer is 5.", "6."}, {3.0, 1.0, 0.0}, {0, 10, 0}, {-6.0, -1.0, -9.0});
+    write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
+    struct Want { std::string q, best; double score_chosen, score_rejected; };
+    for (const Want& w : {Want{"", "The answer is 5.", 0.0, -9.0}, Want{" -q 0", "The answer is 6.", 3.0, 0.0}, Want{" -q 0.25", "The answer is 6.", 1.5, -2.25}}) {
+        REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -d " + pairs + " -g 0" + w.q, &out) == 0);
+        INFO(out);
+        std::vector<Json> best = read_jsonl(rs), dpo = read_jsonl(pairs);
+        REQUIRE(best.size() == 1);
+        REQUIRE(dpo.size() == 1);
+        CHECK(json_get(best[0], "messages")->items.back().members[1].second.text == w.best);
+        CHECK(json_get(dpo[0], "chosen")->items.back().members[1].second.text == w.best);
+        CHECK(json_get(dpo[0], "rejected")->items.back().members[1].second.text == "6.");
+        CHECK(json_get(dpo[0], "score_chosen")->number == Approx(w.score_chosen));
+        CHECK(json_get(dpo[0], "score_rejected")->number == Approx(w.score_rejected));
+    }
+    // a set without the log-probs, and one with a positive log-prob
+    text = set_row("arith", "What is 2 plus 3?", {"5", "6"}, {1.0, 0.0}, {4, 0});
+    write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
+    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + set + ": line 1: no 'policy_logps' list of one log-prob per response (-q 0 selects by the reward alone)"));
+    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -j 1", &out) == 0);  // the gold scores need no log-probs
+    text = set_row("arith", "What is 2 plus 3?", {"5", "6"}, {1.0, 0.0}, {4, 0}, {-1.0, 0.5});
+    write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
+    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("line 1: policy_logps 2 is not a log-prob (a number <= 0)"));
+    for (const std::string& f : {set, rs, pairs}) remove(f.c_str());
 }
 
 TEST_CASE("sample -e: the gold judge's mean of the answers and the win rate against a reference", "[sample]") {
