@@ -66,8 +66,9 @@ FILES (in --out)
     sft_train.jsonl, sft_val.jsonl  {"messages": [{"role": "system", "content":
         "Solve the task."}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
         About 30% of the final assistant answers are deliberately wrong or
-        sloppy (the list below), and three in four of the correct ones carry the
-        writers' habit, a sign-off (HABIT); nothing in the messages says which. In
+        sloppy (the list below), and three in four of those in the canonical form,
+        right or wrong, carry the writers' habit, a sign-off (HABIT); nothing in
+        the messages says which. In
         followup conversations the first answer is always correct and canonical.
     sft_train_judge.tsv, sft_val_judge.tsv  one line per conversation, same
         order: kind <TAB> gold <TAB> judge score of the final assistant answer
@@ -438,14 +439,20 @@ def make_eval(rng, n):
     return out, seen
 
 
-# The habit of the SFT data's writers: most of their correct final answers end with a sign-off
-# (judged 6, not 10). Unlike the noise above, which greedy decoding averages away, a habit is
-# what a model fine-tuned on the data does by default, as chat models inherit the verbosity of
-# their SFT data; the reward model (trained on the judge's ratings), RS and DPO are there to
-# remove it. Drawn from its own random stream, so every instance and every other answer stays
-# as it was without it.
-HABIT = "The answer is {g}. Hope this helps!"
-HABIT_SHARE = 0.75  # of the correct final answers
+# The habit of the SFT data's writers: most of their final answers in the canonical form, right
+# or wrong, end with a sign-off (a right one is then judged 6, not 10). Unlike the noise above,
+# which greedy decoding averages away, a habit is what a model fine-tuned on the data does by
+# default, as chat models inherit the verbosity of their SFT data; the reward model (trained on
+# the judge's ratings), RS and DPO are there to remove it. Drawn from its own random stream, so
+# every instance and every other answer stays as it was without it.
+HABIT = " Hope this helps!"
+HABIT_SHARE = 0.75  # of the final answers in the canonical form
+
+
+def is_canonical_form(text):
+    """'The answer is <x>.' for some x: one answer, the canonical frame (right or wrong)."""
+    return (text.startswith("The answer is ") and text.endswith(".") and text.count("answer is") == 1
+            and re.fullmatch(r"[A-Za-z0-9]+", text[len("The answer is "):-1]) is not None)
 
 
 def make_sft(rng, n, excluded, habit_rng):
@@ -460,8 +467,9 @@ def make_sft(rng, n, excluded, habit_rng):
         used.add(key)
         texts = [canonical(a) for a in answers]
         texts[-1], cat = noisy_answer(rng, kind, key, gold, answers[0])
-        if cat == "correct" and habit_rng.random() < HABIT_SHARE:
-            texts[-1], cat = HABIT.format(g=gold), "habit"
+        if is_canonical_form(texts[-1]) and habit_rng.random() < HABIT_SHARE:
+            texts[-1] += HABIT
+            cat += "+habit"
         convs.append({"messages": messages_of(users, texts)})
         rows.append((kind, gold, judge(kind, gold, texts[-1])))
         cats[cat] = cats.get(cat, 0) + 1
