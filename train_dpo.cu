@@ -6,8 +6,9 @@ the same prompt) against a frozen reference rho, the model DPO starts from:
     h = (log pi(c) - log pi(r)) - (log rho(c) - log rho(r))
     loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (-S 0: sigmoid; -L eps)
     loss = (h' - 1 / (2 beta))^2, h' from per-token means              (-S 1: IPO)
-  + -N times the NLL of the chosen answers (TRL's rpo_alpha), where log pi(x) is the sum of the
-log-probs of an answer's tokens (dpo_loss in llm.cu). The reference's log-probs never change:
+  + -N times the NLL of the chosen answers (TRL's rpo_alpha; default 1, which keeps the chosen
+answers likely while the margin grows), where log pi(x) is the sum of the log-probs of an
+answer's tokens (dpo_loss in llm.cu). The reference's log-probs never change:
 they are computed once, by the starting model, before the first step, and stored beside the
 pairs (<pairs>.logps) with the identity of the model that made them; a step holds one model.
 
@@ -288,20 +289,22 @@ struct Stage {
 static std::vector<Stage> recipe_stages() {
     return {
         {"sft", "out/sft/model.bin", {"{P}/train_sft"}},
-        // Xwin-Pair: the world's pairs plus on-policy ones (8 SFT answers per prompt rated by the
-        // gold judge: the best against the worst and against a random lower one), then the RM
+        // Xwin-Pair: the world's pairs plus on-policy ones (8 SFT answers per prompt at the
+        // Xwin-Set's temperature, rated by the gold judge: the best against the worst and against
+        // a random lower one), then the RM
         {"rm", "out/rm/model.bin",
-         {"{P}/sample -n 8 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl",
+         {"{P}/sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl",
           "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl",
           "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 1 -d out/xwin_pair/on_policy_random.jsonl",
           "cat data/world/pairs_train.jsonl out/xwin_pair/on_policy_worst.jsonl out/xwin_pair/on_policy_random.jsonl > out/xwin_pair/pairs_train.jsonl",
           "python3 dev/data/prepare_pairs.py out/xwin_pair/pairs_train.jsonl out/xwin_pair/pairs_train.pairs --tokenizer byte",
           "{P}/train_rm -i out/xwin_pair/pairs_train.pairs"}},
-        // Xwin-Set: 64 distinct answers per prompt from the SFT model, scored by the RM; the best
-        // of each prompt is the RS data, best against mu - 2 sigma the DPO pairs (50 held out)
+        // Xwin-Set: 64 answers per prompt from the SFT model at temperature 0.7 (a duplicate drawn
+        // again once), scored by the RM and by the policy's log-prob; the best of each prompt by
+        // reward + log pi is the RS data, best against mu - 2 sigma the DPO pairs (50 held out)
         {"xwin-set", "out/set/dpo_train.pairs",
-         {"{P}/sample -n 64 -l 300 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
-          "{P}/sample -s out/set/xwin_set.jsonl -o out/set/rs.jsonl -d out/set/dpo.jsonl -g 2",
+         {"{P}/sample -n 64 -t 0.7 -u 1 -l 300 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
+          "{P}/sample -s out/set/xwin_set.jsonl -o out/set/rs.jsonl -d out/set/dpo.jsonl -g 2 -q 1",
           "python3 dev/data/prepare_sft.py out/set/rs.jsonl out/set/rs.tok --tokenizer byte",
           "head -n -50 out/set/dpo.jsonl > out/set/dpo_train.jsonl && tail -n 50 out/set/dpo.jsonl > out/set/dpo_val.jsonl",
           "python3 dev/data/prepare_pairs.py out/set/dpo_val.jsonl out/set/dpo_val.pairs --tokenizer byte",
@@ -442,6 +445,7 @@ int main(int argc, char** argv) {
     tc.out_dir = "out/dpo";
     tc.micro_batch = 8, tc.total_batch = 8, tc.lr = 1e-4f, tc.warmup = 10, tc.epochs = 3;
     tc.val_every = 100, tc.checkpoint_every = 200;
+    cfg.dpo.nll_weight = 1.0f;  // the chosen answers' NLL at weight 1 keeps their likelihood up as the margin grows (RPO)
     std::vector<Flag> flags = {
         {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
         {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
@@ -452,7 +456,7 @@ int main(int argc, char** argv) {
         {'S', FLAG_INT, &cfg.dpo.loss_type, 0, 1, "loss: 0 sigmoid (DPO), 1 IPO"},
         {'B', FLAG_FLOAT, &cfg.dpo.beta, -1e9, 1e9, "beta: the strength of the reference (> 0)"},
         {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
-        {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: none)"},
+        {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: plain DPO)"},
     };
     train_flags(&flags, &tc);
     flags_parse(argc, argv, "DPO against a frozen reference (stage 5 of Xwin-LM); with the world's defaults, the whole recipe; -b and -d count pairs", flags);

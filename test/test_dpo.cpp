@@ -68,7 +68,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
 TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {
     std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_arith_pairs("dpo_train", 96, 3), val = write_arith_pairs("dpo_val", 24, 4);
     std::string dir = scratch("dpo_run"), out;
-    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -v 24 -n 0 -r 5";
+    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -N 0 -v 24 -n 0 -r 5";
     REQUIRE(run(common + " -o " + dir, &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + " by " + model));
