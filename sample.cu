@@ -134,6 +134,28 @@ static Response make_response(const Tokenizer* tok, const std::vector<int>& samp
     return r;
 }
 
+// The conversations prompt + response + EOS of responses [first, first + nb), right-padded with
+// pad to the longest and cut at max_T: tokens (nb, T) and mask (nb, T), 1 on each response's
+// tokens and its EOS. Returns T.
+static int response_batch(const std::vector<int>& prompt, const std::vector<Response>& resp, size_t first, int nb, int eos_id, int pad, int max_T,
+                          std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+    int T = 0;
+    for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
+    T = std::min(T, max_T);  // a conversation past the context counts up to its cut
+    tokens.assign((size_t)nb * T, pad);
+    mask.assign((size_t)nb * T, 0);
+    for (int b = 0; b < nb; b++) {
+        std::vector<int> seq = prompt;
+        seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
+        seq.push_back(eos_id);
+        for (int t = 0; t < std::min((int)seq.size(), T); t++) {
+            tokens[(size_t)b * T + t] = seq[t];
+            mask[(size_t)b * T + t] = t >= (int)prompt.size();
+        }
+    }
+    return T;
+}
+
 // Each response's reward score: the conversation prompt + response + EOS, right-padded with the
 // reward model's pad id, B at a time (runner_score takes the last token that is not padding).
 static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
@@ -142,17 +164,10 @@ static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vec
     max_T = rm->gpu.T;
 #endif
     std::vector<int> tokens;
+    std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
-        int nb = (int)std::min((size_t)B, resp.size() - first), T = 0;
-        for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
-        T = std::min(T, max_T);  // a conversation past the reward model's context is scored at its cut
-        tokens.assign((size_t)nb * T, pad);
-        for (int b = 0; b < nb; b++) {
-            std::vector<int> seq = prompt;
-            seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
-            seq.push_back(eos_id);
-            std::copy(seq.begin(), seq.begin() + std::min((int)seq.size(), T), tokens.begin() + (size_t)b * T);
-        }
+        int nb = (int)std::min((size_t)B, resp.size() - first);
+        int T = response_batch(prompt, resp, first, nb, eos_id, pad, max_T, tokens, mask);
         const float* s = runner_score(rm, tokens.data(), nb, T);
         for (int b = 0; b < nb; b++) {
             if (!std::isfinite(s[b])) {
@@ -175,24 +190,12 @@ static void load_policy_scorer(Runner* pol, const Loaded& L, int B) {
 // Sets each response's logp: log pi(response, EOS | prompt) under the policy, the sum DPO's
 // reference takes of the same conversation (runner_sequence_logprobs), B responses at a time.
 static void policy_logprobs(Runner* pol, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
-    int max_T = pol->host.config.max_seq_len, pad = std::max(pol->host.config.pad_id, 0);
+    int pad = std::max(pol->host.config.pad_id, 0);  // any id: the mask leaves the padding out
     std::vector<int> tokens;
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
-        int nb = (int)std::min((size_t)B, resp.size() - first), T = 0;
-        for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
-        T = std::min(T, max_T);  // a conversation past the context counts up to its cut
-        tokens.assign((size_t)nb * T, pad);
-        mask.assign((size_t)nb * T, 0);
-        for (int b = 0; b < nb; b++) {
-            std::vector<int> seq = prompt;
-            seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
-            seq.push_back(eos_id);
-            for (int t = 0; t < std::min((int)seq.size(), T); t++) {
-                tokens[(size_t)b * T + t] = seq[t];
-                mask[(size_t)b * T + t] = t >= (int)prompt.size();
-            }
-        }
+        int nb = (int)std::min((size_t)B, resp.size() - first);
+        int T = response_batch(prompt, resp, first, nb, eos_id, pad, pol->host.config.max_seq_len, tokens, mask);
         const float* sums = runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T);
         for (int b = 0; b < nb; b++) resp[first + b].logp = sums[b];
     }

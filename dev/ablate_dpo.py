@@ -6,8 +6,9 @@
 Run it after `./train_dpo` (which makes the Xwin-Set and the RS model). For every n, the set
 keeps the first n responses of each prompt (each response has its own random stream, so
 these are the responses a set of n would have drawn); for every strategy it builds the
-DPO pairs as the recipe does (the best by the reward model against 0: the worst, 1: a
-random lower one, 2: the one nearest mu - 2 sigma; the last 50 pairs held out), trains
+DPO pairs as the recipe does (the best by reward + log pi, ./sample -s's default score,
+against 0: the worst, 1: a random lower one, 2: the one nearest mu - 2 sigma; the last 50
+pairs held out), trains
 DPO from the RS model with train_dpo's defaults, and scores the result's greedy answers to
 the 200 held-out prompts with the gold judge (./sample -e 1). Writes a Markdown table.
 Standard library only; about 1-2 minutes per run on 2 CPU cores.
@@ -33,7 +34,7 @@ def run(cmd):
 
 
 def slice_set(src, dst, n):
-    keys = ("responses", "rm_scores", "gold_scores")
+    keys = ("responses", "rm_scores", "policy_logps", "gold_scores")
     with open(src) as f, open(dst, "w") as g:
         for line in f:
             if not line.strip():
