@@ -311,7 +311,7 @@ static std::vector<Stage> recipe_stages() {
           "rm -f out/set/dpo_train.pairs.logps out/set/dpo_val.pairs.logps",
           "python3 dev/data/prepare_pairs.py out/set/dpo_train.jsonl out/set/dpo_train.pairs --tokenizer byte"}},
         // RS: the SFT model fine-tuned on the best answer of each prompt
-        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 150 -l 3e-5 -w 10 -v 0 -n 0 -s 0"}},
+        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 150 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
     };
 }
 
