@@ -308,7 +308,6 @@ static std::vector<Stage> recipe_stages() {
           "python3 dev/data/prepare_sft.py out/set/rs.jsonl out/set/rs.tok --tokenizer byte",
           "head -n -50 out/set/dpo.jsonl > out/set/dpo_train.jsonl && tail -n 50 out/set/dpo.jsonl > out/set/dpo_val.jsonl",
           "python3 dev/data/prepare_pairs.py out/set/dpo_val.jsonl out/set/dpo_val.pairs --tokenizer byte",
-          "rm -f out/set/dpo_train.pairs.logps out/set/dpo_val.pairs.logps",
           "python3 dev/data/prepare_pairs.py out/set/dpo_train.jsonl out/set/dpo_train.pairs --tokenizer byte"}},
         // RS: the SFT model fine-tuned on the best answer of each prompt
         {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 150 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
@@ -335,7 +334,9 @@ static void run_missing_stages() {
         }
         record_time(st.name, seconds_since(t0));
     }
-    if (forced) remove("out/dpo/model.bin");
+    if (forced) {  // DPO starts again, from an RS model made again: its reference log-probs are stale
+        for (const char* stale : {"out/dpo/model.bin", "out/set/dpo_train.pairs.logps", "out/set/dpo_val.pairs.logps"}) remove(stale);
+    }
 }
 
 // ---- the stage table: every stage's model on the held-out prompts
