@@ -694,6 +694,24 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 }
 
 #ifdef XWIN_CUDA
+// The end of a warp's RMSNorm row: ss (this lane's part of the sum of squares of the row x)
+// reduced over the warp, then o = x * rstd * weight and the row's rstd. With vec a lane moves
+// x128 groups (rows of whole groups, 16-byte aligned), else single elements.
+__device__ inline void rmsnorm_row_finish(floatX* o, float* rstd, const floatX* x, const floatX* weight, float ss, int C, float eps, int lane, bool vec) {
+    ss = warp_reduce_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    if (vec) {
+        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
+            x128 v = load128(x + i), w = load128(weight + i), y;
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
+            store128(o + i, y);
+        }
+    } else {
+        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
+    }
+    if (lane == 0) *rstd = r;
+}
+
 // one warp per row: the sum of squares by a warp reduction, then the scaled row; with vec
 // (rows of whole x128 groups, 16-byte aligned) a lane moves x128 groups, else single elements
 __global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, int C, float eps, bool vec) {
@@ -711,18 +729,7 @@ __global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* i
     } else {
         for (int i = lane; i < C; i += 32) ss += to_float(x[i]) * to_float(x[i]);
     }
-    ss = warp_reduce_sum(ss);
-    float r = 1.0f / sqrtf(ss / (float)C + eps);
-    if (vec) {
-        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
-            x128 v = load128(x + i), w = load128(weight + i), y;
-            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
-            store128(o + i, y);
-        }
-    } else {
-        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
-    }
-    if (lane == 0) rstd[n] = r;
+    rmsnorm_row_finish(o, rstd + n, x, weight, ss, C, eps, lane, vec);
 }
 
 // The weight gradient sum_n dout * xhat is summed in two fixed orders, so it is the same bits run
@@ -1942,18 +1949,7 @@ __global__ void fused_residual_rmsnorm_forward_kernel(floatX* residual, floatX* 
             ss += to_float(v) * to_float(v);
         }
     }
-    ss = warp_reduce_sum(ss);
-    float r = 1.0f / sqrtf(ss / (float)C + eps);
-    if (vec) {  // each lane reads back the groups it stored: no barrier needed
-        for (int i = lane * x128::size; i < C; i += 32 * x128::size) {
-            x128 v = load128(x + i), w = load128(weight + i), y;
-            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(to_float(v.v[k]) * r * to_float(w.v[k]));
-            store128(o + i, y);
-        }
-    } else {
-        for (int i = lane; i < C; i += 32) o[i] = from_float<floatX>(to_float(x[i]) * r * to_float(weight[i]));
-    }
-    if (lane == 0) rstd[n] = r;
+    rmsnorm_row_finish(o, rstd + n, x, weight, ss, C, eps, lane, vec);  // reads back its own stored groups: no barrier needed
 }
 
 inline void fused_residual_rmsnorm_forward_cuda(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b,
