@@ -3481,6 +3481,12 @@ inline void runner_free(Runner* r) {
 //       returns the logits (B, V) there.
 // The same four ops as the training forward, plus kv_cache_write, rope_forward_at and
 // attention_cached_forward (on the GPU attention_decode_cuda, split across blocks).
+// Frozen models score on it too, with nothing of training allocated:
+//   infer_sequence_logprobs(inf, tokens (B, T), mask (B, T))  a prefill of whole sequences,
+//       then the head one sequence at a time: the masked sums of the token log-probs (B), as
+//       runner_sequence_logprobs (the Xwin-Set's policy log-probs).
+//   a reward model's infer_prefill gives its scores (B) at each sequence's last token
+//       (infer_runner_score: the reward head of the training forward at reward_score_index).
 
 template <typename X>  // float on the CPU, floatX on the GPU
 struct InferStateT {
@@ -3499,7 +3505,13 @@ struct InferStateT {
     X* last;           // (B, C)       the residual row of each sequence's last new token
     X* last_norm;      // (B, C)
     float* last_rstd;  // (B)
-    X* logits;         // (B, V)
+    X* logits;         // (max(B, Tc), V) LM head: the logits of each sequence's last new token, or of every
+                       //                 token of one sequence (infer_sequence_logprobs)
+    float* scores;     // (B)          reward head: the score of each sequence's last new token
+    float* lp;         // (B, Tc)      infer_sequence_logprobs: the token log-probs (logprob_forward)
+    float* sums;       // (B)          and their masked sums
+    uint8_t* mask;     // (B, Tc)      its mask
+    int* zeros;        // (B)          0: the row of last_norm that reward_head_forward scores (Tn = 1)
     int* tokens;       // (B, Tc)      the new tokens
     int* pos;          // (B)          each sequence's position before the new tokens
     int* tok_pos;      // (B, Tc)      the position of each new token: pos[b] + t
@@ -3509,12 +3521,13 @@ struct InferStateT {
 // Carves the state for B sequences of up to maxT tokens, up to Tc new tokens per sequence and call.
 template <typename X>
 size_t point_infer_state(InferStateT<X>* s, void* memory, const LlamaConfig& c, size_t B, size_t maxT, size_t Tc) {
-    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), V = c.vocab_size, N = B * Tc;
+    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), V = head_rows(c), N = B * Tc;
     Carver k{(char*)memory};
     k.take(s->k_cache, L * B * maxT * KVD); k.take(s->v_cache, L * B * maxT * KVD);
     k.take(s->x, N * C); k.take(s->norm, N * C); k.take(s->rstd, N); k.take(s->q, N * C); k.take(s->k, N * KVD);
     k.take(s->v, N * KVD); k.take(s->att_out, N * C); k.take(s->scratch, N * C); k.take(s->gate, N * F); k.take(s->up, N * F);
-    k.take(s->last, B * C); k.take(s->last_norm, B * C); k.take(s->last_rstd, B); k.take(s->logits, B * V);
+    k.take(s->last, B * C); k.take(s->last_norm, B * C); k.take(s->last_rstd, B); k.take(s->logits, std::max(B, Tc) * V);
+    k.take(s->scores, B); k.take(s->lp, N); k.take(s->sums, B); k.take(s->mask, N); k.take(s->zeros, B);
     k.take(s->tokens, N); k.take(s->pos, B); k.take(s->tok_pos, N); k.take(s->last_row, B);
     return k.bytes;
 }
@@ -3540,10 +3553,19 @@ inline void infer_plan(std::vector<int>& pos, std::vector<int>& tok_pos, std::ve
     }
 }
 
-inline void infer_require_lm(const LlamaConfig& c, int B, int max_T, int max_chunk) {
-    if (c.head_type != HEAD_LM || B < 1 || max_T < 1 || max_T > c.max_seq_len || max_chunk < 1 || max_chunk > max_T) {
-        fprintf(stderr, "error: inference needs a language model and 1 <= max_chunk (%d) <= max_T (%d) <= max_seq_len (%d), B (%d) >= 1\n",
+inline void infer_require(const LlamaConfig& c, int B, int max_T, int max_chunk) {
+    if (B < 1 || max_T < 1 || max_T > c.max_seq_len || max_chunk < 1 || max_chunk > max_T) {
+        fprintf(stderr, "error: inference needs 1 <= max_chunk (%d) <= max_T (%d) <= max_seq_len (%d), B (%d) >= 1\n",
                 max_chunk, max_T, c.max_seq_len, B);
+        exit(1);
+    }
+}
+
+// What a caller asks of an inference state must be what the model's head computes.
+inline void infer_require_head(const LlamaConfig& c, int head_type, const char* what) {
+    if (c.head_type != head_type) {
+        fprintf(stderr, "error: %s needs a %s model, this one has a %s head\n", what, head_type == HEAD_LM ? "language" : "reward",
+                c.head_type == HEAD_LM ? "language-model" : "reward");
         exit(1);
     }
 }
@@ -3563,7 +3585,7 @@ struct Infer {
 };
 
 inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max_chunk) {
-    infer_require_lm(model->config, B, max_T, max_chunk);
+    infer_require(model->config, B, max_T, max_chunk);
     *inf = Infer{};
     inf->model = model;
     inf->B = B;
@@ -3585,10 +3607,11 @@ inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max
         matmul_transpose_weight(t.w_up + l * F * C, p.w_up + l * F * C, C, F);
         matmul_transpose_weight(t.w_down + l * C * F, p.w_down + l * C * F, F, C);
     }
-    matmul_transpose_weight(t.head, p.head, C, (size_t)c.vocab_size);
+    if (c.head_type == HEAD_LM) matmul_transpose_weight(t.head, p.head, C, (size_t)c.vocab_size);  // the reward head is a row
     inf->bytes = point_infer_state(&inf->s, nullptr, c, B, max_T, max_chunk);
     inf->memory = malloc_check(inf->bytes);
     point_infer_state(&inf->s, inf->memory, c, B, max_T, max_chunk);
+    memset(inf->s.zeros, 0, B * sizeof(int));
     inf->rope_table = rope_table(max_T, head_dim(c), c.rope_theta);
     inf->bytes += inf->wt_memory.size() * sizeof(float) + inf->rope_table.size() * sizeof(float);
 }
@@ -3598,11 +3621,11 @@ inline void infer_free(Infer* inf) {
     *inf = Infer{};
 }
 
-// Appends Tn tokens per sequence (lens as infer_prefill) and returns the logits (B, V) at each
-// sequence's last new token; the ops of llama_forward on the new rows, attending to the cache.
-// nb > 0: only the first nb sequences take tokens (nb, Tn) and give logits (nb, V); the
-// others keep their cache and position.
-inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const int* lens, int nb = 0) {
+// Appends Tn tokens per sequence (lens as infer_prefill) to the cache: the layers of
+// llama_forward on the new rows, attending to the cache, leave s.x (B, Tn, C), the residual
+// stream after the last layer. nb > 0: only the first nb sequences take tokens (nb, Tn); the
+// others keep their cache and position. Returns the number of sequences that took tokens.
+inline int infer_layers(Infer* inf, const int* tokens, int Tn, const int* lens, int nb) {
     const LlamaConfig& c = inf->model->config;
     int B = nb > 0 ? std::min(nb, inf->B) : inf->B;
     infer_plan(inf->pos, inf->tok_pos, inf->last_row, lens, B, Tn, inf->max_T, inf->max_chunk);
@@ -3629,13 +3652,47 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
         swiglu_forward(s.gate, s.gate, s.up, N * F);
         matmul_forward_transposed(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
         if (l + 1 < L) fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
-        else residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the last rows, below
+        else residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the rows the head needs
     }
-    embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
-    rmsnorm_forward(s.last_norm, s.last_rstd, s.last, p.final_norm, B, C, c.norm_eps);
-    matmul_forward_transposed(s.logits, s.last_norm, w.head, B, C, (size_t)c.vocab_size);
     for (int b = 0; b < B; b++) inf->pos[b] += inf->last_row[b] - b * Tn + 1;
+    return B;
+}
+
+// Appends Tn tokens per sequence (infer_layers) and returns the head's outputs at each
+// sequence's last new token: the logits (B, V), or a reward model's scores (B).
+inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const int* lens, int nb = 0) {
+    const LlamaConfig& c = inf->model->config;
+    int B = infer_layers(inf, tokens, Tn, lens, nb);
+    size_t C = c.dim;
+    InferStateT<float>& s = inf->s;
+    embedding_forward(s.last, inf->last_row.data(), s.x, B, C);  // a row gather, which is what the embedding is
+    rmsnorm_forward(s.last_norm, s.last_rstd, s.last, inf->model->params.final_norm, B, C, c.norm_eps);
+    if (c.head_type == HEAD_REWARD) {
+        reward_head_forward(s.scores, s.last_norm, inf->model->params.head, s.zeros, B, 1, C);
+        return s.scores;
+    }
+    matmul_forward_transposed(s.logits, s.last_norm, inf->wt.head, B, C, (size_t)c.vocab_size);
     return s.logits;
+}
+
+// tokens (B, T), mask (B, T), B <= inf->B, T <= max_chunk: a prefill of whole sequences, then
+// per sequence the final norm, the head and the token log-probs (logprob_forward), and their
+// masked sums (B) (sequence_logprob_forward), as runner_sequence_logprobs takes them. Empties
+// the cache as a prefill does.
+inline const float* infer_sequence_logprobs(Infer* inf, const int* tokens, const uint8_t* mask, int B, int T) {
+    const LlamaConfig& c = inf->model->config;
+    infer_require_head(c, HEAD_LM, "sequence log-probs");
+    inf->pos.assign(inf->B, 0);
+    B = infer_layers(inf, tokens, T, nullptr, B);
+    size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
+    InferStateT<float>& s = inf->s;
+    rmsnorm_forward(s.norm, s.rstd, s.x, inf->model->params.final_norm, N, C, c.norm_eps);
+    for (int b = 0; b < B; b++) {  // one sequence's logits at a time: (T, V), not (B, T, V)
+        matmul_forward_transposed(s.logits, s.norm + (size_t)b * T * C, inf->wt.head, T, C, V);
+        logprob_forward(s.lp + (size_t)b * T, s.logits, tokens + (size_t)b * T, 1, T, V);
+    }
+    sequence_logprob_forward(s.sums, s.lp, mask, B, T);
+    return s.sums;
 }
 
 inline const float* infer_prefill(Infer* inf, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
@@ -3666,11 +3723,36 @@ struct InferCuda {
     cudaStream_t stream = nullptr;
 };
 
+// What infer_cuda_init allocates, by kind: the floatX weights, the cache and one layer's
+// activations (activations), the split attention's partials (scratch: every chunk of a decode,
+// one per query row of a prefill) and the RoPE table; no master weights, gradients or moments.
+inline GpuMemoryPlan infer_memory_plan(const LlamaConfig& c, int B, int max_T, int max_chunk, int attn_chunk, size_t* part_rows) {
+    InferStateT<floatX> sizing;
+    size_t decode_rows = (size_t)B * c.n_heads * ceil_div(max_T, attn_chunk), prefill_rows = (size_t)B * max_chunk * c.n_heads;
+    *part_rows = std::max(decode_rows, prefill_rows);
+    GpuMemoryPlan plan;
+    plan.weights = num_parameters(c) * sizeof(floatX);
+    plan.activations = point_infer_state(&sizing, nullptr, c, B, max_T, max_chunk);
+    plan.scratch = *part_rows * (head_dim(c) + 2) * sizeof(float);
+    plan.rope_table = rope_table_size(max_T, head_dim(c)) * sizeof(float);
+    return plan;
+}
+
 // attn_chunk: the cache positions per block of the attention (tests make it small to split short caches)
 inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, int max_chunk, cudaStream_t stream,
                             int attn_chunk = ATTN_DECODE_CHUNK) {
     const LlamaConfig& c = host->config;
-    infer_require_lm(c, B, max_T, max_chunk);
+    infer_require(c, B, max_T, max_chunk);
+    size_t part_rows, n = host->num_params;
+    GpuMemoryPlan plan = infer_memory_plan(c, B, max_T, max_chunk, attn_chunk, &part_rows);  // printed before the first allocation
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("GPU inference memory plan (B %d, max_T %d, chunk %d): %s\n", B, max_T, max_chunk, gpu_memory_plan_text(plan).c_str());
+    std::string refusal = gpu_memory_refusal(plan, B, max_T, free_bytes, total_bytes);
+    if (!refusal.empty()) {
+        fprintf(stderr, "error: inference: %s\n", refusal.c_str());
+        exit(1);
+    }
     *g = InferCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -3680,7 +3762,6 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     g->attn_chunk = attn_chunk;
     g->stream = stream;
     g->pos.assign(B, 0);
-    size_t n = g->num_params;
     g->params_memory = cuda_alloc<floatX>(n);
     g->params = point_parameters(c, g->params_memory);
     std::vector<floatX> chunk(std::min(n, (size_t)1 << 22));
@@ -3689,17 +3770,14 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
         for (size_t i = 0; i < count; i++) chunk[i] = from_float<floatX>(host->params_memory[done + i]);
         cudaCheck(cudaMemcpy(g->params_memory + done, chunk.data(), count * sizeof(floatX), cudaMemcpyHostToDevice));
     }
-    size_t state_bytes = point_infer_state(&g->s, nullptr, c, B, max_T, max_chunk);
-    g->state_memory = cuda_alloc<char>(state_bytes);
+    g->state_memory = cuda_alloc<char>(plan.activations);
     point_infer_state(&g->s, g->state_memory, c, B, max_T, max_chunk);
-    // enough partial rows for every chunk of a decode, and for one chunk per query row of a prefill
-    size_t decode_rows = (size_t)B * c.n_heads * ceil_div(max_T, attn_chunk), prefill_rows = (size_t)B * max_chunk * c.n_heads;
-    g->part_rows = std::max(decode_rows, prefill_rows);
+    cudaCheck(cudaMemset(g->s.zeros, 0, B * sizeof(int)));
+    g->part_rows = part_rows;
     g->part_o = cuda_alloc<float>(g->part_rows * head_dim(c));
     g->part_ml = cuda_alloc<float>(g->part_rows * 2);
     g->rope_table = rope_table_cuda(max_T, head_dim(c), c.rope_theta);
-    g->bytes = n * sizeof(floatX) + state_bytes + g->part_rows * (head_dim(c) + 2) * sizeof(float) +
-               rope_table_size(max_T, head_dim(c)) * sizeof(float);
+    g->bytes = gpu_memory_plan_total(plan);
 }
 
 inline void infer_cuda_free(InferCuda* g) {
@@ -3708,8 +3786,8 @@ inline void infer_cuda_free(InferCuda* g) {
     *g = InferCuda{};
 }
 
-// as infer_extend; tokens (B, Tn) on the host, the logits (B, V) stay on the device in s.logits
-inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens, int nb = 0) {
+// as infer_layers; tokens (B, Tn) on the host; s.x stays on the device
+inline int infer_cuda_layers(InferCuda* g, const int* tokens, int Tn, const int* lens, int nb) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     int B = nb > 0 ? std::min(nb, g->B) : g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
@@ -3745,12 +3823,45 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
         swiglu_forward_cuda(s.gate, s.gate, s.up, N * F, st);
         matmul_forward_cuda(s.scratch, s.gate, p.w_down + l * C * F, N, F, C, st);
         if (l + 1 < L) fused_residual_rmsnorm_forward_cuda(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
-        else residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);  // the final norm reads only the last rows, below
+        else residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);  // the final norm reads only the rows the head needs
     }
-    embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
-    rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, p.final_norm, B, (int)C, c.norm_eps, st);
-    matmul_forward_cuda(s.logits, s.last_norm, p.head, B, C, (size_t)c.vocab_size, st);
     for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
+    return B;
+}
+
+// as infer_extend; the head's outputs stay on the device: the logits (B, V) in s.logits, or
+// a reward model's scores (B) in s.scores
+inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int* lens, int nb = 0) {
+    const LlamaConfig& c = g->config;
+    int B = infer_cuda_layers(g, tokens, Tn, lens, nb);
+    size_t C = c.dim;
+    cudaStream_t st = g->stream;
+    InferStateT<floatX>& s = g->s;
+    embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
+    rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, g->params.final_norm, B, (int)C, c.norm_eps, st);
+    if (c.head_type == HEAD_REWARD) reward_head_forward_cuda(s.scores, s.last_norm, g->params.head, s.zeros, B, 1, (int)C, st);
+    else matmul_forward_cuda(s.logits, s.last_norm, g->params.head, B, C, (size_t)c.vocab_size, st);
+}
+
+// as infer_sequence_logprobs; tokens and mask (B, T) on the host; the B sums come down into sums
+inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const uint8_t* mask, int B, int T, float* sums) {
+    NVTX_RANGE_FN();
+    const LlamaConfig& c = g->config;
+    infer_require_head(c, HEAD_LM, "sequence log-probs");
+    g->pos.assign(g->B, 0);
+    B = infer_cuda_layers(g, tokens, T, nullptr, B);
+    size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
+    cudaStream_t st = g->stream;
+    InferStateT<floatX>& s = g->s;
+    cudaCheck(cudaMemcpyAsync(s.mask, mask, N, cudaMemcpyHostToDevice, st));
+    rmsnorm_forward_cuda(s.norm, s.rstd, s.x, g->params.final_norm, N, (int)C, c.norm_eps, st);
+    for (int b = 0; b < B; b++) {  // one sequence's logits at a time: (T, V), not (B, T, V)
+        matmul_forward_cuda(s.logits, s.norm + (size_t)b * T * C, g->params.head, T, C, V, st);
+        logprob_forward_cuda(s.lp + (size_t)b * T, s.logits, s.tokens + (size_t)b * T, 1, T, (int)V, st);
+    }
+    sequence_logprob_forward_cuda(s.sums, s.lp, s.mask, B, T, st);
+    cudaCheck(cudaMemcpyAsync(sums, s.sums, B * sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaStreamSynchronize(st));
 }
 
 inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
@@ -3760,7 +3871,7 @@ inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const in
 
 inline void infer_cuda_decode(InferCuda* g, const int* next) { infer_cuda_extend(g, next, 1, nullptr); }
 
-// the logits (B, V) of the last call, to the host
+// the logits (B, V) of the last call, to the host (a language model)
 inline void infer_cuda_logits(InferCuda* g, float* out) {
     size_t n = (size_t)g->B * g->config.vocab_size;
     std::vector<floatX> raw(n);
@@ -3777,17 +3888,20 @@ struct InferRunner {
 #ifdef XWIN_CUDA
     InferCuda gpu;
     std::vector<float> logits;  // (B, V) on the host
+    std::vector<float> out;     // (B) the last scores or sequence log-prob sums, on the host
 #else
     Infer cpu;
 #endif
 };
 
-// host must hold a loaded language model; B sequences of up to max_T tokens, up to max_chunk
-// new tokens per sequence and call; attn_chunk as infer_cuda_init (the GPU build's only)
+// host must hold a loaded model (a language model to generate, a reward model to score); B
+// sequences of up to max_T tokens, up to max_chunk new tokens per sequence and call (whole
+// sequences to score: max_chunk = max_T); attn_chunk as infer_cuda_init (the GPU build's only)
 inline void infer_runner_init(InferRunner* r, int B, int max_T, int max_chunk, int attn_chunk = ATTN_DECODE_CHUNK) {
 #ifdef XWIN_CUDA
     infer_cuda_init(&r->gpu, &r->host, B, max_T, max_chunk, 0, attn_chunk);
-    r->logits.resize((size_t)B * r->host.config.vocab_size);
+    r->logits.resize((size_t)B * head_rows(r->host.config));
+    r->out.resize(B);
 #else
     (void)attn_chunk;
     infer_init(&r->cpu, &r->host, B, max_T, max_chunk);
@@ -3798,6 +3912,7 @@ inline void infer_runner_init(InferRunner* r, int B, int max_T, int max_chunk, i
 // nb > 0: only the first nb sequences are prompts (tokens (nb, Tn), logits (nb, V)); the
 // others start empty (infer_runner_copy_sequence fills them from a prompt).
 inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
+    infer_require_head(r->host.config, HEAD_LM, "logits");
 #ifdef XWIN_CUDA
     infer_cuda_prefill(&r->gpu, tokens, Tn, lens, nb);
     infer_cuda_logits(&r->gpu, r->logits.data());
@@ -3809,12 +3924,48 @@ inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int 
 
 // next (B): one token per sequence -> the logits (B, V) after it
 inline const float* infer_runner_decode(InferRunner* r, const int* next) {
+    infer_require_head(r->host.config, HEAD_LM, "logits");
 #ifdef XWIN_CUDA
     infer_cuda_decode(&r->gpu, next);
     infer_cuda_logits(&r->gpu, r->logits.data());
     return r->logits.data();
 #else
     return infer_decode(&r->cpu, next);
+#endif
+}
+
+// tokens (B, T), B <= the runner's, T <= its max_chunk -> a reward model's scores (B) on the
+// host, each at its sequence's last token that is not the pad id (reward_score_index, as
+// runner_score): a prefill that ends there. Empties the cache.
+inline const float* infer_runner_score(InferRunner* r, const int* tokens, int B, int T) {
+    const LlamaConfig& c = r->host.config;
+    infer_require_head(c, HEAD_REWARD, "scores");
+    if (B > 1 && c.pad_id < 0) {
+        fprintf(stderr, "error: the reward model has no pad_token_id, so it cannot score a batch of more than one sequence (as transformers)\n");
+        exit(1);
+    }
+    std::vector<int> lens(B);
+    reward_score_index(lens.data(), tokens, B, T, c.pad_id);
+    for (int& len : lens) len += 1;
+#ifdef XWIN_CUDA
+    infer_cuda_prefill(&r->gpu, tokens, T, lens.data(), B);
+    cudaCheck(cudaMemcpyAsync(r->out.data(), r->gpu.s.scores, B * sizeof(float), cudaMemcpyDeviceToHost, r->gpu.stream));
+    cudaCheck(cudaStreamSynchronize(r->gpu.stream));
+    return r->out.data();
+#else
+    return infer_prefill(&r->cpu, tokens, T, lens.data(), B);
+#endif
+}
+
+// tokens (B, T), mask (B, T), B <= the runner's, T <= its max_chunk -> the sum of each
+// sequence's masked token log-probs (B) on the host, as runner_sequence_logprobs; the GPU
+// moves the mask up and B sums down. Empties the cache.
+inline const float* infer_runner_sequence_logprobs(InferRunner* r, const int* tokens, const uint8_t* mask, int B, int T) {
+#ifdef XWIN_CUDA
+    infer_cuda_sequence_logprobs(&r->gpu, tokens, mask, B, T, r->out.data());
+    return r->out.data();
+#else
+    return infer_sequence_logprobs(&r->cpu, tokens, mask, B, T);
 #endif
 }
 

@@ -102,9 +102,11 @@ static void init_runner(Loaded* L, int n, const SampleConfig& cfg) {
     infer_runner_init(&L->policy, B, max_T, L->longest);
 }
 
-// The reward model, for B conversations at a time of up to its context (a repaired response can
-// be longer in tokens than it was sampled: each invalid byte becomes the 3 bytes of U+FFFD).
-static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int B) {
+// The reward model, frozen, on the inference runner (no master weights, gradients or moments;
+// one layer's activations), for B conversations at a time of up to its context (a repaired
+// response can be longer in tokens than it was sampled: each invalid byte becomes the 3 bytes
+// of U+FFFD).
+static void load_reward_model(InferRunner* rm, const char* path, const Loaded& L, int B) {
     llama_load(&rm->host, path);
     const LlamaConfig &c = rm->host.config, &p = L.policy.host.config;
     if (c.head_type != HEAD_REWARD) fail_file(path, "is a language model; -r takes a reward model (./train_rm makes one)");
@@ -112,7 +114,7 @@ static void load_reward_model(Runner* rm, const char* path, const Loaded& L, int
         fail_file(path, "has vocab_size %d but the policy model has %d: the reward model scores another vocabulary", c.vocab_size, p.vocab_size);
     }
     if (c.pad_id < 0) fail_file(path, "has no pad id; the responses are scored in padded batches");
-    runner_init(rm, B, c.max_seq_len, false);
+    infer_runner_init(rm, B, c.max_seq_len, c.max_seq_len);
 }
 
 // ---- responses: text, gold scores, reward scores
@@ -157,18 +159,16 @@ static int response_batch(const std::vector<int>& prompt, const std::vector<Resp
 }
 
 // Each response's reward score: the conversation prompt + response + EOS, right-padded with the
-// reward model's pad id, B at a time (runner_score takes the last token that is not padding).
-static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
-    int max_T = rm->host.T, pad = rm->host.config.pad_id;
-#ifdef XWIN_CUDA
-    max_T = rm->gpu.T;
-#endif
+// reward model's pad id, B at a time (infer_runner_score takes the last token that is not padding).
+static void score_responses(InferRunner* rm, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
+    int runner_B, max_T, max_chunk, pad = rm->host.config.pad_id;
+    infer_runner_shape(rm, &runner_B, &max_T, &max_chunk);
     std::vector<int> tokens;
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
         int T = response_batch(prompt, resp, first, nb, eos_id, pad, max_T, tokens, mask);
-        const float* s = runner_score(rm, tokens.data(), nb, T);
+        const float* s = infer_runner_score(rm, tokens.data(), nb, T);
         for (int b = 0; b < nb; b++) {
             if (!std::isfinite(s[b])) {
                 fprintf(stderr, "error: the reward model gave a non-finite score (%g)\n", s[b]);
@@ -179,24 +179,25 @@ static void score_responses(Runner* rm, const std::vector<int>& prompt, std::vec
     }
 }
 
-// A copy of the policy for whole-sequence forwards (the inference runner decodes, this one scores).
-static void load_policy_scorer(Runner* pol, const Loaded& L, int B) {
+// A copy of the policy on a second inference runner, for whole-sequence forwards (the first
+// decodes, this one scores).
+static void load_policy_scorer(InferRunner* pol, const Loaded& L, int B) {
     const Llama& m = L.policy.host;
     llama_init(&pol->host, m.config);
     memcpy(pol->host.params_memory, m.params_memory, m.num_params * sizeof(float));
-    runner_init(pol, B, m.config.max_seq_len, false);
+    infer_runner_init(pol, B, m.config.max_seq_len, m.config.max_seq_len);
 }
 
 // Sets each response's logp: log pi(response, EOS | prompt) under the policy, the sum DPO's
-// reference takes of the same conversation (runner_sequence_logprobs), B responses at a time.
-static void policy_logprobs(Runner* pol, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
+// reference takes of the same conversation (infer_runner_sequence_logprobs), B responses at a time.
+static void policy_logprobs(InferRunner* pol, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
     int pad = std::max(pol->host.config.pad_id, 0);  // any id: the mask leaves the padding out
     std::vector<int> tokens;
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
         int T = response_batch(prompt, resp, first, nb, eos_id, pad, pol->host.config.max_seq_len, tokens, mask);
-        const float* sums = runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T);
+        const float* sums = infer_runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T);
         for (int b = 0; b < nb; b++) resp[first + b].logp = sums[b];
     }
 }
@@ -267,9 +268,9 @@ static void make_set(const SampleConfig& cfg) {
     load_prompts(&L, cfg);
     init_runner(&L, cfg.n, cfg);
     bool scored = *cfg.rm_path;
-    Runner rm;
+    InferRunner rm;
     if (scored) load_reward_model(&rm, cfg.rm_path, L, std::min(cfg.n, 32));
-    Runner scorer;  // a copy of the policy that gives each response's log-prob (-q selects with it)
+    InferRunner scorer;  // a copy of the policy that gives each response's log-prob (-q selects with it)
     if (scored) load_policy_scorer(&scorer, L, std::min(cfg.n, 32));
     std::string out_path = *cfg.out_path ? cfg.out_path : "out/xwin_set.jsonl";
     GenerateConfig g = generate_config(cfg, L.tok, 1.0f);
@@ -309,7 +310,7 @@ static void make_set(const SampleConfig& cfg) {
     if (gold_n) printf("gold judge: mean %.2f / 10 over the %zu responses\n", gold_sum / gold_n, gold_n);
     if (scored) printf("reward model: mean score %.3f\n", rm_sum / stats.responses);
     printf("wrote %s\n", out_path.c_str());
-    if (scored) runner_free(&rm), runner_free(&scorer);
+    if (scored) infer_runner_free(&rm), infer_runner_free(&scorer);
     infer_runner_free(&L.policy);
     tokenizer_free(&L.tok);
 }
@@ -575,12 +576,12 @@ static void best_of_n_curve(const SampleConfig& cfg) {
     printf("%zu samples, %zu tokens in %.1f s: %.0f tok/s | temperature %g, top-k %d, top-p %g\n", stats.responses, stats.tokens, ms / 1000,
            stats.tokens / (ms / 1000), g.sampler.temperature, g.sampler.top_k, g.sampler.top_p);
     if (*rm_path) {
-        Runner rm;
+        InferRunner rm;
         load_reward_model(&rm, rm_path, L, 32);
         auto t0 = std::chrono::steady_clock::now();
         for (size_t i = 0; i < all.size(); i++) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, 32);
         printf("reward model scored %zu responses in %.1f s\n", stats.responses, ms_since(t0) / 1000);
-        runner_free(&rm);
+        infer_runner_free(&rm);
     }
     std::vector<int> ns;
     std::vector<std::vector<double>> curves(*rm_path ? 2 : 1);

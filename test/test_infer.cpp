@@ -137,6 +137,53 @@ TEST_CASE("KV cache: prefill and decode give the full forward's logits, grouped-
     run_cached_vs_full("gqa_untied", {3, 1, 6}, 1, 3);
 }
 
+// The Xwin-Set's policy log-probs on the inference runner: whole sequences prefilled, the head
+// one sequence at a time, the masked sums against transformers' (the fixtures' logprob_sums).
+// Tolerances are the training forward's on the same fixtures: 1e-5 on the CPU and in FP32
+// (test_llama.cpp's parity, as the cached logits above: observed 0 on the CPU, the same
+// arithmetic row for row), 5e-3 in BF16 (test_kernels.cpp's TOL_LOSS for log-prob sums, whose
+// terms are each rounded logits). A wrong target, shift or mask gives errors near 1.
+#if defined(XWIN_CUDA) && !defined(ENABLE_FP32)
+static const double TOL_SUMS = 5e-3;
+#else
+static const double TOL_SUMS = 1e-5;
+#endif
+
+static void run_sequence_logprobs(const std::string& name) {
+    std::string dir = "test/fixtures/" + name + "/";
+    InferRunner inf;
+    llama_load(&inf.host, (dir + "model.bin").c_str());
+    TokenData data;
+    tokens_load(&data, (dir + "tokens.tok").c_str(), inf.host.config.vocab_size);
+    auto e = fixture_load(dir + "expect.bin");
+    int B = (int)data.n_seqs, T = (int)token_seq_len(data, 0);
+    std::vector<int> tokens((size_t)B * T);
+    std::vector<uint8_t> mask((size_t)B * T);
+    tokens_fill_batch(data, 0, B, T, tokens.data(), mask.data());
+    infer_runner_init(&inf, B + 1, T, T);  // a runner of more sequences than the batch
+    const float* sums = infer_runner_sequence_logprobs(&inf, tokens.data(), mask.data(), B, T);
+    REQUIRE(e["logprob_sums"].data.size() == (size_t)B);
+    for (int b = 0; b < B; b++) {
+        INFO(name << " sequence " << b << ": " << sums[b] << " vs transformers " << e["logprob_sums"].data[b]);
+        CHECK(sums[b] == Approx(e["logprob_sums"].data[b]).epsilon(TOL_SUMS));
+    }
+    double err = relative_error(sums, e["logprob_sums"].data.data(), B);
+    printf("  sequence log-probs on the inference runner, %-11s %-12s: rel err %.2e (tolerance %.0e)\n", name.c_str(), infer_build(), err,
+           TOL_SUMS);
+    // after another prefill of every sequence, the same sums again (each call starts from an empty cache)
+    std::vector<float> first(sums, sums + B);
+    std::vector<int> other(B + 1, 1);
+    infer_runner_prefill(&inf, other.data(), 1);
+    sums = infer_runner_sequence_logprobs(&inf, tokens.data(), mask.data(), B, T);
+    CHECK(std::vector<float>(sums, sums + B) == first);
+    infer_runner_free(&inf);
+}
+
+TEST_CASE("sequence log-prob sums on the inference runner match transformers", "[infer][dpo]") {
+    run_sequence_logprobs("mha_tied");
+    run_sequence_logprobs("gqa_untied");
+}
+
 TEST_CASE("KV cache: the positions of the new tokens and the rows of the last ones", "[infer]") {
     std::vector<int> pos = {0, 3}, tok_pos, last_row;
     std::vector<int> lens = {2, 4};
@@ -199,6 +246,31 @@ TEST_CASE("the inference runner allocates no training state", "[infer]") {
     CHECK(inf.host.v_memory == nullptr);
     infer_runner_free(&inf);
 }
+
+#ifdef XWIN_CUDA
+// A frozen model (sample.cu's reward model and policy scorer) on the inference runner against
+// the training Runner it replaced, for a TinyLlama-shaped reward model scoring 32 sequences of
+// its whole context: the plans are arithmetic (no allocation), each the sum of its buffers.
+TEST_CASE("a frozen model's memory plan on the inference runner holds no master, gradients, moments or all-layer activations", "[infer]") {
+    LlamaConfig c{2048, 22, 32, 4, 32000, 5632, 2048, 0, HEAD_REWARD, 10000.0, 1e-5};  // TinyLlama with a reward head
+    int B = 32, T = c.max_seq_len;
+    size_t part_rows;
+    GpuMemoryPlan inf = infer_memory_plan(c, B, T, T, ATTN_DECODE_CHUNK, &part_rows), full = gpu_memory_plan(c, B, T, false);
+    printf("  frozen TinyLlama reward model, B %d, T %d\n    training Runner:  %s\n    inference runner: %s\n", B, T,
+           gpu_memory_plan_text(full).c_str(), gpu_memory_plan_text(inf).c_str());
+    CHECK(inf.master == 0);
+    CHECK(inf.grads == 0);
+    CHECK(inf.moments == 0);
+    CHECK(inf.grad_activations == 0);
+    CHECK(inf.weights == full.weights);
+    size_t cache = 2 * (size_t)c.n_layers * B * T * kv_dim(c) * sizeof(floatX);
+    ActTensorsT<floatX> acts;
+    size_t all_layers = point_activations(&acts, nullptr, c, B, T, true);
+    CHECK(inf.activations > cache);
+    CHECK(inf.activations - cache < all_layers / 4);  // one layer's activations, not 22 layers'
+    CHECK(gpu_memory_plan_total(inf) < gpu_memory_plan_total(full) - full.master);
+}
+#endif
 
 // The cache operations of generate: a prompt prefilled in one sequence and copied into others
 // decodes in each of them exactly as in itself (the same arithmetic on the same numbers, so

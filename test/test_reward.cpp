@@ -159,7 +159,36 @@ static void run_reward_parity(const std::string& name) {
     runner_free(&r);
 }
 
+// A frozen reward model on the inference runner (sample.cu's scorer): a prefill that ends at
+// each sequence's scored token gives transformers' scores to the training Runner's tolerance,
+// with no training state allocated.
+static void run_reward_inference_parity(const std::string& name) {
+    std::string dir = "test/fixtures/" + name + "/";
+    InferRunner r;
+    llama_load(&r.host, (dir + "model.bin").c_str());
+    TokenData data;
+    tokens_load(&data, (dir + "tokens.tok").c_str(), r.host.config.vocab_size);
+    auto e = fixture_load(dir + "expect.bin");
+    int B = (int)data.n_seqs, T = (int)token_seq_len(data, 0);
+    std::vector<int> tokens(B * T);
+    std::vector<uint8_t> mask(B * T);
+    tokens_fill_batch(data, 0, B, T, tokens.data(), mask.data());
+    infer_runner_init(&r, B, T, T);
+    CHECK(r.host.grads_memory == nullptr);
+    CHECK(r.host.m_memory == nullptr);
+    CHECK(r.host.acts_memory == nullptr);
+    const float* scores = infer_runner_score(&r, tokens.data(), B, T);
+    double err = relative_error(scores, e["scores"].data.data(), B);
+    printf("reward scores on the inference runner, %s on %s: rel err %.2e (tolerance %.0e)\n", name.c_str(), runner_device(), err, TOL_SCORES);
+    CHECK(err < TOL_SCORES);
+    infer_runner_free(&r);
+}
+
 TEST_CASE("reward model: scores and every gradient match transformers (multi-head)", "[reward][parity]") { run_reward_parity("reward_mha"); }
+TEST_CASE("a frozen reward model on the inference runner scores as transformers", "[reward][parity][infer]") {
+    run_reward_inference_parity("reward_mha");
+    run_reward_inference_parity("reward_gqa_padded");
+}
 TEST_CASE("reward model: scores and every gradient match transformers (grouped-query, right-padded)", "[reward][parity]") {
     run_reward_parity("reward_gqa_padded");
 }
