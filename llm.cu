@@ -48,9 +48,10 @@ Contents, in file order (search for the quoted heading):
                             llama_cuda_init/_forward(_trunk)/_backward (_from_dlp: from a dlp on the device)/_update/_download,
                             llama_cuda_nll_forward_backward (the SFT loss and gradient: B sums to the host)
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_nll_forward_backward/_clip_grad_norm/_update, ...
-  "Inference with a KV"     defines: InferStateT, Infer, infer_init/_prefill/_decode (CPU); InferCuda,
-                            infer_cuda_init/_prefill/_decode/_logits; InferRunner, infer_runner_init/_prefill/_decode/
-                            _copy_sequence/_rewind
+  "Inference with a KV"     defines: InferStateT, Infer, infer_init/_layers/_prefill/_decode/_sequence_logprobs (CPU);
+                            InferCuda, infer_memory_plan, infer_cuda_init/_layers/_prefill/_decode/_sequence_logprobs/_logits;
+                            InferRunner, infer_runner_init/_prefill/_decode/_score/_sequence_logprobs/_copy_sequence/_rewind
+                            (frozen models: a reward model's scores, a policy's log-prob sums, no training state)
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
   "Pair file format"        defines: PairRecord, PairData, pairs_load (preference pairs)
   "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_save, reference_load_checked
