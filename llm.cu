@@ -20,7 +20,10 @@ Memory conventions (as in llm.c): parameters, gradients, AdamW moments and activ
 live in one allocation sized from the config, made once; a training step allocates nothing.
 Backward functions ACCUMULATE (+=) into parameter gradients and into the gradient of their
 input, so gradient accumulation works and the residual stream's gradient flows by itself;
-the model's backward zeroes its activation-gradient scratch before it uses it.
+the model's backward zeroes its activation-gradient scratch before it uses it. The one
+exception is swiglu_backward, which writes (=) its two gradients: nothing else adds to them,
+so they need no zeroing. The model's graph (the trunk's ops, their order and their buffers)
+is written once, llama_graph_forward/_backward, over an op set per build (CpuOps, CudaOps).
 Every index product is computed in size_t.
 
 Contents, in file order (search for the quoted heading):
@@ -41,14 +44,16 @@ Contents, in file order (search for the quoted heading):
                             logprob (fused_logprob_nll: the SFT loss's log-probs and d-logits in one pass),
                             sequence_logprob_forward/_backward (_cuda: a block per sequence), masked_mean_loss,
                             clip_grad_norm (grad_norm_coef_cuda: the clip folded into AdamW), adamw_update
-  "Activations"             defines: ActTensors, GradActTensors and their carving
+  "Activations"             defines: ActTensors, GradActTensors and their carving; the model graph, written once
+                            for both builds: llama_graph_forward/_backward over an op set (CpuOps, CudaOps)
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward(_trunk)/_backward/_update,
                             llama_nll_forward_backward (the SFT loss and gradient, the classifier fused)
   "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
                             llama_cuda_init/_forward(_trunk)/_backward (_from_dlp: from a dlp on the device)/_update/_download,
                             llama_cuda_nll_forward_backward (the SFT loss and gradient: B sums to the host)
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_nll_forward_backward/_clip_grad_norm/_update, ...
-  "Inference with a KV"     defines: InferStateT, Infer, infer_init/_layers/_prefill/_decode/_sequence_logprobs (CPU);
+  "Inference with a KV"     defines: InferStateT, infer_graph_layers (the layers on a cache, over InferCpuOps or
+                            InferCudaOps), Infer, infer_init/_layers/_prefill/_decode/_sequence_logprobs (CPU);
                             InferCuda, infer_memory_plan, infer_cuda_init/_layers/_prefill/_decode/_sequence_logprobs/_logits;
                             InferRunner, infer_runner_init/_prefill/_decode/_score/_sequence_logprobs/_copy_sequence/_rewind
                             (frozen models: a reward model's scores, a policy's log-prob sums, no training state)
@@ -384,6 +389,9 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
                                            &alpha, A, CUBLAS_FLOATX, lda, stride_a, B, CUBLAS_FLOATX, ldb, stride_b, &beta, Cm,
                                            c_type, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+#else
+#define NVTX_RANGE_FN() (void)0  // the CPU build: the model graph names its layers for the GPU only
+#define NVTX_RANGE(...) (void)0
 #endif
 // ----------------------------------------------------------------------------
 // Model file format (.bin), version 2 (version 1, without the token ids, is still read).
@@ -1798,8 +1806,8 @@ void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up
     for (size_t i = 0; i < n; i++) {
         T g = gate[i];
         T s = T(1) / (T(1) + std::exp(-g));
-        dgate[i] += dout[i] * up[i] * s * (T(1) + g * (T(1) - s));
-        dup[i] += dout[i] * g * s;
+        dgate[i] = dout[i] * up[i] * s * (T(1) + g * (T(1) - s));
+        dup[i] = dout[i] * g * s;
     }
 }
 
@@ -2551,6 +2559,109 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
     return k.bytes;
 }
 
+// ---- the model graph: the trunk's ops, their order and their buffers, written once
+//
+// llama_graph_forward and llama_graph_backward are the trunk of both builds (the embedding,
+// every layer, the final norm), run over an op set: CpuOps (the references on float, in "The
+// model" below) or CudaOps (the kernels on one stream: floatX weights and activations, FP32
+// gradients, in "The model on the GPU"). A change to the architecture is made here, once. An op
+// set has the ops of the same names, each the op of that name with what it keeps to itself (the
+// RoPE table, the stream, scratch) left out of its arguments:
+//   X                              the weights' and activations' type
+//   embedding_forward(out, tokens, wte, N, C)          embedding_backward(dwte, dout, tokens, N, C)
+//   rmsnorm_forward(out, rstd, inp, weight, N, C, eps)  rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C)
+//   fused_residual_rmsnorm_forward(residual, out, rstd, a, b, weight, N, C, eps)
+//   matmul_forward(out, inp, weight, N, C, OC)          matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC)
+//   rope_forward(x, B, T, NH, hd)                       rope_backward(dx, B, T, NH, hd)
+//   attention_forward(a, l, out, q, k, v, B, T, H, KV, hd)   which keeps in a what its backward reads
+//   attention_backward(a, l, dq, dk, dv, dout, out, q, k, v, B, T, H, KV, hd)   (CPU: layer l's
+//                                  probabilities a.att; GPU: its log-sum-exps a.lse)
+//   swiglu_forward(out, gate, up, n)                    swiglu_backward(dgate, dup, dout, gate, up, n)  (=)
+//   zero(x, n)
+// tokens are where the op set reads them (the host's on the CPU, the device's on the GPU).
+
+// tokens (B, T) -> every layer's activations in a and a.final_in (B, T, C), the final norm's
+// output that a head reads
+template <typename Ops>
+void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typename Ops::X>& p, ActTensorsT<typename Ops::X>& a,
+                         const int* tokens, int B, int T) {
+    using X = typename Ops::X;
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * T;
+    o.embedding_forward(a.residual, tokens, p.wte, N, C);
+    o.rmsnorm_forward(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
+    for (size_t l = 0; l < L; l++) {
+        NVTX_RANGE("layer %zu forward", l);
+        X* x = a.residual + l * N * C;
+        X* attn_in = a.attn_in + l * N * C;
+        X* q = a.q + l * N * C;
+        X* k = a.k + l * N * KVD;
+        X* v = a.v + l * N * KVD;
+        X* att_out = a.att_out + l * N * C;
+        X* mid = a.residual_mid + l * N * C;
+        X* mlp_in = a.mlp_in + l * N * C;
+        X* gate = a.gate + l * N * F;
+        X* up = a.up + l * N * F;
+        X* sw = a.swiglu + l * N * F;
+        o.matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
+        o.matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
+        o.matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        o.rope_forward(q, B, T, H, hd);
+        o.rope_forward(k, B, T, KV, hd);
+        o.attention_forward(a, l, att_out, q, k, v, B, T, H, KV, hd);
+        o.matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
+        o.fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
+        o.matmul_forward(gate, mlp_in, p.w_gate + l * F * C, N, C, F);
+        o.matmul_forward(up, mlp_in, p.w_up + l * F * C, N, C, F);
+        o.swiglu_forward(sw, gate, up, N * F);
+        o.matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
+        // the stream entering the next layer and that layer's attention norm, or the final norm
+        bool last = l + 1 == L;
+        o.fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
+                                         last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
+                                         last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
+    }
+}
+
+// Backward of the trunk from d.norm_out = d(objective)/d(a.final_in) (B, T, C), which a head's
+// backward writes; accumulates into the parameter gradients g. tokens as the forward's.
+template <typename Ops>
+void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typename Ops::X>& p, ParamTensorsT<float>& g,
+                          ActTensorsT<typename Ops::X>& a, GradActTensorsT<typename Ops::X>& d, const int* tokens, int B, int T) {
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * T;
+    o.zero(d.residual, N * C);
+    o.rmsnorm_backward(d.residual, g.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, C);
+    for (size_t l = L; l-- > 0;) {
+        NVTX_RANGE("layer %zu backward", l);
+        // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
+        o.zero(d.swiglu, N * F);
+        o.zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward writes them
+        o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C);
+        o.swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
+        o.matmul_backward(d.norm_out, g.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F);
+        o.matmul_backward(d.norm_out, g.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F);
+        o.rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
+        // attention block: mid = residual[l] + att_out @ wo^T
+        o.zero(d.att_out, N * C);
+        o.zero(d.q, N * C);
+        o.zero(d.k, N * KVD);
+        o.zero(d.v, N * KVD);
+        o.zero(d.norm_out, N * C);
+        o.matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
+        o.attention_backward(a, l, d.q, d.k, d.v, d.att_out, a.att_out + l * N * C, a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD,
+                             B, T, H, KV, hd);
+        o.rope_backward(d.q, B, T, H, hd);
+        o.rope_backward(d.k, B, T, KV, hd);
+        auto* attn_in = a.attn_in + l * N * C;
+        o.matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
+        o.matmul_backward(d.norm_out, g.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD);
+        o.matmul_backward(d.norm_out, g.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
+    }
+    o.embedding_backward(g.wte, d.residual, tokens, N, C);
+}
+
 // ----------------------------------------------------------------------------
 // The model
 
@@ -2692,51 +2803,57 @@ inline void llama_free(Llama* model) {
     *model = Llama{};
 }
 
+// The CPU reference's op set for the model graph (llama_graph_forward/_backward): the ops above
+// on float; the RoPE table and the pad id are the model's.
+struct CpuOps {
+    using X = float;
+    const float* rope_table;
+    int pad_id;
+    void embedding_forward(float* out, const int* tokens, const float* wte, size_t N, size_t C) { ::embedding_forward(out, tokens, wte, N, C); }
+    void embedding_backward(float* dwte, const float* dout, const int* tokens, size_t N, size_t C) {
+        ::embedding_backward(dwte, dout, tokens, N, C, pad_id);
+    }
+    void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, size_t N, size_t C, double eps) {
+        ::rmsnorm_forward(out, rstd, inp, weight, N, C, eps);
+    }
+    void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight, const float* rstd, size_t N, size_t C) {
+        ::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C);
+    }
+    void fused_residual_rmsnorm_forward(float* residual, float* out, float* rstd, const float* a, const float* b, const float* weight, size_t N,
+                                        size_t C, double eps) {
+        ::fused_residual_rmsnorm_forward(residual, out, rstd, a, b, weight, N, C, eps);
+    }
+    void matmul_forward(float* out, const float* inp, const float* weight, size_t N, size_t C, size_t OC) { ::matmul_forward(out, inp, weight, N, C, OC); }
+    void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight, size_t N, size_t C, size_t OC) {
+        ::matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC);
+    }
+    void rope_forward(float* x, size_t B, size_t T, size_t NH, size_t hd) { ::rope_forward(x, rope_table, B, T, NH, (int)hd); }
+    void rope_backward(float* dx, size_t B, size_t T, size_t NH, size_t hd) { ::rope_backward(dx, rope_table, B, T, NH, (int)hd); }
+    void attention_forward(ActTensors& a, size_t l, float* out, const float* q, const float* k, const float* v, size_t B, size_t T, size_t H,
+                           size_t KV, size_t hd) {
+        ::attention_forward(out, a.att + l * B * H * T * T, q, k, v, B, T, H, KV, hd);
+    }
+    void attention_backward(ActTensors& a, size_t l, float* dq, float* dk, float* dv, const float* dout, const float* out, const float* q,
+                            const float* k, const float* v, size_t B, size_t T, size_t H, size_t KV, size_t hd) {
+        (void)out;  // the probabilities are kept
+        ::attention_backward(dq, dk, dv, dout, a.att + l * B * H * T * T, q, k, v, B, T, H, KV, hd);
+    }
+    void swiglu_forward(float* out, const float* gate, const float* up, size_t n) { ::swiglu_forward(out, gate, up, n); }
+    void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
+        ::swiglu_backward(dgate, dup, dout, gate, up, n);
+    }
+    void zero(float* x, size_t n) { memset(x, 0, n * sizeof(float)); }
+};
+
 // tokens (B, T) -> every layer's activations and acts.final_in (B, T, C), the final norm's output
-// that a head reads. B, T <= the allocation.
+// that a head reads (llama_graph_forward). B, T <= the allocation.
 inline void llama_forward_trunk(Llama* model, const int* tokens, int B, int T) {
-    const LlamaConfig& c = model->config;
     if (B > model->B || T > model->T) {
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, model->B, model->T);
         exit(1);
     }
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
-    size_t N = (size_t)B * T;
-    const ParamTensors& p = model->params;
-    ActTensors& a = model->acts;
-    embedding_forward(a.residual, tokens, p.wte, N, C);
-    rmsnorm_forward(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
-    for (size_t l = 0; l < L; l++) {
-        float* x = a.residual + l * N * C;
-        float* attn_in = a.attn_in + l * N * C;
-        float* q = a.q + l * N * C;
-        float* k = a.k + l * N * KVD;
-        float* v = a.v + l * N * KVD;
-        float* att = a.att + l * B * H * T * T;
-        float* att_out = a.att_out + l * N * C;
-        float* mid = a.residual_mid + l * N * C;
-        float* mlp_in = a.mlp_in + l * N * C;
-        float* gate = a.gate + l * N * F;
-        float* up = a.up + l * N * F;
-        float* sw = a.swiglu + l * N * F;
-        matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
-        matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
-        matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
-        rope_forward(q, model->rope_table, B, T, H, hd);
-        rope_forward(k, model->rope_table, B, T, KV, hd);
-        attention_forward(att_out, att, q, k, v, B, T, H, KV, hd);
-        matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
-        fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        matmul_forward(gate, mlp_in, p.w_gate + l * F * C, N, C, F);
-        matmul_forward(up, mlp_in, p.w_up + l * F * C, N, C, F);
-        swiglu_forward(sw, gate, up, N * F);
-        matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
-        // the stream entering the next layer and that layer's attention norm, or the final norm
-        bool last = l + 1 == L;
-        fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
-                                       last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
-                                       last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
-    }
+    CpuOps o{model->rope_table, model->config.pad_id};
+    llama_graph_forward(o, model->config, model->params, model->acts, tokens, B, T);
 }
 
 // tokens (B, T) -> acts.logits (B, T, V) and acts.lp (B, T) with the language-model head, or
@@ -2758,47 +2875,11 @@ inline void llama_forward(Llama* model, const int* tokens, int B, int T, const i
 inline void llama_zero_grad(Llama* model) { memset(model->grads_memory, 0, model->num_params * sizeof(float)); }
 
 // Backward of the trunk (the final norm, every layer, the embedding) from grad_acts.norm_out =
-// d(objective)/d(final_in) (B, T, C), which a head's backward writes. Accumulates into model->grads.
+// d(objective)/d(final_in) (B, T, C), which a head's backward writes (llama_graph_backward).
+// Accumulates into model->grads.
 inline void llama_backward_trunk(Llama* model, const int* tokens, int B, int T) {
-    const LlamaConfig& c = model->config;
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
-    size_t N = (size_t)B * T;
-    const ParamTensors& p = model->params;
-    ParamTensors& g = model->grads;
-    ActTensors& a = model->acts;
-    GradActTensors& d = model->grad_acts;
-    memset(d.residual, 0, N * C * sizeof(float));
-    rmsnorm_backward(d.residual, g.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, C);
-    for (size_t li = L; li-- > 0;) {
-        size_t l = li;
-        // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
-        memset(d.swiglu, 0, N * F * sizeof(float));
-        memset(d.gate, 0, N * F * sizeof(float));
-        memset(d.up, 0, N * F * sizeof(float));
-        memset(d.norm_out, 0, N * C * sizeof(float));
-        matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C);
-        swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
-        matmul_backward(d.norm_out, g.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F);
-        matmul_backward(d.norm_out, g.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F);
-        rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
-        // attention block: mid = residual[l] + att_out @ wo^T
-        memset(d.att_out, 0, N * C * sizeof(float));
-        memset(d.q, 0, N * C * sizeof(float));
-        memset(d.k, 0, N * KVD * sizeof(float));
-        memset(d.v, 0, N * KVD * sizeof(float));
-        memset(d.norm_out, 0, N * C * sizeof(float));
-        matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
-        attention_backward(d.q, d.k, d.v, d.att_out, a.att + l * B * H * T * T, a.q + l * N * C, a.k + l * N * KVD,
-                           a.v + l * N * KVD, B, T, H, KV, hd);
-        rope_backward(d.q, model->rope_table, B, T, H, hd);
-        rope_backward(d.k, model->rope_table, B, T, KV, hd);
-        const float* attn_in = a.attn_in + l * N * C;
-        matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
-        matmul_backward(d.norm_out, g.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD);
-        matmul_backward(d.norm_out, g.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD);
-        rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
-    }
-    embedding_backward(g.wte, d.residual, tokens, N, C, c.pad_id);
+    CpuOps o{model->rope_table, model->config.pad_id};
+    llama_graph_backward(o, model->config, model->params, model->grads, model->acts, model->grad_acts, tokens, B, T);
 }
 
 // Backward of an objective of the token log-probs: dlp (B, T) = d(objective)/d(acts.lp).
@@ -3034,7 +3115,59 @@ inline void llama_cuda_free(LlamaCuda* g) {
     *g = LlamaCuda{};
 }
 
-// tokens (B, T) on the host -> every layer's activations and acts.final_in (B, T, C) on the device
+// The GPU's op set for the model graph (llama_graph_forward/_backward): the kernels and cuBLAS on
+// the model's stream, floatX weights and activations, FP32 parameter gradients; the RoPE table,
+// the attention's and the RMSNorm backward's scratch and the embedding's token buckets are the
+// model's.
+struct CudaOps {
+    using X = floatX;
+    LlamaCuda* g;
+    void embedding_forward(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C) {
+        embedding_forward_cuda(out, tokens, wte, N, C, g->stream);
+    }
+    void embedding_backward(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
+        (void)tokens;  // bucketed by the forward (embedding_buckets)
+        embedding_backward_cuda(dwte, dout, g->token_buckets, g->n_token_buckets, N, C, g->stream);
+    }
+    void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, size_t C, double eps) {
+        rmsnorm_forward_cuda(out, rstd, inp, weight, N, (int)C, eps, g->stream);
+    }
+    void rmsnorm_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N,
+                          size_t C) {
+        rmsnorm_backward_cuda(dinp, dweight, g->norm_weight_partials, dout, inp, weight, rstd, N, (int)C, g->stream);
+    }
+    void fused_residual_rmsnorm_forward(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b, const floatX* weight,
+                                        size_t N, size_t C, double eps) {
+        fused_residual_rmsnorm_forward_cuda(residual, out, rstd, a, b, weight, N, (int)C, eps, g->stream);
+    }
+    void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
+        matmul_forward_cuda(out, inp, weight, N, C, OC, g->stream);
+    }
+    void matmul_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
+        matmul_backward_cuda(dinp, dweight, dout, inp, weight, N, C, OC, g->stream);
+    }
+    void rope_forward(floatX* x, size_t B, size_t T, size_t NH, size_t hd) { rope_forward_cuda(x, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream); }
+    void rope_backward(floatX* dx, size_t B, size_t T, size_t NH, size_t hd) {
+        rope_backward_cuda(dx, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream);
+    }
+    void attention_forward(ActTensorsT<floatX>& a, size_t l, floatX* out, const floatX* q, const floatX* k, const floatX* v, size_t B, size_t T,
+                           size_t H, size_t KV, size_t hd) {
+        flash_attention_forward_cuda(out, a.lse + l * B * H * T, q, k, v, B, (int)T, (int)H, (int)KV, (int)hd, g->stream);
+    }
+    void attention_backward(ActTensorsT<floatX>& a, size_t l, floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
+                            const floatX* q, const floatX* k, const floatX* v, size_t B, size_t T, size_t H, size_t KV, size_t hd) {
+        flash_attention_backward_cuda(dq, dk, dv, g->attn_delta, dout, out, a.lse + l * B * H * T, q, k, v, B, (int)T, (int)H, (int)KV, (int)hd,
+                                      g->stream);
+    }
+    void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
+    void swiglu_backward(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
+        swiglu_backward_cuda(dgate, dup, dout, gate, up, n, g->stream);
+    }
+    void zero(floatX* x, size_t n) { cudaCheck(cudaMemsetAsync(x, 0, n * sizeof(floatX), g->stream)); }
+};
+
+// tokens (B, T) on the host -> the activations on the device (llama_graph_forward); when
+// training, the tokens' buckets for the embedding backward too
 inline void llama_cuda_forward_trunk(LlamaCuda* g, const int* tokens, int B, int T) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
@@ -3042,48 +3175,15 @@ inline void llama_cuda_forward_trunk(LlamaCuda* g, const int* tokens, int B, int
         fprintf(stderr, "error: batch (%d, %d) exceeds the allocated (%d, %d)\n", B, T, g->B, g->T);
         exit(1);
     }
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
-    int hd = head_dim(c);
+    size_t N = (size_t)B * T;
     cudaStream_t st = g->stream;
-    const ParamTensorsT<floatX>& p = g->params;
-    ActTensorsT<floatX>& a = g->acts;
     cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
     if (g->token_buckets) {  // training: for the embedding backward (a pageable copy: the host buffer is free on return)
         g->n_token_buckets = embedding_buckets(g->host_token_buckets.data(), tokens, N, c.pad_id);
         cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
     }
-    embedding_forward_cuda(a.residual, g->tokens, p.wte, N, C, st);
-    rmsnorm_forward_cuda(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, (int)C, c.norm_eps, st);  // later layers' come fused
-    for (size_t l = 0; l < L; l++) {
-        NVTX_RANGE("layer %zu forward", l);
-        floatX* x = a.residual + l * N * C;
-        floatX* attn_in = a.attn_in + l * N * C;
-        floatX* q = a.q + l * N * C;
-        floatX* k = a.k + l * N * KVD;
-        floatX* v = a.v + l * N * KVD;
-        floatX* mid = a.residual_mid + l * N * C;
-        floatX* mlp_in = a.mlp_in + l * N * C;
-        floatX* gate = a.gate + l * N * F;
-        floatX* up = a.up + l * N * F;
-        floatX* sw = a.swiglu + l * N * F;
-        matmul_forward_cuda(q, attn_in, p.wq + l * C * C, N, C, C, st);
-        matmul_forward_cuda(k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
-        matmul_forward_cuda(v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rope_forward_cuda(q, g->rope_table, B, T, (int)H, hd, st);
-        rope_forward_cuda(k, g->rope_table, B, T, c.n_kv_heads, hd, st);
-        flash_attention_forward_cuda(a.att_out + l * N * C, a.lse + l * B * H * T, q, k, v, B, T, (int)H, c.n_kv_heads, hd, st);
-        matmul_forward_cuda(a.scratch, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
-        fused_residual_rmsnorm_forward_cuda(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
-        matmul_forward_cuda(gate, mlp_in, p.w_gate + l * F * C, N, C, F, st);
-        matmul_forward_cuda(up, mlp_in, p.w_up + l * F * C, N, C, F, st);
-        swiglu_forward_cuda(sw, gate, up, N * F, st);
-        matmul_forward_cuda(a.scratch, sw, p.w_down + l * C * F, N, F, C, st);
-        // the stream entering the next layer and that layer's attention norm, or the final norm
-        bool last = l + 1 == L;
-        fused_residual_rmsnorm_forward_cuda(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
-                                            last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
-                                            last ? p.final_norm : p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
-    }
+    CudaOps o{g};
+    llama_graph_forward(o, c, g->params, g->acts, g->tokens, B, T);
 }
 
 // tokens (B, T) on the host -> acts.logits and acts.lp on the device with the language-model
@@ -3123,48 +3223,11 @@ inline void llama_cuda_zero_grad(LlamaCuda* g) {
 }
 
 // Backward of the trunk from grad_acts.norm_out = d(objective)/d(final_in) (B, T, C), which a
-// head's backward writes (llama_backward_trunk on the device); accumulates into grads.
+// head's backward writes (llama_graph_backward); accumulates into grads.
 inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     NVTX_RANGE_FN();
-    const LlamaConfig& c = g->config;
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * T;
-    int hd = head_dim(c), KV = c.n_kv_heads;
-    cudaStream_t st = g->stream;
-    const ParamTensorsT<floatX>& p = g->params;
-    ParamTensorsT<float>& gr = g->grads;
-    ActTensorsT<floatX>& a = g->acts;
-    GradActTensorsT<floatX>& d = g->grad_acts;
-    auto zero = [&](floatX* ptr, size_t count) { cudaCheck(cudaMemsetAsync(ptr, 0, count * sizeof(floatX), st)); };
-    zero(d.residual, N * C);
-    rmsnorm_backward_cuda(d.residual, gr.final_norm, g->norm_weight_partials, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, (int)C, st);
-    for (size_t l = L; l-- > 0;) {
-        NVTX_RANGE("layer %zu backward", l);
-        zero(d.swiglu, N * F);
-        zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward_cuda writes them
-        matmul_backward_cuda(d.swiglu, gr.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C, st);
-        swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F, st);
-        matmul_backward_cuda(d.norm_out, gr.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F, st);
-        matmul_backward_cuda(d.norm_out, gr.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F, st);
-        rmsnorm_backward_cuda(d.residual, gr.mlp_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C,
-                              a.mlp_rstd + l * N, N, (int)C, st);
-        zero(d.att_out, N * C);
-        zero(d.q, N * C);
-        zero(d.k, N * KVD);
-        zero(d.v, N * KVD);
-        zero(d.norm_out, N * C);
-        matmul_backward_cuda(d.att_out, gr.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C, st);
-        flash_attention_backward_cuda(d.q, d.k, d.v, g->attn_delta, d.att_out, a.att_out + l * N * C, a.lse + l * B * H * T,
-                                      a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD, B, T, (int)H, KV, hd, st);
-        rope_backward_cuda(d.q, g->rope_table, B, T, (int)H, hd, st);
-        rope_backward_cuda(d.k, g->rope_table, B, T, KV, hd, st);
-        const floatX* attn_in = a.attn_in + l * N * C;
-        matmul_backward_cuda(d.norm_out, gr.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C, st);
-        matmul_backward_cuda(d.norm_out, gr.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD, st);
-        matmul_backward_cuda(d.norm_out, gr.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD, st);
-        rmsnorm_backward_cuda(d.residual, gr.attn_norm + l * C, g->norm_weight_partials, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C,
-                              a.attn_rstd + l * N, N, (int)C, st);
-    }
-    embedding_backward_cuda(gr.wte, d.residual, g->token_buckets, g->n_token_buckets, N, C, st);
+    CudaOps o{g};
+    llama_graph_backward(o, g->config, g->params, g->grads, g->acts, g->grad_acts, g->tokens, B, T);
 }
 
 // Backward of an objective of the token log-probs from g->dlp (B, T) on the device (the host's
@@ -3571,6 +3634,42 @@ inline void infer_require_head(const LlamaConfig& c, int head_type, const char* 
     }
 }
 
+// The layers of the model graph on the new tokens of a KV cache, written once for both builds
+// (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
+// after the last layer. p holds the norms and the embedding, w the matrices as the op set's
+// matmul_forward reads them (the CPU's transposed once). An op set has llama_graph_forward's
+// embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward and
+// swiglu_forward, and
+//   rope_forward_at(x, N, NH, hd)           at the new tokens' positions
+//   attention_cached(l, out, q, k, v, B, Tn, H, KV, hd)   k, v into layer l's cache at each
+//                                           sequence's position, then out from the cache
+//   residual_forward(out, a, b, n)
+template <typename Ops>
+void infer_graph_layers(Ops& o, const LlamaConfig& c, const ParamTensorsT<typename Ops::X>& p, const ParamTensorsT<typename Ops::X>& w,
+                        InferStateT<typename Ops::X>& s, const int* tokens, int B, int Tn) {
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    size_t N = (size_t)B * Tn;
+    o.embedding_forward(s.x, tokens, p.wte, N, C);
+    o.rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
+    for (size_t l = 0; l < L; l++) {
+        NVTX_RANGE("layer %zu inference", l);
+        o.matmul_forward(s.q, s.norm, w.wq + l * C * C, N, C, C);
+        o.matmul_forward(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
+        o.matmul_forward(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
+        o.rope_forward_at(s.q, N, H, hd);
+        o.rope_forward_at(s.k, N, KV, hd);
+        o.attention_cached(l, s.att_out, s.q, s.k, s.v, B, Tn, H, KV, hd);
+        o.matmul_forward(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
+        o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
+        o.matmul_forward(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
+        o.matmul_forward(s.up, s.norm, w.w_up + l * F * C, N, C, F);
+        o.swiglu_forward(s.gate, s.gate, s.up, N * F);
+        o.matmul_forward(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
+        if (l + 1 < L) o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
+        else o.residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the rows the head needs
+    }
+}
+
 struct Infer {
     const Llama* model = nullptr;  // the weights: the host model's FP32 parameters (not owned)
     std::vector<float> wt_memory;  // (num_params) its matrices transposed once for matmul_forward_transposed
@@ -3626,35 +3725,28 @@ inline void infer_free(Infer* inf) {
 // llama_forward on the new rows, attending to the cache, leave s.x (B, Tn, C), the residual
 // stream after the last layer. nb > 0: only the first nb sequences take tokens (nb, Tn); the
 // others keep their cache and position. Returns the number of sequences that took tokens.
+// The CPU's op set for infer_graph_layers: CpuOps's ops, the matmuls on the transposed matrices,
+// the positions on the host.
+struct InferCpuOps : CpuOps {
+    Infer* inf;
+    void matmul_forward(float* out, const float* inp, const float* wt, size_t N, size_t C, size_t OC) {
+        matmul_forward_transposed(out, inp, wt, N, C, OC);
+    }
+    void rope_forward_at(float* x, size_t N, size_t NH, size_t hd) { ::rope_forward_at(x, rope_table, inf->tok_pos.data(), N, NH, (int)hd); }
+    void attention_cached(size_t l, float* out, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+        size_t KVD = KV * hd, cache = (size_t)inf->B * inf->max_T * KVD;  // a layer's cache holds all inf->B sequences
+        float *k_cache = inf->s.k_cache + l * cache, *v_cache = inf->s.v_cache + l * cache;
+        kv_cache_write(k_cache, v_cache, k, v, inf->pos.data(), B, Tn, KVD, inf->max_T);
+        attention_cached_forward(out, q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
+    }
+    void residual_forward(float* out, const float* a, const float* b, size_t n) { ::residual_forward(out, a, b, n); }
+};
+
 inline int infer_layers(Infer* inf, const int* tokens, int Tn, const int* lens, int nb) {
-    const LlamaConfig& c = inf->model->config;
     int B = nb > 0 ? std::min(nb, inf->B) : inf->B;
     infer_plan(inf->pos, inf->tok_pos, inf->last_row, lens, B, Tn, inf->max_T, inf->max_chunk);
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
-    size_t N = (size_t)B * Tn, cache = (size_t)inf->B * inf->max_T * KVD;  // a layer's cache holds all inf->B sequences
-    const ParamTensors &p = inf->model->params, &w = inf->wt;  // w: the matrices transposed
-    InferStateT<float>& s = inf->s;
-    embedding_forward(s.x, tokens, p.wte, N, C);
-    rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
-    for (size_t l = 0; l < L; l++) {
-        float* k_cache = s.k_cache + l * cache;
-        float* v_cache = s.v_cache + l * cache;
-        matmul_forward_transposed(s.q, s.norm, w.wq + l * C * C, N, C, C);
-        matmul_forward_transposed(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
-        matmul_forward_transposed(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
-        rope_forward_at(s.q, inf->rope_table.data(), inf->tok_pos.data(), N, H, (int)hd);
-        rope_forward_at(s.k, inf->rope_table.data(), inf->tok_pos.data(), N, KV, (int)hd);
-        kv_cache_write(k_cache, v_cache, s.k, s.v, inf->pos.data(), B, Tn, KVD, inf->max_T);
-        attention_cached_forward(s.att_out, s.q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
-        matmul_forward_transposed(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
-        fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        matmul_forward_transposed(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
-        matmul_forward_transposed(s.up, s.norm, w.w_up + l * F * C, N, C, F);
-        swiglu_forward(s.gate, s.gate, s.up, N * F);
-        matmul_forward_transposed(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
-        if (l + 1 < L) fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
-        else residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the rows the head needs
-    }
+    InferCpuOps o{{inf->rope_table.data(), inf->model->config.pad_id}, inf};
+    infer_graph_layers(o, inf->model->config, inf->model->params, inf->wt, inf->s, tokens, B, Tn);
     for (int b = 0; b < B; b++) inf->pos[b] += inf->last_row[b] - b * Tn + 1;
     return B;
 }
@@ -3787,45 +3879,54 @@ inline void infer_cuda_free(InferCuda* g) {
     *g = InferCuda{};
 }
 
+// The GPU's op set for infer_graph_layers: the kernels on the state's stream, the positions on
+// the device.
+struct InferCudaOps {
+    using X = floatX;
+    InferCuda* g;
+    int max_len;  // the longest sequence after the new tokens: the attention reads no cache beyond it
+    void embedding_forward(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C) {
+        embedding_forward_cuda(out, tokens, wte, N, C, g->stream);
+    }
+    void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, size_t C, double eps) {
+        rmsnorm_forward_cuda(out, rstd, inp, weight, N, (int)C, eps, g->stream);
+    }
+    void fused_residual_rmsnorm_forward(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b, const floatX* weight,
+                                        size_t N, size_t C, double eps) {
+        fused_residual_rmsnorm_forward_cuda(residual, out, rstd, a, b, weight, N, (int)C, eps, g->stream);
+    }
+    void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
+        matmul_forward_cuda(out, inp, weight, N, C, OC, g->stream);
+    }
+    void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
+    void rope_forward_at(floatX* x, size_t N, size_t NH, size_t hd) { rope_forward_at_cuda(x, g->rope_table, g->s.tok_pos, N, (int)NH, (int)hd, g->stream); }
+    void attention_cached(size_t l, floatX* out, const floatX* q, const floatX* k, const floatX* v, size_t B, size_t Tn, size_t H, size_t KV,
+                          size_t hd) {
+        size_t KVD = KV * hd, cache = (size_t)g->B * g->max_T * KVD;
+        floatX *k_cache = g->s.k_cache + l * cache, *v_cache = g->s.v_cache + l * cache;
+        kv_cache_write_cuda(k_cache, v_cache, k, v, g->s.pos, B, (int)Tn, (int)KVD, g->max_T, g->stream);
+        attention_decode_cuda(out, q, k_cache, v_cache, g->s.pos, B, (int)Tn, (int)H, (int)KV, (int)hd, g->max_T, max_len, g->part_o, g->part_ml,
+                              g->part_rows, g->stream, g->attn_chunk);
+    }
+    void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) { residual_forward_cuda(out, a, b, n, g->stream); }
+};
+
 // as infer_layers; tokens (B, Tn) on the host; s.x stays on the device
 inline int infer_cuda_layers(InferCuda* g, const int* tokens, int Tn, const int* lens, int nb) {
     NVTX_RANGE_FN();
-    const LlamaConfig& c = g->config;
-    int B = nb > 0 ? std::min(nb, g->B) : g->B, hd = head_dim(c), H = c.n_heads, KV = c.n_kv_heads;
+    int B = nb > 0 ? std::min(nb, g->B) : g->B;
     infer_plan(g->pos, g->tok_pos, g->last_row, lens, B, Tn, g->max_T, g->max_chunk);
-    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), N = (size_t)B * Tn, cache = (size_t)g->B * g->max_T * KVD;
+    size_t N = (size_t)B * Tn;
     int max_len = 0;
     for (int b = 0; b < B; b++) max_len = std::max(max_len, g->pos[b] + Tn);
     cudaStream_t st = g->stream;
-    const ParamTensorsT<floatX>& p = g->params;
     InferStateT<floatX>& s = g->s;
     cudaCheck(cudaMemcpyAsync(s.tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.pos, g->pos.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.tok_pos, g->tok_pos.data(), N * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
-    embedding_forward_cuda(s.x, s.tokens, p.wte, N, C, st);
-    rmsnorm_forward_cuda(s.norm, s.rstd, s.x, p.attn_norm, N, (int)C, c.norm_eps, st);  // later layers' come fused with the residual add
-    for (size_t l = 0; l < L; l++) {
-        NVTX_RANGE("layer %zu inference", l);
-        floatX* k_cache = s.k_cache + l * cache;
-        floatX* v_cache = s.v_cache + l * cache;
-        matmul_forward_cuda(s.q, s.norm, p.wq + l * C * C, N, C, C, st);
-        matmul_forward_cuda(s.k, s.norm, p.wk + l * KVD * C, N, C, KVD, st);
-        matmul_forward_cuda(s.v, s.norm, p.wv + l * KVD * C, N, C, KVD, st);
-        rope_forward_at_cuda(s.q, g->rope_table, s.tok_pos, N, H, hd, st);
-        rope_forward_at_cuda(s.k, g->rope_table, s.tok_pos, N, KV, hd, st);
-        kv_cache_write_cuda(k_cache, v_cache, s.k, s.v, s.pos, B, Tn, (int)KVD, g->max_T, st);
-        attention_decode_cuda(s.att_out, s.q, k_cache, v_cache, s.pos, B, Tn, H, KV, hd, g->max_T, max_len, g->part_o, g->part_ml,
-                              g->part_rows, st, g->attn_chunk);
-        matmul_forward_cuda(s.scratch, s.att_out, p.wo + l * C * C, N, C, C, st);
-        fused_residual_rmsnorm_forward_cuda(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, (int)C, c.norm_eps, st);
-        matmul_forward_cuda(s.gate, s.norm, p.w_gate + l * F * C, N, C, F, st);
-        matmul_forward_cuda(s.up, s.norm, p.w_up + l * F * C, N, C, F, st);
-        swiglu_forward_cuda(s.gate, s.gate, s.up, N * F, st);
-        matmul_forward_cuda(s.scratch, s.gate, p.w_down + l * C * F, N, F, C, st);
-        if (l + 1 < L) fused_residual_rmsnorm_forward_cuda(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, (int)C, c.norm_eps, st);
-        else residual_forward_cuda(s.x, s.x, s.scratch, N * C, st);  // the final norm reads only the rows the head needs
-    }
+    InferCudaOps o{g, max_len};
+    infer_graph_layers(o, g->config, g->params, g->params, s, s.tokens, B, Tn);
     for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
     return B;
 }

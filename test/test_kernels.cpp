@@ -293,7 +293,7 @@ TEST_CASE("swiglu and residual kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 6);
     size_t n = 1003;
     std::vector<float> g = rounded(random_floats(n, rng, 2.0f)), u = rounded(random_floats(n, rng)), d = rounded(random_floats(n, rng));
-    std::vector<float> out(n), sum(n), dg(n, 0.0f), du(n, 0.0f);  // the kernel writes (=) what the twin adds to zeros
+    std::vector<float> out(n), sum(n), dg(n), du(n);  // the kernel and its twin write (=) the gradients
     swiglu_forward(out.data(), g.data(), u.data(), n);
     swiglu_backward(dg.data(), du.data(), d.data(), g.data(), u.data(), n);
     residual_forward(sum.data(), g.data(), u.data(), n);

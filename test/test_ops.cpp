@@ -175,8 +175,8 @@ TEST_CASE("attention backward matches finite differences (multi-head and grouped
 TEST_CASE("swiglu backward matches finite differences", "[ops][fd]") {
     std::mt19937 rng(8);
     size_t n = 17;
-    Vec g = random_vec(n, rng, 2.0), u = random_vec(n, rng), G = random_vec(n, rng), out(n), dg(n, 0.0), du(n, 0.0);
-    swiglu_backward(dg.data(), du.data(), G.data(), g.data(), u.data(), n);
+    Vec g = random_vec(n, rng, 2.0), u = random_vec(n, rng), G = random_vec(n, rng), out(n), dg(n, 7.0), du(n, -7.0);
+    swiglu_backward(dg.data(), du.data(), G.data(), g.data(), u.data(), n);  // writes (=): what was there must not count
     auto loss = [&] { swiglu_forward(out.data(), g.data(), u.data(), n); return dot(out, G); };
     check_gradient("dgate", g, dg, loss);
     check_gradient("dup", u, du, loss);
