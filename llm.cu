@@ -897,6 +897,28 @@ inline void matmul_backward_cuda(floatX* dinp, float* dweight, const floatX* dou
     gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, weight, (int)C, 0, dout, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
     gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout, (int)OC, 0, 1.0f, dweight, CUDA_R_32F, (int)C, 0, 1, stream);
 }
+
+// Two matmuls of one input and of weights of one shape (K and V; gate and up) in one cuBLAS call:
+// a strided batch of 2, the second weight and output at their offsets from the first, the input
+// shared (stride 0). out_a = inp @ w_a^T, out_b = inp @ w_b^T, each (N, OC). The CPU twin is
+// matmul_forward twice; the result is the same two GEMMs, bit for bit.
+inline void matmul_forward_pair_cuda(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C,
+                                     size_t OC, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    gemm(true, false, (int)OC, (int)N, (int)C, 1.0f, w_a, (int)C, w_b - w_a, inp, (int)C, 0, 0.0f, out_a, CUBLAS_FLOATX, (int)OC, out_b - out_a, 2,
+         stream);
+}
+
+// The pair's backward: dinp += dout_a @ w_a, then += dout_b @ w_b (two GEMMs into one output, in
+// matmul_backward's order); dw_a += dout_a^T @ inp and dw_b += dout_b^T @ inp in one batch of 2.
+inline void matmul_backward_pair_cuda(floatX* dinp, float* dw_a, float* dw_b, const floatX* dout_a, const floatX* dout_b, const floatX* inp,
+                                      const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, w_a, (int)C, 0, dout_a, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
+    gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, w_b, (int)C, 0, dout_b, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
+    gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout_a, (int)OC, dout_b - dout_a, 1.0f, dw_a, CUDA_R_32F, (int)C, dw_b - dw_a,
+         2, stream);
+}
 #endif
 
 // RoPE angle for position pos and pair i of a head of size hd, computed in float32 as
@@ -2572,6 +2594,8 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //   rmsnorm_forward(out, rstd, inp, weight, N, C, eps)  rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C)
 //   fused_residual_rmsnorm_forward(residual, out, rstd, a, b, weight, N, C, eps)
 //   matmul_forward(out, inp, weight, N, C, OC)          matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC)
+//   matmul_forward_pair(out_a, out_b, inp, w_a, w_b, N, C, OC)    two matmuls of one input (K and V, gate and up;
+//   matmul_backward_pair(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC)   one cuBLAS batch on the GPU)
 //   rope_forward(x, B, T, NH, hd)                       rope_backward(dx, B, T, NH, hd)
 //   attention_forward(a, l, out, q, k, v, B, T, H, KV, hd)   which keeps in a what its backward reads
 //   attention_backward(a, l, dq, dk, dv, dout, out, q, k, v, B, T, H, KV, hd)   (CPU: layer l's
@@ -2604,15 +2628,13 @@ void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typen
         X* up = a.up + l * N * F;
         X* sw = a.swiglu + l * N * F;
         o.matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
-        o.matmul_forward(k, attn_in, p.wk + l * KVD * C, N, C, KVD);
-        o.matmul_forward(v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        o.matmul_forward_pair(k, v, attn_in, p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rope_forward(q, B, T, H, hd);
         o.rope_forward(k, B, T, KV, hd);
         o.attention_forward(a, l, att_out, q, k, v, B, T, H, KV, hd);
         o.matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
         o.fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        o.matmul_forward(gate, mlp_in, p.w_gate + l * F * C, N, C, F);
-        o.matmul_forward(up, mlp_in, p.w_up + l * F * C, N, C, F);
+        o.matmul_forward_pair(gate, up, mlp_in, p.w_gate + l * F * C, p.w_up + l * F * C, N, C, F);
         o.swiglu_forward(sw, gate, up, N * F);
         o.matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
         // the stream entering the next layer and that layer's attention norm, or the final norm
@@ -2639,8 +2661,8 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         o.zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward writes them
         o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C);
         o.swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
-        o.matmul_backward(d.norm_out, g.w_gate + l * F * C, d.gate, a.mlp_in + l * N * C, p.w_gate + l * F * C, N, C, F);
-        o.matmul_backward(d.norm_out, g.w_up + l * F * C, d.up, a.mlp_in + l * N * C, p.w_up + l * F * C, N, C, F);
+        o.matmul_backward_pair(d.norm_out, g.w_gate + l * F * C, g.w_up + l * F * C, d.gate, d.up, a.mlp_in + l * N * C, p.w_gate + l * F * C,
+                               p.w_up + l * F * C, N, C, F);
         o.rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
         // attention block: mid = residual[l] + att_out @ wo^T
         o.zero(d.att_out, N * C);
@@ -2655,8 +2677,8 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         o.rope_backward(d.k, B, T, KV, hd);
         auto* attn_in = a.attn_in + l * N * C;
         o.matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
-        o.matmul_backward(d.norm_out, g.wk + l * KVD * C, d.k, attn_in, p.wk + l * KVD * C, N, C, KVD);
-        o.matmul_backward(d.norm_out, g.wv + l * KVD * C, d.v, attn_in, p.wv + l * KVD * C, N, C, KVD);
+        o.matmul_backward_pair(d.norm_out, g.wk + l * KVD * C, g.wv + l * KVD * C, d.k, d.v, attn_in, p.wk + l * KVD * C, p.wv + l * KVD * C, N,
+                               C, KVD);
         o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
     }
     o.embedding_backward(g.wte, d.residual, tokens, N, C);
@@ -2826,6 +2848,15 @@ struct CpuOps {
     void matmul_forward(float* out, const float* inp, const float* weight, size_t N, size_t C, size_t OC) { ::matmul_forward(out, inp, weight, N, C, OC); }
     void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight, size_t N, size_t C, size_t OC) {
         ::matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC);
+    }
+    void matmul_forward_pair(float* out_a, float* out_b, const float* inp, const float* w_a, const float* w_b, size_t N, size_t C, size_t OC) {
+        ::matmul_forward(out_a, inp, w_a, N, C, OC);
+        ::matmul_forward(out_b, inp, w_b, N, C, OC);
+    }
+    void matmul_backward_pair(float* dinp, float* dw_a, float* dw_b, const float* dout_a, const float* dout_b, const float* inp, const float* w_a,
+                              const float* w_b, size_t N, size_t C, size_t OC) {
+        ::matmul_backward(dinp, dw_a, dout_a, inp, w_a, N, C, OC);
+        ::matmul_backward(dinp, dw_b, dout_b, inp, w_b, N, C, OC);
     }
     void rope_forward(float* x, size_t B, size_t T, size_t NH, size_t hd) { ::rope_forward(x, rope_table, B, T, NH, (int)hd); }
     void rope_backward(float* dx, size_t B, size_t T, size_t NH, size_t hd) { ::rope_backward(dx, rope_table, B, T, NH, (int)hd); }
@@ -3145,6 +3176,13 @@ struct CudaOps {
     }
     void matmul_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
         matmul_backward_cuda(dinp, dweight, dout, inp, weight, N, C, OC, g->stream);
+    }
+    void matmul_forward_pair(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
+        matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, g->stream);
+    }
+    void matmul_backward_pair(floatX* dinp, float* dw_a, float* dw_b, const floatX* dout_a, const floatX* dout_b, const floatX* inp,
+                              const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
+        matmul_backward_pair_cuda(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC, g->stream);
     }
     void rope_forward(floatX* x, size_t B, size_t T, size_t NH, size_t hd) { rope_forward_cuda(x, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream); }
     void rope_backward(floatX* dx, size_t B, size_t T, size_t NH, size_t hd) {
@@ -3638,7 +3676,7 @@ inline void infer_require_head(const LlamaConfig& c, int head_type, const char* 
 // (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
 // after the last layer. p holds the norms and the embedding, w the matrices as the op set's
 // matmul_forward reads them (the CPU's transposed once). An op set has llama_graph_forward's
-// embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward and
+// embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward(_pair) and
 // swiglu_forward, and
 //   rope_forward_at(x, N, NH, hd)           at the new tokens' positions
 //   attention_cached(l, out, q, k, v, B, Tn, H, KV, hd)   k, v into layer l's cache at each
@@ -3654,15 +3692,13 @@ void infer_graph_layers(Ops& o, const LlamaConfig& c, const ParamTensorsT<typena
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu inference", l);
         o.matmul_forward(s.q, s.norm, w.wq + l * C * C, N, C, C);
-        o.matmul_forward(s.k, s.norm, w.wk + l * KVD * C, N, C, KVD);
-        o.matmul_forward(s.v, s.norm, w.wv + l * KVD * C, N, C, KVD);
+        o.matmul_forward_pair(s.k, s.v, s.norm, w.wk + l * KVD * C, w.wv + l * KVD * C, N, C, KVD);
         o.rope_forward_at(s.q, N, H, hd);
         o.rope_forward_at(s.k, N, KV, hd);
         o.attention_cached(l, s.att_out, s.q, s.k, s.v, B, Tn, H, KV, hd);
         o.matmul_forward(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
         o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        o.matmul_forward(s.gate, s.norm, w.w_gate + l * F * C, N, C, F);
-        o.matmul_forward(s.up, s.norm, w.w_up + l * F * C, N, C, F);
+        o.matmul_forward_pair(s.gate, s.up, s.norm, w.w_gate + l * F * C, w.w_up + l * F * C, N, C, F);
         o.swiglu_forward(s.gate, s.gate, s.up, N * F);
         o.matmul_forward(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
         if (l + 1 < L) o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
@@ -3731,6 +3767,10 @@ struct InferCpuOps : CpuOps {
     Infer* inf;
     void matmul_forward(float* out, const float* inp, const float* wt, size_t N, size_t C, size_t OC) {
         matmul_forward_transposed(out, inp, wt, N, C, OC);
+    }
+    void matmul_forward_pair(float* out_a, float* out_b, const float* inp, const float* wt_a, const float* wt_b, size_t N, size_t C, size_t OC) {
+        matmul_forward_transposed(out_a, inp, wt_a, N, C, OC);
+        matmul_forward_transposed(out_b, inp, wt_b, N, C, OC);
     }
     void rope_forward_at(float* x, size_t N, size_t NH, size_t hd) { ::rope_forward_at(x, rope_table, inf->tok_pos.data(), N, NH, (int)hd); }
     void attention_cached(size_t l, float* out, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
@@ -3897,6 +3937,9 @@ struct InferCudaOps {
     }
     void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
         matmul_forward_cuda(out, inp, weight, N, C, OC, g->stream);
+    }
+    void matmul_forward_pair(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
+        matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, g->stream);
     }
     void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
     void rope_forward_at(floatX* x, size_t N, size_t NH, size_t hd) { rope_forward_at_cuda(x, g->rope_table, g->s.tok_pos, N, (int)NH, (int)hd, g->stream); }

@@ -79,6 +79,14 @@ def build_step(cfg, B, T, attention, x):
         gemm(what + " dinp", Cin, N_, OC, OC * Cin * x, N_ * OC * x, N_ * Cin * x, True)
         gemm(what + " dweight", Cin, OC, N_, N_ * Cin * x, N_ * OC * x, OC * Cin * f4, True)
 
+    def matmul_forward_pair(what, N_, Cin, OC):  # llm.cu matmul_forward_pair_cuda: one batch of 2, the input read by each
+        s.add("gemm (cuBLAS)", what, 2 * 2 * OC * N_ * Cin, 2 * (OC * Cin * x + N_ * Cin * x + N_ * OC * x))
+
+    def matmul_backward_pair(what, N_, Cin, OC):  # the two dinp GEMMs, then both weight gradients in one batch of 2
+        gemm(what + " dinp a", Cin, N_, OC, OC * Cin * x, N_ * OC * x, N_ * Cin * x, True)
+        gemm(what + " dinp b", Cin, N_, OC, OC * Cin * x, N_ * OC * x, N_ * Cin * x, True)
+        s.add("gemm (cuBLAS)", what + " dweights", 2 * 2 * Cin * OC * N_, 2 * (N_ * Cin * x + N_ * OC * x + 2 * OC * Cin * f4))
+
     def memset(what, nbytes):
         s.add("memset", what, 0, nbytes)
 
@@ -104,8 +112,7 @@ def build_step(cfg, B, T, attention, x):
     rmsnorm_forward("attention norm")  # the first layer's; the others' come fused with the residual add before them
     for l in range(L):
         matmul_forward("q", N, C, C)
-        matmul_forward("k", N, C, KVD)
-        matmul_forward("v", N, C, KVD)
+        matmul_forward_pair("k, v", N, C, KVD)
         rope("q", H)
         rope("k", KV)
         if attention == "flash":
@@ -114,8 +121,7 @@ def build_step(cfg, B, T, attention, x):
             cublas_attention_forward(s, B, T, H, KV, hd, x)
         matmul_forward("o", N, C, C)
         fused_residual_rmsnorm_forward("attention residual, mlp norm")
-        matmul_forward("gate", N, C, F)
-        matmul_forward("up", N, C, F)
+        matmul_forward_pair("gate, up", N, C, F)
         s.add("swiglu_forward_kernel", "swiglu", 6 * N * F, 3 * N * F * x)
         matmul_forward("down", N, F, C)
         fused_residual_rmsnorm_forward("mlp residual, " + ("attention norm" if l + 1 < L else "final norm"))
@@ -134,8 +140,7 @@ def build_step(cfg, B, T, attention, x):
             memset(what, n * x)
         matmul_backward("down", N, F, C)
         s.add("swiglu_backward_kernel", "swiglu", 12 * N * F, 5 * N * F * x)
-        matmul_backward("gate", N, C, F)
-        matmul_backward("up", N, C, F)
+        matmul_backward_pair("gate, up", N, C, F)
         rmsnorm_backward("mlp norm")
         for what, n in (("d att_out", N * C), ("d q", N * C), ("d k", N * KVD), ("d v", N * KVD), ("d norm_out", N * C)):
             memset(what, n * x)
@@ -147,8 +152,7 @@ def build_step(cfg, B, T, attention, x):
         rope("d q", H)
         rope("d k", KV)
         matmul_backward("q", N, C, C)
-        matmul_backward("k", N, C, KVD)
-        matmul_backward("v", N, C, KVD)
+        matmul_backward_pair("k, v", N, C, KVD)
         rmsnorm_backward("attention norm")
     # tokens bucketed by row (3 N + 1 ints), each row read and written once (at most N rows)
     s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + (3 * N + 1) * 4 + 2 * N * C * f4)

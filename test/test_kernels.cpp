@@ -246,6 +246,48 @@ TEST_CASE("matmul through cuBLAS matches the CPU", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// The fused pairs (K and V, gate and up: one cuBLAS batch of 2) against their twin, matmul_forward
+// and matmul_backward twice on the CPU, and against the unfused launchers bit for bit. The
+// weights, outputs and gradients of the pair lie at unrelated offsets inside larger buffers, as
+// the model's tensors do (w_b after every layer's w_a; the batch strides are their distances).
+TEST_CASE("the fused matmul pairs match two matmuls", "[kernels]") {
+    std::mt19937 rng(test_seed() + 47);
+    size_t N = 13, C = 19, OC = 23, gap_w = 7 * OC * C + 5, gap_out = 3 * N * OC + 11;
+    std::vector<float> x = rounded(random_floats(N * C, rng)), w = rounded(random_floats(gap_w + OC * C, rng));
+    std::vector<float> dout = rounded(random_floats(gap_out + N * OC, rng)), dinp0 = rounded(random_floats(N * C, rng));
+    std::vector<float> dw0 = random_floats(gap_w + OC * C, rng);
+    std::vector<float> out(gap_out + N * OC, 0.0f), dinp = dinp0, dw = dw0;
+    const float *w_a = w.data(), *w_b = w.data() + gap_w, *dout_a = dout.data(), *dout_b = dout.data() + gap_out;
+    matmul_forward(out.data(), x.data(), w_a, N, C, OC);
+    matmul_forward(out.data() + gap_out, x.data(), w_b, N, C, OC);
+    matmul_backward(dinp.data(), dw.data(), dout_a, x.data(), w_a, N, C, OC);
+    matmul_backward(dinp.data(), dw.data() + gap_w, dout_b, x.data(), w_b, N, C, OC);
+    floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(out.size());
+    float* d_dw = upload(dw0);
+    cudaCheck(cudaMemset(d_out, 0, out.size() * sizeof(floatX)));
+    matmul_forward_pair_cuda(d_out, d_out + gap_out, d_x, d_w, d_w + gap_w, N, C, OC, stream);
+    matmul_backward_pair_cuda(d_dinp, d_dw, d_dw + gap_w, d_dout, d_dout + gap_out, d_x, d_w, d_w + gap_w, N, C, OC, stream);
+    std::vector<float> pair_out = download_x(d_out, out.size()), pair_dinp = download_x(d_dinp, N * C), pair_dw = download(d_dw, dw.size());
+    check_close("pair out", pair_out, out);  // between the outputs nothing is written: zeros on both sides
+    check_close("pair dinp", pair_dinp, dinp);
+    check_close("pair dweights", pair_dw, dw, 1e-5);  // between the weights' gradients: dw0 on both sides
+    // the unfused launchers give the same bits
+    cudaCheck(cudaFree(d_dinp));
+    cudaCheck(cudaFree(d_dw));
+    d_dinp = upload_x(dinp0);
+    d_dw = upload(dw0);
+    cudaCheck(cudaMemset(d_out, 0, out.size() * sizeof(floatX)));
+    matmul_forward_cuda(d_out, d_x, d_w, N, C, OC, stream);
+    matmul_forward_cuda(d_out + gap_out, d_x, d_w + gap_w, N, C, OC, stream);
+    matmul_backward_cuda(d_dinp, d_dw, d_dout, d_x, d_w, N, C, OC, stream);
+    matmul_backward_cuda(d_dinp, d_dw + gap_w, d_dout + gap_out, d_x, d_w + gap_w, N, C, OC, stream);
+    CHECK(download_x(d_out, out.size()) == pair_out);
+    CHECK(download_x(d_dinp, N * C) == pair_dinp);
+    CHECK(download(d_dw, dw.size()) == pair_dw);
+    void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_dw};
+    for (void* p : bufs) cudaCheck(cudaFree(p));
+}
+
 // The forward (direction +1) against the CPU twin's rope_forward and the backward (-1)
 // against the CPU twin's rope_backward, each from the same input and the same table, at the
 // default theta and at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of
