@@ -452,6 +452,13 @@ inline int head_dim(const LlamaConfig& c) { return c.dim / c.n_heads; }
 inline int kv_dim(const LlamaConfig& c) { return c.n_kv_heads * head_dim(c); }
 inline int head_rows(const LlamaConfig& c) { return c.head_type == HEAD_REWARD ? 1 : c.vocab_size; }
 
+// The GPU model keeps its logits rows padded_vocab(V) apart (the vocabulary padded to a multiple of
+// 64, as llm.c pads it): every row starts 128-byte aligned whatever V is (32001 as 32000), so the
+// head's GEMM writes to, and its backward reads from, an aligned leading dimension, and the row
+// kernels load whole x128 groups. Only the first V entries of a row are written or read.
+constexpr size_t VOCAB_ALIGN = 64;
+inline size_t padded_vocab(size_t V) { return (V + VOCAB_ALIGN - 1) / VOCAB_ALIGN * VOCAB_ALIGN; }
+
 // Parses and checks a 256-byte header. Returns "" when it is sane, else what is wrong.
 inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, int* dtype) {
     uint32_t u[12];
@@ -886,16 +893,21 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 //   dinp (N, C) += dout (N, OC) @ W         is  dinp^T += W^T-as-stored dout^T (m=C, n=N, k=OC)
 //   dW (OC, C) += dout^T @ inp              is  dW^T += inp^T op_T(dout^T)    (m=C, n=OC, k=N)
 // Parameter gradients are FP32 (cuBLAS writes FP32 C from floatX A and B).
-inline void matmul_forward_cuda(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC, cudaStream_t stream) {
+// ld_out: the row stride of out (and of dout in the backward), OC when 0; the head's logits rows
+// are padded_vocab(V) apart.
+inline void matmul_forward_cuda(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC, cudaStream_t stream,
+                                size_t ld_out = 0) {
     NVTX_RANGE_FN();
-    gemm(true, false, (int)OC, (int)N, (int)C, 1.0f, weight, (int)C, 0, inp, (int)C, 0, 0.0f, out, CUBLAS_FLOATX, (int)OC, 0, 1, stream);
+    int ldo = (int)(ld_out ? ld_out : OC);
+    gemm(true, false, (int)OC, (int)N, (int)C, 1.0f, weight, (int)C, 0, inp, (int)C, 0, 0.0f, out, CUBLAS_FLOATX, ldo, 0, 1, stream);
 }
 
 inline void matmul_backward_cuda(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
-                                 size_t N, size_t C, size_t OC, cudaStream_t stream) {
+                                 size_t N, size_t C, size_t OC, cudaStream_t stream, size_t ld_out = 0) {
     NVTX_RANGE_FN();
-    gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, weight, (int)C, 0, dout, (int)OC, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
-    gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout, (int)OC, 0, 1.0f, dweight, CUDA_R_32F, (int)C, 0, 1, stream);
+    int ldo = (int)(ld_out ? ld_out : OC);
+    gemm(false, false, (int)C, (int)N, (int)OC, 1.0f, weight, (int)C, 0, dout, ldo, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
+    gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout, ldo, 0, 1.0f, dweight, CUDA_R_32F, (int)C, 0, 1, stream);
 }
 
 // Two matmuls of one input and of weights of one shape (K and V; gate and up) in one cuBLAS call:
@@ -2068,7 +2080,7 @@ void fused_logprob_nll(T* lp, T* dlogits, const T* logits, const int* tokens, co
 
 #ifdef XWIN_CUDA
 // one block per row (b, t): the FP32 log-sum-exp of the logits row t - 1 by block reductions
-__global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V) {
+__global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V, size_t ld) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     if (row >= rows) return;
@@ -2076,7 +2088,7 @@ __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const in
         if (threadIdx.x == 0) lp[row] = 0.0f;
         return;
     }
-    const floatX* z = logits + (row - 1) * V;
+    const floatX* z = logits + (row - 1) * ld;
     float maxv = -INFINITY;
     for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
     maxv = block_reduce(maxv, shared, true);
@@ -2089,17 +2101,18 @@ __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const in
 // one block per row (b, t): dlogits[b,t,:] = dlp[b,t+1] * (onehot(tokens[b,t+1]) - softmax(logits[b,t]));
 // dlogits may be logits (the GPU model's backward): the row's max and sum are complete before the
 // last pass, in which each thread reads the elements it then overwrites
-__global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t rows, int T, int V) {
+__global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t rows, int T, int V,
+                                        size_t ld) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     if (row >= rows) return;
-    floatX* dz = dlogits + row * V;
+    floatX* dz = dlogits + row * ld;
     float g = (row % T) + 1 < (size_t)T ? dlp[row + 1] : 0.0f;
     if (g == 0.0f) {
         for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] = from_float<floatX>(0.0f);
         return;
     }
-    const floatX* z = logits + row * V;
+    const floatX* z = logits + row * ld;
     float maxv = -INFINITY;
     for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
     maxv = block_reduce(maxv, shared, true);
@@ -2113,15 +2126,17 @@ __global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, c
     }
 }
 
-inline void logprob_forward_cuda(float* lp, const floatX* logits, const int* tokens, size_t B, int T, int V, cudaStream_t stream) {
+// ld: the row stride of the logits (and d-logits), >= V: padded_vocab(V) in the GPU model
+inline void logprob_forward_cuda(float* lp, const floatX* logits, const int* tokens, size_t B, int T, int V, size_t ld, cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(logprob_forward_kernel, (unsigned)(B * T), 256, 0, stream, lp, logits, tokens, B * T, T, V);
+    LAUNCH(logprob_forward_kernel, (unsigned)(B * T), 256, 0, stream, lp, logits, tokens, B * T, T, V, ld);
     cudaCheck(cudaGetLastError());
 }
 
-inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t B, int T, int V, cudaStream_t stream) {
+inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const int* tokens, const float* dlp, size_t B, int T, int V, size_t ld,
+                                  cudaStream_t stream) {
     NVTX_RANGE_FN();
-    LAUNCH(logprob_backward_kernel, (unsigned)(B * T), 256, 0, stream, dlogits, logits, tokens, dlp, B * T, T, V);
+    LAUNCH(logprob_backward_kernel, (unsigned)(B * T), 256, 0, stream, dlogits, logits, tokens, dlp, B * T, T, V, ld);
     cudaCheck(cudaGetLastError());
 }
 
@@ -2132,13 +2147,13 @@ inline void logprob_backward_cuda(floatX* dlogits, const floatX* logits, const i
 // dlogits may be logits: the target's logit is read before the barriers, every other element
 // by the thread that then overwrites it. vec: 128-bit groups (V % x128::size == 0, aligned rows).
 __global__ void fused_logprob_nll_kernel(float* lp, floatX* dlogits, const floatX* logits, const int* tokens, const uint8_t* mask,
-                                         float g_target, int T, int V, bool vec) {
+                                         float g_target, int T, int V, size_t ld, bool vec) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     int t = (int)(row % T);  // the same for the whole block: the barriers below are uniform
-    const floatX* z = logits + row * V;
-    floatX* dz = dlogits + row * V;
-    const int step = vec ? x128::size : 1;
+    const floatX* z = logits + row * ld;
+    floatX* dz = dlogits + row * ld;
+    const int step = x128::size, vend = vec ? V / step * step : 0;  // x128 groups up to vend, then single elements
     if (t == 0 && threadIdx.x == 0) lp[row] = 0.0f;  // nothing predicts the first token
     float g = 0.0f, maxv = 0.0f, sum = 1.0f;          // the last row predicts nothing: g = 0, zeros
     int target = -1;
@@ -2150,41 +2165,41 @@ __global__ void fused_logprob_nll_kernel(float* lp, floatX* dlogits, const float
             if (x > m) { s = s * expf(m - x) + 1.0f; m = x; }
             else s += expf(x - m);
         };
-        for (int i = threadIdx.x * step; i < V; i += blockDim.x * step) {
-            if (vec) { x128 v = load128(z + i); for (int k = 0; k < x128::size; k++) online(to_float(v.v[k])); }
-            else online(to_float(z[i]));
+        for (int i = threadIdx.x * step; i < vend; i += blockDim.x * step) {
+            x128 v = load128(z + i);
+            for (int k = 0; k < x128::size; k++) online(to_float(v.v[k]));
         }
+        for (int i = vend + threadIdx.x; i < V; i += blockDim.x) online(to_float(z[i]));
         maxv = block_reduce(m, shared, true);
         sum = block_reduce(m == -INFINITY ? 0.0f : s * expf(m - maxv), shared, false);  // a thread with no elements adds 0
         if (threadIdx.x == 0) lp[row + 1] = z_target - maxv - logf(sum);
         g = mask[row + 1] ? g_target : 0.0f;
     }
     float scale = -g / sum;
-    for (int i = threadIdx.x * step; i < V; i += blockDim.x * step) {
-        if (vec) {
-            x128 y;
-            if (g != 0.0f) {
-                x128 v = load128(z + i);
-                for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(scale * expf(to_float(v.v[k]) - maxv) + (i + k == target ? g : 0.0f));
-            } else {
-                for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(0.0f);
-            }
-            store128(dz + i, y);
+    for (int i = threadIdx.x * step; i < vend; i += blockDim.x * step) {
+        x128 y;
+        if (g != 0.0f) {
+            x128 v = load128(z + i);
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(scale * expf(to_float(v.v[k]) - maxv) + (i + k == target ? g : 0.0f));
         } else {
-            dz[i] = from_float<floatX>(g != 0.0f ? scale * expf(to_float(z[i]) - maxv) + (i == target ? g : 0.0f) : 0.0f);
+            for (int k = 0; k < x128::size; k++) y.v[k] = from_float<floatX>(0.0f);
         }
+        store128(dz + i, y);
+    }
+    for (int i = vend + threadIdx.x; i < V; i += blockDim.x) {
+        dz[i] = from_float<floatX>(g != 0.0f ? scale * expf(to_float(z[i]) - maxv) + (i == target ? g : 0.0f) : 0.0f);
     }
 }
 
 // lp (B, T), dlogits (B, T, V) (may be logits) from logits (B, T, V), tokens and mask (B, T) on
 // the device, for the masked mean NLL over `count` targets (fused_logprob_nll)
 inline void fused_logprob_nll_cuda(float* lp, floatX* dlogits, const floatX* logits, const int* tokens, const uint8_t* mask, size_t count,
-                                   size_t B, int T, int V, cudaStream_t stream) {
+                                   size_t B, int T, int V, size_t ld, cudaStream_t stream) {
     NVTX_RANGE_FN();
     const int block_size = 256;  // a block per logits row, any V (block_reduce needs a multiple of 32)
-    bool vec = V % x128::size == 0 && aligned16(logits) && aligned16(dlogits);
+    bool vec = ld % x128::size == 0 && aligned16(logits) && aligned16(dlogits);  // every row 16-byte aligned: x128 groups, then the tail
     float g_target = count ? (float)(-1.0 / (double)count) : 0.0f;
-    LAUNCH(fused_logprob_nll_kernel, (unsigned)(B * T), block_size, 0, stream, lp, dlogits, logits, tokens, mask, g_target, T, V, vec);
+    LAUNCH(fused_logprob_nll_kernel, (unsigned)(B * T), block_size, 0, stream, lp, dlogits, logits, tokens, mask, g_target, T, V, ld, vec);
     cudaCheck(cudaGetLastError());
 }
 #endif
@@ -2519,7 +2534,7 @@ struct ActTensorsT {
     X* swiglu;          // (L, B, T, F)
     X* final_in;        // (B, T, C)      rmsnorm(residual[L]) * final_norm
     float* final_rstd;  // (B, T)
-    X* logits;          // (B, T, V)      language-model head only
+    X* logits;          // (B, T, V)      language-model head only (on the GPU rows padded_vocab(V) apart)
     float* lp;          // (B, T)         token log-probs (see logprob_forward)
     X* scratch;         // (B, T, C)      projection output before the residual add
     float* scores;      // (B)            reward head only: one score per sequence
@@ -2528,13 +2543,15 @@ struct ActTensorsT {
 using ActTensors = ActTensorsT<float>;
 
 // element counts of the activation tensors, in the order of ActTensorsT; flash: the GPU's layout,
-// where attention keeps the log-sum-exp of each row instead of the (T, T) probabilities
+// where attention keeps the log-sum-exp of each row instead of the (T, T) probabilities and the
+// logits rows are padded_vocab(V) apart
 inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS], bool flash = false) {
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
     bool lm = c.head_type == HEAD_LM;  // a reward model has no (B, T, V) logits anywhere
     size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
                                   flash ? 0 : L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
-                                  L * N * F, N * C, N, lm ? N * c.vocab_size : 0, N, N * C, lm ? 0 : B, flash ? L * B * H * T : 0};
+                                  L * N * F, N * C, N, lm ? N * (flash ? padded_vocab(c.vocab_size) : c.vocab_size) : 0, N, N * C,
+                                  lm ? 0 : B, flash ? L * B * H * T : 0};
     memcpy(s, sz, sizeof(sz));
 }
 
@@ -3238,8 +3255,9 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
         reward_head_forward_cuda(a.scores, a.final_in, g->params.head, g->score_idx, B, T, (int)C, st);
         return;
     }
-    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, (size_t)c.vocab_size, st);
-    logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, c.vocab_size, st);
+    size_t V = c.vocab_size, Vp = padded_vocab(V);  // logits rows Vp apart
+    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, V, st, Vp);
+    logprob_forward_cuda(a.lp, a.logits, g->tokens, B, T, (int)V, Vp, st);
 }
 
 // the reward model's scores (B) of the last forward, to the host
@@ -3272,13 +3290,13 @@ inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
 // copy of llama_cuda_backward, or a kernel's: runner_sequence_backward); accumulates into grads.
 inline void llama_cuda_backward_from_dlp(LlamaCuda* g, int B, int T) {
     NVTX_RANGE_FN();
-    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
+    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size, Vp = padded_vocab(V);
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
-    floatX* logits = g->acts.logits;  // (B, T, V) the forward's logits, then their gradient (in place)
-    logprob_backward_cuda(logits, logits, g->tokens, g->dlp, B, T, (int)V, st);
+    floatX* logits = g->acts.logits;  // (B, T, V) rows Vp apart: the forward's logits, then their gradient (in place)
+    logprob_backward_cuda(logits, logits, g->tokens, g->dlp, B, T, (int)V, Vp, st);
     cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
-    matmul_backward_cuda(d.norm_out, g->grads.head, logits, g->acts.final_in, g->params.head, N, C, V, st);
+    matmul_backward_cuda(d.norm_out, g->grads.head, logits, g->acts.final_in, g->params.head, N, C, V, st, Vp);
     llama_cuda_backward_trunk(g, B, T);
 }
 
@@ -3289,17 +3307,17 @@ inline void llama_cuda_backward_from_dlp(LlamaCuda* g, int B, int T) {
 // seq_sums, the sequence sums' scratch), not (B, T) log-probs. Returns sum(-lp[mask]) / count.
 inline double llama_cuda_nll_forward_backward(LlamaCuda* g, const int* tokens, const uint8_t* mask, int B, int T, size_t count) {
     NVTX_RANGE_FN();
-    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size;
+    size_t N = (size_t)B * T, C = g->config.dim, V = g->config.vocab_size, Vp = padded_vocab(V);  // logits rows Vp apart
     cudaStream_t st = g->stream;
     ActTensorsT<floatX>& a = g->acts;
     GradActTensorsT<floatX>& d = g->grad_acts;
     llama_cuda_forward_trunk(g, tokens, B, T);
     cudaCheck(cudaMemcpyAsync(g->mask, mask, N, cudaMemcpyHostToDevice, st));
-    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, V, st);
-    fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g->tokens, g->mask, count, B, T, (int)V, st);
+    matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, V, st, Vp);
+    fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g->tokens, g->mask, count, B, T, (int)V, Vp, st);
     sequence_logprob_forward_cuda(g->seq_sums, a.lp, g->mask, B, T, st);
     cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
-    matmul_backward_cuda(d.norm_out, g->grads.head, a.logits, a.final_in, g->params.head, N, C, V, st);
+    matmul_backward_cuda(d.norm_out, g->grads.head, a.logits, a.final_in, g->params.head, N, C, V, st, Vp);
     llama_cuda_backward_trunk(g, B, T);
     std::vector<float> sums(B);  // after the backward is queued: the device runs on while the host waits
     cudaCheck(cudaMemcpyAsync(sums.data(), g->seq_sums, B * sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -3438,6 +3456,7 @@ inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
     runner_require_head(r, HEAD_LM, "logits");
     size_t V = r->host.config.vocab_size, offset = ((size_t)b * T + t) * V;
 #ifdef XWIN_CUDA
+    offset = ((size_t)b * T + t) * padded_vocab(V);  // the GPU's rows are padded
     std::vector<floatX> raw(V);
     cudaCheck(cudaMemcpy(raw.data(), r->gpu.acts.logits + offset, V * sizeof(floatX), cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < V; i++) out[i] = to_float(raw[i]);
@@ -3608,7 +3627,8 @@ struct InferStateT {
     X* last_norm;      // (B, C)
     float* last_rstd;  // (B)
     X* logits;         // (max(B, Tc), V) LM head: the logits of each sequence's last new token, or of every
-                       //                 token of one sequence (infer_sequence_logprobs)
+                       //                 token of one sequence (infer_sequence_logprobs); on the GPU rows
+                       //                 padded_vocab(V) apart
     float* scores;     // (B)          reward head: the score of each sequence's last new token
     float* lp;         // (B, Tc)      infer_sequence_logprobs: the token log-probs (logprob_forward)
     float* sums;       // (B)          and their masked sums
@@ -3620,10 +3640,12 @@ struct InferStateT {
     int* last_row;     // (B)          row b * Tn + lens[b] - 1 of the new tokens
 };
 
-// Carves the state for B sequences of up to maxT tokens, up to Tc new tokens per sequence and call.
+// Carves the state for B sequences of up to maxT tokens, up to Tc new tokens per sequence and call;
+// padded: the GPU's layout, a language model's logits rows padded_vocab(V) apart.
 template <typename X>
-size_t point_infer_state(InferStateT<X>* s, void* memory, const LlamaConfig& c, size_t B, size_t maxT, size_t Tc) {
-    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), V = head_rows(c), N = B * Tc;
+size_t point_infer_state(InferStateT<X>* s, void* memory, const LlamaConfig& c, size_t B, size_t maxT, size_t Tc, bool padded = false) {
+    size_t C = c.dim, L = c.n_layers, F = c.ffn_dim, KVD = kv_dim(c), N = B * Tc;
+    size_t V = c.head_type == HEAD_LM && padded ? padded_vocab(c.vocab_size) : head_rows(c);
     Carver k{(char*)memory};
     k.take(s->k_cache, L * B * maxT * KVD); k.take(s->v_cache, L * B * maxT * KVD);
     k.take(s->x, N * C); k.take(s->norm, N * C); k.take(s->rstd, N); k.take(s->q, N * C); k.take(s->k, N * KVD);
@@ -3865,7 +3887,7 @@ inline GpuMemoryPlan infer_memory_plan(const LlamaConfig& c, int B, int max_T, i
     *part_rows = std::max(decode_rows, prefill_rows);
     GpuMemoryPlan plan;
     plan.weights = num_parameters(c) * sizeof(floatX);
-    plan.activations = point_infer_state(&sizing, nullptr, c, B, max_T, max_chunk);
+    plan.activations = point_infer_state(&sizing, nullptr, c, B, max_T, max_chunk, true);
     plan.scratch = *part_rows * (head_dim(c) + 2) * sizeof(float);
     plan.rope_table = rope_table_size(max_T, head_dim(c)) * sizeof(float);
     return plan;
@@ -3904,7 +3926,7 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
         cudaCheck(cudaMemcpy(g->params_memory + done, chunk.data(), count * sizeof(floatX), cudaMemcpyHostToDevice));
     }
     g->state_memory = cuda_alloc<char>(plan.activations);
-    point_infer_state(&g->s, g->state_memory, c, B, max_T, max_chunk);
+    point_infer_state(&g->s, g->state_memory, c, B, max_T, max_chunk, true);
     cudaCheck(cudaMemset(g->s.zeros, 0, B * sizeof(int)));
     g->part_rows = part_rows;
     g->part_o = cuda_alloc<float>(g->part_rows * head_dim(c));
@@ -3985,7 +4007,7 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
     embedding_forward_cuda(s.last, s.last_row, s.x, B, C, st);  // a row gather, which is what the embedding is
     rmsnorm_forward_cuda(s.last_norm, s.last_rstd, s.last, g->params.final_norm, B, (int)C, c.norm_eps, st);
     if (c.head_type == HEAD_REWARD) reward_head_forward_cuda(s.scores, s.last_norm, g->params.head, s.zeros, B, 1, (int)C, st);
-    else matmul_forward_cuda(s.logits, s.last_norm, g->params.head, B, C, (size_t)c.vocab_size, st);
+    else matmul_forward_cuda(s.logits, s.last_norm, g->params.head, B, C, (size_t)c.vocab_size, st, padded_vocab(c.vocab_size));
 }
 
 // as infer_sequence_logprobs; tokens and mask (B, T) on the host; the B sums come down into sums
@@ -4001,8 +4023,8 @@ inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const 
     cudaCheck(cudaMemcpyAsync(s.mask, mask, N, cudaMemcpyHostToDevice, st));
     rmsnorm_forward_cuda(s.norm, s.rstd, s.x, g->params.final_norm, N, (int)C, c.norm_eps, st);
     for (int b = 0; b < B; b++) {  // one sequence's logits at a time: (T, V), not (B, T, V)
-        matmul_forward_cuda(s.logits, s.norm + (size_t)b * T * C, g->params.head, T, C, V, st);
-        logprob_forward_cuda(s.lp + (size_t)b * T, s.logits, s.tokens + (size_t)b * T, 1, T, (int)V, st);
+        matmul_forward_cuda(s.logits, s.norm + (size_t)b * T * C, g->params.head, T, C, V, st, padded_vocab(V));
+        logprob_forward_cuda(s.lp + (size_t)b * T, s.logits, s.tokens + (size_t)b * T, 1, T, (int)V, padded_vocab(V), st);
     }
     sequence_logprob_forward_cuda(s.sums, s.lp, s.mask, B, T, st);
     cudaCheck(cudaMemcpyAsync(sums, s.sums, B * sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -4018,11 +4040,13 @@ inline void infer_cuda_decode(InferCuda* g, const int* next) { infer_cuda_extend
 
 // the logits (B, V) of the last call, to the host (a language model)
 inline void infer_cuda_logits(InferCuda* g, float* out) {
-    size_t n = (size_t)g->B * g->config.vocab_size;
-    std::vector<floatX> raw(n);
-    cudaCheck(cudaMemcpyAsync(raw.data(), g->s.logits, n * sizeof(floatX), cudaMemcpyDeviceToHost, g->stream));
+    size_t V = g->config.vocab_size, Vp = padded_vocab(V);  // the device's rows are Vp apart
+    std::vector<floatX> raw((size_t)g->B * Vp);
+    cudaCheck(cudaMemcpyAsync(raw.data(), g->s.logits, raw.size() * sizeof(floatX), cudaMemcpyDeviceToHost, g->stream));
     cudaCheck(cudaStreamSynchronize(g->stream));
-    for (size_t i = 0; i < n; i++) out[i] = to_float(raw[i]);
+    for (size_t b = 0; b < (size_t)g->B; b++) {
+        for (size_t i = 0; i < V; i++) out[b * V + i] = to_float(raw[b * Vp + i]);
+    }
 }
 #endif
 

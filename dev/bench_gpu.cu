@@ -88,18 +88,18 @@ int main(int argc, char** argv) {
     printf("op matmul_backward_qkvo %.4f\n", time_ms([&] { matmul_backward_cuda(d.norm_out, g.grads.wq, d.q, a.attn_in, p.wq, N, C, C, st); }));
     printf("op matmul_forward_mlp %.4f\n", time_ms([&] { matmul_forward_cuda(a.gate, a.mlp_in, p.w_gate, N, C, F, st); }));
     printf("op matmul_backward_mlp %.4f\n", time_ms([&] { matmul_backward_cuda(d.norm_out, g.grads.w_gate, d.gate, a.mlp_in, p.w_gate, N, C, F, st); }));
-    printf("op matmul_forward_head %.4f\n", time_ms([&] { matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, V, st); }));
+    printf("op matmul_forward_head %.4f\n", time_ms([&] { matmul_forward_cuda(a.logits, a.final_in, p.head, N, C, V, st, padded_vocab(V)); }));
     printf("op rope %.4f\n", time_ms([&] { rope_forward_cuda(a.q, g.rope_table, B, T, (int)H, hd, st); }));
     printf("op attention_forward %.4f\n", time_ms([&] { flash_attention_forward_cuda(a.att_out, a.lse, a.q, a.k, a.v, B, T, (int)H, c.n_kv_heads, hd, st); }));
     printf("op attention_backward %.4f\n", time_ms([&] { flash_attention_backward_cuda(d.q, d.k, d.v, g.attn_delta, d.att_out, a.att_out, a.lse, a.q, a.k, a.v, B, T, (int)H, c.n_kv_heads, hd, st); }));
     printf("op swiglu_forward %.4f\n", time_ms([&] { swiglu_forward_cuda(a.swiglu, a.gate, a.up, N * F, st); }));
     printf("op swiglu_backward %.4f\n", time_ms([&] { swiglu_backward_cuda(d.gate, d.up, d.swiglu, a.gate, a.up, N * F, st); }));
     printf("op residual_forward %.4f\n", time_ms([&] { residual_forward_cuda(a.residual_mid, a.residual, a.scratch, N * C, st); }));
-    printf("op logprob_forward %.4f\n", time_ms([&] { logprob_forward_cuda(a.lp, a.logits, g.tokens, B, T, (int)V, st); }));
+    printf("op logprob_forward %.4f\n", time_ms([&] { logprob_forward_cuda(a.lp, a.logits, g.tokens, B, T, (int)V, padded_vocab(V), st); }));
     // (in place, as the model runs them: the logits become d-logits, then d-logits of d-logits; the
     // same work whatever the values)
-    printf("op logprob_backward %.4f\n", time_ms([&] { logprob_backward_cuda(a.logits, a.logits, g.tokens, g.dlp, B, T, (int)V, st); }));
-    printf("op fused_logprob_nll %.4f\n", time_ms([&] { fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g.tokens, g.mask, N - B, B, T, (int)V, st); }));
+    printf("op logprob_backward %.4f\n", time_ms([&] { logprob_backward_cuda(a.logits, a.logits, g.tokens, g.dlp, B, T, (int)V, padded_vocab(V), st); }));
+    printf("op fused_logprob_nll %.4f\n", time_ms([&] { fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g.tokens, g.mask, N - B, B, T, (int)V, padded_vocab(V), st); }));
     printf("op clip_grad_norm %.4f\n", time_ms([&] { grad_norm_coef_cuda(g.grads_memory, g.num_params, 1e9f, g.norm_partials, g.norm_coef, st); }));
     printf("op adamw %.4f\n", time_ms([&] { adamw_update_cuda(g.master, g.params_memory, g.grads_memory, g.m_memory, g.v_memory, g.num_params, AdamWConfig{1e-5f, 0.9f, 0.95f, 1e-8f, 0.0f}, 0.0f, 1, st); }));
     float ms = time_ms(step, 10);

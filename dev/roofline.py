@@ -244,10 +244,11 @@ def memory_plan(cfg, B, T, attention, x):
     hd, N = C // H, B * T
     KVD = KV * hd
     P = num_params(cfg)
+    Vp = -(-V // 64) * 64  # llm.cu padded_vocab: the GPU's logits rows
     flash = attention == "flash"
     acts = carve([((L + 1) * N * C, x), (L * N * C, x), (L * N, 4), (L * N * C, x), (L * N * KVD, x), (L * N * KVD, x),
                   (0 if flash else L * B * H * T * T, x), (L * N * C, x), (L * N * C, x), (L * N * C, x), (L * N, 4),
-                  (L * N * F, x), (L * N * F, x), (L * N * F, x), (N * C, x), (N, 4), (N * V, x), (N, 4), (N * C, x),
+                  (L * N * F, x), (L * N * F, x), (L * N * F, x), (N * C, x), (N, 4), (N * (Vp if flash else V), x), (N, 4), (N * C, x),
                   (0, 4), (L * B * H * T if flash else 0, 4)])
     grad_acts = carve([(N * C, x), (N * C, x), (N * C, x), (N * KVD, x), (N * KVD, x), (N * C, x), (N * F, x), (N * F, x),
                        (N * F, x)])  # no d-logits: the GPU writes them over the logits

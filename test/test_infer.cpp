@@ -222,7 +222,7 @@ TEST_CASE("the inference runner allocates no training state", "[infer]") {
 #ifdef XWIN_CUDA
     // the floatX weights, the cache, one layer's activations, the attention's partials and the RoPE table: nothing else
     InferStateT<floatX> s;
-    size_t state = point_infer_state(&s, nullptr, c, B, max_T, Tc);
+    size_t state = point_infer_state(&s, nullptr, c, B, max_T, Tc, true);
     CHECK(state >= cache * sizeof(floatX));
     size_t parts = inf.gpu.part_rows * (head_dim(c) + 2) * sizeof(float);
     size_t table = (size_t)max_T * head_dim(c) * sizeof(float);  // (max_T, hd/2, 2) cos and sin

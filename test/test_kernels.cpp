@@ -91,6 +91,26 @@ static std::vector<float> download(const float* d, size_t n) {
 template <typename U>
 static void poison(U* d, size_t n) { cudaCheck(cudaMemset(d, 0xff, n * sizeof(U))); }
 
+// Rows of V values laid ld apart, the padding NaN (the GPU model's logits, rows padded_vocab(V)
+// apart: a kernel that reads the padding gives NaN), and back; padding_intact: every padding
+// entry still NaN (a kernel that writes the padding is caught).
+static std::vector<float> pad_rows(const std::vector<float>& v, size_t V, size_t ld) {
+    size_t rows = v.size() / V;
+    std::vector<float> out(rows * ld, NAN);
+    for (size_t r = 0; r < rows; r++) std::copy(v.begin() + r * V, v.begin() + (r + 1) * V, out.begin() + r * ld);
+    return out;
+}
+static std::vector<float> unpad_rows(const std::vector<float>& v, size_t V, size_t ld) {
+    size_t rows = v.size() / ld;
+    std::vector<float> out(rows * V);
+    for (size_t r = 0; r < rows; r++) std::copy(v.begin() + r * ld, v.begin() + r * ld + V, out.begin() + r * V);
+    return out;
+}
+static bool padding_intact(const std::vector<float>& v, size_t V, size_t ld) {
+    for (size_t i = 0; i < v.size(); i++) if (i % ld >= V && !std::isnan(v[i])) return false;
+    return true;
+}
+
 static void check_close(const char* what, const std::vector<float>& out, const std::vector<float>& ref, double tol = TOL) {
     REQUIRE(out.size() == ref.size());
     double err = relative_error(out.data(), ref.data(), out.size());
@@ -425,22 +445,29 @@ TEST_CASE("fused residual + rmsnorm kernel matches the CPU and the unfused kerne
 }
 
 // The logprob forward and backward on the CPU (lp, dz) and as kernels (got, dgot; outputs
-// poisoned with NaN first) for logits z (B, T, V), tokens (B, T) and dlp (B, T).
+// poisoned with NaN first) for logits z (B, T, V), tokens (B, T) and dlp (B, T); on the device
+// the rows are ld apart (pad_rows: NaN between them, which must be neither read nor written).
 static void run_logprob(const std::vector<int>& tokens, const std::vector<float>& z, const std::vector<float>& dlp, size_t B, size_t T, size_t V,
-                        std::vector<float>* lp, std::vector<float>* dz, std::vector<float>* got, std::vector<float>* dgot) {
+                        std::vector<float>* lp, std::vector<float>* dz, std::vector<float>* got, std::vector<float>* dgot, size_t ld = 0) {
+    ld = ld ? ld : V;
     lp->assign(B * T, 0.0f), dz->assign(z.size(), 0.0f);
     logprob_forward(lp->data(), z.data(), tokens.data(), B, T, V);
     logprob_backward(dz->data(), z.data(), tokens.data(), dlp.data(), B, T, V);
     int* d_tokens = upload(tokens);
-    floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
+    std::vector<float> zp = pad_rows(z, V, ld);
+    floatX *d_z = upload_x(zp), *d_dz = cuda_alloc<floatX>(zp.size());
     float *d_dlp = upload(dlp), *d_lp = cuda_alloc<float>(B * T);
     poison(d_lp, B * T);
-    poison(d_dz, z.size());
-    logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, stream);
-    logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);
-    *got = download(d_lp, B * T), *dgot = download_x(d_dz, z.size());
-    logprob_backward_cuda(d_z, d_z, d_tokens, d_dlp, B, (int)T, (int)V, stream);  // in place, as the GPU model runs it
-    CHECK(download_x(d_z, z.size()) == *dgot);
+    poison(d_dz, zp.size());
+    logprob_forward_cuda(d_lp, d_z, d_tokens, B, (int)T, (int)V, ld, stream);
+    logprob_backward_cuda(d_dz, d_z, d_tokens, d_dlp, B, (int)T, (int)V, ld, stream);
+    std::vector<float> dgot_padded = download_x(d_dz, zp.size());
+    CHECK(padding_intact(dgot_padded, V, ld));
+    *got = download(d_lp, B * T), *dgot = unpad_rows(dgot_padded, V, ld);
+    logprob_backward_cuda(d_z, d_z, d_tokens, d_dlp, B, (int)T, (int)V, ld, stream);  // in place, as the GPU model runs it
+    std::vector<float> in_place = download_x(d_z, zp.size());
+    CHECK(padding_intact(in_place, V, ld));
+    CHECK(unpad_rows(in_place, V, ld) == *dgot);
     void* bufs[] = {d_tokens, d_z, d_dz, d_dlp, d_lp};
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
@@ -452,9 +479,12 @@ TEST_CASE("logprob kernels match the CPU", "[kernels]") {
     for (int& t : tokens) t = (int)(rng() % V);
     std::vector<float> z = rounded(random_floats(B * T * V, rng, 3.0f)), dlp = random_floats(B * T, rng), lp, dz, got, dgot;
     dlp[2] = 0.0f;  // a position whose gradient is zero writes zeros
-    run_logprob(tokens, z, dlp, B, T, V, &lp, &dz, &got, &dgot);
-    check_close("logprob", got, lp, 1e-5);  // FP32 output
-    check_close("dlogits", dgot, dz);
+    for (size_t ld : {V, padded_vocab(V)}) {  // rows side by side, and 320 apart as in the GPU model
+        INFO("row stride " << ld);
+        run_logprob(tokens, z, dlp, B, T, V, &lp, &dz, &got, &dgot, ld);
+        check_close("logprob", got, lp, 1e-5);  // FP32 output
+        check_close("dlogits", dgot, dz);
+    }
 }
 
 // The log-sum-exp of a logits row is a block reduction (256 threads striding over V, then
@@ -507,9 +537,10 @@ TEST_CASE("logprob block reductions reach every level (fixed data)", "[kernels][
 // ops (logprob_forward, masked_mean_loss_backward, logprob_backward), out of place and in place;
 // the kernel (online max and sum, then the write pass) matches the twin within the logprob test's
 // tolerances (lp FP32 output: 1e-5; dlogits TOL), out of place and over its own logits, with the
-// same bits both ways. V = 301: the element-wise path in both precisions; 1000: 128-bit groups, fewer
-// than the block's threads (threads with no element); 4104: groups over three strides, the last
-// partial. count is the step's (more than this batch's targets); count 0 writes zero d-logits.
+// same bits both ways. V = 301: rows side by side, the element-wise path in both precisions; rows
+// 320 apart (padded_vocab), 128-bit groups and a tail of 5 (bf16) or 1 (fp32); 1000: 128-bit groups,
+// fewer than the block's threads (threads with no element); 4104: groups over three strides, the
+// last partial. count is the step's (more than this batch's targets); count 0 writes zero d-logits.
 TEST_CASE("fused logprob + NLL kernel matches its CPU twin, which is the unfused ops' bits", "[kernels]") {
     std::mt19937 rng(test_seed() + 71);
     const size_t B = 3, T = 5;
@@ -542,30 +573,39 @@ TEST_CASE("fused logprob + NLL kernel matches its CPU twin, which is the unfused
             for (float x : dz_ref) nonzero += x != 0.0f;
             CHECK(nonzero == (count ? targets * V : 0));  // a target's row is nonzero, every other row zero
 
-            // the kernel against the twin, then over its own logits
-            int* d_tokens = upload(tokens);
-            uint8_t* d_mask = upload(mask);
-            floatX *d_z = upload_x(z), *d_dz = cuda_alloc<floatX>(z.size());
-            float* d_lp = cuda_alloc<float>(B * T);
-            poison(d_lp, B * T);
-            poison(d_dz, z.size());
-            fused_logprob_nll_cuda(d_lp, d_dz, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, stream);
-            std::vector<float> got = download(d_lp, B * T), dgot = download_x(d_dz, z.size());
-            double worst = 0;
-            for (size_t i = 0; i < B * T; i++) {
-                double err = std::fabs((double)got[i] - lp[i]) / std::max(1.0, std::fabs((double)lp[i]));
-                worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+            // the kernel against the twin, then over its own logits; rows side by side and padded_vocab(V)
+            // apart as in the GPU model (NaN between the rows: never read, never written)
+            for (size_t ld : {V, padded_vocab(V)}) {
+                INFO("row stride " << ld);
+                std::vector<float> zp = pad_rows(z, V, ld);
+                int* d_tokens = upload(tokens);
+                uint8_t* d_mask = upload(mask);
+                floatX *d_z = upload_x(zp), *d_dz = cuda_alloc<floatX>(zp.size());
+                float* d_lp = cuda_alloc<float>(B * T);
+                poison(d_lp, B * T);
+                poison(d_dz, zp.size());
+                fused_logprob_nll_cuda(d_lp, d_dz, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, ld, stream);
+                std::vector<float> got = download(d_lp, B * T), dgot_padded = download_x(d_dz, zp.size());
+                CHECK(padding_intact(dgot_padded, V, ld));
+                std::vector<float> dgot = unpad_rows(dgot_padded, V, ld);
+                double worst = 0;
+                for (size_t i = 0; i < B * T; i++) {
+                    double err = std::fabs((double)got[i] - lp[i]) / std::max(1.0, std::fabs((double)lp[i]));
+                    worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+                }
+                printf("  fused logprob V %-5zu row stride %-5zu count %-3zu worst %.2e (tolerance 1e-05)\n", V, ld, count, worst);
+                CHECK(worst <= 1e-5);
+                if (count) check_close("fused dlogits", dgot, dz);
+                else CHECK(dgot == std::vector<float>(z.size(), 0.0f));
+                poison(d_lp, B * T);
+                fused_logprob_nll_cuda(d_lp, d_z, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, ld, stream);
+                CHECK(download(d_lp, B * T) == got);
+                std::vector<float> in_place = download_x(d_z, zp.size());
+                CHECK(padding_intact(in_place, V, ld));
+                CHECK(unpad_rows(in_place, V, ld) == dgot);
+                void* bufs[] = {d_tokens, d_mask, d_z, d_dz, d_lp};
+                for (void* p : bufs) cudaCheck(cudaFree(p));
             }
-            printf("  fused logprob V %-5zu count %-3zu worst %.2e (tolerance 1e-05)\n", V, count, worst);
-            CHECK(worst <= 1e-5);
-            if (count) check_close("fused dlogits", dgot, dz);
-            else CHECK(dgot == std::vector<float>(z.size(), 0.0f));
-            poison(d_lp, B * T);
-            fused_logprob_nll_cuda(d_lp, d_z, d_z, d_tokens, d_mask, count, B, (int)T, (int)V, stream);
-            CHECK(download(d_lp, B * T) == got);
-            CHECK(download_x(d_z, z.size()) == dgot);
-            void* bufs[] = {d_tokens, d_mask, d_z, d_dz, d_lp};
-            for (void* p : bufs) cudaCheck(cudaFree(p));
         }
     }
 }
@@ -743,7 +783,8 @@ static void run_model_parity(const std::string& name) {
     // the logits of a plain forward (the step writes the d-logits over them)
     llama_cuda_forward(&g, tokens.data(), B, T);
     size_t V = host.config.vocab_size;
-    check_close("logits", download_x(g.acts.logits, (size_t)B * T * V), e["logits"].data, TOL_LOGITS);
+    check_close("logits", unpad_rows(download_x(g.acts.logits, (size_t)B * T * padded_vocab(V)), V, padded_vocab(V)), e["logits"].data,
+                TOL_LOGITS);  // rows padded_vocab(V) apart
     double loss = loss_and_grad();
     CHECK(loss == Approx(e["loss"].data[0]).epsilon(TOL_LOSS));
     double sums[16];
