@@ -6,7 +6,10 @@ Xwin-Set: for every prompt, N distinct responses are sampled from the SFT model 
 top-k, top-p; one random stream per response, so the same seed gives the same text) and each
 is scored by the reward model. Rejection sampling (RS) fine-tunes on the best response of each
 prompt; DPO trains on pairs drawn from the set. The N samples of a prompt share one prefill
-(generate in llm.cu); a duplicate of an earlier response is drawn again, up to -u times.
+(generate in llm.cu); a duplicate of an earlier response is drawn again, up to -u times. The
+reward model and the copy of the policy that gives each response's log-prob are frozen: they
+score on inference runners (InferRunner: no master weights, gradients or moments, one layer's
+activations), as the policy samples on one.
 
   ./sample                        the world's held-out prompts, from out/sft/model.bin: the greedy
                                   judge mean and the best-of-n curve (n = 1..64) with the best chosen
