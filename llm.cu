@@ -931,6 +931,42 @@ inline void matmul_backward_pair_cuda(floatX* dinp, float* dw_a, float* dw_b, co
     gemm(false, true, (int)C, (int)OC, (int)N, 1.0f, inp, (int)C, 0, dout_a, (int)OC, dout_b - dout_a, 1.0f, dw_a, CUDA_R_32F, (int)C, dw_b - dw_a,
          2, stream);
 }
+
+// Q, K and V of one input: q = inp @ wq^T (N, C), k and v = inp @ wk^T, wv^T (N, KVD). With as many
+// kv heads as heads (KVD = C: Llama-2-7B) and the three weights and outputs evenly spaced (the
+// model's tensors are: wk follows every layer's wq, wv every layer's wk), one cuBLAS batch of 3;
+// else (grouped-query heads) Q alone and K, V as a pair. The CPU twin is matmul_forward three times.
+inline bool evenly_spaced(const void* a, const void* b, const void* c) { return (const char*)b - (const char*)a == (const char*)c - (const char*)b; }
+
+inline void matmul_forward_qkv_cuda(floatX* q, floatX* k, floatX* v, const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv,
+                                    size_t N, size_t C, size_t KVD, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    if (KVD == C && evenly_spaced(wq, wk, wv) && evenly_spaced(q, k, v)) {
+        gemm(true, false, (int)C, (int)N, (int)C, 1.0f, wq, (int)C, wk - wq, inp, (int)C, 0, 0.0f, q, CUBLAS_FLOATX, (int)C, k - q, 3, stream);
+        return;
+    }
+    matmul_forward_cuda(q, inp, wq, N, C, C, stream);
+    matmul_forward_pair_cuda(k, v, inp, wk, wv, N, C, KVD, stream);
+}
+
+// its backward: dinp += dq @ wq + dk @ wk + dv @ wv (three GEMMs, in that order); the weight
+// gradients in one batch of 3 when evenly spaced with KVD = C, else dwq alone and dwk, dwv as a pair
+inline void matmul_backward_qkv_cuda(floatX* dinp, float* dwq, float* dwk, float* dwv, const floatX* dq, const floatX* dk, const floatX* dv,
+                                     const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N, size_t C, size_t KVD,
+                                     cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    if (KVD == C && evenly_spaced(dwq, dwk, dwv) && evenly_spaced(dq, dk, dv)) {
+        const floatX* w[3] = {wq, wk, wv};
+        const floatX* d[3] = {dq, dk, dv};
+        for (int i = 0; i < 3; i++) {
+            gemm(false, false, (int)C, (int)N, (int)C, 1.0f, w[i], (int)C, 0, d[i], (int)C, 0, 1.0f, dinp, CUBLAS_FLOATX, (int)C, 0, 1, stream);
+        }
+        gemm(false, true, (int)C, (int)C, (int)N, 1.0f, inp, (int)C, 0, dq, (int)C, dk - dq, 1.0f, dwq, CUDA_R_32F, (int)C, dwk - dwq, 3, stream);
+        return;
+    }
+    matmul_backward_cuda(dinp, dwq, dq, inp, wq, N, C, C, stream);
+    matmul_backward_pair_cuda(dinp, dwk, dwv, dk, dv, inp, wk, wv, N, C, KVD, stream);
+}
 #endif
 
 // RoPE angle for position pos and pair i of a head of size hd, computed in float32 as
@@ -2611,8 +2647,10 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //   rmsnorm_forward(out, rstd, inp, weight, N, C, eps)  rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C)
 //   fused_residual_rmsnorm_forward(residual, out, rstd, a, b, weight, N, C, eps)
 //   matmul_forward(out, inp, weight, N, C, OC)          matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC)
-//   matmul_forward_pair(out_a, out_b, inp, w_a, w_b, N, C, OC)    two matmuls of one input (K and V, gate and up;
+//   matmul_forward_pair(out_a, out_b, inp, w_a, w_b, N, C, OC)    two matmuls of one input (gate and up;
 //   matmul_backward_pair(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC)   one cuBLAS batch on the GPU)
+//   matmul_forward_qkv(q, k, v, inp, wq, wk, wv, N, C, KVD)        Q, K and V (one batch of 3 or 1 + 2 on the GPU)
+//   matmul_backward_qkv(dinp, dwq, dwk, dwv, dq, dk, dv, inp, wq, wk, wv, N, C, KVD)
 //   rope_forward(x, B, T, NH, hd)                       rope_backward(dx, B, T, NH, hd)
 //   attention_forward(a, l, out, q, k, v, B, T, H, KV, hd)   which keeps in a what its backward reads
 //   attention_backward(a, l, dq, dk, dv, dout, out, q, k, v, B, T, H, KV, hd)   (CPU: layer l's
@@ -2644,8 +2682,7 @@ void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typen
         X* gate = a.gate + l * N * F;
         X* up = a.up + l * N * F;
         X* sw = a.swiglu + l * N * F;
-        o.matmul_forward(q, attn_in, p.wq + l * C * C, N, C, C);
-        o.matmul_forward_pair(k, v, attn_in, p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
+        o.matmul_forward_qkv(q, k, v, attn_in, p.wq + l * C * C, p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rope_forward(q, B, T, H, hd);
         o.rope_forward(k, B, T, KV, hd);
         o.attention_forward(a, l, att_out, q, k, v, B, T, H, KV, hd);
@@ -2693,9 +2730,8 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         o.rope_backward(d.q, B, T, H, hd);
         o.rope_backward(d.k, B, T, KV, hd);
         auto* attn_in = a.attn_in + l * N * C;
-        o.matmul_backward(d.norm_out, g.wq + l * C * C, d.q, attn_in, p.wq + l * C * C, N, C, C);
-        o.matmul_backward_pair(d.norm_out, g.wk + l * KVD * C, g.wv + l * KVD * C, d.k, d.v, attn_in, p.wk + l * KVD * C, p.wv + l * KVD * C, N,
-                               C, KVD);
+        o.matmul_backward_qkv(d.norm_out, g.wq + l * C * C, g.wk + l * KVD * C, g.wv + l * KVD * C, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
+                              p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
     }
     o.embedding_backward(g.wte, d.residual, tokens, N, C);
@@ -2874,6 +2910,16 @@ struct CpuOps {
                               const float* w_b, size_t N, size_t C, size_t OC) {
         ::matmul_backward(dinp, dw_a, dout_a, inp, w_a, N, C, OC);
         ::matmul_backward(dinp, dw_b, dout_b, inp, w_b, N, C, OC);
+    }
+    void matmul_forward_qkv(float* q, float* k, float* v, const float* inp, const float* wq, const float* wk, const float* wv, size_t N, size_t C,
+                            size_t KVD) {
+        ::matmul_forward(q, inp, wq, N, C, C);
+        matmul_forward_pair(k, v, inp, wk, wv, N, C, KVD);
+    }
+    void matmul_backward_qkv(float* dinp, float* dwq, float* dwk, float* dwv, const float* dq, const float* dk, const float* dv, const float* inp,
+                             const float* wq, const float* wk, const float* wv, size_t N, size_t C, size_t KVD) {
+        ::matmul_backward(dinp, dwq, dq, inp, wq, N, C, C);
+        matmul_backward_pair(dinp, dwk, dwv, dk, dv, inp, wk, wv, N, C, KVD);
     }
     void rope_forward(float* x, size_t B, size_t T, size_t NH, size_t hd) { ::rope_forward(x, rope_table, B, T, NH, (int)hd); }
     void rope_backward(float* dx, size_t B, size_t T, size_t NH, size_t hd) { ::rope_backward(dx, rope_table, B, T, NH, (int)hd); }
@@ -3200,6 +3246,14 @@ struct CudaOps {
     void matmul_backward_pair(floatX* dinp, float* dw_a, float* dw_b, const floatX* dout_a, const floatX* dout_b, const floatX* inp,
                               const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
         matmul_backward_pair_cuda(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC, g->stream);
+    }
+    void matmul_forward_qkv(floatX* q, floatX* k, floatX* v, const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N,
+                            size_t C, size_t KVD) {
+        matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, g->stream);
+    }
+    void matmul_backward_qkv(floatX* dinp, float* dwq, float* dwk, float* dwv, const floatX* dq, const floatX* dk, const floatX* dv,
+                             const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N, size_t C, size_t KVD) {
+        matmul_backward_qkv_cuda(dinp, dwq, dwk, dwv, dq, dk, dv, inp, wq, wk, wv, N, C, KVD, g->stream);
     }
     void rope_forward(floatX* x, size_t B, size_t T, size_t NH, size_t hd) { rope_forward_cuda(x, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream); }
     void rope_backward(floatX* dx, size_t B, size_t T, size_t NH, size_t hd) {
@@ -3698,7 +3752,7 @@ inline void infer_require_head(const LlamaConfig& c, int head_type, const char* 
 // (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
 // after the last layer. p holds the norms and the embedding, w the matrices as the op set's
 // matmul_forward reads them (the CPU's transposed once). An op set has llama_graph_forward's
-// embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward(_pair) and
+// embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward(_pair, _qkv) and
 // swiglu_forward, and
 //   rope_forward_at(x, N, NH, hd)           at the new tokens' positions
 //   attention_cached(l, out, q, k, v, B, Tn, H, KV, hd)   k, v into layer l's cache at each
@@ -3713,8 +3767,7 @@ void infer_graph_layers(Ops& o, const LlamaConfig& c, const ParamTensorsT<typena
     o.rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu inference", l);
-        o.matmul_forward(s.q, s.norm, w.wq + l * C * C, N, C, C);
-        o.matmul_forward_pair(s.k, s.v, s.norm, w.wk + l * KVD * C, w.wv + l * KVD * C, N, C, KVD);
+        o.matmul_forward_qkv(s.q, s.k, s.v, s.norm, w.wq + l * C * C, w.wk + l * KVD * C, w.wv + l * KVD * C, N, C, KVD);
         o.rope_forward_at(s.q, N, H, hd);
         o.rope_forward_at(s.k, N, KV, hd);
         o.attention_cached(l, s.att_out, s.q, s.k, s.v, B, Tn, H, KV, hd);
@@ -3793,6 +3846,11 @@ struct InferCpuOps : CpuOps {
     void matmul_forward_pair(float* out_a, float* out_b, const float* inp, const float* wt_a, const float* wt_b, size_t N, size_t C, size_t OC) {
         matmul_forward_transposed(out_a, inp, wt_a, N, C, OC);
         matmul_forward_transposed(out_b, inp, wt_b, N, C, OC);
+    }
+    void matmul_forward_qkv(float* q, float* k, float* v, const float* inp, const float* wtq, const float* wtk, const float* wtv, size_t N, size_t C,
+                            size_t KVD) {
+        matmul_forward_transposed(q, inp, wtq, N, C, C);
+        matmul_forward_pair(k, v, inp, wtk, wtv, N, C, KVD);
     }
     void rope_forward_at(float* x, size_t N, size_t NH, size_t hd) { ::rope_forward_at(x, rope_table, inf->tok_pos.data(), N, NH, (int)hd); }
     void attention_cached(size_t l, float* out, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
@@ -3962,6 +4020,10 @@ struct InferCudaOps {
     }
     void matmul_forward_pair(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
         matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, g->stream);
+    }
+    void matmul_forward_qkv(floatX* q, floatX* k, floatX* v, const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N,
+                            size_t C, size_t KVD) {
+        matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, g->stream);
     }
     void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
     void rope_forward_at(floatX* x, size_t N, size_t NH, size_t hd) { rope_forward_at_cuda(x, g->rope_table, g->s.tok_pos, N, (int)NH, (int)hd, g->stream); }

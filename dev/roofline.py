@@ -87,6 +87,22 @@ def build_step(cfg, B, T, attention, x):
         gemm(what + " dinp b", Cin, N_, OC, OC * Cin * x, N_ * OC * x, N_ * Cin * x, True)
         s.add("gemm (cuBLAS)", what + " dweights", 2 * 2 * Cin * OC * N_, 2 * (N_ * Cin * x + N_ * OC * x + 2 * OC * Cin * f4))
 
+    def matmul_forward_qkv(N_, Cin):  # llm.cu matmul_forward_qkv_cuda: one batch of 3 when KVD = C, else Q, then K and V
+        if KVD == Cin:
+            s.add("gemm (cuBLAS)", "q, k, v", 3 * 2 * Cin * N_ * Cin, 3 * (Cin * Cin * x + N_ * Cin * x + N_ * Cin * x))
+        else:
+            matmul_forward("q", N_, Cin, Cin)
+            matmul_forward_pair("k, v", N_, Cin, KVD)
+
+    def matmul_backward_qkv(N_, Cin):  # three dinp GEMMs, then the weight gradients in one batch of 3; else Q's, then the pair's
+        if KVD == Cin:
+            for what in ("q", "k", "v"):
+                gemm(what + " dinp", Cin, N_, Cin, Cin * Cin * x, N_ * Cin * x, N_ * Cin * x, True)
+            s.add("gemm (cuBLAS)", "q, k, v dweights", 3 * 2 * Cin * Cin * N_, 3 * (N_ * Cin * x + N_ * Cin * x + 2 * Cin * Cin * f4))
+        else:
+            matmul_backward("q", N_, Cin, Cin)
+            matmul_backward_pair("k, v", N_, Cin, KVD)
+
     def memset(what, nbytes):
         s.add("memset", what, 0, nbytes)
 
@@ -111,8 +127,7 @@ def build_step(cfg, B, T, attention, x):
     s.add("embedding_forward_kernel", "embedding", 0, N * 4 + 2 * N * C * x)
     rmsnorm_forward("attention norm")  # the first layer's; the others' come fused with the residual add before them
     for l in range(L):
-        matmul_forward("q", N, C, C)
-        matmul_forward_pair("k, v", N, C, KVD)
+        matmul_forward_qkv(N, C)
         rope("q", H)
         rope("k", KV)
         if attention == "flash":
@@ -151,8 +166,7 @@ def build_step(cfg, B, T, attention, x):
             cublas_attention_backward(s, B, T, H, KV, hd, x)
         rope("d q", H)
         rope("d k", KV)
-        matmul_backward("q", N, C, C)
-        matmul_backward_pair("k, v", N, C, KVD)
+        matmul_backward_qkv(N, C)
         rmsnorm_backward("attention norm")
     # tokens bucketed by row (3 N + 1 ints), each row read and written once (at most N rows)
     s.add("embedding_backward_kernel", "embedding", N * C, N * C * x + (3 * N + 1) * 4 + 2 * N * C * f4)

@@ -308,6 +308,48 @@ TEST_CASE("the fused matmul pairs match two matmuls", "[kernels]") {
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
+// Q, K and V (matmul_forward_qkv_cuda, matmul_backward_qkv_cuda) against three CPU matmuls and
+// against the unfused launchers bit for bit: with as many kv heads as heads and the weights,
+// outputs and gradients evenly spaced (one cuBLAS batch of 3), and with grouped-query heads (Q
+// alone, K and V as a pair). Every tensor lies inside a larger buffer at its own offset.
+TEST_CASE("the fused Q, K, V matmuls match three matmuls, one batch of 3 or Q and a pair", "[kernels]") {
+    std::mt19937 rng(test_seed() + 53);
+    size_t N = 13, C = 24;
+    for (size_t KVD : {C, (size_t)8}) {
+        INFO("KVD " << KVD);
+        size_t gap_w = 5 * C * C + 3, gap_o = 2 * N * C + 7;  // evenly spaced: the second and third at gap, 2 gap
+        std::vector<float> x = rounded(random_floats(N * C, rng)), w = rounded(random_floats(2 * gap_w + C * C, rng));
+        std::vector<float> dout = rounded(random_floats(2 * gap_o + N * C, rng)), dinp0 = rounded(random_floats(N * C, rng));
+        std::vector<float> dw0 = random_floats(2 * gap_w + C * C, rng);
+        std::vector<float> out(2 * gap_o + N * C, 0.0f), dinp = dinp0, dw = dw0;
+        size_t ow[3] = {0, gap_w, 2 * gap_w}, oo[3] = {0, gap_o, 2 * gap_o}, oc[3] = {C, KVD, KVD};
+        for (int i = 0; i < 3; i++) matmul_forward(out.data() + oo[i], x.data(), w.data() + ow[i], N, C, oc[i]);
+        for (int i = 0; i < 3; i++) matmul_backward(dinp.data(), dw.data() + ow[i], dout.data() + oo[i], x.data(), w.data() + ow[i], N, C, oc[i]);
+        floatX *d_x = upload_x(x), *d_w = upload_x(w), *d_dout = upload_x(dout), *d_dinp = upload_x(dinp0), *d_out = cuda_alloc<floatX>(out.size());
+        float* d_dw = upload(dw0);
+        cudaCheck(cudaMemset(d_out, 0, out.size() * sizeof(floatX)));
+        matmul_forward_qkv_cuda(d_out, d_out + gap_o, d_out + 2 * gap_o, d_x, d_w, d_w + gap_w, d_w + 2 * gap_w, N, C, KVD, stream);
+        matmul_backward_qkv_cuda(d_dinp, d_dw, d_dw + gap_w, d_dw + 2 * gap_w, d_dout, d_dout + gap_o, d_dout + 2 * gap_o, d_x, d_w, d_w + gap_w,
+                                 d_w + 2 * gap_w, N, C, KVD, stream);
+        std::vector<float> got_out = download_x(d_out, out.size()), got_dinp = download_x(d_dinp, N * C), got_dw = download(d_dw, dw.size());
+        check_close("qkv out", got_out, out);
+        check_close("qkv dinp", got_dinp, dinp);
+        check_close("qkv dweights", got_dw, dw, 1e-5);
+        cudaCheck(cudaFree(d_dinp));
+        cudaCheck(cudaFree(d_dw));
+        d_dinp = upload_x(dinp0);
+        d_dw = upload(dw0);
+        cudaCheck(cudaMemset(d_out, 0, out.size() * sizeof(floatX)));
+        for (int i = 0; i < 3; i++) matmul_forward_cuda(d_out + oo[i], d_x, d_w + ow[i], N, C, oc[i], stream);
+        for (int i = 0; i < 3; i++) matmul_backward_cuda(d_dinp, d_dw + ow[i], d_dout + oo[i], d_x, d_w + ow[i], N, C, oc[i], stream);
+        CHECK(download_x(d_out, out.size()) == got_out);
+        CHECK(download_x(d_dinp, N * C) == got_dinp);
+        CHECK(download(d_dw, dw.size()) == got_dw);
+        void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_dw};
+        for (void* p : bufs) cudaCheck(cudaFree(p));
+    }
+}
+
 // The forward (direction +1) against the CPU twin's rope_forward and the backward (-1)
 // against the CPU twin's rope_backward, each from the same input and the same table, at the
 // default theta and at Llama 3's 500000. 2 * 13 * 3 * 6 = 468 rotated pairs: not a multiple of
