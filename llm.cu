@@ -3209,70 +3209,75 @@ inline void llama_cuda_free(LlamaCuda* g) {
     *g = LlamaCuda{};
 }
 
-// The GPU's op set for the model graph (llama_graph_forward/_backward): the kernels and cuBLAS on
-// the model's stream, floatX weights and activations, FP32 parameter gradients; the RoPE table,
-// the attention's and the RMSNorm backward's scratch and the embedding's token buckets are the
-// model's.
-struct CudaOps {
+// The forward ops of both GPU op sets, the model graph's (CudaOps) and the KV cache's
+// (InferCudaOps): the kernels and cuBLAS on one stream, floatX weights and activations.
+struct CudaForwardOps {
     using X = floatX;
-    LlamaCuda* g;
+    cudaStream_t stream;
     void embedding_forward(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C) {
-        embedding_forward_cuda(out, tokens, wte, N, C, g->stream);
-    }
-    void embedding_backward(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
-        (void)tokens;  // bucketed by the forward (embedding_buckets)
-        embedding_backward_cuda(dwte, dout, g->token_buckets, g->n_token_buckets, N, C, g->stream);
+        embedding_forward_cuda(out, tokens, wte, N, C, stream);
     }
     void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, size_t C, double eps) {
-        rmsnorm_forward_cuda(out, rstd, inp, weight, N, (int)C, eps, g->stream);
-    }
-    void rmsnorm_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N,
-                          size_t C) {
-        rmsnorm_backward_cuda(dinp, dweight, g->norm_weight_partials, dout, inp, weight, rstd, N, (int)C, g->stream);
+        rmsnorm_forward_cuda(out, rstd, inp, weight, N, (int)C, eps, stream);
     }
     void fused_residual_rmsnorm_forward(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b, const floatX* weight,
                                         size_t N, size_t C, double eps) {
-        fused_residual_rmsnorm_forward_cuda(residual, out, rstd, a, b, weight, N, (int)C, eps, g->stream);
+        fused_residual_rmsnorm_forward_cuda(residual, out, rstd, a, b, weight, N, (int)C, eps, stream);
     }
     void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
-        matmul_forward_cuda(out, inp, weight, N, C, OC, g->stream);
-    }
-    void matmul_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
-        matmul_backward_cuda(dinp, dweight, dout, inp, weight, N, C, OC, g->stream);
+        matmul_forward_cuda(out, inp, weight, N, C, OC, stream);
     }
     void matmul_forward_pair(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
-        matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, g->stream);
-    }
-    void matmul_backward_pair(floatX* dinp, float* dw_a, float* dw_b, const floatX* dout_a, const floatX* dout_b, const floatX* inp,
-                              const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
-        matmul_backward_pair_cuda(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC, g->stream);
+        matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, stream);
     }
     void matmul_forward_qkv(floatX* q, floatX* k, floatX* v, const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N,
                             size_t C, size_t KVD) {
-        matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, g->stream);
+        matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, stream);
+    }
+    void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, stream); }
+};
+
+// The GPU's op set for the model graph (llama_graph_forward/_backward): the forward ops on the
+// model's stream, and the rest with FP32 parameter gradients; the RoPE table, the attention's and
+// the RMSNorm backward's scratch and the embedding's token buckets are the model's.
+struct CudaOps : CudaForwardOps {
+    LlamaCuda* g;
+    void embedding_backward(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
+        (void)tokens;  // bucketed by the forward (embedding_buckets)
+        embedding_backward_cuda(dwte, dout, g->token_buckets, g->n_token_buckets, N, C, stream);
+    }
+    void rmsnorm_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N,
+                          size_t C) {
+        rmsnorm_backward_cuda(dinp, dweight, g->norm_weight_partials, dout, inp, weight, rstd, N, (int)C, stream);
+    }
+    void matmul_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
+        matmul_backward_cuda(dinp, dweight, dout, inp, weight, N, C, OC, stream);
+    }
+    void matmul_backward_pair(floatX* dinp, float* dw_a, float* dw_b, const floatX* dout_a, const floatX* dout_b, const floatX* inp,
+                              const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
+        matmul_backward_pair_cuda(dinp, dw_a, dw_b, dout_a, dout_b, inp, w_a, w_b, N, C, OC, stream);
     }
     void matmul_backward_qkv(floatX* dinp, float* dwq, float* dwk, float* dwv, const floatX* dq, const floatX* dk, const floatX* dv,
                              const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N, size_t C, size_t KVD) {
-        matmul_backward_qkv_cuda(dinp, dwq, dwk, dwv, dq, dk, dv, inp, wq, wk, wv, N, C, KVD, g->stream);
+        matmul_backward_qkv_cuda(dinp, dwq, dwk, dwv, dq, dk, dv, inp, wq, wk, wv, N, C, KVD, stream);
     }
-    void rope_forward(floatX* x, size_t B, size_t T, size_t NH, size_t hd) { rope_forward_cuda(x, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream); }
+    void rope_forward(floatX* x, size_t B, size_t T, size_t NH, size_t hd) { rope_forward_cuda(x, g->rope_table, B, (int)T, (int)NH, (int)hd, stream); }
     void rope_backward(floatX* dx, size_t B, size_t T, size_t NH, size_t hd) {
-        rope_backward_cuda(dx, g->rope_table, B, (int)T, (int)NH, (int)hd, g->stream);
+        rope_backward_cuda(dx, g->rope_table, B, (int)T, (int)NH, (int)hd, stream);
     }
     void attention_forward(ActTensorsT<floatX>& a, size_t l, floatX* out, const floatX* q, const floatX* k, const floatX* v, size_t B, size_t T,
                            size_t H, size_t KV, size_t hd) {
-        flash_attention_forward_cuda(out, a.lse + l * B * H * T, q, k, v, B, (int)T, (int)H, (int)KV, (int)hd, g->stream);
+        flash_attention_forward_cuda(out, a.lse + l * B * H * T, q, k, v, B, (int)T, (int)H, (int)KV, (int)hd, stream);
     }
     void attention_backward(ActTensorsT<floatX>& a, size_t l, floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
                             const floatX* q, const floatX* k, const floatX* v, size_t B, size_t T, size_t H, size_t KV, size_t hd) {
         flash_attention_backward_cuda(dq, dk, dv, g->attn_delta, dout, out, a.lse + l * B * H * T, q, k, v, B, (int)T, (int)H, (int)KV, (int)hd,
-                                      g->stream);
+                                      stream);
     }
-    void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
     void swiglu_backward(floatX* dgate, floatX* dup, const floatX* dout, const floatX* gate, const floatX* up, size_t n) {
-        swiglu_backward_cuda(dgate, dup, dout, gate, up, n, g->stream);
+        swiglu_backward_cuda(dgate, dup, dout, gate, up, n, stream);
     }
-    void zero(floatX* x, size_t n) { cudaCheck(cudaMemsetAsync(x, 0, n * sizeof(floatX), g->stream)); }
+    void zero(floatX* x, size_t n) { cudaCheck(cudaMemsetAsync(x, 0, n * sizeof(floatX), stream)); }
 };
 
 // tokens (B, T) on the host -> the activations on the device (llama_graph_forward); when
@@ -3291,7 +3296,7 @@ inline void llama_cuda_forward_trunk(LlamaCuda* g, const int* tokens, int B, int
         g->n_token_buckets = embedding_buckets(g->host_token_buckets.data(), tokens, N, c.pad_id);
         cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
     }
-    CudaOps o{g};
+    CudaOps o{{g->stream}, g};
     llama_graph_forward(o, c, g->params, g->acts, g->tokens, B, T);
 }
 
@@ -3336,7 +3341,7 @@ inline void llama_cuda_zero_grad(LlamaCuda* g) {
 // head's backward writes (llama_graph_backward); accumulates into grads.
 inline void llama_cuda_backward_trunk(LlamaCuda* g, int B, int T) {
     NVTX_RANGE_FN();
-    CudaOps o{g};
+    CudaOps o{{g->stream}, g};
     llama_graph_backward(o, g->config, g->params, g->grads, g->acts, g->grad_acts, g->tokens, B, T);
 }
 
@@ -3999,43 +4004,21 @@ inline void infer_cuda_free(InferCuda* g) {
     *g = InferCuda{};
 }
 
-// The GPU's op set for infer_graph_layers: the kernels on the state's stream, the positions on
-// the device.
-struct InferCudaOps {
-    using X = floatX;
+// The GPU's op set for infer_graph_layers: the forward ops on the state's stream, the positions
+// on the device.
+struct InferCudaOps : CudaForwardOps {
     InferCuda* g;
     int max_len;  // the longest sequence after the new tokens: the attention reads no cache beyond it
-    void embedding_forward(floatX* out, const int* tokens, const floatX* wte, size_t N, size_t C) {
-        embedding_forward_cuda(out, tokens, wte, N, C, g->stream);
-    }
-    void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* weight, size_t N, size_t C, double eps) {
-        rmsnorm_forward_cuda(out, rstd, inp, weight, N, (int)C, eps, g->stream);
-    }
-    void fused_residual_rmsnorm_forward(floatX* residual, floatX* out, float* rstd, const floatX* a, const floatX* b, const floatX* weight,
-                                        size_t N, size_t C, double eps) {
-        fused_residual_rmsnorm_forward_cuda(residual, out, rstd, a, b, weight, N, (int)C, eps, g->stream);
-    }
-    void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, size_t N, size_t C, size_t OC) {
-        matmul_forward_cuda(out, inp, weight, N, C, OC, g->stream);
-    }
-    void matmul_forward_pair(floatX* out_a, floatX* out_b, const floatX* inp, const floatX* w_a, const floatX* w_b, size_t N, size_t C, size_t OC) {
-        matmul_forward_pair_cuda(out_a, out_b, inp, w_a, w_b, N, C, OC, g->stream);
-    }
-    void matmul_forward_qkv(floatX* q, floatX* k, floatX* v, const floatX* inp, const floatX* wq, const floatX* wk, const floatX* wv, size_t N,
-                            size_t C, size_t KVD) {
-        matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, g->stream);
-    }
-    void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, g->stream); }
-    void rope_forward_at(floatX* x, size_t N, size_t NH, size_t hd) { rope_forward_at_cuda(x, g->rope_table, g->s.tok_pos, N, (int)NH, (int)hd, g->stream); }
+    void rope_forward_at(floatX* x, size_t N, size_t NH, size_t hd) { rope_forward_at_cuda(x, g->rope_table, g->s.tok_pos, N, (int)NH, (int)hd, stream); }
     void attention_cached(size_t l, floatX* out, const floatX* q, const floatX* k, const floatX* v, size_t B, size_t Tn, size_t H, size_t KV,
                           size_t hd) {
         size_t KVD = KV * hd, cache = (size_t)g->B * g->max_T * KVD;
         floatX *k_cache = g->s.k_cache + l * cache, *v_cache = g->s.v_cache + l * cache;
-        kv_cache_write_cuda(k_cache, v_cache, k, v, g->s.pos, B, (int)Tn, (int)KVD, g->max_T, g->stream);
+        kv_cache_write_cuda(k_cache, v_cache, k, v, g->s.pos, B, (int)Tn, (int)KVD, g->max_T, stream);
         attention_decode_cuda(out, q, k_cache, v_cache, g->s.pos, B, (int)Tn, (int)H, (int)KV, (int)hd, g->max_T, max_len, g->part_o, g->part_ml,
-                              g->part_rows, g->stream, g->attn_chunk);
+                              g->part_rows, stream, g->attn_chunk);
     }
-    void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) { residual_forward_cuda(out, a, b, n, g->stream); }
+    void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) { residual_forward_cuda(out, a, b, n, stream); }
 };
 
 // as infer_layers; tokens (B, Tn) on the host; s.x stays on the device
@@ -4052,7 +4035,7 @@ inline int infer_cuda_layers(InferCuda* g, const int* tokens, int Tn, const int*
     cudaCheck(cudaMemcpyAsync(s.pos, g->pos.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.tok_pos, g->tok_pos.data(), N * sizeof(int), cudaMemcpyHostToDevice, st));
     cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
-    InferCudaOps o{g, max_len};
+    InferCudaOps o{{g->stream}, g, max_len};
     infer_graph_layers(o, g->config, g->params, g->params, s, s.tokens, B, Tn);
     for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
     return B;
