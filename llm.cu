@@ -3462,11 +3462,11 @@ struct Runner {
 #endif
 };
 
-// What a caller asks of the model must be what its head computes.
-inline void runner_require_head(const Runner* r, int head_type, const char* what) {
-    if (r->host.config.head_type != head_type) {
+// What a caller asks of a model (its Runner's or its inference runner's) must be what its head computes.
+inline void require_head(const LlamaConfig& c, int head_type, const char* what) {
+    if (c.head_type != head_type) {
         fprintf(stderr, "error: %s needs a %s model, this one has a %s head\n", what, head_type == HEAD_LM ? "language" : "reward",
-                r->host.config.head_type == HEAD_LM ? "language-model" : "reward");
+                c.head_type == HEAD_LM ? "language-model" : "reward");
         exit(1);
     }
 }
@@ -3498,7 +3498,7 @@ inline void runner_init(Runner* r, int B, int T, bool training) {
 
 // tokens (B, T) -> token log-probs (B, T) on the host (see logprob_forward)
 inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
-    runner_require_head(r, HEAD_LM, "token log-probs");
+    require_head(r->host.config, HEAD_LM, "token log-probs");
 #ifdef XWIN_CUDA
     llama_cuda_forward(&r->gpu, tokens, B, T);
     llama_cuda_logprobs(&r->gpu, r->lp.data(), B, T);
@@ -3512,7 +3512,7 @@ inline const float* runner_forward(Runner* r, const int* tokens, int B, int T) {
 // the logits of the last forward at row (b, t) into out (V), for sampling (on the GPU a backward
 // overwrites them with their gradient)
 inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
-    runner_require_head(r, HEAD_LM, "logits");
+    require_head(r->host.config, HEAD_LM, "logits");
     size_t V = r->host.config.vocab_size, offset = ((size_t)b * T + t) * V;
 #ifdef XWIN_CUDA
     offset = ((size_t)b * T + t) * padded_vocab(V);  // the GPU's rows are padded
@@ -3528,7 +3528,7 @@ inline void runner_logits_row(Runner* r, int b, int t, int T, float* out) {
 // token that is not the model's pad id (reward_score_index: transformers' rule), so rows
 // shorter than T are padded with it
 inline const float* runner_score(Runner* r, const int* tokens, int B, int T) {
-    runner_require_head(r, HEAD_REWARD, "scores");
+    require_head(r->host.config, HEAD_REWARD, "scores");
     if (B > 1 && r->host.config.pad_id < 0) {
         fprintf(stderr, "error: the reward model has no pad_token_id, so it cannot score a batch of more than one sequence (as transformers)\n");
         exit(1);
@@ -3578,7 +3578,7 @@ inline void runner_backward(Runner* r, const int* tokens, const float* dlp, int 
 // gradient accumulated, the log-probs and the d-logits from one pass over the logits
 // (llama_nll_forward_backward; on the GPU nothing of (B, T) comes to the host)
 inline double runner_nll_forward_backward(Runner* r, const int* tokens, const uint8_t* mask, int B, int T, size_t count) {
-    runner_require_head(r, HEAD_LM, "the token loss");
+    require_head(r->host.config, HEAD_LM, "the token loss");
 #ifdef XWIN_CUDA
     return llama_cuda_nll_forward_backward(&r->gpu, tokens, mask, B, T, count);
 #else
@@ -3744,15 +3744,6 @@ inline void infer_require(const LlamaConfig& c, int B, int max_T, int max_chunk)
     }
 }
 
-// What a caller asks of an inference state must be what the model's head computes.
-inline void infer_require_head(const LlamaConfig& c, int head_type, const char* what) {
-    if (c.head_type != head_type) {
-        fprintf(stderr, "error: %s needs a %s model, this one has a %s head\n", what, head_type == HEAD_LM ? "language" : "reward",
-                c.head_type == HEAD_LM ? "language-model" : "reward");
-        exit(1);
-    }
-}
-
 // The layers of the model graph on the new tokens of a KV cache, written once for both builds
 // (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
 // after the last layer. p holds the norms and the embedding, w the matrices as the op set's
@@ -3899,7 +3890,7 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
 // the cache as a prefill does.
 inline const float* infer_sequence_logprobs(Infer* inf, const int* tokens, const uint8_t* mask, int B, int T) {
     const LlamaConfig& c = inf->model->config;
-    infer_require_head(c, HEAD_LM, "sequence log-probs");
+    require_head(c, HEAD_LM, "sequence log-probs");
     inf->pos.assign(inf->B, 0);
     B = infer_layers(inf, tokens, T, nullptr, B);
     size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
@@ -4059,7 +4050,7 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
 inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const uint8_t* mask, int B, int T, float* sums) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
-    infer_require_head(c, HEAD_LM, "sequence log-probs");
+    require_head(c, HEAD_LM, "sequence log-probs");
     g->pos.assign(g->B, 0);
     B = infer_cuda_layers(g, tokens, T, nullptr, B);
     size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
@@ -4126,7 +4117,7 @@ inline void infer_runner_init(InferRunner* r, int B, int max_T, int max_chunk, i
 // nb > 0: only the first nb sequences are prompts (tokens (nb, Tn), logits (nb, V)); the
 // others start empty (infer_runner_copy_sequence fills them from a prompt).
 inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int Tn, const int* lens = nullptr, int nb = 0) {
-    infer_require_head(r->host.config, HEAD_LM, "logits");
+    require_head(r->host.config, HEAD_LM, "logits");
 #ifdef XWIN_CUDA
     infer_cuda_prefill(&r->gpu, tokens, Tn, lens, nb);
     infer_cuda_logits(&r->gpu, r->logits.data());
@@ -4138,7 +4129,7 @@ inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int 
 
 // next (B): one token per sequence -> the logits (B, V) after it
 inline const float* infer_runner_decode(InferRunner* r, const int* next) {
-    infer_require_head(r->host.config, HEAD_LM, "logits");
+    require_head(r->host.config, HEAD_LM, "logits");
 #ifdef XWIN_CUDA
     infer_cuda_decode(&r->gpu, next);
     infer_cuda_logits(&r->gpu, r->logits.data());
@@ -4153,7 +4144,7 @@ inline const float* infer_runner_decode(InferRunner* r, const int* next) {
 // runner_score): a prefill that ends there. Empties the cache.
 inline const float* infer_runner_score(InferRunner* r, const int* tokens, int B, int T) {
     const LlamaConfig& c = r->host.config;
-    infer_require_head(c, HEAD_REWARD, "scores");
+    require_head(c, HEAD_REWARD, "scores");
     if (B > 1 && c.pad_id < 0) {
         fprintf(stderr, "error: the reward model has no pad_token_id, so it cannot score a batch of more than one sequence (as transformers)\n");
         exit(1);
@@ -6013,7 +6004,7 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
 // (valid until the next call). On the GPU the mask goes up, the sums are made on the device and
 // only the B sums come down; the CPU keeps the mask for runner_sequence_backward.
 inline const float* runner_sequence_logprobs(Runner* r, const int* tokens, const uint8_t* mask, int B, int T) {
-    runner_require_head(r, HEAD_LM, "sequence log-probs");
+    require_head(r->host.config, HEAD_LM, "sequence log-probs");
     r->seq_B = B;
     r->seq_T = T;
 #ifdef XWIN_CUDA
