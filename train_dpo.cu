@@ -303,14 +303,14 @@ static std::vector<Stage> recipe_stages() {
         // again once), scored by the RM and by the policy's log-prob; the best of each prompt by
         // reward + log pi is the RS data, best against mu - 2 sigma the DPO pairs (50 held out)
         {"xwin-set", "out/set/dpo_train.pairs",
-         {"{P}/sample -n 64 -t 0.7 -u 1 -l 300 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
+         {"{P}/sample -n 64 -t 0.7 -u 1 -l 600 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
           "{P}/sample -s out/set/xwin_set.jsonl -o out/set/rs.jsonl -d out/set/dpo.jsonl -g 2 -q 1",
           "python3 dev/data/prepare_sft.py out/set/rs.jsonl out/set/rs.tok --tokenizer byte",
           "head -n -50 out/set/dpo.jsonl > out/set/dpo_train.jsonl && tail -n 50 out/set/dpo.jsonl > out/set/dpo_val.jsonl",
           "python3 dev/data/prepare_pairs.py out/set/dpo_val.jsonl out/set/dpo_val.pairs --tokenizer byte",
           "python3 dev/data/prepare_pairs.py out/set/dpo_train.jsonl out/set/dpo_train.pairs --tokenizer byte"}},
-        // RS: the SFT model fine-tuned on the best answer of each prompt
-        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 150 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
+        // RS: the SFT model fine-tuned on the best answer of each prompt, 4 epochs
+        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
     };
 }
 
