@@ -28,7 +28,8 @@ Every index product is computed in size_t.
 
 Contents, in file order (search for the quoted heading):
   "errors"                  defines: fail_file, string_format, fopen_check, fread_check, malloc_check,
-                            crc32_update, file_crc32, AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
+                            crc32_update, file_crc32, reserved_bytes_check (one rule: reserved header bytes are zero),
+                            AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
   "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck,
                             NVTX_RANGE_FN, NVTX_RANGE (Nsight ranges, compiled away outside nvcc)
   "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
@@ -59,7 +60,8 @@ Contents, in file order (search for the quoted heading):
                             (frozen models: a reward model's scores, a policy's log-prob sums, no training state)
   "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
   "Pair file format"        defines: PairRecord, PairData, pairs_load (preference pairs)
-  "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_save, reference_load_checked
+  "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_values_crc, reference_save,
+                            reference_load_checked
                             (DPO's frozen reference, refused for another model or other pairs)
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
   "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
@@ -175,6 +177,17 @@ inline uint32_t crc32_update(uint32_t crc, const void* data, size_t n) {
     crc = ~crc;
     for (size_t i = 0; i < n; i++) crc = table.t[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
     return ~crc;
+}
+
+// Reserved bytes, one rule for every reader (model, token, pair, reference, tokenizer and
+// training-state files): a header's bytes past its last defined field are written as zero and
+// read as zero, so that a later version can give them a meaning and an older build refuses
+// what it cannot read. Returns "" when h[from, to) is all zero, else the first byte that is not.
+inline std::string reserved_bytes_check(const unsigned char* h, size_t from, size_t to) {
+    for (size_t i = from; i < to; i++) {
+        if (h[i] != 0) return string_format("reserved header byte %zu is 0x%02x, not zero", i, h[i]);
+    }
+    return "";
 }
 
 // The folder part of a path ("." when there is none).
@@ -489,9 +502,8 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     for (int i = 0; i < 3; i++) {
         if (ids[i] < -1 || ids[i] >= (int32_t)u[8]) return string_format("%s %d is not -1 (none) or an id below vocab_size %u", id_names[i], ids[i], u[8]);
     }
-    for (size_t i = u[1] == 2 ? 76 : 64; i < MODEL_HEADER_BYTES; i++) {
-        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
-    }
+    std::string reserved = reserved_bytes_check(h, u[1] == 2 ? 76 : 64, MODEL_HEADER_BYTES);
+    if (!reserved.empty()) return reserved;
     *dtype = (int)u[2];
     *c = LlamaConfig{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
     return "";
@@ -4246,7 +4258,7 @@ inline void infer_runner_free(InferRunner* r) {
 //   0  uint32 magic = 0x4B545758 (the bytes "XWTK")    4  uint32 version = 1
 //   8  uint32 n_seqs (>= 1)                            12 uint32 reserved (0)
 //   16 uint64 n_tokens                                 24 uint64 n_mask (must equal n_tokens)
-//   32..63 zero
+//   32..63 zero (reserved; bytes 12..15 and 32..63 are checked as zero on load)
 // Then uint64 offsets[n_seqs + 1] (offsets[0] = 0, strictly increasing, offsets[n_seqs] =
 // n_tokens; sequence i is tokens[offsets[i] : offsets[i+1]]), uint32 tokens[n_tokens],
 // uint8 mask[n_mask]. mask[i] = 1 makes token i a target: its log-prob given the tokens
@@ -4291,6 +4303,9 @@ inline std::string tokens_load_checked(TokenData* d, const char* path, int vocab
     if (u[0] != TOKENS_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWTK\"): not an xwin.cu token file", u[0], TOKENS_MAGIC);
     if (u[1] != TOKENS_VERSION) return string_format("unsupported token file version %u (this build reads version %u)", u[1], TOKENS_VERSION);
     if (u[2] == 0) return "file holds no sequences (n_seqs = 0)";
+    std::string reserved = reserved_bytes_check(h, 12, 16);
+    if (reserved.empty()) reserved = reserved_bytes_check(h, 32, TOKENS_HEADER_BYTES);
+    if (!reserved.empty()) return reserved;
     if (n_mask != n_tokens) return string_format("mask length %llu differs from token count %llu", (unsigned long long)n_mask, (unsigned long long)n_tokens);
     // check the size in a way that cannot overflow: every count is bounded by the file size
     if (n_tokens > size || u[2] > size) return string_format("header counts (%u sequences, %llu tokens) exceed the file size %zu: truncated or corrupt", u[2], (unsigned long long)n_tokens, size);
@@ -4412,9 +4427,8 @@ inline std::string pairs_load_checked(PairData* p, const char* path, int vocab_s
     if (u[1] != 1) return string_format("unsupported pair file version %u (this build reads version 1)", u[1]);
     if (u[2] == 0) return "file holds no pairs (n_pairs = 0)";
     if (u[3] > PAIRS_MAX_GROUPS) return string_format("n_groups %u is more than %zu", u[3], PAIRS_MAX_GROUPS);
-    for (size_t i = 24; i < PAIRS_HEADER_BYTES; i++) {
-        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
-    }
+    std::string reserved = reserved_bytes_check(h, 24, PAIRS_HEADER_BYTES);
+    if (!reserved.empty()) return reserved;
     size_t n = u[2], G = u[3], n_seqs = 2 * n;
     if (n_tokens > size || n > size) return string_format("header counts (%zu pairs, %llu tokens) exceed the file size %zu: truncated or corrupt", n, (unsigned long long)n_tokens, size);
     size_t expected = PAIRS_HEADER_BYTES + G * PAIRS_GROUP_NAME_BYTES + n * sizeof(PairRecord) + (n_seqs + 1) * 8 + n_tokens * 5;
@@ -4465,18 +4479,23 @@ inline void pairs_load(PairData* p, const char* path, int vocab_size) {
 }
 
 // ----------------------------------------------------------------------------
-// Reference log-prob file format (.logps), version 1: DPO's frozen reference, computed once
+// Reference log-prob file format (.logps), version 2: DPO's frozen reference, computed once
 // by the starting model before training (train_dpo), so that a DPO step holds one model.
 // It names the model and the pairs that made it, and a loader refuses it for any other.
 // Little-endian. Header: 64 bytes.
-//   0  uint32 magic = 0x46525758 (the bytes "XWRF")    4  uint32 version = 1
+//   0  uint32 magic = 0x46525758 (the bytes "XWRF")    4  uint32 version = 2
 //   8  uint32 n_pairs (>= 1)                           12 uint32 model_crc (CRC-32 of the model file)
 //   16 uint64 model_size (bytes of the model file)     24 uint64 pairs_size (tokens_identity of the pairs)
-//   32 uint32 pairs_hash (tokens_identity)             36..63 zero
+//   32 uint32 pairs_hash (tokens_identity)             36 uint32 values_crc (CRC-32 of the values below)
+//   40..63 zero (reserved)
 // Then float32 chosen[n_pairs], float32 rejected[n_pairs]: the reference's log-prob sums over
 // each answer's target tokens (the pair file's mask). The file is exactly as long as this says.
+// Version 1 (the same without values_crc) is refused: nothing guards its values, and the file
+// is a cache that train_dpo remakes from the starting model when it is missing, so the message
+// says to delete it. A file is never overwritten by a run that refuses it.
 
 constexpr uint32_t REFERENCE_MAGIC = 0x46525758;
+constexpr uint32_t REFERENCE_VERSION = 2;
 constexpr size_t REFERENCE_HEADER_BYTES = 64;
 
 struct ReferenceLogps {
@@ -4496,13 +4515,21 @@ inline std::string model_file_identity(const char* path, uint64_t* size, uint32_
     return "";
 }
 
+// the CRC-32 of a reference's values, in file order: chosen[n_pairs], then rejected[n_pairs]
+inline uint32_t reference_values_crc(const ReferenceLogps& r) {
+    uint32_t crc = crc32_update(0, r.chosen.data(), r.chosen.size() * sizeof(float));
+    return crc32_update(crc, r.rejected.data(), r.rejected.size() * sizeof(float));
+}
+
 inline void reference_save(const ReferenceLogps& r, const char* path) {
     unsigned char h[REFERENCE_HEADER_BYTES] = {0};
-    uint32_t u[4] = {REFERENCE_MAGIC, 1, (uint32_t)r.chosen.size(), r.model_crc};
+    uint32_t u[4] = {REFERENCE_MAGIC, REFERENCE_VERSION, (uint32_t)r.chosen.size(), r.model_crc};
+    uint32_t values_crc = reference_values_crc(r);
     memcpy(h, u, 16);
     memcpy(h + 16, &r.model_size, 8);
     memcpy(h + 24, &r.pairs_size, 8);
     memcpy(h + 32, &r.pairs_hash, 4);
+    memcpy(h + 36, &values_crc, 4);
     AtomicFile a;
     atomic_open(&a, path);
     atomic_write(&a, h, sizeof(h));
@@ -4511,43 +4538,46 @@ inline void reference_save(const ReferenceLogps& r, const char* path) {
     atomic_commit(&a);
 }
 
-// Reads a reference file and checks it against the model and the pairs it must belong to
-// (want's identity fields). Returns "" or what is wrong.
+// Reads a reference file and checks it: whole (its size and the CRC-32 of its values), then
+// of the model and the pairs it must belong to (want's identity fields). Returns "" or what
+// is wrong; every refusal ends by saying how to make the file again.
 inline std::string reference_load_checked(ReferenceLogps* r, const char* path, const ReferenceLogps& want, size_t n_pairs) {
+    const char* remake = "delete it to compute the reference again";
     FILE* f = fopen(path, "rb");
     if (!f) return string_format("cannot open: %s", strerror(errno));
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     size_t size = file_size_of(f);
-    if (size < REFERENCE_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte reference-file header", size, REFERENCE_HEADER_BYTES);
+    if (size < REFERENCE_HEADER_BYTES) return string_format("file is %zu bytes, shorter than the %zu-byte reference-file header: %s", size, REFERENCE_HEADER_BYTES, remake);
     unsigned char h[REFERENCE_HEADER_BYTES];
     if (fread(h, 1, REFERENCE_HEADER_BYTES, f) != REFERENCE_HEADER_BYTES) return "read error in header";
-    uint32_t u[4];
+    uint32_t u[4], values_crc;
     memcpy(u, h, 16);
     memcpy(&r->model_size, h + 16, 8);
     memcpy(&r->pairs_size, h + 24, 8);
     memcpy(&r->pairs_hash, h + 32, 4);
+    memcpy(&values_crc, h + 36, 4);
     r->model_crc = u[3];
     if (u[0] != REFERENCE_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWRF\"): not an xwin.cu reference file", u[0], REFERENCE_MAGIC);
-    if (u[1] != 1) return string_format("unsupported reference file version %u (this build reads version 1)", u[1]);
-    for (size_t i = 36; i < REFERENCE_HEADER_BYTES; i++) {
-        if (h[i] != 0) return string_format("reserved header byte %zu is not zero", i);
-    }
-    if (size != REFERENCE_HEADER_BYTES + (size_t)u[2] * 8) return string_format("file is %zu bytes but its header describes %zu", size, REFERENCE_HEADER_BYTES + (size_t)u[2] * 8);
-    if (r->model_size != want.model_size || r->model_crc != want.model_crc) {
-        return string_format("holds the log-probs of another model (a %llu-byte model file with CRC-32 %08x; the starting model is %llu bytes with CRC-32 %08x): "
-                             "delete it to compute the reference again", (unsigned long long)r->model_size, r->model_crc,
-                             (unsigned long long)want.model_size, want.model_crc);
-    }
-    if (u[2] != n_pairs || r->pairs_size != want.pairs_size || r->pairs_hash != want.pairs_hash) {
-        return string_format("was made for other pairs (%u pairs, data %llu bytes, hash %08x; these are %zu pairs, %llu bytes, hash %08x): "
-                             "delete it to compute the reference again", u[2], (unsigned long long)r->pairs_size, r->pairs_hash, n_pairs,
-                             (unsigned long long)want.pairs_size, want.pairs_hash);
-    }
+    if (u[1] == 1) return string_format("reference file version 1 has no checksum over its values: %s (this build writes version %u)", remake, REFERENCE_VERSION);
+    if (u[1] != REFERENCE_VERSION) return string_format("unsupported reference file version %u (this build reads version %u)", u[1], REFERENCE_VERSION);
+    std::string reserved = reserved_bytes_check(h, 40, REFERENCE_HEADER_BYTES);
+    if (!reserved.empty()) return reserved + ": " + remake;
+    if (size != REFERENCE_HEADER_BYTES + (size_t)u[2] * 8) return string_format("file is %zu bytes but its header describes %zu: %s", size, REFERENCE_HEADER_BYTES + (size_t)u[2] * 8, remake);
     r->chosen.resize(u[2]);
     r->rejected.resize(u[2]);
     if (fread(r->chosen.data(), 4, u[2], f) != u[2] || fread(r->rejected.data(), 4, u[2], f) != u[2]) return "read error";
+    uint32_t crc = reference_values_crc(*r);
+    if (crc != values_crc) return string_format("its log-probs do not match their checksum (stored %08x, computed %08x): the file is damaged; %s", values_crc, crc, remake);
+    if (r->model_size != want.model_size || r->model_crc != want.model_crc) {
+        return string_format("holds the log-probs of another model (a %llu-byte model file with CRC-32 %08x; the starting model is %llu bytes with CRC-32 %08x): %s",
+                             (unsigned long long)r->model_size, r->model_crc, (unsigned long long)want.model_size, want.model_crc, remake);
+    }
+    if (u[2] != n_pairs || r->pairs_size != want.pairs_size || r->pairs_hash != want.pairs_hash) {
+        return string_format("was made for other pairs (%u pairs, data %llu bytes, hash %08x; these are %zu pairs, %llu bytes, hash %08x): %s", u[2],
+                             (unsigned long long)r->pairs_size, r->pairs_hash, n_pairs, (unsigned long long)want.pairs_size, want.pairs_hash, remake);
+    }
     for (size_t i = 0; i < u[2]; i++) {
-        if (!std::isfinite(r->chosen[i]) || !std::isfinite(r->rejected[i])) return string_format("pair %zu: a log-prob is not finite", i);
+        if (!std::isfinite(r->chosen[i]) || !std::isfinite(r->rejected[i])) return string_format("pair %zu: a log-prob is not finite: %s", i, remake);
     }
     return "";
 }
@@ -5548,7 +5578,8 @@ struct TrainState {
 //   16 uint32 skipped                     20 uint32 model_crc: CRC-32 of the checkpoint's model.bin
 //   24 uint64 num_params                  32 uint64 epoch
 //   40 uint64 position                    48 uint64 rng
-//   56 RunIdentity (72 bytes, as the struct above)
+//   56 RunIdentity (72 bytes, as the struct above; the program name zero-padded to 16 bytes,
+//      its padding checked as zero like every reader's reserved bytes)
 //   128 float32 m[num_params], float32 v[num_params] (AdamW moments)
 //   then uint32 crc: CRC-32 of every byte before it.
 // A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
@@ -5750,6 +5781,9 @@ inline void checkpoint_load_state(Trainer* tr) {
     if (u[1] != STATE_VERSION) fail_file(p, "training state version %u; this build resumes version %u only: start the run again", u[1], STATE_VERSION);
     uint32_t crc = crc32_update(0, bytes.data(), size - 4);
     if (crc != stored_crc) fail_file(p, "checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
+    size_t name_end = 56 + strnlen(then.program, sizeof(then.program));
+    std::string reserved = reserved_bytes_check(bytes.data(), name_end, 56 + sizeof(then.program));
+    if (!reserved.empty()) fail_file(p, "%s (the program name is zero-padded)", reserved.c_str());
     if (q[0] != n) fail_file(p, "holds the state of %llu parameters, the model has %zu", (unsigned long long)q[0], n);
     if (size != STATE_HEADER_BYTES + 8 * n + 4) fail_file(p, "file is %zu bytes, expected %zu", size, STATE_HEADER_BYTES + 8 * n + 4);
     if (u[5] != tr->resume_model_crc) {

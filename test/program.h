@@ -55,12 +55,13 @@ static bool exists(const std::string& path) {
     return lstat(path.c_str(), &st) == 0;
 }
 
-// a small model over the byte vocabulary, so the runs stay short (nan_at: a NaN weight there)
-static std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1) {
+// a small model over the byte vocabulary, so the runs stay short (nan_at: a NaN weight there;
+// seed: its weights' random stream, so that two models can share a shape and differ)
+static std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1, uint64_t seed = 7) {
     std::string path = scratch(name);
     Llama m;
     llama_init(&m, LlamaConfig{dim, layers, 4, 2, 259, 2 * dim, 256, 1, HEAD_LM, 10000.0, 1e-5});
-    uint64_t rng = 7;
+    uint64_t rng = seed;
     for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
     if (nan_at >= 0) m.params_memory[nan_at] = NAN;
     llama_save(&m, path.c_str(), DTYPE_FP32);

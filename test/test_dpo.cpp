@@ -52,6 +52,27 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: holds the log-probs of another model"));
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(file_bytes(pairs + ".logps") == ref);  // nothing lost
+    // the usual case the identity exists for: a model of the same shape (the same file size)
+    // with other weights, as the SFT model is to the RS model
+    std::string twin = write_small_model("dpo_twin.bin", 32, 2, -1, 8);
+    REQUIRE(file_bytes(twin).size() == file_bytes(model).size());
+    REQUIRE(file_bytes(twin) != file_bytes(model));
+    CHECK(run("build/train_dpo_cpu -m " + twin + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: holds the log-probs of another model"));
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(file_bytes(pairs + ".logps") == ref);
+    // one value changed to another finite value (pair 3's rejected log-prob, in the second
+    // half of the values): refused by the checksum over the values, the file left as it was
+    std::vector<unsigned char> changed = ref;
+    float other_value = -1e9f;
+    memcpy(&changed[64 + 4 * (16 + 3)], &other_value, 4);
+    write_bytes(pairs + ".logps", changed);
+    CHECK(run(common, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: its log-probs do not match their checksum"));
+    CHECK_THAT(out, Catch::Contains("delete it to compute the reference again"));
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(file_bytes(pairs + ".logps") == changed);
+    write_bytes(pairs + ".logps", ref);
     // and a reference of other pairs (-R)
     std::string more = write_arith_pairs("dpo_more", 20, 2);
     CHECK(run("build/train_dpo_cpu -m " + model + " -i " + more + " -R " + pairs + ".logps -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
@@ -61,8 +82,53 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     write_bytes(pairs + ".logps", cut);
     CHECK(run(common, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: file is"));
-    for (const std::string& p : {model, other, big, pairs, pairs + ".logps", more, more + ".logps"}) remove(p.c_str());
+    for (const std::string& p : {model, other, twin, big, pairs, pairs + ".logps", more, more + ".logps"}) remove(p.c_str());
     rm_rf(dir);
+}
+
+TEST_CASE("the reference file: its values checksummed, its reserved bytes zero, version 1 refused", "[dpo][format]") {
+    std::string path = scratch("reference.logps");
+    ReferenceLogps ref, loaded;
+    ref.model_crc = 0x12345678, ref.model_size = 1000, ref.pairs_size = 200, ref.pairs_hash = 0xabcdef01;
+    ref.chosen = {-1.5f, -20.25f, -0.125f}, ref.rejected = {-2.5f, -30.0f, -7.75f};
+    reference_save(ref, path.c_str());
+    std::vector<unsigned char> good = file_bytes(path);
+    REQUIRE(good.size() == 64 + 3 * 8);
+    // the stored checksum is the CRC-32 of the six values as written (an independent count)
+    uint32_t stored, expected = crc32_update(0, good.data() + 64, 24);
+    memcpy(&stored, good.data() + 36, 4);
+    CHECK(stored == expected);
+    REQUIRE(reference_load_checked(&loaded, path.c_str(), ref, 3) == "");
+    CHECK(loaded.chosen == ref.chosen);
+    CHECK(loaded.rejected == ref.rejected);
+    auto error_of = [&](const std::vector<unsigned char>& bytes) {
+        write_bytes(path, bytes);
+        ReferenceLogps r;
+        return reference_load_checked(&r, path.c_str(), ref, 3);
+    };
+    // every value, changed to another finite value, is caught; so is a flipped bit in the sign
+    for (size_t i = 0; i < 6; i++) {
+        std::vector<unsigned char> b = good;
+        float zero = 0.0f;
+        memcpy(&b[64 + 4 * i], &zero, 4);
+        CHECK_THAT(error_of(b), Catch::Contains("its log-probs do not match their checksum"));
+    }
+    std::vector<unsigned char> sign = good;
+    sign[64 + 4 * 5 + 3] ^= 0x80;
+    CHECK_THAT(error_of(sign), Catch::Contains("its log-probs do not match their checksum"));
+    // reserved bytes 40..63
+    for (size_t at : {(size_t)40, (size_t)63}) {
+        std::vector<unsigned char> b = good;
+        b[at] = 1;
+        CHECK_THAT(error_of(b), Catch::Contains(string_format("reserved header byte %zu is 0x01, not zero", at)));
+    }
+    // a version-1 file (no checksum: bytes 36..39 were zero) is refused, saying how to remake it
+    std::vector<unsigned char> v1 = good;
+    uint32_t one = 1;
+    memcpy(&v1[4], &one, 4);
+    memset(&v1[36], 0, 4);
+    CHECK(error_of(v1) == "reference file version 1 has no checksum over its values: delete it to compute the reference again (this build writes version 2)");
+    remove(path.c_str());
 }
 
 TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {

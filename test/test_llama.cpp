@@ -246,7 +246,8 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
     CHECK_THAT(load_error(with_u32(24, 16)), Catch::Contains("head_dim 1 is odd"));  // dim 16 / 16 heads
     CHECK_THAT(load_error(with_f64(48, -1.0)), Catch::Contains("rope_theta"));
     CHECK_THAT(load_error(with_f64(56, 0.0)), Catch::Contains("norm_eps"));
-    CHECK_THAT(load_error(with_u32(100, 1)), Catch::Contains("reserved header byte 100"));
+    CHECK_THAT(load_error(with_u32(100, 1)), Catch::Contains("reserved header byte 100 is 0x01, not zero"));
+    CHECK_THAT(load_error(with_u32(252, 0x01000000)), Catch::Contains("reserved header byte 255 is 0x01, not zero"));
     CHECK_THAT(load_error({}), Catch::Contains("shorter than the 256-byte"));
 }
 
@@ -318,6 +319,11 @@ TEST_CASE("token files: round trip, batching and refusals", "[format]") {
     CHECK_THAT(tokens_error(with_u32(24, 6)), Catch::Contains("mask length 6 differs from token count 7"));
     CHECK_THAT(tokens_error(good, 7), Catch::Contains("token 6 has id 7 >= vocab_size 7"));
     CHECK_THAT(tokens_error(with_u32(16, 1000000)), Catch::Contains("mask length"));
+    // the reserved word (bytes 12..15) and bytes 32..63 are zero, as in every reader's header
+    CHECK_THAT(tokens_error(with_u32(12, 1)), Catch::Contains("reserved header byte 12 is 0x01, not zero"));
+    CHECK_THAT(tokens_error(with_u32(14, 0x80)), Catch::Contains("reserved header byte 14 is 0x80, not zero"));
+    CHECK_THAT(tokens_error(with_u32(32, 0x100)), Catch::Contains("reserved header byte 33 is 0x01, not zero"));
+    CHECK_THAT(tokens_error(with_u32(60, 0x7F000000)), Catch::Contains("reserved header byte 63 is 0x7f, not zero"));
     auto huge = with_u32(16, 1000000);
     memcpy(&huge[24], &huge[16], 8);
     CHECK_THAT(tokens_error(huge), Catch::Contains("exceed the file size"));

@@ -85,6 +85,14 @@ TEST_CASE("the pair loader refuses pairs whose prompt tokens differ, naming the 
     b[at] ^= 1;
     write_bytes(path, b);
     CHECK_THAT(pairs_load_checked(&p, path.c_str(), 259), Catch::Contains("pair 0: the chosen and rejected prompts differ at token 5"));
+    // the header's bytes 24..63 are reserved: zero, as in every reader's header
+    for (size_t at : {(size_t)24, (size_t)63}) {
+        std::vector<unsigned char> r = file_bytes(path);
+        r[at] = 0x40;
+        write_bytes(path + ".reserved", r);
+        CHECK_THAT(pairs_load_checked(&p, (path + ".reserved").c_str(), 259), Catch::Contains(string_format("reserved header byte %zu is 0x40, not zero", at)));
+    }
+    remove((path + ".reserved").c_str());
     std::string sft = write_small_model("refuse_sft.bin");
     CHECK(run("build/train_rm_cpu -o " + scratch("rm_refuse") + " -m " + sft + " -i " + path, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + path + ": pair 0: the chosen and rejected prompts differ"));

@@ -325,6 +325,8 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
             {32, 1, 8, "epoch 1, position 24 is not where step 3 of 8 sequences each ends"},
             {40, 23, 8, "epoch 0, position 23 is not where step 3"},
             {40, 41, 8, "position 41 is beyond the 40 sequences"},
+            // the run identity's program name ("train_sft", bytes 56..64) is zero-padded to byte 71
+            {70, 'x', 1, "reserved header byte 70 is 0x78, not zero (the program name is zero-padded)"},
         };
         std::vector<unsigned char> clean = file_bytes(fx.state());
         for (const Field& f : fields) {
