@@ -170,7 +170,7 @@ build/test_dpo: test/test_main.cpp test/test_dpo.cpp test/program.h test/fixture
 build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@
 
-build/test_real: test/test_main.cpp test/test_real.cpp test/fixture.h llm.cu build/smollm2.bin | deps
+build/test_real: test/test_main.cpp test/test_real.cpp test/program.h test/fixture.h llm.cu build/smollm2.bin | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_real.cpp -o $@
 
 test: deps $(TESTS)

@@ -52,6 +52,13 @@ def field(reader, key, default=None):
     return f.contents()
 
 
+def decimal_of_f32(x):
+    """GGUF keeps rope_theta and the norm's eps as float32 (1e-5 as 9.99999975e-06); the
+    config's value is the shortest decimal that rounds to that float32, as the source
+    config.json wrote it (1e-05)."""
+    return float(str(np.float32(x)))
+
+
 def config_from_gguf(reader):
     """Our config dict from a GGUF's metadata; refuses what the model does not implement."""
     arch = field(reader, "general.architecture")
@@ -99,8 +106,8 @@ def config_from_gguf(reader):
         "max_seq_len": int(need("context_length")),
         "tied_embeddings": 0 if "output.weight" in names else 1,
         "head_type": 0,
-        "rope_theta": float(field(reader, "llama.rope.freq_base", 10000.0)),
-        "norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": decimal_of_f32(field(reader, "llama.rope.freq_base", 10000.0)),
+        "norm_eps": decimal_of_f32(need("attention.layer_norm_rms_epsilon")),
         **ids,
     }
 

@@ -15,10 +15,10 @@
 static const int passive_omp = setenv("OMP_WAIT_POLICY", "passive", 0);
 
 // a path under /tmp of this test process
-static std::string scratch(const char* name) { return std::string("/tmp/xwin_test_") + std::to_string(getpid()) + "_" + name; }
+inline std::string scratch(const char* name) { return std::string("/tmp/xwin_test_") + std::to_string(getpid()) + "_" + name; }
 
 // runs a shell command; returns its exit code and fills out with stdout+stderr
-static int run(const std::string& cmd, std::string* out) {
+inline int run(const std::string& cmd, std::string* out) {
     FILE* p = popen((cmd + " 2>&1").c_str(), "r");
     REQUIRE(p);
     char buf[4096];
@@ -29,12 +29,12 @@ static int run(const std::string& cmd, std::string* out) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-static void rm_rf(const std::string& path) {
+inline void rm_rf(const std::string& path) {
     std::string out;
     run("rm -rf '" + path + "'", &out);
 }
 
-static std::vector<unsigned char> file_bytes(const std::string& path) {
+inline std::vector<unsigned char> file_bytes(const std::string& path) {
     std::vector<unsigned char> b;
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return b;
@@ -44,20 +44,20 @@ static std::vector<unsigned char> file_bytes(const std::string& path) {
     return b;
 }
 
-static void write_bytes(const std::string& path, const std::vector<unsigned char>& b) {
+inline void write_bytes(const std::string& path, const std::vector<unsigned char>& b) {
     FILE* f = fopen_check(path.c_str(), "wb");
     if (!b.empty()) REQUIRE(fwrite(b.data(), 1, b.size(), f) == b.size());
     fclose(f);
 }
 
-static bool exists(const std::string& path) {
+inline bool exists(const std::string& path) {
     struct stat st;
     return lstat(path.c_str(), &st) == 0;
 }
 
 // a small model over the byte vocabulary, so the runs stay short (nan_at: a NaN weight there;
 // seed: its weights' random stream, so that two models can share a shape and differ)
-static std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1, uint64_t seed = 7) {
+inline std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1, uint64_t seed = 7) {
     std::string path = scratch(name);
     Llama m;
     llama_init(&m, LlamaConfig{dim, layers, 4, 2, 259, 2 * dim, 256, 1, HEAD_LM, 10000.0, 1e-5});

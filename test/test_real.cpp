@@ -7,7 +7,7 @@
 // logits differ only by the rounding of the order of the sums.
 #include <catch2/catch.hpp>
 
-#include "fixture.h"
+#include "program.h"
 
 static const char* REAL_MODEL = "build/smollm2.bin";
 static const char* REAL_FIXTURE = "test/fixtures/smollm2/expect.bin";
@@ -80,4 +80,56 @@ TEST_CASE("SmolLM2-135M-Instruct: greedy answers equal transformers' generate to
     printf("SmolLM2 greedy decoding: %zu prompts, %d of them 32 new tokens long, the rest ended by the eos token\n", prompts.size(), full);
     CHECK(full >= 5);
     llama_free(&model);
+}
+
+// ---- dev/convert_gguf.py on small GGUF files that test/gguf_cases.py writes from the
+// gqa_untied fixture model the way llama.cpp's converter does (Q and K rows interleaved)
+
+
+TEST_CASE("convert_gguf: every supported tensor type gives the fixture model's weights after that type's rounding", "[gguf]") {
+    for (const char* type : {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"}) {
+        std::string gguf = scratch((std::string(type) + ".gguf").c_str()), want = scratch((std::string(type) + ".want.bin").c_str());
+        std::string got = scratch((std::string(type) + ".bin").c_str()), out;
+        REQUIRE(run("python3 test/gguf_cases.py " + std::string(type) + " " + gguf + " " + want, &out) == 0);
+        INFO(type << ": " << out);
+        REQUIRE(run("python3 dev/convert_gguf.py " + gguf + " " + got, &out) == 0);
+        CHECK_THAT(out, Catch::Contains("dim 64, layers 2, heads 8/2, vocab 160, tied 0, rope_theta 500000"));
+        // the same bytes: config (the eps read back as 1e-6 from GGUF's float32), token ids, weights
+        CHECK(file_bytes(got) == file_bytes(want));
+        if (std::string(type) == "f32") {  // F32 is exact: the fixture model itself, header aside
+            Llama a, b;
+            llama_load(&a, got.c_str());
+            llama_load(&b, "test/fixtures/gqa_untied/model.bin");
+            REQUIRE(a.num_params == b.num_params);
+            CHECK(memcmp(a.params_memory, b.params_memory, a.num_params * sizeof(float)) == 0);
+            CHECK(a.config.norm_eps == b.config.norm_eps);
+            CHECK(a.config.bos_id == 1);
+            CHECK(a.config.eos_id == 2);
+            llama_free(&a), llama_free(&b);
+        }
+        for (const std::string& p : {gguf, want, got}) remove(p.c_str());
+    }
+}
+
+TEST_CASE("convert_gguf refuses another architecture, tensor type or RoPE scaling in one line, writing nothing", "[gguf]") {
+    struct Case { const char* name; const char* message; };
+    for (const Case& c : {Case{"gpt2", "general.architecture is 'gpt2'; only 'llama' is supported"},
+                          Case{"q5_k", "tensor blk.0.attn_v.weight is of type Q5_K; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"},
+                          Case{"rope_freqs", "the file has rope_freqs.weight (Llama 3.1 RoPE scaling as per-frequency factors): not supported"}}) {
+        std::string gguf = scratch((std::string(c.name) + ".gguf").c_str()), got = scratch((std::string(c.name) + ".bin").c_str()), out;
+        REQUIRE(run("python3 test/gguf_cases.py " + std::string(c.name) + " " + gguf, &out) == 0);
+        CHECK(run("python3 dev/convert_gguf.py " + gguf + " " + got, &out) == 1);
+        INFO(out);
+        CHECK_THAT(out, Catch::StartsWith("convert_gguf: error: " + gguf + ": " + c.message));
+        CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+        CHECK(!exists(got));
+        CHECK(!exists(got + ".tmp"));
+        remove(gguf.c_str());
+    }
+    std::string out, junk = scratch("junk.gguf");
+    write_bytes(junk, {'n', 'o', 't', ' ', 'g', 'g', 'u', 'f'});
+    CHECK(run("python3 dev/convert_gguf.py " + junk + " " + scratch("junk.bin"), &out) == 1);
+    CHECK_THAT(out, Catch::StartsWith("convert_gguf: error: " + junk + ": not a readable GGUF file"));
+    CHECK(!exists(scratch("junk.bin")));
+    remove(junk.c_str());
 }
