@@ -6795,7 +6795,8 @@ inline Json json_of_messages(const std::vector<std::string>& turns) {
 
 // Prompts to answer: the world's .tsv (world_load_prompts), or JSONL with one conversation a line
 // {"messages": [...], "kind": ..., "gold": ...} (kind and gold optional, as in
-// data/world/eval_prompts.jsonl); a conversation that ends with an assistant message gives the
+// data/world/eval_prompts.jsonl) or one instruction a line {"instruction": ...} (AlpacaEval's
+// evaluation set, one user turn); a conversation that ends with an assistant message gives the
 // prompt before it (so an SFT file gives its prompts). Returns "" or what is wrong (with the line).
 inline std::string prompts_load_checked(std::vector<WorldPrompt>* out, const char* path) {
     if (ends_with(path, ".tsv")) return world_load_prompts_checked(out, path);
@@ -6810,8 +6811,14 @@ inline std::string prompts_load_checked(std::vector<WorldPrompt>* out, const cha
         err = json_parse(lines[i], &row);
         if (!err.empty()) return where + "not JSON: " + err;
         WorldPrompt p;
-        err = json_messages(json_get(row, "messages"), &p.messages);
-        if (!err.empty()) return where + err;
+        const Json* instruction = json_get(row, "instruction");  // AlpacaEval's rows: one user turn
+        if (instruction && !json_get(row, "messages")) {
+            if (instruction->type != Json::STRING || instruction->text.empty()) return where + "'instruction' is not a non-empty string";
+            p.messages = {"", instruction->text};  // no system message: the template's default
+        } else {
+            err = json_messages(json_get(row, "messages"), &p.messages);
+            if (!err.empty()) return where + err;
+        }
         if (p.messages.size() % 2 == 1) p.messages.pop_back();  // ends with an assistant message: its prompt
         const Json *kind = json_get(row, "kind"), *gold = json_get(row, "gold");
         if (kind && kind->type == Json::STRING) p.kind = kind->text;

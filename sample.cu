@@ -26,7 +26,11 @@ activations), as the policy samples on one.
                                   2 nearest mu - 2 sigma of the prompt's scores
   ./sample -e 1 -m model.bin -o answers.jsonl -a reference.jsonl
                                   evaluation: greedy answers judged by the gold judge; the mean, and
-                                  the win rate against a reference outputs file (an earlier -e -o)
+                                  the win rate against a reference outputs file (an earlier -e -o).
+                                  Each row also has AlpacaEval's instruction, output and generator;
+                                  prompts without kind and gold (-i instructions.jsonl, rows of
+                                  {"instruction": ...} or {"messages": ...}) are answered, not
+                                  judged; -o answers.json writes AlpacaEval's JSON list
   ./sample -c 1                   chat in the template: a line of stdin is a user turn
   ./sample -h                     every flag, its range and its default
 */
@@ -427,9 +431,16 @@ static void evaluate(const SampleConfig& cfg) {
     Loaded L;
     load_policy(&L, cfg);
     load_prompts(&L, cfg);
-    for (size_t i = 0; i < L.prompts.size(); i++) {
-        if (L.prompts[i].kind.empty() || L.prompts[i].gold.empty()) fail_file(cfg.prompts_path, "prompt %zu has no kind and gold: the gold judge cannot score it", i + 1);
+    // the world's prompts carry a kind and a gold answer for the judge; instructions of one's own
+    // (AlpacaEval's, for example) have neither: then the answers are written and not judged
+    size_t judged = 0;
+    for (const WorldPrompt& p : L.prompts) judged += !p.kind.empty() && !p.gold.empty();
+    bool judge = judged > 0;
+    for (size_t i = 0; i < L.prompts.size() && judge; i++) {
+        if (L.prompts[i].kind.empty() || L.prompts[i].gold.empty()) fail_file(cfg.prompts_path, "prompt %zu has no kind and gold, where others have: the gold judge cannot score it", i + 1);
     }
+    if (!judge && *cfg.reference_path) fail_flag('a', "a win rate needs the gold judge, and the prompts of %s have no kind and gold", cfg.prompts_path);
+    if (!judge && !*cfg.out_path) fail_flag('o', "the prompts of %s have no kind and gold to judge: name the file for the answers", cfg.prompts_path);
     init_runner(&L, 1, cfg);
     GenerateConfig g = generate_config(cfg, L.tok, 0.0f);
     GenerateStats stats;
@@ -456,24 +467,36 @@ static void evaluate(const SampleConfig& cfg) {
         }
         if (ref.size() != all.size()) fail_file(cfg.reference_path, "has %zu outputs for the %zu prompts", ref.size(), all.size());
     }
+    // one row per prompt; AlpacaEval's fields (instruction: the last user turn, output, generator)
+    // beside ours, so that the file goes to an AlpacaEval run as it is (a .json name: one JSON
+    // list, AlpacaEval's own layout; otherwise JSONL)
+    bool as_list = ends_with(cfg.out_path, ".json");
     double total = 0, wins = 0, ties = 0;
-    std::string text;
+    std::string text = as_list ? "[\n" : "";
     for (size_t i = 0; i < all.size(); i++) {
         const Response& r = all[i][0];
         total += r.gold;
         if (!ref.empty()) wins += r.gold > ref[i], ties += r.gold == ref[i];
         Json row = json_object();
-        row.members.emplace_back("kind", json_string(L.prompts[i].kind));
-        row.members.emplace_back("gold", json_string(L.prompts[i].gold));
+        row.members.emplace_back("instruction", json_string(L.prompts[i].messages.back()));
+        row.members.emplace_back("output", json_string(r.text));
+        row.members.emplace_back("generator", json_string(cfg.model_path));
+        if (judge) row.members.emplace_back("kind", json_string(L.prompts[i].kind)), row.members.emplace_back("gold", json_string(L.prompts[i].gold));
         row.members.emplace_back("messages", json_of_messages(L.prompts[i].messages));
         row.members.emplace_back("response", json_string(r.text));
-        row.members.emplace_back("gold_score", json_number(r.gold));
+        if (judge) row.members.emplace_back("gold_score", json_number(r.gold));
         json_append(text, row);
-        text += '\n';
+        text += as_list && i + 1 < all.size() ? ",\n" : "\n";
     }
+    if (as_list) text += "]\n";
     size_t n = all.size();
-    printf("%s: gold judge mean %.3f / 10 over %zu prompts (%s, temperature %g) | %.0f tok/s\n", cfg.model_path, total / n, n, cfg.prompts_path,
-           g.sampler.temperature, stats.tokens / (ms / 1000));
+    if (judge) {
+        printf("%s: gold judge mean %.3f / 10 over %zu prompts (%s, temperature %g) | %.0f tok/s\n", cfg.model_path, total / n, n, cfg.prompts_path,
+               g.sampler.temperature, stats.tokens / (ms / 1000));
+    } else {
+        printf("%s: %zu answers to %s (no kind and gold: not judged; temperature %g) | %.0f tok/s\n", cfg.model_path, n, cfg.prompts_path,
+               g.sampler.temperature, stats.tokens / (ms / 1000));
+    }
     if (!ref.empty()) {
         printf("against %s: win rate %.3f (%.0f wins, %.0f ties, %.0f losses; a tie counts half)\n", cfg.reference_path, (wins + 0.5 * ties) / n, wins,
                ties, n - wins - ties);

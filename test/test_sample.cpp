@@ -277,6 +277,67 @@ TEST_CASE("sample -e: the gold judge's mean of the answers and the win rate agai
     remove(answers.c_str()), remove(ref.c_str()), remove(model.c_str());
 }
 
+TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instruction, output, generator), not judged", "[sample]") {
+    std::string model = write_small_model("alpaca_policy.bin"), instructions = scratch("instructions.jsonl"), out;
+    std::string world = scratch("alpaca_world.jsonl"), list = scratch("alpaca_answers.json"), lines = scratch("alpaca_answers.jsonl");
+    // the user turns of the first four world prompts as AlpacaEval's evaluation set has them (an
+    // instruction a line), and as conversations of one user message
+    std::vector<WorldPrompt> prompts = world_load_prompts("data/world/eval_prompts.tsv");
+    std::string text, convs;
+    for (size_t i = 0; i < 4; i++) {
+        Json row = json_object(), conv = json_object();
+        row.members.emplace_back("instruction", json_string(prompts[i].messages[1]));
+        row.members.emplace_back("dataset", json_string("world"));
+        json_append(text, row);
+        conv.members.emplace_back("messages", json_of_messages({"", prompts[i].messages[1]}));
+        json_append(convs, conv);
+        text += "\n", convs += "\n";
+    }
+    write_bytes(instructions, std::vector<unsigned char>(text.begin(), text.end()));
+    write_bytes(world, std::vector<unsigned char>(convs.begin(), convs.end()));
+    std::string cmd = std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -i " + instructions;
+    REQUIRE(run(cmd + " -o " + list, &out) == 0);
+    INFO(out);
+    CHECK_THAT(out, Catch::Contains(model + ": 4 answers to " + instructions + " (no kind and gold: not judged"));
+    // a .json name: one JSON list, AlpacaEval's own layout
+    std::vector<unsigned char> bytes = file_bytes(list);
+    Json all;
+    REQUIRE(json_parse(std::string(bytes.begin(), bytes.end()), &all) == "");
+    REQUIRE(all.type == Json::ARRAY);
+    REQUIRE(all.items.size() == 4);
+    // the same prompts as conversations (JSONL out): the same greedy answers
+    REQUIRE(run(std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -i " + world + " -o " + lines, &out) == 0);
+    std::vector<Json> same = read_jsonl(lines);
+    REQUIRE(same.size() == 4);
+    for (size_t i = 0; i < 4; i++) {
+        const Json& row = all.items[i];
+        CHECK(json_get(row, "instruction")->text == prompts[i].messages[1]);
+        CHECK(json_get(row, "generator")->text == model);
+        CHECK(json_get(row, "output")->text == json_get(same[i], "output")->text);
+        CHECK(json_get(row, "output")->text == json_get(row, "response")->text);
+        CHECK(json_get(row, "gold_score") == nullptr);
+    }
+    // the world's judged prompts carry AlpacaEval's fields too: the last user turn, the answer
+    REQUIRE(run(std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -l 4 -o " + lines, &out) == 0);
+    std::vector<Json> judged = read_jsonl(lines);
+    REQUIRE(judged.size() == 4);
+    for (size_t i = 0; i < 4; i++) {
+        CHECK(json_get(judged[i], "instruction")->text == prompts[i].messages.back());
+        CHECK(json_get(judged[i], "output")->text == json_get(judged[i], "response")->text);
+        CHECK(json_get(judged[i], "gold_score") != nullptr);
+    }
+    // nothing to judge and nowhere to write, or a win rate without a judge: one-line errors
+    CHECK(run(cmd, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: -o: the prompts of " + instructions + " have no kind and gold to judge: name the file for the answers"));
+    CHECK(run(cmd + " -o " + list + " -a " + lines, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: -a: a win rate needs the gold judge"));
+    // an instruction that is not a string
+    write_bytes(instructions, {'{', '"', 'i', 'n', 's', 't', 'r', 'u', 'c', 't', 'i', 'o', 'n', '"', ':', ' ', '3', '}', '\n'});
+    CHECK(run(cmd + " -o " + list, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("error: " + instructions + ": line 1: 'instruction' is not a non-empty string"));
+    for (const std::string& p : {model, instructions, world, list, lines}) remove(p.c_str());
+}
+
 TEST_CASE("sample -c: a chat on stdin, turn by turn, in the template", "[sample]") {
     std::string model = write_small_model("chat_policy.bin"), out;
     std::string long_line(300, 'x');
