@@ -3046,6 +3046,17 @@ inline void llama_update(Llama* model, const AdamWConfig& opt) {
 // kernel. FP32 master weights, gradients and AdamW moments; floatX compute weights and
 // activations. One stream; NVTX ranges name every launcher and each layer with its index.
 
+// Host-to-device copies on a step's path go through pinned (page-locked) staging buffers: from
+// pageable memory the driver stages a cudaMemcpyAsync synchronously, so it is neither
+// asynchronous nor overlapped with the host's work. One Upload per uploaded tensor, sized once;
+// its event marks the end of its last copy, so the host never refills a buffer that a queued
+// copy still reads (upload_async).
+struct Upload {
+    void* pinned = nullptr;           // (bytes) page-locked host memory
+    size_t bytes = 0;
+    cudaEvent_t copied = nullptr;     // recorded after the last copy out of pinned
+};
+
 struct LlamaCuda {
     LlamaConfig config{};
     size_t num_params = 0;
@@ -3077,6 +3088,10 @@ struct LlamaCuda {
     float* norm_partials = nullptr;   // (GRAD_NORM_BLOCKS)
     float* norm_coef = nullptr;       // (2) {norm, clip coefficient}
     bool clip_pending = false;        // the next llama_cuda_update scales the gradients by norm_coef[1]
+    struct {                          // the step's host-to-device copies, through pinned staging
+        Upload tokens, token_buckets, score_idx, mask, dlp, dscores, dsums;
+    } up;
+    cudaEvent_t queued = nullptr;     // recorded after the last queued kernel, to wait for it (runner_synchronize)
     cudaStream_t stream = nullptr;
 };
 
@@ -3085,6 +3100,32 @@ U* cuda_alloc(size_t count) {
     void* p = nullptr;
     cudaCheck(cudaMalloc(&p, (count ? count : 1) * sizeof(U)));
     return (U*)p;
+}
+
+inline void upload_init(Upload* u, size_t bytes) {
+    cudaCheck(cudaMallocHost(&u->pinned, bytes ? bytes : 1));
+    u->bytes = bytes;
+    cudaCheck(cudaEventCreateWithFlags(&u->copied, cudaEventDisableTiming));
+}
+
+inline void upload_free(Upload* u) {
+    if (u->pinned) cudaCheck(cudaFreeHost(u->pinned));
+    if (u->copied) cudaCheck(cudaEventDestroy(u->copied));
+    *u = Upload{};
+}
+
+// n bytes of src (host) to dst (device) on stream st, through u's pinned buffer: waits for the
+// buffer's previous copy to end (the device may still be reading it), fills it, queues the copy
+// and records its end. src is free again on return.
+inline void upload_async(Upload* u, void* dst, const void* src, size_t n, cudaStream_t st) {
+    if (n > u->bytes) {
+        fprintf(stderr, "error: an upload of %zu bytes into a staging buffer of %zu\n", n, u->bytes);
+        exit(1);
+    }
+    cudaCheck(cudaEventSynchronize(u->copied));
+    memcpy(u->pinned, src, n);
+    cudaCheck(cudaMemcpyAsync(dst, u->pinned, n, cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaEventRecord(u->copied, st));
 }
 
 // What llama_cuda_init allocates, by kind, in bytes: every cudaMalloc of the model, computed
@@ -3181,7 +3222,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->master = cuda_alloc<float>(n);
     g->params_memory = cuda_alloc<floatX>(n);
     g->params = point_parameters(c, g->params_memory);
-    cudaCheck(cudaMemcpyAsync(g->master, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaMemcpy(g->master, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice));
     cast_to_floatX_cuda(g->params_memory, g->master, n, stream);
     g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T, true));
     point_activations(&g->acts, g->acts_memory, c, B, T, true);
@@ -3190,6 +3231,10 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->mask = cuda_alloc<uint8_t>((size_t)B * T);  // a reference model's sequence sums need no training
     g->seq_sums = cuda_alloc<float>(B);
     g->rope_table = rope_table_cuda(T, head_dim(c), c.rope_theta);
+    cudaCheck(cudaEventCreateWithFlags(&g->queued, cudaEventDisableTiming));
+    upload_init(&g->up.tokens, (size_t)B * T * sizeof(int));
+    upload_init(&g->up.score_idx, B * sizeof(int));
+    upload_init(&g->up.mask, (size_t)B * T);
     if (training) {
         g->grads_memory = cuda_alloc<float>(n);
         g->grads = point_parameters(c, g->grads_memory);
@@ -3209,6 +3254,10 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
         g->token_buckets = cuda_alloc<int>(3 * (size_t)B * T + 1);
         g->norm_weight_partials = cuda_alloc<float>(rmsnorm_backward_blocks((size_t)B * T) * c.dim);
         g->host_token_buckets.assign(3 * (size_t)B * T + 1, 0);
+        upload_init(&g->up.token_buckets, (3 * (size_t)B * T + 1) * sizeof(int));
+        upload_init(&g->up.dlp, (size_t)B * T * sizeof(float));
+        upload_init(&g->up.dscores, B * sizeof(float));
+        upload_init(&g->up.dsums, B * sizeof(float));
     }
     cudaCheck(cudaStreamSynchronize(stream));
 }
@@ -3218,6 +3267,8 @@ inline void llama_cuda_free(LlamaCuda* g) {
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
                        g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
+    for (Upload* u : {&g->up.tokens, &g->up.token_buckets, &g->up.score_idx, &g->up.mask, &g->up.dlp, &g->up.dscores, &g->up.dsums}) upload_free(u);
+    if (g->queued) cudaCheck(cudaEventDestroy(g->queued));
     *g = LlamaCuda{};
 }
 
@@ -3303,10 +3354,10 @@ inline void llama_cuda_forward_trunk(LlamaCuda* g, const int* tokens, int B, int
     }
     size_t N = (size_t)B * T;
     cudaStream_t st = g->stream;
-    cudaCheck(cudaMemcpyAsync(g->tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
-    if (g->token_buckets) {  // training: for the embedding backward (a pageable copy: the host buffer is free on return)
+    upload_async(&g->up.tokens, g->tokens, tokens, N * sizeof(int), st);
+    if (g->token_buckets) {  // training: for the embedding backward
         g->n_token_buckets = embedding_buckets(g->host_token_buckets.data(), tokens, N, c.pad_id);
-        cudaCheck(cudaMemcpyAsync(g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice, st));
+        upload_async(&g->up.token_buckets, g->token_buckets, g->host_token_buckets.data(), (3 * N + 1) * sizeof(int), st);
     }
     CudaOps o{{g->stream}, g};
     llama_graph_forward(o, c, g->params, g->acts, g->tokens, B, T);
@@ -3322,7 +3373,7 @@ inline void llama_cuda_forward(LlamaCuda* g, const int* tokens, int B, int T, co
     ActTensorsT<floatX>& a = g->acts;
     llama_cuda_forward_trunk(g, tokens, B, T);
     if (c.head_type == HEAD_REWARD) {
-        cudaCheck(cudaMemcpyAsync(g->score_idx, score_idx, B * sizeof(int), cudaMemcpyHostToDevice, st));
+        upload_async(&g->up.score_idx, g->score_idx, score_idx, B * sizeof(int), st);
         reward_head_forward_cuda(a.scores, a.final_in, g->params.head, g->score_idx, B, T, (int)C, st);
         return;
     }
@@ -3383,7 +3434,7 @@ inline double llama_cuda_nll_forward_backward(LlamaCuda* g, const int* tokens, c
     ActTensorsT<floatX>& a = g->acts;
     GradActTensorsT<floatX>& d = g->grad_acts;
     llama_cuda_forward_trunk(g, tokens, B, T);
-    cudaCheck(cudaMemcpyAsync(g->mask, mask, N, cudaMemcpyHostToDevice, st));
+    upload_async(&g->up.mask, g->mask, mask, N, st);
     matmul_forward_cuda(a.logits, a.final_in, g->params.head, N, C, V, st, Vp);
     fused_logprob_nll_cuda(a.lp, a.logits, a.logits, g->tokens, g->mask, count, B, T, (int)V, Vp, st);
     sequence_logprob_forward_cuda(g->seq_sums, a.lp, g->mask, B, T, st);
@@ -3401,7 +3452,7 @@ inline double llama_cuda_nll_forward_backward(LlamaCuda* g, const int* tokens, c
 // Backward of an objective of the token log-probs, dlp (B, T) on the host; accumulates into grads.
 inline void llama_cuda_backward(LlamaCuda* g, const float* dlp, int B, int T) {
     NVTX_RANGE_FN();
-    cudaCheck(cudaMemcpyAsync(g->dlp, dlp, (size_t)B * T * sizeof(float), cudaMemcpyHostToDevice, g->stream));
+    upload_async(&g->up.dlp, g->dlp, dlp, (size_t)B * T * sizeof(float), g->stream);
     llama_cuda_backward_from_dlp(g, B, T);
 }
 
@@ -3412,7 +3463,7 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
     size_t N = (size_t)B * T, C = g->config.dim;
     cudaStream_t st = g->stream;
     GradActTensorsT<floatX>& d = g->grad_acts;
-    cudaCheck(cudaMemcpyAsync(g->dscores, dscores, B * sizeof(float), cudaMemcpyHostToDevice, st));
+    upload_async(&g->up.dscores, g->dscores, dscores, B * sizeof(float), st);
     cudaCheck(cudaMemsetAsync(d.norm_out, 0, N * C * sizeof(floatX), st));
     reward_head_backward_cuda(d.norm_out, g->grads.head, g->dscores, g->acts.final_in, g->params.head, g->score_idx, B, T, (int)C, st);
     llama_cuda_backward_trunk(g, B, T);
@@ -3611,6 +3662,17 @@ inline void runner_update(Runner* r, const AdamWConfig& opt) {
     llama_cuda_update(&r->gpu, opt);
 #else
     llama_update(&r->host, opt);
+#endif
+}
+
+// waits for every kernel queued so far (on the GPU: an event after the last one); nothing to
+// wait for on the CPU
+inline void runner_synchronize(Runner* r) {
+#ifdef XWIN_CUDA
+    cudaCheck(cudaEventRecord(r->gpu.queued, r->gpu.stream));
+    cudaCheck(cudaEventSynchronize(r->gpu.queued));
+#else
+    (void)r;
 #endif
 }
 
@@ -3941,6 +4003,9 @@ struct InferCuda {
     size_t part_rows = 0;
     std::vector<int> pos, tok_pos, last_row;  // on the host, as Infer's
     size_t bytes = 0;                 // all device memory infer_cuda_init allocated
+    struct {                          // a step's host-to-device copies, through pinned staging
+        Upload tokens, pos, tok_pos, last_row, mask;
+    } up;
     cudaStream_t stream = nullptr;
 };
 
@@ -3999,11 +4064,18 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     g->part_ml = cuda_alloc<float>(g->part_rows * 2);
     g->rope_table = rope_table_cuda(max_T, head_dim(c), c.rope_theta);
     g->bytes = gpu_memory_plan_total(plan);
+    size_t rows = (size_t)B * std::max(max_chunk, max_T);  // a prefill's or a scored sequence's tokens
+    upload_init(&g->up.tokens, rows * sizeof(int));
+    upload_init(&g->up.pos, B * sizeof(int));
+    upload_init(&g->up.tok_pos, rows * sizeof(int));
+    upload_init(&g->up.last_row, B * sizeof(int));
+    upload_init(&g->up.mask, rows);
 }
 
 inline void infer_cuda_free(InferCuda* g) {
     void* buffers[] = {g->params_memory, g->state_memory, g->part_o, g->part_ml, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
+    for (Upload* u : {&g->up.tokens, &g->up.pos, &g->up.tok_pos, &g->up.last_row, &g->up.mask}) upload_free(u);
     *g = InferCuda{};
 }
 
@@ -4034,10 +4106,10 @@ inline int infer_cuda_layers(InferCuda* g, const int* tokens, int Tn, const int*
     for (int b = 0; b < B; b++) max_len = std::max(max_len, g->pos[b] + Tn);
     cudaStream_t st = g->stream;
     InferStateT<floatX>& s = g->s;
-    cudaCheck(cudaMemcpyAsync(s.tokens, tokens, N * sizeof(int), cudaMemcpyHostToDevice, st));
-    cudaCheck(cudaMemcpyAsync(s.pos, g->pos.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
-    cudaCheck(cudaMemcpyAsync(s.tok_pos, g->tok_pos.data(), N * sizeof(int), cudaMemcpyHostToDevice, st));
-    cudaCheck(cudaMemcpyAsync(s.last_row, g->last_row.data(), B * sizeof(int), cudaMemcpyHostToDevice, st));
+    upload_async(&g->up.tokens, s.tokens, tokens, N * sizeof(int), st);
+    upload_async(&g->up.pos, s.pos, g->pos.data(), B * sizeof(int), st);
+    upload_async(&g->up.tok_pos, s.tok_pos, g->tok_pos.data(), N * sizeof(int), st);
+    upload_async(&g->up.last_row, s.last_row, g->last_row.data(), B * sizeof(int), st);
     InferCudaOps o{{g->stream}, g, max_len};
     infer_graph_layers(o, g->config, g->params, g->params, s, s.tokens, B, Tn);
     for (int b = 0; b < B; b++) g->pos[b] += g->last_row[b] - b * Tn + 1;
@@ -4068,7 +4140,7 @@ inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const 
     size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
     cudaStream_t st = g->stream;
     InferStateT<floatX>& s = g->s;
-    cudaCheck(cudaMemcpyAsync(s.mask, mask, N, cudaMemcpyHostToDevice, st));
+    upload_async(&g->up.mask, s.mask, mask, N, st);
     rmsnorm_forward_cuda(s.norm, s.rstd, s.x, g->params.final_norm, N, (int)C, c.norm_eps, st);
     for (int b = 0; b < B; b++) {  // one sequence's logits at a time: (T, V), not (B, T, V)
         matmul_forward_cuda(s.logits, s.norm + (size_t)b * T * C, g->params.head, T, C, V, st, padded_vocab(V));
@@ -5289,16 +5361,52 @@ inline void chat_encode_prompt(const Tokenizer* tok, const std::string& system, 
     tokenizer_encode(tok, text.c_str(), text.size(), out);
 }
 
+// The dense peak of a GPU in FLOP/s, bf16 (tensor cores) or fp32, from its name as
+// cudaGetDeviceProperties gives it, for the GPUs whose datasheets this table holds; 0 for any
+// other (then no MFU is shown):
+//   H100 SXM ("NVIDIA H100 80GB HBM3")  989 / 67 TFLOP/s      H100 PCIe   756 / 51
+//   H200 ("NVIDIA H200")                 989 / 67              A100 (SXM4 and PCIe)  312 / 19.5
+// H100 NVL and H200 NVL have other clocks and are left out rather than guessed.
+inline double gpu_peak_flops(const std::string& device_name, bool bf16) {
+    std::string n;
+    for (char ch : device_name) n += (char)toupper((unsigned char)ch);
+    auto has = [&](const char* what) { return n.find(what) != std::string::npos; };
+    if (has("NVL")) return 0.0;
+    if (has("H200")) return bf16 ? 989e12 : 67e12;
+    if (has("H100") && has("PCIE")) return bf16 ? 756e12 : 51e12;
+    if (has("H100") && (has("SXM") || has("HBM3"))) return bf16 ? 989e12 : 67e12;
+    if (has("A100") && (has("SXM") || has("PCIE"))) return bf16 ? 312e12 : 19.5e12;
+    return 0.0;
+}
+
+#ifdef XWIN_CUDA
+// The GPU the programs run on (device 0), read once: its name and its dense peak in the build's
+// precision (floatX), 0 when gpu_peak_flops does not know it.
+struct GpuInfo {
+    std::string name;
+    double peak = 0.0;
+};
+
+inline const GpuInfo& gpu_info() {
+    static const GpuInfo info = [] {
+        cudaDeviceProp prop;
+        cudaCheck(cudaGetDeviceProperties(&prop, 0));
+        GpuInfo g;
+        g.name = prop.name;
+        g.peak = gpu_peak_flops(g.name, sizeof(floatX) == 2);
+        return g;
+    }();
+    return info;
+}
+#endif
+
 // " | 41.2% MFU" on the GPU build: the model FLOPs of a training step, 6 per parameter per
 // token (the attention scores are left out, so this is a lower bound), against the GPU's
-// dense peak for the precision (A100: 312 TFLOP/s BF16, 19.5 FP32; H100 SXM: 989, 67);
-// "" on the CPU build or another GPU.
+// dense peak for the precision (gpu_peak_flops); "" on the CPU build or an unknown GPU (the
+// runner says so when it starts).
 inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
-#if defined(XWIN_CUDA) && !defined(XWIN_CUDA_EMULATION)
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    bool bf16 = sizeof(floatX) == 2;
-    double peak = prop.major == 8 && prop.minor == 0 ? (bf16 ? 312e12 : 19.5e12) : prop.major == 9 ? (bf16 ? 989e12 : 67e12) : 0.0;
+#ifdef XWIN_CUDA
+    double peak = gpu_info().peak;
     if (peak == 0.0) return "";
     return string_format(" | %.1f%% MFU", 100.0 * 6.0 * num_params * tokens / (ms / 1000.0) / peak);
 #else
@@ -5844,6 +5952,11 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
     trainer_epoch_order(tr, tr->state.epoch);
     tr->opt = AdamWConfig{c.lr, 0.9f, 0.999f, 1e-8f, c.weight_decay};  // Xwin-LM: betas 0.9/0.999
+#ifdef XWIN_CUDA
+    const GpuInfo& gpu = gpu_info();
+    if (gpu.peak > 0) printf("GPU %s: dense peak %.1f TFLOP/s in %s, the step line's MFU\n", gpu.name.c_str(), gpu.peak / 1e12, sizeof(floatX) == 2 ? "bf16" : "fp32");
+    else printf("GPU %s: its peak is not in gpu_peak_flops's table, so the step line shows no MFU\n", gpu.name.c_str());
+#endif
 }
 
 inline bool trainer_running(const Trainer* tr) {
@@ -5894,6 +6007,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
     }
     tr->opt.lr = lr_at((int)s.step, tr->max_steps, tr->cfg->warmup, tr->cfg->lr, 0.0f);
     runner_update(tr->runner, tr->opt);
+    runner_synchronize(tr->runner);  // the step's time ends with its last kernel, the update
     s.adam_step += 1;
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tr->t0).count();
     std::string more;
@@ -6044,7 +6158,7 @@ inline const float* runner_sequence_logprobs(Runner* r, const int* tokens, const
 #ifdef XWIN_CUDA
     LlamaCuda* g = &r->gpu;
     llama_cuda_forward(g, tokens, B, T);
-    cudaCheck(cudaMemcpyAsync(g->mask, mask, (size_t)B * T, cudaMemcpyHostToDevice, g->stream));
+    upload_async(&g->up.mask, g->mask, mask, (size_t)B * T, g->stream);
     sequence_logprob_forward_cuda(g->seq_sums, g->acts.lp, g->mask, B, T, g->stream);
     cudaCheck(cudaMemcpyAsync(r->seq_sums.data(), g->seq_sums, B * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     cudaCheck(cudaStreamSynchronize(g->stream));
@@ -6067,7 +6181,7 @@ inline void runner_sequence_backward(Runner* r, const int* tokens, const float* 
 #ifdef XWIN_CUDA
     (void)tokens;  // the device kept them from the forward
     LlamaCuda* g = &r->gpu;
-    cudaCheck(cudaMemcpyAsync(g->dsums, dsums, B * sizeof(float), cudaMemcpyHostToDevice, g->stream));
+    upload_async(&g->up.dsums, g->dsums, dsums, B * sizeof(float), g->stream);
     sequence_logprob_backward_cuda(g->dlp, g->dsums, g->mask, B, T, g->stream);
     llama_cuda_backward_from_dlp(g, B, T);
 #else

@@ -1390,7 +1390,8 @@ struct Registry {
     std::mutex m;
     std::map<std::string, unsigned long long> kernels;  // name -> number of executed launches
     std::map<uintptr_t, size_t> device_allocs;          // cudaMalloc'd blocks: base -> size
-    std::set<void*> host_allocs;                        // cudaMallocHost'd blocks
+    std::map<uintptr_t, size_t> host_allocs;            // cudaMallocHost'd (pinned) blocks: base -> size
+    unsigned long long pageable_async_h2d = 0;          // cudaMemcpyAsync host-to-device copies from pageable memory
     std::set<CUstream_st*> streams;
     std::set<CUevent_st*> events;
     std::map<const void*, size_t> max_dyn_smem;         // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
@@ -1502,6 +1503,12 @@ inline std::map<std::string, unsigned long long> emu_kernel_launch_counts() {
     auto& r = emu::detail::Registry::get();
     std::lock_guard<std::mutex> lk(r.m);
     return r.kernels;
+}
+// cudaMemcpyAsync host-to-device copies from pageable (not cudaMallocHost'd) memory so far
+inline unsigned long long emu_pageable_async_h2d() {
+    auto& r = emu::detail::Registry::get();
+    std::lock_guard<std::mutex> lk(r.m);
+    return r.pageable_async_h2d;
 }
 inline void emu_reset_executed_kernels() {
     auto& r = emu::detail::Registry::get();
@@ -1919,7 +1926,7 @@ inline cudaError_t cudaMallocHost(void** p, size_t size) {
     if (posix_memalign(&q, 256, size) != 0) return emu::detail::set_error(cudaErrorMemoryAllocation);
     auto& r = emu::detail::Registry::get();
     std::lock_guard<std::mutex> lk(r.m);
-    r.host_allocs.insert(q);
+    r.host_allocs[reinterpret_cast<uintptr_t>(q)] = size;
     *p = q;
     return cudaSuccess;
 }
@@ -1930,7 +1937,7 @@ inline cudaError_t cudaFreeHost(void* p) {
     auto& r = emu::detail::Registry::get();
     {
         std::lock_guard<std::mutex> lk(r.m);
-        if (!r.host_allocs.erase(p)) return emu::detail::set_error(cudaErrorInvalidValue);
+        if (!r.host_allocs.erase(reinterpret_cast<uintptr_t>(p))) return emu::detail::set_error(cudaErrorInvalidValue);
     }
     std::free(p);
     return cudaSuccess;
@@ -1957,7 +1964,18 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemc
     std::memmove(dst, src, count);
     return cudaSuccess;
 }
+// An asynchronous host-to-device copy is asynchronous on a GPU only from pinned memory: from pageable
+// memory the driver stages it synchronously. The emulation counts those (emu_pageable_async_h2d), so
+// that a test can hold a step's uploads to pinned staging buffers.
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind, cudaStream_t = nullptr) {
+    if (kind == cudaMemcpyHostToDevice && count > 0) {
+        auto& r = emu::detail::Registry::get();
+        std::lock_guard<std::mutex> lk(r.m);
+        uintptr_t s = reinterpret_cast<uintptr_t>(src);
+        auto it = r.host_allocs.upper_bound(s);
+        bool pinned = it != r.host_allocs.begin() && (--it, s + count <= it->first + it->second);
+        r.pageable_async_h2d += !pinned;
+    }
     return cudaMemcpy(dst, src, count, kind);
 }
 inline cudaError_t cudaMemset(void* p, int value, size_t count) {

@@ -901,6 +901,61 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
 #include "test_infer.cpp"
 #include "test_reward.cpp"
 
+// A step's host-to-device copies go through pinned staging buffers (upload_async): the emulation
+// counts every cudaMemcpyAsync from pageable memory, and none may happen after the runners' init.
+TEST_CASE("every host-to-device copy of a training or inference step is from pinned memory", "[kernels][pinned]") {
+    LlamaConfig c{64, 2, 8, 2, 40, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    const int B = 2, T = 24;
+    std::vector<int> tokens(B * T), next(B);
+    uint64_t rng = 5;
+    for (int& t : tokens) t = (int)(rng_uniform(&rng) * 40) % 40;
+    std::vector<uint8_t> mask(B * T, 1);
+    std::vector<float> dlp(B * T, 0.01f), dsums(B, 0.5f), dscores(B, 1.0f);
+    auto random_model = [&](Llama* m, int head_type) {
+        LlamaConfig k = c;
+        k.head_type = head_type;
+        k.pad_id = 39;  // a reward model scores a batch's sequences at their last token that is not pad
+        llama_init(m, k);
+        for (size_t i = 0; i < m->num_params; i++) m->params_memory[i] = 0.05f * rng_normal(&rng);
+    };
+    Runner policy, reward;
+    random_model(&policy.host, HEAD_LM);
+    random_model(&reward.host, HEAD_REWARD);
+    runner_init(&policy, B, T, true);
+    runner_init(&reward, B, T, true);
+    InferRunner ir;
+    infer_runner_of(&ir, &policy.host, B, T, T);
+    unsigned long long before = emu_pageable_async_h2d();
+    for (int step = 0; step < 2; step++) {  // twice: the staging buffers are refilled
+        runner_nll_forward_backward(&policy, tokens.data(), mask.data(), B, T, (size_t)B * (T - 1));  // SFT
+        runner_forward(&policy, tokens.data(), B, T);
+        runner_backward(&policy, tokens.data(), dlp.data(), B, T);
+        runner_sequence_logprobs(&policy, tokens.data(), mask.data(), B, T);  // DPO
+        runner_sequence_backward(&policy, tokens.data(), dsums.data(), B, T);
+        runner_clip_grad_norm(&policy, 1.0f);
+        runner_update(&policy, AdamWConfig{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f});
+        runner_synchronize(&policy);
+        runner_score(&reward, tokens.data(), B, T);  // the reward model
+        runner_score_backward(&reward, tokens.data(), dscores.data(), B, T);
+        infer_runner_prefill(&ir, tokens.data(), T / 2);  // sampling and scoring
+        for (int b = 0; b < B; b++) next[b] = tokens[b * T + T / 2];
+        infer_runner_decode(&ir, next.data());
+        infer_runner_sequence_logprobs(&ir, tokens.data(), mask.data(), B, T);
+    }
+    unsigned long long pageable = emu_pageable_async_h2d() - before;
+    printf("pageable host-to-device async copies in two steps of every runner: %llu\n", pageable);
+    CHECK(pageable == 0);
+    // the count itself: one async copy from a std::vector is pageable
+    float* d = nullptr;
+    REQUIRE(cudaMalloc(&d, B * sizeof(float)) == cudaSuccess);
+    REQUIRE(cudaMemcpyAsync(d, dsums.data(), B * sizeof(float), cudaMemcpyHostToDevice, stream) == cudaSuccess);
+    CHECK(emu_pageable_async_h2d() - before == 1);
+    cudaFree(d);
+    infer_runner_free(&ir);
+    runner_free(&policy);
+    runner_free(&reward);
+}
+
 TEST_CASE("every __global__ kernel of llm.cu was executed", "[kernels][coverage]") {
     std::ifstream f("llm.cu");
     std::stringstream ss;

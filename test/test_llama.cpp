@@ -335,3 +335,20 @@ TEST_CASE("token files: round trip, batching and refusals", "[format]") {
     bad_mask.back() = 2;
     CHECK_THAT(tokens_error(bad_mask), Catch::Contains("mask byte 6 is 2"));
 }
+
+// ---------------------------------------------------------------------------- the GPU's peak
+
+TEST_CASE("the MFU's peak, by the GPU's name as cudaGetDeviceProperties gives it", "[format]") {
+    // dense TFLOP/s from the datasheets: bf16 tensor cores, then fp32
+    struct Case { const char* name; double bf16, fp32; };
+    for (const Case& g : {Case{"NVIDIA H100 80GB HBM3", 989, 67}, Case{"NVIDIA H100 PCIe", 756, 51}, Case{"NVIDIA H200", 989, 67},
+                          Case{"NVIDIA A100-SXM4-80GB", 312, 19.5}, Case{"NVIDIA A100-SXM4-40GB", 312, 19.5},
+                          Case{"NVIDIA A100-PCIE-40GB", 312, 19.5}, Case{"NVIDIA A100 80GB PCIe", 312, 19.5},
+                          // unknown: no MFU rather than a guess
+                          Case{"NVIDIA H100 NVL", 0, 0}, Case{"NVIDIA H200 NVL", 0, 0}, Case{"NVIDIA GeForce RTX 4090", 0, 0},
+                          Case{"NVIDIA A10", 0, 0}, Case{"xwin CPU emulation (H100-like)", 0, 0}}) {
+        INFO(g.name);
+        CHECK(gpu_peak_flops(g.name, true) == g.bf16 * 1e12);
+        CHECK(gpu_peak_flops(g.name, false) == g.fp32 * 1e12);
+    }
+}
