@@ -39,7 +39,7 @@ def hf_config(cfg):
         "max_position_embeddings": cfg["max_seq_len"],
         "tie_word_embeddings": bool(cfg["tied_embeddings"]),
         "rope_theta": cfg["rope_theta"],
-        "rope_scaling": None,
+        "rope_scaling": dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None,
         "rms_norm_eps": cfg["norm_eps"],
         "hidden_act": "silu",
         "attention_bias": False,
