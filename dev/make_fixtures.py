@@ -9,7 +9,10 @@ the converter. A random batch with loss masks goes to tokens.tok. The
 reference, computed in float64 with eager attention, goes to expect.bin: the
 logits, masked mean cross-entropy, per-sequence log-prob sums and gradients at
 the initial weights, then two steps of gradient clipping plus AdamW on the
-same batch (gradient norms, loss at step 2, parameters after step 2).
+same batch (gradient norms, loss at step 2, parameters after step 2). The
+RoPE-scaling fixtures (rope_llama3, rope_linear) are of the same kind, with
+transformers' rope_scaling and sequences past the original context; their
+expect.bin also holds transformers' inv_freq.
 
 The generation fixture (greedy_gqa) is a converted model, prompts of different
 lengths, and what transformers' greedy generate (float64, KV cache, batch 1 per
