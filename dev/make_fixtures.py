@@ -246,6 +246,40 @@ def check_reward_round_trip(c, tmp):
     assert filecmp.cmp(a, b, shallow=False), "reward round trip differs"
 
 
+# inv_freq of published configs with RoPE scaling: (hidden_size, heads, rope_theta, rope_scaling)
+ROPE_INV_FREQ = [
+    (4096, 32, 500000.0, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)),  # Llama 3.1 8B
+    (2048, 32, 500000.0, dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)),  # Llama 3.2 1B
+    (4096, 32, 10000.0, dict(rope_type="linear", factor=2.0)),  # a Llama 2 7B stretched to 8k
+]
+
+
+def make_rope_inv_freq(out_name):
+    """rope_inv_freq: transformers' inv_freq (float32) for the configs of ROPE_INV_FREQ, each as
+    case{i}.config (rope_type 1 linear or 2 llama3, head_dim, theta, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings; 0 where the type has none) and case{i}.inv_freq."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    entries = []
+    for i, (C, H, theta, rs) in enumerate(ROPE_INV_FREQ):
+        hc = LlamaConfig(hidden_size=C, num_attention_heads=H, rope_theta=theta, rope_scaling=dict(rs),
+                         max_position_embeddings=4 * rs.get("original_max_position_embeddings", 4096))
+        rotary = LlamaRotaryEmbedding(hc)
+        assert rotary.inv_freq.dtype == torch.float32 and rotary.attention_scaling == 1.0
+        config = [xf.ROPE_TYPES[rs["rope_type"]], C // H, theta] + [rs.get(k, 0) for k in xf.ROPE_FIELDS["llama3"]]
+        entries += [(f"case{i}.config", np.array(config, dtype=np.float64)), (f"case{i}.inv_freq", rotary.inv_freq.numpy())]
+        unscaled = 1.0 / (theta ** (torch.arange(0, C // H, 2, dtype=torch.int64).float() / (C // H)))
+        kept = int((rotary.inv_freq == unscaled).sum())
+        divided = int((rotary.inv_freq == unscaled / rs["factor"]).sum())
+        print(f"{out_name} case {i}: {rs} head_dim {C // H} theta {theta:g}: {C // H // 2} pairs, "
+              f"{kept} kept, {divided} divided by factor, {C // H // 2 - kept - divided} blended")
+    out = os.path.join(OUT, out_name)
+    os.makedirs(out, exist_ok=True)
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    return os.path.getsize(os.path.join(out, "expect.bin"))
+
+
 def check_rope_conversion(tmp):
     """The converter's RoPE scaling: llama3 and linear from config.json's rope_scaling (under
     rope_type or the older type) or transformers 5's rope_parameters, written to the header and
@@ -665,6 +699,8 @@ def main():
             total += make_reward(name, spec, tmp)
     if not only or "dpo_loss" in only:
         total += make_dpo_loss("dpo_loss")
+    if not only or "rope_inv_freq" in only:
+        total += make_rope_inv_freq("rope_inv_freq")
     for name, spec in DPO_FIXTURES.items():
         if only and name not in only:
             continue

@@ -366,6 +366,35 @@ TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq; the table uses 
     }
 }
 
+// Published configs (test/fixtures/rope_inv_freq: Llama 3.1 8B, Llama 3.2 1B, a linear factor 2):
+// rope_inv_freq against transformers' inv_freq for every pair.
+TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq for Llama 3.1 and 3.2 configs", "[rope]") {
+    auto e = fixture_load("test/fixtures/rope_inv_freq/expect.bin");
+    for (int k = 0; e.count("case" + std::to_string(k) + ".config"); k++) {
+        std::string name = "case" + std::to_string(k);
+        const std::vector<float>& cfg = e[name + ".config"].data;  // type, head_dim, theta, factor, low, high, original context
+        const std::vector<float>& want = e[name + ".inv_freq"].data;
+        LlamaConfig c = rope_config((int)cfg[1], cfg[2]);
+        c.rope_scaling = (int)cfg[0];
+        c.rope_factor = cfg[3];
+        c.rope_low_freq_factor = cfg[4];
+        c.rope_high_freq_factor = cfg[5];
+        c.rope_original_max_pos = (int)cfg[6];
+        REQUIRE(rope_scaling_check(c) == "");
+        REQUIRE(want.size() == (size_t)head_dim(c) / 2);
+        double worst = 0;
+        for (int i = 0; i < head_dim(c) / 2; i++) {
+            double rel = std::fabs((double)rope_inv_freq(c, i) - want[i]) / want[i];
+            worst = std::max(worst, rel);
+            INFO(name << " pair " << i << ": " << rope_inv_freq(c, i) << " vs " << want[i]);
+            CHECK(rel <= 1e-7);
+        }
+        printf("rope_inv_freq %s (type %d, head_dim %d, theta %g, factor %g): max relative error %.2e\n", name.c_str(), c.rope_scaling,
+               head_dim(c), c.rope_theta, c.rope_factor, worst);
+    }
+    CHECK(e.size() == 6);
+}
+
 static LlamaConfig llama3_config() {
     LlamaConfig c{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 500000.0, 1e-5};
     c.rope_scaling = ROPE_LLAMA3;
