@@ -10,7 +10,7 @@ The model computes exactly what Hugging Face transformers' LlamaForCausalLM comp
   for each layer:
     h = rmsnorm(x) * attn_norm
     q, k, v = h @ wq^T, h @ wk^T, h @ wv^T          (grouped-query: KV heads <= H heads)
-    q, k = rope(q), rope(k)                         (rotate-half layout, rope_theta)
+    q, k = rope(q), rope(k)                         (rotate-half layout, rope_theta, RoPE scaling)
     x = x + causal_softmax_attention(q, k, v) @ wo^T
     h = rmsnorm(x) * mlp_norm
     x = x + (silu(h @ w_gate^T) * (h @ w_up^T)) @ w_down^T
@@ -32,11 +32,12 @@ Contents, in file order (search for the quoted heading):
                             AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
   "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck,
                             NVTX_RANGE_FN, NVTX_RANGE (Nsight ranges, compiled away outside nvcc)
-  "Model file format"       defines: LlamaConfig, model_header_parse/_write (the 256-byte header)
+  "Model file format"       defines: LlamaConfig, rope_scaling_check, model_header_parse/_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
                             PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
-                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_table: cos and
+                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
+                            place the frequencies are computed, with linear and llama3 scaling; rope_table: cos and
                             sin computed once; rope_forward_at: given positions), attention
                             (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
@@ -407,13 +408,13 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 #define NVTX_RANGE(...) (void)0
 #endif
 // ----------------------------------------------------------------------------
-// Model file format (.bin), version 2 (version 1, without the token ids, is still read).
-// Little-endian.
+// Model file format (.bin), version 3 (versions 1 and 2 are still read: version 1 has no token
+// ids, versions 1 and 2 no RoPE scaling). Little-endian.
 //
 // Header: 256 bytes.
 //   offset  type     field
 //   0       uint32   magic = 0x4E495758 (the bytes "XWIN")
-//   4       uint32   version = 1
+//   4       uint32   version = 3
 //   8       uint32   dtype of the parameters in the file: 0 = float32, 1 = bfloat16
 //   12      uint32   head_type: 0 = language-model head, 1 = scalar reward head
 //   16      uint32   dim (C)            20 uint32 n_layers (L)
@@ -423,7 +424,14 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 //   48      float64  rope_theta         56 float64 norm_eps
 //   64      int32    pad_token_id       68 int32 bos_token_id       72 int32 eos_token_id
 //           (-1 = none; a version-1 file has none: its bytes 64..255 are zero)
-//   76..255 zero (reserved)
+//   76      uint32   rope_scaling: 0 = none, 1 = linear, 2 = llama3 (transformers' rope_type)
+//   80      float64  factor             (linear, llama3; >= 1)
+//   88      float64  low_freq_factor    (llama3; > 0)
+//   96      float64  high_freq_factor   (llama3; > low_freq_factor)
+//   104     uint32   original_max_position_embeddings (llama3; >= 1)
+//           (a field the scaling type does not use is zero: all of them for none; a
+//           version-2 file has no scaling: its bytes 76..255 are zero)
+//   108..255 zero (reserved)
 // Then every parameter tensor, contiguous, in the order of ParamTensors below, each
 // row-major exactly as torch stores it (a Linear weight is (out_features, in_features)),
 // per-layer tensors stacked over layers. head_dim = C / H, KVD = KV * head_dim.
@@ -438,10 +446,11 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
 // Hugging Face rotate-half layout, so dev/convert_hf.py is a plain copy.
 
 constexpr uint32_t MODEL_MAGIC = 0x4E495758;
-constexpr uint32_t MODEL_VERSION = 2;
+constexpr uint32_t MODEL_VERSION = 3;
 constexpr size_t MODEL_HEADER_BYTES = 256;
 enum { DTYPE_FP32 = 0, DTYPE_BF16 = 1 };
 enum { HEAD_LM = 0, HEAD_REWARD = 1 };
+enum { ROPE_NONE = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };  // rope_scaling
 
 struct LlamaConfig {
     int dim;              // C
@@ -459,6 +468,13 @@ struct LlamaConfig {
     int bos_id = -1;      // pad_token_id, bos_token_id, eos_token_id: the embedding row of pad_id
     int eos_id = -1;      // gets no gradient (torch's padding_idx) and a reward model scores the
                           // last token that is not pad_id
+    // RoPE scaling, as transformers' rope_scaling (rope_parameters): rope_inv_freq applies it.
+    // Every field is 0 for none, and a field the type does not use stays 0.
+    int rope_scaling = ROPE_NONE;       // ROPE_NONE, ROPE_LINEAR or ROPE_LLAMA3
+    double rope_factor = 0;             // linear, llama3: factor (the long wavelengths are stretched by it)
+    double rope_low_freq_factor = 0;    // llama3: low_freq_factor
+    double rope_high_freq_factor = 0;   // llama3: high_freq_factor
+    int rope_original_max_pos = 0;      // llama3: original_max_position_embeddings
 };
 
 inline int head_dim(const LlamaConfig& c) { return c.dim / c.n_heads; }
@@ -472,12 +488,43 @@ inline int head_rows(const LlamaConfig& c) { return c.head_type == HEAD_REWARD ?
 constexpr size_t VOCAB_ALIGN = 64;
 inline size_t padded_vocab(size_t V) { return (V + VOCAB_ALIGN - 1) / VOCAB_ALIGN * VOCAB_ALIGN; }
 
+// The RoPE scaling fields of a version-3 header (bytes 76..107), checked against what the type
+// uses. Returns "" when they are sane, else what is wrong.
+inline std::string rope_scaling_check(const LlamaConfig& c) {
+    int type = c.rope_scaling;
+    double factor = c.rope_factor, low = c.rope_low_freq_factor, high = c.rope_high_freq_factor;
+    int orig = c.rope_original_max_pos;
+    if (type == ROPE_NONE) {
+        if (factor != 0 || low != 0 || high != 0 || orig != 0) {
+            return string_format("rope_scaling 0 (none) with nonzero scaling fields: factor %g, low_freq_factor %g, "
+                                 "high_freq_factor %g, original_max_position_embeddings %d (must all be 0)", factor, low, high, orig);
+        }
+        return "";
+    }
+    // transformers' own validation asks factor >= 1 of linear and llama3 alike (it warns below 1)
+    if (!(std::isfinite(factor) && factor >= 1)) return string_format("absurd config: rope_scaling factor = %g (must be finite and >= 1)", factor);
+    if (type == ROPE_LINEAR) {
+        if (low != 0 || high != 0 || orig != 0) {
+            return string_format("rope_scaling 1 (linear) with llama3 fields: low_freq_factor %g, high_freq_factor %g, "
+                                 "original_max_position_embeddings %d (must be 0)", low, high, orig);
+        }
+        return "";
+    }
+    if (!(std::isfinite(low) && low > 0)) return string_format("absurd config: rope_scaling low_freq_factor = %g (must be finite and > 0)", low);
+    if (!(std::isfinite(high) && high > low)) {
+        return string_format("absurd config: rope_scaling high_freq_factor = %g (must be finite and > low_freq_factor %g)", high, low);
+    }
+    if (orig < 1) return string_format("absurd config: rope_scaling original_max_position_embeddings = %d (must be >= 1)", orig);
+    return "";
+}
+
 // Parses and checks a 256-byte header. Returns "" when it is sane, else what is wrong.
 inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, int* dtype) {
     uint32_t u[12];
     memcpy(u, h, sizeof(u));
     if (u[0] != MODEL_MAGIC) return string_format("bad magic 0x%08x (expected 0x%08x, \"XWIN\"): not an xwin.cu model file", u[0], MODEL_MAGIC);
-    if (u[1] != 1 && u[1] != MODEL_VERSION) return string_format("unsupported model file version %u (this build reads versions 1 and %u)", u[1], MODEL_VERSION);
+    uint32_t version = u[1];
+    if (version < 1 || version > MODEL_VERSION) return string_format("unsupported model file version %u (this build reads versions 1 to %u)", version, MODEL_VERSION);
     if (u[2] != DTYPE_FP32 && u[2] != DTYPE_BF16) return string_format("unknown dtype %u (0 = float32, 1 = bfloat16)", u[2]);
     if (u[3] != HEAD_LM && u[3] != HEAD_REWARD) return string_format("unknown head_type %u (0 = language model, 1 = reward)", u[3]);
     // upper bounds well above any real Llama (70B: dim 8192, 80 layers, ffn 28672)
@@ -497,15 +544,31 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     if (u[6] % u[7] != 0) return string_format("absurd config: n_heads %u is not divisible by n_kv_heads %u", u[6], u[7]);
     if ((u[4] / u[6]) % 2 != 0) return string_format("absurd config: head_dim %u is odd (RoPE rotates pairs)", u[4] / u[6]);
     int32_t ids[3] = {-1, -1, -1};  // pad, bos, eos
-    if (u[1] == 2) memcpy(ids, h + 64, sizeof(ids));
+    if (version >= 2) memcpy(ids, h + 64, sizeof(ids));
     const char* id_names[3] = {"pad_token_id", "bos_token_id", "eos_token_id"};
     for (int i = 0; i < 3; i++) {
         if (ids[i] < -1 || ids[i] >= (int32_t)u[8]) return string_format("%s %d is not -1 (none) or an id below vocab_size %u", id_names[i], ids[i], u[8]);
     }
-    std::string reserved = reserved_bytes_check(h, u[1] == 2 ? 76 : 64, MODEL_HEADER_BYTES);
+    LlamaConfig parsed{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
+    if (version >= 3) {
+        uint32_t type, orig;
+        memcpy(&type, h + 76, 4);
+        memcpy(&parsed.rope_factor, h + 80, 8);
+        memcpy(&parsed.rope_low_freq_factor, h + 88, 8);
+        memcpy(&parsed.rope_high_freq_factor, h + 96, 8);
+        memcpy(&orig, h + 104, 4);
+        if (type > ROPE_LLAMA3) return string_format("unknown rope_scaling type %u (0 = none, 1 = linear, 2 = llama3)", type);
+        if (orig > (1u << 24)) return string_format("absurd config: rope_scaling original_max_position_embeddings = %u (must be 1..%u)", orig, 1u << 24);
+        parsed.rope_scaling = (int)type;
+        parsed.rope_original_max_pos = (int)orig;
+        std::string err = rope_scaling_check(parsed);
+        if (!err.empty()) return err;
+    }
+    size_t first_reserved = version == 1 ? 64 : version == 2 ? 76 : 108;  // the first byte past the version's fields
+    std::string reserved = reserved_bytes_check(h, first_reserved, MODEL_HEADER_BYTES);
     if (!reserved.empty()) return reserved;
     *dtype = (int)u[2];
-    *c = LlamaConfig{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
+    *c = parsed;
     return "";
 }
 
@@ -519,6 +582,12 @@ inline void model_header_write(unsigned char* h, const LlamaConfig& c, int dtype
     memcpy(h + 56, &c.norm_eps, 8);
     int32_t ids[3] = {c.pad_id, c.bos_id, c.eos_id};
     memcpy(h + 64, ids, sizeof(ids));
+    uint32_t type = (uint32_t)c.rope_scaling, orig = (uint32_t)c.rope_original_max_pos;
+    memcpy(h + 76, &type, 4);
+    memcpy(h + 80, &c.rope_factor, 8);
+    memcpy(h + 88, &c.rope_low_freq_factor, 8);
+    memcpy(h + 96, &c.rope_high_freq_factor, 8);
+    memcpy(h + 104, &orig, 4);
 }
 
 // ----------------------------------------------------------------------------
@@ -981,32 +1050,75 @@ inline void matmul_backward_qkv_cuda(floatX* dinp, float* dwq, float* dwk, float
 }
 #endif
 
-// RoPE angle for position pos and pair i of a head of size hd, computed in float32 as
-// transformers does (inv_freq = 1 / theta^(2i/hd) in float32, angle = pos * inv_freq).
-inline void rope_cos_sin(int pos, int i, int hd, double theta, float* cos_out, float* sin_out) {
-    float inv_freq = 1.0f / powf((float)theta, (float)(2 * i) / (float)hd);
+// RoPE's inverse frequency of pair i (i < head_dim / 2), the one place it is computed: in float32
+// step by step as transformers does (modeling_rope_utils: the default, linear and llama3 types),
+// so that the angles below are its bits.
+//   default: inv_freq = 1 / theta^(2i/hd)
+//   linear:  inv_freq / factor (positions divided by factor)
+//   llama3:  with wavelen = 2 pi / inv_freq and the original context n = original_max_position_embeddings,
+//            wavelen < n / high_freq_factor (the high frequencies):  inv_freq, kept
+//            wavelen > n / low_freq_factor  (the low frequencies):   inv_freq / factor
+//            in between, s = (n / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor) blends them:
+//                                                                    (1 - s) inv_freq / factor + s inv_freq
+// transformers' attention scaling of cos and sin is 1 for both types: only the frequencies change.
+inline float rope_inv_freq(const LlamaConfig& c, int i) {
+    int hd = head_dim(c);
+    float inv_freq = 1.0f / powf((float)c.rope_theta, (float)(2 * i) / (float)hd);
+    float factor = (float)c.rope_factor;
+    if (c.rope_scaling == ROPE_LINEAR) return inv_freq / factor;
+    if (c.rope_scaling != ROPE_LLAMA3) return inv_freq;
+    // the band edges are Python floats, compared with the float32 wavelength in float32
+    float wavelen = (float)(2 * M_PI) / inv_freq;
+    float low_freq_wavelen = (float)(c.rope_original_max_pos / c.rope_low_freq_factor);
+    float high_freq_wavelen = (float)(c.rope_original_max_pos / c.rope_high_freq_factor);
+    if (wavelen < high_freq_wavelen) return inv_freq;
+    if (wavelen > low_freq_wavelen) return inv_freq / factor;
+    float smooth = ((float)c.rope_original_max_pos / wavelen - (float)c.rope_low_freq_factor) /
+                   (float)(c.rope_high_freq_factor - c.rope_low_freq_factor);
+    float scaled = (1.0f - smooth) * inv_freq;  // two statements: no contraction into an FMA
+    return scaled / factor + smooth * inv_freq;
+}
+
+// A config that carries only RoPE's fields (head_dim hd, theta, no scaling), for tables of bare ops.
+inline LlamaConfig rope_config(int hd, double theta) {
+    LlamaConfig c{};
+    c.dim = hd;
+    c.n_heads = 1;
+    c.rope_theta = theta;
+    return c;
+}
+
+// cos and sin of RoPE's angle for position pos at an inverse frequency, in float32 as transformers
+// computes them (angle = pos * inv_freq).
+inline void rope_cos_sin(int pos, float inv_freq, float* cos_out, float* sin_out) {
     float angle = (float)pos * inv_freq;
     *cos_out = cosf(angle);
     *sin_out = sinf(angle);
 }
 
 // The cos and sin of every position < max_T and pair, computed once (per model allocation or
-// inference state) by rope_cos_sin, so the ops below read them and call no sin, cos or pow.
+// inference state) from rope_inv_freq by rope_cos_sin, so the ops below and the CUDA kernel read
+// them and call no sin, cos or pow.
 // table (max_T, hd/2, 2): {cos, sin} of position t, pair i at (t * hd/2 + i) * 2
 inline size_t rope_table_size(int max_T, int hd) { return (size_t)max_T * (hd / 2) * 2; }
 
-inline void rope_table_fill(float* table, int max_T, int hd, double theta) {
-    int half = hd / 2;
+inline void rope_table_fill(float* table, int max_T, const LlamaConfig& c) {
+    int half = head_dim(c) / 2;
+    std::vector<float> inv_freq(half);
+    for (int i = 0; i < half; i++) inv_freq[i] = rope_inv_freq(c, i);
     for (int t = 0; t < max_T; t++) {
-        for (int i = 0; i < half; i++) rope_cos_sin(t, i, hd, theta, &table[((size_t)t * half + i) * 2], &table[((size_t)t * half + i) * 2 + 1]);
+        for (int i = 0; i < half; i++) rope_cos_sin(t, inv_freq[i], &table[((size_t)t * half + i) * 2], &table[((size_t)t * half + i) * 2 + 1]);
     }
 }
 
-inline std::vector<float> rope_table(int max_T, int hd, double theta) {
-    std::vector<float> table(rope_table_size(max_T, hd));
-    rope_table_fill(table.data(), max_T, hd, theta);
+inline std::vector<float> rope_table(int max_T, const LlamaConfig& c) {
+    std::vector<float> table(rope_table_size(max_T, head_dim(c)));
+    rope_table_fill(table.data(), max_T, c);
     return table;
 }
+
+// the table of unscaled RoPE on heads of size hd (the op tests)
+inline std::vector<float> rope_table(int max_T, int hd, double theta) { return rope_table(max_T, rope_config(hd, theta)); }
 
 // In place on x (B, T, NH, hd), rotate-half layout: for i < hd/2 the pair is (x[i], x[i + hd/2]):
 //   x[i] <- x[i] cos - x[i+hd/2] sin,  x[i+hd/2] <- x[i+hd/2] cos + x[i] sin,  at position t.
@@ -1095,8 +1207,8 @@ inline void rope_forward_at_cuda(floatX* x, const float* table, const int* pos, 
 }
 
 // a rope_table of max_T rows, computed on the host and copied into a new device buffer
-inline float* rope_table_cuda(int max_T, int hd, double theta) {
-    std::vector<float> table = rope_table(max_T, hd, theta);
+inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
+    std::vector<float> table = rope_table(max_T, c);
     float* d = nullptr;
     cudaCheck(cudaMalloc(&d, table.size() * sizeof(float)));
     cudaCheck(cudaMemcpy(d, table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice));
@@ -2863,7 +2975,7 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
     model->acts_memory = malloc_check(point_activations(&model->acts, nullptr, c, B, T));
     point_activations(&model->acts, model->acts_memory, c, B, T);
     model->rope_table = (float*)malloc_check(rope_table_size(T, head_dim(c)) * sizeof(float));
-    rope_table_fill(model->rope_table, T, head_dim(c), c.rope_theta);
+    rope_table_fill(model->rope_table, T, c);
     if (!training) return;
     size_t n = model->num_params;
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
@@ -3230,7 +3342,7 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->score_idx = cuda_alloc<int>(B);
     g->mask = cuda_alloc<uint8_t>((size_t)B * T);  // a reference model's sequence sums need no training
     g->seq_sums = cuda_alloc<float>(B);
-    g->rope_table = rope_table_cuda(T, head_dim(c), c.rope_theta);
+    g->rope_table = rope_table_cuda(T, c);
     cudaCheck(cudaEventCreateWithFlags(&g->queued, cudaEventDisableTiming));
     upload_init(&g->up.tokens, (size_t)B * T * sizeof(int));
     upload_init(&g->up.score_idx, B * sizeof(int));
@@ -3893,7 +4005,7 @@ inline void infer_init(Infer* inf, const Llama* model, int B, int max_T, int max
     inf->memory = malloc_check(inf->bytes);
     point_infer_state(&inf->s, inf->memory, c, B, max_T, max_chunk);
     memset(inf->s.zeros, 0, B * sizeof(int));
-    inf->rope_table = rope_table(max_T, head_dim(c), c.rope_theta);
+    inf->rope_table = rope_table(max_T, c);
     inf->bytes += inf->wt_memory.size() * sizeof(float) + inf->rope_table.size() * sizeof(float);
 }
 
@@ -4062,7 +4174,7 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     g->part_rows = part_rows;
     g->part_o = cuda_alloc<float>(g->part_rows * head_dim(c));
     g->part_ml = cuda_alloc<float>(g->part_rows * 2);
-    g->rope_table = rope_table_cuda(max_T, head_dim(c), c.rope_theta);
+    g->rope_table = rope_table_cuda(max_T, c);
     g->bytes = gpu_memory_plan_total(plan);
     size_t rows = (size_t)B * std::max(max_chunk, max_T);  // a prefill's or a scored sequence's tokens
     upload_init(&g->up.tokens, rows * sizeof(int));

@@ -8,9 +8,11 @@ sharded). LlamaForCausalLM becomes head_type 0 (lm_head.weight, or none when
 tie_word_embeddings is set); LlamaForSequenceClassification with one label
 becomes head_type 1 (score.weight). Per-layer tensors are stacked over layers;
 values are copied unchanged (Q/K keep the rotate-half layout). Without --dtype
-the output is bf16 if every source tensor is bf16, else fp32. Configurations
-that the C++ model does not implement (RoPE scaling, biases, another head_dim
-or activation) are refused with a one-line error.
+the output is bf16 if every source tensor is bf16, else fp32. RoPE scaling of
+the types linear and llama3 (rope_scaling, or transformers 5's rope_parameters)
+goes into the header. Configurations that the C++ model does not implement
+(other RoPE scaling types, biases, another head_dim or activation) are refused
+with a one-line error.
 """
 
 import argparse
@@ -67,6 +69,35 @@ def gather(cfg, get):
     return out
 
 
+def rope_scaling_from_hf(d, hc, key, refuse):
+    """Our rope_scaling (None, or a dict as xwin_format describes) from a config.json's
+    rope_scaling or rope_parameters dict d: the type under "rope_type" (or the older
+    "type"); "default" or none is plain RoPE. Only linear and llama3 are implemented."""
+    kind = d.get("rope_type", d.get("type")) or "default"
+    known = {"rope_type", "type", "rope_theta"}
+    if kind == "default":
+        if set(d) - known:
+            refuse(f"{key} {d} (plain RoPE with other fields)")
+        return None
+    if kind not in xf.ROPE_TYPES:
+        refuse(f"RoPE scaling type {kind!r} (only linear and llama3 are implemented)")
+    fields = xf.ROPE_FIELDS[kind]
+    if set(d) - known - set(fields):
+        refuse(f"{key} {kind} has fields we do not implement: {sorted(set(d) - known - set(fields))}")
+    out = {"rope_type": kind}
+    for k in fields:
+        v = d.get(k)
+        if v is None and k == "original_max_position_embeddings":  # as transformers fills it in
+            v = hc.get(k) or hc.get("max_position_embeddings")
+        if v is None:
+            refuse(f"{key} {kind} lacks {k}")
+        out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
+    err = xf.rope_scaling_error(out)
+    if err:
+        refuse(err)
+    return out
+
+
 def config_from_hf(hc, head_type):
     """Our config dict from a config.json dict; refuses what we do not support."""
     def refuse(msg):
@@ -83,12 +114,14 @@ def config_from_hf(hc, head_type):
         refuse(f"num_attention_heads {H} is not a multiple of num_key_value_heads {KV}")
     if hc.get("head_dim") is not None and hc["head_dim"] != C // H:
         refuse(f"head_dim {hc['head_dim']} != hidden_size / num_attention_heads = {C // H}")
-    if hc.get("rope_scaling") is not None:
-        refuse(f"rope_scaling {hc['rope_scaling']} (only plain RoPE is implemented)")
     rp = hc.get("rope_parameters") or {}
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type != "default" or set(rp) - {"rope_type", "type", "rope_theta"}:
-        refuse(f"rope_parameters {rp} (only plain RoPE is implemented)")
+    # transformers 5 writes the scaling into rope_parameters (with rope_theta), older versions a
+    # rope_scaling dict beside rope_theta; both mean the same when both are there
+    scalings = [rope_scaling_from_hf(d, hc, key, refuse) for key, d in
+                (("rope_scaling", hc.get("rope_scaling")), ("rope_parameters", rp)) if d]
+    if len(scalings) == 2 and scalings[0] != scalings[1]:
+        refuse(f"rope_scaling {hc['rope_scaling']} and rope_parameters {rp} disagree")
+    rope_scaling = scalings[0] if scalings else None
     if hc.get("attention_bias"):
         refuse("attention_bias is true")
     if hc.get("mlp_bias"):
@@ -107,6 +140,7 @@ def config_from_hf(hc, head_type):
         "tied_embeddings": 1 if hc.get("tie_word_embeddings", False) else 0,
         "head_type": head_type,
         "rope_theta": float(theta),
+        "rope_scaling": rope_scaling,
         "norm_eps": float(hc.get("rms_norm_eps", 1e-6)),
         # the tokens' ids (None when absent); a list of eos ids keeps the first
         **{k: (v[0] if isinstance(v, list) and v else v) for k in xf.TOKEN_ID_FIELDS for v in [hc.get(k)]},

@@ -7,8 +7,9 @@ LlamaForCausalLM.from_pretrained(OUT_FOLDER) (head_type 0) or
 LlamaForSequenceClassification.from_pretrained(OUT_FOLDER) (head_type 1, one
 label, tensor score.weight). Stacked tensors are split back into per-layer
 tensors and the storage dtype is kept: a bf16 file gives bfloat16 tensors and
-"dtype": "bfloat16" in the config. Running dev/convert_hf.py on the result
-gives back the input file byte for byte.
+"dtype": "bfloat16" in the config. RoPE scaling goes back into rope_scaling
+(with rope_theta beside it, which every transformers version reads). Running
+dev/convert_hf.py on the result gives back the input file byte for byte.
 """
 
 import argparse
@@ -39,7 +40,7 @@ def hf_config(cfg):
         "max_position_embeddings": cfg["max_seq_len"],
         "tie_word_embeddings": bool(cfg["tied_embeddings"]),
         "rope_theta": cfg["rope_theta"],
-        "rope_scaling": None,
+        "rope_scaling": dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None,
         "rms_norm_eps": cfg["norm_eps"],
         "hidden_act": "silu",
         "attention_bias": False,

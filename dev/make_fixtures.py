@@ -9,7 +9,10 @@ the converter. A random batch with loss masks goes to tokens.tok. The
 reference, computed in float64 with eager attention, goes to expect.bin: the
 logits, masked mean cross-entropy, per-sequence log-prob sums and gradients at
 the initial weights, then two steps of gradient clipping plus AdamW on the
-same batch (gradient norms, loss at step 2, parameters after step 2).
+same batch (gradient norms, loss at step 2, parameters after step 2). The
+RoPE-scaling fixtures (rope_llama3, rope_linear) are of the same kind, with
+transformers' rope_scaling and sequences past the original context; their
+expect.bin also holds transformers' inv_freq.
 
 The generation fixture (greedy_gqa) is a converted model, prompts of different
 lengths, and what transformers' greedy generate (float64, KV cache, batch 1 per
@@ -65,6 +68,16 @@ FIXTURES = {
                        tied_embeddings=0, rope_theta=500000.0, norm_eps=1e-6, max_seq_len=64, B=3, T=20),
     "odd_sizes": dict(dim=60, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=101, ffn_dim=97,
                       tied_embeddings=0, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32, B=2, T=13),
+    # RoPE scaling on sequences well past original_max_position_embeddings. llama3: head_dim 16 and
+    # theta 500 give the wavelengths 2 pi 500^(2i/16) = 6.3, 13.7, 29.7, 64.6, ... against the band
+    # edges 32 / 4 = 8 and 32 / 1 = 32: one pair kept (high frequency), two blended, five divided by 8.
+    "rope_llama3": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=96,
+                        tied_embeddings=0, rope_theta=500.0, norm_eps=1e-5, max_seq_len=64, B=2, T=48,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=32)),
+    "rope_linear": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=80,
+                        tied_embeddings=1, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=64, B=2, T=40,
+                        rope_scaling=dict(rope_type="linear", factor=4.0)),
 }
 
 # reward models: lengths of the rows (T = the longest; shorter rows right-padded with pad_id =
@@ -112,6 +125,8 @@ LR, BETA1, BETA2, EPS, WD = f32(1e-2), f32(0.9), f32(0.95), f32(1e-8), f32(0.1)
 
 
 def hf_config(c, **extra):
+    if c.get("rope_scaling"):
+        extra["rope_scaling"] = dict(c["rope_scaling"])
     return LlamaConfig(
         hidden_size=c["dim"], num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
         num_key_value_heads=c["n_kv_heads"], vocab_size=c["vocab_size"], intermediate_size=c["ffn_dim"],
@@ -185,6 +200,7 @@ def check_round_trips(model, hf, model_bin, tmp):
     folder = os.path.join(tmp, "export")
     export(model_bin, folder)
     back = cls.from_pretrained(folder)
+    assert back.config.rope_parameters == model.config.rope_parameters, (back.config.rope_parameters, model.config.rope_parameters)
     want, got = model.state_dict(), back.state_dict()
     assert want.keys() == got.keys(), want.keys() ^ got.keys()
     for k in want:
@@ -230,6 +246,86 @@ def check_reward_round_trip(c, tmp):
     assert filecmp.cmp(a, b, shallow=False), "reward round trip differs"
 
 
+# inv_freq of published configs with RoPE scaling: (hidden_size, heads, rope_theta, rope_scaling)
+ROPE_INV_FREQ = [
+    (4096, 32, 500000.0, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)),  # Llama 3.1 8B
+    (2048, 32, 500000.0, dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)),  # Llama 3.2 1B
+    (4096, 32, 10000.0, dict(rope_type="linear", factor=2.0)),  # a Llama 2 7B stretched to 8k
+]
+
+
+def make_rope_inv_freq(out_name):
+    """rope_inv_freq: transformers' inv_freq (float32) for the configs of ROPE_INV_FREQ, each as
+    case{i}.config (rope_type 1 linear or 2 llama3, head_dim, theta, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings; 0 where the type has none) and case{i}.inv_freq."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    entries = []
+    for i, (C, H, theta, rs) in enumerate(ROPE_INV_FREQ):
+        hc = LlamaConfig(hidden_size=C, num_attention_heads=H, rope_theta=theta, rope_scaling=dict(rs),
+                         max_position_embeddings=4 * rs.get("original_max_position_embeddings", 4096))
+        rotary = LlamaRotaryEmbedding(hc)
+        assert rotary.inv_freq.dtype == torch.float32 and rotary.attention_scaling == 1.0
+        config = [xf.ROPE_TYPES[rs["rope_type"]], C // H, theta] + [rs.get(k, 0) for k in xf.ROPE_FIELDS["llama3"]]
+        entries += [(f"case{i}.config", np.array(config, dtype=np.float64)), (f"case{i}.inv_freq", rotary.inv_freq.numpy())]
+        unscaled = 1.0 / (theta ** (torch.arange(0, C // H, 2, dtype=torch.int64).float() / (C // H)))
+        kept = int((rotary.inv_freq == unscaled).sum())
+        divided = int((rotary.inv_freq == unscaled / rs["factor"]).sum())
+        print(f"{out_name} case {i}: {rs} head_dim {C // H} theta {theta:g}: {C // H // 2} pairs, "
+              f"{kept} kept, {divided} divided by factor, {C // H // 2 - kept - divided} blended")
+    out = os.path.join(OUT, out_name)
+    os.makedirs(out, exist_ok=True)
+    xf.write_fixture(os.path.join(out, "expect.bin"), entries)
+    return os.path.getsize(os.path.join(out, "expect.bin"))
+
+
+def check_rope_conversion(tmp):
+    """The converter's RoPE scaling: llama3 and linear from config.json's rope_scaling (under
+    rope_type or the older type) or transformers 5's rope_parameters, written to the header and
+    exported back to the same values; default or null is none; any other type is refused with one
+    line naming it."""
+    from convert_hf import ConvertError, config_from_hf
+    from export_hf import hf_config as export_config
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 32,
+            "intermediate_size": 96, "max_position_embeddings": 128, "rope_theta": 500000.0}
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cases = [({"rope_scaling": {"rope_type": "llama3", **llama3}}, {"rope_type": "llama3", **llama3}),
+             ({"rope_scaling": {"type": "linear", "factor": 2}}, {"rope_type": "linear", "factor": 2.0}),
+             ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **llama3}}, {"rope_type": "llama3", **llama3}),
+             ({"rope_scaling": None}, None),
+             ({"rope_scaling": {"rope_type": "default"}}, None),
+             ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, None)]
+    for i, (extra, want) in enumerate(cases):
+        cfg = config_from_hf({**base, **extra}, 0)
+        assert cfg["rope_scaling"] == want, (extra, cfg["rope_scaling"])
+        # through a model file and back out to config.json: the same rope_scaling
+        path = os.path.join(tmp, f"rope{i}.bin")
+        xf.write_model(path, cfg, {n: np.zeros(shape, np.float32) for n, shape in xf.tensor_shapes(cfg)})
+        back = xf.read_header(path)
+        assert back["rope_scaling"] == want and back["rope_theta"] == 500000.0, back
+        exported = export_config(back)
+        assert exported["rope_scaling"] == want and config_from_hf(exported, 0)["rope_scaling"] == want
+        hf = LlamaConfig(**{k: v for k, v in exported.items() if k not in ("architectures", "model_type")})
+        assert hf.rope_parameters == {**(want or {"rope_type": "default"}), "rope_theta": 500000.0}, hf.rope_parameters
+    refusals = [({"rope_type": "dynamic", "factor": 2.0}, "RoPE scaling type 'dynamic'"),
+                ({"type": "yarn", "factor": 4.0}, "RoPE scaling type 'yarn'"),
+                ({"rope_type": "longrope"}, "RoPE scaling type 'longrope'"),
+                ({"rope_type": "ntk", "factor": 2.0}, "RoPE scaling type 'ntk'"),
+                ({"rope_type": "linear", "factor": 0.5}, "factor 0.5"),
+                ({"rope_type": "llama3", **llama3, "high_freq_factor": 1.0}, "high_freq_factor 1.0"),
+                ({"rope_type": "linear"}, "lacks factor"),
+                ({"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 16}, "fields we do not implement")]
+    for rs, msg in refusals:
+        try:
+            config_from_hf({**base, "rope_scaling": rs}, 0)
+        except ConvertError as e:
+            assert msg in str(e) and "\n" not in str(e), (rs, str(e))
+        else:
+            raise AssertionError(f"{rs} was not refused")
+    print(f"rope scaling conversions ok ({len(cases)} configs through a header and back, {len(refusals)} refusals)")
+
+
 def max_dev(ref, other):
     return max(float((ref[k] - other[k]).abs().max()) for k in ref)
 
@@ -259,6 +355,7 @@ def draw(c, B, T):
 def make(name, spec, tmp):
     c = {k: v for k, v in spec.items() if k not in ("B", "T")}
     c["head_type"] = 0
+    c.setdefault("rope_scaling", None)
     B, T, V = spec["B"], spec["T"], c["vocab_size"]
     seed, model, tokens, mask = draw(c, B, T)
     hf = os.path.join(tmp, "hf")
@@ -306,6 +403,10 @@ def make(name, spec, tmp):
                ("logits", logits.numpy()),
                ("loss", np.array([float(loss)])),
                ("logprob_sums", sums.numpy())]
+    if c.get("rope_scaling"):  # transformers' inverse frequencies (float32), which the angles multiply
+        inv_freq = fp32.model.rotary_emb.inv_freq
+        assert inv_freq.dtype == torch.float32 and fp32.model.rotary_emb.attention_scaling == 1.0
+        entries.append(("inv_freq", inv_freq.numpy()))
     entries += [(f"grad.{k}", v.numpy()) for k, v in grads.items()]
     entries += [("grad_norm", np.array(norms)), ("loss_step2", np.array([loss2]))]
     entries += [(f"param2.{k}", v.numpy()) for k, v in final.items()]
@@ -598,6 +699,8 @@ def main():
             total += make_reward(name, spec, tmp)
     if not only or "dpo_loss" in only:
         total += make_dpo_loss("dpo_loss")
+    if not only or "rope_inv_freq" in only:
+        total += make_rope_inv_freq("rope_inv_freq")
     for name, spec in DPO_FIXTURES.items():
         if only and name not in only:
             continue
@@ -610,6 +713,7 @@ def main():
             total += make_generate(name, spec, tmp)
     with tempfile.TemporaryDirectory() as tmp:
         check_reward_round_trip({**FIXTURES["gqa_untied"], "head_type": 1}, tmp)
+        check_rope_conversion(tmp)
     print(f"round trips ok (fp32, bf16, reward head); fixtures total {total:,} bytes in {OUT}")
 
 

@@ -14,6 +14,7 @@ temporary file and os.replace, so a reader never sees a half-written file.
     config, tensors = xf.read_model("m.bin")      # arrays come back as float32
 """
 
+import math
 import os
 import struct
 import sys
@@ -28,7 +29,7 @@ MODEL_MAGIC = 0x4E495758  # "XWIN"
 TOKENS_MAGIC = 0x4B545758  # "XWTK"
 FIXTURE_MAGIC = 0x58465758  # "XWFX"
 VERSION = 1        # of the token file and the fixture archive
-MODEL_VERSION = 2  # of the model file (version 1, without the token ids, is still read)
+MODEL_VERSION = 3  # of the model file (versions 1, without the token ids, and 2, without RoPE scaling, are still read)
 MODEL_HEADER = 256
 TOKENS_HEADER = 64
 
@@ -41,6 +42,15 @@ INT_FIELDS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
 CONFIG_FIELDS = INT_FIELDS + ["head_type", "rope_theta", "norm_eps"]
 # int32 at offsets 64, 68, 72 (version 2): -1 in the file, None in a config dict, for none
 TOKEN_ID_FIELDS = ["pad_token_id", "bos_token_id", "eos_token_id"]
+# RoPE scaling (version 3): uint32 type at 76, float64 factor, low_freq_factor, high_freq_factor at
+# 80, 88, 96, uint32 original_max_position_embeddings at 104; bytes 108.. zero. In a config dict:
+# "rope_scaling" None, or a dict as transformers' rope_scaling: {"rope_type": "linear", "factor": f}
+# or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+# "original_max_position_embeddings"}. A field the type does not use is 0 in the file.
+ROPE_TYPES = {"linear": 1, "llama3": 2}
+ROPE_FIELDS = {"linear": ["factor"],
+               "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+HEADER_END = {1: 64, 2: 76, 3: 108}  # the first reserved (zero) byte of each version
 
 
 class FormatError(ValueError):
@@ -160,11 +170,70 @@ def _pack_header(cfg, dtype):
     head += struct.pack("<8I", *ints)
     head += struct.pack("<2d", float(cfg["rope_theta"]), float(cfg["norm_eps"]))
     head += struct.pack("<3i", *ids)
+    head += _pack_rope_scaling(cfg.get("rope_scaling"))
     return head + bytes(MODEL_HEADER - len(head))
 
 
+def rope_scaling_error(rs):
+    """What is wrong with a config dict's rope_scaling (None or a dict), or "" (the C++
+    header check, rope_scaling_check in llm.cu, says the same)."""
+    if rs is None:
+        return ""
+    kind = rs.get("rope_type")
+    if kind not in ROPE_TYPES:
+        return f"unsupported rope_scaling type {kind!r} (only linear and llama3 are implemented)"
+    extra = set(rs) - {"rope_type"} - set(ROPE_FIELDS[kind])
+    if extra:
+        return f"rope_scaling {kind} has unknown fields {sorted(extra)}"
+    missing = [k for k in ROPE_FIELDS[kind] if rs.get(k) is None]
+    if missing:
+        return f"rope_scaling {kind} lacks {missing[0]}"
+    factor = rs["factor"]
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
+        return f"rope_scaling factor {factor} (must be finite and >= 1)"
+    if kind == "llama3":
+        low, high, orig = rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+        if not (math.isfinite(low) and low > 0):
+            return f"rope_scaling low_freq_factor {low} (must be finite and > 0)"
+        if not (math.isfinite(high) and high > low):
+            return f"rope_scaling high_freq_factor {high} (must be finite and > low_freq_factor {low})"
+        if not (isinstance(orig, int) and 1 <= orig <= 1 << 24):
+            return f"rope_scaling original_max_position_embeddings {orig} (must be an integer in 1..{1 << 24})"
+    return ""
+
+
+def _pack_rope_scaling(rs):
+    """Bytes 76..107 of the header for a config dict's rope_scaling."""
+    err = rope_scaling_error(rs)
+    _check(not err, err)
+    if rs is None:
+        return bytes(32)
+    get = lambda k: rs.get(k, 0) if k in ROPE_FIELDS[rs["rope_type"]] else 0
+    return struct.pack("<I3dI", ROPE_TYPES[rs["rope_type"]], float(get("factor")), float(get("low_freq_factor")),
+                       float(get("high_freq_factor")), int(get("original_max_position_embeddings")))
+
+
+def _unpack_rope_scaling(head, path):
+    """A version-3 header's rope_scaling (None or a dict), checked."""
+    kind, factor, low, high, orig = struct.unpack_from("<I3dI", head, 76)
+    if kind == 0:
+        _check(factor == low == high == orig == 0, f"{path}: rope_scaling 0 (none) with nonzero scaling fields")
+        return None
+    names = {v: k for k, v in ROPE_TYPES.items()}
+    _check(kind in names, f"{path}: unknown rope_scaling type {kind}")
+    values = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+              "original_max_position_embeddings": orig}
+    rs = {"rope_type": names[kind], **{k: values[k] for k in ROPE_FIELDS[names[kind]]}}
+    for k in values:
+        _check(k in rs or values[k] == 0, f"{path}: rope_scaling {names[kind]} with a nonzero {k}")
+    err = rope_scaling_error(rs)
+    _check(not err, f"{path}: {err}")
+    return rs
+
+
 def write_model(path, cfg, tensors, dtype=None):
-    """Write a model file. cfg holds CONFIG_FIELDS; tensors maps our names to
+    """Write a model file. cfg holds CONFIG_FIELDS (and "rope_scaling", None when
+    absent, and the token ids); tensors maps our names to
     arrays/tensors (or zero-argument callables returning one, loaded only when
     written). dtype is "fp32" or "bf16" (default: cfg.get("dtype", "fp32"))."""
     dtype = dtype or cfg.get("dtype", "fp32")
@@ -185,21 +254,24 @@ def write_model(path, cfg, tensors, dtype=None):
 
 
 def read_header(path):
-    """Config dict (CONFIG_FIELDS plus "dtype") of a model file, validated."""
+    """Config dict (CONFIG_FIELDS plus "rope_scaling", the token ids and "dtype") of a
+    model file, validated."""
     with open(path, "rb") as f:
         head = f.read(MODEL_HEADER)
     _check(len(head) == MODEL_HEADER, f"{path}: shorter than the {MODEL_HEADER}-byte header")
     magic, version, dtype, head_type = struct.unpack_from("<4I", head, 0)
     _check(magic == MODEL_MAGIC, f"{path}: bad magic {magic:#x}, not an xwin model file")
-    _check(version in (1, MODEL_VERSION), f"{path}: unsupported version {version}")
+    _check(version in HEADER_END, f"{path}: unsupported version {version}")
     _check(dtype in (0, 1), f"{path}: unknown dtype code {dtype}")
     _check(head_type in (0, 1), f"{path}: unknown head_type {head_type}")
-    ids = struct.unpack_from("<3i", head, 64) if version == 2 else (-1, -1, -1)
-    _check(not any(head[76 if version == 2 else 64:]), f"{path}: reserved header bytes are not zero")
+    ids = struct.unpack_from("<3i", head, 64) if version >= 2 else (-1, -1, -1)
+    rope_scaling = _unpack_rope_scaling(head, path) if version >= 3 else None
+    _check(not any(head[HEADER_END[version]:]), f"{path}: reserved header bytes are not zero")
     cfg = dict(zip(INT_FIELDS, struct.unpack_from("<8I", head, 16)))
     _check(cfg["tied_embeddings"] in (0, 1), f"{path}: tied_embeddings must be 0 or 1")
     cfg["head_type"] = head_type
     cfg["rope_theta"], cfg["norm_eps"] = struct.unpack_from("<2d", head, 48)
+    cfg["rope_scaling"] = rope_scaling
     cfg["dtype"] = "fp32" if dtype == 0 else "bf16"
     for k, i in zip(TOKEN_ID_FIELDS, ids):
         _check(-1 <= i < cfg["vocab_size"], f"{path}: {k} {i} is not -1 or an id below vocab_size")

@@ -137,6 +137,12 @@ TEST_CASE("KV cache: prefill and decode give the full forward's logits, grouped-
     run_cached_vs_full("gqa_untied", {3, 1, 6}, 1, 3);
 }
 
+TEST_CASE("KV cache: prefill and decode give the full forward's logits, llama3 RoPE scaling", "[infer][rope]") {
+    // two sequences of 48 (original_max_position_embeddings 32): one prefills a single token, the
+    // other 36, past the original context; both decode 12 more
+    run_cached_vs_full("rope_llama3", {1, 36}, 2, ATTN_DECODE_CHUNK);
+}
+
 // The Xwin-Set's policy log-probs on the inference runner: whole sequences prefilled, the head
 // one sequence at a time, the masked sums against transformers' (the fixtures' logprob_sums).
 // Tolerances are the training forward's on the same fixtures: 1e-5 on the CPU and in FP32

@@ -367,7 +367,7 @@ TEST_CASE("rope kernel matches the CPU both ways, default and non-default theta"
         for (int t = 0; t < (int)T; t++) {
             for (int i = 0; i < hd / 2; i++) {
                 float c, sn;
-                rope_cos_sin(t, i, hd, theta, &c, &sn);
+                rope_cos_sin(t, rope_inv_freq(rope_config(hd, theta), i), &c, &sn);
                 CHECK(table[((size_t)t * hd / 2 + i) * 2] == c);
                 CHECK(table[((size_t)t * hd / 2 + i) * 2 + 1] == sn);
             }
@@ -849,6 +849,8 @@ static void run_model_parity(const std::string& name) {
 TEST_CASE("kernels: parity with transformers, multi-head tied", "[kernels][parity]") { run_model_parity("mha_tied"); }
 TEST_CASE("kernels: parity with transformers, grouped-query", "[kernels][parity]") { run_model_parity("gqa_untied"); }
 TEST_CASE("kernels: parity with transformers, odd sizes", "[kernels][parity]") { run_model_parity("odd_sizes"); }
+TEST_CASE("kernels: parity with transformers, llama3 RoPE scaling", "[kernels][parity][rope]") { run_model_parity("rope_llama3"); }
+TEST_CASE("kernels: parity with transformers, linear RoPE scaling", "[kernels][parity][rope]") { run_model_parity("rope_linear"); }
 
 // No FP32 atomics in a training step (the embedding and RMSNorm weight gradients are summed in
 // fixed orders, the flash backward per tile): two steps from the same start give the same bits

@@ -225,7 +225,8 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
     auto with_u32 = [&](size_t offset, uint32_t value) { auto b = good; memcpy(&b[offset], &value, 4); return b; };
     auto with_f64 = [&](size_t offset, double value) { auto b = good; memcpy(&b[offset], &value, 8); return b; };
     CHECK_THAT(load_error(with_u32(0, 0x12345678)), Catch::Contains("bad magic 0x12345678"));
-    CHECK_THAT(load_error(with_u32(4, 3)), Catch::Contains("unsupported model file version 3"));
+    CHECK_THAT(load_error(with_u32(4, 4)), Catch::Contains("unsupported model file version 4"));
+    CHECK_THAT(load_error(with_u32(4, 0)), Catch::Contains("unsupported model file version 0"));
     CHECK_THAT(load_error(with_u32(8, 7)), Catch::Contains("unknown dtype 7"));
     CHECK_THAT(load_error(with_u32(12, 9)), Catch::Contains("unknown head_type 9"));
     auto truncated = good;
@@ -246,7 +247,7 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
     CHECK_THAT(load_error(with_u32(24, 16)), Catch::Contains("head_dim 1 is odd"));  // dim 16 / 16 heads
     CHECK_THAT(load_error(with_f64(48, -1.0)), Catch::Contains("rope_theta"));
     CHECK_THAT(load_error(with_f64(56, 0.0)), Catch::Contains("norm_eps"));
-    CHECK_THAT(load_error(with_u32(100, 1)), Catch::Contains("reserved header byte 100 is 0x01, not zero"));
+    CHECK_THAT(load_error(with_u32(108, 1)), Catch::Contains("reserved header byte 108 is 0x01, not zero"));
     CHECK_THAT(load_error(with_u32(252, 0x01000000)), Catch::Contains("reserved header byte 255 is 0x01, not zero"));
     CHECK_THAT(load_error({}), Catch::Contains("shorter than the 256-byte"));
 }
@@ -272,6 +273,214 @@ TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "
     // a 70B header on a short file is refused by its size, not by reading on
     auto b = std::vector<unsigned char>(h, h + MODEL_HEADER_BYTES);
     CHECK_THAT(load_error(b), Catch::Contains("i.e. 137953296640 bytes: truncated"));  // 256 + 2 * 68976648192
+}
+
+// ---------------------------------------------------------------------------- RoPE scaling
+
+// The fixtures rope_llama3 and rope_linear: transformers' LlamaForCausalLM with rope_scaling, run
+// on sequences that go well past original_max_position_embeddings (dev/make_fixtures.py). Their
+// expect.bin also holds transformers' inv_freq (its rotary embedding's buffer, float32).
+TEST_CASE("parity with transformers: llama3 RoPE scaling", "[parity][rope]") { run_parity("rope_llama3"); }
+TEST_CASE("parity with transformers: linear RoPE scaling", "[parity][rope]") { run_parity("rope_linear"); }
+
+// The logits of the positions past the original context alone, where the scaled angles differ most
+// from the unscaled ones; and an unscaled model on the same weights lands far from them.
+TEST_CASE("scaled RoPE: the logits past original_max_position_embeddings equal transformers'", "[rope]") {
+    for (const char* name : {"rope_llama3", "rope_linear"}) {
+        ParityRun r;
+        parity_setup(r, name);
+        const LlamaConfig& c = r.model.config;
+        // linear has no original context: its positions past a quarter of the sequence
+        int from = c.rope_scaling == ROPE_LLAMA3 ? c.rope_original_max_pos : r.T / 4;
+        REQUIRE(r.T >= from + 16);
+        size_t V = c.vocab_size, row = (size_t)(r.T - from) * V;
+        auto past_error = [&](const float* logits) {
+            double err = 0;
+            for (int b = 0; b < r.B; b++) {
+                size_t offset = ((size_t)b * r.T + from) * V;
+                err = std::max(err, relative_error(logits + offset, r.expect["logits"].data.data() + offset, row));
+            }
+            return err;
+        };
+        llama_forward(&r.model, r.tokens.data(), r.B, r.T);
+        double err = past_error(r.model.acts.logits);
+        printf("%s: logits at positions %d..%d, max relative error over the rows %.2e\n", name, from, r.T - 1, err);
+        INFO(name << " relative error " << err);
+        CHECK(err < 1e-5);  // as the parity tests: float32 rounding over ~20 ops
+        // the same weights with plain RoPE: the scaling is what the fixture tests
+        Llama plain;
+        llama_load(&plain, (std::string("test/fixtures/") + name + "/model.bin").c_str());
+        plain.config.rope_scaling = ROPE_NONE;
+        plain.config.rope_factor = plain.config.rope_low_freq_factor = plain.config.rope_high_freq_factor = 0;
+        plain.config.rope_original_max_pos = 0;
+        llama_alloc(&plain, r.B, r.T, false);
+        llama_forward(&plain, r.tokens.data(), r.B, r.T);
+        CHECK(past_error(plain.acts.logits) > 1e-2);
+        llama_free(&plain);
+        llama_free(&r.model);
+    }
+}
+
+// rope_inv_freq against transformers' inv_freq buffer; the llama3 fixture's head_dim and theta put
+// pairs in each of its three bands (kept, divided by factor, blended), and rope_table's angles are
+// position * inv_freq.
+TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq; the table uses it", "[rope]") {
+    for (const char* name : {"rope_llama3", "rope_linear"}) {
+        Llama m;
+        llama_load(&m, (std::string("test/fixtures/") + name + "/model.bin").c_str());
+        const LlamaConfig& c = m.config;
+        auto e = fixture_load(std::string("test/fixtures/") + name + "/expect.bin");
+        int half = head_dim(c) / 2;
+        REQUIRE(e["inv_freq"].data.size() == (size_t)half);
+        LlamaConfig plain = rope_config(head_dim(c), c.rope_theta);
+        double worst = 0;
+        int kept = 0, scaled = 0, blended = 0;
+        for (int i = 0; i < half; i++) {
+            float ours = rope_inv_freq(c, i), theirs = e["inv_freq"].data[i], unscaled = rope_inv_freq(plain, i);
+            double rel = std::fabs((double)ours - theirs) / theirs;
+            worst = std::max(worst, rel);
+            INFO(name << " pair " << i << ": " << ours << " vs " << theirs);
+            CHECK(rel <= 1e-7);
+            if (ours == unscaled) kept++;
+            else if (ours == unscaled / (float)c.rope_factor) scaled++;
+            else blended++;
+        }
+        printf("%s: inv_freq max relative error %.2e over %d pairs (kept %d, divided by factor %d, blended %d)\n", name, worst, half,
+               kept, scaled, blended);
+        if (c.rope_scaling == ROPE_LLAMA3) {
+            CHECK(kept >= 1);
+            CHECK(scaled >= 1);
+            CHECK(blended >= 1);
+        } else {
+            CHECK(scaled == half);
+        }
+        std::vector<float> table = rope_table(c.max_seq_len, c);
+        for (int t : {0, 1, c.max_seq_len - 1}) {
+            for (int i = 0; i < half; i++) {
+                float angle = (float)t * rope_inv_freq(c, i);
+                CHECK(table[((size_t)t * half + i) * 2] == cosf(angle));
+                CHECK(table[((size_t)t * half + i) * 2 + 1] == sinf(angle));
+            }
+        }
+        llama_free(&m);
+    }
+}
+
+// Published configs (test/fixtures/rope_inv_freq: Llama 3.1 8B, Llama 3.2 1B, a linear factor 2):
+// rope_inv_freq against transformers' inv_freq for every pair.
+TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq for Llama 3.1 and 3.2 configs", "[rope]") {
+    auto e = fixture_load("test/fixtures/rope_inv_freq/expect.bin");
+    for (int k = 0; e.count("case" + std::to_string(k) + ".config"); k++) {
+        std::string name = "case" + std::to_string(k);
+        const std::vector<float>& cfg = e[name + ".config"].data;  // type, head_dim, theta, factor, low, high, original context
+        const std::vector<float>& want = e[name + ".inv_freq"].data;
+        LlamaConfig c = rope_config((int)cfg[1], cfg[2]);
+        c.rope_scaling = (int)cfg[0];
+        c.rope_factor = cfg[3];
+        c.rope_low_freq_factor = cfg[4];
+        c.rope_high_freq_factor = cfg[5];
+        c.rope_original_max_pos = (int)cfg[6];
+        REQUIRE(rope_scaling_check(c) == "");
+        REQUIRE(want.size() == (size_t)head_dim(c) / 2);
+        double worst = 0;
+        for (int i = 0; i < head_dim(c) / 2; i++) {
+            double rel = std::fabs((double)rope_inv_freq(c, i) - want[i]) / want[i];
+            worst = std::max(worst, rel);
+            INFO(name << " pair " << i << ": " << rope_inv_freq(c, i) << " vs " << want[i]);
+            CHECK(rel <= 1e-7);
+        }
+        printf("rope_inv_freq %s (type %d, head_dim %d, theta %g, factor %g): max relative error %.2e\n", name.c_str(), c.rope_scaling,
+               head_dim(c), c.rope_theta, c.rope_factor, worst);
+    }
+    CHECK(e.size() == 6);
+}
+
+static LlamaConfig llama3_config() {
+    LlamaConfig c{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 500000.0, 1e-5};
+    c.rope_scaling = ROPE_LLAMA3;
+    c.rope_factor = 8;
+    c.rope_low_freq_factor = 1;
+    c.rope_high_freq_factor = 4;
+    c.rope_original_max_pos = 8192;
+    return c;
+}
+
+TEST_CASE("the model header carries the RoPE scaling; versions 1 and 2 have none", "[rope][format]") {
+    unsigned char h[MODEL_HEADER_BYTES];
+    LlamaConfig back;
+    int dtype;
+    LlamaConfig linear{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    linear.rope_scaling = ROPE_LINEAR;
+    linear.rope_factor = 2.5;
+    for (const LlamaConfig& c : {llama3_config(), linear}) {
+        model_header_write(h, c, DTYPE_BF16);
+        uint32_t version;
+        memcpy(&version, h + 4, 4);
+        CHECK(version == 3);
+        REQUIRE(model_header_parse(h, &back, &dtype) == "");
+        CHECK(back.rope_scaling == c.rope_scaling);
+        CHECK(back.rope_factor == c.rope_factor);
+        CHECK(back.rope_low_freq_factor == c.rope_low_freq_factor);
+        CHECK(back.rope_high_freq_factor == c.rope_high_freq_factor);
+        CHECK(back.rope_original_max_pos == c.rope_original_max_pos);
+        CHECK(back.rope_theta == c.rope_theta);
+        CHECK(back.pad_id == -1);
+        for (size_t i = 108; i < MODEL_HEADER_BYTES; i++) CHECK(h[i] == 0);
+    }
+    // version 2: the same header without bytes 76.. is a model without scaling
+    model_header_write(h, tiny_config(), DTYPE_FP32);
+    uint32_t version = 2;
+    memcpy(h + 4, &version, 4);
+    REQUIRE(model_header_parse(h, &back, &dtype) == "");
+    CHECK(back.rope_scaling == ROPE_NONE);
+    CHECK(back.rope_factor == 0);
+    CHECK(back.rope_original_max_pos == 0);
+    // ... and a version-2 header with anything in bytes 76.. is refused, as before
+    model_header_write(h, llama3_config(), DTYPE_FP32);
+    memcpy(h + 4, &version, 4);
+    CHECK(model_header_parse(h, &back, &dtype) == "reserved header byte 76 is 0x02, not zero");
+}
+
+TEST_CASE("the model header refuses bad RoPE scaling with a one-line reason", "[rope][format]") {
+    unsigned char good[MODEL_HEADER_BYTES];
+    model_header_write(good, llama3_config(), DTYPE_FP32);
+    auto parse = [&](size_t offset, const void* value, size_t n, const LlamaConfig* base = nullptr) {
+        unsigned char h[MODEL_HEADER_BYTES];
+        if (base) model_header_write(h, *base, DTYPE_FP32);
+        else memcpy(h, good, sizeof(h));
+        memcpy(h + offset, value, n);
+        LlamaConfig c;
+        int dtype;
+        std::string err = model_header_parse(h, &c, &dtype);
+        CHECK(err.find('\n') == std::string::npos);
+        return err;
+    };
+    auto with_u32 = [&](size_t offset, uint32_t v, const LlamaConfig* base = nullptr) { return parse(offset, &v, 4, base); };
+    auto with_f64 = [&](size_t offset, double v, const LlamaConfig* base = nullptr) { return parse(offset, &v, 8, base); };
+    CHECK(with_u32(76, 3) == "unknown rope_scaling type 3 (0 = none, 1 = linear, 2 = llama3)");
+    CHECK(with_u32(76, 0xffffffffu) == "unknown rope_scaling type 4294967295 (0 = none, 1 = linear, 2 = llama3)");
+    CHECK(with_f64(80, 0.5) == "absurd config: rope_scaling factor = 0.5 (must be finite and >= 1)");
+    CHECK(with_f64(80, 0) == "absurd config: rope_scaling factor = 0 (must be finite and >= 1)");
+    CHECK(with_f64(80, INFINITY) == "absurd config: rope_scaling factor = inf (must be finite and >= 1)");
+    CHECK(with_f64(80, NAN) == "absurd config: rope_scaling factor = nan (must be finite and >= 1)");
+    CHECK(with_f64(88, 0) == "absurd config: rope_scaling low_freq_factor = 0 (must be finite and > 0)");
+    CHECK(with_f64(88, -1) == "absurd config: rope_scaling low_freq_factor = -1 (must be finite and > 0)");
+    CHECK(with_f64(96, 1) == "absurd config: rope_scaling high_freq_factor = 1 (must be finite and > low_freq_factor 1)");
+    CHECK(with_f64(96, 0.5) == "absurd config: rope_scaling high_freq_factor = 0.5 (must be finite and > low_freq_factor 1)");
+    CHECK(with_u32(104, 0) == "absurd config: rope_scaling original_max_position_embeddings = 0 (must be >= 1)");
+    CHECK(with_u32(104, 0x80000000u) == "absurd config: rope_scaling original_max_position_embeddings = 2147483648 (must be 1..16777216)");
+    CHECK(with_u32(108, 1) == "reserved header byte 108 is 0x01, not zero");
+    // the fields a type does not use are zero
+    LlamaConfig none = tiny_config(), linear = tiny_config();
+    linear.rope_scaling = ROPE_LINEAR;
+    linear.rope_factor = 4;
+    CHECK(with_f64(80, 8.0, &none) == "rope_scaling 0 (none) with nonzero scaling fields: factor 8, low_freq_factor 0, "
+                                      "high_freq_factor 0, original_max_position_embeddings 0 (must all be 0)");
+    CHECK_THAT(with_u32(104, 16, &none), Catch::Contains("original_max_position_embeddings 16 (must all be 0)"));
+    CHECK(with_f64(80, 0.25, &linear) == "absurd config: rope_scaling factor = 0.25 (must be finite and >= 1)");
+    CHECK(with_f64(88, 1.0, &linear) == "rope_scaling 1 (linear) with llama3 fields: low_freq_factor 1, high_freq_factor 0, "
+                                        "original_max_position_embeddings 0 (must be 0)");
+    CHECK(with_f64(80, 1.0, &linear) == "");  // factor 1: no scaling, allowed as transformers allows it
 }
 
 // ---------------------------------------------------------------------------- token files
