@@ -310,8 +310,8 @@ TEST_CASE("loader refuses malformed files with a clear message", "[tokenizer]") 
     }
     SECTION("wrong version") {
         std::vector<unsigned char> f = build_tokenizer_file(TOKENIZER_BYTE_LEVEL, byte_level_tokens(), 256,
-                                                            257, -1, 258, 0, /*version=*/2);
-        CHECK(parse_error(f) == "unsupported version 2 (this build reads version 1)");
+                                                            257, -1, 258, 0, /*version=*/3);
+        CHECK(parse_error(f) == "unsupported version 3 (this build reads versions 1 and 2)");
     }
     SECTION("unknown kind and flags") {
         std::vector<unsigned char> f = good;
