@@ -62,7 +62,9 @@ Contents, in file order (search for the quoted heading):
   "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_save, reference_load_checked
                             (DPO's frozen reference, refused for another model or other pairs)
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
-  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
+  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode; byte-level BPE (kind 2):
+                            unicode_class (tables from dev/make_unicode_tables.py), pretoken_end and pretokenize
+                            (the GPT-2 and Llama 3 regexes by hand), bpe_encode_word, tokenizer_encode_bpe
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
   "The chat template"       defines: chat_encode_prompt, mfu_text
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
@@ -5256,23 +5258,30 @@ struct CharSpan {
     std::vector<size_t> offset;
 };
 
+// The character at text[0..len): its length in bytes (1..4) and code point, or length 1
+// and U+FFFD for a byte that starts no valid character.
+inline size_t unicode_char_at(const char* text, size_t len, uint32_t* cp) {
+    const unsigned char* s = (const unsigned char*)text;
+    size_t n = tokenizer_utf8_len(text, len);
+    if (n == 1) *cp = s[0];
+    else if (n == 2) *cp = ((s[0] & 0x1Fu) << 6) | (s[1] & 0x3Fu);
+    else if (n == 3) *cp = ((s[0] & 0x0Fu) << 12) | ((s[1] & 0x3Fu) << 6) | (s[2] & 0x3Fu);
+    else if (n == 4) *cp = ((s[0] & 0x07u) << 18) | ((s[1] & 0x3Fu) << 12) | ((s[2] & 0x3Fu) << 6) | (s[3] & 0x3Fu);
+    else *cp = 0xFFFD;
+    return n == 0 ? 1 : n;
+}
+
 inline void unicode_chars(const char* text, size_t len, CharSpan* out) {
     out->cp.clear();
     out->cls.clear();
     out->offset.clear();
-    const unsigned char* s = (const unsigned char*)text;
     for (size_t i = 0; i < len;) {
-        size_t n = tokenizer_utf8_len(text + i, len - i);
-        uint32_t cp = 0xFFFD;
-        if (n == 1) cp = s[i];
-        else if (n == 2) cp = ((s[i] & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu);
-        else if (n == 3) cp = ((s[i] & 0x0Fu) << 12) | ((s[i + 1] & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu);
-        else if (n == 4)
-            cp = ((s[i] & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu);
+        uint32_t cp;
+        size_t n = unicode_char_at(text + i, len - i, &cp);
         out->cp.push_back(cp);
-        out->cls.push_back(n == 0 ? CHAR_OTHER : unicode_class(cp));
+        out->cls.push_back(unicode_class(cp));  // U+FFFD is "other", as an invalid byte must be
         out->offset.push_back(i);
-        i += n == 0 ? 1 : n;
+        i += n;
     }
     out->offset.push_back(len);
 }
@@ -5459,12 +5468,10 @@ inline void tokenizer_encode_bpe(const Tokenizer* t, const char* text, size_t le
             bpe_encode_word(t, text + a + x, y - x, &scratch, out);
         });
     };
-    auto is_space_at = [&](size_t i) {  // one byte's worth is enough for the strip rules below
-        size_t n = tokenizer_utf8_len(text + i, len - i);
-        if (n == 0) return (size_t)0;
-        CharSpan one;
-        unicode_chars(text + i, n, &one);
-        return one.cls[0] == CHAR_SPACE ? n : (size_t)0;
+    auto space_at = [&](size_t i) {  // the length of the whitespace character at i, or 0
+        uint32_t cp;
+        size_t n = unicode_char_at(text + i, len - i, &cp);
+        return unicode_class(cp) == CHAR_SPACE ? n : (size_t)0;
     };
     // Splits bytes [a, b) at the added tokens of one pass; calls inner(a', b') for the
     // text between them.
@@ -5481,12 +5488,12 @@ inline void tokenizer_encode_bpe(const Tokenizer* t, const char* text, size_t le
                 while (start > done) {
                     size_t k = start - 1;
                     while (k > done && ((unsigned char)text[k] & 0xC0) == 0x80) k--;
-                    size_t n = is_space_at(k);
+                    size_t n = space_at(k);
                     if (n == 0 || k + n != start) break;
                     start = k;
                 }
             if (t->added[m].flags & ADDED_TOKEN_RSTRIP)
-                for (size_t n; end < b && (n = is_space_at(end)) > 0;) end += n;
+                for (size_t n; end < b && (n = space_at(end)) > 0;) end += n;
             inner(done, start);
             out.push_back(t->added[m].id);
             done = i = end;
