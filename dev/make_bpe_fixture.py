@@ -102,6 +102,7 @@ FIXED = [
     "emoji 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇯🇵🇺🇸 done",
     "Ｆｕｌｌｗｉｄｔｈ　ｔｅｘｔ", "ﬁnance ﬀ ǅemal", "zero\u200bwidth\u200djoiner", "soft\u00adhyphen",
     "nbsp\u00a0here and\u2009thin\u202fspaces", "\u0085next line", "\x0bvertical\x0cform",
+    "Unicode 16 and 17: \u1c89\u1c8a a\U00011de0b \U00011de1 1\U00011de2 x\U00016ff4 y",
     "a" * 3000, "ab" * 1500, "Supercalifragilisticexpialidocious" * 40, "日本" * 800, "😀" * 500,
     " " * 200 + "x", "\n" * 100, "-" * 300, "1" * 500,
 ]

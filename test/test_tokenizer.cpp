@@ -621,7 +621,11 @@ TEST_CASE("unicode classes follow the tokenizers regex engine in several scripts
     for (const Expect& e : cases) {
         INFO("U+" << std::hex << e.cp);
         CHECK(unicode_class(e.cp) == e.cls);
+        CHECK(unicode_is_numeric(e.cp) == (e.cls == CHAR_NUMBER));
     }
+    // Digits (Rust's char::is_numeric) knows Unicode 17's digits, the regex engine does not
+    CHECK(unicode_is_numeric(0x11DE0));
+    CHECK(unicode_class(0x11DE0) == CHAR_OTHER);
 }
 
 TEST_CASE("the pre-tokenizers cut text where the regexes do", "[bpe]") {
