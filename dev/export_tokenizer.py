@@ -346,6 +346,8 @@ def hf_bpe_tokens(json_path):
         if not a.get("content"):
             fail(f"added token {a.get('id')} is empty")
         added_by_id[a["id"]] = a
+    if not by_id:
+        fail("model.vocab is empty")
     n = max(list(by_id) + list(added_by_id)) + 1
     tokens = []
     for i in range(n):
@@ -370,7 +372,10 @@ def hf_bpe_tokens(json_path):
 
     merges = []
     for rank, m in enumerate(model.get("merges") or []):
-        left, right = m.split(" ") if isinstance(m, str) else m
+        pair = m.split(" ") if isinstance(m, str) else m
+        if len(pair) != 2:
+            fail(f"merge {rank} {m!r} is not a pair of pieces")
+        left, right = pair
         if left not in vocab or right not in vocab or left + right not in vocab:
             fail(f"merge {rank} {left!r} {right!r}: a piece of it or the joined piece is not in the vocab")
         merges.append((vocab[left], vocab[right]))
