@@ -15,10 +15,10 @@ pad then come from the folder's tokenizer_config.json when it has one.
 The last form writes the fixed byte-level tokenizer (no input needed).
 
 Supported tokenizer.json (anything else is refused in one line naming what was
-found): model BPE without dropout, unk_token, byte_fallback, subword prefix or
-suffix (ignore_merges is kept); normalizer null; decoder ByteLevel;
-pre_tokenizer ByteLevel(add_prefix_space=false, use_regex=true) (the GPT-2
-regex), or a Sequence of an optional Digits(individual_digits=true) and then
+found): model BPE without dropout, byte_fallback, subword prefix or suffix, and
+without unk_token unless every byte has a token (ignore_merges is kept);
+normalizer null; decoder ByteLevel; pre_tokenizer ByteLevel(add_prefix_space=false,
+use_regex=true) (the GPT-2 regex), or a Sequence of an optional Digits(individual_digits=true) and then
 either that ByteLevel or Split(the GPT-2 or the Llama 3 regex, Isolated,
 invert=false) + ByteLevel(add_prefix_space=false, use_regex=false); added tokens
 without single_word. The post-processor is ignored: programs add bos themselves.
@@ -315,7 +315,7 @@ def hf_bpe_tokens(json_path):
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         fail(f"model type {model.get('type')!r} is not supported (only BPE)")
-    for key, allowed in (("dropout", (None,)), ("unk_token", (None,)),
+    for key, allowed in (("dropout", (None,)),
                          ("continuing_subword_prefix", (None, "")),
                          ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False)),
                          ("fuse_unk", (None, False))):
@@ -369,6 +369,14 @@ def hf_bpe_tokens(json_path):
         if key in seen:
             fail(f"tokens {seen[key]} and {i} both stand for {key!r}")
         seen[key] = i
+
+    # unk_token stands for a character missing from the vocab: harmless when every byte
+    # has a token (it can never be emitted); otherwise the C++ encoder, which drops such
+    # bytes as a BPE without unk_token does, would differ
+    missing = [b for b in range(256) if bytes([b]) not in seen or tokens[seen[bytes([b])]][2] != TYPE_NORMAL]
+    if model.get("unk_token") is not None and missing:
+        fail(f"model.unk_token = {model['unk_token']!r} is not supported when bytes have no token "
+             f"(0x{missing[0]:02X} and {len(missing) - 1} more)")
 
     merges = []
     for rank, m in enumerate(model.get("merges") or []):
