@@ -18,10 +18,11 @@ Supported tokenizer.json (anything else is refused in one line naming what was
 found): model BPE without dropout, byte_fallback, subword prefix or suffix, and
 without unk_token unless every byte has a token (ignore_merges is kept);
 normalizer null; decoder ByteLevel; pre_tokenizer ByteLevel(add_prefix_space=false,
-use_regex=true) (the GPT-2 regex), or a Sequence of an optional Digits(individual_digits=true) and then
-either that ByteLevel or Split(the GPT-2 or the Llama 3 regex, Isolated,
-invert=false) + ByteLevel(add_prefix_space=false, use_regex=false); added tokens
-without single_word. The post-processor is ignored: programs add bos themselves.
+use_regex=true) (the GPT-2 regex), or a Sequence of an optional
+Digits(individual_digits=true) and then either that ByteLevel or Split(the GPT-2
+or the Llama 3 regex, Isolated, invert=false) + ByteLevel(add_prefix_space=false,
+use_regex=false); added tokens without single_word. The post-processor is
+ignored: programs add bos themselves.
 
 File format (all integers little-endian; must match tokenizer_parse in llm.cu,
 where every field is documented): kinds 0 and 1 are written as version 1
