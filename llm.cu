@@ -5672,6 +5672,8 @@ constexpr char TOKENIZER_UNK_SURFACE[] = " \xE2\x81\x87 ";  // " ⁇ ", Sentence
 // byte (so a multi-byte character arrives over several calls), the unknown
 // token gives " ⁇ ". Concatenating the results equals tokenizer_decode except
 // that invalid UTF-8 from byte tokens is passed through instead of U+FFFD.
+// Byte-level BPE: a token's bytes (a character may arrive over several calls),
+// control tokens "", always equal to tokenizer_decode when concatenated.
 inline std::string tokenizer_decode_piece(const Tokenizer* t, int id, bool* at_start) {
     std::string out;
     if (id < 0 || id >= t->vocab_size) return out;
