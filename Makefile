@@ -24,12 +24,13 @@ endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
 # programs, each built from <name>_SRC
-PROGRAMS = train_sft train_rm train_dpo sample logprobs
+PROGRAMS = train_sft train_rm train_dpo sample logprobs tokenize
 train_sft_SRC = train_sft.cu
 train_rm_SRC = train_rm.cu
 train_dpo_SRC = train_dpo.cu
 sample_SRC = sample.cu
 logprobs_SRC = dev/logprobs.cu
+tokenize_SRC = dev/tokenize.cu
 BENCH = dev/bench_step.cu
 
 TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample build/test_real

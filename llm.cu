@@ -65,7 +65,9 @@ Contents, in file order (search for the quoted heading):
                             reference_load_checked
                             (DPO's frozen reference, refused for another model or other pairs)
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
-  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode
+  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode; byte-level BPE (kind 2):
+                            unicode_class (tables from dev/make_unicode_tables.py), pretoken_end and pretokenize
+                            (the GPT-2 and Llama 3 regexes by hand), bpe_encode_word, tokenizer_encode_bpe
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
   "The chat template"       defines: chat_encode_prompt, mfu_text
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
@@ -4835,26 +4837,46 @@ inline std::vector<ArchiveEntry> archive_load(const char* path) {
 //
 // FILE FORMAT (".tokenizer", written by dev/export_tokenizer.py). All integers
 // are little-endian; the file is read whole and every field is checked.
+// Version 2 adds kind 2 and a longer header; version 1 files (kinds 0 and 1,
+// 40-byte header) are still read, and the exporter still writes kinds 0 and 1
+// as version 1, since nothing of theirs changed.
 //
 //   offset  size  field
 //   0       8     magic "XWINTOKN"
-//   8       4     u32 version = 1
-//   12      4     u32 kind: 0 = SentencePiece-style BPE (Llama 2), 1 = byte-level
+//   8       4     u32 version: 1 or 2
+//   12      4     u32 kind: 0 = SentencePiece-style BPE (Llama 2), 1 = byte-level,
+//                 2 = byte-level BPE (GPT-2, Llama 3, SmolLM2; version 2 only)
 //   16      4     u32 vocab_size: number of token records that follow (>= 1)
 //   20      4     i32 bos_id  (-1 = none; otherwise a control token)
 //   24      4     i32 eos_id  (-1 = none; otherwise a control token)
 //   28      4     i32 unk_id  (-1 = none; kind 0: must be the one unknown token)
 //   32      4     i32 pad_id  (-1 = none; otherwise a control token)
-//   36      4     u32 flags: bit 0 add_dummy_prefix, bit 1 byte_fallback
-//                 (kind 0 only; other bits must be zero)
-//   40      ...   vocab_size token records, in id order:
-//                   f32 score (finite; BPE merge priority, larger merges first)
-//                   u8  type: 0 normal, 1 byte, 2 control, 3 unknown
+//   36      4     u32 flags: bit 0 add_dummy_prefix, bit 1 byte_fallback (kind 0 only);
+//                 bit 2 individual_digits, bit 3 ignore_merges (kind 2 only);
+//                 other bits must be zero
+//   version 2 only:
+//   40      4     u32 pre_tokenizer: kind 2: 1 = the GPT-2 regex, 2 = the Llama 3 regex
+//                 (below); kinds 0 and 1: 0
+//   44      4     u32 n_merges (kind 2; else 0)
+//   48      4     u32 n_added: added-token records (kind 2; else 0)
+//   52      12    reserved, zero
+//   40 / 64 ...   vocab_size token records, in id order:
+//                   f32 score (finite; kind 0: BPE merge priority, larger merges
+//                   first; kinds 1 and 2: 0)
+//                   u8  type: 0 normal, 1 byte, 2 control, 3 unknown, 4 added
 //                   u16 piece length in bytes (>= 1)
-//                   piece bytes: normal pieces are UTF-8 with spaces written as
-//                   U+2581 "▁"; byte pieces are exactly "<0xNN>" (uppercase hex)
+//                   piece bytes: kind 0 normal pieces are UTF-8 with spaces written
+//                   as U+2581 "▁"; byte pieces are exactly "<0xNN>" (uppercase hex)
 //                   standing for the raw byte NN; control/unknown pieces are
-//                   names such as "<s>" or "<unk>".
+//                   names such as "<s>" or "<unk>". Kind 2: see below.
+//   kind 2, after the token records:
+//                 n_merges merge records in rank order (rank 0 merges first):
+//                   u32 left id, u32 right id (normal tokens; the token whose piece
+//                   is the two pieces joined must exist; no pair twice)
+//                 n_added added-token records, ids ascending:
+//                   u32 id (a control or added token; every one has a record)
+//                   u32 flags: bit 0 lstrip, bit 1 rstrip, bit 2 normalized
+//                   (other bits zero; single_word is not supported)
 //   The file ends right after the last record. Pieces are unique.
 //
 // Kind 0 reproduces SentencePiece's BPE encoder for Llama-2-style models
@@ -4866,16 +4888,39 @@ inline std::vector<ArchiveEntry> archive_load(const char* path) {
 // followed only by control tokens; dev/export_tokenizer.py --byte-level writes
 // 256 = "<s>" (bos), 257 = "</s>" (eos), 258 = "<pad>" (pad), vocab_size 259.
 // Encoding is the identity on bytes, decoding concatenates bytes.
+//
+// Kind 2 (byte-level BPE) reproduces Hugging Face tokenizers' BPE model behind a
+// ByteLevel pre-tokenizer, no normalizer, ByteLevel decoder (Llama 3, GPT-2,
+// SmolLM2). Normal pieces are stored as the RAW BYTES they stand for, not in
+// GPT-2's printable "ByteLevel" alphabet (the exporter maps "Ġ" back to ' ' and so
+// on), so they need not be UTF-8; each of the 256 single bytes should be a
+// normal piece (a byte without one is dropped when encoding, as tokenizers drops a
+// character that is not in the vocabulary of a BPE without unk_token: SmolLM2 lacks
+// a few control bytes). Control tokens are the special added tokens and added tokens (4)
+// the others; their pieces are their text (UTF-8). Merges name their two tokens
+// by id. unk_id must be -1. See tokenizer_encode for the algorithm.
 
 constexpr char TOKENIZER_MAGIC[8] = {'X', 'W', 'I', 'N', 'T', 'O', 'K', 'N'};
-constexpr uint32_t TOKENIZER_VERSION = 1;
-constexpr size_t TOKENIZER_HEADER_BYTES = 40;
+constexpr uint32_t TOKENIZER_VERSION = 2;          // the newest version this build reads
+constexpr size_t TOKENIZER_HEADER_BYTES_V1 = 40;
+constexpr size_t TOKENIZER_HEADER_BYTES = 64;      // version 2
 constexpr size_t TOKENIZER_RECORD_BYTES = 7;  // score + type + length, before the piece
 
-enum TokenizerKind { TOKENIZER_SENTENCEPIECE_BPE = 0, TOKENIZER_BYTE_LEVEL = 1 };
-enum TokenType { TOKEN_NORMAL = 0, TOKEN_BYTE = 1, TOKEN_CONTROL = 2, TOKEN_UNKNOWN = 3 };
+enum TokenizerKind { TOKENIZER_SENTENCEPIECE_BPE = 0, TOKENIZER_BYTE_LEVEL = 1, TOKENIZER_BYTE_LEVEL_BPE = 2 };
+enum TokenType { TOKEN_NORMAL = 0, TOKEN_BYTE = 1, TOKEN_CONTROL = 2, TOKEN_UNKNOWN = 3, TOKEN_ADDED = 4 };
+enum PreTokenizer { PRETOKENIZER_NONE = 0, PRETOKENIZER_GPT2 = 1, PRETOKENIZER_LLAMA3 = 2 };
 constexpr uint32_t TOKENIZER_FLAG_ADD_DUMMY_PREFIX = 1u << 0;
 constexpr uint32_t TOKENIZER_FLAG_BYTE_FALLBACK = 1u << 1;
+constexpr uint32_t TOKENIZER_FLAG_INDIVIDUAL_DIGITS = 1u << 2;
+constexpr uint32_t TOKENIZER_FLAG_IGNORE_MERGES = 1u << 3;
+constexpr uint32_t ADDED_TOKEN_LSTRIP = 1u << 0;
+constexpr uint32_t ADDED_TOKEN_RSTRIP = 1u << 1;
+constexpr uint32_t ADDED_TOKEN_NORMALIZED = 1u << 2;
+
+struct AddedToken {
+    int id;
+    uint32_t flags;  // ADDED_TOKEN_*
+};
 
 struct Tokenizer {
     int kind = -1;
@@ -4889,6 +4934,17 @@ struct Tokenizer {
     std::vector<int> token_byte;      // by id: the byte a byte token stands for, else -1
     int byte_ids[256] = {};           // id of the token for each byte, -1 if none (set by loading)
     std::vector<int> piece_table;     // open-addressing hash of ids keyed by piece, -1 = empty
+    // kind 2 (byte-level BPE)
+    int pre_tokenizer = PRETOKENIZER_NONE;
+    bool individual_digits = false;   // each \p{N} character is its own pre-token first
+    bool ignore_merges = false;       // a pre-token that is a normal piece is that one token
+    int n_merges = 0;
+    std::vector<uint64_t> merge_keys;     // open-addressing hash keyed by left << 32 | right,
+    std::vector<int> merge_ranks;         // ~0ull = empty; rank and result id per slot
+    std::vector<int> merge_results;
+    std::vector<AddedToken> added;        // ids ascending
+    std::vector<int> added_by_byte[256];  // indices into added by the first byte of the
+                                          // piece, longest piece first
 };
 
 inline uint64_t tokenizer_hash(const char* s, size_t n) {
@@ -4946,6 +5002,17 @@ inline void tokenizer_free(Tokenizer* t) {
     std::fill(t->byte_ids, t->byte_ids + 256, -1);
 }
 
+inline uint64_t tokenizer_merge_key(int left, int right) { return ((uint64_t)(uint32_t)left << 32) | (uint32_t)right; }
+
+// The slot of the merge (left, right) in t->merge_keys: the pair's slot, or the empty
+// slot where it would go.
+inline size_t tokenizer_merge_slot(const Tokenizer* t, uint64_t key) {
+    size_t mask = t->merge_keys.size() - 1;
+    size_t slot = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & mask;
+    while (t->merge_keys[slot] != ~0ull && t->merge_keys[slot] != key) slot = (slot + 1) & mask;
+    return slot;
+}
+
 // Parses a tokenizer file held in memory into *t. Returns "" on success, else
 // a one-line description of the first problem found (and *t is left empty).
 inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size_t size) {
@@ -4961,32 +5028,61 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
     if (size == 0) return fail("empty file");
     bool magic_ok = std::memcmp(data, TOKENIZER_MAGIC, std::min(size, sizeof TOKENIZER_MAGIC)) == 0;
     if (!magic_ok) return fail("bad magic: not a tokenizer file (expected \"XWINTOKN\")");
-    if (size < TOKENIZER_HEADER_BYTES)
+    if (size < TOKENIZER_HEADER_BYTES_V1)
         return fail(string_format("truncated: %zu bytes, the header needs %zu", size,
-                                     TOKENIZER_HEADER_BYTES));
+                                     TOKENIZER_HEADER_BYTES_V1));
     uint32_t version = u32_at(8), kind = u32_at(12), vocab = u32_at(16), flags = u32_at(36);
     int32_t bos = (int32_t)u32_at(20), eos = (int32_t)u32_at(24), unk = (int32_t)u32_at(28),
             pad = (int32_t)u32_at(32);
-    if (version != TOKENIZER_VERSION)
-        return fail(string_format("unsupported version %u (this build reads version %u)",
+    if (version != 1 && version != TOKENIZER_VERSION)
+        return fail(string_format("unsupported version %u (this build reads versions 1 and %u)",
                                      version, TOKENIZER_VERSION));
-    if (kind != TOKENIZER_SENTENCEPIECE_BPE && kind != TOKENIZER_BYTE_LEVEL)
-        return fail(string_format("unknown kind %u (0 = sentencepiece bpe, 1 = byte-level)", kind));
-    size_t remaining = size - TOKENIZER_HEADER_BYTES;
+    size_t header = version == 1 ? TOKENIZER_HEADER_BYTES_V1 : TOKENIZER_HEADER_BYTES;
+    if (size < header)
+        return fail(string_format("truncated: %zu bytes, the version %u header needs %zu", size, version, header));
+    uint32_t pre_tokenizer = 0, n_merges = 0, n_added = 0;
+    if (version >= 2) {
+        pre_tokenizer = u32_at(40);
+        n_merges = u32_at(44);
+        n_added = u32_at(48);
+        for (size_t off = 52; off < TOKENIZER_HEADER_BYTES; off++)
+            if (data[off] != 0) return fail(string_format("reserved header byte %zu is not zero", off));
+    }
+    if (kind != TOKENIZER_SENTENCEPIECE_BPE && kind != TOKENIZER_BYTE_LEVEL && kind != TOKENIZER_BYTE_LEVEL_BPE)
+        return fail(string_format("unknown kind %u (0 = sentencepiece bpe, 1 = byte-level, 2 = byte-level bpe)", kind));
+    if (kind == TOKENIZER_BYTE_LEVEL_BPE && version < 2)
+        return fail("kind 2 (byte-level bpe) needs version 2");
+    size_t remaining = size - header;
     if (vocab == 0) return fail("vocab_size is 0");
     if (vocab > 0x7FFFFFFFu || (uint64_t)vocab * (TOKENIZER_RECORD_BYTES + 1) > remaining)
         return fail(string_format(
             "truncated: vocab_size %u needs at least %llu bytes of token records, %zu remain", vocab,
             (unsigned long long)vocab * (TOKENIZER_RECORD_BYTES + 1), remaining));
-    uint32_t known_flags = TOKENIZER_FLAG_ADD_DUMMY_PREFIX | TOKENIZER_FLAG_BYTE_FALLBACK;
+    uint32_t known_flags = TOKENIZER_FLAG_ADD_DUMMY_PREFIX | TOKENIZER_FLAG_BYTE_FALLBACK |
+                           TOKENIZER_FLAG_INDIVIDUAL_DIGITS | TOKENIZER_FLAG_IGNORE_MERGES;
     if (flags & ~known_flags) return fail(string_format("unknown flag bits 0x%x", flags & ~known_flags));
     if (kind == TOKENIZER_BYTE_LEVEL && flags != 0)
         return fail(string_format("byte-level tokenizer with flags 0x%x (must be 0)", flags));
+    uint32_t kind_flags = kind == TOKENIZER_SENTENCEPIECE_BPE   ? TOKENIZER_FLAG_ADD_DUMMY_PREFIX | TOKENIZER_FLAG_BYTE_FALLBACK
+                          : kind == TOKENIZER_BYTE_LEVEL_BPE ? TOKENIZER_FLAG_INDIVIDUAL_DIGITS | TOKENIZER_FLAG_IGNORE_MERGES
+                                                             : 0;
+    if (flags & ~kind_flags)
+        return fail(string_format("flag bits 0x%x do not belong to kind %u", flags & ~kind_flags, kind));
+    if (kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        if (pre_tokenizer != PRETOKENIZER_GPT2 && pre_tokenizer != PRETOKENIZER_LLAMA3)
+            return fail(string_format("byte-level bpe with pre_tokenizer %u (1 = gpt-2 regex, 2 = llama 3 regex)", pre_tokenizer));
+    } else if (pre_tokenizer != 0 || n_merges != 0 || n_added != 0) {
+        return fail(string_format("kind %u with pre_tokenizer %u, %u merges, %u added tokens (must all be 0)", kind,
+                                  pre_tokenizer, n_merges, n_added));
+    }
 
     t->kind = (int)kind;
     t->vocab_size = (int)vocab;
     t->add_dummy_prefix = (flags & TOKENIZER_FLAG_ADD_DUMMY_PREFIX) != 0;
     t->byte_fallback = (flags & TOKENIZER_FLAG_BYTE_FALLBACK) != 0;
+    t->individual_digits = (flags & TOKENIZER_FLAG_INDIVIDUAL_DIGITS) != 0;
+    t->ignore_merges = (flags & TOKENIZER_FLAG_IGNORE_MERGES) != 0;
+    t->pre_tokenizer = (int)pre_tokenizer;
     t->pieces.resize(vocab);
     t->scores.resize(vocab);
     t->types.resize(vocab);
@@ -4995,7 +5091,7 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
     while (table_size < 2 * (size_t)vocab) table_size *= 2;
     t->piece_table.assign(table_size, -1);
 
-    size_t pos = TOKENIZER_HEADER_BYTES;
+    size_t pos = header;
     int unknown_count = 0;
     for (int id = 0; id < (int)vocab; id++) {
         if (size - pos < TOKENIZER_RECORD_BYTES)
@@ -5008,7 +5104,7 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
         size_t len = (size_t)data[pos + 5] | ((size_t)data[pos + 6] << 8);
         pos += TOKENIZER_RECORD_BYTES;
         if (!std::isfinite(score)) return fail(string_format("token %d: score is not finite", id));
-        if (type > TOKEN_UNKNOWN) return fail(string_format("token %d: unknown type %u", id, type));
+        if (type > TOKEN_ADDED) return fail(string_format("token %d: unknown type %u", id, type));
         if (len == 0) return fail(string_format("token %d: empty piece", id));
         if (len > size - pos)
             return fail(string_format(
@@ -5016,7 +5112,16 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
                 id, len, pos, size - pos));
         const char* piece = (const char*)data + pos;
         pos += len;
-        if (type == TOKEN_NORMAL) {
+        if (kind == TOKENIZER_BYTE_LEVEL_BPE) {
+            if (score != 0.0f) return fail(string_format("token %d: byte-level bpe score must be 0", id));
+            if (type != TOKEN_NORMAL && type != TOKEN_CONTROL && type != TOKEN_ADDED)
+                return fail(string_format("token %d: byte-level bpe token of type %u (0 normal, 2 control, 4 added)", id, type));
+            if (type == TOKEN_NORMAL && len == 1) t->byte_ids[(unsigned char)piece[0]] = id;
+        } else if (type == TOKEN_ADDED) {
+            return fail(string_format("token %d: added tokens belong to kind 2", id));
+        }
+        bool check_utf8 = kind == TOKENIZER_BYTE_LEVEL_BPE ? type != TOKEN_NORMAL : type == TOKEN_NORMAL;
+        if (check_utf8) {
             for (size_t i = 0; i < len;) {
                 size_t n = tokenizer_utf8_len(piece + i, len - i);
                 if (n == 0) return fail(string_format("token %d: piece is not valid UTF-8", id));
@@ -5049,7 +5154,73 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
         t->scores[id] = score;
         t->types[id] = (uint8_t)type;
     }
-    if (pos != size) return fail(string_format("%zu trailing bytes after the last token record", size - pos));
+
+    if (kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        // merges in rank order, each into the token that spells the pair
+        if ((uint64_t)n_merges * 8 > size - pos)
+            return fail(string_format("truncated: %u merges need %llu bytes at offset %zu, %zu remain", n_merges,
+                                      (unsigned long long)n_merges * 8, pos, size - pos));
+        size_t merge_table = 16;
+        while (merge_table < 2 * (size_t)n_merges) merge_table *= 2;
+        t->merge_keys.assign(merge_table, ~0ull);
+        t->merge_ranks.assign(merge_table, -1);
+        t->merge_results.assign(merge_table, -1);
+        std::string joined;
+        for (uint32_t rank = 0; rank < n_merges; rank++, pos += 8) {
+            uint32_t left = u32_at(pos), right = u32_at(pos + 4);
+            if (left >= vocab || right >= vocab)
+                return fail(string_format("merge %u: token %u is out of range (vocab_size %u)", rank,
+                                          left >= vocab ? left : right, vocab));
+            if (t->types[left] != TOKEN_NORMAL || t->types[right] != TOKEN_NORMAL)
+                return fail(string_format("merge %u: token %u is not a normal token", rank,
+                                          t->types[left] != TOKEN_NORMAL ? left : right));
+            joined = t->pieces[left] + t->pieces[right];
+            int result = tokenizer_find_piece(t, joined.data(), joined.size());
+            if (result < 0)
+                return fail(string_format("merge %u: tokens %u and %u join into a piece that is not in the vocabulary",
+                                          rank, left, right));
+            uint64_t key = tokenizer_merge_key((int)left, (int)right);
+            size_t slot = tokenizer_merge_slot(t, key);
+            if (t->merge_keys[slot] == key)
+                return fail(string_format("merge %u: the pair %u %u is merge %d already", rank, left, right,
+                                          t->merge_ranks[slot]));
+            t->merge_keys[slot] = key;
+            t->merge_ranks[slot] = (int)rank;
+            t->merge_results[slot] = result;
+        }
+        t->n_merges = (int)n_merges;
+        // added tokens: every control or added token has one record, ids ascending
+        if ((uint64_t)n_added * 8 > size - pos)
+            return fail(string_format("truncated: %u added tokens need %llu bytes at offset %zu, %zu remain", n_added,
+                                      (unsigned long long)n_added * 8, pos, size - pos));
+        for (uint32_t i = 0; i < n_added; i++, pos += 8) {
+            uint32_t id = u32_at(pos), added_flags = u32_at(pos + 4);
+            uint32_t known = ADDED_TOKEN_LSTRIP | ADDED_TOKEN_RSTRIP | ADDED_TOKEN_NORMALIZED;
+            if (id >= vocab)
+                return fail(string_format("added token %u: id %u is out of range (vocab_size %u)", i, id, vocab));
+            if (!t->added.empty() && (int)id <= t->added.back().id)
+                return fail(string_format("added token %u: id %u does not follow id %d (ids must ascend)", i, id,
+                                          t->added.back().id));
+            if (t->types[id] != TOKEN_CONTROL && t->types[id] != TOKEN_ADDED)
+                return fail(string_format("added token %u: token %u is neither a control nor an added token", i, id));
+            if (added_flags & ~known)
+                return fail(string_format("added token %u: unknown flag bits 0x%x", i, added_flags & ~known));
+            t->added.push_back(AddedToken{(int)id, added_flags});
+        }
+        size_t n_special = 0;
+        for (int id = 0; id < (int)vocab; id++) n_special += t->types[id] == TOKEN_CONTROL || t->types[id] == TOKEN_ADDED;
+        if (n_special != t->added.size())
+            return fail(string_format("%zu control and added tokens but %zu added-token records", n_special,
+                                      t->added.size()));
+        for (size_t i = 0; i < t->added.size(); i++)
+            t->added_by_byte[(unsigned char)t->pieces[t->added[i].id][0]].push_back((int)i);
+        for (std::vector<int>& bucket : t->added_by_byte)
+            std::stable_sort(bucket.begin(), bucket.end(), [&](int a, int b) {
+                return t->pieces[t->added[a].id].size() > t->pieces[t->added[b].id].size();
+            });
+    }
+    if (pos != size) return fail(string_format("%zu trailing bytes after the last %s record", size - pos,
+                                               kind == TOKENIZER_BYTE_LEVEL_BPE ? "added-token" : "token"));
 
     struct NamedId { const char* name; int32_t id; };
     const NamedId specials[3] = {{"bos_id", bos}, {"eos_id", eos}, {"pad_id", pad}};
@@ -5071,6 +5242,8 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
             for (int b = 0; b < 256; b++)
                 if (t->byte_ids[b] < 0)
                     return fail(string_format("byte_fallback is set but byte <0x%02X> has no token", b));
+    } else if (kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        if (unk != -1) return fail(string_format("byte-level bpe tokenizer with unk_id %d (must be -1)", unk));
     } else {
         if (unk != -1) return fail(string_format("byte-level tokenizer with unk_id %d (must be -1)", unk));
         if (vocab < 256) return fail(string_format("byte-level tokenizer with vocab_size %u < 256", vocab));
@@ -5110,6 +5283,480 @@ inline void tokenizer_load(Tokenizer* t, const char* path) {
     if (!err.empty()) fail_file(path, "%s", err.c_str());
 }
 
+// ---- byte-level BPE (kind 2): Unicode classes, the pre-tokenizer, merges by rank
+
+// The classes the pre-tokenizer regexes look at: \p{L}, \p{N}, \s, and everything else.
+// Bytes that do not start a valid UTF-8 character are each one character of class
+// "other" (as U+FFFD would be).
+// The tables follow what the tokenizers package does, not Python's unicodedata (Unicode
+// 14.0 in Python 3.11): its regex engine knows Unicode 16's letters (U+1C89) and its
+// Digits pre-tokenizer (Rust's char::is_numeric) Unicode 17's digits (U+11DE0), hence
+// a fourth table for the individual-digits split.
+enum CharClass : uint8_t { CHAR_OTHER = 0, CHAR_LETTER = 1, CHAR_NUMBER = 2, CHAR_SPACE = 3 };
+
+// BEGIN unicode tables
+// Generated by dev/make_unicode_tables.py from Python unicodedata 14.0.0, corrected to what the tokenizers package does; do not edit.
+// Inclusive code point ranges, sorted: \p{L}, \p{N} and \s of the pre-tokenizer regexes,
+// and the characters the Digits pre-tokenizer splits off (Rust's char::is_numeric).
+static const uint32_t UNICODE_LETTER_RANGES[][2] = {  // 677 ranges
+    {0x41, 0x5A}, {0x61, 0x7A}, {0xAA, 0xAA}, {0xB5, 0xB5}, {0xBA, 0xBA}, {0xC0, 0xD6},
+    {0xD8, 0xF6}, {0xF8, 0x2C1}, {0x2C6, 0x2D1}, {0x2E0, 0x2E4}, {0x2EC, 0x2EC}, {0x2EE, 0x2EE},
+    {0x370, 0x374}, {0x376, 0x377}, {0x37A, 0x37D}, {0x37F, 0x37F}, {0x386, 0x386}, {0x388, 0x38A},
+    {0x38C, 0x38C}, {0x38E, 0x3A1}, {0x3A3, 0x3F5}, {0x3F7, 0x481}, {0x48A, 0x52F}, {0x531, 0x556},
+    {0x559, 0x559}, {0x560, 0x588}, {0x5D0, 0x5EA}, {0x5EF, 0x5F2}, {0x620, 0x64A}, {0x66E, 0x66F},
+    {0x671, 0x6D3}, {0x6D5, 0x6D5}, {0x6E5, 0x6E6}, {0x6EE, 0x6EF}, {0x6FA, 0x6FC}, {0x6FF, 0x6FF},
+    {0x710, 0x710}, {0x712, 0x72F}, {0x74D, 0x7A5}, {0x7B1, 0x7B1}, {0x7CA, 0x7EA}, {0x7F4, 0x7F5},
+    {0x7FA, 0x7FA}, {0x800, 0x815}, {0x81A, 0x81A}, {0x824, 0x824}, {0x828, 0x828}, {0x840, 0x858},
+    {0x860, 0x86A}, {0x870, 0x887}, {0x889, 0x88E}, {0x8A0, 0x8C9}, {0x904, 0x939}, {0x93D, 0x93D},
+    {0x950, 0x950}, {0x958, 0x961}, {0x971, 0x980}, {0x985, 0x98C}, {0x98F, 0x990}, {0x993, 0x9A8},
+    {0x9AA, 0x9B0}, {0x9B2, 0x9B2}, {0x9B6, 0x9B9}, {0x9BD, 0x9BD}, {0x9CE, 0x9CE}, {0x9DC, 0x9DD},
+    {0x9DF, 0x9E1}, {0x9F0, 0x9F1}, {0x9FC, 0x9FC}, {0xA05, 0xA0A}, {0xA0F, 0xA10}, {0xA13, 0xA28},
+    {0xA2A, 0xA30}, {0xA32, 0xA33}, {0xA35, 0xA36}, {0xA38, 0xA39}, {0xA59, 0xA5C}, {0xA5E, 0xA5E},
+    {0xA72, 0xA74}, {0xA85, 0xA8D}, {0xA8F, 0xA91}, {0xA93, 0xAA8}, {0xAAA, 0xAB0}, {0xAB2, 0xAB3},
+    {0xAB5, 0xAB9}, {0xABD, 0xABD}, {0xAD0, 0xAD0}, {0xAE0, 0xAE1}, {0xAF9, 0xAF9}, {0xB05, 0xB0C},
+    {0xB0F, 0xB10}, {0xB13, 0xB28}, {0xB2A, 0xB30}, {0xB32, 0xB33}, {0xB35, 0xB39}, {0xB3D, 0xB3D},
+    {0xB5C, 0xB5D}, {0xB5F, 0xB61}, {0xB71, 0xB71}, {0xB83, 0xB83}, {0xB85, 0xB8A}, {0xB8E, 0xB90},
+    {0xB92, 0xB95}, {0xB99, 0xB9A}, {0xB9C, 0xB9C}, {0xB9E, 0xB9F}, {0xBA3, 0xBA4}, {0xBA8, 0xBAA},
+    {0xBAE, 0xBB9}, {0xBD0, 0xBD0}, {0xC05, 0xC0C}, {0xC0E, 0xC10}, {0xC12, 0xC28}, {0xC2A, 0xC39},
+    {0xC3D, 0xC3D}, {0xC58, 0xC5A}, {0xC5D, 0xC5D}, {0xC60, 0xC61}, {0xC80, 0xC80}, {0xC85, 0xC8C},
+    {0xC8E, 0xC90}, {0xC92, 0xCA8}, {0xCAA, 0xCB3}, {0xCB5, 0xCB9}, {0xCBD, 0xCBD}, {0xCDD, 0xCDE},
+    {0xCE0, 0xCE1}, {0xCF1, 0xCF2}, {0xD04, 0xD0C}, {0xD0E, 0xD10}, {0xD12, 0xD3A}, {0xD3D, 0xD3D},
+    {0xD4E, 0xD4E}, {0xD54, 0xD56}, {0xD5F, 0xD61}, {0xD7A, 0xD7F}, {0xD85, 0xD96}, {0xD9A, 0xDB1},
+    {0xDB3, 0xDBB}, {0xDBD, 0xDBD}, {0xDC0, 0xDC6}, {0xE01, 0xE30}, {0xE32, 0xE33}, {0xE40, 0xE46},
+    {0xE81, 0xE82}, {0xE84, 0xE84}, {0xE86, 0xE8A}, {0xE8C, 0xEA3}, {0xEA5, 0xEA5}, {0xEA7, 0xEB0},
+    {0xEB2, 0xEB3}, {0xEBD, 0xEBD}, {0xEC0, 0xEC4}, {0xEC6, 0xEC6}, {0xEDC, 0xEDF}, {0xF00, 0xF00},
+    {0xF40, 0xF47}, {0xF49, 0xF6C}, {0xF88, 0xF8C}, {0x1000, 0x102A}, {0x103F, 0x103F}, {0x1050, 0x1055},
+    {0x105A, 0x105D}, {0x1061, 0x1061}, {0x1065, 0x1066}, {0x106E, 0x1070}, {0x1075, 0x1081}, {0x108E, 0x108E},
+    {0x10A0, 0x10C5}, {0x10C7, 0x10C7}, {0x10CD, 0x10CD}, {0x10D0, 0x10FA}, {0x10FC, 0x1248}, {0x124A, 0x124D},
+    {0x1250, 0x1256}, {0x1258, 0x1258}, {0x125A, 0x125D}, {0x1260, 0x1288}, {0x128A, 0x128D}, {0x1290, 0x12B0},
+    {0x12B2, 0x12B5}, {0x12B8, 0x12BE}, {0x12C0, 0x12C0}, {0x12C2, 0x12C5}, {0x12C8, 0x12D6}, {0x12D8, 0x1310},
+    {0x1312, 0x1315}, {0x1318, 0x135A}, {0x1380, 0x138F}, {0x13A0, 0x13F5}, {0x13F8, 0x13FD}, {0x1401, 0x166C},
+    {0x166F, 0x167F}, {0x1681, 0x169A}, {0x16A0, 0x16EA}, {0x16F1, 0x16F8}, {0x1700, 0x1711}, {0x171F, 0x1731},
+    {0x1740, 0x1751}, {0x1760, 0x176C}, {0x176E, 0x1770}, {0x1780, 0x17B3}, {0x17D7, 0x17D7}, {0x17DC, 0x17DC},
+    {0x1820, 0x1878}, {0x1880, 0x1884}, {0x1887, 0x18A8}, {0x18AA, 0x18AA}, {0x18B0, 0x18F5}, {0x1900, 0x191E},
+    {0x1950, 0x196D}, {0x1970, 0x1974}, {0x1980, 0x19AB}, {0x19B0, 0x19C9}, {0x1A00, 0x1A16}, {0x1A20, 0x1A54},
+    {0x1AA7, 0x1AA7}, {0x1B05, 0x1B33}, {0x1B45, 0x1B4C}, {0x1B83, 0x1BA0}, {0x1BAE, 0x1BAF}, {0x1BBA, 0x1BE5},
+    {0x1C00, 0x1C23}, {0x1C4D, 0x1C4F}, {0x1C5A, 0x1C7D}, {0x1C80, 0x1C8A}, {0x1C90, 0x1CBA}, {0x1CBD, 0x1CBF},
+    {0x1CE9, 0x1CEC}, {0x1CEE, 0x1CF3}, {0x1CF5, 0x1CF6}, {0x1CFA, 0x1CFA}, {0x1D00, 0x1DBF}, {0x1E00, 0x1F15},
+    {0x1F18, 0x1F1D}, {0x1F20, 0x1F45}, {0x1F48, 0x1F4D}, {0x1F50, 0x1F57}, {0x1F59, 0x1F59}, {0x1F5B, 0x1F5B},
+    {0x1F5D, 0x1F5D}, {0x1F5F, 0x1F7D}, {0x1F80, 0x1FB4}, {0x1FB6, 0x1FBC}, {0x1FBE, 0x1FBE}, {0x1FC2, 0x1FC4},
+    {0x1FC6, 0x1FCC}, {0x1FD0, 0x1FD3}, {0x1FD6, 0x1FDB}, {0x1FE0, 0x1FEC}, {0x1FF2, 0x1FF4}, {0x1FF6, 0x1FFC},
+    {0x2071, 0x2071}, {0x207F, 0x207F}, {0x2090, 0x209C}, {0x2102, 0x2102}, {0x2107, 0x2107}, {0x210A, 0x2113},
+    {0x2115, 0x2115}, {0x2119, 0x211D}, {0x2124, 0x2124}, {0x2126, 0x2126}, {0x2128, 0x2128}, {0x212A, 0x212D},
+    {0x212F, 0x2139}, {0x213C, 0x213F}, {0x2145, 0x2149}, {0x214E, 0x214E}, {0x2183, 0x2184}, {0x2C00, 0x2CE4},
+    {0x2CEB, 0x2CEE}, {0x2CF2, 0x2CF3}, {0x2D00, 0x2D25}, {0x2D27, 0x2D27}, {0x2D2D, 0x2D2D}, {0x2D30, 0x2D67},
+    {0x2D6F, 0x2D6F}, {0x2D80, 0x2D96}, {0x2DA0, 0x2DA6}, {0x2DA8, 0x2DAE}, {0x2DB0, 0x2DB6}, {0x2DB8, 0x2DBE},
+    {0x2DC0, 0x2DC6}, {0x2DC8, 0x2DCE}, {0x2DD0, 0x2DD6}, {0x2DD8, 0x2DDE}, {0x2E2F, 0x2E2F}, {0x3005, 0x3006},
+    {0x3031, 0x3035}, {0x303B, 0x303C}, {0x3041, 0x3096}, {0x309D, 0x309F}, {0x30A1, 0x30FA}, {0x30FC, 0x30FF},
+    {0x3105, 0x312F}, {0x3131, 0x318E}, {0x31A0, 0x31BF}, {0x31F0, 0x31FF}, {0x3400, 0x4DBF}, {0x4E00, 0xA48C},
+    {0xA4D0, 0xA4FD}, {0xA500, 0xA60C}, {0xA610, 0xA61F}, {0xA62A, 0xA62B}, {0xA640, 0xA66E}, {0xA67F, 0xA69D},
+    {0xA6A0, 0xA6E5}, {0xA717, 0xA71F}, {0xA722, 0xA788}, {0xA78B, 0xA7CD}, {0xA7D0, 0xA7D1}, {0xA7D3, 0xA7D3},
+    {0xA7D5, 0xA7DC}, {0xA7F2, 0xA801}, {0xA803, 0xA805}, {0xA807, 0xA80A}, {0xA80C, 0xA822}, {0xA840, 0xA873},
+    {0xA882, 0xA8B3}, {0xA8F2, 0xA8F7}, {0xA8FB, 0xA8FB}, {0xA8FD, 0xA8FE}, {0xA90A, 0xA925}, {0xA930, 0xA946},
+    {0xA960, 0xA97C}, {0xA984, 0xA9B2}, {0xA9CF, 0xA9CF}, {0xA9E0, 0xA9E4}, {0xA9E6, 0xA9EF}, {0xA9FA, 0xA9FE},
+    {0xAA00, 0xAA28}, {0xAA40, 0xAA42}, {0xAA44, 0xAA4B}, {0xAA60, 0xAA76}, {0xAA7A, 0xAA7A}, {0xAA7E, 0xAAAF},
+    {0xAAB1, 0xAAB1}, {0xAAB5, 0xAAB6}, {0xAAB9, 0xAABD}, {0xAAC0, 0xAAC0}, {0xAAC2, 0xAAC2}, {0xAADB, 0xAADD},
+    {0xAAE0, 0xAAEA}, {0xAAF2, 0xAAF4}, {0xAB01, 0xAB06}, {0xAB09, 0xAB0E}, {0xAB11, 0xAB16}, {0xAB20, 0xAB26},
+    {0xAB28, 0xAB2E}, {0xAB30, 0xAB5A}, {0xAB5C, 0xAB69}, {0xAB70, 0xABE2}, {0xAC00, 0xD7A3}, {0xD7B0, 0xD7C6},
+    {0xD7CB, 0xD7FB}, {0xF900, 0xFA6D}, {0xFA70, 0xFAD9}, {0xFB00, 0xFB06}, {0xFB13, 0xFB17}, {0xFB1D, 0xFB1D},
+    {0xFB1F, 0xFB28}, {0xFB2A, 0xFB36}, {0xFB38, 0xFB3C}, {0xFB3E, 0xFB3E}, {0xFB40, 0xFB41}, {0xFB43, 0xFB44},
+    {0xFB46, 0xFBB1}, {0xFBD3, 0xFD3D}, {0xFD50, 0xFD8F}, {0xFD92, 0xFDC7}, {0xFDF0, 0xFDFB}, {0xFE70, 0xFE74},
+    {0xFE76, 0xFEFC}, {0xFF21, 0xFF3A}, {0xFF41, 0xFF5A}, {0xFF66, 0xFFBE}, {0xFFC2, 0xFFC7}, {0xFFCA, 0xFFCF},
+    {0xFFD2, 0xFFD7}, {0xFFDA, 0xFFDC}, {0x10000, 0x1000B}, {0x1000D, 0x10026}, {0x10028, 0x1003A}, {0x1003C, 0x1003D},
+    {0x1003F, 0x1004D}, {0x10050, 0x1005D}, {0x10080, 0x100FA}, {0x10280, 0x1029C}, {0x102A0, 0x102D0}, {0x10300, 0x1031F},
+    {0x1032D, 0x10340}, {0x10342, 0x10349}, {0x10350, 0x10375}, {0x10380, 0x1039D}, {0x103A0, 0x103C3}, {0x103C8, 0x103CF},
+    {0x10400, 0x1049D}, {0x104B0, 0x104D3}, {0x104D8, 0x104FB}, {0x10500, 0x10527}, {0x10530, 0x10563}, {0x10570, 0x1057A},
+    {0x1057C, 0x1058A}, {0x1058C, 0x10592}, {0x10594, 0x10595}, {0x10597, 0x105A1}, {0x105A3, 0x105B1}, {0x105B3, 0x105B9},
+    {0x105BB, 0x105BC}, {0x105C0, 0x105F3}, {0x10600, 0x10736}, {0x10740, 0x10755}, {0x10760, 0x10767}, {0x10780, 0x10785},
+    {0x10787, 0x107B0}, {0x107B2, 0x107BA}, {0x10800, 0x10805}, {0x10808, 0x10808}, {0x1080A, 0x10835}, {0x10837, 0x10838},
+    {0x1083C, 0x1083C}, {0x1083F, 0x10855}, {0x10860, 0x10876}, {0x10880, 0x1089E}, {0x108E0, 0x108F2}, {0x108F4, 0x108F5},
+    {0x10900, 0x10915}, {0x10920, 0x10939}, {0x10980, 0x109B7}, {0x109BE, 0x109BF}, {0x10A00, 0x10A00}, {0x10A10, 0x10A13},
+    {0x10A15, 0x10A17}, {0x10A19, 0x10A35}, {0x10A60, 0x10A7C}, {0x10A80, 0x10A9C}, {0x10AC0, 0x10AC7}, {0x10AC9, 0x10AE4},
+    {0x10B00, 0x10B35}, {0x10B40, 0x10B55}, {0x10B60, 0x10B72}, {0x10B80, 0x10B91}, {0x10C00, 0x10C48}, {0x10C80, 0x10CB2},
+    {0x10CC0, 0x10CF2}, {0x10D00, 0x10D23}, {0x10D4A, 0x10D65}, {0x10D6F, 0x10D85}, {0x10E80, 0x10EA9}, {0x10EB0, 0x10EB1},
+    {0x10EC2, 0x10EC4}, {0x10F00, 0x10F1C}, {0x10F27, 0x10F27}, {0x10F30, 0x10F45}, {0x10F70, 0x10F81}, {0x10FB0, 0x10FC4},
+    {0x10FE0, 0x10FF6}, {0x11003, 0x11037}, {0x11071, 0x11072}, {0x11075, 0x11075}, {0x11083, 0x110AF}, {0x110D0, 0x110E8},
+    {0x11103, 0x11126}, {0x11144, 0x11144}, {0x11147, 0x11147}, {0x11150, 0x11172}, {0x11176, 0x11176}, {0x11183, 0x111B2},
+    {0x111C1, 0x111C4}, {0x111DA, 0x111DA}, {0x111DC, 0x111DC}, {0x11200, 0x11211}, {0x11213, 0x1122B}, {0x1123F, 0x11240},
+    {0x11280, 0x11286}, {0x11288, 0x11288}, {0x1128A, 0x1128D}, {0x1128F, 0x1129D}, {0x1129F, 0x112A8}, {0x112B0, 0x112DE},
+    {0x11305, 0x1130C}, {0x1130F, 0x11310}, {0x11313, 0x11328}, {0x1132A, 0x11330}, {0x11332, 0x11333}, {0x11335, 0x11339},
+    {0x1133D, 0x1133D}, {0x11350, 0x11350}, {0x1135D, 0x11361}, {0x11380, 0x11389}, {0x1138B, 0x1138B}, {0x1138E, 0x1138E},
+    {0x11390, 0x113B5}, {0x113B7, 0x113B7}, {0x113D1, 0x113D1}, {0x113D3, 0x113D3}, {0x11400, 0x11434}, {0x11447, 0x1144A},
+    {0x1145F, 0x11461}, {0x11480, 0x114AF}, {0x114C4, 0x114C5}, {0x114C7, 0x114C7}, {0x11580, 0x115AE}, {0x115D8, 0x115DB},
+    {0x11600, 0x1162F}, {0x11644, 0x11644}, {0x11680, 0x116AA}, {0x116B8, 0x116B8}, {0x11700, 0x1171A}, {0x11740, 0x11746},
+    {0x11800, 0x1182B}, {0x118A0, 0x118DF}, {0x118FF, 0x11906}, {0x11909, 0x11909}, {0x1190C, 0x11913}, {0x11915, 0x11916},
+    {0x11918, 0x1192F}, {0x1193F, 0x1193F}, {0x11941, 0x11941}, {0x119A0, 0x119A7}, {0x119AA, 0x119D0}, {0x119E1, 0x119E1},
+    {0x119E3, 0x119E3}, {0x11A00, 0x11A00}, {0x11A0B, 0x11A32}, {0x11A3A, 0x11A3A}, {0x11A50, 0x11A50}, {0x11A5C, 0x11A89},
+    {0x11A9D, 0x11A9D}, {0x11AB0, 0x11AF8}, {0x11BC0, 0x11BE0}, {0x11C00, 0x11C08}, {0x11C0A, 0x11C2E}, {0x11C40, 0x11C40},
+    {0x11C72, 0x11C8F}, {0x11D00, 0x11D06}, {0x11D08, 0x11D09}, {0x11D0B, 0x11D30}, {0x11D46, 0x11D46}, {0x11D60, 0x11D65},
+    {0x11D67, 0x11D68}, {0x11D6A, 0x11D89}, {0x11D98, 0x11D98}, {0x11EE0, 0x11EF2}, {0x11F02, 0x11F02}, {0x11F04, 0x11F10},
+    {0x11F12, 0x11F33}, {0x11FB0, 0x11FB0}, {0x12000, 0x12399}, {0x12480, 0x12543}, {0x12F90, 0x12FF0}, {0x13000, 0x1342F},
+    {0x13441, 0x13446}, {0x13460, 0x143FA}, {0x14400, 0x14646}, {0x16100, 0x1611D}, {0x16800, 0x16A38}, {0x16A40, 0x16A5E},
+    {0x16A70, 0x16ABE}, {0x16AD0, 0x16AED}, {0x16B00, 0x16B2F}, {0x16B40, 0x16B43}, {0x16B63, 0x16B77}, {0x16B7D, 0x16B8F},
+    {0x16D40, 0x16D6C}, {0x16E40, 0x16E7F}, {0x16F00, 0x16F4A}, {0x16F50, 0x16F50}, {0x16F93, 0x16F9F}, {0x16FE0, 0x16FE1},
+    {0x16FE3, 0x16FE3}, {0x17000, 0x187F7}, {0x18800, 0x18CD5}, {0x18CFF, 0x18D08}, {0x1AFF0, 0x1AFF3}, {0x1AFF5, 0x1AFFB},
+    {0x1AFFD, 0x1AFFE}, {0x1B000, 0x1B122}, {0x1B132, 0x1B132}, {0x1B150, 0x1B152}, {0x1B155, 0x1B155}, {0x1B164, 0x1B167},
+    {0x1B170, 0x1B2FB}, {0x1BC00, 0x1BC6A}, {0x1BC70, 0x1BC7C}, {0x1BC80, 0x1BC88}, {0x1BC90, 0x1BC99}, {0x1D400, 0x1D454},
+    {0x1D456, 0x1D49C}, {0x1D49E, 0x1D49F}, {0x1D4A2, 0x1D4A2}, {0x1D4A5, 0x1D4A6}, {0x1D4A9, 0x1D4AC}, {0x1D4AE, 0x1D4B9},
+    {0x1D4BB, 0x1D4BB}, {0x1D4BD, 0x1D4C3}, {0x1D4C5, 0x1D505}, {0x1D507, 0x1D50A}, {0x1D50D, 0x1D514}, {0x1D516, 0x1D51C},
+    {0x1D51E, 0x1D539}, {0x1D53B, 0x1D53E}, {0x1D540, 0x1D544}, {0x1D546, 0x1D546}, {0x1D54A, 0x1D550}, {0x1D552, 0x1D6A5},
+    {0x1D6A8, 0x1D6C0}, {0x1D6C2, 0x1D6DA}, {0x1D6DC, 0x1D6FA}, {0x1D6FC, 0x1D714}, {0x1D716, 0x1D734}, {0x1D736, 0x1D74E},
+    {0x1D750, 0x1D76E}, {0x1D770, 0x1D788}, {0x1D78A, 0x1D7A8}, {0x1D7AA, 0x1D7C2}, {0x1D7C4, 0x1D7CB}, {0x1DF00, 0x1DF1E},
+    {0x1DF25, 0x1DF2A}, {0x1E030, 0x1E06D}, {0x1E100, 0x1E12C}, {0x1E137, 0x1E13D}, {0x1E14E, 0x1E14E}, {0x1E290, 0x1E2AD},
+    {0x1E2C0, 0x1E2EB}, {0x1E4D0, 0x1E4EB}, {0x1E5D0, 0x1E5ED}, {0x1E5F0, 0x1E5F0}, {0x1E7E0, 0x1E7E6}, {0x1E7E8, 0x1E7EB},
+    {0x1E7ED, 0x1E7EE}, {0x1E7F0, 0x1E7FE}, {0x1E800, 0x1E8C4}, {0x1E900, 0x1E943}, {0x1E94B, 0x1E94B}, {0x1EE00, 0x1EE03},
+    {0x1EE05, 0x1EE1F}, {0x1EE21, 0x1EE22}, {0x1EE24, 0x1EE24}, {0x1EE27, 0x1EE27}, {0x1EE29, 0x1EE32}, {0x1EE34, 0x1EE37},
+    {0x1EE39, 0x1EE39}, {0x1EE3B, 0x1EE3B}, {0x1EE42, 0x1EE42}, {0x1EE47, 0x1EE47}, {0x1EE49, 0x1EE49}, {0x1EE4B, 0x1EE4B},
+    {0x1EE4D, 0x1EE4F}, {0x1EE51, 0x1EE52}, {0x1EE54, 0x1EE54}, {0x1EE57, 0x1EE57}, {0x1EE59, 0x1EE59}, {0x1EE5B, 0x1EE5B},
+    {0x1EE5D, 0x1EE5D}, {0x1EE5F, 0x1EE5F}, {0x1EE61, 0x1EE62}, {0x1EE64, 0x1EE64}, {0x1EE67, 0x1EE6A}, {0x1EE6C, 0x1EE72},
+    {0x1EE74, 0x1EE77}, {0x1EE79, 0x1EE7C}, {0x1EE7E, 0x1EE7E}, {0x1EE80, 0x1EE89}, {0x1EE8B, 0x1EE9B}, {0x1EEA1, 0x1EEA3},
+    {0x1EEA5, 0x1EEA9}, {0x1EEAB, 0x1EEBB}, {0x20000, 0x2A6DF}, {0x2A700, 0x2B739}, {0x2B740, 0x2B81D}, {0x2B820, 0x2CEA1},
+    {0x2CEB0, 0x2EBE0}, {0x2EBF0, 0x2EE5D}, {0x2F800, 0x2FA1D}, {0x30000, 0x3134A}, {0x31350, 0x323AF},
+};
+static const uint32_t UNICODE_NUMBER_RANGES[][2] = {  // 144 ranges
+    {0x30, 0x39}, {0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE}, {0x660, 0x669}, {0x6F0, 0x6F9},
+    {0x7C0, 0x7C9}, {0x966, 0x96F}, {0x9E6, 0x9EF}, {0x9F4, 0x9F9}, {0xA66, 0xA6F}, {0xAE6, 0xAEF},
+    {0xB66, 0xB6F}, {0xB72, 0xB77}, {0xBE6, 0xBF2}, {0xC66, 0xC6F}, {0xC78, 0xC7E}, {0xCE6, 0xCEF},
+    {0xD58, 0xD5E}, {0xD66, 0xD78}, {0xDE6, 0xDEF}, {0xE50, 0xE59}, {0xED0, 0xED9}, {0xF20, 0xF33},
+    {0x1040, 0x1049}, {0x1090, 0x1099}, {0x1369, 0x137C}, {0x16EE, 0x16F0}, {0x17E0, 0x17E9}, {0x17F0, 0x17F9},
+    {0x1810, 0x1819}, {0x1946, 0x194F}, {0x19D0, 0x19DA}, {0x1A80, 0x1A89}, {0x1A90, 0x1A99}, {0x1B50, 0x1B59},
+    {0x1BB0, 0x1BB9}, {0x1C40, 0x1C49}, {0x1C50, 0x1C59}, {0x2070, 0x2070}, {0x2074, 0x2079}, {0x2080, 0x2089},
+    {0x2150, 0x2182}, {0x2185, 0x2189}, {0x2460, 0x249B}, {0x24EA, 0x24FF}, {0x2776, 0x2793}, {0x2CFD, 0x2CFD},
+    {0x3007, 0x3007}, {0x3021, 0x3029}, {0x3038, 0x303A}, {0x3192, 0x3195}, {0x3220, 0x3229}, {0x3248, 0x324F},
+    {0x3251, 0x325F}, {0x3280, 0x3289}, {0x32B1, 0x32BF}, {0xA620, 0xA629}, {0xA6E6, 0xA6EF}, {0xA830, 0xA835},
+    {0xA8D0, 0xA8D9}, {0xA900, 0xA909}, {0xA9D0, 0xA9D9}, {0xA9F0, 0xA9F9}, {0xAA50, 0xAA59}, {0xABF0, 0xABF9},
+    {0xFF10, 0xFF19}, {0x10107, 0x10133}, {0x10140, 0x10178}, {0x1018A, 0x1018B}, {0x102E1, 0x102FB}, {0x10320, 0x10323},
+    {0x10341, 0x10341}, {0x1034A, 0x1034A}, {0x103D1, 0x103D5}, {0x104A0, 0x104A9}, {0x10858, 0x1085F}, {0x10879, 0x1087F},
+    {0x108A7, 0x108AF}, {0x108FB, 0x108FF}, {0x10916, 0x1091B}, {0x109BC, 0x109BD}, {0x109C0, 0x109CF}, {0x109D2, 0x109FF},
+    {0x10A40, 0x10A48}, {0x10A7D, 0x10A7E}, {0x10A9D, 0x10A9F}, {0x10AEB, 0x10AEF}, {0x10B58, 0x10B5F}, {0x10B78, 0x10B7F},
+    {0x10BA9, 0x10BAF}, {0x10CFA, 0x10CFF}, {0x10D30, 0x10D39}, {0x10D40, 0x10D49}, {0x10E60, 0x10E7E}, {0x10F1D, 0x10F26},
+    {0x10F51, 0x10F54}, {0x10FC5, 0x10FCB}, {0x11052, 0x1106F}, {0x110F0, 0x110F9}, {0x11136, 0x1113F}, {0x111D0, 0x111D9},
+    {0x111E1, 0x111F4}, {0x112F0, 0x112F9}, {0x11450, 0x11459}, {0x114D0, 0x114D9}, {0x11650, 0x11659}, {0x116C0, 0x116C9},
+    {0x116D0, 0x116E3}, {0x11730, 0x1173B}, {0x118E0, 0x118F2}, {0x11950, 0x11959}, {0x11BF0, 0x11BF9}, {0x11C50, 0x11C6C},
+    {0x11D50, 0x11D59}, {0x11DA0, 0x11DA9}, {0x11F50, 0x11F59}, {0x11FC0, 0x11FD4}, {0x12400, 0x1246E}, {0x16130, 0x16139},
+    {0x16A60, 0x16A69}, {0x16AC0, 0x16AC9}, {0x16B50, 0x16B59}, {0x16B5B, 0x16B61}, {0x16D70, 0x16D79}, {0x16E80, 0x16E96},
+    {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3}, {0x1D2E0, 0x1D2F3}, {0x1D360, 0x1D378}, {0x1D7CE, 0x1D7FF}, {0x1E140, 0x1E149},
+    {0x1E2F0, 0x1E2F9}, {0x1E4F0, 0x1E4F9}, {0x1E5F1, 0x1E5FA}, {0x1E8C7, 0x1E8CF}, {0x1E950, 0x1E959}, {0x1EC71, 0x1ECAB},
+    {0x1ECAD, 0x1ECAF}, {0x1ECB1, 0x1ECB4}, {0x1ED01, 0x1ED2D}, {0x1ED2F, 0x1ED3D}, {0x1F100, 0x1F10C}, {0x1FBF0, 0x1FBF9},
+};
+static const uint32_t UNICODE_SPACE_RANGES[][2] = {  // 10 ranges
+    {0x9, 0xD}, {0x20, 0x20}, {0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680}, {0x2000, 0x200A},
+    {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000},
+};
+static const uint32_t UNICODE_NUMERIC_RANGES[][2] = {  // 146 ranges
+    {0x30, 0x39}, {0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE}, {0x660, 0x669}, {0x6F0, 0x6F9},
+    {0x7C0, 0x7C9}, {0x966, 0x96F}, {0x9E6, 0x9EF}, {0x9F4, 0x9F9}, {0xA66, 0xA6F}, {0xAE6, 0xAEF},
+    {0xB66, 0xB6F}, {0xB72, 0xB77}, {0xBE6, 0xBF2}, {0xC66, 0xC6F}, {0xC78, 0xC7E}, {0xCE6, 0xCEF},
+    {0xD58, 0xD5E}, {0xD66, 0xD78}, {0xDE6, 0xDEF}, {0xE50, 0xE59}, {0xED0, 0xED9}, {0xF20, 0xF33},
+    {0x1040, 0x1049}, {0x1090, 0x1099}, {0x1369, 0x137C}, {0x16EE, 0x16F0}, {0x17E0, 0x17E9}, {0x17F0, 0x17F9},
+    {0x1810, 0x1819}, {0x1946, 0x194F}, {0x19D0, 0x19DA}, {0x1A80, 0x1A89}, {0x1A90, 0x1A99}, {0x1B50, 0x1B59},
+    {0x1BB0, 0x1BB9}, {0x1C40, 0x1C49}, {0x1C50, 0x1C59}, {0x2070, 0x2070}, {0x2074, 0x2079}, {0x2080, 0x2089},
+    {0x2150, 0x2182}, {0x2185, 0x2189}, {0x2460, 0x249B}, {0x24EA, 0x24FF}, {0x2776, 0x2793}, {0x2CFD, 0x2CFD},
+    {0x3007, 0x3007}, {0x3021, 0x3029}, {0x3038, 0x303A}, {0x3192, 0x3195}, {0x3220, 0x3229}, {0x3248, 0x324F},
+    {0x3251, 0x325F}, {0x3280, 0x3289}, {0x32B1, 0x32BF}, {0xA620, 0xA629}, {0xA6E6, 0xA6EF}, {0xA830, 0xA835},
+    {0xA8D0, 0xA8D9}, {0xA900, 0xA909}, {0xA9D0, 0xA9D9}, {0xA9F0, 0xA9F9}, {0xAA50, 0xAA59}, {0xABF0, 0xABF9},
+    {0xFF10, 0xFF19}, {0x10107, 0x10133}, {0x10140, 0x10178}, {0x1018A, 0x1018B}, {0x102E1, 0x102FB}, {0x10320, 0x10323},
+    {0x10341, 0x10341}, {0x1034A, 0x1034A}, {0x103D1, 0x103D5}, {0x104A0, 0x104A9}, {0x10858, 0x1085F}, {0x10879, 0x1087F},
+    {0x108A7, 0x108AF}, {0x108FB, 0x108FF}, {0x10916, 0x1091B}, {0x109BC, 0x109BD}, {0x109C0, 0x109CF}, {0x109D2, 0x109FF},
+    {0x10A40, 0x10A48}, {0x10A7D, 0x10A7E}, {0x10A9D, 0x10A9F}, {0x10AEB, 0x10AEF}, {0x10B58, 0x10B5F}, {0x10B78, 0x10B7F},
+    {0x10BA9, 0x10BAF}, {0x10CFA, 0x10CFF}, {0x10D30, 0x10D39}, {0x10D40, 0x10D49}, {0x10E60, 0x10E7E}, {0x10F1D, 0x10F26},
+    {0x10F51, 0x10F54}, {0x10FC5, 0x10FCB}, {0x11052, 0x1106F}, {0x110F0, 0x110F9}, {0x11136, 0x1113F}, {0x111D0, 0x111D9},
+    {0x111E1, 0x111F4}, {0x112F0, 0x112F9}, {0x11450, 0x11459}, {0x114D0, 0x114D9}, {0x11650, 0x11659}, {0x116C0, 0x116C9},
+    {0x116D0, 0x116E3}, {0x11730, 0x1173B}, {0x118E0, 0x118F2}, {0x11950, 0x11959}, {0x11BF0, 0x11BF9}, {0x11C50, 0x11C6C},
+    {0x11D50, 0x11D59}, {0x11DA0, 0x11DA9}, {0x11DE0, 0x11DE9}, {0x11F50, 0x11F59}, {0x11FC0, 0x11FD4}, {0x12400, 0x1246E},
+    {0x16130, 0x16139}, {0x16A60, 0x16A69}, {0x16AC0, 0x16AC9}, {0x16B50, 0x16B59}, {0x16B5B, 0x16B61}, {0x16D70, 0x16D79},
+    {0x16E80, 0x16E96}, {0x16FF4, 0x16FF6}, {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3}, {0x1D2E0, 0x1D2F3}, {0x1D360, 0x1D378},
+    {0x1D7CE, 0x1D7FF}, {0x1E140, 0x1E149}, {0x1E2F0, 0x1E2F9}, {0x1E4F0, 0x1E4F9}, {0x1E5F1, 0x1E5FA}, {0x1E8C7, 0x1E8CF},
+    {0x1E950, 0x1E959}, {0x1EC71, 0x1ECAB}, {0x1ECAD, 0x1ECAF}, {0x1ECB1, 0x1ECB4}, {0x1ED01, 0x1ED2D}, {0x1ED2F, 0x1ED3D},
+    {0x1F100, 0x1F10C}, {0x1FBF0, 0x1FBF9},
+};
+// END unicode tables
+
+inline bool unicode_in(const uint32_t (*ranges)[2], size_t n, uint32_t cp) {
+    size_t lo = 0, hi = n;  // first range whose end is >= cp
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (ranges[mid][1] < cp) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && ranges[lo][0] <= cp;
+}
+
+inline CharClass unicode_class(uint32_t cp) {
+    if (cp < 0x80) {
+        if ((cp | 0x20) >= 'a' && (cp | 0x20) <= 'z') return CHAR_LETTER;
+        if (cp >= '0' && cp <= '9') return CHAR_NUMBER;
+        if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return CHAR_SPACE;
+        return CHAR_OTHER;
+    }
+    auto in = [&](const uint32_t (*r)[2], size_t bytes) { return unicode_in(r, bytes / sizeof r[0], cp); };
+    if (in(UNICODE_LETTER_RANGES, sizeof UNICODE_LETTER_RANGES)) return CHAR_LETTER;
+    if (in(UNICODE_NUMBER_RANGES, sizeof UNICODE_NUMBER_RANGES)) return CHAR_NUMBER;
+    if (in(UNICODE_SPACE_RANGES, sizeof UNICODE_SPACE_RANGES)) return CHAR_SPACE;
+    return CHAR_OTHER;
+}
+
+// Whether the Digits pre-tokenizer splits cp off on its own (Rust's char::is_numeric).
+inline bool unicode_is_numeric(uint32_t cp) {
+    if (cp < 0x80) return cp >= '0' && cp <= '9';
+    return unicode_in(UNICODE_NUMERIC_RANGES, sizeof UNICODE_NUMERIC_RANGES / sizeof UNICODE_NUMERIC_RANGES[0], cp);
+}
+
+// The text as characters: code point, class and byte offset of each (offset has one
+// more entry, the end). An invalid byte is the code point 0xFFFD of class other.
+struct CharSpan {
+    std::vector<uint32_t> cp;
+    std::vector<uint8_t> cls;
+    std::vector<size_t> offset;
+};
+
+// The character at text[0..len): its length in bytes (1..4) and code point, or length 1
+// and U+FFFD for a byte that starts no valid character.
+inline size_t unicode_char_at(const char* text, size_t len, uint32_t* cp) {
+    const unsigned char* s = (const unsigned char*)text;
+    size_t n = tokenizer_utf8_len(text, len);
+    if (n == 1) *cp = s[0];
+    else if (n == 2) *cp = ((s[0] & 0x1Fu) << 6) | (s[1] & 0x3Fu);
+    else if (n == 3) *cp = ((s[0] & 0x0Fu) << 12) | ((s[1] & 0x3Fu) << 6) | (s[2] & 0x3Fu);
+    else if (n == 4) *cp = ((s[0] & 0x07u) << 18) | ((s[1] & 0x3Fu) << 12) | ((s[2] & 0x3Fu) << 6) | (s[3] & 0x3Fu);
+    else *cp = 0xFFFD;
+    return n == 0 ? 1 : n;
+}
+
+inline void unicode_chars(const char* text, size_t len, CharSpan* out) {
+    out->cp.clear();
+    out->cls.clear();
+    out->offset.clear();
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        size_t n = unicode_char_at(text + i, len - i, &cp);
+        out->cp.push_back(cp);
+        out->cls.push_back(unicode_class(cp));  // U+FFFD is "other", as an invalid byte must be
+        out->offset.push_back(i);
+        i += n;
+    }
+    out->offset.push_back(len);
+}
+
+// The end of the pre-token that starts at character i of c[.., n): the first of the
+// regex's alternatives that matches there, as the regex engine would find it.
+//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// One of the alternatives always matches at least one character.
+inline size_t pretoken_end(const CharSpan& c, size_t i, size_t n, int pattern) {
+    auto run = [&](size_t k, uint8_t cls) {
+        while (k < n && c.cls[k] == cls) k++;
+        return k;
+    };
+    auto newline = [&](size_t k) { return c.cp[k] == '\r' || c.cp[k] == '\n'; };
+    bool llama3 = pattern == PRETOKENIZER_LLAMA3;
+    // the contractions; Llama 3 matches them in any case ((?i): 'S, 'ſ for 's)
+    if (c.cp[i] == '\'' && i + 1 < n) {
+        auto fold = [&](uint32_t cp) -> uint32_t {
+            if (!llama3) return cp;
+            if (cp == 0x17F) return 's';  // LATIN SMALL LETTER LONG S folds to s
+            return cp < 0x80 && cp >= 'A' && cp <= 'Z' ? cp + 32 : cp;
+        };
+        uint32_t a = fold(c.cp[i + 1]);
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if (i + 2 < n) {
+            uint32_t b = fold(c.cp[i + 2]);
+            if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+        }
+    }
+    uint8_t here = c.cls[i], next = i + 1 < n ? c.cls[i + 1] : (uint8_t)CHAR_OTHER;
+    bool has_next = i + 1 < n;
+    if (!llama3) {
+        // ' ?\p{L}+', ' ?\p{N}+', ' ?[^\s\p{L}\p{N}]+': a run of one class after an optional space
+        if (here == CHAR_LETTER || here == CHAR_NUMBER || here == CHAR_OTHER) return run(i, here);
+        if (c.cp[i] == ' ' && has_next && next != CHAR_SPACE) return run(i + 1, next);
+    } else {
+        // '[^\r\n\p{L}\p{N}]?\p{L}+'
+        if (here == CHAR_LETTER) return run(i, CHAR_LETTER);
+        if (here != CHAR_NUMBER && !newline(i) && has_next && next == CHAR_LETTER) return run(i + 1, CHAR_LETTER);
+        // '\p{N}{1,3}'
+        if (here == CHAR_NUMBER) {
+            size_t k = i + 1;
+            while (k < n && k < i + 3 && c.cls[k] == CHAR_NUMBER) k++;
+            return k;
+        }
+        // ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+        size_t s = c.cp[i] == ' ' && has_next && next == CHAR_OTHER ? i + 1 : i;
+        if (c.cls[s] == CHAR_OTHER) {
+            size_t k = run(s, CHAR_OTHER);
+            while (k < n && newline(k)) k++;
+            return k;
+        }
+    }
+    // whitespace from here on
+    size_t k = run(i, CHAR_SPACE);
+    if (llama3)  // '\s*[\r\n]+': the run up to its last \r or \n
+        for (size_t p = k; p > i; p--)
+            if (newline(p - 1)) return p;
+    if (k == n) return k;          // '\s+(?!\S)' at the end
+    if (k - i >= 2) return k - 1;  // '\s+(?!\S)': leave the last space to the next word
+    return k;                      // '\s+'
+}
+
+// Calls emit(begin, end) with the byte range of each pre-token of c's characters
+// [from, to), in order: the individual-digits split first when set (each numeric
+// character alone), then the regex within each of the pieces between digits.
+template <typename Emit>
+inline void pretokenize(const Tokenizer* t, const CharSpan& c, size_t from, size_t to, Emit emit) {
+    auto regex_pieces = [&](size_t a, size_t b) {
+        for (size_t i = a; i < b;) {
+            size_t e = pretoken_end(c, i, b, t->pre_tokenizer);
+            emit(c.offset[i], c.offset[e]);
+            i = e;
+        }
+    };
+    if (!t->individual_digits) {
+        regex_pieces(from, to);
+        return;
+    }
+    size_t start = from;
+    for (size_t i = from; i < to; i++) {
+        if (!unicode_is_numeric(c.cp[i])) continue;
+        regex_pieces(start, i);
+        emit(c.offset[i], c.offset[i + 1]);
+        start = i + 1;
+    }
+    regex_pieces(start, to);
+}
+
+// Scratch space of bpe_encode_word, reused across the pre-tokens of one text.
+struct BpeScratch {
+    struct Symbol {
+        int id;
+        int prev, next;  // neighbours in the word, -1 at the ends
+    };
+    struct Candidate {  // a pair that a merge may join; top of the queue: lowest rank, then leftmost
+        int rank, left, left_id, right_id, result;
+        bool operator<(const Candidate& o) const { return rank > o.rank || (rank == o.rank && left > o.left); }
+    };
+    std::vector<Symbol> symbols;
+    std::vector<Candidate> queue;
+};
+
+// Appends the ids of one pre-token's bytes s[0..n): with ignore_merges a pre-token
+// that is a normal piece is that token; otherwise start from one token per byte and
+// apply merges by rank, the lowest-ranked pair present first (ties: leftmost), until
+// no pair of neighbours has a merge (as tokenizers' Word::merge_all).
+inline void bpe_encode_word(const Tokenizer* t, const char* s, size_t n, BpeScratch* w, std::vector<int>& out) {
+    if (t->ignore_merges) {
+        int id = tokenizer_find_piece(t, s, n);
+        if (id >= 0 && t->types[id] == TOKEN_NORMAL) {
+            out.push_back(id);
+            return;
+        }
+    }
+    std::vector<BpeScratch::Symbol>& sym = w->symbols;
+    std::vector<BpeScratch::Candidate>& queue = w->queue;
+    sym.clear();
+    queue.clear();
+    for (size_t i = 0; i < n; i++) {  // a byte without a token is dropped
+        int id = t->byte_ids[(unsigned char)s[i]];
+        if (id < 0) continue;
+        int k = (int)sym.size();
+        sym.push_back({id, k - 1, -1});
+        if (k > 0) sym[k - 1].next = k;
+    }
+    if (sym.empty()) return;
+    n = sym.size();
+    auto consider = [&](int left) {  // queue the pair (left, its right neighbour) if a merge joins it
+        if (left < 0 || sym[left].next < 0) return;
+        int right = sym[left].next;
+        size_t slot = tokenizer_merge_slot(t, tokenizer_merge_key(sym[left].id, sym[right].id));
+        if (t->merge_ranks[slot] < 0) return;
+        queue.push_back({t->merge_ranks[slot], left, sym[left].id, sym[right].id, t->merge_results[slot]});
+        std::push_heap(queue.begin(), queue.end());
+    };
+    for (size_t i = 0; i + 1 < n; i++) consider((int)i);
+    while (!queue.empty()) {
+        BpeScratch::Candidate top = queue.front();
+        std::pop_heap(queue.begin(), queue.end());
+        queue.pop_back();
+        BpeScratch::Symbol& l = sym[top.left];
+        // stale: the left symbol was merged away or changed, or its neighbour did
+        if (l.id != top.left_id || l.next < 0 || sym[l.next].id != top.right_id) continue;
+        int right = l.next;
+        l.id = top.result;
+        l.next = sym[right].next;
+        if (l.next >= 0) sym[l.next].prev = top.left;
+        sym[right].id = -1;  // merged away
+        consider(l.prev);
+        consider(top.left);
+    }
+    for (int i = 0; i >= 0; i = sym[i].next) out.push_back(sym[i].id);
+}
+
+// The added token that matches at text[i..], longest first, among those with the
+// given normalized flag, or -1 (an index into t->added).
+inline int added_token_at(const Tokenizer* t, const char* text, size_t len, size_t i, bool normalized) {
+    for (int a : t->added_by_byte[(unsigned char)text[i]]) {
+        if (((t->added[a].flags & ADDED_TOKEN_NORMALIZED) != 0) != normalized) continue;
+        const std::string& p = t->pieces[t->added[a].id];
+        if (p.size() <= len - i && std::memcmp(text + i, p.data(), p.size()) == 0) return a;
+    }
+    return -1;
+}
+
+// Byte-level BPE encoding (kind 2), as Hugging Face tokenizers encodes without special
+// tokens added by a post-processor:
+//   1. added tokens are found in the raw text, leftmost first, longest at a position:
+//      first those not "normalized", then the normalized ones in the text between
+//      (no normalizer is supported, so the text is the same); an lstrip / rstrip token
+//      also takes the whitespace before / after it;
+//   2. the text between added tokens is cut into pre-tokens (pretokenize);
+//   3. each pre-token's bytes become ids by merges (bpe_encode_word).
+inline void tokenizer_encode_bpe(const Tokenizer* t, const char* text, size_t len, std::vector<int>& out) {
+    CharSpan chars;
+    BpeScratch scratch;
+    auto encode_plain = [&](size_t a, size_t b) {  // bytes [a, b) without added tokens
+        if (a >= b) return;
+        unicode_chars(text + a, b - a, &chars);
+        pretokenize(t, chars, 0, chars.cp.size(), [&](size_t x, size_t y) {
+            bpe_encode_word(t, text + a + x, y - x, &scratch, out);
+        });
+    };
+    auto space_at = [&](size_t i) {  // the length of the whitespace character at i, or 0
+        uint32_t cp;
+        size_t n = unicode_char_at(text + i, len - i, &cp);
+        return unicode_class(cp) == CHAR_SPACE ? n : (size_t)0;
+    };
+    // Splits bytes [a, b) at the added tokens of one pass; calls inner(a', b') for the
+    // text between them.
+    auto split_added = [&](size_t a, size_t b, bool normalized, auto inner) {
+        size_t done = a;
+        for (size_t i = a; i < b;) {
+            int m = added_token_at(t, text, b, i, normalized);
+            if (m < 0) {
+                i++;
+                continue;
+            }
+            size_t start = i, end = i + t->pieces[t->added[m].id].size();
+            if (t->added[m].flags & ADDED_TOKEN_LSTRIP)  // take the whitespace before it
+                while (start > done) {
+                    size_t k = start - 1;
+                    while (k > done && ((unsigned char)text[k] & 0xC0) == 0x80) k--;
+                    size_t n = space_at(k);
+                    if (n == 0 || k + n != start) break;
+                    start = k;
+                }
+            if (t->added[m].flags & ADDED_TOKEN_RSTRIP)
+                for (size_t n; end < b && (n = space_at(end)) > 0;) end += n;
+            inner(done, start);
+            out.push_back(t->added[m].id);
+            done = i = end;
+        }
+        inner(done, b);
+    };
+    split_added(0, len, false, [&](size_t a, size_t b) {
+        split_added(a, b, true, [&](size_t x, size_t y) { encode_plain(x, y); });
+    });
+}
+
 // Encodes text[0..len) and APPENDS the ids to `out` (no BOS/EOS: push
 // t->bos_id yourself first if wanted). Kind 0 follows SentencePiece exactly:
 //   1. normalise: empty text gives no ids; otherwise prepend "▁" if
@@ -5121,7 +5768,12 @@ inline void tokenizer_load(Tokenizer* t, const char* path) {
 //   3. emit each symbol's id; a symbol with no piece (or one that is the
 //      unknown piece) becomes its UTF-8 bytes as <0xNN> tokens when
 //      byte_fallback is set, else unk_id (a run of unknowns gives one unk_id).
+// Kind 1 gives one id per byte; kind 2 is tokenizer_encode_bpe.
 inline void tokenizer_encode(const Tokenizer* t, const char* text, size_t len, std::vector<int>& out) {
+    if (t->kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        tokenizer_encode_bpe(t, text, len, out);
+        return;
+    }
     if (t->kind == TOKENIZER_BYTE_LEVEL) {
         for (size_t i = 0; i < len; i++) out.push_back(t->byte_ids[(unsigned char)text[i]]);
         return;
@@ -5234,9 +5886,16 @@ constexpr char TOKENIZER_UNK_SURFACE[] = " \xE2\x81\x87 ";  // " ⁇ ", Sentence
 // byte (so a multi-byte character arrives over several calls), the unknown
 // token gives " ⁇ ". Concatenating the results equals tokenizer_decode except
 // that invalid UTF-8 from byte tokens is passed through instead of U+FFFD.
+// Byte-level BPE: a token's bytes (a character may arrive over several calls),
+// control tokens "", always equal to tokenizer_decode when concatenated.
 inline std::string tokenizer_decode_piece(const Tokenizer* t, int id, bool* at_start) {
     std::string out;
     if (id < 0 || id >= t->vocab_size) return out;
+    if (t->kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        if (t->types[id] != TOKEN_CONTROL) out = t->pieces[id];
+        if (at_start) *at_start = false;
+        return out;
+    }
     switch (t->types[id]) {
         case TOKEN_CONTROL:
             return out;
@@ -5261,9 +5920,17 @@ inline std::string tokenizer_decode_piece(const Tokenizer* t, int id, bool* at_s
 // the first visible piece is dropped (add_dummy_prefix), and each run of byte
 // tokens is turned into bytes with every byte that does not form a valid UTF-8
 // character replaced by U+FFFD. Ids outside the vocabulary are skipped.
-// Byte-level tokenizers just concatenate the bytes.
+// Byte-level tokenizers just concatenate the bytes. Byte-level BPE concatenates the
+// bytes of every token but the control ones (tokenizers' decode with
+// skip_special_tokens), raw: where they are not valid UTF-8, tokenizers' ByteLevel
+// decoder would show U+FFFD instead, so that decode(encode(x)) == x for any bytes x.
 inline std::string tokenizer_decode(const Tokenizer* t, const int* ids, int n) {
     std::string text;
+    if (t->kind == TOKENIZER_BYTE_LEVEL_BPE) {
+        for (int i = 0; i < n; i++)
+            if (ids[i] >= 0 && ids[i] < t->vocab_size && t->types[ids[i]] != TOKEN_CONTROL) text += t->pieces[ids[i]];
+        return text;
+    }
     if (t->kind == TOKENIZER_BYTE_LEVEL) {
         for (int i = 0; i < n; i++)
             if (ids[i] >= 0 && ids[i] < t->vocab_size && t->types[ids[i]] == TOKEN_BYTE)

@@ -3,30 +3,59 @@
 Usage:
     python dev/export_tokenizer.py tokenizer.model out.tokenizer
     python dev/export_tokenizer.py path/to/hf_model_folder out.tokenizer
+    python dev/export_tokenizer.py path/to/tokenizer.json out.tokenizer
     python dev/export_tokenizer.py --byte-level out.tokenizer
 
 The first form reads a SentencePiece BPE model (Llama 2 style: byte_fallback,
 add_dummy_prefix, identity normalisation) with the `sentencepiece` package.
-A folder is accepted when it holds a `tokenizer.model` (Hugging Face layout).
+A folder is accepted when it holds a `tokenizer.model` (Hugging Face layout,
+SentencePiece), else a `tokenizer.json`: a Hugging Face byte-level BPE
+(Llama 3, GPT-2, SmolLM2), read as JSON with the standard library; bos, eos and
+pad then come from the folder's tokenizer_config.json when it has one.
 The last form writes the fixed byte-level tokenizer (no input needed).
 
-File format (all integers little-endian; must match tokenizer_load in llm.cu):
+Supported tokenizer.json (anything else is refused in one line naming what was
+found): model BPE without dropout, byte_fallback, subword prefix or suffix, and
+without unk_token unless every byte has a token (ignore_merges is kept);
+normalizer null; decoder ByteLevel; pre_tokenizer ByteLevel(add_prefix_space=false,
+use_regex=true) (the GPT-2 regex), or a Sequence of an optional
+Digits(individual_digits=true) and then either that ByteLevel or Split(the GPT-2
+or the Llama 3 regex, Isolated, invert=false) + ByteLevel(add_prefix_space=false,
+use_regex=false); added tokens without single_word. The post-processor is
+ignored: programs add bos themselves.
+
+File format (all integers little-endian; must match tokenizer_parse in llm.cu,
+where every field is documented): kinds 0 and 1 are written as version 1
+(40-byte header), kind 2 as version 2:
 
     offset  size  field
     0       8     magic "XWINTOKN"
-    8       4     u32 version = 1
-    12      4     u32 kind: 0 = SentencePiece-style BPE, 1 = byte-level
+    8       4     u32 version: 1, or 2 for kind 2
+    12      4     u32 kind: 0 = SentencePiece-style BPE, 1 = byte-level,
+                  2 = byte-level BPE
     16      4     u32 vocab_size (number of token records that follow)
     20      4     i32 bos_id   (-1 = none)
     24      4     i32 eos_id   (-1 = none)
     28      4     i32 unk_id   (-1 = none)
     32      4     i32 pad_id   (-1 = none)
-    36      4     u32 flags: bit 0 add_dummy_prefix, bit 1 byte_fallback
-    40      ...   vocab_size token records, in id order:
-                      f32 score
-                      u8  type: 0 normal, 1 byte (<0xNN>), 2 control, 3 unknown
+    36      4     u32 flags: bit 0 add_dummy_prefix, bit 1 byte_fallback (kind 0);
+                  bit 2 individual_digits, bit 3 ignore_merges (kind 2)
+    version 2:
+    40      4     u32 pre_tokenizer: 1 = GPT-2 regex, 2 = Llama 3 regex (kind 2), else 0
+    44      4     u32 n_merges
+    48      4     u32 n_added
+    52      12    reserved, zero
+    40/64   ...   vocab_size token records, in id order:
+                      f32 score (kind 2: 0)
+                      u8  type: 0 normal, 1 byte (<0xNN>), 2 control, 3 unknown,
+                          4 added (kind 2: a non-special added token)
                       u16 piece length in bytes (>= 1)
-                      piece bytes (UTF-8; spaces are stored as U+2581 "▁")
+                      piece bytes (kind 0: UTF-8, spaces stored as U+2581 "▁";
+                      kind 2: normal pieces are the raw bytes, not GPT-2's
+                      printable alphabet; control and added pieces their text)
+    kind 2:       n_merges x (u32 left id, u32 right id), in rank order
+                  n_added x (u32 id, u32 flags: bit 0 lstrip, bit 1 rstrip,
+                  bit 2 normalized), ids ascending
     The file ends right after the last record.
 
 Byte-level tokenizer (kind 1): ids 0..255 are the bytes 0x00..0xFF (pieces
@@ -35,6 +64,7 @@ vocab_size 259, flags 0, unk_id -1.
 """
 
 import argparse
+import json
 import math
 import os
 import struct
@@ -42,16 +72,28 @@ import sys
 
 MAGIC = b"XWINTOKN"
 VERSION = 1
+VERSION_BPE = 2
 KIND_SENTENCEPIECE_BPE = 0
 KIND_BYTE_LEVEL = 1
+KIND_BYTE_LEVEL_BPE = 2
 
 TYPE_NORMAL = 0
 TYPE_BYTE = 1
 TYPE_CONTROL = 2
 TYPE_UNKNOWN = 3
+TYPE_ADDED = 4
 
 FLAG_ADD_DUMMY_PREFIX = 1 << 0
 FLAG_BYTE_FALLBACK = 1 << 1
+FLAG_INDIVIDUAL_DIGITS = 1 << 2
+FLAG_IGNORE_MERGES = 1 << 3
+
+PRE_GPT2 = 1
+PRE_LLAMA3 = 2
+ADDED_LSTRIP, ADDED_RSTRIP, ADDED_NORMALIZED = 1, 2, 4
+GPT2_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 BYTE_LEVEL_BOS = 256
 BYTE_LEVEL_EOS = 257
@@ -124,20 +166,29 @@ def byte_piece(b):
     return "<0x%02X>" % b
 
 
-def write_tokenizer(path, kind, tokens, bos_id, eos_id, unk_id, pad_id, flags):
-    """tokens: list of (piece: str, score: float, type: int) in id order."""
+def write_tokenizer(path, kind, tokens, bos_id, eos_id, unk_id, pad_id, flags,
+                    pre_tokenizer=0, merges=(), added=()):
+    """tokens: list of (piece: str or bytes, score: float, type: int) in id order;
+    kind 2 also merges [(left id, right id)] in rank order and added [(id, flags)]."""
     out = bytearray()
     out += MAGIC
-    out += struct.pack("<IIIiiiiI", VERSION, kind, len(tokens), bos_id, eos_id,
+    version = VERSION_BPE if kind == KIND_BYTE_LEVEL_BPE else VERSION
+    out += struct.pack("<IIIiiiiI", version, kind, len(tokens), bos_id, eos_id,
                        unk_id, pad_id, flags)
+    if version >= 2:
+        out += struct.pack("<III", pre_tokenizer, len(merges), len(added)) + bytes(12)
     for i, (piece, score, ttype) in enumerate(tokens):
-        data = piece.encode("utf-8")
+        data = piece if isinstance(piece, bytes) else piece.encode("utf-8")
         if not 1 <= len(data) <= 0xFFFF:
             raise ExportError(f"token {i}: piece length {len(data)} outside 1..65535")
         if not math.isfinite(score):
             raise ExportError(f"token {i}: score is not finite")
         out += struct.pack("<fBH", score, ttype, len(data))
         out += data
+    for left, right in merges:
+        out += struct.pack("<II", left, right)
+    for token_id, added_flags in added:
+        out += struct.pack("<II", token_id, added_flags)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(out)
@@ -165,15 +216,215 @@ def export_byte_level(out_path):
 # SentencePiece
 
 def resolve_model_path(path):
+    """The SentencePiece model or tokenizer.json that path names or holds."""
     if os.path.isdir(path):
-        candidate = os.path.join(path, "tokenizer.model")
-        if not os.path.isfile(candidate):
-            raise ExportError(f"{path}: folder has no tokenizer.model "
-                              "(only SentencePiece models are supported)")
-        return candidate
+        for name in ("tokenizer.model", "tokenizer.json"):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise ExportError(f"{path}: folder has neither tokenizer.model (SentencePiece) "
+                          "nor tokenizer.json (byte-level BPE)")
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such file")
     return path
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face tokenizer.json: byte-level BPE
+
+def byte_level_alphabet():
+    """GPT-2's map from each byte to a printable character: the printable Latin-1
+    bytes stand for themselves, the others (controls, space, 0x7F-0xA0, 0xAD) for
+    U+0100, U+0101, ... in byte order."""
+    printable = [b for b in range(256)
+                 if ord("!") <= b <= ord("~") or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+def describe(component):
+    """A short description of a pre-tokenizer/normalizer/decoder JSON for an error."""
+    if component is None:
+        return "null"
+    if component.get("type") == "Sequence":
+        parts = component.get("pretokenizers") or component.get("normalizers") or \
+            component.get("decoders") or []
+        return "Sequence[" + ", ".join(describe(c) for c in parts) + "]"
+    fields = ", ".join(f"{k}={v}" for k, v in component.items() if k != "type")
+    if component.get("type") == "Split":
+        pattern = component.get("pattern", {})
+        fields = f"pattern={pattern.get('Regex', pattern.get('String'))!r}, " + \
+            f"behavior={component.get('behavior')}, invert={component.get('invert')}"
+    return f"{component.get('type')}({fields})"
+
+
+def parse_pre_tokenizer(pre, fail):
+    """Returns (pre_tokenizer, individual_digits) or calls fail."""
+    def refuse():
+        fail(f"pre_tokenizer {describe(pre)} is not supported (supported: ByteLevel with "
+             "use_regex, or Sequence[Digits(individual_digits=true)?, ByteLevel(use_regex=true) "
+             "or Split(GPT-2 or Llama 3 regex, Isolated) + ByteLevel(use_regex=false)])")
+    if pre is None:
+        refuse()
+    parts = list(pre["pretokenizers"]) if pre.get("type") == "Sequence" else [pre]
+    digits = False
+    if parts and parts[0].get("type") == "Digits":
+        if not parts[0].get("individual_digits"):
+            refuse()
+        digits = True
+        parts = parts[1:]
+
+    def byte_level(part, use_regex):
+        return (part.get("type") == "ByteLevel" and not part.get("add_prefix_space", False)
+                and bool(part.get("use_regex", True)) == use_regex)
+    if len(parts) == 1 and byte_level(parts[0], True):
+        return PRE_GPT2, digits
+    if len(parts) == 2 and parts[0].get("type") == "Split" and byte_level(parts[1], False):
+        split = parts[0]
+        pattern = split.get("pattern", {}).get("Regex")
+        if split.get("behavior") == "Isolated" and not split.get("invert", False):
+            if pattern == GPT2_PATTERN:
+                return PRE_GPT2, digits
+            if pattern == LLAMA3_PATTERN:
+                return PRE_LLAMA3, digits
+    refuse()
+
+
+def token_content(value):
+    """A tokenizer_config.json token: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def hf_bpe_tokens(json_path):
+    """Reads a tokenizer.json (+ tokenizer_config.json beside it). Returns the
+    arguments of write_tokenizer for kind 2 as a dict."""
+    def fail(msg):
+        raise ExportError(f"{json_path}: {msg}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read it as JSON: {e}")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        fail(f"model type {model.get('type')!r} is not supported (only BPE)")
+    for key, allowed in (("dropout", (None,)),
+                         ("continuing_subword_prefix", (None, "")),
+                         ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False)),
+                         ("fuse_unk", (None, False))):
+        if model.get(key) not in allowed:
+            fail(f"model.{key} = {model.get(key)!r} is not supported (must be {allowed[-1]!r})")
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and not (normalizer.get("type") == "Sequence"
+                                       and not normalizer.get("normalizers")):
+        fail(f"normalizer {describe(normalizer)} is not supported (only null)")
+    decoder = spec.get("decoder")
+    if decoder is None or decoder.get("type") != "ByteLevel":
+        fail(f"decoder {describe(decoder)} is not supported (only ByteLevel)")
+    pre_tokenizer, digits = parse_pre_tokenizer(spec.get("pre_tokenizer"), fail)
+
+    alphabet = byte_level_alphabet()
+    unbyte = {ch: b for b, ch in alphabet.items()}
+    vocab = model.get("vocab") or {}
+    added = spec.get("added_tokens") or []
+    by_id = {}
+    for piece, i in vocab.items():
+        if i in by_id:
+            fail(f"vocab ids {i} twice ({by_id[i]!r} and {piece!r})")
+        by_id[i] = piece
+    added_by_id = {}
+    for a in added:
+        if a.get("single_word"):
+            fail(f"added token {a['content']!r} has single_word=true, which is not supported")
+        if not a.get("content"):
+            fail(f"added token {a.get('id')} is empty")
+        added_by_id[a["id"]] = a
+    if not by_id:
+        fail("model.vocab is empty")
+    n = max(list(by_id) + list(added_by_id)) + 1
+    tokens = []
+    for i in range(n):
+        if i in added_by_id:
+            a = added_by_id[i]
+            tokens.append((a["content"], 0.0, TYPE_CONTROL if a.get("special") else TYPE_ADDED))
+        elif i in by_id:
+            try:
+                raw = bytes(unbyte[ch] for ch in by_id[i])
+            except KeyError as e:
+                fail(f"vocab piece {by_id[i]!r} (id {i}) has the character {e.args[0]!r}, "
+                     "outside the ByteLevel alphabet")
+            tokens.append((raw, 0.0, TYPE_NORMAL))
+        else:
+            fail(f"id {i} is neither in the vocab nor an added token (ids must be 0..{n - 1})")
+    seen = {}
+    for i, (piece, _, _) in enumerate(tokens):
+        key = piece if isinstance(piece, bytes) else piece.encode("utf-8")
+        if key in seen:
+            fail(f"tokens {seen[key]} and {i} both stand for {key!r}")
+        seen[key] = i
+
+    # unk_token stands for a character missing from the vocab: harmless when every byte
+    # has a token (it can never be emitted); otherwise the C++ encoder, which drops such
+    # bytes as a BPE without unk_token does, would differ
+    missing = [b for b in range(256) if bytes([b]) not in seen or tokens[seen[bytes([b])]][2] != TYPE_NORMAL]
+    if model.get("unk_token") is not None and missing:
+        fail(f"model.unk_token = {model['unk_token']!r} is not supported when bytes have no token "
+             f"(0x{missing[0]:02X} and {len(missing) - 1} more)")
+
+    merges = []
+    for rank, m in enumerate(model.get("merges") or []):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if len(pair) != 2:
+            fail(f"merge {rank} {m!r} is not a pair of pieces")
+        left, right = pair
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            fail(f"merge {rank} {left!r} {right!r}: a piece of it or the joined piece is not in the vocab")
+        merges.append((vocab[left], vocab[right]))
+
+    def config_id(name, config):
+        content = token_content(config.get(name))
+        if content is None:
+            return -1
+        for a in added:
+            if a["content"] == content:
+                if not a.get("special"):
+                    fail(f"{name} {content!r} is not a special token")
+                return a["id"]
+        fail(f"{name} {content!r} of tokenizer_config.json is not an added token")
+
+    config = {}
+    config_path = os.path.join(os.path.dirname(json_path), "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    flags = (FLAG_INDIVIDUAL_DIGITS if digits else 0) | \
+        (FLAG_IGNORE_MERGES if model.get("ignore_merges") else 0)
+    added_records = [(a["id"], (ADDED_LSTRIP if a.get("lstrip") else 0) |
+                      (ADDED_RSTRIP if a.get("rstrip") else 0) |
+                      (ADDED_NORMALIZED if a.get("normalized") else 0))
+                     for a in sorted(added, key=lambda a: a["id"])]
+    return dict(tokens=tokens, bos_id=config_id("bos_token", config),
+                eos_id=config_id("eos_token", config), unk_id=-1,
+                pad_id=config_id("pad_token", config), flags=flags,
+                pre_tokenizer=pre_tokenizer, merges=merges, added=added_records)
+
+
+def export_hf_bpe(json_path, out_path):
+    t = hf_bpe_tokens(json_path)
+    n = write_tokenizer(out_path, KIND_BYTE_LEVEL_BPE, **t)
+    return {"vocab_size": len(t["tokens"]), "merges": len(t["merges"]),
+            "added": len(t["added"]), "pre_tokenizer": {PRE_GPT2: "gpt2", PRE_LLAMA3: "llama3"}[t["pre_tokenizer"]],
+            "individual_digits": bool(t["flags"] & FLAG_INDIVIDUAL_DIGITS),
+            "ignore_merges": bool(t["flags"] & FLAG_IGNORE_MERGES),
+            "bos_id": t["bos_id"], "eos_id": t["eos_id"], "pad_id": t["pad_id"], "bytes": n}
 
 
 def sentencepiece_tokens(model_path):
@@ -281,7 +532,7 @@ def main(argv=None):
     ap.add_argument("--byte-level", action="store_true",
                     help="write the byte-level tokenizer (takes only the output path)")
     ap.add_argument("paths", nargs="+", metavar="PATH",
-                    help="MODEL OUT (SentencePiece .model file or folder), or OUT with --byte-level")
+                    help="MODEL OUT (SentencePiece .model, tokenizer.json or a folder), or OUT with --byte-level")
     args = ap.parse_args(argv)
     try:
         if args.byte_level:
@@ -292,7 +543,11 @@ def main(argv=None):
         else:
             if len(args.paths) != 2:
                 ap.error("expected: MODEL OUT")
-            info = export_sentencepiece(args.paths[0], args.paths[1])
+            model_path = resolve_model_path(args.paths[0])
+            if model_path.endswith(".json"):
+                info = export_hf_bpe(model_path, args.paths[1])
+            else:
+                info = export_sentencepiece(model_path, args.paths[1])
             out = args.paths[1]
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
