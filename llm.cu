@@ -5045,8 +5045,8 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
         pre_tokenizer = u32_at(40);
         n_merges = u32_at(44);
         n_added = u32_at(48);
-        for (size_t off = 52; off < TOKENIZER_HEADER_BYTES; off++)
-            if (data[off] != 0) return fail(string_format("reserved header byte %zu is not zero", off));
+        std::string reserved = reserved_bytes_check(data, 52, TOKENIZER_HEADER_BYTES);
+        if (!reserved.empty()) return fail(reserved);
     }
     if (kind != TOKENIZER_SENTENCEPIECE_BPE && kind != TOKENIZER_BYTE_LEVEL && kind != TOKENIZER_BYTE_LEVEL_BPE)
         return fail(string_format("unknown kind %u (0 = sentencepiece bpe, 1 = byte-level, 2 = byte-level bpe)", kind));

@@ -761,7 +761,10 @@ TEST_CASE("byte-level bpe loader refuses damaged files with a clear message", "[
         CHECK(parse_error(f) == "kind 2 (byte-level bpe) needs version 2");
         f = good;
         f[60] = 1;
-        CHECK(parse_error(f) == "reserved header byte 60 is not zero");
+        CHECK(parse_error(f) == "reserved header byte 60 is 0x01, not zero");
+        f = good;
+        f[52] = 0xff;
+        CHECK(parse_error(f) == "reserved header byte 52 is 0xff, not zero");
         f = good;
         f[40] = 3;
         CHECK(parse_error(f) == "byte-level bpe with pre_tokenizer 3 (1 = gpt-2 regex, 2 = llama 3 regex)");
