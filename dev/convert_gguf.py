@@ -1,6 +1,6 @@
-"""Convert a Llama-architecture GGUF file to an xwin.cu model file.
+"""Convert a Llama-architecture GGUF file to an xwin.cu model file and tokenizer.
 
-    python dev/convert_gguf.py FILE.gguf out.bin [--dtype fp32|bf16]
+    python dev/convert_gguf.py FILE.gguf out.bin [out.tokenizer] [--dtype fp32|bf16]
 
 The GGUF's metadata gives the config (llama.* keys) and the token ids
 (tokenizer.ggml.*_token_id); its tensors are dequantized with the `gguf`
@@ -13,6 +13,14 @@ so the result equals what dev/convert_hf.py makes of the same weights. A
 GGUF of another architecture, another tensor type, a head_dim other than
 dim / n_heads, or RoPE scaling is refused with a one-line error naming the
 file, and nothing is written.
+
+With out.tokenizer, the GGUF's byte-level BPE tokenizer (tokenizer.ggml.model "gpt2": its
+tokens, merges, token types, bos/eos/pad ids and chat template) is written as a Hugging Face
+tokenizer.json and tokenizer_config.json would describe it and exported by
+dev/export_tokenizer.py. The GGUF names the pre-tokenizer (tokenizer.ggml.pre) rather than
+storing it; the names this maps: "smollm" (the GPT-2 pattern after a split into single
+digits, as SmolLM2's tokenizer.json has it), "llama-bpe" (Llama 3's pattern, ignore_merges),
+"gpt-2" and "default" (the GPT-2 pattern). Another model or pre-tokenizer is refused.
 """
 
 import argparse
@@ -171,10 +179,81 @@ def convert(path, out, dtype="fp32"):
     return dict(cfg, dtype=dtype)
 
 
+# GGUF's token types (llama.cpp's llama_token_type)
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tokenizer_files_from_gguf(reader):
+    """(tokenizer.json, tokenizer_config.json) as dicts, from a GGUF's tokenizer metadata."""
+    model = field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ConvertError(f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    pre = field(reader, "tokenizer.ggml.pre", "default")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "smollm":
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    elif pre == "llama-bpe":
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
+    elif pre in ("gpt-2", "default"):
+        pre_tokenizer = byte_level
+    else:
+        raise ConvertError(f"tokenizer.ggml.pre is {pre!r}; supported: smollm, llama-bpe, gpt-2, default")
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    merges = field(reader, "tokenizer.ggml.merges") or []
+    if not tokens or types is None or len(types) != len(tokens):
+        raise ConvertError("tokenizer.ggml.tokens and tokenizer.ggml.token_type are missing or of different lengths")
+    vocab, added = {}, []
+    for i, (piece, kind) in enumerate(zip(tokens, types)):
+        if kind in (GGUF_CONTROL, GGUF_USER_DEFINED):
+            added.append({"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": kind == GGUF_USER_DEFINED, "special": kind == GGUF_CONTROL})
+        elif kind not in (GGUF_NORMAL, GGUF_UNUSED):
+            raise ConvertError(f"token {i} {piece!r} is of GGUF type {kind}: byte-level BPE has only normal, control and user-defined tokens")
+        vocab[piece] = i
+    spec = {"version": "1.0", "added_tokens": added, "normalizer": None, "pre_tokenizer": pre_tokenizer,
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": pre == "llama-bpe", "vocab": vocab, "merges": list(merges)}}
+    config = {}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
+        i = field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            config[name] = tokens[int(i)]
+    template = field(reader, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return spec, config
+
+
+def convert_tokenizer(path, out):
+    """Write the GGUF's tokenizer to out (an xwin.cu .tokenizer) through dev/export_tokenizer.py."""
+    import json
+    import tempfile
+    import export_tokenizer
+    from gguf import GGUFReader
+    spec, config = tokenizer_files_from_gguf(GGUFReader(path))
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False)
+        try:
+            return export_tokenizer.export_hf_bpe(os.path.join(folder, "tokenizer.json"), out)
+        except export_tokenizer.ExportError as e:
+            raise ConvertError(str(e).replace(folder + "/", ""))
+
+
 def main():
-    p = argparse.ArgumentParser(description="Convert a Llama-architecture GGUF file to an xwin model file.")
+    p = argparse.ArgumentParser(description="Convert a Llama-architecture GGUF file to an xwin model file and tokenizer.")
     p.add_argument("gguf_file")
     p.add_argument("out")
+    p.add_argument("out_tokenizer", nargs="?", help="also write the GGUF's tokenizer here")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter storage (default fp32)")
     a = p.parse_args()
     if not os.path.isfile(a.gguf_file):
@@ -182,12 +261,19 @@ def main():
         sys.exit(1)
     try:
         cfg = convert(a.gguf_file, a.out, a.dtype)
+        tok = convert_tokenizer(a.gguf_file, a.out_tokenizer) if a.out_tokenizer else None
     except (ConvertError, xf.FormatError, OSError) as e:
+        if a.out_tokenizer and os.path.exists(a.out):  # nothing half done: the model goes with its tokenizer
+            os.remove(a.out)
         print(f"convert_gguf: error: {a.gguf_file}: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {a.out}: {xf.n_params(cfg):,} params, {cfg['dtype']}, dim {cfg['dim']}, layers {cfg['n_layers']}, "
           f"heads {cfg['n_heads']}/{cfg['n_kv_heads']}, vocab {cfg['vocab_size']}, tied {cfg['tied_embeddings']}, "
           f"rope_theta {cfg['rope_theta']:g}")
+    if tok:
+        print(f"wrote {a.out_tokenizer}: vocab {tok['vocab_size']}, {tok['merges']} merges, {tok['added']} added tokens, "
+              f"pre-tokenizer {tok['pre_tokenizer']}{' after single digits' if tok['individual_digits'] else ''}, "
+              f"bos {tok['bos_id']}, eos {tok['eos_id']}, pad {tok['pad_id']}")
 
 
 if __name__ == "__main__":

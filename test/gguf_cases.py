@@ -12,6 +12,10 @@ give: the original weights after the tensor type's rounding (quantize, then dequ
   gpt2                               general.architecture "gpt2"
   q5_k                               one tensor of type Q5_K
   rope_freqs                         a rope_freqs.weight tensor (Llama 3.1 scaling)
+  tok_spm                            a SentencePiece tokenizer (tokenizer.ggml.model "llama")
+  tok_pre                            a byte-level BPE with a pre-tokenizer name it does not know ("qwen2")
+Every case but the last two has a small byte-level BPE tokenizer (pre "gpt-2"): 157 single-byte
+tokens in the ByteLevel alphabet, 2 merges and 3 control tokens.
 """
 
 import os
@@ -27,6 +31,19 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "g
 
 GGUF_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
               "mlp_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
+def byte_level_alphabet():
+    """GPT-2's map of the 256 bytes to printable characters (a byte-level BPE's vocab pieces)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def interleave_rows(w, heads):
@@ -58,8 +75,17 @@ def main():
     w.add_layer_norm_rms_eps(cfg["norm_eps"])
     w.add_rope_dimension_count(cfg["dim"] // cfg["n_heads"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    alphabet = byte_level_alphabet()
+    tokens = ["<s>", "</s>", "<pad>"] + [alphabet[b] for b in range(cfg["vocab_size"] - 5)] + ["ab", "abab"]
+    tokens[-2], tokens[-1] = alphabet[ord("a")] + alphabet[ord("b")], (alphabet[ord("a")] + alphabet[ord("b")]) * 2
+    w.add_tokenizer_model("llama" if case == "tok_spm" else "gpt2")
+    w.add_tokenizer_pre("qwen2" if case == "tok_pre" else "gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges([f"{tokens[-2][0]} {tokens[-2][1]}", f"{tokens[-2]} {tokens[-2]}"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(2)
     expected = {}
 
     def put(name, a):
@@ -102,7 +128,7 @@ def main():
     w.write_tensors_to_file()
     w.close()
     if expected_path:
-        xf.write_model(expected_path, dict(cfg, bos_token_id=1, eos_token_id=2), expected, "fp32")
+        xf.write_model(expected_path, dict(cfg, bos_token_id=0, eos_token_id=1, pad_token_id=2), expected, "fp32")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,23 @@ TEST_CASE("SmolLM2-135M-Instruct from its GGUF: logits equal transformers' on th
     llama_free(&model);
 }
 
+TEST_CASE("SmolLM2-135M-Instruct: the tokenizer from its GGUF is the real one, digits split", "[real]") {
+    // test/fixtures/bpe/smollm2.tokenizer is the GGUF's tokenizer as transformers rebuilds it,
+    // without the split into single digits that SmolLM2's own tokenizer.json has (the GGUF
+    // names it, "smollm", rather than storing it); test_tokenizer holds both forms to the
+    // tokenizers package on its corpus. The conversion writes the same bytes, the flag set.
+    std::vector<unsigned char> ours = file_bytes("build/smollm2.tokenizer"), theirs = file_bytes("test/fixtures/bpe/smollm2.tokenizer");
+    REQUIRE(ours.size() == theirs.size());
+    REQUIRE(theirs.size() > 1000000);
+    theirs[36] |= (unsigned char)TOKENIZER_FLAG_INDIVIDUAL_DIGITS;
+    CHECK(ours == theirs);
+    Tokenizer t;
+    REQUIRE(tokenizer_load_checked(&t, "build/smollm2.tokenizer") == "");
+    CHECK(t.individual_digits);
+    CHECK(t.bos_id == 1);
+    CHECK(t.eos_id == 2);
+}
+
 TEST_CASE("SmolLM2-135M-Instruct: greedy answers equal transformers' generate token for token", "[real]") {
     std::map<std::string, FixtureTensor> expect = fixture_load(REAL_FIXTURE);
     Llama model;
@@ -103,27 +120,52 @@ TEST_CASE("convert_gguf: every supported tensor type gives the fixture model's w
             REQUIRE(a.num_params == b.num_params);
             CHECK(memcmp(a.params_memory, b.params_memory, a.num_params * sizeof(float)) == 0);
             CHECK(a.config.norm_eps == b.config.norm_eps);
-            CHECK(a.config.bos_id == 1);
-            CHECK(a.config.eos_id == 2);
+            CHECK(a.config.bos_id == 0);
+            CHECK(a.config.eos_id == 1);
+            CHECK(a.config.pad_id == 2);
             llama_free(&a), llama_free(&b);
         }
         for (const std::string& p : {gguf, want, got}) remove(p.c_str());
     }
 }
 
+TEST_CASE("convert_gguf: the GGUF's byte-level BPE tokenizer, its merges and control tokens", "[gguf]") {
+    std::string gguf = scratch("tok.gguf"), model = scratch("tok.bin"), tok = scratch("tok.tokenizer"), out;
+    REQUIRE(run("python3 test/gguf_cases.py f32 " + gguf, &out) == 0);
+    REQUIRE(run("python3 dev/convert_gguf.py " + gguf + " " + model + " " + tok, &out) == 0);
+    INFO(out);
+    CHECK_THAT(out, Catch::Contains("wrote " + tok + ": vocab 160, 2 merges, 3 added tokens, pre-tokenizer gpt2, bos 0, eos 1, pad 2"));
+    Tokenizer t;
+    REQUIRE(tokenizer_load_checked(&t, tok.c_str()) == "");
+    CHECK(t.vocab_size == 160);
+    CHECK(t.bos_id == 0);
+    CHECK(t.eos_id == 1);
+    CHECK(t.pad_id == 2);
+    // by hand: the GPT-2 pattern cuts "abab ab</s>" into "abab", " ab" and the control token;
+    // "a" "b" merge to "ab" (id 158), "ab" "ab" to "abab" (159); the space is byte 0x20 (3 + 32)
+    std::vector<int> ids;
+    std::string text = "abab ab</s>";
+    tokenizer_encode(&t, text.data(), text.size(), ids);
+    CHECK(ids == std::vector<int>{159, 35, 158, 1});
+    for (const std::string& p : {gguf, model, tok}) remove(p.c_str());
+}
+
 TEST_CASE("convert_gguf refuses another architecture, tensor type or RoPE scaling in one line, writing nothing", "[gguf]") {
     struct Case { const char* name; const char* message; };
     for (const Case& c : {Case{"gpt2", "general.architecture is 'gpt2'; only 'llama' is supported"},
                           Case{"q5_k", "tensor blk.0.attn_v.weight is of type Q5_K; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"},
-                          Case{"rope_freqs", "the file has rope_freqs.weight (Llama 3.1 RoPE scaling as per-frequency factors): not supported"}}) {
+                          Case{"rope_freqs", "the file has rope_freqs.weight (Llama 3.1 RoPE scaling as per-frequency factors): not supported"},
+                          Case{"tok_spm", "tokenizer.ggml.model is 'llama'; only byte-level BPE ('gpt2') is supported"},
+                          Case{"tok_pre", "tokenizer.ggml.pre is 'qwen2'; supported: smollm, llama-bpe, gpt-2, default"}}) {
         std::string gguf = scratch((std::string(c.name) + ".gguf").c_str()), got = scratch((std::string(c.name) + ".bin").c_str()), out;
         REQUIRE(run("python3 test/gguf_cases.py " + std::string(c.name) + " " + gguf, &out) == 0);
-        CHECK(run("python3 dev/convert_gguf.py " + gguf + " " + got, &out) == 1);
+        CHECK(run("python3 dev/convert_gguf.py " + gguf + " " + got + " " + got + ".tokenizer", &out) == 1);
         INFO(out);
         CHECK_THAT(out, Catch::StartsWith("convert_gguf: error: " + gguf + ": " + c.message));
         CHECK(std::count(out.begin(), out.end(), '\n') == 1);
-        CHECK(!exists(got));
+        CHECK(!exists(got));  // neither the model nor its tokenizer
         CHECK(!exists(got + ".tmp"));
+        CHECK(!exists(got + ".tokenizer"));
         remove(gguf.c_str());
     }
     std::string out, junk = scratch("junk.gguf");
