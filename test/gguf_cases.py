@@ -26,24 +26,12 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dev"))
 import xwin_format as xf  # noqa: E402
+from export_tokenizer import byte_level_alphabet  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gqa_untied", "model.bin")
 
 GGUF_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
               "mlp_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
-
-
-def byte_level_alphabet():
-    """GPT-2's map of the 256 bytes to printable characters (a byte-level BPE's vocab pieces)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def interleave_rows(w, heads):
