@@ -47,8 +47,15 @@ for arch in 80 90; do
                     /Compiling entry function/ { split($0, q, "\047"); name = q[2] }
                     /bytes stack frame/ { stack = $1; ss = $5; sl = $9 }
                     /Used [0-9]+ registers/ {
+                        # "256 bytes smem, 360 bytes cmem[0]" on sm_80, "256 bytes smem" last on sm_90:
+                        # the field is matched without its comma (static shared memory only; the
+                        # dynamic shared memory of a launch is not known to ptxas)
                         smem = 0
-                        for (i = 1; i < NF; i++) if ($(i + 1) == "bytes" && $(i + 2) == "smem") smem = $i
+                        for (i = 1; i < NF; i++) {
+                            field = $(i + 2)
+                            sub(/,$/, "", field)
+                            if ($(i + 1) == "bytes" && field == "smem") smem = $i
+                        }
                         print name, $5, smem, stack, ss, sl
                     }' "$log" | while read -r name regs smem stack ss sl; do
                         printf "  %-34s %4s regs %6s B smem %4s B stack %s/%s spill\n" "$(echo "$name" | c++filt | sed 's/(.*//')" "$regs" "$smem" "$stack" "$ss" "$sl"
