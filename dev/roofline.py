@@ -27,6 +27,9 @@ pass). Host copies (tokens, mask, the B loss sums) are left out.
       --memory-plan   the same by kind, "kind bytes" per line (the tests compare it with llm.cu's
                   gpu_memory_plan)
       --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
+  python3 dev/roofline.py --parallel           data parallel on 8 x 80 GB: Llama-2-7B and 13B per-rank
+                                               memory by ZeRO stage and recomputation, step times and
+                                               tokens/s on 1, 8 and 16 GPUs, the largest Llama that fits
 --attention cublas is the attention before flash attention: cuBLAS GEMMs over (B, H, T, T)
 scores and probabilities, with the heads permuted (and kv heads expanded) around them.
 """
@@ -40,7 +43,16 @@ GPU_MEMORY = 80e9
 CONFIGS = {  # dim, layers, heads, kv heads, vocab, ffn (untied heads)
     "tinyllama": (2048, 22, 32, 4, 32000, 5632),
     "llama2-7b": (4096, 32, 32, 32, 32000, 11008),
+    "llama2-13b": (5120, 40, 40, 40, 32000, 13824),
+    "codellama-34b": (8192, 48, 64, 8, 32000, 22016),
+    "llama2-70b": (8192, 80, 64, 8, 32000, 28672),
 }
+
+# Data parallelism (--parallel): the gradients' reduction and the weights' gather at the bus
+# bandwidth NCCL reaches for large messages (its busbw: ring all-reduce moves 2 (n-1)/n of the
+# bytes per rank, reduce-scatter and all-gather (n-1)/n each)
+NVLINK_BUS = 360e9   # 8 x H100 SXM in one node, NVLink 4 through NVSwitch (of 450 GB/s per direction)
+NETWORK_BUS = 45e9   # across nodes: one 400 Gb/s InfiniBand NIC per GPU (50 GB/s), at 90%
 
 
 class Step:
@@ -349,6 +361,107 @@ def print_summary(efficiency):
             print(f"| {name} | {B} x {T} | {label} | {step * 1e3:.1f} | {attn * 1e3:.1f} | {100 * mfu:.1f}% | {gb(mem):.1f}{fits} |")
 
 
+def parallel_memory(cfg, B, T, ranks, zero, recompute, x=2):
+    """Per-rank bytes of data-parallel training over `ranks` GPUs, by kind (memory_plan's kinds).
+    ZeRO-1 shards the FP32 master weights and the AdamW moments over the ranks; ZeRO-2 the FP32
+    gradients too, each rank keeping its shard and one layer's gradients in flight (the largest
+    layer's, reduce-scattered while the backward goes on). Every rank keeps the whole compute
+    copy of the weights (floatX; ZeRO-3 would shard it). Recomputation keeps no RMSNorm outputs
+    (attn_in, mlp_in: (L, B, T, C) each) and no SwiGLU product ((L, B, T, F)): the backward
+    recomputes one layer's from the residuals, the rstds, gate and up, into a one-layer buffer."""
+    C, L, H, KV, V, F = cfg
+    plan = memory_plan(cfg, B, T, "flash", x)
+    P = num_params(cfg)
+    KVD = KV * (C // H)
+    layer = 2 * C * C + 2 * KVD * C + 3 * F * C + 2 * C  # the parameters of one layer
+    if zero >= 1:
+        plan["master"] = -(-P // ranks) * 4
+        plan["moments"] = 2 * -(-P // ranks) * 4
+    if zero >= 2:
+        plan["grads"] = -(-P // ranks) * 4 + max(layer, V * C) * 4
+    if recompute:
+        N = B * T
+        plan["activations"] -= (L - 1) * N * (2 * C + F) * x
+    return plan
+
+
+def parallel_time(cfg, B, T, ranks, zero, bus, efficiency=1.0, x=2):
+    """(step seconds, collective seconds, exposed seconds) of one data-parallel step: each rank's
+    compute is the 1-GPU step of its B sequences (predict); the gradients (FP32, as llm.cu keeps
+    them) are all-reduced (ZeRO-0) or reduce-scattered (ZeRO-1, 2), layer by layer on their own
+    stream as the backward frees them, so all but the last layer's hide behind the backward
+    while there is backward left to hide behind; ZeRO-1 and 2 then all-gather the updated
+    compute weights (floatX), after the update: exposed."""
+    if ranks == 1:
+        return predict(cfg, B, T, "flash", x, efficiency)[1], 0.0, 0.0
+    _, step, _, _, _ = predict(cfg, B, T, "flash", x, efficiency)
+    P, L = num_params(cfg), cfg[1]
+    share = (ranks - 1) / ranks
+    reduce_bytes = P * 4 * share * (2 if zero == 0 else 1)
+    gather_bytes = P * x * share if zero >= 1 else 0
+    reduce, gather = reduce_bytes / bus, gather_bytes / bus
+    backward = step * 2 / 3  # the backward's share of a step's FLOPs
+    exposed = max(reduce / L, reduce - backward * (L - 1) / L) + gather
+    return step + exposed, reduce + gather, exposed
+
+
+def print_parallel(efficiency):
+    print(f"data parallel on 8 x 80 GB (predicted: each rank's step from this roofline at {PEAK_FLOPS / 1e12:.0f} TFLOP/s"
+          f"{'' if efficiency == 1 else f' x {efficiency:g}'}, collectives at {NVLINK_BUS / 1e9:.0f} GB/s bus bandwidth in a node"
+          f" and {NETWORK_BUS / 1e9:.0f} GB/s across nodes)")
+    print()
+    print("| model | per rank | ZeRO | recompute | weights | master | grads | moments | activations, their grads, scratch |"
+          " total per rank (GB) | headroom of 80 GB |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    cases = [("Llama-2-7B", "llama2-7b", "SFT 1 x 4096", 1, 4096), ("Llama-2-7B", "llama2-7b", "DPO pair 2 x 2048", 2, 2048),
+             ("Llama-2-13B", "llama2-13b", "SFT 1 x 4096", 1, 4096), ("Llama-2-13B", "llama2-13b", "DPO pair 2 x 2048", 2, 2048)]
+    for name, key, what, B, T in cases:
+        for zero in (0, 1, 2):
+            for recompute in (False, True):
+                m = parallel_memory(CONFIGS[key], B, T, 8, zero, recompute)
+                total = sum(m.values())
+                state = m["weights"] + m["master"] + m["grads"] + m["moments"]
+                room = GPU_MEMORY - total
+                print(f"| {name} | {what} | {zero} | {'yes' if recompute else 'no'} | {gb(m['weights']):.1f} | {gb(m['master']):.1f} | "
+                      f"{gb(m['grads']):.1f} | {gb(m['moments']):.1f} | {gb(total - state):.1f} | {gb(total):.1f} | "
+                      f"{f'{gb(room):.1f} GB' if room > 0 else 'does not fit'} |")
+    print()
+    print("The headroom is before the CUDA context and cuBLAS's workspace (about 1 to 2 GB).")
+    print()
+    print("Step time and tokens/s, ZeRO-2 with recomputation's memory (recomputation's FLOPs left out: about 1/6 of a layer's"
+          " forward more), 1 GPU against 8 in one node and 16 in two:")
+    print()
+    print("(1 GPU: the step as if the model fitted one GPU, for the speed-up; it does not.)")
+    print()
+    print("| model | per rank | GPUs | step (ms) | collectives (ms) | exposed (ms) | tokens/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, key, what, B, T in cases:
+        for ranks, bus in ((1, NVLINK_BUS), (8, NVLINK_BUS), (16, NETWORK_BUS)):
+            step, comm, exposed = parallel_time(CONFIGS[key], B, T, ranks, 2, bus, efficiency)
+            print(f"| {name} | {what} | {ranks} | {step * 1e3:.0f} | {comm * 1e3:.0f} | {exposed * 1e3:.0f} | {ranks * B * T / step:,.0f} |")
+    print()
+    print("The largest Llama that fits 8 x 80 GB with ZeRO-2 and recomputation (SFT, 1 x 4096 per rank, 2 GB kept for the"
+          " CUDA context and cuBLAS):")
+    for key in ("llama2-7b", "llama2-13b", "codellama-34b", "llama2-70b"):
+        total = sum(parallel_memory(CONFIGS[key], 1, 4096, 8, 2, True).values())
+        print(f"  {key:14s} {num_params(CONFIGS[key]) / 1e9:5.1f}B parameters: {gb(total):6.1f} GB per rank: "
+              f"{'fits' if total < GPU_MEMORY - 2e9 else 'does not fit'}")
+    # 70B on paper: its compute copy of the weights alone (138 GB in BF16) exceeds a GPU, so it needs
+    # that copy sharded too (ZeRO-3: each layer's weights gathered before its forward and backward)
+    cfg70 = CONFIGS["llama2-70b"]
+    P70 = num_params(cfg70)
+    acts70 = sum(parallel_memory(cfg70, 1, 4096, 8, 2, True).values()) - sum(
+        parallel_memory(cfg70, 1, 4096, 8, 2, True)[k] for k in ("weights", "master", "grads", "moments"))
+    C70, L70, N = cfg70[0], cfg70[1], 4096
+    layer_only = 2 * (L70 + 1) * N * C70 + acts70 / L70  # whole layers recomputed: the residual stream (x2 for its grads) and one layer
+    for ranks in (8, 16, 32):
+        per_rank = (2 + 4 + 4 + 8) * P70 / ranks + acts70
+        per_rank_layers = (2 + 4 + 4 + 8) * P70 / ranks + layer_only
+        print(f"  llama2-70b with ZeRO-3 (every state sharded, 18 bytes a parameter) over {ranks} GPUs: {gb(per_rank):.1f} GB per rank"
+              f" ({'fits' if per_rank < GPU_MEMORY - 2e9 else 'does not fit'}); with whole layers recomputed, about"
+              f" {gb(per_rank_layers):.1f} GB ({'fits' if per_rank_layers < GPU_MEMORY - 2e9 else 'does not fit'})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="?", help="tinyllama, llama2-7b or DIM,LAYERS,HEADS,KV_HEADS,VOCAB,FFN")
@@ -361,9 +474,13 @@ def main():
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-plan", action="store_true")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
+    ap.add_argument("--parallel", action="store_true", help="data parallel on 8 x 80 GB: per-rank memory by ZeRO stage and recomputation, step times")
     a = ap.parse_args()
     if not 0 < a.efficiency <= 1:
         sys.exit("error: --efficiency must be in (0, 1]")
+    if a.parallel:
+        print_parallel(a.efficiency)
+        return
     if a.config is None:
         print_summary(a.efficiency)
         return
