@@ -36,7 +36,7 @@ scores and probabilities, with the heads permuted (and kv heads expanded) around
 import argparse
 import sys
 
-PEAK_FLOPS = 798e12  # H100, dense BF16 (issue 11's figure)
+PEAK_FLOPS = 798e12  # H100, dense BF16 (the figure of every table here, below the SXM's 989)
 HBM_BYTES = 3.0e12   # H100, HBM3
 GPU_MEMORY = 80e9
 
