@@ -4204,6 +4204,14 @@ struct InferCudaOps : CudaForwardOps {
         size_t KVD = KV * hd, cache = (size_t)g->B * g->max_T * KVD;
         floatX *k_cache = g->s.k_cache + l * cache, *v_cache = g->s.v_cache + l * cache;
         kv_cache_write_cuda(k_cache, v_cache, k, v, g->s.pos, B, (int)Tn, (int)KVD, g->max_T, stream);
+        if (max_len == (int)Tn && flash_attention_head_tile((int)hd) != 0) {
+            // a fresh prefill (every sequence from position 0, as scoring and a prompt's first chunk
+            // are): causal attention within the chunk, which the flash forward computes reading K
+            // and V once per tile of query rows, where the decode kernel reads them once per row
+            // and head; the row log-sum-exps go to the partials' scratch ((B, H, Tn) <= its rows)
+            flash_attention_forward_cuda(out, g->part_ml, q, k, v, B, (int)Tn, (int)H, (int)KV, (int)hd, stream);
+            return;
+        }
         attention_decode_cuda(out, q, k_cache, v_cache, g->s.pos, B, (int)Tn, (int)H, (int)KV, (int)hd, g->max_T, max_len, g->part_o, g->part_ml,
                               g->part_rows, stream, g->attn_chunk);
     }

@@ -27,6 +27,8 @@ pass). Host copies (tokens, mask, the B loss sums) are left out.
       --memory-plan   the same by kind, "kind bytes" per line (the tests compare it with llm.cu's
                   gpu_memory_plan)
       --efficiency E   every launch at E times the peak FLOP/s (a sensitivity; 1 is the roofline)
+  python3 dev/roofline.py --scoring            the Xwin-Set's scoring of one prompt (64 responses of 1k
+                                               tokens, TinyLlama): the prefill's attention before flash and after
   python3 dev/roofline.py --parallel           data parallel on 8 x 80 GB: Llama-2-7B and 13B per-rank
                                                memory by ZeRO stage and recomputation, step times and
                                                tokens/s on 1, 8 and 16 GPUs, the largest Llama that fits
@@ -361,6 +363,40 @@ def print_summary(efficiency):
             print(f"| {name} | {B} x {T} | {label} | {step * 1e3:.1f} | {attn * 1e3:.1f} | {100 * mfu:.1f}% | {gb(mem):.1f}{fits} |")
 
 
+def scoring_time(cfg, B, T, flash, lm_head, x=2):
+    """Seconds (total, attention) of one forward of B sequences of T tokens on the inference
+    runner (infer_cuda_layers from position 0: scoring), GEMMs and attention at their roofline
+    (the elementwise kernels left out: the same before and after). flash: the prefill's attention
+    is flash_attention_forward_cuda; else attention_decode_cuda, whose blocks, one per query
+    row and head, each read K and V rows 0..t from HBM. lm_head: the policy's log-probs (the
+    head's GEMM, one sequence at a time); else a reward model (its head is one row)."""
+    C, L, H, KV, V, F = cfg
+    hd, N = C // H, B * T
+    KVD = KV * hd
+    gemm = 2 * N * L * (2 * C * C + 2 * KVD * C + 3 * F * C) + (2 * N * V * C if lm_head else 0)
+    s = Step()
+    if flash:
+        flash_forward(s, B, T, H, KV, hd, x)
+    else:
+        keys = B * H * T * (T + 1) // 2  # (query row, key) pairs of causal attention
+        s.add("attention_decode_partial_kernel", "attention (prefill)", keys * 4 * hd, keys * 2 * hd * x + 2 * N * C * x)
+    attn = L * sum(max(f / PEAK_FLOPS, b / HBM_BYTES) for _, _, f, b in s.launches)
+    return gemm / PEAK_FLOPS + attn, attn
+
+
+def print_scoring():
+    B, T = 64, 1024
+    print(f"Xwin-Set scoring of one prompt: {B} responses of {T} tokens, each scored by the reward model and by the policy"
+          f" (its log-prob), TinyLlama's shape, BF16, predicted at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {HBM_BYTES / 1e12:.1f} TB/s")
+    print()
+    print("| prefill attention | reward model (ms) | of which attention | policy log-probs (ms) | of which attention | per prompt (ms) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for flash, label in ((False, "before: decode kernel, a block per query row and head"), (True, "after: flash forward")):
+        rm, rm_attn = scoring_time(CONFIGS["tinyllama"], B, T, flash, False)
+        lp, lp_attn = scoring_time(CONFIGS["tinyllama"], B, T, flash, True)
+        print(f"| {label} | {rm * 1e3:.1f} | {rm_attn * 1e3:.1f} | {lp * 1e3:.1f} | {lp_attn * 1e3:.1f} | {(rm + lp) * 1e3:.1f} |")
+
+
 def parallel_memory(cfg, B, T, ranks, zero, recompute, x=2):
     """Per-rank bytes of data-parallel training over `ranks` GPUs, by kind (memory_plan's kinds).
     ZeRO-1 shards the FP32 master weights and the AdamW moments over the ranks; ZeRO-2 the FP32
@@ -474,12 +510,16 @@ def main():
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-plan", action="store_true")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
+    ap.add_argument("--scoring", action="store_true", help="the Xwin-Set's scoring of a prompt (64 x 1024 tokens, TinyLlama): prefill before and after flash")
     ap.add_argument("--parallel", action="store_true", help="data parallel on 8 x 80 GB: per-rank memory by ZeRO stage and recomputation, step times")
     a = ap.parse_args()
     if not 0 < a.efficiency <= 1:
         sys.exit("error: --efficiency must be in (0, 1]")
     if a.parallel:
         print_parallel(a.efficiency)
+        return
+    if a.scoring:
+        print_scoring()
         return
     if a.config is None:
         print_summary(a.efficiency)

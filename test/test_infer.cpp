@@ -12,8 +12,9 @@
 //     than cuBLAS and the softmax kernel.
 //   BF16 kernels: 5e-2, observed 1.5e-2 (gqa_untied) and 1.9e-2 (mha_tied), 1.1e-2 over all
 //     rows; deterministic (fixed fixtures, fixed reduction order). The two paths round at
-//     different places: the full path rounds the attention probabilities and cuBLAS's
-//     attention output to bfloat16, the split-K kernel stays in FP32 until its output. Each
+//     different places: the cached path's prefill is the flash forward over the chunk (as the
+//     full path's attention), but its decode steps run the split-K kernel, which stays in FP32
+//     until its output, and its later prefill chunks too. Each
 //     path is itself 2.7e-2..3.5e-2 per row from the FP32 CPU forward (printed; the cached
 //     one is the closer), so the two can differ by about as much as either is off, not less.
 //     5e-2 is 2.7x the worst observed and the kernel parity tests' bound on BF16 logits; a
@@ -282,6 +283,41 @@ TEST_CASE("a frozen model's memory plan on the inference runner holds no master,
 // decodes in each of them exactly as in itself (the same arithmetic on the same numbers, so
 // bit for bit on every build), and a sequence rewound by one position and given another token
 // decodes exactly as one that never saw the first.
+#if defined(XWIN_CUDA_EMULATION)
+// A fresh prefill (every sequence from position 0: a prompt, every scoring pass) runs the flash
+// forward, causal within the chunk; a chunk after cached tokens and every decode step the
+// split-K kernel over the cache. The logits of both paths are the full forward's (above).
+TEST_CASE("KV cache on the GPU: a fresh prefill runs the flash forward, later chunks and decoding the split-K kernel", "[infer][flash]") {
+    InferRunner inf;
+    llama_load(&inf.host, "test/fixtures/gqa_untied/model.bin");
+    const unsigned long long L = inf.host.config.n_layers;
+    infer_runner_init(&inf, 2, 20, 6);
+    auto launches = [](const char* prefix) {  // a kernel's launches so far, its instantiations together
+        unsigned long long n = 0;
+        for (auto& kv : emu_kernel_launch_counts()) n += kv.first.rfind(prefix, 0) == 0 ? kv.second : 0;
+        return n;
+    };
+    unsigned long long flash0 = launches("flash_attention_forward_kernel"), split0 = launches("attention_decode_partial_kernel");
+    std::vector<int> prompt = {3, 17, 42, 5, 99, 7, 8, 9, 10, 0, 0, 0}, lens = {6, 3}, next = {11, 12};
+    infer_runner_prefill(&inf, prompt.data(), 6, lens.data(), 2);
+    CHECK(launches("flash_attention_forward_kernel") - flash0 == L);  // once per layer
+    CHECK(launches("attention_decode_partial_kernel") - split0 == 0);
+    infer_runner_decode(&inf, next.data());
+    CHECK(launches("flash_attention_forward_kernel") - flash0 == L);
+    CHECK(launches("attention_decode_partial_kernel") - split0 == L);
+    infer_cuda_extend(&inf.gpu, prompt.data(), 3, nullptr, 2);  // a second chunk, after the cached tokens
+    CHECK(launches("flash_attention_forward_kernel") - flash0 == L);
+    CHECK(launches("attention_decode_partial_kernel") - split0 == 2 * L);
+    infer_runner_prefill(&inf, prompt.data(), 6, lens.data(), 2);  // a prefill starts the sequences again
+    CHECK(launches("flash_attention_forward_kernel") - flash0 == 2 * L);
+    std::vector<uint8_t> mask(2 * 6, 1);  // so does scoring
+    infer_runner_sequence_logprobs(&inf, prompt.data(), mask.data(), 2, 6);
+    CHECK(launches("flash_attention_forward_kernel") - flash0 == 3 * L);
+    CHECK(launches("attention_decode_partial_kernel") - split0 == 2 * L);
+    infer_runner_free(&inf);
+}
+#endif
+
 TEST_CASE("KV cache: a copied sequence decodes as its source; a rewound one as if never extended", "[infer]") {
     InferRunner inf;
     llama_load(&inf.host, "test/fixtures/gqa_untied/model.bin");
