@@ -231,18 +231,25 @@ def tokenizer_files_from_gguf(reader):
     return spec, config
 
 
-def convert_tokenizer(path, out):
-    """Write the GGUF's tokenizer to out (an xwin.cu .tokenizer) through dev/export_tokenizer.py."""
+def write_hf_tokenizer(reader, folder):
+    """The GGUF's tokenizer as a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json)."""
     import json
+    spec, config = tokenizer_files_from_gguf(reader)
+    os.makedirs(folder, exist_ok=True)
+    for name, obj in (("tokenizer.json", spec), ("tokenizer_config.json", dict(config, tokenizer_class="PreTrainedTokenizerFast"))):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+
+
+def convert_tokenizer(path, out, hf_folder=None):
+    """Write the GGUF's tokenizer to out (an xwin.cu .tokenizer) through dev/export_tokenizer.py,
+    from the Hugging Face tokenizer folder it makes (kept in hf_folder when given)."""
     import tempfile
     import export_tokenizer
     from gguf import GGUFReader
-    spec, config = tokenizer_files_from_gguf(GGUFReader(path))
-    with tempfile.TemporaryDirectory() as folder:
-        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(spec, f, ensure_ascii=False)
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, ensure_ascii=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = hf_folder or scratch
+        write_hf_tokenizer(GGUFReader(path), folder)
         try:
             return export_tokenizer.export_hf_bpe(os.path.join(folder, "tokenizer.json"), out)
         except export_tokenizer.ExportError as e:
@@ -254,6 +261,8 @@ def main():
     p.add_argument("gguf_file")
     p.add_argument("out")
     p.add_argument("out_tokenizer", nargs="?", help="also write the GGUF's tokenizer here")
+    p.add_argument("--hf-tokenizer", metavar="FOLDER", help="with out_tokenizer: also keep the tokenizer as a Hugging Face folder"
+                   " (tokenizer.json, tokenizer_config.json), for dev/data/prepare_sft.py --hf")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter storage (default fp32)")
     a = p.parse_args()
     if not os.path.isfile(a.gguf_file):
@@ -261,7 +270,7 @@ def main():
         sys.exit(1)
     try:
         cfg = convert(a.gguf_file, a.out, a.dtype)
-        tok = convert_tokenizer(a.gguf_file, a.out_tokenizer) if a.out_tokenizer else None
+        tok = convert_tokenizer(a.gguf_file, a.out_tokenizer, a.hf_tokenizer) if a.out_tokenizer else None
     except (ConvertError, xf.FormatError, OSError) as e:
         if a.out_tokenizer and os.path.exists(a.out):  # nothing half done: the model goes with its tokenizer
             os.remove(a.out)
