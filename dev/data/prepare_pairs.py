@@ -105,7 +105,7 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
 
 
 def main(argv=None):
-    return run_cli("prepare_pairs", "Preference pairs JSONL -> .pairs with the Vicuna v1.1 template.", prepare, argv,
+    return run_cli("prepare_pairs", "Preference pairs JSONL -> .pairs with a chat template.", prepare, argv,
                    "longest sequence in tokens; longer pairs are dropped (default 256)")
 
 
