@@ -6347,19 +6347,23 @@ inline void chat_encode_segments(const Tokenizer* tok, const std::vector<ChatSeg
             size_t at = 0;
             for (size_t k = 0; k < pieces.size(); k++) {
                 auto spells = [&](size_t p, size_t from) {
-                    return !pieces[p].empty() && text.compare(from, pieces[p].size(), pieces[p]) == 0;
+                    return from <= text.size() && text.compare(from, pieces[p].size(), pieces[p]) == 0;
                 };
+                if (pieces[k].empty()) {  // a dummy prefix alone, a control token: no text
+                    mask->push_back(0);
+                    continue;
+                }
                 size_t start = at;
                 if (spells(k, at)) {
                     at += pieces[k].size();
                 } else {
-                    at = k + 1 < pieces.size() ? at + 1 : text.size();
+                    at = k + 1 < pieces.size() ? std::min(at + 1, text.size()) : text.size();
                     while (k + 1 < pieces.size() && at < text.size() && !spells(k + 1, at)) at++;
                 }
-                size_t end = std::max(at, start + 1), run_start = 0;
+                size_t run_start = 0;
                 bool hit = false;
                 for (const std::pair<size_t, bool>& run : runs) {
-                    hit |= run.second && run_start < end && run.first > start;
+                    hit |= run.second && run_start < at && run.first > start;
                     run_start = run.first;
                 }
                 mask->push_back(hit ? 1 : 0);

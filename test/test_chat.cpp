@@ -4,7 +4,8 @@
 //     apply_chat_template token for token, its generation prompt's ids, and the loss mask
 //     (each assistant content and its end-of-turn token); dev/make_chat_fixture.py made the
 //     fixtures and checked that dev/data/prepare_sft.py --hf writes the same ids and masks;
-//   - the mask rule worked by hand on small conversations;
+//   - the mask rule worked by hand on small conversations (ChatML, Llama 3, and Vicuna on the
+//     byte and SentencePiece tokenizers);
 //   - Vicuna v1.1 recorded in a file gives what a file without a template gives;
 //   - bad templates, in the file and at export, are one-line errors and nothing is written.
 #include <catch2/catch.hpp>
@@ -176,6 +177,26 @@ TEST_CASE("the loss mask is each assistant content and its end-of-turn token, wo
     CHECK(ids.back() == 257);
     for (size_t i = 0; i < ids.size(); i++) CHECK(mask[i] == (i >= 1 + head.size() ? 1 : 0));
     tokenizer_free(&byte);
+
+    // Vicuna with a SentencePiece tokenizer: the text between <s> / </s> encoded at once, as
+    // chat_encode_prompt always did; the answer's tokens ("▁Hello" carries the space after
+    // "ASSISTANT:") and </s> are the targets
+    Tokenizer sp;
+    REQUIRE(tokenizer_load_checked(&sp, "test/fixtures/tokenizer/bpe.tokenizer") == "");
+    REQUIRE(sp.kind == TOKENIZER_SENTENCEPIECE_BPE);
+    chat_encode_conversation(&sp, nullptr, {"Hi", "Hello", "Bye", "Ciao"}, ids, mask);
+    std::vector<int> want = {sp.bos_id};
+    tokenizer_encode(&sp, (std::string(CHAT_DEFAULT_SYSTEM) + " USER: Hi ASSISTANT: Hello").c_str(), want);
+    want.push_back(sp.eos_id);
+    tokenizer_encode(&sp, "USER: Bye ASSISTANT: Ciao", want);
+    want.push_back(sp.eos_id);
+    CHECK(ids == want);
+    std::vector<int> answer;
+    for (size_t i = 0; i < ids.size(); i++)
+        if (mask[i] && ids[i] != sp.eos_id) answer.push_back(ids[i]);
+    CHECK(tokenizer_decode(&sp, answer.data(), (int)answer.size()) == "Hello Ciao");
+    CHECK(std::count(mask.begin(), mask.end(), 1) == (long)answer.size() + 2);
+    tokenizer_free(&sp);
 }
 
 TEST_CASE("vicuna_v1.1 recorded in the tokenizer file is the template a file without one means", "[chat]") {
