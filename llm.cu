@@ -65,11 +65,13 @@ Contents, in file order (search for the quoted heading):
                             reference_load_checked
                             (DPO's frozen reference, refused for another model or other pairs)
   "Tensor archive"          defines: ArchiveEntry, archive_load/_save
-  "Tokenizer"               defines: Tokenizer, tokenizer_load, tokenizer_encode/_decode; byte-level BPE (kind 2):
+  "Tokenizer"               defines: ChatTemplate (chat_template_parse/_vicuna/_check), Tokenizer, tokenizer_load, tokenizer_encode/_decode; byte-level BPE (kind 2):
                             unicode_class (tables from dev/make_unicode_tables.py), pretoken_end and pretokenize
                             (the GPT-2 and Llama 3 regexes by hand), bpe_encode_word, tokenizer_encode_bpe
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
-  "The chat template"       defines: chat_encode_prompt, mfu_text
+  "The chat template"       defines: ChatSegment, chat_segments, chat_encode_segments, chat_end_id,
+                            chat_encode_conversation (ids and loss mask), chat_encode_prompt, mfu_text (ChatTemplate, its file section
+                            and checks are in "Tokenizer")
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
@@ -4885,7 +4887,19 @@ inline std::vector<ArchiveEntry> archive_load(const char* path) {
 //                   u32 id (a control or added token; every one has a record)
 //                   u32 flags: bit 0 lstrip, bit 1 rstrip, bit 2 normalized
 //                   (other bits zero; single_word is not supported)
-//   The file ends right after the last record. Pieces are unique.
+//   Then, optionally (any version, any kind), the chat template section:
+//   0       4     "CHAT"
+//   4       4     u32 flags: bit 0 trim contents, bit 1 the generation prompt drops
+//                 assistant_prefix's trailing space (not for kind 1); other bits zero
+//   8       8     reserved, zero
+//   16      ...   ten strings, each u32 byte length (<= 65536) then UTF-8 bytes: name,
+//                 begin, default_system, system_prefix, system_suffix, user_prefix,
+//                 user_suffix, assistant_prefix, assistant_end (not empty), after_assistant
+//                 (see "The chat template"; every "<...>" they write outside
+//                 default_system must be a control or added token)
+//   The file ends right after the last record, or the template section. Pieces are unique.
+//   A file without a template section means Vicuna v1.1 with the tokenizer's BOS and EOS
+//   (chat_template_vicuna).
 //
 // Kind 0 reproduces SentencePiece's BPE encoder for Llama-2-style models
 // (identity normalisation, no extra-whitespace removal, spaces escaped as
@@ -4930,6 +4944,31 @@ struct AddedToken {
     uint32_t flags;  // ADDED_TOKEN_*
 };
 
+// Vicuna v1.1's system line when a conversation has none.
+const char* const CHAT_DEFAULT_SYSTEM =
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.";
+
+// A chat template as the tokenizer file records it (see "The chat template" for how a
+// conversation renders; dev/chat_templates.py holds the same definitions).
+constexpr uint32_t CHAT_TEMPLATE_TRIM = 1u << 0;                 // strip each content's surrounding whitespace
+constexpr uint32_t CHAT_TEMPLATE_PROMPT_STRIPS_SPACE = 1u << 1;  // the prompt's assistant_prefix loses its
+                                                                 // trailing space, except for kind 1
+constexpr int CHAT_TEMPLATE_STRINGS = 10;
+struct ChatTemplate {
+    std::string name, begin, default_system, system_prefix, system_suffix, user_prefix, user_suffix,
+        assistant_prefix, assistant_end, after_assistant;
+    uint32_t flags = 0;  // CHAT_TEMPLATE_*
+};
+
+// The template's strings in file order.
+inline std::string* chat_template_strings(ChatTemplate* c, int i) {
+    std::string* s[CHAT_TEMPLATE_STRINGS] = {&c->name, &c->begin, &c->default_system, &c->system_prefix,
+                                             &c->system_suffix, &c->user_prefix, &c->user_suffix,
+                                             &c->assistant_prefix, &c->assistant_end, &c->after_assistant};
+    return s[i];
+}
+
 struct Tokenizer {
     int kind = -1;
     int vocab_size = 0;
@@ -4953,6 +4992,7 @@ struct Tokenizer {
     std::vector<AddedToken> added;        // ids ascending
     std::vector<int> added_by_byte[256];  // indices into added by the first byte of the
                                           // piece, longest piece first
+    ChatTemplate chat;                    // the file's, or Vicuna v1.1 for a file without one
 };
 
 inline uint64_t tokenizer_hash(const char* s, size_t n) {
@@ -5019,6 +5059,96 @@ inline size_t tokenizer_merge_slot(const Tokenizer* t, uint64_t key) {
     size_t slot = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & mask;
     while (t->merge_keys[slot] != ~0ull && t->merge_keys[slot] != key) slot = (slot + 1) & mask;
     return slot;
+}
+
+// The chat template section: "CHAT", u32 flags, 8 reserved bytes, then the ten strings
+// of ChatTemplate in file order, each a u32 byte length and UTF-8 bytes (none longer than
+// 64 KiB; the name 1..32 bytes of [a-z0-9._-]). The section ends the file.
+constexpr char CHAT_TEMPLATE_MAGIC[4] = {'C', 'H', 'A', 'T'};
+constexpr size_t CHAT_TEMPLATE_HEADER_BYTES = 16;
+
+inline std::string chat_template_parse(ChatTemplate* c, const unsigned char* data, size_t size) {
+    *c = ChatTemplate();
+    auto u32_at = [&](size_t off) {
+        return (uint32_t)data[off] | ((uint32_t)data[off + 1] << 8) | ((uint32_t)data[off + 2] << 16) |
+               ((uint32_t)data[off + 3] << 24);
+    };
+    if (size < CHAT_TEMPLATE_HEADER_BYTES)
+        return string_format("truncated: %zu bytes, its header needs %zu", size, CHAT_TEMPLATE_HEADER_BYTES);
+    c->flags = u32_at(4);
+    uint32_t known = CHAT_TEMPLATE_TRIM | CHAT_TEMPLATE_PROMPT_STRIPS_SPACE;
+    if (c->flags & ~known) return string_format("unknown flag bits 0x%x", c->flags & ~known);
+    std::string reserved = reserved_bytes_check(data, 8, CHAT_TEMPLATE_HEADER_BYTES);
+    if (!reserved.empty()) return reserved;
+    size_t pos = CHAT_TEMPLATE_HEADER_BYTES;
+    for (int i = 0; i < CHAT_TEMPLATE_STRINGS; i++) {
+        if (size - pos < 4) return string_format("truncated: string %d has no length", i);
+        size_t len = u32_at(pos);
+        pos += 4;
+        if (len > 65536 || len > size - pos)
+            return string_format("truncated: string %d of %zu bytes, %zu remain", i, len, size - pos);
+        for (size_t k = 0; k < len;) {
+            size_t n = tokenizer_utf8_len((const char*)data + pos + k, len - k);
+            if (n == 0) return string_format("string %d is not valid UTF-8", i);
+            k += n;
+        }
+        chat_template_strings(c, i)->assign((const char*)data + pos, len);
+        pos += len;
+    }
+    if (pos != size) return string_format("%zu trailing bytes after its last string", size - pos);
+    if (c->name.empty() || c->name.size() > 32 ||
+        c->name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789._-") != std::string::npos)
+        return "the name must be 1 to 32 characters of a-z 0-9 . _ -";
+    if (c->assistant_end.empty()) return "assistant_end (the end of an assistant turn) is empty";
+    return "";
+}
+
+// The special token written at s[i..]: a run "<...>" (no whitespace or '<' inside) that is the
+// piece of a control or added token. Returns its id and sets *len, or -1.
+inline int chat_special_at(const Tokenizer* t, const std::string& s, size_t i, size_t* len) {
+    if (s[i] != '<') return -1;
+    size_t j = s.find_first_of("<> \t\r\n", i + 1);
+    if (j == std::string::npos || s[j] != '>') return -1;
+    int id = tokenizer_find_piece(t, s.data() + i, j + 1 - i);
+    if (id < 0 || (t->types[id] != TOKEN_CONTROL && t->types[id] != TOKEN_ADDED)) return -1;
+    *len = j + 1 - i;
+    return id;
+}
+
+// Xwin-LM's template, what a tokenizer file without a template section means: its BOS and
+// EOS are the tokenizer's own.
+inline void chat_template_vicuna(Tokenizer* t) {
+    ChatTemplate& c = t->chat;
+    c = ChatTemplate();
+    c.name = "vicuna_v1.1";
+    c.begin = t->bos_id >= 0 ? t->pieces[t->bos_id] : "";
+    c.default_system = CHAT_DEFAULT_SYSTEM;
+    c.system_suffix = " ";
+    c.user_prefix = "USER: ";
+    c.user_suffix = " ";
+    c.assistant_prefix = "ASSISTANT: ";
+    c.assistant_end = t->eos_id >= 0 ? t->pieces[t->eos_id] : "";
+    c.flags = CHAT_TEMPLATE_PROMPT_STRIPS_SPACE;
+}
+
+// Every special token a template writes ("<...>" in its strings other than the default
+// system line, and its begin and assistant_end when they start with '<') must be a control
+// or added token of the tokenizer. Returns "" or the first one missing.
+inline std::string chat_template_check(Tokenizer* t) {
+    ChatTemplate* c = &t->chat;
+    for (int f = 1; f < CHAT_TEMPLATE_STRINGS; f++) {
+        const std::string& s = *chat_template_strings(c, f);
+        if (s.data() == c->default_system.data()) continue;
+        for (size_t i = 0; i < s.size(); i++) {
+            if (s[i] != '<') continue;
+            size_t j = s.find_first_of("<> \t\r\n", i + 1), len;
+            if (j == std::string::npos || s[j] != '>') continue;
+            if (chat_special_at(t, s, i, &len) < 0)
+                return "it writes " + s.substr(i, j + 1 - i) +
+                       ", which is not a control or added token of this tokenizer";
+        }
+    }
+    return "";
 }
 
 // Parses a tokenizer file held in memory into *t. Returns "" on success, else
@@ -5227,6 +5357,12 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
                 return t->pieces[t->added[a].id].size() > t->pieces[t->added[b].id].size();
             });
     }
+    bool has_template = size - pos >= 4 && std::memcmp(data + pos, CHAT_TEMPLATE_MAGIC, 4) == 0;
+    if (has_template) {
+        std::string err = chat_template_parse(&t->chat, data + pos, size - pos);
+        if (!err.empty()) return fail("chat template: " + err);
+        pos = size;
+    }
     if (pos != size) return fail(string_format("%zu trailing bytes after the last %s record", size - pos,
                                                kind == TOKENIZER_BYTE_LEVEL_BPE ? "added-token" : "token"));
 
@@ -5266,6 +5402,9 @@ inline std::string tokenizer_parse(Tokenizer* t, const unsigned char* data, size
     t->eos_id = eos;
     t->unk_id = unk;
     t->pad_id = pad;
+    if (!has_template) chat_template_vicuna(t);
+    std::string err = chat_template_check(t);
+    if (!err.empty()) return fail("chat template " + t->chat.name + ": " + err);
     return "";
 }
 
@@ -6117,35 +6256,183 @@ inline std::vector<WorldPrompt> world_load_prompts(const char* path) {
 }
 
 // ----------------------------------------------------------------------------
-// The chat template of Xwin-LM (Vicuna v1.1), generation side; dev/data/prepare_sft.py
-// writes the training side with its loss mask:
-//   <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT: {assistant}</s>...
-// A system message replaces the default line.
+// The chat template: data, read from the tokenizer file (ChatTemplate; a file without one
+// means Xwin-LM's Vicuna v1.1). dev/chat_templates.py holds the same three definitions and
+// dev/data/prepare_sft.py renders training rows with them. A conversation renders as
+//   begin
+//   system_prefix + system + system_suffix      (system: the system message, else
+//                                                default_system; no block when there is no
+//                                                system message and no default)
+//   per turn pair: user_prefix + user + user_suffix
+//                  assistant_prefix + ASSISTANT + assistant_end + after_assistant
+// and a prompt for the next answer ends with user_prefix + user + user_suffix + assistant_prefix
+// (CHAT_TEMPLATE_PROMPT_STRIPS_SPACE: without the prefix's trailing space unless the tokenizer is
+// byte-level). CHAT_TEMPLATE_TRIM strips each content's surrounding whitespace first (Llama 3).
+// The built-ins:
+//   vicuna_v1.1  <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: ...
+//   llama3       <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>]
+//                <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
+//                <|start_header_id|>assistant<|end_header_id|>\n\n{assistant}<|eot_id|>...
+//   chatml       <|im_start|>system\n{system or SmolLM2's default}<|im_end|>\n
+//                <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>\n...
+//
+// Tokens: byte-level BPE (kind 2) encodes the whole rendered string at once, as
+// apply_chat_template and Hugging Face tokenizers do (special-token text is matched anywhere,
+// contents included). Kinds 0 and 1 cannot match special tokens in text: the template's
+// "<...>" control tokens become their ids, and each run of text between them is encoded at
+// once (so Vicuna's <s>...</s> gives the ids it always gave).
+// Loss mask: 1 on each token whose bytes overlap an assistant content or its assistant_end
+// (the rule of dev/data/prepare_sft.py), 0 elsewhere.
 
-const char* const CHAT_DEFAULT_SYSTEM =
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.";
+struct ChatSegment {
+    std::string text;
+    bool from_template;  // template text (its "<...>" are special tokens), not a message's content
+    bool target;         // an assistant content or its end of turn
+};
 
-// The ids of a prompt for the next assistant turn: turns alternate user, assistant, ...,
-// user. The text between two </s> is encoded as one piece. The prompt ends with
-// "ASSISTANT:", plus the space a byte-level model's answers follow (a SentencePiece
-// model's first answer token carries its own space).
-inline void chat_encode_prompt(const Tokenizer* tok, const std::string& system, const std::vector<std::string>& turns, std::vector<int>& out) {
-    out.clear();
-    out.push_back(tok->bos_id);
-    std::string text = (system.empty() ? CHAT_DEFAULT_SYSTEM : system) + std::string(" ");
+// The segments of a conversation: system (nullptr: none), turns alternating user, assistant,
+// ... starting with user; generation_prompt: the last turn is a user turn and the assistant's
+// prefix follows.
+inline std::vector<ChatSegment> chat_segments(const Tokenizer* tok, const std::string* system,
+                                              const std::vector<std::string>& turns, bool generation_prompt) {
+    const ChatTemplate& c = tok->chat;
+    auto content = [&](const std::string& s) {
+        if (!(c.flags & CHAT_TEMPLATE_TRIM)) return s;
+        size_t a = s.find_first_not_of(" \t\n\r\f\v"), b = s.find_last_not_of(" \t\n\r\f\v");
+        return a == std::string::npos ? std::string() : s.substr(a, b + 1 - a);
+    };
+    std::vector<ChatSegment> seg;
+    auto add = [&](const std::string& text, bool from_template, bool target) {
+        if (!text.empty()) seg.push_back(ChatSegment{text, from_template, target});
+    };
+    add(c.begin, true, false);
+    if (system || !c.default_system.empty()) {
+        add(c.system_prefix, true, false);
+        add(content(system ? *system : c.default_system), false, false);
+        add(c.system_suffix, true, false);
+    }
     for (size_t i = 0; i < turns.size(); i++) {
         if (i % 2 == 0) {
-            text += "USER: " + turns[i] + " ASSISTANT:";
+            add(c.user_prefix, true, false);
+            add(content(turns[i]), false, false);
+            add(c.user_suffix, true, false);
+            std::string prefix = c.assistant_prefix;
+            bool last = i + 1 == turns.size();
+            if (last && generation_prompt && (c.flags & CHAT_TEMPLATE_PROMPT_STRIPS_SPACE) &&
+                tok->kind != TOKENIZER_BYTE_LEVEL && !prefix.empty() && prefix.back() == ' ')
+                prefix.pop_back();
+            add(prefix, true, false);
         } else {
-            text += " " + turns[i];
-            tokenizer_encode(tok, text.c_str(), text.size(), out);
-            out.push_back(tok->eos_id);
-            text.clear();
+            add(content(turns[i]), false, true);
+            add(c.assistant_end, true, true);
+            add(c.after_assistant, true, false);
         }
     }
-    if (tok->kind == TOKENIZER_BYTE_LEVEL) text += " ";
-    tokenizer_encode(tok, text.c_str(), text.size(), out);
+    return seg;
+}
+
+// Encodes segments into ids (appended to out) and, when mask is given, the loss mask.
+inline void chat_encode_segments(const Tokenizer* tok, const std::vector<ChatSegment>& seg, std::vector<int>& out,
+                                 std::vector<uint8_t>* mask) {
+    std::string text;                        // the run being gathered
+    std::vector<std::pair<size_t, bool>> runs;  // (end byte, target) of the run's pieces
+    auto flush = [&]() {
+        if (text.empty()) return;
+        size_t first = out.size();
+        tokenizer_encode(tok, text.c_str(), text.size(), out);
+        if (mask) {
+            // each token's byte span, from its piece: raw bytes (kind 2, control tokens their
+            // text), one byte (kind 1), or the decoded piece (kind 0, dummy prefix dropped);
+            // where a piece does not spell the text at the cursor (a byte without a token,
+            // an unknown token), the span runs to where the next piece matches
+            std::vector<std::string> pieces;
+            bool at_start = true;
+            for (size_t k = first; k < out.size(); k++) {
+                int id = out[k];
+                pieces.push_back(tok->kind == TOKENIZER_BYTE_LEVEL_BPE ? tok->pieces[id]
+                                                                     : tokenizer_decode_piece(tok, id, &at_start));
+            }
+            size_t at = 0;
+            for (size_t k = 0; k < pieces.size(); k++) {
+                auto spells = [&](size_t p, size_t from) {
+                    return from <= text.size() && text.compare(from, pieces[p].size(), pieces[p]) == 0;
+                };
+                if (pieces[k].empty()) {  // a dummy prefix alone, a control token: no text
+                    mask->push_back(0);
+                    continue;
+                }
+                size_t start = at;
+                if (spells(k, at)) {
+                    at += pieces[k].size();
+                } else {
+                    at = k + 1 < pieces.size() ? std::min(at + 1, text.size()) : text.size();
+                    while (k + 1 < pieces.size() && at < text.size() && !spells(k + 1, at)) at++;
+                }
+                size_t run_start = 0;
+                bool hit = false;
+                for (const std::pair<size_t, bool>& run : runs) {
+                    hit |= run.second && run_start < at && run.first > start;
+                    run_start = run.first;
+                }
+                mask->push_back(hit ? 1 : 0);
+            }
+        }
+        text.clear();
+        runs.clear();
+    };
+    for (const ChatSegment& s : seg) {
+        if (tok->kind == TOKENIZER_BYTE_LEVEL_BPE || !s.from_template) {
+            text += s.text;
+            runs.push_back({text.size(), s.target});
+            continue;
+        }
+        size_t done = 0, len = 0;
+        for (size_t i = 0; i < s.text.size(); i++) {
+            int id = chat_special_at(tok, s.text, i, &len);
+            if (id < 0) continue;
+            if (i > done) {
+                text += s.text.substr(done, i - done);
+                runs.push_back({text.size(), s.target});
+            }
+            flush();
+            out.push_back(id);
+            if (mask) mask->push_back(s.target ? 1 : 0);
+            done = i + len;
+            i = done - 1;
+        }
+        if (done < s.text.size()) {
+            text += s.text.substr(done);
+            runs.push_back({text.size(), s.target});
+        }
+    }
+    flush();
+}
+
+// The id that ends an assistant turn, where generation stops and what closes a scored answer:
+// the template's assistant_end when it is one special token (<|im_end|>, <|eot_id|>, Vicuna's
+// EOS), else the tokenizer's EOS.
+inline int chat_end_id(const Tokenizer* tok) {
+    size_t len = 0;
+    const std::string& end = tok->chat.assistant_end;
+    int id = end.empty() ? -1 : chat_special_at(tok, end, 0, &len);
+    return id >= 0 && len == end.size() ? id : tok->eos_id;
+}
+
+// The ids and loss mask of a whole conversation (turns: user, assistant, ..., ending with an
+// assistant turn), as dev/data/prepare_sft.py writes them.
+inline void chat_encode_conversation(const Tokenizer* tok, const std::string* system,
+                                     const std::vector<std::string>& turns, std::vector<int>& ids,
+                                     std::vector<uint8_t>& mask) {
+    ids.clear();
+    mask.clear();
+    chat_encode_segments(tok, chat_segments(tok, system, turns, false), ids, &mask);
+}
+
+// The ids of a prompt for the next assistant turn: turns alternate user, assistant, ..., user.
+// An empty system means none (the template's default).
+inline void chat_encode_prompt(const Tokenizer* tok, const std::string& system, const std::vector<std::string>& turns, std::vector<int>& out) {
+    out.clear();
+    chat_encode_segments(tok, chat_segments(tok, system.empty() ? nullptr : &system, turns, true), out, nullptr);
 }
 
 // The dense peak of a GPU in FLOP/s, bf16 (tensor cores) or fp32, from its name as

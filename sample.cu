@@ -249,7 +249,7 @@ static GenerateConfig generate_config(const SampleConfig& cfg, const Tokenizer& 
     GenerateConfig g;
     g.sampler.temperature = cfg.temperature < 0 ? default_temperature : cfg.temperature;
     g.sampler.top_k = cfg.top_k, g.sampler.top_p = cfg.top_p;
-    g.max_new = cfg.max_new, g.eos_id = tok.eos_id, g.seed = cfg.seed, g.resample = cfg.resample;
+    g.max_new = cfg.max_new, g.eos_id = chat_end_id(&tok), g.seed = cfg.seed, g.resample = cfg.resample;
     return g;
 }
 
@@ -293,8 +293,8 @@ static void make_set(const SampleConfig& cfg) {
     size_t gold_n = 0;
     for (size_t i = 0; i < all.size(); i++) {
         const WorldPrompt& p = L.prompts[i];
-        if (scored) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, std::min(cfg.n, 32));
-        if (scored) policy_logprobs(&scorer, L.ids[i], all[i], L.tok.eos_id, std::min(cfg.n, 32));
+        if (scored) score_responses(&rm, L.ids[i], all[i], chat_end_id(&L.tok), std::min(cfg.n, 32));
+        if (scored) policy_logprobs(&scorer, L.ids[i], all[i], chat_end_id(&L.tok), std::min(cfg.n, 32));
         Json row = json_object(), responses = json_array();
         if (!p.kind.empty()) row.members.emplace_back("kind", json_string(p.kind));
         if (!p.gold.empty()) row.members.emplace_back("gold", json_string(p.gold));
@@ -605,7 +605,7 @@ static void best_of_n_curve(const SampleConfig& cfg) {
         InferRunner rm;
         load_reward_model(&rm, rm_path, L, 32);
         auto t0 = std::chrono::steady_clock::now();
-        for (size_t i = 0; i < all.size(); i++) score_responses(&rm, L.ids[i], all[i], L.tok.eos_id, 32);
+        for (size_t i = 0; i < all.size(); i++) score_responses(&rm, L.ids[i], all[i], chat_end_id(&L.tok), 32);
         printf("reward model scored %zu responses in %.1f s\n", stats.responses, ms_since(t0) / 1000);
         infer_runner_free(&rm);
     }

@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
             const WorldPrompt& p = prompts[0];
             std::vector<int> ids;
             chat_encode_prompt(&tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
-            std::vector<int> answer = generate_greedy(&runner, ids, 64, tok.eos_id);
+            std::vector<int> answer = generate_greedy(&runner, ids, 64, chat_end_id(&tok));
             std::string text = tokenizer_decode(&tok, answer.data(), (int)answer.size());
             printf("step %4u | %s -> %s | judge %d/10\n", tr.state.step, p.messages.back().c_str(), text.c_str(), world_judge(p.kind, p.gold, text));
         }

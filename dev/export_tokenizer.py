@@ -14,6 +14,16 @@ SentencePiece), else a `tokenizer.json`: a Hugging Face byte-level BPE
 pad then come from the folder's tokenizer_config.json when it has one.
 The last form writes the fixed byte-level tokenizer (no input needed).
 
+CHAT TEMPLATE (dev/chat_templates.py: vicuna_v1.1, llama3, chatml): `--template NAME`
+records that one; without it a folder's chat template (chat_template.jinja, or
+tokenizer_config.json's chat_template) is rendered with jinja2 on probe conversations
+and the built-in that renders the same is recorded; one that matches none is refused
+in one line naming --template. A folder without a chat template (or a bare file) gets
+vicuna_v1.1, Xwin-LM's default; --byte-level records a template only when asked (its
+file without one means vicuna_v1.1 too). A template that writes a special token
+("<...>") the tokenizer lacks is refused. The template's strings go into the optional
+section after the last record (see llm.cu, "Tokenizer").
+
 Supported tokenizer.json (anything else is refused in one line naming what was
 found): model BPE without dropout, byte_fallback, subword prefix or suffix, and
 without unk_token unless every byte has a token (ignore_merges is kept);
@@ -56,7 +66,12 @@ where every field is documented): kinds 0 and 1 are written as version 1
     kind 2:       n_merges x (u32 left id, u32 right id), in rank order
                   n_added x (u32 id, u32 flags: bit 0 lstrip, bit 1 rstrip,
                   bit 2 normalized), ids ascending
-    The file ends right after the last record.
+    optional chat template section: "CHAT", u32 flags (bit 0 trim, bit 1 the prompt
+                  drops the assistant prefix's trailing space), 8 zero bytes, then ten
+                  strings (u32 length + UTF-8): name, begin, default_system,
+                  system_prefix, system_suffix, user_prefix, user_suffix,
+                  assistant_prefix, assistant_end, after_assistant
+    The file ends right after the last record (or the template section).
 
 Byte-level tokenizer (kind 1): ids 0..255 are the bytes 0x00..0xFF (pieces
 "<0x00>".."<0xFF>"), 256 = "<s>" (bos), 257 = "</s>" (eos), 258 = "<pad>" (pad);
@@ -69,6 +84,9 @@ import math
 import os
 import struct
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chat_templates  # noqa: E402
 
 MAGIC = b"XWINTOKN"
 VERSION = 1
@@ -166,10 +184,20 @@ def byte_piece(b):
     return "<0x%02X>" % b
 
 
+def template_section(t):
+    """The chat template section (a dict from chat_templates.resolve)."""
+    out = bytearray(b"CHAT") + struct.pack("<I", t["flags"]) + bytes(8)
+    for field in chat_templates.FIELDS:
+        data = t[field].encode("utf-8")
+        out += struct.pack("<I", len(data)) + data
+    return bytes(out)
+
+
 def write_tokenizer(path, kind, tokens, bos_id, eos_id, unk_id, pad_id, flags,
-                    pre_tokenizer=0, merges=(), added=()):
+                    pre_tokenizer=0, merges=(), added=(), template=None):
     """tokens: list of (piece: str or bytes, score: float, type: int) in id order;
-    kind 2 also merges [(left id, right id)] in rank order and added [(id, flags)]."""
+    kind 2 also merges [(left id, right id)] in rank order and added [(id, flags)];
+    template: a resolved chat template to record, or None."""
     out = bytearray()
     out += MAGIC
     version = VERSION_BPE if kind == KIND_BYTE_LEVEL_BPE else VERSION
@@ -189,6 +217,8 @@ def write_tokenizer(path, kind, tokens, bos_id, eos_id, unk_id, pad_id, flags,
         out += struct.pack("<II", left, right)
     for token_id, added_flags in added:
         out += struct.pack("<II", token_id, added_flags)
+    if template is not None:
+        out += template_section(template)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(out)
@@ -204,12 +234,45 @@ def byte_level_tokens():
     return tokens
 
 
-def export_byte_level(out_path):
+def export_byte_level(out_path, template_name=None):
     tokens = byte_level_tokens()
     assert len(tokens) == BYTE_LEVEL_PAD + 1
+    template = None
+    if template_name is not None:
+        template = choose_template(None, tokens, BYTE_LEVEL_BOS, BYTE_LEVEL_EOS, template_name, out_path)[0]
     n = write_tokenizer(out_path, KIND_BYTE_LEVEL, tokens, BYTE_LEVEL_BOS,
-                        BYTE_LEVEL_EOS, -1, BYTE_LEVEL_PAD, 0)
-    return {"vocab_size": len(tokens), "bytes": n}
+                        BYTE_LEVEL_EOS, -1, BYTE_LEVEL_PAD, 0, template=template)
+    info = {"vocab_size": len(tokens), "bytes": n}
+    if template is not None:
+        info["template"] = template["name"]
+    return info
+
+
+# ---------------------------------------------------------------------------
+# The chat template (dev/chat_templates.py): --template, or the one that matches the
+# folder's chat template, or Vicuna v1.1 when the folder has none
+
+def choose_template(folder, tokens, bos_id, eos_id, name, where):
+    """(resolved template or None, how it was chosen). name: --template or None."""
+    def text(i):
+        if i < 0:
+            return None
+        p = tokens[i][0]
+        return p.decode("utf-8") if isinstance(p, bytes) else p
+    bos, eos = text(bos_id), text(eos_id)
+    source = chat_templates.folder_source(folder)
+    if name is None and source is None and (bos is None or eos is None):
+        return None, "none recorded (no chat template, no BOS or EOS: Vicuna v1.1 needs both)"
+    try:
+        t, how = chat_templates.choose(source, name, bos, eos, where)
+    except chat_templates.TemplateError as e:
+        raise ExportError(str(e))
+    specials = {text(i) for i, tok in enumerate(tokens) if tok[2] in (TYPE_CONTROL, TYPE_ADDED)}
+    for piece in chat_templates.special_tokens(t):
+        if piece not in specials:
+            raise ExportError(f"{where}: chat template {t['name']} writes {piece}, which is not a special token "
+                              "of this tokenizer")
+    return t, how
 
 
 # ---------------------------------------------------------------------------
@@ -417,14 +480,17 @@ def hf_bpe_tokens(json_path):
                 pre_tokenizer=pre_tokenizer, merges=merges, added=added_records)
 
 
-def export_hf_bpe(json_path, out_path):
+def export_hf_bpe(json_path, out_path, template_name=None):
     t = hf_bpe_tokens(json_path)
-    n = write_tokenizer(out_path, KIND_BYTE_LEVEL_BPE, **t)
+    template, how = choose_template(os.path.dirname(json_path), t["tokens"], t["bos_id"], t["eos_id"],
+                                    template_name, json_path)
+    n = write_tokenizer(out_path, KIND_BYTE_LEVEL_BPE, template=template, **t)
     return {"vocab_size": len(t["tokens"]), "merges": len(t["merges"]),
             "added": len(t["added"]), "pre_tokenizer": {PRE_GPT2: "gpt2", PRE_LLAMA3: "llama3"}[t["pre_tokenizer"]],
             "individual_digits": bool(t["flags"] & FLAG_INDIVIDUAL_DIGITS),
             "ignore_merges": bool(t["flags"] & FLAG_IGNORE_MERGES),
-            "bos_id": t["bos_id"], "eos_id": t["eos_id"], "pad_id": t["pad_id"], "bytes": n}
+            "bos_id": t["bos_id"], "eos_id": t["eos_id"], "pad_id": t["pad_id"], "bytes": n,
+            "template": (template["name"] + f" ({how})") if template else how}
 
 
 def sentencepiece_tokens(model_path):
@@ -519,12 +585,14 @@ def sentencepiece_tokens(model_path):
     return tokens, sp.bos_id(), sp.eos_id(), unk, sp.pad_id(), flags
 
 
-def export_sentencepiece(model_path, out_path):
+def export_sentencepiece(model_path, out_path, template_name=None, folder=None):
     model_path = resolve_model_path(model_path)
     tokens, bos, eos, unk, pad, flags = sentencepiece_tokens(model_path)
-    n = write_tokenizer(out_path, KIND_SENTENCEPIECE_BPE, tokens, bos, eos, unk, pad, flags)
+    template, how = choose_template(folder, tokens, bos, eos, template_name, model_path)
+    n = write_tokenizer(out_path, KIND_SENTENCEPIECE_BPE, tokens, bos, eos, unk, pad, flags, template=template)
     return {"vocab_size": len(tokens), "bos_id": bos, "eos_id": eos, "unk_id": unk,
-            "pad_id": pad, "flags": flags, "bytes": n}
+            "pad_id": pad, "flags": flags, "bytes": n,
+            "template": (template["name"] + f" ({how})") if template else how}
 
 
 def main(argv=None):
@@ -533,21 +601,25 @@ def main(argv=None):
                     help="write the byte-level tokenizer (takes only the output path)")
     ap.add_argument("paths", nargs="+", metavar="PATH",
                     help="MODEL OUT (SentencePiece .model, tokenizer.json or a folder), or OUT with --byte-level")
+    ap.add_argument("--template", metavar="|".join(chat_templates.TEMPLATES),
+                    help="the chat template to record (default: the one matching the folder's chat template; "
+                         "vicuna_v1.1 when it has none)")
     args = ap.parse_args(argv)
     try:
         if args.byte_level:
             if len(args.paths) != 1:
                 ap.error("--byte-level takes exactly one path: the output file")
-            info = export_byte_level(args.paths[0])
+            info = export_byte_level(args.paths[0], args.template)
             out = args.paths[0]
         else:
             if len(args.paths) != 2:
                 ap.error("expected: MODEL OUT")
             model_path = resolve_model_path(args.paths[0])
             if model_path.endswith(".json"):
-                info = export_hf_bpe(model_path, args.paths[1])
+                info = export_hf_bpe(model_path, args.paths[1], args.template)
             else:
-                info = export_sentencepiece(model_path, args.paths[1])
+                folder = args.paths[0] if os.path.isdir(args.paths[0]) else None
+                info = export_sentencepiece(model_path, args.paths[1], args.template, folder)
             out = args.paths[1]
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -393,6 +393,41 @@ TEST_CASE("sample with no arguments: the best-of-n table and PNG; without the SF
 }
 
 // runs the command; it must fail with exactly one line, the error, and write nothing
+TEST_CASE("sample -c prompts in the tokenizer's chat template and stops at its end of turn", "[sample][chat]") {
+    // the Llama 3 template recorded in test/fixtures/chat/llama3.tokenizer, on a model of its vocabulary
+    const char* tok_path = "test/fixtures/chat/llama3.tokenizer";
+    Tokenizer tok;
+    tokenizer_load(&tok, tok_path);
+    REQUIRE(tok.chat.name == "llama3");
+    std::string model = scratch("chat_llama3.bin");
+    {
+        Llama m;
+        llama_init(&m, LlamaConfig{32, 2, 4, 2, tok.vocab_size, 64, 256, 1, HEAD_LM, 10000.0, 1e-5});
+        uint64_t rng = 11;
+        for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
+        llama_save(&m, model.c_str(), DTYPE_FP32);
+        llama_free(&m);
+    }
+    std::string out;
+    REQUIRE(run("printf 'Hi there\\n' | " + std::string(SAMPLE) + " -c 1 -x 8 -k " + tok_path + " -m " + model, &out) == 0);
+    INFO(out);
+    Runner r;
+    llama_load(&r.host, model.c_str());
+    runner_init(&r, 1, 256, false);
+    std::vector<int> ids;
+    chat_encode_prompt(&tok, "", {"Hi there"}, ids);
+    std::string text;
+    for (int id : ids) text += tok.pieces[id];
+    CHECK(text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    std::vector<int> answer = generate_greedy(&r, ids, 8, chat_end_id(&tok));
+    std::string said = utf8_repair(tokenizer_decode(&tok, answer.data(), (int)answer.size()));
+    CHECK_THAT(out, Catch::Contains("ASSISTANT: " + said + "\n"));
+    runner_free(&r);
+    tokenizer_free(&tok);
+    remove(model.c_str());
+}
+
 static void check_error(const std::string& args, const std::string& want, const std::string& out_path = "") {
     std::string out;
     INFO(args);

@@ -10,8 +10,9 @@ reads them and must be the same up to their final assistant message: that is the
 prompt, the final answers differ. The ratings must be finite with score_chosen >
 score_rejected (ties carry no preference).
 
-Each conversation is rendered and tokenized exactly as prepare_sft.py does (the
-Xwin-LM / Vicuna v1.1 template, the same loss mask), so the reward model scores the
+Each conversation is rendered and tokenized exactly as prepare_sft.py does (the same
+chat template, --template or the --hf folder's, Vicuna v1.1 by default; the same loss
+mask), so the reward model scores the
 sequences an SFT model was trained on. prompt_len, stored per pair, is where the
 final answer's mask starts; the two token sequences must agree before it, else the
 line is bad. The pair file format is documented in llm.cu ("Pair file format").
@@ -32,8 +33,11 @@ from prepare_sft import PrepareError, check_messages, good_lines, run_cli  # noq
 
 
 def answer_start(mask):
-    """Index where the trailing run of mask 1 (the final answer and its EOS) starts."""
+    """Index where the last run of mask 1 (the final answer and its end-of-turn token)
+    starts; what follows it (ChatML's "\n") is not a target."""
     i = len(mask)
+    while i > 0 and mask[i - 1] == 0:
+        i -= 1
     while i > 0 and mask[i - 1] == 1:
         i -= 1
     return i
@@ -105,7 +109,7 @@ def prepare(in_path, out_path, encode, max_len, quiet=False, skip_bad=False):
 
 
 def main(argv=None):
-    return run_cli("prepare_pairs", "Preference pairs JSONL -> .pairs with the Vicuna v1.1 template.", prepare, argv,
+    return run_cli("prepare_pairs", "Preference pairs JSONL -> .pairs with a chat template.", prepare, argv,
                    "longest sequence in tokens; longer pairs are dropped (default 256)")
 
 

@@ -12,7 +12,17 @@ surrogate, no or an empty message list, an unknown role, a missing content, role
 out of turn). Without --skip-bad any bad line is an error and nothing is written;
 with --skip-bad the bad lines are left out and counted.
 
-TEMPLATE: Xwin-LM / Vicuna v1.1 (FastChat "vicuna_v1.1": sep " ", sep2 "</s>",
+TEMPLATE (--template vicuna_v1.1|llama3|chatml, defined in dev/chat_templates.py,
+the same data dev/export_tokenizer.py records in the tokenizer file for llm.cu): without
+--template, the one that matches the --hf folder's chat template (no match: an error
+naming --template), Vicuna v1.1 when the folder has none and for --tokenizer byte.
+Llama 3 and ChatML are rendered as transformers' apply_chat_template renders their
+Jinja templates, and the whole string is tokenized at once without added special
+tokens (apply_chat_template(tokenize=True)'s ids); the loss mask is 1 on the tokens
+that overlap an assistant content or its end-of-turn token (<|eot_id|>, <|im_end|>),
+0 on ChatML's "\n" after it and everywhere else.
+
+The default, Xwin-LM / Vicuna v1.1 (FastChat "vicuna_v1.1": sep " ", sep2 "</s>",
 roles "USER" and "ASSISTANT"):
 
     <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT: {assistant}</s>...
@@ -55,11 +65,13 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+import chat_templates  # noqa: E402
+
+DEFAULT_SYSTEM = chat_templates.VICUNA_DEFAULT_SYSTEM
 SEP = " "
 EOS_TEXT = "</s>"
-BYTE_BOS, BYTE_EOS = 256, 257
+BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
+BYTE_SPECIALS = {"<s>": BYTE_BOS, "</s>": BYTE_EOS, "<pad>": BYTE_PAD}
 
 
 class PrepareError(ValueError):
@@ -70,7 +82,7 @@ ROLES = ("system", "user", "assistant")
 
 
 def check_messages(messages):
-    """(system, [(user, assistant), ...]) of a message list; raises PrepareError."""
+    """(system or None, [(user, assistant), ...]) of a message list; raises PrepareError."""
     if messages is None:
         raise PrepareError("no 'messages' list")
     if not isinstance(messages, list):
@@ -89,7 +101,7 @@ def check_messages(messages):
         except UnicodeEncodeError as e:
             bad = m["content"][e.start]
             raise PrepareError(f"message {i} ({m['role']}) holds a lone surrogate \\u{ord(bad):04x}: not valid Unicode")
-    system = DEFAULT_SYSTEM
+    system = None
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
     roles = [m["role"] for m in messages]
@@ -101,74 +113,106 @@ def check_messages(messages):
 
 
 def render(system, pairs, eos_text=EOS_TEXT):
-    """(text, spans): the template string after BOS and the character spans
-    [start, end) of each assistant content together with its EOS text."""
-    text = system + SEP
-    spans = []
-    for user, assistant in pairs:
-        text += "USER: " + user + SEP + "ASSISTANT: "
-        start = len(text)
-        text += assistant + eos_text
-        spans.append((start, len(text)))
-    return text, spans
+    """(text, spans) with Vicuna v1.1: the template string after BOS and the character
+    spans [start, end) of each assistant content together with its EOS text."""
+    t = chat_templates.resolve("vicuna_v1.1", "<s>", eos_text)
+    text, spans = chat_templates.render(t, system, pairs)
+    n = len(t["begin"])
+    return text[n:], [(a - n, b - n) for a, b in spans]
 
 
 def prompt_text(system, pairs, user):
     """The string (after BOS) to generate the answer to a new user turn: the
     template up to and including "ASSISTANT:" (add the space for the byte tokenizer)."""
-    text, _ = render(system, pairs)
-    return text + "USER: " + user + SEP + "ASSISTANT:"
+    t = chat_templates.resolve("vicuna_v1.1", "<s>", EOS_TEXT)
+    return chat_templates.render_prompt(t, system, pairs, user)[len(t["begin"]):]
+
+
+class ByteEncoder:
+    """Encodes with the byte-level tokenizer: each template's "<s>", "</s>", "<pad>" is its
+    control id, every other byte its own id."""
+
+    def __init__(self, template=None):
+        self.t, self.how = chat_templates.choose(None, template, "<s>", "</s>", "the byte tokenizer")
+        for piece in chat_templates.special_tokens(self.t):
+            if piece not in BYTE_SPECIALS:
+                raise PrepareError(f"chat template {self.t['name']} writes {piece}, which the byte tokenizer "
+                                   "lacks (it has <s>, </s>, <pad>)")
+
+    def __call__(self, system, pairs):
+        ids, mask = [], []
+        for text, from_template, target in chat_templates.segments(self.t, system, pairs):
+            i = 0
+            while i < len(text):
+                special = next((p for p in BYTE_SPECIALS if from_template and text.startswith(p, i)), None)
+                if special:
+                    ids.append(BYTE_SPECIALS[special])
+                    mask.append(int(target))
+                    i += len(special)
+                    continue
+                b = text[i].encode("utf-8")
+                ids.extend(b)
+                mask.extend([int(target)] * len(b))
+                i += 1
+        return ids, mask
 
 
 def encode_byte(system, pairs):
-    """(ids, mask) with the byte-level tokenizer."""
-    ids, mask = [BYTE_BOS], [0]
-
-    def add(s, m):
-        b = s.encode("utf-8")
-        ids.extend(b)
-        mask.extend([m] * len(b))
-
-    add(system + SEP, 0)
-    for user, assistant in pairs:
-        add("USER: " + user + SEP + "ASSISTANT: ", 0)
-        add(assistant, 1)
-        ids.append(BYTE_EOS)
-        mask.append(1)
-    return ids, mask
+    """(ids, mask) with the byte-level tokenizer and Vicuna v1.1."""
+    return ByteEncoder()(system, pairs)
 
 
 class HFEncoder:
-    """Encodes with a Hugging Face (fast) tokenizer from a folder."""
+    """Encodes with a Hugging Face (fast) tokenizer from a folder, and the chat template
+    given by name, else the one matching the folder's, else Vicuna v1.1."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, template=None):
         from transformers import AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(folder)
         if not self.tok.is_fast:
             raise PrepareError(f"{folder}: need a fast tokenizer (tokenizer.json) for the offsets")
         self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
         self.eos_text = self.tok.eos_token
-        if self.bos is None or self.eos is None:
+        try:
+            self.t, self.how = chat_templates.choose(chat_templates.folder_source(folder), template,
+                                                     self.tok.bos_token, self.eos_text, folder)
+        except chat_templates.TemplateError as e:
+            raise PrepareError(str(e))
+        vocab = self.tok.get_vocab()
+        for piece in chat_templates.special_tokens(self.t):
+            if piece not in vocab:
+                raise PrepareError(f"{folder}: chat template {self.t['name']} writes {piece}, which is not a "
+                                   "token of this tokenizer")
+        self.end_text = self.t["assistant_end"]
+        self.end = vocab.get(self.end_text)
+        # Vicuna as it always was: BOS put in front by id, the rest tokenized at once
+        self.bos_in_front = self.t["name"] == "vicuna_v1.1"
+        if self.bos_in_front and (self.bos is None or self.eos is None):
             raise PrepareError(f"{folder}: the tokenizer has no BOS or EOS token")
 
     def __call__(self, system, pairs):
-        for s in [system] + [x for p in pairs for x in p]:
-            if self.eos_text in s:
-                raise PrepareError(f"a message contains the EOS text {self.eos_text!r}")
-        text, spans = render(system, pairs, self.eos_text)
+        for s in ([] if system is None else [system]) + [x for p in pairs for x in p]:
+            if self.end_text in s:
+                raise PrepareError(f"a message contains the end-of-turn text {self.end_text!r}")
+        text, spans = chat_templates.render(self.t, system, pairs)
+        lead = self.t["begin"] if self.bos_in_front else ""
+        text, spans = text[len(lead):], [(a - len(lead), b - len(lead)) for a, b in spans]
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        eos_at = [i for i, t in enumerate(ids) if t == self.eos]
-        if len(eos_at) != len(pairs) or any(offsets[i] != (e - len(self.eos_text), e)
-                                            for i, (_, e) in zip(eos_at, spans)):
-            raise PrepareError(f"the tokenizer did not turn {self.eos_text!r} into the EOS id {self.eos} "
-                               "at the end of every assistant message")
+        at = {tuple(o): i for i, o in enumerate(offsets)}
+        for _, e in spans:
+            i = at.get((e - len(self.end_text), e))
+            if i is None or self.end is None or ids[i] != self.end:
+                raise PrepareError(f"the tokenizer did not turn {self.end_text!r} into one token "
+                                   "at the end of every assistant message")
         mask, k = [], 0
         for start, end in offsets:  # spans and offsets are both in order
             while k < len(spans) and start >= spans[k][1]:
                 k += 1
             mask.append(1 if k < len(spans) and end > spans[k][0] else 0)
-        return [self.bos] + ids, [0] + mask
+        if self.bos_in_front:
+            return [self.bos] + ids, [0] + mask
+        return ids, mask
 
 
 def fit(encode, system, pairs, max_len):
@@ -269,6 +313,9 @@ def run_cli(prog, description, prepare_fn, argv, max_len_help):
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", choices=["byte"], help="the byte-level tokenizer")
     g.add_argument("--hf", metavar="FOLDER", help="a Hugging Face tokenizer folder (fast tokenizer)")
+    ap.add_argument("--template", metavar="|".join(chat_templates.TEMPLATES),
+                    help="the chat template (default: the one matching the --hf folder's chat template; "
+                         "vicuna_v1.1, Xwin-LM's, when it has none, and for --tokenizer byte)")
     ap.add_argument("--max-len", type=int, default=256, help=max_len_help)
     ap.add_argument("--skip-bad", action="store_true",
                     help="leave out bad lines (each reported as IN:LINE: problem) and count them")
@@ -276,16 +323,16 @@ def run_cli(prog, description, prepare_fn, argv, max_len_help):
     if args.max_len < 2:
         ap.error("--max-len must be at least 2")
     try:
-        encode = encode_byte if args.tokenizer == "byte" else HFEncoder(args.hf)
+        encode = ByteEncoder(args.template) if args.tokenizer == "byte" else HFEncoder(args.hf, args.template)
         prepare_fn(args.input, args.output, encode, args.max_len, skip_bad=args.skip_bad)
-    except (PrepareError, OSError) as e:
+    except (PrepareError, chat_templates.TemplateError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def main(argv=None):
-    return run_cli("prepare_sft", "Chat JSONL -> .tok with the Vicuna v1.1 template and loss mask.", prepare, argv,
+    return run_cli("prepare_sft", "Chat JSONL -> .tok with a chat template and its loss mask.", prepare, argv,
                    "longest sequence in tokens; longer conversations lose whole turns (default 256)")
 
 
