@@ -64,17 +64,23 @@ TEST_CASE("SmolLM2-135M-Instruct: the tokenizer from its GGUF is the real one, d
     // test/fixtures/bpe/smollm2.tokenizer is the GGUF's tokenizer as transformers rebuilds it,
     // without the split into single digits that SmolLM2's own tokenizer.json has (the GGUF
     // names it, "smollm", rather than storing it); test_tokenizer holds both forms to the
-    // tokenizers package on its corpus. The conversion writes the same bytes, the flag set.
+    // tokenizers package on its corpus. The conversion writes the same bytes, the flag set, and
+    // then the chat template it recognised in the GGUF's: ChatML as test_chat holds it to
+    // transformers' apply_chat_template (test/fixtures/chat/chatml.template).
     std::vector<unsigned char> ours = file_bytes("build/smollm2.tokenizer"), theirs = file_bytes("test/fixtures/bpe/smollm2.tokenizer");
-    REQUIRE(ours.size() == theirs.size());
+    std::vector<unsigned char> chatml = file_bytes("test/fixtures/chat/chatml.template");
     REQUIRE(theirs.size() > 1000000);
+    REQUIRE(!chatml.empty());
     theirs[36] |= (unsigned char)TOKENIZER_FLAG_INDIVIDUAL_DIGITS;
+    theirs.insert(theirs.end(), chatml.begin(), chatml.end());
+    REQUIRE(ours.size() == theirs.size());
     CHECK(ours == theirs);
     Tokenizer t;
     REQUIRE(tokenizer_load_checked(&t, "build/smollm2.tokenizer") == "");
     CHECK(t.individual_digits);
     CHECK(t.bos_id == 1);
     CHECK(t.eos_id == 2);
+    CHECK(t.chat.name == "chatml");
 }
 
 TEST_CASE("SmolLM2-135M-Instruct: greedy answers equal transformers' generate token for token", "[real]") {
