@@ -110,10 +110,11 @@ endef
 deps: deps-stb deps-mpi
 	$(call debian_install,$(CATCH_HEADER),catch2)
 
-# Debian's OpenMPI: mpirun for the data-parallel tests, mpi.h and libmpi for the programs
-MPI_RUN = /usr/bin/mpirun
+# Debian's OpenMPI: mpirun for the data-parallel tests (openmpi-bin), mpicc, mpi.h and libmpi for
+# the programs (libopenmpi-dev)
 deps-mpi:
-	$(call debian_install,$(MPI_RUN),openmpi-bin libopenmpi-dev)
+	$(call debian_install,/usr/bin/mpirun,openmpi-bin libopenmpi-dev)
+	$(call debian_install,/usr/bin/mpicc,openmpi-bin libopenmpi-dev)
 
 # PyPI packages, by the module they provide: installed here when root (pip), otherwise the
 # command is printed. $(1): module names, $(2): the pip arguments.
@@ -179,8 +180,15 @@ build/%_emu: %.cu llm.cu test/cuda_emu.h | deps-stb
 build/test_sft: test/test_main.cpp test/test_sft.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
 
-# data parallel: train_sft under Debian's mpirun with 2 ranks (deps installs OpenMPI when root)
-build/test_parallel: test/test_main.cpp test/test_parallel.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
+# the CUDA build of train_sft with its data-parallel path (XWIN_NCCL, XWIN_MPI), NCCL emulated over MPI
+build/train_sft_nccl_emu: train_sft.cu llm.cu test/cuda_emu.h test/nccl_emu.h | deps-stb deps-mpi
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) -O2 -include test/nccl_emu.h -DXWIN_NCCL $(MPI_CFLAGS) -x c++ $< $(MPI_LDFLAGS) -o $@
+
+# data parallel: train_sft (CPU and emulated CUDA), train_rm and train_dpo under Debian's mpirun with
+# 2 ranks (deps installs OpenMPI when root)
+build/test_parallel: test/test_main.cpp test/test_parallel.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu \
+                    build/train_sft_nccl_emu build/train_rm_cpu build/train_dpo_cpu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_parallel.cpp -o $@
 
 build/test_rm: test/test_main.cpp test/test_rm.cpp test/program.h test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps

@@ -115,7 +115,7 @@ Contents, in file order (search for the quoted heading):
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #endif
-#ifdef XWIN_NCCL
+#if defined(XWIN_NCCL) && !defined(XWIN_NCCL_EMULATION)  // test/nccl_emu.h: NCCL over MPI for the emulated GPU
 #include <nccl.h>
 #endif
 
@@ -5552,9 +5552,16 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 //   comm_free(&comm)
 // A process that no launcher started is a world of 1: every collective returns at once and
 // MPI is never initialised, so a single-process run is exactly the run of a build without MPI.
-// XWIN_MPI (the Makefile defines it where mpicxx is found) enables MPI; XWIN_NCCL (where
-// nccl.h is found too) enables NCCL for the GPU build, its id broadcast over MPI. Only rank 0
-// writes stdout; the other ranks' stdout goes to /dev/null (their errors still reach stderr).
+// XWIN_MPI (the Makefile defines it where mpicc is found) enables MPI; XWIN_NCCL (where
+// nccl.h is found too) enables NCCL for the GPU build, its id broadcast over MPI, one GPU per
+// rank of a node (test/nccl_emu.h emulates it over MPI for the CUDA build on the CPU). Only
+// rank 0 writes stdout; the other ranks' stdout goes to /dev/null (their errors reach stderr).
+// Every rank gets the same sums (MPI's and NCCL's all-reduce hand each rank one result), so
+// the ranks' weights stay equal without being sent; for a given number of ranks the sums are
+// the same from run to run. They are not the bits of one rank accumulating the same
+// micro-batches: it adds each micro-batch's gradient into the step's in place, and a tensor
+// that takes several += per micro-batch (the embedding: one per token) rounds otherwise.
+// Launchers: mpirun (OpenMPI, MPICH); Slurm's srun without mpirun is not read yet.
 
 #ifdef XWIN_MPI
 inline void mpi_check(int err, const char* file, int line) {
@@ -5622,6 +5629,13 @@ inline void comm_init(Comm* c) {
     mpiCheck(MPI_Comm_rank(node, &c->local_rank));
     mpiCheck(MPI_Comm_free(&node));
 #ifdef XWIN_NCCL
+    int devices = 0;
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (c->local_rank >= devices) {
+        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
+                devices == 1 ? "" : "s");
+        exit(1);
+    }
     cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
     ncclUniqueId id;
     if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
@@ -5635,6 +5649,7 @@ inline void comm_init(Comm* c) {
 // MPI counts are ints: long buffers go in pieces
 constexpr size_t COMM_CHUNK = (size_t)1 << 30;
 
+// x (n floats) := its sum over the ranks, on every rank
 inline void comm_all_reduce_sum(Comm* c, float* x, size_t n) {
     if (c->world == 1) return;
 #if defined(XWIN_NCCL)
@@ -5873,8 +5888,8 @@ inline void flags_parse(int argc, char** argv, const char* summary, const std::v
 
 struct TrainConfig {
     const char* out_dir = "out";
-    int micro_batch = 16;    // sequences per forward/backward
-    int total_batch = 32;    // sequences per optimizer step (a multiple of micro_batch)
+    int micro_batch = 16;    // sequences per forward/backward, on each rank
+    int total_batch = 32;    // sequences per optimizer step over all ranks (a multiple of micro_batch x ranks)
     int max_len = 256;       // longest sequence allowed
     float lr = 0.0f;         // peak learning rate (0: the program's default)
     int warmup = 30;
@@ -5895,8 +5910,8 @@ struct TrainConfig {
 inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
     std::vector<Flag> common = {
         {'o', FLAG_PATH, &t->out_dir, 0, 0, "output folder: model.bin, log.jsonl, ckpt_<step>/"},
-        {'b', FLAG_INT, &t->micro_batch, 1, 4096, "micro-batch (sequences per forward/backward)"},
-        {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step; a multiple of -b)"},
+        {'b', FLAG_INT, &t->micro_batch, 1, 4096, "micro-batch (sequences per forward/backward, on each rank)"},
+        {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step over all ranks; a multiple of -b times the ranks)"},
         {'t', FLAG_INT, &t->max_len, 2, 1 << 20, "longest sequence (at most the model's max_seq_len)"},
         {'l', FLAG_FLOAT, &t->lr, 0, 1, "peak learning rate (0: the program's default)"},
         {'w', FLAG_INT, &t->warmup, 0, 1000000000, "warmup steps (linear), then cosine decay to 0"},

@@ -1,9 +1,10 @@
-// Data parallel training (llm.cu's collectives, the Trainer's ranks) through train_sft run by
-// Debian's OpenMPI mpirun with 2 ranks on this machine: the ranks train what one rank trains
-// with as many micro-batches accumulated, rank 0 alone prints and writes, a 2-rank run resumes
-// bit-identically, a checkpoint resumes only on its number of ranks, and a build without MPI
-// refuses a world > 1. The binaries are build/train_sft_cpu (with MPI) and build/train_sft_emu
-// (the CUDA build over the emulation layer, without MPI).
+// Data parallel training (llm.cu's collectives, the Trainer's ranks) through the stage programs
+// run by Debian's OpenMPI mpirun with 2 ranks on this machine: the ranks of train_sft, train_rm
+// and train_dpo train what one rank trains with as many micro-batches accumulated, rank 0 alone
+// prints and writes, a 2-rank run resumes bit-identically, a checkpoint resumes only on its
+// number of ranks, and a build without MPI refuses a world > 1. The binaries are
+// build/<program>_cpu (with MPI) and build/train_sft_emu (the CUDA build over the emulation
+// layer, without MPI).
 //
 // What can be equal, and what is compared: a step's gradient is the sum of its micro-batches'
 // gradients. One rank accumulates them in place (the parameter gradients take +=), so the
@@ -147,4 +148,70 @@ TEST_CASE("ranks that do not divide the total batch, and a build without MPI und
     CHECK(rc == 1);
     CHECK(count_of(out, "\n") == 1);
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks, but this build has no MPI: multi-rank runs need the MPI build"));
+}
+
+// The reward model and DPO go through the same Trainer: 2 ranks x 2 pairs against 1 rank x 2
+// pairs x 2 accumulated, the losses to 1e-5 relative and the step metrics the ranks sum (RM's
+// margin, DPO's reward margin) to 1e-4, the final weights to 1e-6 (DPO; measured 1.5e-8) and
+// 5e-6 (RM, measured 4.9e-7: its score head takes one += per sequence of a micro-batch, and
+// it learns at 3e-3).
+TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains with 2 micro-batches of 2 pairs", "[parallel][rm][dpo]") {
+    std::string mpirun = mpirun2(), out;
+    std::string model = write_small_model("parallel_pairs_model.bin"), train = write_arith_pairs("parallel_pairs", 24, 1),
+                val = write_arith_pairs("parallel_pairs_val", 8, 2);
+    struct Stage { const char* binary; std::string args; const char* metric; double weight_tolerance; };
+    std::vector<Stage> stages = {
+        {"build/train_rm_cpu", " -m " + model + " -i " + train + " -j " + val + " -x 4 -w 2 -l 3e-3 -v 4 -n 0 -r 3", "margin", 5e-6},
+        // the 2-rank run goes first: its rank 0 computes the reference file, rank 1 reads it
+        {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j '' -p '' -x 4 -w 2 -l 1e-3 -n 0 -r 3", "rewards/margins", 1e-6},
+    };
+    for (const Stage& s : stages) {
+        std::string two = scratch("pairs_two"), one = scratch("pairs_one");
+        rm_rf(two), rm_rf(one);
+        int rc = run(mpirun + s.binary + s.args + " -b 2 -d 4 -o " + two, &out);
+        INFO(s.binary << "\n" << out);
+        REQUIRE(rc == 0);
+        CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
+        REQUIRE(run("OMP_NUM_THREADS=1 " + std::string(s.binary) + s.args + " -b 2 -d 4 -o " + one, &out) == 0);
+        std::vector<double> l2 = logged_losses(two + "/log.jsonl"), l1 = logged_losses(one + "/log.jsonl");
+        REQUIRE(l2.size() == 4);
+        CHECK(l2[0] == l1[0]);
+        check_close(l2, l1, 1e-5);
+        check_close(logged_values(two + "/log.jsonl", s.metric), logged_values(one + "/log.jsonl", s.metric), 1e-4);
+        double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
+        printf("%s: 2 ranks x 2 pairs against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", s.binary, d);
+        CHECK(d <= s.weight_tolerance);
+        rm_rf(two), rm_rf(one);
+    }
+    remove(model.c_str()), remove(train.c_str()), remove(val.c_str()), remove((train + ".logps").c_str());
+}
+
+// The GPU program's own rank code, on the CPU: the CUDA build over test/cuda_emu.h with NCCL
+// emulated over MPI (test/nccl_emu.h): comm_init's NCCL setup and device choice, the gradients'
+// all-reduce in device memory. One process of that build is the plain CUDA build bit for bit.
+// Against one rank the BF16 build differs by more than the CPU build: a master weight that
+// rounds differently moves its BF16 copy by a whole BF16 step (2^-8 relative) in the next
+// forward, so the losses agree to 1e-4 relative and the FP32 master weights to 1e-5.
+TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train what 1 rank x 2 x 2 accumulated trains", "[parallel][emu]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), one = fx.dir("emu_one"), plain = fx.dir("emu_plain"), two = fx.dir("emu_two"), out;
+    std::string env = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ";
+    REQUIRE(run(env + "OMP_NUM_THREADS=1 build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + one, &out) == 0);
+    REQUIRE(run(env + "OMP_NUM_THREADS=1 build/train_sft_emu" + fx.common + " -b 2 -d 4 -o " + plain, &out) == 0);
+    CHECK(file_bytes(one + "/model.bin") == file_bytes(plain + "/model.bin"));
+    int rc = run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + two, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
+    std::vector<double> l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(two + "/log.jsonl");
+    REQUIRE(l2.size() == 6);
+    CHECK(l2[0] == l1[0]);
+    check_close(l2, l1, 1e-4);
+    double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
+    printf("CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-5);
+    // a rank per device: 2 ranks on a node of one device are refused
+    rc = run("XWIN_EMU_THREADS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_one_device"), &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: rank 1 is rank 1 of its node, which has 1 GPU: run at most one rank per GPU"));
 }
