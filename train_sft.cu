@@ -9,6 +9,8 @@ the token file, written by dev/data/prepare_sft.py), over every assistant turn.
                                 data/world/, saved to out/sft/model.bin for the next stages
   ./train_sft -m llama.bin -i train.tok -j val.tok -k llama.tokenizer -o out/my_sft
                                 a converted Hugging Face Llama (Xwin-LM's SFT settings)
+  mpirun -np 2 ./train_sft -b 4 -d 8
+                                data parallel: 2 ranks, each a micro-batch of 4 per step
   ./train_sft -h                every flag, its range and its default
 
 The flags, the data order, the end of a step (clip, lr, AdamW, log), checkpoints and resume
