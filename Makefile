@@ -3,7 +3,7 @@
 #   make cpu        the same programs for the CPU (g++ -O3 -fopenmp)
 #   make gpu        the GPU programs (GPU_ARCH=90 to override the detected architecture)
 #   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
-#                   and the nvcc gate; installs Debian's catch2 and libstb-dev when root
+#                   and the nvcc gate; installs Debian's catch2, libstb-dev and OpenMPI when root
 #   make test-gpu   the kernel tests on a real GPU and the GPU benchmark against PyTorch
 #   make profile    the GPU programs and build/bench_gpu with -lineinfo, for Nsight Systems / Compute
 #   make clean
@@ -23,6 +23,18 @@ NVCCFLAGS += -DENABLE_FP32
 endif
 NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
 
+# Data parallel runs (mpirun -np N ./train_sft ...) need MPI: where mpicc is found (Debian's
+# libopenmpi-dev) the programs are built with XWIN_MPI, and the GPU programs with XWIN_NCCL too
+# where NCCL's nccl.h is found (the ranks' GPUs talk over NCCL, its id sent over MPI). Without
+# them everything builds, for single-process runs. (Recursive '=': make test installs OpenMPI
+# before it builds the programs.)
+MPI_FOUND = $(shell command -v mpicc 2>/dev/null)
+MPI_CFLAGS = $(if $(MPI_FOUND),-DXWIN_MPI $(patsubst -I%,-isystem %,$(shell mpicc --showme:compile)))
+MPI_LDFLAGS = $(if $(MPI_FOUND),$(shell mpicc --showme:link))
+NCCL_HEADER = $(firstword $(wildcard /usr/include/nccl.h /usr/local/include/nccl.h $(dir $(NVCC_FOUND))../include/nccl.h))
+NCCL_FLAGS = $(if $(and $(MPI_FOUND),$(NCCL_HEADER)),-DXWIN_NCCL $(MPI_CFLAGS))
+NCCL_LDFLAGS = $(if $(and $(MPI_FOUND),$(NCCL_HEADER)),-lnccl $(MPI_LDFLAGS))
+
 # programs, each built from <name>_SRC
 PROGRAMS = train_sft train_rm train_dpo sample logprobs tokenize
 train_sft_SRC = train_sft.cu
@@ -33,7 +45,8 @@ logprobs_SRC = dev/logprobs.cu
 tokenize_SRC = dev/tokenize.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample build/test_real
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample build/test_real \
+        build/test_parallel
 TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_chat.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp test/test_dpo_ops.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
@@ -42,7 +55,7 @@ KERNEL_TEST_SRC = test/test_main.cpp test/test_kernels.cpp
 CATCH_HEADER = /usr/include/catch2/catch.hpp
 STB_HEADER = /usr/include/stb/stb_image_write.h
 
-.PHONY: all cpu gpu profile test test-gpu deps deps-stb clean
+.PHONY: all cpu gpu profile test test-gpu deps deps-stb deps-mpi clean
 
 # make: the GPU programs where nvcc and a GPU are both present, else the CPU programs
 # (so that make && ./train_sft runs anywhere; make gpu builds for the GPU regardless)
@@ -61,10 +74,10 @@ endif
 
 # each program is one .cu file; g++ reads it as C++ (-x c++), nvcc as CUDA
 cpu: llm.cu | deps-stb
-	$(foreach p,$(PROGRAMS),$(CXX) $(CXXFLAGS) -x c++ $($(p)_SRC) -o $(p) &&) true
+	$(foreach p,$(PROGRAMS),$(CXX) $(CXXFLAGS) $(MPI_CFLAGS) -x c++ $($(p)_SRC) $(MPI_LDFLAGS) -o $(p) &&) true
 
 gpu: llm.cu | deps-stb
-	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $($(p)_SRC) $(NVCC_LDFLAGS) -o $(p) &&) true
+	$(foreach p,$(PROGRAMS),$(NVCC) $(NVCCFLAGS) $(NCCL_FLAGS) $($(p)_SRC) $(NVCC_LDFLAGS) $(NCCL_LDFLAGS) -o $(p) &&) true
 
 # make profile: the GPU build with source lines in the binaries (-lineinfo: ncu shows the
 # time per CUDA line), and the per-kernel benchmark; the commands are in the README
@@ -95,8 +108,14 @@ define debian_install
 	fi
 endef
 
-deps: deps-stb
+deps: deps-stb deps-mpi
 	$(call debian_install,$(CATCH_HEADER),catch2)
+
+# Debian's OpenMPI: mpirun for the data-parallel tests (openmpi-bin), mpicc, mpi.h and libmpi for
+# the programs (libopenmpi-dev)
+deps-mpi:
+	$(call debian_install,/usr/bin/mpirun,openmpi-bin libopenmpi-dev)
+	$(call debian_install,/usr/bin/mpicc,openmpi-bin libopenmpi-dev)
 
 # PyPI packages, by the module they provide: installed here when root (pip), otherwise the
 # command is printed. $(1): module names, $(2): the pip arguments.
@@ -152,18 +171,29 @@ build/emu_planted_bugs_asan: test/emu_planted_bugs.cpp test/cuda_emu.h
 	$(CXX) -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -Wall -Wextra -Werror -Itest $< -o $@ -pthread
 
 # the programs the tests run: the CPU build and the CUDA build over the emulation layer
-build/%_cpu: %.cu llm.cu | deps-stb
+build/%_cpu: %.cu llm.cu | deps-stb deps-mpi
 	@mkdir -p build
-	$(CXX) $(CXXFLAGS) -x c++ $< -o $@
+	$(CXX) $(CXXFLAGS) $(MPI_CFLAGS) -x c++ $< $(MPI_LDFLAGS) -o $@
 
 build/%_emu: %.cu llm.cu test/cuda_emu.h | deps-stb
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ $< -o $@
 
-build/test_sft: test/test_main.cpp test/test_sft.cpp test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
+build/test_sft: test/test_main.cpp test/test_sft.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
 
-build/test_rm: test/test_main.cpp test/test_rm.cpp test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
+# the CUDA build of train_sft with its data-parallel path (XWIN_NCCL, XWIN_MPI), NCCL emulated over MPI
+build/train_sft_nccl_emu: train_sft.cu llm.cu test/cuda_emu.h test/nccl_emu.h | deps-stb deps-mpi
+	@mkdir -p build
+	$(CXX) $(EMU_CXXFLAGS) -O2 -include test/nccl_emu.h -DXWIN_NCCL $(MPI_CFLAGS) -x c++ $< $(MPI_LDFLAGS) -o $@
+
+# data parallel: train_sft (CPU and emulated CUDA), train_rm and train_dpo under Debian's mpirun with
+# 2 ranks (deps installs OpenMPI when root)
+build/test_parallel: test/test_main.cpp test/test_parallel.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu \
+                    build/train_sft_nccl_emu build/train_rm_cpu build/train_dpo_cpu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_parallel.cpp -o $@
+
+build/test_rm: test/test_main.cpp test/test_rm.cpp test/program.h test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@
 
 build/test_dpo: test/test_main.cpp test/test_dpo.cpp test/program.h test/fixture.h llm.cu build/train_dpo_cpu build/train_dpo_emu | deps

@@ -72,6 +72,9 @@ Contents, in file order (search for the quoted heading):
   "The chat template"       defines: ChatSegment, chat_segments, chat_encode_segments, chat_end_id,
                             chat_encode_conversation (ids and loss mask), chat_encode_prompt, mfu_text (ChatTemplate, its file section
                             and checks are in "Tokenizer")
+  "Collectives"             defines: Comm, comm_init/_free, comm_all_reduce_sum(_double), comm_broadcast, comm_barrier
+                            (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
+                            runner_all_reduce_grads
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
@@ -110,6 +113,14 @@ Contents, in file order (search for the quoted heading):
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef XWIN_MPI
+#define OMPI_SKIP_MPICXX 1  // the C API only: no C++ bindings to link
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+#if defined(XWIN_NCCL) && !defined(XWIN_NCCL_EMULATION)  // test/nccl_emu.h: NCCL over MPI for the emulated GPU
+#include <nccl.h>
 #endif
 
 // ----------------------------------------------------------------------------
@@ -6490,6 +6501,176 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 }
 
 // ----------------------------------------------------------------------------
+// Collectives: data parallel training over ranks, one process per rank (mpirun -np N).
+// Every rank holds the whole model and the same weights; each takes its own rows of a step,
+// computes their gradient, and the ranks sum their gradients before the update, so that every
+// rank takes the same AdamW step. The API is five calls over two backends:
+//   comm_init(&comm)                      the rank and the world from the launcher (mpirun)
+//   comm_all_reduce_sum(&comm, x, n)      n floats where the gradients live (the CPU build:
+//                                         host memory, over MPI; the GPU build: device memory,
+//                                         over NCCL on comm.stream)
+//   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
+//   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
+//   comm_free(&comm)
+// A process that no launcher started is a world of 1: every collective returns at once and
+// MPI is never initialised, so a single-process run is exactly the run of a build without MPI.
+// XWIN_MPI (the Makefile defines it where mpicc is found) enables MPI; XWIN_NCCL (where
+// nccl.h is found too) enables NCCL for the GPU build, its id broadcast over MPI, one GPU per
+// rank of a node (test/nccl_emu.h emulates it over MPI for the CUDA build on the CPU). Only
+// rank 0 writes stdout; the other ranks' stdout goes to /dev/null (their errors reach stderr).
+// Every rank gets the same sums (MPI's and NCCL's all-reduce hand each rank one result), so
+// the ranks' weights stay equal without being sent; for a given number of ranks the sums are
+// the same from run to run. They are not the bits of one rank accumulating the same
+// micro-batches: it adds each micro-batch's gradient into the step's in place, and a tensor
+// that takes several += per micro-batch (the embedding: one per token) rounds otherwise.
+// Launchers: mpirun (OpenMPI, MPICH); Slurm's srun without mpirun is not read yet.
+
+#ifdef XWIN_MPI
+inline void mpi_check(int err, const char* file, int line) {
+    if (err == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING];
+    int n = 0;
+    MPI_Error_string(err, text, &n);
+    fprintf(stderr, "error: MPI at %s:%d: %s\n", file, line, text);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    exit(1);
+}
+#define mpiCheck(err) mpi_check((err), __FILE__, __LINE__)
+#endif
+
+#ifdef XWIN_NCCL
+inline void nccl_check(ncclResult_t err, const char* file, int line) {
+    if (err == ncclSuccess) return;
+    fprintf(stderr, "error: NCCL at %s:%d: %s\nHINT: NCCL_DEBUG=INFO says more; every rank needs its own GPU\n", file, line, ncclGetErrorString(err));
+    exit(1);
+}
+#define ncclCheck(err) nccl_check((err), __FILE__, __LINE__)
+#endif
+
+struct Comm {
+    int rank = 0;        // this process's rank, 0..world-1
+    int world = 1;       // the number of ranks
+    int local_rank = 0;  // its rank among the ranks of its node (the GPU it takes)
+    bool mpi = false;    // MPI was initialised (world > 1)
+#ifdef XWIN_NCCL
+    ncclComm_t nccl = nullptr;
+    cudaStream_t stream = 0;  // the stream comm_all_reduce_sum runs on (the runner's)
+#endif
+};
+
+// The number of ranks a launcher announced: OpenMPI's mpirun sets OMPI_COMM_WORLD_SIZE,
+// MPICH's and Intel MPI's set PMI_SIZE; 1 when neither is set.
+inline int comm_launcher_world() {
+    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
+        const char* value = getenv(name);
+        if (value && atoi(value) > 1) return atoi(value);
+    }
+    return 1;
+}
+
+inline void comm_init(Comm* c) {
+    *c = Comm{};
+    int world = comm_launcher_world();
+    if (world == 1) return;
+#ifndef XWIN_MPI
+    fprintf(stderr, "error: the launcher started %d ranks, but this build has no MPI: multi-rank runs need the MPI build "
+                    "(install libopenmpi-dev, then make: it finds mpicxx)\n", world);
+    exit(1);
+#else
+#if defined(XWIN_CUDA) && !defined(XWIN_NCCL)
+    fprintf(stderr, "error: the launcher started %d ranks, but this GPU build has no NCCL: multi-rank GPU runs need the NCCL build "
+                    "(install NCCL's nccl.h and libnccl, then make gpu)\n", world);
+    exit(1);
+#endif
+    mpiCheck(MPI_Init(nullptr, nullptr));
+    c->mpi = true;
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
+    MPI_Comm node;  // the ranks that share this node's memory
+    mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
+    mpiCheck(MPI_Comm_rank(node, &c->local_rank));
+    mpiCheck(MPI_Comm_free(&node));
+#ifdef XWIN_NCCL
+    int devices = 0;
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (c->local_rank >= devices) {
+        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
+                devices == 1 ? "" : "s");
+        exit(1);
+    }
+    cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
+    ncclUniqueId id;
+    if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
+    mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
+    ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
+#endif
+    if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
+#endif
+}
+
+// MPI counts are ints: long buffers go in pieces
+constexpr size_t COMM_CHUNK = (size_t)1 << 30;
+
+// x (n floats) := its sum over the ranks, on every rank
+inline void comm_all_reduce_sum(Comm* c, float* x, size_t n) {
+    if (c->world == 1) return;
+#if defined(XWIN_NCCL)
+    ncclCheck(ncclAllReduce(x, x, n, ncclFloat, ncclSum, c->nccl, c->stream));
+#elif defined(XWIN_MPI)
+    for (size_t i = 0; i < n; i += COMM_CHUNK) mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + i, (int)std::min(COMM_CHUNK, n - i), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+#else
+    (void)x, (void)n;
+#endif
+}
+
+inline void comm_all_reduce_sum_double(Comm* c, double* x, size_t n) {
+    if (c->world == 1) return;
+#ifdef XWIN_MPI
+    for (size_t i = 0; i < n; i += COMM_CHUNK) mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + i, (int)std::min(COMM_CHUNK, n - i), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+#else
+    (void)x, (void)n;
+#endif
+}
+
+inline void comm_broadcast(Comm* c, void* data, size_t bytes, int root = 0) {
+    if (c->world == 1) return;
+#ifdef XWIN_MPI
+    for (size_t i = 0; i < bytes; i += COMM_CHUNK) mpiCheck(MPI_Bcast((char*)data + i, (int)std::min(COMM_CHUNK, bytes - i), MPI_BYTE, root, MPI_COMM_WORLD));
+#else
+    (void)data, (void)bytes, (void)root;
+#endif
+}
+
+inline void comm_barrier(Comm* c) {
+    if (c->world == 1) return;
+#ifdef XWIN_MPI
+    mpiCheck(MPI_Barrier(MPI_COMM_WORLD));
+#endif
+}
+
+inline void comm_free(Comm* c) {
+#ifdef XWIN_NCCL
+    if (c->nccl) ncclCheck(ncclCommDestroy(c->nccl));
+#endif
+#ifdef XWIN_MPI
+    if (c->mpi) mpiCheck(MPI_Finalize());
+#endif
+    *c = Comm{};
+}
+
+// The runner's gradients summed over the ranks (before the clip and the update).
+inline void runner_all_reduce_grads(Runner* r, Comm* c) {
+#ifdef XWIN_CUDA
+#ifdef XWIN_NCCL
+    c->stream = r->gpu.stream;
+#endif
+    comm_all_reduce_sum(c, r->gpu.grads_memory, r->host.num_params);
+#else
+    comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+#endif
+}
+
+// ----------------------------------------------------------------------------
 // Training plumbing shared by the stage programs, so that each stage's main reads as its
 // algorithm:
 //   flags_parse(argc, argv, ...)           one flag table, every value checked
@@ -6669,8 +6850,8 @@ inline void flags_parse(int argc, char** argv, const char* summary, const std::v
 
 struct TrainConfig {
     const char* out_dir = "out";
-    int micro_batch = 16;    // sequences per forward/backward
-    int total_batch = 32;    // sequences per optimizer step (a multiple of micro_batch)
+    int micro_batch = 16;    // sequences per forward/backward, on each rank
+    int total_batch = 32;    // sequences per optimizer step over all ranks (a multiple of micro_batch x ranks)
     int max_len = 256;       // longest sequence allowed
     float lr = 0.0f;         // peak learning rate (0: the program's default)
     int warmup = 30;
@@ -6691,8 +6872,8 @@ struct TrainConfig {
 inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
     std::vector<Flag> common = {
         {'o', FLAG_PATH, &t->out_dir, 0, 0, "output folder: model.bin, log.jsonl, ckpt_<step>/"},
-        {'b', FLAG_INT, &t->micro_batch, 1, 4096, "micro-batch (sequences per forward/backward)"},
-        {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step; a multiple of -b)"},
+        {'b', FLAG_INT, &t->micro_batch, 1, 4096, "micro-batch (sequences per forward/backward, on each rank)"},
+        {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step over all ranks; a multiple of -b times the ranks)"},
         {'t', FLAG_INT, &t->max_len, 2, 1 << 20, "longest sequence (at most the model's max_seq_len)"},
         {'l', FLAG_FLOAT, &t->lr, 0, 1, "peak learning rate (0: the program's default)"},
         {'w', FLAG_INT, &t->warmup, 0, 1000000000, "warmup steps (linear), then cosine decay to 0"},
@@ -6720,8 +6901,10 @@ struct RunIdentity {
     uint64_t seed;
     uint32_t micro_batch, total_batch, max_len, max_steps, warmup;
     float lr, weight_decay, grad_clip;
+    uint32_t world_size;   // ranks of the run (data parallel): a step's rows are split among them
+    uint32_t reserved;     // zero
 };
-static_assert(sizeof(RunIdentity) == 72, "RunIdentity is written to state.bin as is");
+static_assert(sizeof(RunIdentity) == 80, "RunIdentity is written to state.bin as is");
 
 // "what: A here, B in the checkpoint; ..." for each field that differs, "" when none does.
 inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& then) {
@@ -6742,6 +6925,7 @@ inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& 
     field("lr -l", string_format("%g", now.lr), string_format("%g", then.lr));
     field("weight decay -q", string_format("%g", now.weight_decay), string_format("%g", then.weight_decay));
     field("clip -c", string_format("%g", now.grad_clip), string_format("%g", then.grad_clip));
+    field("ranks", std::to_string(now.world_size), std::to_string(then.world_size));
     return out;
 }
 
@@ -6754,23 +6938,24 @@ struct TrainState {
     uint64_t rng = 0;        // the stage's random generator (sampling, dropout of pairs, ...)
 };
 
-// Training state file (state.bin), version 2, little-endian:
+// Training state file (state.bin), version 3, little-endian:
 //   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version = 2
 //   8  uint32 step                        12 uint32 adam_step
 //   16 uint32 skipped                     20 uint32 model_crc: CRC-32 of the checkpoint's model.bin
 //   24 uint64 num_params                  32 uint64 epoch
 //   40 uint64 position                    48 uint64 rng
-//   56 RunIdentity (72 bytes, as the struct above; the program name zero-padded to 16 bytes,
-//      its padding checked as zero like every reader's reserved bytes)
-//   128 float32 m[num_params], float32 v[num_params] (AdamW moments)
+//   56 RunIdentity (80 bytes, as the struct above; the program name zero-padded to 16 bytes,
+//      its padding and the reserved word checked as zero like every reader's reserved bytes;
+//      version 3 added the world size and the reserved word)
+//   136 float32 m[num_params], float32 v[num_params] (AdamW moments)
 //   then uint32 crc: CRC-32 of every byte before it.
 // A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
 // state.bin; <out>/latest names the newest complete one and is written last, so a crash
 // never leaves a half-written checkpoint where a resume would look. Every file is written
 // atomically (AtomicFile) and fsynced before its rename.
 constexpr uint32_t STATE_MAGIC = 0x54535758;
-constexpr uint32_t STATE_VERSION = 2;
-constexpr size_t STATE_HEADER_BYTES = 128;
+constexpr uint32_t STATE_VERSION = 3;
+constexpr size_t STATE_HEADER_BYTES = 136;
 
 // mkdir -p
 inline void make_dir(const std::string& path) {
@@ -6840,13 +7025,14 @@ struct Trainer {
     const TrainConfig* cfg = nullptr;
     const char* program = "";
     Runner* runner = nullptr;
+    Comm comm;                     // the ranks of a data-parallel run (a world of 1 without a launcher)
     std::string resume_dir;        // the checkpoint this run resumes ("" for a fresh run)
     uint32_t resume_model_crc = 0; // the CRC-32 of its model.bin as read
     RunIdentity id{};
     TrainState state;
     size_t n_seqs = 0;             // sequences (or pairs) in the training data
     int max_steps = 0;
-    int accum = 1;                 // micro-batches per step
+    int accum = 1;                 // micro-batches per step on each rank: total_batch / (micro_batch * ranks)
     std::vector<size_t> order;     // (n_seqs) the current epoch's order
     std::vector<uint32_t> lengths; // (n_seqs) each row's tokens, set before trainer_start: batches of
                                    // similar lengths (group_by_length); empty: the plain shuffle
@@ -6862,14 +7048,20 @@ inline void trainer_epoch_order(Trainer* tr, uint64_t epoch) {
     if (!tr->lengths.empty()) group_by_length(tr->order, tr->lengths, (size_t)tr->cfg->total_batch, tr->cfg->seed, epoch);
 }
 
-// Checks the batch flags, makes the output folder, removes what an interrupted write left
-// there, and with -y 1 finds the checkpoint to resume.
+// Joins the ranks (comm_init: before anything is allocated on a GPU), checks the batch flags,
+// makes the output folder, removes what an interrupted write left there (rank 0), and with
+// -y 1 finds the checkpoint to resume (every rank reads it; rank 0 alone writes in out_dir).
 inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* program) {
     tr->cfg = cfg;
     tr->program = program;
+    comm_init(&tr->comm);
+    int world = tr->comm.world;
     if (cfg->total_batch % cfg->micro_batch != 0) fail_flag('d', "the total batch %d is not a multiple of the micro-batch -b %d", cfg->total_batch, cfg->micro_batch);
+    if (cfg->total_batch % (cfg->micro_batch * world) != 0) {
+        fail_flag('d', "the total batch %d is not a multiple of the micro-batch -b %d times the %d ranks", cfg->total_batch, cfg->micro_batch, world);
+    }
     make_dir(cfg->out_dir);
-    int removed = remove_leftover_tmp(cfg->out_dir);
+    int removed = tr->comm.rank == 0 ? remove_leftover_tmp(cfg->out_dir) : 0;
     if (removed) printf("removed %d unfinished .tmp file%s of an interrupted write from %s\n", removed, removed == 1 ? "" : "s", cfg->out_dir);
     if (cfg->resume) {
         tr->resume_dir = checkpoint_latest(cfg->out_dir);
@@ -6966,6 +7158,8 @@ inline void checkpoint_load_state(Trainer* tr) {
     size_t name_end = 56 + strnlen(then.program, sizeof(then.program));
     std::string reserved = reserved_bytes_check(bytes.data(), name_end, 56 + sizeof(then.program));
     if (!reserved.empty()) fail_file(p, "%s (the program name is zero-padded)", reserved.c_str());
+    reserved = reserved_bytes_check(bytes.data(), 56 + offsetof(RunIdentity, reserved), 56 + sizeof(RunIdentity));
+    if (!reserved.empty()) fail_file(p, "%s", reserved.c_str());
     if (q[0] != n) fail_file(p, "holds the state of %llu parameters, the model has %zu", (unsigned long long)q[0], n);
     if (size != STATE_HEADER_BYTES + 8 * n + 4) fail_file(p, "file is %zu bytes, expected %zu", size, STATE_HEADER_BYTES + 8 * n + 4);
     if (u[5] != tr->resume_model_crc) {
@@ -7001,7 +7195,7 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     const TrainConfig& c = *tr->cfg;
     tr->runner = r;
     tr->n_seqs = n_seqs;
-    tr->accum = c.total_batch / c.micro_batch;
+    tr->accum = c.total_batch / (c.micro_batch * tr->comm.world);
     size_t steps_per_epoch = n_seqs / c.total_batch;
     tr->max_steps = c.max_steps > 0 ? c.max_steps : (int)std::min(steps_per_epoch * c.epochs, (size_t)1000000000);
     if (tr->max_steps == 0) fail_file(c.out_dir, "the training data has %zu sequences, fewer than one total batch -d %d: no step to take", n_seqs, c.total_batch);
@@ -7012,17 +7206,23 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     id.data_size = data_size, id.data_hash = data_hash, id.model_hash = crc32_update(0, header, sizeof(header)), id.seed = c.seed;
     id.micro_batch = c.micro_batch, id.total_batch = c.total_batch, id.max_len = c.max_len, id.max_steps = tr->max_steps, id.warmup = c.warmup;
     id.lr = c.lr, id.weight_decay = c.weight_decay, id.grad_clip = c.grad_clip;
+    id.world_size = (uint32_t)tr->comm.world;
     tr->log_path = std::string(c.out_dir) + "/log.jsonl";
+    bool writer = tr->comm.rank == 0;  // rank 0 alone writes the log, checkpoints and models
     if (!tr->resume_dir.empty()) {
         checkpoint_load_state(tr);
-        log_truncate(tr->log_path, tr->state.step);
+        if (writer) log_truncate(tr->log_path, tr->state.step);
     } else {
         tr->state = TrainState{};
         tr->state.rng = c.seed;
         std::string latest = std::string(c.out_dir) + "/latest";  // an older run's: never resume into it
-        if (remove(latest.c_str()) == 0) printf("fresh run: removed %s of an earlier run in %s\n", latest.c_str(), c.out_dir);
+        if (writer && remove(latest.c_str()) == 0) printf("fresh run: removed %s of an earlier run in %s\n", latest.c_str(), c.out_dir);
     }
-    tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
+    if (writer) tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
+    if (tr->comm.world > 1) {
+        printf("data parallel: %d ranks, each %d micro-batch%s of %d per step (total batch %d)\n", tr->comm.world, tr->accum, tr->accum == 1 ? "" : "es",
+               c.micro_batch, c.total_batch);
+    }
     if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
     trainer_epoch_order(tr, tr->state.epoch);
     tr->opt = AdamWConfig{c.lr, 0.9f, 0.999f, 1e-8f, c.weight_decay};  // Xwin-LM: betas 0.9/0.999
@@ -7038,6 +7238,7 @@ inline bool trainer_running(const Trainer* tr) {
 }
 
 // The next step's rows (total_batch of them) in the epochs' orders; starts the step's clock.
+// Every rank draws all of them (the same on every rank); trainer_rank_rows is its share.
 inline void trainer_next_rows(Trainer* tr, size_t* rows) {
     tr->t0 = std::chrono::steady_clock::now();
     TrainState& s = tr->state;
@@ -7051,18 +7252,33 @@ inline void trainer_next_rows(Trainer* tr, size_t* rows) {
     }
 }
 
+// This rank's rows of a step's rows: total_batch / ranks of them, in the global order (rank r
+// takes the r-th slice), so that the ranks' micro-batches are the micro-batches a run of one
+// rank with as many accumulation steps takes, in the same order.
+inline const size_t* trainer_rank_rows(const Trainer* tr, const size_t* rows) {
+    return rows + (size_t)tr->comm.rank * (tr->cfg->total_batch / tr->comm.world);
+}
+
 // stdout and the log are checked after every write: a full disk is an error, not a silent gap
 inline void trainer_flush(Trainer* tr) {
     if (fflush(stdout) != 0 || ferror(stdout)) fail_file("stdout", "write failed: %s", strerror(errno));
     if (tr->log && (fflush(tr->log) != 0 || ferror(tr->log))) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
 }
 
-// The end of an optimizer step whose gradient is accumulated: the non-finite guard, clipping,
-// the lr schedule, AdamW, the step line and the JSONL log. Returns false when the step was
+// The end of an optimizer step whose gradient is accumulated: the sum over the ranks (the
+// gradient, loss and tokens: each rank's are its rows' share of the step's), the non-finite
+// guard, clipping, the lr schedule, AdamW, the step line and the JSONL log. The extra metrics
+// are the step's already (a program sums its ranks' shares). Returns false when the step was
 // skipped (-g 1) for a non-finite loss or norm; without -g 1 such a step stops the run with
 // exit 1, leaving the last checkpoint as it was.
 inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std::vector<Metric>& extra = {}) {
     TrainState& s = tr->state;
+    if (tr->comm.world > 1) {
+        runner_all_reduce_grads(tr->runner, &tr->comm);
+        double sums[2] = {loss, (double)tokens};
+        comm_all_reduce_sum_double(&tr->comm, sums, 2);
+        loss = sums[0], tokens = (size_t)sums[1];
+    }
     float norm = runner_clip_grad_norm(tr->runner, tr->cfg->grad_clip);
     s.step += 1;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -7075,7 +7291,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
         }
         s.skipped += 1;
         printf("step %4u/%d | skipped: %s | %u skipped\n", s.step, tr->max_steps, what.c_str(), s.skipped);
-        fprintf(tr->log, "{\"step\": %u, \"skipped\": %u}\n", s.step, s.skipped);
+        if (tr->log) fprintf(tr->log, "{\"step\": %u, \"skipped\": %u}\n", s.step, s.skipped);
         trainer_flush(tr);
         return false;
     }
@@ -7088,10 +7304,10 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
     for (const Metric& m : extra) more += string_format(" | %s %.4f", m.name, m.value);
     if (s.skipped) more += string_format(" | %u skipped", s.skipped);
     printf("step %4u/%d | loss %.4f | norm %.3f | lr %.2e%s | %.1f ms | %.0f tok/s%s\n", s.step, tr->max_steps, loss, norm, tr->opt.lr, more.c_str(), ms,
-           tokens / (ms / 1000.0), mfu_text(tr->runner->host.num_params, tokens, ms).c_str());
+           tokens / (ms / 1000.0), mfu_text(tr->runner->host.num_params, tokens / tr->comm.world, ms).c_str());  // MFU: of one rank's device
     std::string json;
     for (const Metric& m : extra) json += string_format(", \"%s\": %.6f", m.name, m.value);
-    fprintf(tr->log, "{\"step\": %u, \"loss\": %.6f, \"norm\": %.6f, \"lr\": %.6e%s, \"ms\": %.3f, \"tokens\": %zu}\n", s.step, loss, norm, tr->opt.lr,
+    if (tr->log) fprintf(tr->log, "{\"step\": %u, \"loss\": %.6f, \"norm\": %.6f, \"lr\": %.6e%s, \"ms\": %.3f, \"tokens\": %zu}\n", s.step, loss, norm, tr->opt.lr,
             json.c_str(), ms, tokens);
     trainer_flush(tr);
     return true;
@@ -7110,19 +7326,20 @@ inline void trainer_log(Trainer* tr, const std::vector<Metric>& metrics) {
         json += string_format(", \"%s\": %.6f", m.name, m.value);
     }
     printf("%s\n", line.c_str());
-    fprintf(tr->log, "%s}\n", json.c_str());
+    if (tr->log) fprintf(tr->log, "%s}\n", json.c_str());
     trainer_flush(tr);
 }
 
-// A checkpoint every -n steps, at the last step, and at the -z stop.
+// A checkpoint every -n steps, at the last step, and at the -z stop (rank 0 writes it).
 inline void trainer_checkpoint(Trainer* tr) {
-    if (trainer_due(tr, tr->cfg->checkpoint_every) || (int)tr->state.step == tr->cfg->stop_at) checkpoint_save(tr);
+    if (tr->comm.rank == 0 && (trainer_due(tr, tr->cfg->checkpoint_every) || (int)tr->state.step == tr->cfg->stop_at)) checkpoint_save(tr);
 }
 
-// The trained weights as <out>/<name>.
+// The trained weights as <out>/<name> (rank 0 writes it).
 inline std::string trainer_save_model(Trainer* tr, const char* name = "model.bin") {
-    runner_download_params(tr->runner);
     std::string path = std::string(tr->cfg->out_dir) + "/" + name;
+    if (tr->comm.rank != 0) return path;
+    runner_download_params(tr->runner);
     llama_save(&tr->runner->host, path.c_str(), DTYPE_FP32);
     printf("saved %s\n", path.c_str());
     return path;
@@ -7131,8 +7348,9 @@ inline std::string trainer_save_model(Trainer* tr, const char* name = "model.bin
 inline void trainer_close(Trainer* tr) {
     if (!trainer_finished(tr)) printf("stopped after step %u of %d (-z); resume with -y 1\n", tr->state.step, tr->max_steps);
     trainer_flush(tr);
-    if (fclose(tr->log) != 0) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
+    if (tr->log && fclose(tr->log) != 0) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
     tr->log = nullptr;
+    comm_free(&tr->comm);
 }
 
 // ---- reward-model objective and its measures

@@ -175,9 +175,12 @@ static void train_dpo(DPOStageConfig& cfg) {
 
     // the reference: the starting model's log-probs of every pair, before the first step
     std::string ref_path = *cfg.reference_path ? cfg.reference_path : std::string(cfg.train_path) + ".logps";
+    // (with several ranks, rank 0 computes and writes the files; the others then load them)
     bool fresh = tr.resume_dir.empty();
+    if (tr.comm.rank != 0) comm_barrier(&tr.comm);
     ReferenceLogps ref = reference_logps(&runner, cfg.model_path, train, cfg.train_path, ref_path, fresh, B, &pb), val_ref;
     if (has_val) val_ref = reference_logps(&runner, cfg.model_path, val, cfg.val_path, std::string(cfg.val_path) + ".logps", fresh, B, &pb);
+    if (tr.comm.rank == 0) comm_barrier(&tr.comm);
 
     uint64_t data_size;
     uint32_t data_hash;
@@ -200,8 +203,9 @@ static void train_dpo(DPOStageConfig& cfg) {
         double loss = 0;
         DPOMetrics m;
         size_t step_tokens = 0;
+        const size_t* my_rows = trainer_rank_rows(&tr, rows.data());  // this rank's pairs (the ranks sum their gradients)
         for (int a = 0; a < tr.accum; a++) {
-            const size_t* mrows = rows.data() + (size_t)a * B;
+            const size_t* mrows = my_rows + (size_t)a * B;
             // the policy's log-probs of chosen and rejected, the reference's, the loss
             policy_logps(&runner, train, mrows, B, &pb);
             reference_rows(ref, mrows, B, &pb);
@@ -212,7 +216,9 @@ static void train_dpo(DPOStageConfig& cfg) {
             runner_sequence_backward(&runner, pb.tokens.data(), pb.dsums.data(), 2 * B, pb.T);
             step_tokens += (size_t)2 * B * pb.T;
         }
-        // step: clip, lr, AdamW, step line (with TRL's metrics), log
+        // step: clip, lr, AdamW, step line (with TRL's metrics, summed over the ranks), log
+        static_assert(sizeof(DPOMetrics) == 7 * sizeof(double), "DPOMetrics is summed over the ranks as 7 doubles");
+        comm_all_reduce_sum_double(&tr.comm, (double*)&m, 7);
         trainer_step_end(&tr, loss, step_tokens, metric_list(m, false));
         if (has_val && trainer_due(&tr, tc.val_every)) {
             DPOMetrics vm;

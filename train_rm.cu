@@ -169,8 +169,9 @@ int main(int argc, char** argv) {
         runner_zero_grad(&runner);
         double loss = 0, correct = 0, gap = 0;
         size_t step_tokens = 0;
+        const size_t* my_rows = trainer_rank_rows(&tr, rows.data());  // this rank's pairs (the ranks sum their gradients)
         for (int a = 0; a < tr.accum; a++) {
-            const size_t* mrows = rows.data() + (size_t)a * B;
+            const size_t* mrows = my_rows + (size_t)a * B;
             int T;
             score_pairs(&runner, train, mrows, B, seqs, tokens, mask, rc.data(), rr.data(), &T);
             pair_margins(train, mrows, B, cfg.margin, margin.data());
@@ -182,7 +183,10 @@ int main(int argc, char** argv) {
             runner_score_backward(&runner, tokens.data(), dscores.data(), 2 * B, T);
             step_tokens += (size_t)2 * B * T;
         }
-        // step: clip, lr, AdamW, step line (with TRL's accuracy and margin), log
+        // step: clip, lr, AdamW, step line (with TRL's accuracy and margin, summed over the ranks), log
+        double counts[2] = {correct, gap};
+        comm_all_reduce_sum_double(&tr.comm, counts, 2);
+        correct = counts[0], gap = counts[1];
         trainer_step_end(&tr, loss, step_tokens, {{"accuracy", correct / tc.total_batch}, {"margin", gap / tc.total_batch}});
         if (has_val && trainer_due(&tr, tc.val_every)) {
             RMEval e = evaluate(&runner, val, cfg, seqs, tokens, mask);

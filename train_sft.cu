@@ -9,6 +9,8 @@ the token file, written by dev/data/prepare_sft.py), over every assistant turn.
                                 data/world/, saved to out/sft/model.bin for the next stages
   ./train_sft -m llama.bin -i train.tok -j val.tok -k llama.tokenizer -o out/my_sft
                                 a converted Hugging Face Llama (Xwin-LM's SFT settings)
+  mpirun -np 2 ./train_sft -b 4 -d 8
+                                data parallel: 2 ranks, each a micro-batch of 4 per step
   ./train_sft -h                every flag, its range and its default
 
 The flags, the data order, the end of a step (clip, lr, AdamW, log), checkpoints and resume
@@ -43,12 +45,12 @@ static void init_random(Llama* model, const LlamaConfig& c, uint64_t seed) {
     }
 }
 
-// Mean masked loss over a whole token file, in micro-batches.
-static double evaluate(Runner* r, const TokenData& data, int B, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
-    double nll = 0;
-    size_t targets = 0;
+// Mean masked loss over a whole token file, in micro-batches; with several ranks, rank r takes
+// the micro-batches r, r + ranks, ... and the sums are added over the ranks.
+static double evaluate(Runner* r, Comm* comm, const TokenData& data, int B, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+    double nll = 0, targets = 0;
     std::vector<size_t> rows(B);
-    for (size_t first = 0; first < data.n_seqs; first += B) {
+    for (size_t first = (size_t)comm->rank * B; first < data.n_seqs; first += (size_t)comm->world * B) {
         int nb = (int)std::min((size_t)B, data.n_seqs - first), T = 0;
         for (int b = 0; b < nb; b++) rows[b] = first + b, T = std::max(T, (int)token_seq_len(data, first + b));
         tokens_fill_rows(data, rows.data(), nb, T, tokens.data(), mask.data());
@@ -57,7 +59,9 @@ static double evaluate(Runner* r, const TokenData& data, int B, std::vector<int>
         nll += masked_mean_loss(lp, mask.data(), nb, T, &count) * count;
         targets += count;
     }
-    return targets ? nll / targets : 0.0;
+    double sums[2] = {nll, targets};
+    comm_all_reduce_sum_double(comm, sums, 2);
+    return sums[1] ? sums[0] / sums[1] : 0.0;
 }
 
 int main(int argc, char** argv) {
@@ -122,12 +126,13 @@ int main(int argc, char** argv) {
         for (size_t row : rows) {
             for (uint64_t j = train.offsets[row] + 1; j < train.offsets[row + 1]; j++) step_targets += train.mask[j];
         }
-        // loss and gradient, accumulated over the micro-batches
+        // loss and gradient, accumulated over this rank's micro-batches (the ranks sum theirs)
         runner_zero_grad(&runner);
         double loss = 0;
         size_t step_tokens = 0;
+        const size_t* my_rows = trainer_rank_rows(&tr, rows.data());
         for (int a = 0; a < tr.accum; a++) {
-            const size_t* mrows = rows.data() + (size_t)a * tc.micro_batch;
+            const size_t* mrows = my_rows + (size_t)a * tc.micro_batch;
             int T = 0;
             for (int b = 0; b < tc.micro_batch; b++) T = std::max(T, (int)token_seq_len(train, mrows[b]));
             tokens_fill_rows(train, mrows, tc.micro_batch, T, tokens.data(), mask.data());
@@ -136,8 +141,8 @@ int main(int argc, char** argv) {
         }
         // step: clip, lr, AdamW, step line, log
         trainer_step_end(&tr, loss, step_tokens);
-        if (has_val && trainer_due(&tr, tc.val_every)) trainer_log(&tr, {{"val_loss", evaluate(&runner, val, tc.micro_batch, tokens, mask)}});
-        if (!prompts.empty() && cfg.sample_every > 0 && tr.state.step % cfg.sample_every == 0) {
+        if (has_val && trainer_due(&tr, tc.val_every)) trainer_log(&tr, {{"val_loss", evaluate(&runner, &tr.comm, val, tc.micro_batch, tokens, mask)}});
+        if (!prompts.empty() && cfg.sample_every > 0 && tr.state.step % cfg.sample_every == 0 && tr.comm.rank == 0) {
             const WorldPrompt& p = prompts[0];
             std::vector<int> ids;
             chat_encode_prompt(&tok, p.messages[0], std::vector<std::string>(p.messages.begin() + 1, p.messages.end()), ids);
@@ -148,7 +153,7 @@ int main(int argc, char** argv) {
         trainer_checkpoint(&tr);
     }
     if (trainer_finished(&tr)) {
-        if (!prompts.empty()) {
+        if (!prompts.empty() && tr.comm.rank == 0) {
             printf("greedy answers to held-out prompts:\n");
             std::string per_kind;
             double score = world_evaluate(&runner, &tok, prompts, 100, 6, &per_kind);

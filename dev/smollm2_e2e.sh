@@ -39,7 +39,7 @@ echo "== reward model: $steps steps from the SFT model"
 ./train_rm -m "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -l 1e-5 -v "$steps" -o "$out/rm" "${common[@]}"
 echo "== DPO: $steps steps from the SFT model"
 rm -f "$out/pairs_train.pairs.logps" "$out/pairs_val.pairs.logps"
-./train_dpo -m "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -p '' -l 5e-6 -B 0.1 -v "$steps" -o "$out/dpo" "${common[@]}"
+./train_dpo -m "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -p '' -l 1e-5 -B 0.1 -v "$steps" -o "$out/dpo" "${common[@]}"
 
 echo "== the DPO model in Hugging Face's layout, loaded by transformers"
 python3 dev/export_hf.py "$out/dpo/model.bin" "$out/dpo_hf"

@@ -42,7 +42,8 @@
 //   cudaMalloc returns exact-size heap blocks, so out-of-bounds device accesses are heap-buffer-overflows.
 //
 // Environment: XWIN_EMU_THREADS (OS threads running blocks; 1 = fully deterministic, e.g. float atomics),
-//              XWIN_EMU_STACK_KB (stack per carrier fiber, default 256).
+//              XWIN_EMU_STACK_KB (stack per carrier fiber, default 256),
+//              XWIN_EMU_DEVICES (devices shown, default 1; all are the same host memory).
 // Compile flags: `#pragma unroll` needs -Wno-unknown-pragmas with -Wall (GCC 12 cannot silence it from a
 // header); -fno-strict-aliasing is advisable if kernels type-pun through reinterpret_cast (nvcc tolerates it).
 #ifndef XWIN_CUDA_EMU_H
@@ -2089,23 +2090,36 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
     return cudaSuccess;
 }
 
-// One fake device, H100-like.
+// One fake device, H100-like; XWIN_EMU_DEVICES=n shows n of them (for data-parallel ranks, each
+// a process that takes the device of its rank on the node), all the same host memory.
+inline int emu_device_count() {
+    const char* v = std::getenv("XWIN_EMU_DEVICES");
+    return v && std::atoi(v) > 0 ? std::atoi(v) : 1;
+}
+inline int& emu_current_device() {
+    static int device = 0;
+    return device;
+}
 inline cudaError_t cudaGetDeviceCount(int* n) {
     if (!n) return emu::detail::set_error(cudaErrorInvalidValue);
-    *n = 1;
+    *n = emu_device_count();
     return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
     if (!d) return emu::detail::set_error(cudaErrorInvalidValue);
-    *d = 0;
+    *d = emu_current_device();
     return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : emu::detail::set_error(cudaErrorInvalidDevice); }
+inline cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= emu_device_count()) return emu::detail::set_error(cudaErrorInvalidDevice);
+    emu_current_device() = d;
+    return cudaSuccess;
+}
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaDeviceReset() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
     if (!p) return emu::detail::set_error(cudaErrorInvalidValue);
-    if (d != 0) return emu::detail::set_error(cudaErrorInvalidDevice);
+    if (d < 0 || d >= emu_device_count()) return emu::detail::set_error(cudaErrorInvalidDevice);
     std::memset(p, 0, sizeof(*p));
     std::snprintf(p->name, sizeof(p->name), "%s", "xwin CPU emulation (H100-like)");
     p->totalGlobalMem = 80ull << 30;

@@ -64,5 +64,25 @@ for arch in 80 90; do
         done
     done
 done
+# The data-parallel GPU path (XWIN_NCCL, XWIN_MPI: NCCL between the GPUs, its id over MPI) is
+# compiled once more where NCCL's header and MPI are present (make gpu builds it there), else
+# said to be left out.
+nccl_header=""
+for h in /usr/include/nccl.h /usr/local/include/nccl.h "$(dirname "$(command -v "$NVCC")")/../include/nccl.h"; do
+    [ -f "$h" ] && nccl_header=$h && break
+done
+if [ -n "$nccl_header" ] && command -v mpicc >/dev/null 2>&1; then
+    log="$out/nccl.log"
+    if "$NVCC" -c -x cu -std=c++17 -O3 -arch=sm_90 -Werror all-warnings -Xcompiler -fopenmp,-Wall,-Wextra -DXWIN_NCCL -DXWIN_MPI \
+        $(mpicc --showme:compile | sed "s/-I/-isystem /g") train_sft.cu -o "$out/obj.o" >"$log" 2>&1; then
+        passed=$((passed + 1))
+    else
+        echo "FAIL train_sft.cu sm_90 BF16 with NCCL and MPI ($nccl_header):"
+        cat "$log"
+        failed=$((failed + 1))
+    fi
+else
+    echo "nvcc_gate: the NCCL path was not compiled: no nccl.h (/usr/include, /usr/local/include, the CUDA toolkit) or no mpicc (libopenmpi-dev)"
+fi
 echo "nvcc_gate: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -69,6 +69,37 @@ inline std::string write_small_model(const char* name = "small.bin", int dim = 3
     return path;
 }
 
+// the first n sequences of the world's validation file
+inline std::string write_small_data(const char* name, size_t n) {
+    TokenData all, d;
+    tokens_load(&all, "data/world/sft_val.tok", 259);
+    d.n_seqs = n;
+    d.offsets.assign(all.offsets.begin(), all.offsets.begin() + n + 1);
+    d.tokens.assign(all.tokens.begin(), all.tokens.begin() + d.offsets[n]);
+    d.mask.assign(all.mask.begin(), all.mask.begin() + d.offsets[n]);
+    std::string path = scratch(name);
+    tokens_save(d, path.c_str());
+    return path;
+}
+
+// the values of `key` in the lines of a log.jsonl, in order ("loss": every step line's loss)
+inline std::vector<double> logged_values(const std::string& path, const char* key) {
+    std::vector<double> values;
+    std::string field = std::string("\"") + key + "\": ";
+    FILE* f = fopen(path.c_str(), "r");
+    if (!f) return values;
+    char line[1024];
+    while (fgets(line, sizeof(line), f)) {
+        const char* p = strstr(line, field.c_str());
+        double x;
+        if (p && sscanf(p + field.size(), "%lf", &x) == 1) values.push_back(x);
+    }
+    fclose(f);
+    return values;
+}
+
+inline std::vector<double> logged_losses(const std::string& path) { return logged_values(path, "loss"); }
+
 // ---- preference pairs in TRL's JSONL convention, for dev/data/prepare_pairs.py
 
 inline std::string conversation_json(const std::vector<std::string>& turns) {

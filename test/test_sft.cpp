@@ -13,34 +13,6 @@
 
 #include "program.h"
 
-// the first n sequences of the world's validation file
-static std::string write_small_data(const char* name, size_t n) {
-    TokenData all, d;
-    tokens_load(&all, "data/world/sft_val.tok", 259);
-    d.n_seqs = n;
-    d.offsets.assign(all.offsets.begin(), all.offsets.begin() + n + 1);
-    d.tokens.assign(all.tokens.begin(), all.tokens.begin() + d.offsets[n]);
-    d.mask.assign(all.mask.begin(), all.mask.begin() + d.offsets[n]);
-    std::string path = scratch(name);
-    tokens_save(d, path.c_str());
-    return path;
-}
-
-// the "loss" of every step line of a log.jsonl, in order
-static std::vector<double> logged_losses(const std::string& path) {
-    std::vector<double> losses;
-    FILE* f = fopen(path.c_str(), "r");
-    if (!f) return losses;
-    char line[1024];
-    while (fgets(line, sizeof(line), f)) {
-        const char* p = strstr(line, "\"loss\": ");
-        double x;
-        if (p && sscanf(p + 8, "%lf", &x) == 1) losses.push_back(x);
-    }
-    fclose(f);
-    return losses;
-}
-
 TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
     TokenData d;
     d.n_seqs = 1;
@@ -317,7 +289,7 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
         ResumeFixture fx;
         struct Field { size_t offset; uint64_t value; size_t bytes; const char* message; };
         std::vector<Field> fields = {
-            {4, 1, 4, "training state version 1; this build resumes version 2 only"},
+            {4, 2, 4, "training state version 2; this build resumes version 3 only"},
             {8, 4, 4, "holds step 4 but its folder is ckpt_000003"},
             {12, 0x7FFFFFFF, 4, "the optimizer has taken 2147483647 steps and 0 were skipped, at step 3"},
             {16, 1, 4, "the optimizer has taken 3 steps and 1 were skipped, at step 3"},
@@ -327,6 +299,8 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
             {40, 41, 8, "position 41 is beyond the 40 sequences"},
             // the run identity's program name ("train_sft", bytes 56..64) is zero-padded to byte 71
             {70, 'x', 1, "reserved header byte 70 is 0x78, not zero (the program name is zero-padded)"},
+            // the word after the world size (bytes 128..131) is reserved
+            {132, 1, 4, "reserved header byte 132 is 0x01, not zero"},
         };
         std::vector<unsigned char> clean = file_bytes(fx.state());
         for (const Field& f : fields) {

@@ -1,0 +1,69 @@
+// nccl_emu.h - the part of NCCL that llm.cu's collectives use, over MPI, for the CUDA build
+// on the CPU (test/cuda_emu.h), so that the GPU program's own rank code (comm_init's NCCL
+// setup, the gradients' all-reduce in device memory on the runner's stream) runs in tests
+// under mpirun:
+//   g++ -x c++ -include test/cuda_emu.h -include test/nccl_emu.h -DXWIN_NCCL -DXWIN_MPI train_sft.cu ... -lmpi
+// Emulated device memory is host memory and streams are synchronous (cuda_emu.h), so an
+// all-reduce is MPI_Allreduce on the buffer, done when the call returns. A communicator is
+// MPI_COMM_WORLD's ranks in NCCL's rank order, which comm_init makes the same as MPI's: the
+// unique id (a tag) only has to reach every rank, and the ranks and world must be MPI's.
+// Each rank is its own process with its own emulated device: run the ranks with
+// XWIN_EMU_DEVICES set to at least the ranks per node, so that comm_init's cudaSetDevice of
+// the rank's local rank succeeds.
+#ifndef XWIN_NCCL_EMU_H
+#define XWIN_NCCL_EMU_H
+
+#define XWIN_NCCL_EMULATION 1
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+typedef enum { ncclSuccess = 0, ncclInvalidArgument = 4, ncclInternalError = 3 } ncclResult_t;
+typedef enum { ncclFloat = 7 } ncclDataType_t;
+typedef enum { ncclSum = 0 } ncclRedOp_t;
+typedef struct { char internal[128]; } ncclUniqueId;
+struct ncclEmuComm {
+    int rank, world;
+};
+typedef ncclEmuComm* ncclComm_t;
+
+inline const char* ncclGetErrorString(ncclResult_t r) {
+    return r == ncclSuccess ? "no error" : r == ncclInvalidArgument ? "invalid argument (emulated NCCL)" : "internal error (emulated NCCL)";
+}
+
+inline ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
+    std::memset(id, 0, sizeof(*id));
+    std::memcpy(id->internal, "xwin-nccl-emu", 13);
+    return ncclSuccess;
+}
+
+inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int world, ncclUniqueId id, int rank) {
+    int mpi_rank, mpi_world;
+    MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &mpi_world);
+    if (std::memcmp(id.internal, "xwin-nccl-emu", 13) != 0 || world != mpi_world || rank != mpi_rank) return ncclInvalidArgument;
+    *comm = new ncclEmuComm{rank, world};
+    return ncclSuccess;
+}
+
+inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+    (void)stream;  // emulated streams are synchronous
+    if (!comm || type != ncclFloat || op != ncclSum) return ncclInvalidArgument;
+    for (size_t i = 0; i < count; i += (size_t)INT_MAX) {
+        int n = (int)std::min(count - i, (size_t)INT_MAX);
+        const void* s = send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
+        if (MPI_Allreduce(s, (float*)recv + i, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
+    }
+    return ncclSuccess;
+}
+
+inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+    delete comm;
+    return ncclSuccess;
+}
+
+#endif  // XWIN_NCCL_EMU_H

@@ -1,0 +1,217 @@
+// Data parallel training (llm.cu's collectives, the Trainer's ranks) through the stage programs
+// run by Debian's OpenMPI mpirun with 2 ranks on this machine: the ranks of train_sft, train_rm
+// and train_dpo train what one rank trains with as many micro-batches accumulated, rank 0 alone
+// prints and writes, a 2-rank run resumes bit-identically, a checkpoint resumes only on its
+// number of ranks, and a build without MPI refuses a world > 1. The binaries are
+// build/<program>_cpu (with MPI) and build/train_sft_emu (the CUDA build over the emulation
+// layer, without MPI).
+//
+// What can be equal, and what is compared: a step's gradient is the sum of its micro-batches'
+// gradients. One rank accumulates them in place (the parameter gradients take +=), so the
+// embedding's rows, which take one += per token and one from the tied head in every
+// micro-batch, are rounded differently from the sum of two ranks' gradients, each from zero.
+// Bit-equal results across rank counts would need a per-micro-batch gradient buffer on one
+// rank, changing every single-rank run's bits. So the comparison holds to rounding: the first
+// step's loss is equal (the same weights, the same micro-batches, their sums added in the same
+// order), later losses to 1e-5 relative and every final weight to 1e-6 absolute (measured
+// here: 2.4e-8 after 6 steps, 5.2e-8 against 1 rank x 4; the run moves weights by 0.03, so a
+// wrong split of the rows fails).
+#include <catch2/catch.hpp>
+
+#include "program.h"
+
+// mpirun with 2 ranks on this machine: oversubscribed (2 ranks may exceed the cores), as root
+// through OpenMPI's documented variables, one OpenMP thread per rank, no core binding. Fails
+// the test (it never skips) when Debian's mpirun is missing.
+static std::string mpirun2() {
+    std::string out;
+    if (run("command -v mpirun", &out) != 0) {
+        FAIL("mpirun is missing: install Debian's OpenMPI with: sudo apt-get install openmpi-bin libopenmpi-dev (make test installs it when root)");
+    }
+    return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 mpirun --oversubscribe --bind-to none -np 2 ";
+}
+
+// occurrences of what in text
+static size_t count_of(const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + what.size())) n++;
+    return n;
+}
+
+static std::vector<float> model_weights(const std::string& path) {
+    Llama m;
+    llama_load(&m, path.c_str());
+    std::vector<float> w(m.params_memory, m.params_memory + m.num_params);
+    llama_free(&m);
+    return w;
+}
+
+static double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    double d = 0;
+    for (size_t i = 0; i < a.size(); i++) d = std::max(d, std::fabs((double)a[i] - b[i]));
+    return d;
+}
+
+static void check_close(const std::vector<double>& a, const std::vector<double>& b, double rel) {
+    REQUIRE(a.size() == b.size());
+    for (size_t i = 0; i < a.size(); i++) {
+        INFO("value " << i << ": " << a[i] << " against " << b[i]);
+        CHECK(std::fabs(a[i] - b[i]) <= rel * std::fabs(b[i]));
+    }
+}
+
+// A small model on 20 sequences (epochs roll over inside steps 3 and 5), 8 validation ones.
+struct ParallelFixture {
+    std::string model = write_small_model("parallel_model.bin"), data = write_small_data("parallel.tok", 20),
+                val = write_small_data("parallel_val.tok", 8);
+    std::string common = " -m " + model + " -i " + data + " -j " + val + " -p '' -x 6 -w 2 -l 1e-2 -v 3 -s 0 -n 0 -r 5";
+    std::vector<std::string> dirs;
+    std::string dir(const char* name) {
+        dirs.push_back(scratch(name));
+        rm_rf(dirs.back());
+        return dirs.back();
+    }
+    ~ParallelFixture() {
+        for (const std::string& d : dirs) rm_rf(d);
+        remove(model.c_str()), remove(data.c_str()), remove(val.c_str());
+    }
+};
+
+TEST_CASE("2 ranks x micro-batch 2 train what 1 rank trains with 2 micro-batches of 2 accumulated, and with 1 of 4", "[parallel]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), one = fx.dir("one_rank"), wide = fx.dir("one_rank_b4"), two = fx.dir("two_ranks"), out;
+    REQUIRE(run("OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 2 -d 4 -o " + one, &out) == 0);
+    REQUIRE(run("OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 4 -d 4 -o " + wide, &out) == 0);
+    int rc = run(mpirun + "build/train_sft_cpu" + fx.common + " -b 2 -d 4 -o " + two, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    // rank 0 alone prints: one header, each step line once, one model saved
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
+    CHECK(count_of(out, "train_sft on cpu") == 1);
+    CHECK(count_of(out, "step    6/6 | loss") == 1);
+    CHECK(count_of(out, "saved " + two + "/model.bin") == 1);
+
+    std::vector<double> l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(two + "/log.jsonl"), lw = logged_losses(wide + "/log.jsonl");
+    REQUIRE(l2.size() == 6);
+    CHECK(l2[0] == l1[0]);  // step 1: the same weights and micro-batches
+    check_close(l2, l1, 1e-5);
+    check_close(lw, l1, 1e-5);
+    // validation at steps 3 and 6, split over the ranks and summed
+    std::vector<double> v1 = logged_values(one + "/log.jsonl", "val_loss"), v2 = logged_values(two + "/log.jsonl", "val_loss");
+    REQUIRE(v2.size() == 2);
+    check_close(v2, v1, 1e-5);
+
+    std::vector<float> w0 = model_weights(fx.model), w1 = model_weights(one + "/model.bin"), w2 = model_weights(two + "/model.bin"),
+                       ww = model_weights(wide + "/model.bin");
+    double moved = max_abs_diff(w1, w0), d2 = max_abs_diff(w2, w1), dw = max_abs_diff(ww, w1);
+    printf("2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g (1 rank x 4: %.3g); the run moved weights by up to %.3g\n", d2,
+           dw, moved);
+    CHECK(moved > 1e-3);
+    CHECK(d2 <= 1e-6);
+    CHECK(dw <= 1e-6);
+}
+
+TEST_CASE("a 2-rank run stopped at step 3 and resumed on 2 ranks ends bit-identically; on 1 rank it is refused", "[parallel][resume]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), straight = fx.dir("straight2"), resumed = fx.dir("resumed2"), out;
+    std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";  // 2 micro-batches on each rank
+    REQUIRE(run(mpirun + args + " -o " + straight, &out) == 0);
+    INFO(out);
+    REQUIRE(run(mpirun + args + " -o " + resumed + " -z 3", &out) == 0);
+    CHECK(!exists(resumed + "/model.bin"));
+    CHECK(exists(resumed + "/ckpt_000003/state.bin"));
+
+    int rc = run("OMP_NUM_THREADS=1 " + args + " -o " + resumed + " -y 1", &out);  // the checkpoint of 2 ranks on 1
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::Contains("ckpt_000003 is of another run (ranks: 1 now, 2 in the checkpoint)"));
+
+    REQUIRE(run(mpirun + args + " -o " + resumed + " -y 1", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("resumed from"));
+    std::vector<unsigned char> a = file_bytes(straight + "/model.bin"), b = file_bytes(resumed + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(a == b);
+    CHECK(logged_losses(straight + "/log.jsonl") == logged_losses(resumed + "/log.jsonl"));
+    CHECK(logged_losses(resumed + "/log.jsonl").size() == 6);
+}
+
+TEST_CASE("ranks that do not divide the total batch, and a build without MPI under a launcher, are refused in one line", "[parallel][flags]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), out;
+    int rc = run(mpirun + "build/train_sft_cpu" + fx.common + " -b 4 -d 4 -o " + fx.dir("indivisible"), &out);
+    INFO(out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: -d: the total batch 4 is not a multiple of the micro-batch -b 4 times the 2 ranks"));
+    // the emulated CUDA build has no MPI: a launcher's world of 2 is an error, not 2 separate runs
+    rc = run("OMPI_COMM_WORLD_SIZE=2 build/train_sft_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("no_mpi"), &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks, but this build has no MPI: multi-rank runs need the MPI build"));
+}
+
+// The reward model and DPO go through the same Trainer: 2 ranks x 2 pairs against 1 rank x 2
+// pairs x 2 accumulated, the losses to 1e-5 relative and the step metrics the ranks sum (RM's
+// margin, DPO's reward margin) to 1e-4, the final weights to 1e-6 (DPO; measured 1.5e-8) and
+// 5e-6 (RM, measured 4.9e-7: its score head takes one += per sequence of a micro-batch, and
+// it learns at 3e-3).
+TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains with 2 micro-batches of 2 pairs", "[parallel][rm][dpo]") {
+    std::string mpirun = mpirun2(), out;
+    std::string model = write_small_model("parallel_pairs_model.bin"), train = write_arith_pairs("parallel_pairs", 24, 1),
+                val = write_arith_pairs("parallel_pairs_val", 8, 2);
+    struct Stage { const char* binary; std::string args; const char* metric; double weight_tolerance; };
+    std::vector<Stage> stages = {
+        {"build/train_rm_cpu", " -m " + model + " -i " + train + " -j " + val + " -x 4 -w 2 -l 3e-3 -v 4 -n 0 -r 3", "margin", 5e-6},
+        // the 2-rank run goes first: its rank 0 computes the reference file, rank 1 reads it
+        {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j '' -p '' -x 4 -w 2 -l 1e-3 -n 0 -r 3", "rewards/margins", 1e-6},
+    };
+    for (const Stage& s : stages) {
+        std::string two = scratch("pairs_two"), one = scratch("pairs_one");
+        rm_rf(two), rm_rf(one);
+        int rc = run(mpirun + s.binary + s.args + " -b 2 -d 4 -o " + two, &out);
+        INFO(s.binary << "\n" << out);
+        REQUIRE(rc == 0);
+        CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
+        REQUIRE(run("OMP_NUM_THREADS=1 " + std::string(s.binary) + s.args + " -b 2 -d 4 -o " + one, &out) == 0);
+        std::vector<double> l2 = logged_losses(two + "/log.jsonl"), l1 = logged_losses(one + "/log.jsonl");
+        REQUIRE(l2.size() == 4);
+        CHECK(l2[0] == l1[0]);
+        check_close(l2, l1, 1e-5);
+        check_close(logged_values(two + "/log.jsonl", s.metric), logged_values(one + "/log.jsonl", s.metric), 1e-4);
+        double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
+        printf("%s: 2 ranks x 2 pairs against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", s.binary, d);
+        CHECK(d <= s.weight_tolerance);
+        rm_rf(two), rm_rf(one);
+    }
+    remove(model.c_str()), remove(train.c_str()), remove(val.c_str()), remove((train + ".logps").c_str());
+}
+
+// The GPU program's own rank code, on the CPU: the CUDA build over test/cuda_emu.h with NCCL
+// emulated over MPI (test/nccl_emu.h): comm_init's NCCL setup and device choice, the gradients'
+// all-reduce in device memory. One process of that build is the plain CUDA build bit for bit.
+// Against one rank the BF16 build differs by more than the CPU build: a master weight that
+// rounds differently moves its BF16 copy by a whole BF16 step (2^-8 relative) in the next
+// forward, so the losses agree to 1e-4 relative and the FP32 master weights to 1e-5.
+TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train what 1 rank x 2 x 2 accumulated trains", "[parallel][emu]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), one = fx.dir("emu_one"), plain = fx.dir("emu_plain"), two = fx.dir("emu_two"), out;
+    std::string env = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ";
+    REQUIRE(run(env + "OMP_NUM_THREADS=1 build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + one, &out) == 0);
+    REQUIRE(run(env + "OMP_NUM_THREADS=1 build/train_sft_emu" + fx.common + " -b 2 -d 4 -o " + plain, &out) == 0);
+    CHECK(file_bytes(one + "/model.bin") == file_bytes(plain + "/model.bin"));
+    int rc = run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + two, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
+    std::vector<double> l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(two + "/log.jsonl");
+    REQUIRE(l2.size() == 6);
+    CHECK(l2[0] == l1[0]);
+    check_close(l2, l1, 1e-4);
+    double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
+    printf("CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-5);
+    // a rank per device: 2 ranks on a node of one device are refused
+    rc = run("XWIN_EMU_THREADS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_one_device"), &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: rank 1 is rank 1 of its node, which has 1 GPU: run at most one rank per GPU"));
+}
