@@ -1,6 +1,8 @@
 // Fixture access for the tests: the tensor archives that dev/make_fixtures.py writes
 // (format documented in llm.cu, next to archive_load).
 #pragma once
+#include <sys/wait.h>
+
 #include <map>
 #include <string>
 
@@ -15,6 +17,18 @@ inline std::map<std::string, FixtureTensor> fixture_load(const std::string& path
     std::map<std::string, FixtureTensor> out;
     for (ArchiveEntry& e : archive_load(path.c_str())) out[e.name] = FixtureTensor{e.shape, std::move(e.data)};
     return out;
+}
+
+// Runs a shell command; returns its exit status and puts its stdout and stderr in *output.
+inline int run_command(const std::string& cmd, std::string* output) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    if (!p) return -1;
+    char buf[4096];
+    size_t got;
+    output->clear();
+    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, got);
+    int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 // ||a - b|| / ||b||, accumulated in double

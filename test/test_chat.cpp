@@ -76,16 +76,6 @@ std::vector<int> parse_ids(const std::string& s) {
     return ids;
 }
 
-int shell(const std::string& cmd, std::string* output) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t got;
-    output->clear();
-    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, got);
-    int status = pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 // The text of the tokens whose mask is 1, each run of them ended by "|".
 std::string masked_text(const Tokenizer* t, const std::vector<int>& ids, const std::vector<uint8_t>& mask) {
@@ -202,7 +192,7 @@ TEST_CASE("the loss mask is each assistant content and its end-of-turn token, wo
 TEST_CASE("vicuna_v1.1 recorded in the tokenizer file is the template a file without one means", "[chat]") {
     std::string out = (std::filesystem::temp_directory_path() / ("xwin_chat_vicuna_" + std::to_string(getpid()) + ".tokenizer")).string();
     std::string output;
-    REQUIRE(shell("python3 dev/export_tokenizer.py --byte-level --template vicuna_v1.1 " + out, &output) == 0);
+    REQUIRE(run_command("python3 dev/export_tokenizer.py --byte-level --template vicuna_v1.1 " + out, &output) == 0);
     Tokenizer recorded, plain;
     REQUIRE(tokenizer_load_checked(&recorded, out.c_str()) == "");
     REQUIRE(tokenizer_load_checked(&plain, "data/world/byte.tokenizer") == "");
@@ -270,7 +260,7 @@ TEST_CASE("a bad chat template section is a one-line error", "[chat]") {
 
 TEST_CASE("the exporter and prepare_sft.py refuse a template they cannot use, in one line, writing nothing", "[chat]") {
     std::string output;
-    if (shell("command -v python3", &output) != 0) FAIL("python3 is not on PATH: this test runs dev/export_tokenizer.py");
+    if (run_command("command -v python3", &output) != 0) FAIL("python3 is not on PATH: this test runs dev/export_tokenizer.py");
     std::filesystem::path dir = std::filesystem::temp_directory_path() / ("xwin_test_chat_export_" + std::to_string(getpid()));
     std::filesystem::create_directories(dir);
     const std::string byte_level = "{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, \"use_regex\": true}";
@@ -298,7 +288,7 @@ TEST_CASE("the exporter and prepare_sft.py refuse a template they cannot use, in
         std::ofstream(folder / "tokenizer_config.json") << config + "}";
         std::filesystem::path out = dir / "out.tokenizer";
         std::string cmd = "python3 dev/export_tokenizer.py " + folder.string() + " " + out.string() + " " + c.flag;
-        int rc = shell(cmd, &output);
+        int rc = run_command(cmd, &output);
         INFO("$ " << cmd << "\n" << output);
         CHECK(rc == 1);
         CHECK(std::count(output.begin(), output.end(), '\n') == 1);
@@ -311,7 +301,7 @@ TEST_CASE("the exporter and prepare_sft.py refuse a template they cannot use, in
     std::ofstream(jsonl) << "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}\n";
     for (const char* flag : {"--template llama3", "--template nope"}) {
         std::string cmd = "python3 dev/data/prepare_sft.py " + jsonl.string() + " " + tok.string() + " --tokenizer byte " + flag;
-        int rc = shell(cmd, &output);
+        int rc = run_command(cmd, &output);
         INFO("$ " << cmd << "\n" << output);
         CHECK(rc == 1);
         CHECK(std::count(output.begin(), output.end(), '\n') == 1);

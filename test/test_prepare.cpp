@@ -30,17 +30,6 @@ constexpr int BYTE_BOS = 256, BYTE_EOS = 257, BYTE_VOCAB = 259;
 
 std::string prepare_temp_path(const char* name) { return std::string("/tmp/xwin_test_prepare_") + std::to_string(getpid()) + "_" + name; }
 
-// Runs a shell command; returns its exit status and puts its stdout and stderr in *output.
-int run_command(const std::string& cmd, std::string* output) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t got;
-    output->clear();
-    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, got);
-    int status = pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 // Runs prepare_sft.py on the fixture's conversations into out_path; fails the test when
 // python3 is missing or the script fails.

@@ -543,16 +543,6 @@ std::vector<std::string> pretokens(const Tokenizer& t, const std::string& text) 
     return out;
 }
 
-int run_shell(const std::string& cmd, std::string* output) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t got;
-    output->clear();
-    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, got);
-    int status = pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 }  // namespace
 
@@ -815,7 +805,7 @@ TEST_CASE("byte-level bpe loader refuses damaged files with a clear message", "[
 TEST_CASE("the exporter refuses tokenizer.json files it does not support, in one line", "[bpe]") {
     // dev/export_tokenizer.py reads tokenizer.json with the standard library only
     std::string output;
-    if (run_shell("command -v python3", &output) != 0)
+    if (run_command("command -v python3", &output) != 0)
         FAIL("python3 is not on PATH: this test runs dev/export_tokenizer.py with it (standard library only)");
     std::filesystem::path dir = std::filesystem::temp_directory_path() / ("xwin_test_bpe_export_" + std::to_string(getpid()));
     std::filesystem::create_directories(dir);
@@ -845,7 +835,7 @@ TEST_CASE("the exporter refuses tokenizer.json files it does not support, in one
         std::filesystem::create_directories(folder);
         std::ofstream(folder / "tokenizer.json") << c.json;
         std::string cmd = "python3 dev/export_tokenizer.py " + folder.string() + " " + (dir / "out.tokenizer").string();
-        int rc = run_shell(cmd, &output);
+        int rc = run_command(cmd, &output);
         INFO("$ " << cmd << "\n" << output);
         if (!*c.expected) {
             CHECK(rc == 0);
