@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 import xwin_format as xf  # noqa: E402
 import prepare_sft  # noqa: E402
 from convert_hf import convert  # noqa: E402
+from export_tokenizer import byte_level_alphabet  # noqa: E402
 
 SEED = 4321
 
@@ -80,25 +81,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def bytes_to_unicode():
-    """GPT-2's printable stand-in character for each byte (the ByteLevel alphabet)."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def byte_tokenizer():
     """A transformers fast tokenizer equal to our byte-level one."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in byte_level_alphabet().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
