@@ -2643,6 +2643,35 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
     }
 }
 
+// ZeRO-1 (-z 1): each of a data-parallel run's ranks keeps the AdamW moments (and on the GPU
+// the FP32 master weights) of one contiguous part of the flat parameter buffer, updates that
+// part alone after the gradients' all-reduce, and the ranks then all-gather the updated
+// weights. Rank r's part is [r * per, min(n, (r + 1) * per)) with per = ceil(n / world), so
+// every part but the last has the same size (NCCL's all-gather needs equal parts: a buffer
+// that is gathered is allocated with world * per elements). world 1 is the whole buffer.
+struct Shard {
+    int rank = 0, world = 1;
+    size_t n = 0;               // the flat buffer's elements
+    size_t begin = 0, end = 0;  // this rank's elements [begin, end) of it
+    size_t per = 0;             // ceil(n / world): each part's size, the last one's at most
+};
+
+inline Shard shard_of(size_t n, int rank, int world) {
+    Shard s;
+    s.rank = rank, s.world = world, s.n = n;
+    s.per = (n + world - 1) / world;
+    s.begin = std::min(n, (size_t)rank * s.per);
+    s.end = std::min(n, s.begin + s.per);
+    return s;
+}
+
+// The part of tensor [offset, offset + size) that lies in the shard: [*lo, *hi), false if none
+inline bool shard_overlap(const Shard& s, size_t offset, size_t size, size_t* lo, size_t* hi) {
+    *lo = std::max(offset, s.begin);
+    *hi = std::min(offset + size, s.end);
+    return *lo < *hi;
+}
+
 #ifdef XWIN_CUDA
 // AdamW fused over one tensor of the flat buffers: the FP32 master weight, its moments and
 // the floatX copy the forward reads, in the same arithmetic order as adamw_update. One thread
@@ -2886,8 +2915,9 @@ struct Llama {
     ParamTensors params;
     float* grads_memory;   // (num_params)
     ParamTensors grads;
-    float* m_memory;       // (num_params) AdamW first moment
-    float* v_memory;       // (num_params) AdamW second moment
+    float* m_memory;       // (shard.end - shard.begin) AdamW first moment of this rank's part (all of it without ZeRO)
+    float* v_memory;       // (shard.end - shard.begin) AdamW second moment
+    Shard shard;           // the parameters this rank updates (ZeRO-1); set before llama_alloc, else all
     int adam_step;
     int B, T;              // the activation allocation's shape (0 until allocated)
     void* acts_memory;
@@ -2993,11 +3023,13 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
     rope_table_fill(model->rope_table, T, c);
     if (!training) return;
     size_t n = model->num_params;
+    if (model->shard.end == 0) model->shard = shard_of(n, 0, 1);
+    size_t part = model->shard.end - model->shard.begin;
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
-    model->m_memory = (float*)calloc(n, sizeof(float));
-    model->v_memory = (float*)calloc(n, sizeof(float));
+    model->m_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
+    model->v_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
     if (!model->m_memory || !model->v_memory) {
-        fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", n);
+        fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", part);
         exit(1);
     }
     model->grads = point_parameters(c, model->grads_memory);
@@ -3154,15 +3186,18 @@ inline void llama_reward_backward(Llama* model, const int* tokens, const float* 
     llama_backward_trunk(model, tokens, B, T);
 }
 
-// One AdamW step over all tensors (decay on matrices only); returns nothing, counts the step.
+// One AdamW step over the tensors' parts in this rank's shard (all of them without ZeRO;
+// decay on matrices only); counts the step. With ZeRO-1 the ranks then all-gather the weights.
 inline void llama_update(Llama* model, const AdamWConfig& opt) {
     model->adam_step += 1;
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0, lo, hi, b = model->shard.begin;
     param_sizes(model->config, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
-        adamw_update(model->params_memory + offset, model->grads_memory + offset, model->m_memory + offset,
-                     model->v_memory + offset, sizes[i], opt, wd, model->adam_step);
+        if (shard_overlap(model->shard, offset, sizes[i], &lo, &hi)) {
+            adamw_update(model->params_memory + lo, model->grads_memory + lo, model->m_memory + (lo - b), model->v_memory + (lo - b), hi - lo,
+                         opt, wd, model->adam_step);
+        }
         offset += sizes[i];
     }
 }
@@ -3188,13 +3223,14 @@ struct LlamaCuda {
     LlamaConfig config{};
     size_t num_params = 0;
     int B = 0, T = 0, adam_step = 0;
-    float* master = nullptr;          // (num_params) FP32 master weights
-    floatX* params_memory = nullptr;  // (num_params) the compute copy the forward reads
+    Shard shard;                      // the parameters this rank updates (ZeRO-1; all of them without)
+    float* master = nullptr;          // (shard.end - shard.begin) FP32 master weights of this rank's part
+    floatX* params_memory = nullptr;  // (num_params, padded to world * shard.per) the compute copy the forward reads
     ParamTensorsT<floatX> params;
     float* grads_memory = nullptr;    // (num_params)
     ParamTensorsT<float> grads;
-    float* m_memory = nullptr;        // (num_params)
-    float* v_memory = nullptr;        // (num_params)
+    float* m_memory = nullptr;        // (shard.end - shard.begin)
+    float* v_memory = nullptr;        // (shard.end - shard.begin)
     void* acts_memory = nullptr;
     ActTensorsT<floatX> acts;
     void* grad_acts_memory = nullptr;
@@ -3273,13 +3309,16 @@ inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
     return m.weights + m.master + m.grads + m.moments + m.activations + m.grad_activations + m.scratch + m.rope_table;
 }
 
-inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training) {
+// zero_world: the ranks that share the master weights and AdamW moments (ZeRO-1), 1 for none;
+// each rank holds ceil(n / zero_world) of them and the compute copy padded to that many per rank.
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1) {
     size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
     param_sizes(c, sizes);
     for (size_t s : sizes) n += s;
+    Shard part = shard_of(n, 0, training ? zero_world : 1);
     GpuMemoryPlan m;
-    m.weights = n * sizeof(floatX);
-    m.master = n * sizeof(float);
+    m.weights = part.per * part.world * sizeof(floatX);
+    m.master = part.per * sizeof(float);
     ActTensorsT<floatX> acts;
     m.activations = point_activations(&acts, nullptr, c, B, T, true);
     m.scratch = N * sizeof(int) + B * sizeof(int) + N * sizeof(uint8_t) + B * sizeof(float);
@@ -3287,7 +3326,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     if (training) {
         GradActTensorsT<floatX> grad_acts;
         m.grads = n * sizeof(float);
-        m.moments = 2 * n * sizeof(float);
+        m.moments = 2 * part.per * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T, true);
         m.scratch += N * sizeof(float) + B * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
                      (size_t)B * c.n_heads * T * sizeof(float) + (3 * N + 1) * sizeof(int) +
@@ -3323,17 +3362,19 @@ inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size
 
 // Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
 // printing the memory plan; refuses (exits) when the device has less free memory than it needs.
-inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream) {
+inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream, Shard shard = Shard{}) {
     const LlamaConfig& c = host->config;
     if (T > c.max_seq_len) {
         fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
         exit(1);
     }
     flash_attention_require(head_dim(c));
-    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training);
+    if (!training || shard.end == 0) shard = shard_of(host->num_params, 0, 1);
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world);
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU memory plan (B %d, T %d%s): %s\n", B, T, training ? ", training" : "", gpu_memory_plan_text(plan).c_str());
+    printf("GPU memory plan (B %d, T %d%s%s): %s\n", B, T, training ? ", training" : "",
+           shard.world > 1 ? string_format(", ZeRO-1 over %d ranks, per rank", shard.world).c_str() : "", gpu_memory_plan_text(plan).c_str());
     std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
     if (!refusal.empty()) {
         fprintf(stderr, "error: %s\n", refusal.c_str());
@@ -3345,12 +3386,18 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     g->B = B;
     g->T = T;
     g->stream = stream;
-    size_t n = g->num_params;
-    g->master = cuda_alloc<float>(n);
-    g->params_memory = cuda_alloc<floatX>(n);
+    size_t n = g->num_params, part = shard.end - shard.begin;
+    g->shard = shard;
+    g->master = cuda_alloc<float>(shard.per);  // per, as the memory plan (the last part may be shorter)
+    g->params_memory = cuda_alloc<floatX>(shard.per * shard.world);
     g->params = point_parameters(c, g->params_memory);
-    cudaCheck(cudaMemcpy(g->master, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice));
-    cast_to_floatX_cuda(g->params_memory, g->master, n, stream);
+    // the compute copy from all the weights (through a temporary), the master from this rank's part
+    float* all = cuda_alloc<float>(n);
+    cudaCheck(cudaMemcpy(all, host->params_memory, n * sizeof(float), cudaMemcpyHostToDevice));
+    cast_to_floatX_cuda(g->params_memory, all, n, stream);
+    cudaCheck(cudaMemcpyAsync(g->master, all + shard.begin, part * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    cudaCheck(cudaFree(all));
     g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T, true));
     point_activations(&g->acts, g->acts_memory, c, B, T, true);
     g->tokens = cuda_alloc<int>((size_t)B * T);
@@ -3365,11 +3412,11 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     if (training) {
         g->grads_memory = cuda_alloc<float>(n);
         g->grads = point_parameters(c, g->grads_memory);
-        g->m_memory = cuda_alloc<float>(n);
-        g->v_memory = cuda_alloc<float>(n);
+        g->m_memory = cuda_alloc<float>(shard.per);
+        g->v_memory = cuda_alloc<float>(shard.per);
         cudaCheck(cudaMemsetAsync(g->grads_memory, 0, n * sizeof(float), stream));
-        cudaCheck(cudaMemsetAsync(g->m_memory, 0, n * sizeof(float), stream));
-        cudaCheck(cudaMemsetAsync(g->v_memory, 0, n * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->m_memory, 0, part * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->v_memory, 0, part * sizeof(float), stream));
         g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T, true));
         point_grad_activations(&g->grad_acts, g->grad_acts_memory, c, B, T, true);
         g->dlp = cuda_alloc<float>((size_t)B * T);
@@ -3612,21 +3659,33 @@ inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
 inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
     NVTX_RANGE_FN();
     g->adam_step += 1;
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0, lo, hi, b = g->shard.begin;
     param_sizes(g->config, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;  // a tied head: an empty grid is an invalid launch
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
-        adamw_update_cuda(g->master + offset, g->params_memory + offset, g->grads_memory + offset, g->m_memory + offset,
-                          g->v_memory + offset, sizes[i], opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
+        // the tensor's part in this rank's shard (a tied head has none: an empty grid is an invalid launch)
+        if (shard_overlap(g->shard, offset, sizes[i], &lo, &hi)) {
+            adamw_update_cuda(g->master + (lo - b), g->params_memory + lo, g->grads_memory + lo, g->m_memory + (lo - b), g->v_memory + (lo - b),
+                              hi - lo, opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
+        }
         offset += sizes[i];
     }
     g->clip_pending = false;
 }
 
-// the FP32 master weights back into a host model of the same config (for saving)
+// The weights back into a host model of the same config: the FP32 master weights. With ZeRO-1
+// a rank holds the master of its own part only: the other parts come from the compute copy
+// (what the forward reads, so the same model for evaluating and sampling) until the ranks
+// all-gather their parts of the host copies (trainer_gather_weights, before saving).
 inline void llama_cuda_download(LlamaCuda* g, Llama* host) {
-    cudaCheck(cudaMemcpyAsync(host->params_memory, g->master, g->num_params * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    size_t n = g->num_params, part = g->shard.end - g->shard.begin;
+    if (g->shard.world > 1) {
+        std::vector<floatX> compute(n);
+        cudaCheck(cudaMemcpyAsync(compute.data(), g->params_memory, n * sizeof(floatX), cudaMemcpyDeviceToHost, g->stream));
+        cudaCheck(cudaStreamSynchronize(g->stream));
+        for (size_t i = 0; i < n; i++) host->params_memory[i] = to_float(compute[i]);
+    }
+    cudaCheck(cudaMemcpyAsync(host->params_memory + g->shard.begin, g->master, part * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     cudaCheck(cudaStreamSynchronize(g->stream));
 }
 #endif
@@ -3671,15 +3730,18 @@ inline const char* runner_device() {
 #endif
 }
 
-// host must hold a loaded model; allocates for batches up to (B, T), once
-inline void runner_init(Runner* r, int B, int T, bool training) {
+// host must hold a loaded model; allocates for batches up to (B, T), once. shard: the
+// parameters whose optimizer state this rank keeps (ZeRO-1, trainer_shard), all by default.
+inline void runner_init(Runner* r, int B, int T, bool training, Shard shard = Shard{}) {
     r->score_idx.assign(B, 0);
     r->seq_sums.assign(B, 0.0f);
+    if (shard.end == 0) shard = shard_of(r->host.num_params, 0, 1);
 #ifdef XWIN_CUDA
-    llama_cuda_init(&r->gpu, &r->host, B, T, training, 0);
+    llama_cuda_init(&r->gpu, &r->host, B, T, training, 0, shard);
     r->lp.resize((size_t)B * T);
     r->scores.resize(B);
 #else
+    r->host.shard = shard;
     llama_alloc(&r->host, B, T, training);
     r->seq_mask.assign((size_t)B * T, 0);
     r->seq_dlp.assign(training ? (size_t)B * T : 0, 0.0f);
@@ -3812,29 +3874,41 @@ inline void runner_download_params(Runner* r) {
 #endif
 }
 
-// the AdamW moments (num_params each) and step count, out of and into the runner
-inline void runner_get_optimizer(Runner* r, float* m, float* v, int* adam_step) {
-    size_t bytes = r->host.num_params * sizeof(float);
+// the parameters whose optimizer state this runner keeps
+inline const Shard& runner_shard(const Runner* r) {
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(m, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(v, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
+    return r->gpu.shard;
+#else
+    return r->host.shard;
+#endif
+}
+
+// the AdamW moments and step count, out of and into the runner: m and v hold num_params
+// each, of which the runner's shard [begin, end) is read or written (all of them without ZeRO)
+inline void runner_get_optimizer(Runner* r, float* m, float* v, int* adam_step) {
+    const Shard& sh = runner_shard(r);
+    size_t bytes = (sh.end - sh.begin) * sizeof(float);
+#ifdef XWIN_CUDA
+    cudaCheck(cudaMemcpy(m + sh.begin, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v + sh.begin, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
     *adam_step = r->gpu.adam_step;
 #else
-    memcpy(m, r->host.m_memory, bytes);
-    memcpy(v, r->host.v_memory, bytes);
+    memcpy(m + sh.begin, r->host.m_memory, bytes);
+    memcpy(v + sh.begin, r->host.v_memory, bytes);
     *adam_step = r->host.adam_step;
 #endif
 }
 
 inline void runner_set_optimizer(Runner* r, const float* m, const float* v, int adam_step) {
-    size_t bytes = r->host.num_params * sizeof(float);
+    const Shard& sh = runner_shard(r);
+    size_t bytes = (sh.end - sh.begin) * sizeof(float);
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(r->gpu.m_memory, m, bytes, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(r->gpu.v_memory, v, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.m_memory, m + sh.begin, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.v_memory, v + sh.begin, bytes, cudaMemcpyHostToDevice));
     r->gpu.adam_step = adam_step;
 #else
-    memcpy(r->host.m_memory, m, bytes);
-    memcpy(r->host.v_memory, v, bytes);
+    memcpy(r->host.m_memory, m + sh.begin, bytes);
+    memcpy(r->host.v_memory, v + sh.begin, bytes);
     r->host.adam_step = adam_step;
 #endif
 }
@@ -6511,6 +6585,10 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 //                                         over NCCL on comm.stream)
 //   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
 //   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
+//   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
+//   runner_all_gather_params(runner, &comm)   ZeRO-1: each rank's updated part of the weights
+//                                         to every rank (the GPU build: the compute copy in
+//                                         device memory, over NCCL)
 //   comm_free(&comm)
 // A process that no launcher started is a world of 1: every collective returns at once and
 // MPI is never initialised, so a single-process run is exactly the run of a build without MPI.
@@ -6641,6 +6719,16 @@ inline void comm_broadcast(Comm* c, void* data, size_t bytes, int root = 0) {
 #endif
 }
 
+// x (shard.n floats on the host): every rank's part [begin, end) of it,
+// from that rank to all, as a broadcast per rank (each part in pieces that MPI's int counts hold)
+inline void comm_all_gather_host(Comm* c, float* x, const Shard& shard) {
+    if (c->world == 1) return;
+    for (int root = 0; root < c->world; root++) {
+        size_t begin = std::min((size_t)root * shard.per, shard.n), end = std::min(begin + shard.per, shard.n);
+        comm_broadcast(c, x + begin, (end - begin) * sizeof(float), root);
+    }
+}
+
 inline void comm_barrier(Comm* c) {
     if (c->world == 1) return;
 #ifdef XWIN_MPI
@@ -6667,6 +6755,25 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
     comm_all_reduce_sum(c, r->gpu.grads_memory, r->host.num_params);
 #else
     comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+#endif
+}
+
+// ZeRO-1, after the update: every rank's updated part of the weights to all ranks. The GPU
+// build gathers the compute copy in place on the runner's stream (each part per elements: the
+// buffer is padded to world * per); the CPU build gathers the FP32 weights on the host.
+inline void runner_all_gather_params(Runner* r, Comm* c) {
+    const Shard& sh = runner_shard(r);
+    if (sh.world == 1) return;
+#ifdef XWIN_CUDA
+#ifdef XWIN_NCCL
+    size_t part_bytes = sh.per * sizeof(floatX);
+    ncclCheck(ncclAllGather((char*)r->gpu.params_memory + (size_t)sh.rank * part_bytes, r->gpu.params_memory, part_bytes, ncclInt8, c->nccl,
+                            r->gpu.stream));
+#else
+    (void)c;
+#endif
+#else
+    comm_all_gather_host(c, r->host.params_memory, sh);
 #endif
 }
 
@@ -6864,6 +6971,7 @@ struct TrainConfig {
     int resume = 0;          // 1: from <out_dir>/latest
     int force = 0;           // 1: resume a checkpoint of another run
     int stop_at = 0;         // stop after this step (the schedule still runs to max_steps)
+    int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights
     int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
     uint64_t seed = 1337;
 };
@@ -6885,7 +6993,8 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'n', FLAG_INT, &t->checkpoint_every, 0, 1000000000, "checkpoint every this many steps (0: at the end only)"},
         {'y', FLAG_INT, &t->resume, 0, 1, "1: resume from <out>/latest"},
         {'f', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
-        {'z', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
+        {'X', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
+        {'z', FLAG_INT, &t->zero_stage, 0, 1, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks"},
         {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
         {'r', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
     };
@@ -7069,6 +7178,12 @@ inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* progra
     }
 }
 
+// The parameters whose optimizer state this rank keeps, for runner_init: with -z 1 its part of
+// the model's n parameters, else all of them.
+inline Shard trainer_shard(const Trainer* tr, size_t n) {
+    return tr->cfg->zero_stage >= 1 ? shard_of(n, tr->comm.rank, tr->comm.world) : shard_of(n, 0, 1);
+}
+
 // The model to train: the checkpoint's weights when resuming, else model_path's. Returns
 // false when there is neither (the program then makes a new model).
 inline bool trainer_load_model(Trainer* tr, Llama* model, const char* model_path) {
@@ -7101,17 +7216,31 @@ inline void log_truncate(const std::string& path, uint32_t step) {
     atomic_commit(&out);
 }
 
+// The FP32 weights whole in every rank's host model: downloaded, and with ZeRO-1 on the GPU
+// each rank's master part gathered (the CPU build's weights are whole after every update).
+// Every rank calls it.
+inline void trainer_gather_weights(Trainer* tr) {
+    runner_download_params(tr->runner);
+#ifdef XWIN_CUDA
+    comm_all_gather_host(&tr->comm, tr->runner->host.params_memory, runner_shard(tr->runner));
+#endif
+}
+
+// Every rank calls it: the weights and the AdamW moments are gathered (ZeRO-1), rank 0 writes.
 inline void checkpoint_save(Trainer* tr) {
     Runner* r = tr->runner;
     const TrainState& s = tr->state;
-    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
-    make_dir(dir);
-    runner_download_params(r);
-    uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
+    trainer_gather_weights(tr);
     size_t n = r->host.num_params;
     std::vector<float> m(n), v(n);
     int adam_step;
     runner_get_optimizer(r, m.data(), v.data(), &adam_step);
+    comm_all_gather_host(&tr->comm, m.data(), runner_shard(r));
+    comm_all_gather_host(&tr->comm, v.data(), runner_shard(r));
+    if (tr->comm.rank != 0) return;
+    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
+    make_dir(dir);
+    uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
     unsigned char head[STATE_HEADER_BYTES] = {0};
     uint32_t u[6] = {STATE_MAGIC, STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
     uint64_t q[4] = {n, s.epoch, s.position, s.rng};
@@ -7220,8 +7349,8 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     }
     if (writer) tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
     if (tr->comm.world > 1) {
-        printf("data parallel: %d ranks, each %d micro-batch%s of %d per step (total batch %d)\n", tr->comm.world, tr->accum, tr->accum == 1 ? "" : "es",
-               c.micro_batch, c.total_batch);
+        printf("data parallel: %d ranks, each %d micro-batch%s of %d per step (total batch %d)%s\n", tr->comm.world, tr->accum, tr->accum == 1 ? "" : "es",
+               c.micro_batch, c.total_batch, c.zero_stage ? "; ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights" : "");
     }
     if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
     trainer_epoch_order(tr, tr->state.epoch);
@@ -7297,6 +7426,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
     }
     tr->opt.lr = lr_at((int)s.step, tr->max_steps, tr->cfg->warmup, tr->cfg->lr, 0.0f);
     runner_update(tr->runner, tr->opt);
+    runner_all_gather_params(tr->runner, &tr->comm);  // ZeRO-1: each rank updated its part
     runner_synchronize(tr->runner);  // the step's time ends with its last kernel, the update
     s.adam_step += 1;
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tr->t0).count();
@@ -7330,23 +7460,23 @@ inline void trainer_log(Trainer* tr, const std::vector<Metric>& metrics) {
     trainer_flush(tr);
 }
 
-// A checkpoint every -n steps, at the last step, and at the -z stop (rank 0 writes it).
+// A checkpoint every -n steps, at the last step, and at the -X stop (rank 0 writes it).
 inline void trainer_checkpoint(Trainer* tr) {
-    if (tr->comm.rank == 0 && (trainer_due(tr, tr->cfg->checkpoint_every) || (int)tr->state.step == tr->cfg->stop_at)) checkpoint_save(tr);
+    if (trainer_due(tr, tr->cfg->checkpoint_every) || (int)tr->state.step == tr->cfg->stop_at) checkpoint_save(tr);
 }
 
-// The trained weights as <out>/<name> (rank 0 writes it).
+// The trained weights as <out>/<name> (every rank calls it, rank 0 writes it).
 inline std::string trainer_save_model(Trainer* tr, const char* name = "model.bin") {
     std::string path = std::string(tr->cfg->out_dir) + "/" + name;
+    trainer_gather_weights(tr);
     if (tr->comm.rank != 0) return path;
-    runner_download_params(tr->runner);
     llama_save(&tr->runner->host, path.c_str(), DTYPE_FP32);
     printf("saved %s\n", path.c_str());
     return path;
 }
 
 inline void trainer_close(Trainer* tr) {
-    if (!trainer_finished(tr)) printf("stopped after step %u of %d (-z); resume with -y 1\n", tr->state.step, tr->max_steps);
+    if (!trainer_finished(tr)) printf("stopped after step %u of %d (-X); resume with -y 1\n", tr->state.step, tr->max_steps);
     trainer_flush(tr);
     if (tr->log && fclose(tr->log) != 0) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
     tr->log = nullptr;

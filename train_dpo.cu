@@ -168,7 +168,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
     bool has_val = *cfg.val_path;
     if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
-    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true);
+    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params));
     int B = tc.micro_batch;
     PairBatch pb;
     pair_batch_init(&pb, B, tc.max_len);

@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
     if (has_val) tokens_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val, cfg.val_path, tc.max_len);
     std::vector<WorldPrompt> prompts;  // held-out prompts for the printed answers ('' for none)
     if (*cfg.prompts_path) prompts = world_load_prompts(cfg.prompts_path);
-    runner_init(&runner, tc.micro_batch, tc.max_len, true);
+    runner_init(&runner, tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params));
     uint64_t data_size;
     uint32_t data_hash;
     tokens_identity(train, &data_size, &data_hash);

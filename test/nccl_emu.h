@@ -2,6 +2,7 @@
 // on the CPU (test/cuda_emu.h), so that the GPU program's own rank code (comm_init's NCCL
 // setup, the gradients' all-reduce in device memory on the runner's stream) runs in tests
 // under mpirun:
+// (ZeRO-1's all-gather of the updated weights too):
 //   g++ -x c++ -include test/cuda_emu.h -include test/nccl_emu.h -DXWIN_NCCL -DXWIN_MPI train_sft.cu ... -lmpi
 // Emulated device memory is host memory and streams are synchronous (cuda_emu.h), so an
 // all-reduce is MPI_Allreduce on the buffer, done when the call returns. A communicator is
@@ -23,7 +24,7 @@
 #include <cstring>
 
 typedef enum { ncclSuccess = 0, ncclInvalidArgument = 4, ncclInternalError = 3 } ncclResult_t;
-typedef enum { ncclFloat = 7 } ncclDataType_t;
+typedef enum { ncclInt8 = 0, ncclFloat = 7 } ncclDataType_t;
 typedef enum { ncclSum = 0 } ncclRedOp_t;
 typedef struct { char internal[128]; } ncclUniqueId;
 struct ncclEmuComm {
@@ -58,6 +59,16 @@ inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, nc
         const void* s = send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
         if (MPI_Allreduce(s, (float*)recv + i, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
     }
+    return ncclSuccess;
+}
+
+// rank r's count bytes at recv + r * count (send, or already there when send is that place) to every rank
+inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
+    (void)stream;
+    if (!comm || type != ncclInt8 || count > (size_t)INT_MAX) return ncclInvalidArgument;
+    char* mine = (char*)recv + (size_t)comm->rank * count;
+    if (send != mine) std::memmove(mine, send, count);
+    if (MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, recv, (int)count, MPI_BYTE, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
     return ncclSuccess;
 }
 

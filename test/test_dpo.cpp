@@ -188,7 +188,7 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
         std::string a = scratch("dpo_a"), b = scratch("dpo_b");
         remove((val + ".logps").c_str());
         REQUIRE(run(cmd + " -o " + a, &out) == 0);
-        REQUIRE(run(cmd + " -o " + b + " -z 2", &out) == 0);
+        REQUIRE(run(cmd + " -o " + b + " -X 2", &out) == 0);
         REQUIRE(run(cmd + " -o " + b + " -y 1", &out) == 0);
         CHECK_THAT(out, Catch::Contains("resumed from"));
         CHECK(file_bytes(a + "/model.bin") == file_bytes(b + "/model.bin"));

@@ -261,6 +261,27 @@ TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init all
     }
     CHECK(gpu_memory_plan(c, B, T, false).grads == 0);
     CHECK(gpu_memory_refusal(plan, B, T, gpu_memory_plan_total(plan), 1 << 30) == "");
+    // ZeRO-1 over 3 ranks: each keeps ceil(78144 / 3) = 26048 master weights and moments, and the
+    // compute copy padded to 3 x 26048; every rank (the last part is as long) allocates that plan
+    GpuMemoryPlan zero = gpu_memory_plan(c, B, T, true, 3);
+    CHECK(zero.master == 26048 * 4);
+    CHECK(zero.moments == 2 * 26048 * 4);
+    CHECK(zero.weights == 3 * 26048 * sizeof(floatX));
+    CHECK(zero.grads == plan.grads);
+    for (int rank : {0, 2}) {
+        size_t free0 = 0, free1 = 0;
+        cudaCheck(cudaMemGetInfo(&free0, nullptr));
+        LlamaCuda g;
+        llama_cuda_init(&g, &host, B, T, true, stream, shard_of(host.num_params, rank, 3));
+        cudaCheck(cudaMemGetInfo(&free1, nullptr));
+        CHECK(free0 - free1 == gpu_memory_plan_total(zero));
+        CHECK(g.shard.begin == (size_t)rank * 26048);
+        CHECK(g.shard.end == (rank == 2 ? 78144 : 26048));
+        std::vector<float> master(g.shard.end - g.shard.begin);
+        cudaCheck(cudaMemcpy(master.data(), g.master, master.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        CHECK(std::all_of(master.begin(), master.end(), [](float x) { return x == 0.01f; }));
+        llama_cuda_free(&g);
+    }
 
     // a device of 1 MB more than is allocated now, less than the plan's 2.1 MB (BF16): refused before cudaMalloc fails
     size_t free_now = 0, total_now = 0;

@@ -18,6 +18,8 @@
 // wrong split of the rows fails).
 #include <catch2/catch.hpp>
 
+#include <thread>
+
 #include "program.h"
 
 // mpirun with 2 ranks on this machine: oversubscribed (2 ranks may exceed the cores), as root
@@ -118,7 +120,7 @@ TEST_CASE("a 2-rank run stopped at step 3 and resumed on 2 ranks ends bit-identi
     std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";  // 2 micro-batches on each rank
     REQUIRE(run(mpirun + args + " -o " + straight, &out) == 0);
     INFO(out);
-    REQUIRE(run(mpirun + args + " -o " + resumed + " -z 3", &out) == 0);
+    REQUIRE(run(mpirun + args + " -o " + resumed + " -X 3", &out) == 0);
     CHECK(!exists(resumed + "/model.bin"));
     CHECK(exists(resumed + "/ckpt_000003/state.bin"));
 
@@ -150,6 +152,38 @@ TEST_CASE("ranks that do not divide the total batch, and a build without MPI und
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks, but this build has no MPI: multi-rank runs need the MPI build"));
 }
 
+// ZeRO-1 (-z 1): each rank updates its half of the flat weights with its half of the AdamW
+// moments from the same all-reduced gradient, and the halves are gathered after the update.
+// Every element takes the same arithmetic as without ZeRO, and the clip's norm is taken over
+// the whole reduced gradient as before, so the run is ZeRO-0's bit for bit. Its checkpoints
+// hold the whole optimizer state (gathered for rank 0 to write), so one resumes with -z 1 or
+// -z 0 to the same bits.
+TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to them with or without ZeRO", "[parallel][zero]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), plain = fx.dir("zero0"), zero = fx.dir("zero1"), resumed = fx.dir("zero1_resumed"), out;
+    std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";  // 2 micro-batches on each rank
+    REQUIRE(run(mpirun + args + " -o " + plain, &out) == 0);
+    int rc = run(mpirun + args + " -z 1 -o " + zero, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights"));
+    std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(zero + "/model.bin") == a);
+    CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+    CHECK(logged_values(zero + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
+    for (const char* z : {" -z 1", " -z 0"}) {
+        rm_rf(resumed);
+        REQUIRE(run(mpirun + args + " -z 1 -X 3 -o " + resumed, &out) == 0);
+        // the state written by rank 0 holds both ranks' halves of the moments: it equals ZeRO-0's
+        REQUIRE(run(mpirun + args + " -X 3 -o " + fx.dir("zero0_at3"), &out) == 0);
+        CHECK(file_bytes(resumed + "/ckpt_000003/state.bin") == file_bytes(fx.dirs.back() + "/ckpt_000003/state.bin"));
+        REQUIRE(run(mpirun + args + z + " -y 1 -o " + resumed, &out) == 0);
+        INFO("resumed with" << z);
+        CHECK(file_bytes(resumed + "/model.bin") == a);
+    }
+}
+
 // The reward model and DPO go through the same Trainer: 2 ranks x 2 pairs against 1 rank x 2
 // pairs x 2 accumulated, the losses to 1e-5 relative and the step metrics the ranks sum (RM's
 // margin, DPO's reward margin) to 1e-4, the final weights to 1e-6 (DPO; measured 1.5e-8) and
@@ -166,12 +200,15 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
         {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j '' -p '' -x 4 -w 2 -l 1e-3 -n 0 -r 3", "rewards/margins", 1e-6},
     };
     for (const Stage& s : stages) {
-        std::string two = scratch("pairs_two"), one = scratch("pairs_one");
-        rm_rf(two), rm_rf(one);
+        std::string two = scratch("pairs_two"), one = scratch("pairs_one"), zero = scratch("pairs_zero");
+        rm_rf(two), rm_rf(one), rm_rf(zero);
         int rc = run(mpirun + s.binary + s.args + " -b 2 -d 4 -o " + two, &out);
         INFO(s.binary << "\n" << out);
         REQUIRE(rc == 0);
         CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
+        REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4 -z 1 -o " + zero, &out) == 0);  // ZeRO-1: the same bits
+        CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
+        CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
         REQUIRE(run("OMP_NUM_THREADS=1 " + std::string(s.binary) + s.args + " -b 2 -d 4 -o " + one, &out) == 0);
         std::vector<double> l2 = logged_losses(two + "/log.jsonl"), l1 = logged_losses(one + "/log.jsonl");
         REQUIRE(l2.size() == 4);
@@ -181,7 +218,7 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
         double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
         printf("%s: 2 ranks x 2 pairs against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", s.binary, d);
         CHECK(d <= s.weight_tolerance);
-        rm_rf(two), rm_rf(one);
+        rm_rf(two), rm_rf(one), rm_rf(zero);
     }
     remove(model.c_str()), remove(train.c_str()), remove(val.c_str()), remove((train + ".logps").c_str());
 }
@@ -210,8 +247,59 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
     printf("CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", d);
     CHECK(d <= 1e-5);
+    // ZeRO-1: each rank's half of the FP32 master weights and moments on its device, the BF16
+    // compute copy all-gathered over NCCL after the update, the master halves gathered to save:
+    // the same bits as ZeRO-0, and the memory plan says each rank's share
+    std::string zero = fx.dir("emu_zero");
+    rc = run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -z 1 -o " + zero, &out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-1 over 2 ranks, per rank"));
+    CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
+    CHECK(logged_losses(zero + "/log.jsonl") == l2);
     // a rank per device: 2 ranks on a node of one device are refused
     rc = run("XWIN_EMU_THREADS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_one_device"), &out);
     CHECK(rc != 0);
     CHECK_THAT(out, Catch::Contains("error: rank 1 is rank 1 of its node, which has 1 GPU: run at most one rank per GPU"));
+}
+
+// A rank that dies (kill -9 of rank 1 in the middle of a run, checkpoints every step): mpirun
+// ends the run within a bounded time, non-zero, naming the rank; the last complete checkpoint
+// (its 'latest' marker is written after every rank has taken part in gathering it, by rank 0)
+// resumes on 2 ranks to the uninterrupted run's bits, with ZeRO-1.
+TEST_CASE("kill -9 of one rank ends the run within 60 s naming it, and the resume ends bit-identically", "[parallel][kill]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), straight = fx.dir("kill_straight"), killed = fx.dir("kill_killed"), log = fx.dir("kill.log"), out;
+    std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4 -x 40 -n 1 -z 1";
+    REQUIRE(run(mpirun + args + " -o " + straight, &out) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", ("exec env " + mpirun + args + " -o " + killed + " >" + log + " 2>&1").c_str(), (char*)nullptr);
+        _exit(127);
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+    while (logged_losses(killed + "/log.jsonl").size() < 3 && seconds() < 60) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    REQUIRE(logged_losses(killed + "/log.jsonl").size() < 40);  // still running
+    // rank 1: the process of this run whose environment says so
+    std::string find = "for p in $(pgrep -f -- '-o " + killed + "$'); do tr '\\0' '\\n' < /proc/$p/environ | grep -qx OMPI_COMM_WORLD_RANK=1 && echo $p; done";
+    REQUIRE(run(find, &out) == 0);
+    pid_t rank1 = (pid_t)atoi(out.c_str());
+    REQUIRE(rank1 > 0);
+    REQUIRE(kill(rank1, SIGKILL) == 0);
+    double killed_at = seconds();
+    int status = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0 && seconds() - killed_at < 60) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    double took = seconds() - killed_at;
+    if (took >= 60) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+    std::vector<unsigned char> text = file_bytes(log);
+    std::string said(text.begin(), text.end());
+    INFO(said);
+    printf("kill -9 of rank 1 after step %zu: the run ended %.1f s later\n", logged_losses(killed + "/log.jsonl").size(), took);
+    CHECK(took < 60);
+    CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    CHECK_THAT(said, Catch::Contains("rank 1"));
+    REQUIRE(exists(killed + "/latest"));
+    REQUIRE(run(mpirun + args + " -o " + killed + " -y 1", &out) == 0);
+    CHECK(logged_losses(killed + "/log.jsonl") == logged_losses(straight + "/log.jsonl"));
+    CHECK(file_bytes(killed + "/model.bin") == file_bytes(straight + "/model.bin"));
 }

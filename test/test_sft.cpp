@@ -93,7 +93,7 @@ TEST_CASE("train_sft refuses bad flags and mismatched inputs with one-line error
         {"-y abc", "error: -y: 'abc' is not an integer"},
         {"-t -1", "error: -t: -1 is out of range (2..1048576)"},
         {"-t 100000", "error: -t: 100000 is more than the max_seq_len 256 of the model"},
-        {"-z -1", "error: -z: -1 is out of range"},
+        {"-X -1", "error: -X: -1 is out of range"},
         {"-e -1", "error: -e: -1 is out of range (1..1000000)"},
         {"-x 0 -e 0", "error: -e: 0 is out of range (1..1000000)"},
         {"-b 3 -d 8", "error: -d: the total batch 8 is not a multiple of the micro-batch -b 3"},
@@ -132,7 +132,7 @@ static void check_resume(const std::string& binary, const std::string& env) {
     std::string straight = scratch("straight"), resumed = scratch("resumed"), out;
     REQUIRE(run(common + " -o " + straight, &out) == 0);
     INFO(out);
-    REQUIRE(run(common + " -o " + resumed + " -z 3", &out) == 0);  // stops after step 3 with a checkpoint
+    REQUIRE(run(common + " -o " + resumed + " -X 3", &out) == 0);  // stops after step 3 with a checkpoint
     CHECK(file_bytes(resumed + "/model.bin").empty());              // no final model yet
     REQUIRE(run(common + " -o " + resumed + " -y 1", &out) == 0);
     CHECK_THAT(out, Catch::Contains("resumed from"));
@@ -213,7 +213,7 @@ struct ResumeFixture {
         common = "build/train_sft_cpu -m " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -r 5 -o " + dir;
         std::string out;
         rm_rf(dir);
-        REQUIRE(run(common + " -i " + data + " -z 3", &out) == 0);
+        REQUIRE(run(common + " -i " + data + " -X 3", &out) == 0);
     }
     ~ResumeFixture() { rm_rf(dir), remove(model.c_str()), remove(data.c_str()); }
     std::string state() const { return dir + "/ckpt_000003/state.bin"; }
