@@ -190,7 +190,7 @@ build/train_sft_nccl_emu: train_sft.cu llm.cu test/cuda_emu.h test/nccl_emu.h | 
 # data parallel: train_sft (CPU and emulated CUDA), train_rm and train_dpo under Debian's mpirun with
 # 2 ranks (deps installs OpenMPI when root)
 build/test_parallel: test/test_main.cpp test/test_parallel.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu \
-                    build/train_sft_nccl_emu build/train_rm_cpu build/train_dpo_cpu | deps
+                    build/train_sft_nccl_emu build/train_rm_cpu build/train_dpo_cpu build/sample_cpu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_parallel.cpp -o $@
 
 build/test_rm: test/test_main.cpp test/test_rm.cpp test/program.h test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps

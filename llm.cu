@@ -99,6 +99,7 @@ Contents, in file order (search for the quoted heading):
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -785,6 +786,17 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, size_t N, s
     }
 }
 
+// RMSNorm's output again from its input and the rstd its forward saved (activation
+// recomputation, -r 1): out = x * rstd * weight, the forward's last loop, so the same bits.
+// out, inp (N, C); weight (C); rstd (N)
+template <typename T>
+void rmsnorm_recompute(T* out, const T* inp, const T* weight, const T* rstd, size_t N, size_t C) {
+    #pragma omp parallel for if (N * C >= PARALLEL_MIN_WORK)
+    for (size_t n = 0; n < N; n++) {
+        for (size_t i = 0; i < C; i++) out[n * C + i] = inp[n * C + i] * rstd[n] * weight[i];
+    }
+}
+
 // with xhat = x * r: dweight += dout * xhat; dx += r * (dout*w - xhat * mean(dout*w*xhat))
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const T* rstd, size_t N, size_t C) {
@@ -889,6 +901,20 @@ inline void rmsnorm_forward_cuda(floatX* out, float* rstd, const floatX* inp, co
     const int block_size = 256;  // 8 warps: 8 rows per block
     bool vec = C % x128::size == 0 && aligned16(out) && aligned16(inp) && aligned16(weight);
     LAUNCH(rmsnorm_forward_kernel, ceil_div(N, block_size / 32), block_size, 0, stream, out, rstd, inp, weight, N, C, (float)eps, vec);
+    cudaCheck(cudaGetLastError());
+}
+
+// one thread per element: out = x * rstd * weight in rmsnorm_row_finish's order (its bits)
+__global__ void rmsnorm_recompute_kernel(floatX* out, const floatX* inp, const floatX* weight, const float* rstd, size_t N, int C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C) return;
+    out[idx] = from_float<floatX>(to_float(inp[idx]) * rstd[idx / C] * to_float(weight[idx % C]));
+}
+
+inline void rmsnorm_recompute_cuda(floatX* out, const floatX* inp, const floatX* weight, const float* rstd, size_t N, int C, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;
+    LAUNCH(rmsnorm_recompute_kernel, ceil_div(N * C, (size_t)block_size), block_size, 0, stream, out, inp, weight, rstd, N, C);
     cudaCheck(cudaGetLastError());
 }
 
@@ -2743,26 +2769,30 @@ struct ActTensorsT {
     X* scratch;         // (B, T, C)      projection output before the residual add
     float* scores;      // (B)            reward head only: one score per sequence
     float* lse;         // (L, B, H, T)   GPU only: the log-sum-exp of each attention row (flash attention)
+    bool recompute = false;  // attn_in, mlp_in and swiglu hold one layer, (B, T, C) and (B, T, F): the
+                        // backward recomputes each layer's (activation recomputation, -r 1)
 };
 using ActTensors = ActTensorsT<float>;
 
 // element counts of the activation tensors, in the order of ActTensorsT; flash: the GPU's layout,
 // where attention keeps the log-sum-exp of each row instead of the (T, T) probabilities and the
-// logits rows are padded_vocab(V) apart
-inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS], bool flash = false) {
+// logits rows are padded_vocab(V) apart; recompute: one layer of attn_in, mlp_in and swiglu
+inline void act_sizes(const LlamaConfig& c, size_t B, size_t T, size_t s[NUM_ACT_TENSORS], bool flash = false, bool recompute = false) {
     size_t C = c.dim, L = c.n_layers, H = c.n_heads, F = c.ffn_dim, KVD = kv_dim(c), N = B * T;
+    size_t Lr = recompute ? 1 : L;     // the layers of the recomputed tensors kept at once
     bool lm = c.head_type == HEAD_LM;  // a reward model has no (B, T, V) logits anywhere
-    size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, L * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
-                                  flash ? 0 : L * B * H * T * T, L * N * C, L * N * C, L * N * C, L * N, L * N * F, L * N * F,
-                                  L * N * F, N * C, N, lm ? N * (flash ? padded_vocab(c.vocab_size) : c.vocab_size) : 0, N, N * C,
+    size_t sz[NUM_ACT_TENSORS] = {(L + 1) * N * C, Lr * N * C, L * N, L * N * C, L * N * KVD, L * N * KVD,
+                                  flash ? 0 : L * B * H * T * T, L * N * C, L * N * C, Lr * N * C, L * N, L * N * F, L * N * F,
+                                  Lr * N * F, N * C, N, lm ? N * (flash ? padded_vocab(c.vocab_size) : c.vocab_size) : 0, N, N * C,
                                   lm ? 0 : B, flash ? L * B * H * T : 0};
     memcpy(s, sz, sizeof(sz));
 }
 
 template <typename X>
-size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T, bool flash = false) {
+size_t point_activations(ActTensorsT<X>* a, void* memory, const LlamaConfig& c, size_t B, size_t T, bool flash = false, bool recompute = false) {
     size_t s[NUM_ACT_TENSORS];
-    act_sizes(c, B, T, s, flash);
+    act_sizes(c, B, T, s, flash, recompute);
+    a->recompute = recompute;
     Carver k{(char*)memory};
     k.take(a->residual, s[0]); k.take(a->attn_in, s[1]); k.take(a->attn_rstd, s[2]); k.take(a->q, s[3]);
     k.take(a->k, s[4]); k.take(a->v, s[5]); k.take(a->att, s[6]); k.take(a->att_out, s[7]);
@@ -2813,6 +2843,7 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //   X                              the weights' and activations' type
 //   embedding_forward(out, tokens, wte, N, C)          embedding_backward(dwte, dout, tokens, N, C)
 //   rmsnorm_forward(out, rstd, inp, weight, N, C, eps)  rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C)
+//   rmsnorm_recompute(out, inp, weight, rstd, N, C)     the forward's output again (recomputation)
 //   fused_residual_rmsnorm_forward(residual, out, rstd, a, b, weight, N, C, eps)
 //   matmul_forward(out, inp, weight, N, C, OC)          matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC)
 //   matmul_forward_pair(out_a, out_b, inp, w_a, w_b, N, C, OC)    two matmuls of one input (gate and up;
@@ -2839,17 +2870,18 @@ void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typen
     o.rmsnorm_forward(a.attn_in, a.attn_rstd, a.residual, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu forward", l);
+        size_t r = a.recompute ? 0 : l;  // the layer's slot in the tensors recomputation keeps one layer of
         X* x = a.residual + l * N * C;
-        X* attn_in = a.attn_in + l * N * C;
+        X* attn_in = a.attn_in + r * N * C;
         X* q = a.q + l * N * C;
         X* k = a.k + l * N * KVD;
         X* v = a.v + l * N * KVD;
         X* att_out = a.att_out + l * N * C;
         X* mid = a.residual_mid + l * N * C;
-        X* mlp_in = a.mlp_in + l * N * C;
+        X* mlp_in = a.mlp_in + r * N * C;
         X* gate = a.gate + l * N * F;
         X* up = a.up + l * N * F;
-        X* sw = a.swiglu + l * N * F;
+        X* sw = a.swiglu + r * N * F;
         o.matmul_forward_qkv(q, k, v, attn_in, p.wq + l * C * C, p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rope_forward(q, B, T, H, hd);
         o.rope_forward(k, B, T, KV, hd);
@@ -2861,7 +2893,7 @@ void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typen
         o.matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
         // the stream entering the next layer and that layer's attention norm, or the final norm
         bool last = l + 1 == L;
-        o.fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (l + 1) * N * C,
+        o.fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (a.recompute ? 0 : l + 1) * N * C,
                                          last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
                                          last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
     }
@@ -2878,12 +2910,17 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
     o.rmsnorm_backward(d.residual, g.final_norm, d.norm_out, a.residual + L * N * C, p.final_norm, a.final_rstd, N, C);
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
+        size_t r = a.recompute ? 0 : l;  // as in the forward
+        if (a.recompute) {  // the MLP block's input norm and SwiGLU product, from the kept residual, rstd, gate and up
+            o.rmsnorm_recompute(a.mlp_in, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
+            o.swiglu_forward(a.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
+        }
         // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
         o.zero(d.swiglu, N * F);
         o.zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward writes them
-        o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + l * N * F, p.w_down + l * C * F, N, F, C);
+        o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + r * N * F, p.w_down + l * C * F, N, F, C);
         o.swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
-        o.matmul_backward_pair(d.norm_out, g.w_gate + l * F * C, g.w_up + l * F * C, d.gate, d.up, a.mlp_in + l * N * C, p.w_gate + l * F * C,
+        o.matmul_backward_pair(d.norm_out, g.w_gate + l * F * C, g.w_up + l * F * C, d.gate, d.up, a.mlp_in + r * N * C, p.w_gate + l * F * C,
                                p.w_up + l * F * C, N, C, F);
         o.rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
         // attention block: mid = residual[l] + att_out @ wo^T
@@ -2897,7 +2934,8 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
                              B, T, H, KV, hd);
         o.rope_backward(d.q, B, T, H, hd);
         o.rope_backward(d.k, B, T, KV, hd);
-        auto* attn_in = a.attn_in + l * N * C;
+        auto* attn_in = a.attn_in + r * N * C;
+        if (a.recompute) o.rmsnorm_recompute(attn_in, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
         o.matmul_backward_qkv(d.norm_out, g.wq + l * C * C, g.wk + l * KVD * C, g.wv + l * KVD * C, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
                               p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
@@ -3009,7 +3047,7 @@ inline uint32_t llama_save(const Llama* model, const char* path, int dtype) {
 
 // Allocates the activations for batches up to (B, T) and, when training, the gradients,
 // their activation scratch and the AdamW moments. Once, before the first step.
-inline void llama_alloc(Llama* model, int B, int T, bool training) {
+inline void llama_alloc(Llama* model, int B, int T, bool training, bool recompute = false) {
     const LlamaConfig& c = model->config;
     if (T > c.max_seq_len) {
         fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
@@ -3017,8 +3055,9 @@ inline void llama_alloc(Llama* model, int B, int T, bool training) {
     }
     model->B = B;
     model->T = T;
-    model->acts_memory = malloc_check(point_activations(&model->acts, nullptr, c, B, T));
-    point_activations(&model->acts, model->acts_memory, c, B, T);
+    recompute = recompute && training;  // a backward recomputes them: a model that does not train keeps every layer's
+    model->acts_memory = malloc_check(point_activations(&model->acts, nullptr, c, B, T, false, recompute));
+    point_activations(&model->acts, model->acts_memory, c, B, T, false, recompute);
     model->rope_table = (float*)malloc_check(rope_table_size(T, head_dim(c)) * sizeof(float));
     rope_table_fill(model->rope_table, T, c);
     if (!training) return;
@@ -3061,6 +3100,9 @@ struct CpuOps {
     }
     void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, size_t N, size_t C, double eps) {
         ::rmsnorm_forward(out, rstd, inp, weight, N, C, eps);
+    }
+    void rmsnorm_recompute(float* out, const float* inp, const float* weight, const float* rstd, size_t N, size_t C) {
+        ::rmsnorm_recompute(out, inp, weight, rstd, N, C);
     }
     void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight, const float* rstd, size_t N, size_t C) {
         ::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C);
@@ -3311,7 +3353,8 @@ inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
 
 // zero_world: the ranks that share the master weights and AdamW moments (ZeRO-1), 1 for none;
 // each rank holds ceil(n / zero_world) of them and the compute copy padded to that many per rank.
-inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1) {
+// recompute: activation recomputation's one layer of RMSNorm outputs and SwiGLU product (-r 1).
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1, bool recompute = false) {
     size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
     param_sizes(c, sizes);
     for (size_t s : sizes) n += s;
@@ -3320,7 +3363,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     m.weights = part.per * part.world * sizeof(floatX);
     m.master = part.per * sizeof(float);
     ActTensorsT<floatX> acts;
-    m.activations = point_activations(&acts, nullptr, c, B, T, true);
+    m.activations = point_activations(&acts, nullptr, c, B, T, true, recompute && training);
     m.scratch = N * sizeof(int) + B * sizeof(int) + N * sizeof(uint8_t) + B * sizeof(float);
     m.rope_table = rope_table_size(T, head_dim(c)) * sizeof(float);
     if (training) {
@@ -3362,7 +3405,8 @@ inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size
 
 // Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
 // printing the memory plan; refuses (exits) when the device has less free memory than it needs.
-inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream, Shard shard = Shard{}) {
+inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream, Shard shard = Shard{},
+                            bool recompute = false) {
     const LlamaConfig& c = host->config;
     if (T > c.max_seq_len) {
         fprintf(stderr, "error: sequence length %d exceeds the model's max_seq_len %d\n", T, c.max_seq_len);
@@ -3370,10 +3414,11 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     }
     flash_attention_require(head_dim(c));
     if (!training || shard.end == 0) shard = shard_of(host->num_params, 0, 1);
-    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world);
+    recompute = recompute && training;
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute);
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU memory plan (B %d, T %d%s%s): %s\n", B, T, training ? ", training" : "",
+    printf("GPU memory plan (B %d, T %d%s%s%s): %s\n", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
            shard.world > 1 ? string_format(", ZeRO-1 over %d ranks, per rank", shard.world).c_str() : "", gpu_memory_plan_text(plan).c_str());
     std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
     if (!refusal.empty()) {
@@ -3398,8 +3443,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     cudaCheck(cudaMemcpyAsync(g->master, all + shard.begin, part * sizeof(float), cudaMemcpyDeviceToDevice, stream));
     cudaCheck(cudaStreamSynchronize(stream));
     cudaCheck(cudaFree(all));
-    g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T, true));
-    point_activations(&g->acts, g->acts_memory, c, B, T, true);
+    g->acts_memory = cuda_alloc<char>(point_activations(&g->acts, nullptr, c, B, T, true, recompute));
+    point_activations(&g->acts, g->acts_memory, c, B, T, true, recompute);
     g->tokens = cuda_alloc<int>((size_t)B * T);
     g->score_idx = cuda_alloc<int>(B);
     g->mask = cuda_alloc<uint8_t>((size_t)B * T);  // a reference model's sequence sums need no training
@@ -3482,6 +3527,9 @@ struct CudaOps : CudaForwardOps {
     void embedding_backward(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
         (void)tokens;  // bucketed by the forward (embedding_buckets)
         embedding_backward_cuda(dwte, dout, g->token_buckets, g->n_token_buckets, N, C, stream);
+    }
+    void rmsnorm_recompute(floatX* out, const floatX* inp, const floatX* weight, const float* rstd, size_t N, size_t C) {
+        rmsnorm_recompute_cuda(out, inp, weight, rstd, N, (int)C, stream);
     }
     void rmsnorm_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, size_t N,
                           size_t C) {
@@ -3731,18 +3779,20 @@ inline const char* runner_device() {
 }
 
 // host must hold a loaded model; allocates for batches up to (B, T), once. shard: the
-// parameters whose optimizer state this rank keeps (ZeRO-1, trainer_shard), all by default.
-inline void runner_init(Runner* r, int B, int T, bool training, Shard shard = Shard{}) {
+// parameters whose optimizer state this rank keeps (ZeRO-1, trainer_shard), all by default;
+// recompute: activation recomputation (-r 1), the RMSNorm outputs and SwiGLU product of one
+// layer kept, each layer's recomputed in the backward.
+inline void runner_init(Runner* r, int B, int T, bool training, Shard shard = Shard{}, bool recompute = false) {
     r->score_idx.assign(B, 0);
     r->seq_sums.assign(B, 0.0f);
     if (shard.end == 0) shard = shard_of(r->host.num_params, 0, 1);
 #ifdef XWIN_CUDA
-    llama_cuda_init(&r->gpu, &r->host, B, T, training, 0, shard);
+    llama_cuda_init(&r->gpu, &r->host, B, T, training, 0, shard, recompute);
     r->lp.resize((size_t)B * T);
     r->scores.resize(B);
 #else
     r->host.shard = shard;
-    llama_alloc(&r->host, B, T, training);
+    llama_alloc(&r->host, B, T, training, recompute);
     r->seq_mask.assign((size_t)B * T, 0);
     r->seq_dlp.assign(training ? (size_t)B * T : 0, 0.0f);
 #endif
@@ -6586,6 +6636,7 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 //   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
 //   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
 //   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
+//   comm_gather_text(&comm, text)          every rank's text, in rank order, on rank 0, MPI
 //   runner_all_gather_params(runner, &comm)   ZeRO-1: each rank's updated part of the weights
 //                                         to every rank (the GPU build: the compute copy in
 //                                         device memory, over NCCL)
@@ -6644,6 +6695,16 @@ inline int comm_launcher_world() {
         if (value && atoi(value) > 1) return atoi(value);
     }
     return 1;
+}
+
+// This process's rank as the launcher announced it (0 without one): for the work a program does
+// outside its ranks' collectives, before comm_init or after comm_free
+inline int comm_launcher_rank() {
+    for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK"}) {
+        const char* value = getenv(name);
+        if (value) return atoi(value);
+    }
+    return 0;
 }
 
 inline void comm_init(Comm* c) {
@@ -6727,6 +6788,21 @@ inline void comm_all_gather_host(Comm* c, float* x, const Shard& shard) {
         size_t begin = std::min((size_t)root * shard.per, shard.n), end = std::min(begin + shard.per, shard.n);
         comm_broadcast(c, x + begin, (end - begin) * sizeof(float), root);
     }
+}
+
+// every rank's text, in rank order, on rank 0 (the other ranks get ""): each rank broadcasts
+// its length, then its bytes (text is small beside a model; one call per rank keeps it simple)
+inline std::string comm_gather_text(Comm* c, const std::string& mine) {
+    if (c->world == 1) return mine;
+    std::string all;
+    for (int root = 0; root < c->world; root++) {
+        uint64_t len = root == c->rank ? mine.size() : 0;
+        comm_broadcast(c, &len, sizeof(len), root);
+        std::string piece = root == c->rank ? mine : std::string(len, '\0');
+        comm_broadcast(c, piece.data(), len, root);
+        if (c->rank == 0) all += piece;
+    }
+    return all;
 }
 
 inline void comm_barrier(Comm* c) {
@@ -6972,6 +7048,7 @@ struct TrainConfig {
     int force = 0;           // 1: resume a checkpoint of another run
     int stop_at = 0;         // stop after this step (the schedule still runs to max_steps)
     int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights
+    int recompute = 0;       // 1: the backward recomputes each layer's RMSNorm outputs and SwiGLU product
     int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
     uint64_t seed = 1337;
 };
@@ -6996,7 +7073,8 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'X', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
         {'z', FLAG_INT, &t->zero_stage, 0, 1, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks"},
         {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
-        {'r', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
+        {'r', FLAG_INT, &t->recompute, 0, 1, "1: recompute each layer's RMSNorm outputs and SwiGLU product in the backward (less memory)"},
+        {'S', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
     };
     flags->insert(flags->end(), common.begin(), common.end());
 }
@@ -7937,20 +8015,25 @@ inline void world_prompt_ids(const Tokenizer* tok, const WorldPrompt& p, std::ve
 }
 
 // The gold judge's score (0..10) of a model's greedy answer to each of the first n world
-// prompts; prints the first `show` answers.
-inline std::vector<int> world_scores(const Llama* model, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show) {
+// prompts; prints the first `show` answers. With comm (the ranks of a data-parallel run, every
+// one calling), each rank answers a block of the prompts and every rank gets all the scores.
+inline std::vector<int> world_scores(const Llama* model, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show,
+                                     Comm* comm = nullptr) {
     n = std::min(n, prompts.size());
-    std::vector<std::vector<int>> ids(n);
-    for (size_t i = 0; i < n; i++) world_prompt_ids(tok, prompts[i], ids[i]);
-    std::vector<std::vector<int>> answers = generate_greedy_model(model, ids, 48, tok->eos_id);
-    std::vector<int> scores(n);
-    for (size_t i = 0; i < n; i++) {
+    Shard mine = shard_of(n, comm ? comm->rank : 0, comm ? comm->world : 1);
+    std::vector<std::vector<int>> ids(mine.end - mine.begin);
+    for (size_t i = mine.begin; i < mine.end; i++) world_prompt_ids(tok, prompts[i], ids[i - mine.begin]);
+    std::vector<std::vector<int>> answers = ids.empty() ? ids : generate_greedy_model(model, ids, 48, tok->eos_id);
+    std::vector<float> scores(n, 0.0f);  // floats, to be gathered
+    for (size_t i = mine.begin; i < mine.end; i++) {
         const WorldPrompt& p = prompts[i];
-        std::string text = tokenizer_decode(tok, answers[i].data(), (int)answers[i].size());
-        scores[i] = world_judge(p.kind, p.gold, text);
-        if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), scores[i]);
+        const std::vector<int>& a = answers[i - mine.begin];
+        std::string text = tokenizer_decode(tok, a.data(), (int)a.size());
+        scores[i] = (float)world_judge(p.kind, p.gold, text);
+        if (i < show) printf("  [%s] %s -> %s | judge %d/10\n", p.kind.c_str(), p.messages.back().c_str(), text.c_str(), (int)scores[i]);
     }
-    return scores;
+    if (comm) comm_all_gather_host(comm, scores.data(), mine);
+    return std::vector<int>(scores.begin(), scores.end());
 }
 
 // Each kind's mean of scores (of prompts[0..scores.size())), in the world's kind order; NaN
@@ -7968,9 +8051,9 @@ inline std::vector<double> world_kind_means(const std::vector<WorldPrompt>& prom
 // built-in world; prints the first `show` answers. per_kind (optional) gets each kind's mean
 // in the world's kind order, e.g. "arith 4.1, reverse 6.5, ...".
 inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t n, size_t show,
-                             std::string* per_kind = nullptr) {
+                             std::string* per_kind = nullptr, Comm* comm = nullptr) {
     runner_download_params(r);
-    std::vector<int> scores = world_scores(&r->host, tok, prompts, n, show);
+    std::vector<int> scores = world_scores(&r->host, tok, prompts, n, show, comm);
     if (per_kind) {
         per_kind->clear();
         std::vector<double> means = world_kind_means(prompts, scores);

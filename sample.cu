@@ -221,15 +221,18 @@ static double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// n responses to every prompt (with make_response), P prompts per generate call.
-static std::vector<std::vector<Response>> sample_all(Loaded* L, int n, const GenerateConfig& g, GenerateStats* stats, size_t* repaired, double* total_ms) {
+// n responses to each prompt of [begin, end) (with make_response), P prompts per generate call;
+// a response's random stream depends on its prompt's index alone (generate's first), so a
+// rank's share of the prompts gets the responses one rank gives them.
+static std::vector<std::vector<Response>> sample_all(Loaded* L, int n, const GenerateConfig& g, size_t begin, size_t end, GenerateStats* stats,
+                                                     size_t* repaired, double* total_ms) {
     int B, max_T, max_chunk;
     infer_runner_shape(&L->policy, &B, &max_T, &max_chunk);
     size_t P = B / n;
     std::vector<std::vector<Response>> all(L->prompts.size());
     *total_ms = 0;
-    for (size_t first = 0; first < L->prompts.size(); first += P) {
-        size_t np = std::min(P, L->prompts.size() - first);
+    for (size_t first = begin; first < end; first += P) {
+        size_t np = std::min(P, end - first);
         std::vector<std::vector<int>> ids(L->ids.begin() + first, L->ids.begin() + first + np);
         std::vector<std::vector<std::vector<int>>> out;
         GenerateStats before = *stats;
@@ -269,7 +272,10 @@ static Json json_numbers(const std::vector<Response>& resp, double Response::*fi
 
 // ---- -n: the Xwin-Set
 
-static void make_set(const SampleConfig& cfg) {
+// Under mpirun each rank samples and scores a block of the prompts (shard_of: the first ranks
+// take one more when they do not divide); rank 0 writes the rows in prompt order, the file one
+// rank writes.
+static void make_set(const SampleConfig& cfg, Comm* comm) {
     Loaded L;
     load_policy(&L, cfg);
     load_prompts(&L, cfg);
@@ -287,11 +293,12 @@ static void make_set(const SampleConfig& cfg) {
     GenerateStats stats;
     size_t repaired = 0;
     double ms;
-    std::vector<std::vector<Response>> all = sample_all(&L, cfg.n, g, &stats, &repaired, &ms);
+    Shard mine = shard_of(L.prompts.size(), comm->rank, comm->world);  // this rank's prompts [begin, end)
+    std::vector<std::vector<Response>> all = sample_all(&L, cfg.n, g, mine.begin, mine.end, &stats, &repaired, &ms);
     std::string text;
     double gold_sum = 0, rm_sum = 0;
     size_t gold_n = 0;
-    for (size_t i = 0; i < all.size(); i++) {
+    for (size_t i = mine.begin; i < mine.end; i++) {
         const WorldPrompt& p = L.prompts[i];
         if (scored) score_responses(&rm, L.ids[i], all[i], chat_end_id(&L.tok), std::min(cfg.n, 32));
         if (scored) policy_logprobs(&scorer, L.ids[i], all[i], chat_end_id(&L.tok), std::min(cfg.n, 32));
@@ -311,7 +318,13 @@ static void make_set(const SampleConfig& cfg) {
         json_append(text, row);
         text += '\n';
     }
-    write_file(out_path, text);
+    text = comm_gather_text(comm, text);
+    double sums[9] = {(double)stats.responses, (double)stats.tokens, (double)stats.resampled, (double)stats.duplicates, (double)stats.cut,
+                      (double)repaired, gold_sum, (double)gold_n, rm_sum};
+    comm_all_reduce_sum_double(comm, sums, 9);
+    stats.responses = (size_t)sums[0], stats.tokens = (size_t)sums[1], stats.resampled = (size_t)sums[2], stats.duplicates = (size_t)sums[3];
+    stats.cut = (size_t)sums[4], repaired = (size_t)sums[5], gold_sum = sums[6], gold_n = (size_t)sums[7], rm_sum = sums[8];
+    if (comm->rank == 0) write_file(out_path, text);
     printf("%zu responses, %zu tokens in %.1f s: %.0f tok/s | duplicates drawn again %zu times, %zu left (-u %d) | %zu cut at %d tokens | %zu with invalid UTF-8 repaired\n",
            stats.responses, stats.tokens, ms / 1000, stats.tokens / (ms / 1000), stats.resampled, stats.duplicates, cfg.resample, stats.cut, g.max_new, repaired);
     if (gold_n) printf("gold judge: mean %.2f / 10 over the %zu responses\n", gold_sum / gold_n, gold_n);
@@ -427,7 +440,7 @@ static void from_set(const SampleConfig& cfg) {
 
 // ---- -e: evaluation by the gold judge
 
-static void evaluate(const SampleConfig& cfg) {
+static void evaluate(const SampleConfig& cfg, Comm* comm) {
     Loaded L;
     load_policy(&L, cfg);
     load_prompts(&L, cfg);
@@ -446,7 +459,8 @@ static void evaluate(const SampleConfig& cfg) {
     GenerateStats stats;
     size_t repaired = 0;
     double ms;
-    std::vector<std::vector<Response>> all = sample_all(&L, 1, g, &stats, &repaired, &ms);
+    Shard mine = shard_of(L.prompts.size(), comm->rank, comm->world);  // this rank's prompts (under mpirun; all on one rank)
+    std::vector<std::vector<Response>> all = sample_all(&L, 1, g, mine.begin, mine.end, &stats, &repaired, &ms);
     std::vector<double> ref;  // the reference's gold score of each prompt
     if (*cfg.reference_path) {
         std::vector<std::string> lines;
@@ -472,8 +486,8 @@ static void evaluate(const SampleConfig& cfg) {
     // list, AlpacaEval's own layout; otherwise JSONL)
     bool as_list = ends_with(cfg.out_path, ".json");
     double total = 0, wins = 0, ties = 0;
-    std::string text = as_list ? "[\n" : "";
-    for (size_t i = 0; i < all.size(); i++) {
+    std::string text;
+    for (size_t i = mine.begin; i < mine.end; i++) {
         const Response& r = all[i][0];
         total += r.gold;
         if (!ref.empty()) wins += r.gold > ref[i], ties += r.gold == ref[i];
@@ -488,7 +502,11 @@ static void evaluate(const SampleConfig& cfg) {
         json_append(text, row);
         text += as_list && i + 1 < all.size() ? ",\n" : "\n";
     }
-    if (as_list) text += "]\n";
+    text = comm_gather_text(comm, text);  // the ranks' rows in prompt order, on rank 0
+    if (as_list) text = "[\n" + text + "]\n";
+    double sums[4] = {total, wins, ties, (double)stats.tokens};
+    comm_all_reduce_sum_double(comm, sums, 4);
+    total = sums[0], wins = sums[1], ties = sums[2], stats.tokens = (size_t)sums[3];
     size_t n = all.size();
     if (judge) {
         printf("%s: gold judge mean %.3f / 10 over %zu prompts (%s, temperature %g) | %.0f tok/s\n", cfg.model_path, total / n, n, cfg.prompts_path,
@@ -501,7 +519,7 @@ static void evaluate(const SampleConfig& cfg) {
         printf("against %s: win rate %.3f (%.0f wins, %.0f ties, %.0f losses; a tie counts half)\n", cfg.reference_path, (wins + 0.5 * ties) / n, wins,
                ties, n - wins - ties);
     }
-    if (*cfg.out_path) write_file(cfg.out_path, text), printf("wrote %s\n", cfg.out_path);
+    if (*cfg.out_path && comm->rank == 0) write_file(cfg.out_path, text), printf("wrote %s\n", cfg.out_path);
     infer_runner_free(&L.policy);
     tokenizer_free(&L.tok);
 }
@@ -590,7 +608,7 @@ static void best_of_n_curve(const SampleConfig& cfg) {
     GenerateStats greedy_stats;
     size_t repaired = 0;
     double ms;
-    std::vector<std::vector<Response>> greedy = sample_all(&L, 1, g, &greedy_stats, &repaired, &ms);
+    std::vector<std::vector<Response>> greedy = sample_all(&L, 1, g, 0, L.prompts.size(), &greedy_stats, &repaired, &ms);
     double greedy_mean = 0;
     for (auto& r : greedy) greedy_mean += r[0].gold / greedy.size();
     printf("greedy: gold judge mean %.3f / 10 | %.0f tok/s\n", greedy_mean, greedy_stats.tokens / (ms / 1000));
@@ -598,7 +616,7 @@ static void best_of_n_curve(const SampleConfig& cfg) {
     g = generate_config(cfg, L.tok, 1.0f);
     g.resample = 0;
     GenerateStats stats;
-    std::vector<std::vector<Response>> all = sample_all(&L, CURVE_N, g, &stats, &repaired, &ms);
+    std::vector<std::vector<Response>> all = sample_all(&L, CURVE_N, g, 0, L.prompts.size(), &stats, &repaired, &ms);
     printf("%zu samples, %zu tokens in %.1f s: %.0f tok/s | temperature %g, top-k %d, top-p %g\n", stats.responses, stats.tokens, ms / 1000,
            stats.tokens / (ms / 1000), g.sampler.temperature, g.sampler.top_k, g.sampler.top_p);
     if (*rm_path) {
@@ -663,10 +681,19 @@ int main(int argc, char** argv) {
     if (cfg.top_p == 0.0f) fail_flag('p', "top-p 0 keeps no token: it must be in (0, 1]");
     int modes = (cfg.n > 0) + (*cfg.set_path != 0) + cfg.eval + cfg.chat;
     if (modes > 1) fail_flag(cfg.n > 0 ? 'n' : *cfg.set_path ? 's' : 'e', "-n, -s, -e 1 and -c 1 are separate modes: give one");
-    if (cfg.n > 0) make_set(cfg);
+    // under mpirun the set (-n) and evaluation (-e) split the prompts across the ranks
+    Comm comm;
+    comm_init(&comm);
+    if (comm.world > 1 && cfg.n == 0 && !cfg.eval) {
+        fail_flag(*cfg.set_path ? 's' : cfg.chat ? 'c' : 'n', "runs on one process: only the set (-n) and evaluation (-e 1) split their prompts across %d ranks",
+                  comm.world);
+    }
+    if (comm.world > 1) printf("data parallel: %d ranks, each samples a block of the prompts\n", comm.world);
+    if (cfg.n > 0) make_set(cfg, &comm);
     else if (*cfg.set_path) from_set(cfg);
-    else if (cfg.eval) evaluate(cfg);
+    else if (cfg.eval) evaluate(cfg, &comm);
     else if (cfg.chat) chat(cfg);
     else best_of_n_curve(cfg);
+    comm_free(&comm);
     return 0;
 }

@@ -4,8 +4,8 @@ train_dpo: DPO, stage 5 of Xwin-LM, and the whole recipe behind `make && ./train
 Direct preference optimization trains the policy pi on preference pairs (chosen c, rejected r,
 the same prompt) against a frozen reference rho, the model DPO starts from:
     h = (log pi(c) - log pi(r)) - (log rho(c) - log rho(r))
-    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (-S 0: sigmoid; -L eps)
-    loss = (h' - 1 / (2 beta))^2, h' from per-token means              (-S 1: IPO)
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (-O 0: sigmoid; -L eps)
+    loss = (h' - 1 / (2 beta))^2, h' from per-token means              (-O 1: IPO)
   + -N times the NLL of the chosen answers (TRL's rpo_alpha; default 1, which keeps the chosen
 answers likely while the margin grows), where log pi(x) is the sum of the log-probs of an
 answer's tokens (dpo_loss in llm.cu). The reference's log-probs never change:
@@ -86,10 +86,14 @@ static ReferenceLogps reference_identity(const char* model_path, const PairData&
 
 // The reference of pairs p: read from ref_path when it exists (and belongs to the starting
 // model and to these pairs), else computed by r, which must hold the starting model, and saved.
-static ReferenceLogps reference_logps(Runner* r, const char* model_path, const PairData& p, const char* pairs_path, const std::string& ref_path,
-                                      bool may_compute, int B, PairBatch* pb) {
+// With several ranks each computes a block of the pairs, the blocks are gathered by every rank,
+// and rank 0 writes the file (rank 0 alone looks whether it exists, and says so to the others).
+static ReferenceLogps reference_logps(Runner* r, Comm* comm, const char* model_path, const PairData& p, const char* pairs_path,
+                                      const std::string& ref_path, bool may_compute, int B, PairBatch* pb) {
     ReferenceLogps ref = reference_identity(model_path, p);
-    if (access(ref_path.c_str(), F_OK) == 0) {
+    int exists = comm->rank == 0 && access(ref_path.c_str(), F_OK) == 0;
+    comm_broadcast(comm, &exists, sizeof(exists));
+    if (exists) {
         ReferenceLogps loaded;
         std::string err = reference_load_checked(&loaded, ref_path.c_str(), ref, p.n_pairs);
         if (!err.empty()) fail_file(ref_path.c_str(), "%s", err.c_str());
@@ -99,13 +103,17 @@ static ReferenceLogps reference_logps(Runner* r, const char* model_path, const P
     if (!may_compute) fail_file(ref_path.c_str(), "is missing; the reference is computed by the starting model before step 1, so a resumed run needs it");
     auto t0 = std::chrono::steady_clock::now();
     std::vector<size_t> rows(B);
-    for (size_t first = 0; first < p.n_pairs; first += B) {
-        int n = (int)std::min((size_t)B, p.n_pairs - first);
+    Shard mine = shard_of(p.n_pairs, comm->rank, comm->world);  // this rank's pairs [begin, end)
+    ref.chosen.assign(p.n_pairs, 0.0f), ref.rejected.assign(p.n_pairs, 0.0f);
+    for (size_t first = mine.begin; first < mine.end; first += B) {
+        int n = (int)std::min((size_t)B, mine.end - first);
         for (int i = 0; i < n; i++) rows[i] = first + i;
         policy_logps(r, p, rows.data(), n, pb);
-        for (int i = 0; i < n; i++) ref.chosen.push_back(pb->pc[i]), ref.rejected.push_back(pb->pr[i]);
+        for (int i = 0; i < n; i++) ref.chosen[first + i] = pb->pc[i], ref.rejected[first + i] = pb->pr[i];
     }
-    reference_save(ref, ref_path.c_str());
+    comm_all_gather_host(comm, ref.chosen.data(), mine);
+    comm_all_gather_host(comm, ref.rejected.data(), mine);
+    if (comm->rank == 0) reference_save(ref, ref_path.c_str());
     printf("reference log-probs of %s by %s: %zu pairs in %.1f s, saved to %s\n", pairs_path, model_path, p.n_pairs,
            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), ref_path.c_str());
     return ref;
@@ -115,15 +123,17 @@ static void reference_rows(const ReferenceLogps& ref, const size_t* rows, int n,
     for (int i = 0; i < n; i++) pb->rc[i] = ref.chosen[rows[i]], pb->rr[i] = ref.rejected[rows[i]];
 }
 
-// The loss and TRL's metrics over every pair of p (validation).
-static double evaluate(Runner* r, const PairData& p, const ReferenceLogps& ref, const DPOConfig& dpo, int B, PairBatch* pb, DPOMetrics* m) {
+// The loss and TRL's metrics over every pair of p (validation); each rank takes a block of the
+// pairs and the ranks sum their shares.
+static double evaluate(Runner* r, Comm* comm, const PairData& p, const ReferenceLogps& ref, const DPOConfig& dpo, int B, PairBatch* pb, DPOMetrics* m) {
     std::vector<size_t> rows(B);
     size_t chosen_tokens = 0;
     for (size_t i = 0; i < p.n_pairs; i++) chosen_tokens += token_targets(p.seqs, 2 * i);
     double loss = 0;
     *m = DPOMetrics{};
-    for (size_t first = 0; first < p.n_pairs; first += B) {
-        int n = (int)std::min((size_t)B, p.n_pairs - first);
+    Shard mine = shard_of(p.n_pairs, comm->rank, comm->world);
+    for (size_t first = mine.begin; first < mine.end; first += B) {
+        int n = (int)std::min((size_t)B, mine.end - first);
         for (int i = 0; i < n; i++) rows[i] = first + i;
         policy_logps(r, p, rows.data(), n, pb);
         reference_rows(ref, rows.data(), n, pb);
@@ -131,6 +141,8 @@ static double evaluate(Runner* r, const PairData& p, const ReferenceLogps& ref, 
                          pb->dpc.data(), pb->dpr.data());
         dpo_metrics_add(m, dpo, pb->pc.data(), pb->pr.data(), pb->rc.data(), pb->rr.data(), n);
     }
+    comm_all_reduce_sum_double(comm, (double*)m, sizeof(DPOMetrics) / sizeof(double));
+    comm_all_reduce_sum_double(comm, &loss, 1);
     return loss;
 }
 
@@ -168,19 +180,16 @@ static void train_dpo(DPOStageConfig& cfg) {
     tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
     bool has_val = *cfg.val_path;
     if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
-    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params));
+    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params), tc.recompute);
     int B = tc.micro_batch;
     PairBatch pb;
     pair_batch_init(&pb, B, tc.max_len);
 
     // the reference: the starting model's log-probs of every pair, before the first step
     std::string ref_path = *cfg.reference_path ? cfg.reference_path : std::string(cfg.train_path) + ".logps";
-    // (with several ranks, rank 0 computes and writes the files; the others then load them)
     bool fresh = tr.resume_dir.empty();
-    if (tr.comm.rank != 0) comm_barrier(&tr.comm);
-    ReferenceLogps ref = reference_logps(&runner, cfg.model_path, train, cfg.train_path, ref_path, fresh, B, &pb), val_ref;
-    if (has_val) val_ref = reference_logps(&runner, cfg.model_path, val, cfg.val_path, std::string(cfg.val_path) + ".logps", fresh, B, &pb);
-    if (tr.comm.rank == 0) comm_barrier(&tr.comm);
+    ReferenceLogps ref = reference_logps(&runner, &tr.comm, cfg.model_path, train, cfg.train_path, ref_path, fresh, B, &pb), val_ref;
+    if (has_val) val_ref = reference_logps(&runner, &tr.comm, cfg.model_path, val, cfg.val_path, std::string(cfg.val_path) + ".logps", fresh, B, &pb);
 
     uint64_t data_size;
     uint32_t data_hash;
@@ -222,7 +231,7 @@ static void train_dpo(DPOStageConfig& cfg) {
         trainer_step_end(&tr, loss, step_tokens, metric_list(m, false));
         if (has_val && trainer_due(&tr, tc.val_every)) {
             DPOMetrics vm;
-            double vloss = evaluate(&runner, val, val_ref, cfg.dpo, B, &pb, &vm);
+            double vloss = evaluate(&runner, &tr.comm, val, val_ref, cfg.dpo, B, &pb, &vm);
             std::vector<Metric> v = metric_list(vm, true);
             v.insert(v.begin(), {"val_loss", vloss});
             trainer_log(&tr, v);
@@ -233,7 +242,7 @@ static void train_dpo(DPOStageConfig& cfg) {
         if (*cfg.prompts_path) {
             std::vector<WorldPrompt> prompts = world_load_prompts(cfg.prompts_path);
             std::string per_kind;
-            double score = world_evaluate(&runner, &tok, prompts, 100, 4, &per_kind);
+            double score = world_evaluate(&runner, &tok, prompts, 100, 4, &per_kind, &tr.comm);  // a block of the prompts on each rank
             printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
         }
         trainer_save_model(&tr);
@@ -327,8 +336,11 @@ static void run_missing_stages() {
     make_dir("out/set");
     for (const Stage& st : recipe_stages()) {
         if (!forced && access(st.output, F_OK) == 0) {
-            printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
+            if (comm_launcher_rank() == 0) printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
             continue;
+        }
+        if (comm_launcher_world() > 1) {  // each rank would run the stage's programs on its own
+            fail_file(st.output, "is missing: under mpirun the recipe trains DPO only; make the stages before it first, on one process (./train_dpo)");
         }
         forced = true;
         printf("\nrecipe: stage %s (%s is missing)\n", st.name, st.output);
@@ -460,7 +472,7 @@ int main(int argc, char** argv) {
         {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
         {'R', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "the reference log-probs of the training pairs ('': <pairs>.logps)"},
         {'p', FLAG_OPTIONAL_PATH, &cfg.prompts_path, 0, 0, "held-out world prompts to answer and judge at the end ('': none)"},
-        {'S', FLAG_INT, &cfg.dpo.loss_type, 0, 1, "loss: 0 sigmoid (DPO), 1 IPO"},
+        {'O', FLAG_INT, &cfg.dpo.loss_type, 0, 1, "loss: 0 sigmoid (DPO), 1 IPO"},
         {'B', FLAG_FLOAT, &cfg.dpo.beta, -1e9, 1e9, "beta: the strength of the reference (> 0)"},
         {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
         {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: plain DPO)"},
@@ -474,6 +486,6 @@ int main(int argc, char** argv) {
     if (recipe && !tc.resume) run_missing_stages();
     auto t0 = std::chrono::steady_clock::now();
     train_dpo(cfg);
-    if (recipe && tc.stop_at == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0));
+    if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0));  // rank 0 alone
     return 0;
 }

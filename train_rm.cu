@@ -67,28 +67,36 @@ struct RMEval {
     std::vector<double> group_accuracy, group_spearman;  // (n_groups)
 };
 
-// The validation measures over every pair of p.
-static RMEval evaluate(Runner* r, const PairData& p, const RMConfig& cfg, std::vector<size_t>& seqs, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+// The validation measures over every pair of p; with several ranks each scores a block of the
+// pairs and every rank computes the measures from all the scores.
+static RMEval evaluate(Runner* r, Comm* comm, const PairData& p, const RMConfig& cfg, std::vector<size_t>& seqs, std::vector<int>& tokens,
+                       std::vector<uint8_t>& mask) {
     int B = cfg.train.micro_batch, T;
     size_t G = std::max(p.groups.size(), (size_t)1);
-    std::vector<float> rc(B), rr(B), margin(B), drc(B), drr(B);
+    std::vector<float> rc(B), rr(B), margin(B), drc(B), drr(B), all_rc(p.n_pairs, 0.0f), all_rr(p.n_pairs, 0.0f);
     std::vector<size_t> rows(B);
-    std::vector<std::vector<double>> scores(G), gold(G);
-    std::vector<double> all_scores, all_gold, correct(G, 0), count(G, 0);
     RMEval e;
-    for (size_t first = 0; first < p.n_pairs; first += B) {
-        int n = (int)std::min((size_t)B, p.n_pairs - first);
+    // the scores of this rank's block of the pairs, then every rank's gathered (in pair order)
+    Shard mine = shard_of(p.n_pairs, comm->rank, comm->world);
+    for (size_t first = mine.begin; first < mine.end; first += B) {
+        int n = (int)std::min((size_t)B, mine.end - first);
         for (int i = 0; i < n; i++) rows[i] = first + i;
         score_pairs(r, p, rows.data(), n, seqs, tokens, mask, rc.data(), rr.data(), &T);
         pair_margins(p, rows.data(), n, cfg.margin, margin.data());
         e.loss += reward_pair_loss(rc.data(), rr.data(), margin.data(), n, p.n_pairs, cfg.center, drc.data(), drr.data());
-        for (int i = 0; i < n; i++) {
-            const PairRecord& rec = p.pairs[rows[i]];
-            size_t g = p.groups.empty() ? 0 : rec.group;
-            correct[g] += rc[i] > rr[i], count[g] += 1;
-            for (auto [s, y] : {std::pair<double, double>{rc[i], rec.score_chosen}, {rr[i], rec.score_rejected}}) {
-                scores[g].push_back(s), gold[g].push_back(y), all_scores.push_back(s), all_gold.push_back(y);
-            }
+        for (int i = 0; i < n; i++) all_rc[first + i] = rc[i], all_rr[first + i] = rr[i];
+    }
+    comm_all_reduce_sum_double(comm, &e.loss, 1);
+    comm_all_gather_host(comm, all_rc.data(), mine);
+    comm_all_gather_host(comm, all_rr.data(), mine);
+    std::vector<std::vector<double>> scores(G), gold(G);
+    std::vector<double> all_scores, all_gold, correct(G, 0), count(G, 0);
+    for (size_t i = 0; i < p.n_pairs; i++) {
+        const PairRecord& rec = p.pairs[i];
+        size_t g = p.groups.empty() ? 0 : rec.group;
+        correct[g] += all_rc[i] > all_rr[i], count[g] += 1;
+        for (auto [s, y] : {std::pair<double, double>{all_rc[i], rec.score_chosen}, {all_rr[i], rec.score_rejected}}) {
+            scores[g].push_back(s), gold[g].push_back(y), all_scores.push_back(s), all_gold.push_back(y);
         }
     }
     double right = 0;
@@ -146,7 +154,7 @@ int main(int argc, char** argv) {
     tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
     bool has_val = *cfg.val_path;
     if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
-    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params));
+    runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params), tc.recompute);
     uint64_t data_size;
     uint32_t data_hash;
     tokens_identity(train.seqs, &data_size, &data_hash);
@@ -189,14 +197,14 @@ int main(int argc, char** argv) {
         correct = counts[0], gap = counts[1];
         trainer_step_end(&tr, loss, step_tokens, {{"accuracy", correct / tc.total_batch}, {"margin", gap / tc.total_batch}});
         if (has_val && trainer_due(&tr, tc.val_every)) {
-            RMEval e = evaluate(&runner, val, cfg, seqs, tokens, mask);
+            RMEval e = evaluate(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
             trainer_log(&tr, {{"val_loss", e.loss}, {"val_accuracy", e.accuracy}, {"val_spearman", e.spearman}});
         }
         trainer_checkpoint(&tr);
     }
     if (trainer_finished(&tr)) {
         if (has_val) {
-            RMEval e = evaluate(&runner, val, cfg, seqs, tokens, mask);
+            RMEval e = evaluate(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
             printf("held-out pairs: accuracy %.3f, Spearman %.3f with the gold ratings, loss %.4f\n", e.accuracy, e.spearman, e.loss);
             for (size_t g = 0; g < val.groups.size(); g++) {
                 printf("  %-10s accuracy %.3f | Spearman %.3f\n", val.groups[g].c_str(), e.group_accuracy[g], e.group_spearman[g]);

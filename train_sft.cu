@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
     if (has_val) tokens_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val, cfg.val_path, tc.max_len);
     std::vector<WorldPrompt> prompts;  // held-out prompts for the printed answers ('' for none)
     if (*cfg.prompts_path) prompts = world_load_prompts(cfg.prompts_path);
-    runner_init(&runner, tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params));
+    runner_init(&runner, tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params), tc.recompute);
     uint64_t data_size;
     uint32_t data_hash;
     tokens_identity(train, &data_size, &data_hash);
@@ -153,10 +153,10 @@ int main(int argc, char** argv) {
         trainer_checkpoint(&tr);
     }
     if (trainer_finished(&tr)) {
-        if (!prompts.empty() && tr.comm.rank == 0) {
+        if (!prompts.empty()) {  // each rank answers a block of the prompts
             printf("greedy answers to held-out prompts:\n");
             std::string per_kind;
-            double score = world_evaluate(&runner, &tok, prompts, 100, 6, &per_kind);
+            double score = world_evaluate(&runner, &tok, prompts, 100, 6, &per_kind, &tr.comm);
             printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
         }
         trainer_save_model(&tr);

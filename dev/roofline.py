@@ -266,17 +266,21 @@ def carve(sizes):
     return total
 
 
-def memory_plan(cfg, B, T, attention, x):
-    """What llama_cuda_init allocates for training, by part, in bytes (every cudaMalloc)."""
+def memory_plan(cfg, B, T, attention, x, ranks=1, recompute=False):
+    """What llama_cuda_init allocates for training, by part, in bytes (every cudaMalloc). ranks: ZeRO-1's
+    ranks (the master weights and moments of ceil(P / ranks) parameters, the compute copy padded to
+    ranks parts); recompute: one layer of the RMSNorm outputs and the SwiGLU product (-r 1)."""
     C, L, H, KV, V, F = cfg
     hd, N = C // H, B * T
     KVD = KV * hd
     P = num_params(cfg)
+    per = -(-P // ranks)
+    Lr = 1 if recompute else L
     Vp = -(-V // 64) * 64  # llm.cu padded_vocab: the GPU's logits rows
     flash = attention == "flash"
-    acts = carve([((L + 1) * N * C, x), (L * N * C, x), (L * N, 4), (L * N * C, x), (L * N * KVD, x), (L * N * KVD, x),
-                  (0 if flash else L * B * H * T * T, x), (L * N * C, x), (L * N * C, x), (L * N * C, x), (L * N, 4),
-                  (L * N * F, x), (L * N * F, x), (L * N * F, x), (N * C, x), (N, 4), (N * (Vp if flash else V), x), (N, 4), (N * C, x),
+    acts = carve([((L + 1) * N * C, x), (Lr * N * C, x), (L * N, 4), (L * N * C, x), (L * N * KVD, x), (L * N * KVD, x),
+                  (0 if flash else L * B * H * T * T, x), (L * N * C, x), (L * N * C, x), (Lr * N * C, x), (L * N, 4),
+                  (L * N * F, x), (L * N * F, x), (Lr * N * F, x), (N * C, x), (N, 4), (N * (Vp if flash else V), x), (N, 4), (N * C, x),
                   (0, 4), (L * B * H * T if flash else 0, 4)])
     grad_acts = carve([(N * C, x), (N * C, x), (N * C, x), (N * KVD, x), (N * KVD, x), (N * C, x), (N * F, x), (N * F, x),
                        (N * F, x)])  # no d-logits: the GPU writes them over the logits
@@ -290,10 +294,10 @@ def memory_plan(cfg, B, T, attention, x):
     scratch = (N * 4 + B * 4 + N + B * 4 + N * 4 + B * 4 + B * 4 + 512 * 4 + 2 * 4 + attn + (3 * N + 1) * 4
                + -(-N // 32) * C * 4)
     return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
-        "weights": P * x,  # the compute copy
-        "master": P * 4,
+        "weights": per * ranks * x,  # the compute copy
+        "master": per * 4,
         "grads": P * 4,
-        "moments": 2 * P * 4,  # AdamW m, v
+        "moments": 2 * per * 4,  # AdamW m, v
         "activations": acts,
         "activation grads": grad_acts,
         "scratch": scratch,  # with the attention's scratch
@@ -406,18 +410,12 @@ def parallel_memory(cfg, B, T, ranks, zero, recompute, x=2):
     (attn_in, mlp_in: (L, B, T, C) each) and no SwiGLU product ((L, B, T, F)): the backward
     recomputes one layer's from the residuals, the rstds, gate and up, into a one-layer buffer."""
     C, L, H, KV, V, F = cfg
-    plan = memory_plan(cfg, B, T, "flash", x)
+    plan = memory_plan(cfg, B, T, "flash", x, ranks if zero >= 1 else 1, recompute)  # ZeRO-1 and -r 1 as llm.cu allocates them
     P = num_params(cfg)
     KVD = KV * (C // H)
     layer = 2 * C * C + 2 * KVD * C + 3 * F * C + 2 * C  # the parameters of one layer
-    if zero >= 1:
-        plan["master"] = -(-P // ranks) * 4
-        plan["moments"] = 2 * -(-P // ranks) * 4
     if zero >= 2:
         plan["grads"] = -(-P // ranks) * 4 + max(layer, V * C) * 4
-    if recompute:
-        N = B * T
-        plan["activations"] -= (L - 1) * N * (2 * C + F) * x
     return plan
 
 
@@ -509,6 +507,8 @@ def main():
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-plan", action="store_true")
+    ap.add_argument("--ranks", type=int, default=1, help="--memory-plan: ZeRO-1 over this many ranks (1: none)")
+    ap.add_argument("--recompute", action="store_true", help="--memory-plan: activation recomputation (-r 1)")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
     ap.add_argument("--scoring", action="store_true", help="the Xwin-Set's scoring of a prompt (64 x 1024 tokens, TinyLlama): prefill before and after flash")
     ap.add_argument("--parallel", action="store_true", help="data parallel on 8 x 80 GB: per-rank memory by ZeRO stage and recomputation, step times")
@@ -546,7 +546,9 @@ def main():
     elif a.memory:
         print(sum(memory_plan(cfg, a.b, a.t, a.attention, x).values()))
     elif a.memory_plan:
-        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x).items():
+        if a.ranks < 1:
+            sys.exit("error: --ranks must be positive")
+        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x, a.ranks, a.recompute).items():
             print(kind, b)
     else:
         print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")

@@ -69,6 +69,20 @@ inline std::string write_small_model(const char* name = "small.bin", int dim = 3
     return path;
 }
 
+// a small random reward model over the byte vocabulary (pad 258, as the byte tokenizer's)
+inline std::string write_small_reward_model(const char* name, int vocab = 259) {
+    std::string path = scratch(name);
+    Llama m;
+    LlamaConfig c{32, 2, 4, 2, vocab, 64, 256, 0, HEAD_REWARD, 10000.0, 1e-5};
+    c.pad_id = 258, c.bos_id = 256, c.eos_id = 257;
+    llama_init(&m, c);
+    uint64_t rng = 21;
+    for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
+    llama_save(&m, path.c_str(), DTYPE_FP32);
+    llama_free(&m);
+    return path;
+}
+
 // the first n sequences of the world's validation file
 inline std::string write_small_data(const char* name, size_t n) {
     TokenData all, d;

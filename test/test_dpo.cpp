@@ -30,7 +30,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     CHECK_THAT(out, Catch::Contains("error: -B: beta 0 must be > 0"));
     CHECK(run(common + " -L 0.5", &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: -L: label smoothing 0.5 must be in [0, 0.5)"));
-    CHECK(run(common + " -S 1 -L 0.1", &out) == 1);
+    CHECK(run(common + " -O 1 -L 0.1", &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: -L:"));
     // a tokenizer whose ids the model does not have (a vocabulary of 250 under the byte tokenizer's 259)
     std::string big = scratch("dpo_small_vocab.bin");
@@ -134,7 +134,7 @@ TEST_CASE("the reference file: its values checksummed, its reserved bytes zero, 
 TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {
     std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_arith_pairs("dpo_train", 96, 3), val = write_arith_pairs("dpo_val", 24, 4);
     std::string dir = scratch("dpo_run"), out;
-    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -N 0 -v 24 -n 0 -r 5";
+    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -N 0 -v 24 -n 0 -S 5";
     REQUIRE(run(common + " -o " + dir, &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + " by " + model));
@@ -184,7 +184,7 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
     }
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_dpo_cpu", "build/train_dpo_emu"}) {
-        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -r 3";
+        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -S 3";
         std::string a = scratch("dpo_a"), b = scratch("dpo_b");
         remove((val + ".logps").c_str());
         REQUIRE(run(cmd + " -o " + a, &out) == 0);

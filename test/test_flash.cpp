@@ -268,13 +268,25 @@ TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init all
     CHECK(zero.moments == 2 * 26048 * 4);
     CHECK(zero.weights == 3 * 26048 * sizeof(floatX));
     CHECK(zero.grads == plan.grads);
+    // and with activation recomputation (-r 1): one layer of attn_in, mlp_in (B, T, C) and swiglu
+    // (B, T, F) instead of L = 2; the plan is dev/roofline.py's with --ranks 3 --recompute
+    GpuMemoryPlan zero_r = gpu_memory_plan(c, B, T, true, 3, true);
+    CHECK(zero.activations - zero_r.activations == (size_t)(2 - 1) * B * T * (2 * 64 + 96) * sizeof(floatX));
+    std::map<std::string, size_t> cpp_r = {{"weights", zero_r.weights}, {"master", zero_r.master}, {"grads", zero_r.grads},
+                                           {"moments", zero_r.moments}, {"activations", zero_r.activations},
+                                           {"activation grads", zero_r.grad_activations}, {"scratch", zero_r.scratch},
+                                           {"rope table", zero_r.rope_table}}, py_r;
+    std::istringstream lines_r(command_output("python3 dev/roofline.py 64,2,8,2,160,96 -b 2 -t 70 --memory-plan --ranks 3 --recompute --precision " +
+                                              std::string(sizeof(floatX) == 2 ? "bf16" : "fp32")));
+    for (std::string line; std::getline(lines_r, line);) py_r[line.substr(0, line.rfind(' '))] = std::stoull(line.substr(line.rfind(' ') + 1));
+    CHECK(py_r == cpp_r);
     for (int rank : {0, 2}) {
         size_t free0 = 0, free1 = 0;
         cudaCheck(cudaMemGetInfo(&free0, nullptr));
         LlamaCuda g;
-        llama_cuda_init(&g, &host, B, T, true, stream, shard_of(host.num_params, rank, 3));
+        llama_cuda_init(&g, &host, B, T, true, stream, shard_of(host.num_params, rank, 3), rank == 2);
         cudaCheck(cudaMemGetInfo(&free1, nullptr));
-        CHECK(free0 - free1 == gpu_memory_plan_total(zero));
+        CHECK(free0 - free1 == gpu_memory_plan_total(rank == 2 ? zero_r : zero));
         CHECK(g.shard.begin == (size_t)rank * 26048);
         CHECK(g.shard.end == (rank == 2 ? 78144 : 26048));
         std::vector<float> master(g.shard.end - g.shard.begin);

@@ -210,6 +210,16 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
         cudaCheck(cudaMemcpy(d_dw, dw0.data(), C * sizeof(float), cudaMemcpyHostToDevice));
         rmsnorm_backward_cuda(d_dinp, d_dw, d_partials, d_dout, d_x, d_w, d_rstd, N, (int)C, stream);
         CHECK(download(d_dw, C) == dw_gpu);  // deterministic
+        // recomputation (-r 1): the output again from the input and the saved rstd, the forward's
+        // bits on each side (the CPU from its rstd, the kernel from the kernel's)
+        std::vector<float> again(N * C);
+        rmsnorm_recompute(again.data(), x.data(), w.data(), rstd.data(), N, C);
+        CHECK(again == out);
+        floatX* d_again = cuda_alloc<floatX>(N * C);
+        poison(d_again, N * C);
+        rmsnorm_recompute_cuda(d_again, d_x, d_w, d_rstd, N, (int)C, stream);
+        CHECK(download_x(d_again, N * C) == download_x(d_out, N * C));
+        cudaCheck(cudaFree(d_again));
         void* bufs[] = {d_x, d_w, d_dout, d_dinp, d_out, d_rstd, d_dw, d_partials};
         for (void* p : bufs) cudaCheck(cudaFree(p));
     }

@@ -67,7 +67,7 @@ static void check_close(const std::vector<double>& a, const std::vector<double>&
 struct ParallelFixture {
     std::string model = write_small_model("parallel_model.bin"), data = write_small_data("parallel.tok", 20),
                 val = write_small_data("parallel_val.tok", 8);
-    std::string common = " -m " + model + " -i " + data + " -j " + val + " -p '' -x 6 -w 2 -l 1e-2 -v 3 -s 0 -n 0 -r 5";
+    std::string common = " -m " + model + " -i " + data + " -j " + val + " -p '' -x 6 -w 2 -l 1e-2 -v 3 -s 0 -n 0 -S 5";
     std::vector<std::string> dirs;
     std::string dir(const char* name) {
         dirs.push_back(scratch(name));
@@ -195,9 +195,9 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
                 val = write_arith_pairs("parallel_pairs_val", 8, 2);
     struct Stage { const char* binary; std::string args; const char* metric; double weight_tolerance; };
     std::vector<Stage> stages = {
-        {"build/train_rm_cpu", " -m " + model + " -i " + train + " -j " + val + " -x 4 -w 2 -l 3e-3 -v 4 -n 0 -r 3", "margin", 5e-6},
+        {"build/train_rm_cpu", " -m " + model + " -i " + train + " -j " + val + " -x 4 -w 2 -l 3e-3 -v 4 -n 0 -S 3", "margin", 5e-6},
         // the 2-rank run goes first: its rank 0 computes the reference file, rank 1 reads it
-        {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j '' -p '' -x 4 -w 2 -l 1e-3 -n 0 -r 3", "rewards/margins", 1e-6},
+        {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j " + val + " -p '' -x 4 -w 2 -l 1e-3 -v 4 -n 0 -S 3", "rewards/margins", 1e-6},
     };
     for (const Stage& s : stages) {
         std::string two = scratch("pairs_two"), one = scratch("pairs_one"), zero = scratch("pairs_zero");
@@ -209,18 +209,31 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
         REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4 -z 1 -o " + zero, &out) == 0);  // ZeRO-1: the same bits
         CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
         CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
+        // DPO's reference pass is split over the ranks (a block of the pairs each, gathered): the
+        // file rank 0 wrote is the file one rank computes, byte for byte
+        std::vector<unsigned char> ref2 = file_bytes(train + ".logps"), val_ref2 = file_bytes(val + ".logps");
+        if (!ref2.empty()) remove((train + ".logps").c_str()), remove((val + ".logps").c_str());
         REQUIRE(run("OMP_NUM_THREADS=1 " + std::string(s.binary) + s.args + " -b 2 -d 4 -o " + one, &out) == 0);
+        if (!ref2.empty()) {
+            CHECK(file_bytes(train + ".logps") == ref2);
+            CHECK(file_bytes(val + ".logps") == val_ref2);
+            CHECK(!val_ref2.empty());
+        }
         std::vector<double> l2 = logged_losses(two + "/log.jsonl"), l1 = logged_losses(one + "/log.jsonl");
         REQUIRE(l2.size() == 4);
         CHECK(l2[0] == l1[0]);
         check_close(l2, l1, 1e-5);
         check_close(logged_values(two + "/log.jsonl", s.metric), logged_values(one + "/log.jsonl", s.metric), 1e-4);
+        // validation at step 4: a block of the held-out pairs on each rank, summed or gathered
+        std::vector<double> v2 = logged_values(two + "/log.jsonl", "val_loss"), v1 = logged_values(one + "/log.jsonl", "val_loss");
+        REQUIRE(v2.size() == 1);
+        check_close(v2, v1, 1e-5);
         double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
         printf("%s: 2 ranks x 2 pairs against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", s.binary, d);
         CHECK(d <= s.weight_tolerance);
         rm_rf(two), rm_rf(one), rm_rf(zero);
     }
-    remove(model.c_str()), remove(train.c_str()), remove(val.c_str()), remove((train + ".logps").c_str());
+    remove(model.c_str()), remove(train.c_str()), remove(val.c_str()), remove((train + ".logps").c_str()), remove((val + ".logps").c_str());
 }
 
 // The GPU program's own rank code, on the CPU: the CUDA build over test/cuda_emu.h with NCCL
@@ -302,4 +315,104 @@ TEST_CASE("kill -9 of one rank ends the run within 60 s naming it, and the resum
     REQUIRE(run(mpirun + args + " -o " + killed + " -y 1", &out) == 0);
     CHECK(logged_losses(killed + "/log.jsonl") == logged_losses(straight + "/log.jsonl"));
     CHECK(file_bytes(killed + "/model.bin") == file_bytes(straight + "/model.bin"));
+}
+
+// Activation recomputation (-r 1): the backward recomputes each layer's RMSNorm outputs (from the
+// kept residual and rstd, in the forward's order: rmsnorm_recompute) and SwiGLU product (from
+// the kept gate and up) into one layer's buffers, the forward's values bit for bit, so the run
+// is a run without it bit for bit: train_sft on the CPU build and on the emulated GPU build,
+// train_rm and train_dpo, and with ZeRO-1 on 2 ranks.
+TEST_CASE("activation recomputation (-r 1) trains the bits of a run without it, on both builds, with ZeRO-1 too", "[parallel][recompute]") {
+    ParallelFixture fx;
+    std::string pairs_model = write_small_model("recompute_pairs_model.bin"), pairs = write_arith_pairs("recompute_pairs", 16, 1), out;
+    struct Case { std::string cmd; const char* name; };
+    std::vector<Case> cases = {
+        {"OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 2 -d 4", "train_sft (CPU)"},
+        {"XWIN_EMU_THREADS=1 OMP_NUM_THREADS=1 build/train_sft_emu" + fx.common + " -b 2 -d 4", "train_sft (CUDA build, emulated)"},
+        {"OMP_NUM_THREADS=1 build/train_rm_cpu -m " + pairs_model + " -i " + pairs + " -j '' -x 3 -w 1 -l 3e-3 -n 0 -S 3 -b 2 -d 4", "train_rm"},
+        {"OMP_NUM_THREADS=1 build/train_dpo_cpu -m " + pairs_model + " -i " + pairs + " -j '' -p '' -x 3 -w 1 -l 1e-3 -n 0 -S 3 -b 2 -d 4", "train_dpo"},
+        {mpirun2() + "build/train_sft_cpu" + fx.common + " -b 1 -d 4 -z 1", "train_sft, 2 ranks, ZeRO-1"},
+    };
+    for (const Case& c : cases) {
+        std::string plain = fx.dir("recompute_off"), re = fx.dir("recompute_on");
+        int rc = run(c.cmd + " -o " + plain, &out);
+        INFO(c.name << "\n" << out);
+        REQUIRE(rc == 0);
+        REQUIRE(run(c.cmd + " -r 1 -o " + re, &out) == 0);
+        std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
+        REQUIRE(!a.empty());
+        CHECK(file_bytes(re + "/model.bin") == a);
+        CHECK(logged_losses(re + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+        CHECK(logged_losses(re + "/log.jsonl").size() >= 3);
+    }
+    remove(pairs_model.c_str()), remove(pairs.c_str()), remove((pairs + ".logps").c_str());
+}
+
+// ./sample under mpirun: each rank samples a block of the prompts (a response's random stream
+// depends on its prompt's index alone) and rank 0 writes the rows in prompt order, so the set
+// (-n, scored by a reward model and the policy) and the evaluation (-e, AlpacaEval's .json list)
+// are the files of one rank, byte for byte; 5 prompts split 3 + 2, two prompts per decode batch.
+TEST_CASE("./sample on 2 ranks writes the set and the evaluation of 1 rank, byte for byte", "[parallel][sample]") {
+    std::string mpirun = mpirun2(), model = write_small_model("parallel_sample_policy.bin"), rm = write_small_reward_model("parallel_sample_rm.bin");
+    std::string one = scratch("set_one.jsonl"), two = scratch("set_two.jsonl"), eval_one = scratch("eval_one.json"), eval_two = scratch("eval_two.json"), out;
+    std::string set = "build/sample_cpu -m " + model + " -r " + rm + " -n 4 -b 8 -l 5 -x 8 -t 1.5";
+    REQUIRE(run("OMP_NUM_THREADS=1 " + set + " -o " + one, &out) == 0);
+    int rc = run(mpirun + set + " -o " + two, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
+    CHECK(count_of(out, "wrote ") == 1);
+    std::vector<unsigned char> a = file_bytes(one);
+    REQUIRE(count_of(std::string(a.begin(), a.end()), "\"rm_scores\"") == 5);
+    CHECK(file_bytes(two) == a);
+    std::string eval = "build/sample_cpu -e 1 -m " + model + " -l 5 -x 8";
+    REQUIRE(run("OMP_NUM_THREADS=1 " + eval + " -o " + eval_one, &out) == 0);
+    std::string line_one = out.substr(out.find("gold judge mean"));
+    REQUIRE(run(mpirun + eval + " -o " + eval_two, &out) == 0);
+    CHECK(file_bytes(eval_two) == file_bytes(eval_one));
+    CHECK(out.substr(out.find("gold judge mean")).substr(0, 30) == line_one.substr(0, 30));  // the mean over all 5 prompts
+    // the other modes run on one process
+    rc = run(mpirun + "build/sample_cpu -m " + model + " -c 1 < /dev/null", &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: -c: runs on one process: only the set (-n) and evaluation (-e 1) split their prompts across 2 ranks"));
+    for (const std::string& f : {model, rm, one, two, eval_one, eval_two}) remove(f.c_str());
+}
+
+// The closing evaluation of train_sft (greedy answers to 100 held-out world prompts, judged) is
+// split over the ranks: each answers a block and the scores are gathered. The model is first
+// taught to answer "The answer is 9." to the first 40 single-turn prompts (8 of the 100 have
+// gold 9; rank 0's block, the first 50, holds only some of them), then trained at a learning
+// rate of 1e-30, where the weights end where they start on any number of ranks: the judge's
+// line must be one rank's exactly, and not all zeros.
+TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges", "[parallel][eval]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), model = write_small_model("nine_start.bin", 64, 2), jsonl = scratch("nine.jsonl"), tok = scratch("nine.tok");
+    std::string taught = fx.dir("nine"), out, text;
+    std::vector<WorldPrompt> prompts = world_load_prompts("data/world/eval_prompts.tsv");
+    for (size_t i = 0, n = 0; i < prompts.size() && n < 40; i++) {
+        const std::vector<std::string>& m = prompts[i].messages;  // system, user, ...
+        if (m.size() != 2) continue;
+        text += "{\"messages\": [{\"role\": \"system\", \"content\": \"" + m[0] + "\"}, " + conversation_json({m[1], "The answer is 9."}).substr(1) + "}\n";
+        n++;
+    }
+    write_bytes(jsonl, std::vector<unsigned char>(text.begin(), text.end()));
+    REQUIRE(run("python3 dev/data/prepare_sft.py " + jsonl + " " + tok + " --tokenizer byte", &out) == 0);
+    REQUIRE(run("OMP_NUM_THREADS=1 build/train_sft_cpu -m " + model + " -i " + tok + " -j '' -p '' -x 400 -w 5 -l 5e-3 -n 0 -s 0 -b 4 -d 4 -o " + taught,
+                &out) == 0);
+    std::string args = "build/train_sft_cpu -m " + taught + "/model.bin -i " + fx.data + " -j '' -p data/world/eval_prompts.tsv -x 2 -l 1e-30 -n 0 -s 0 -b 2 -d 4";
+    auto judge_line = [](const std::string& o) {
+        size_t at = o.find("gold judge: mean");
+        return at == std::string::npos ? std::string() : o.substr(at, o.find('\n', at) - at);
+    };
+    REQUIRE(run("OMP_NUM_THREADS=1 " + args + " -o " + fx.dir("eval_one"), &out) == 0);
+    std::string one = judge_line(out);
+    INFO(out);
+    CHECK_THAT(one, Catch::StartsWith("gold judge: mean"));
+    CHECK_THAT(one, !Catch::StartsWith("gold judge: mean 0.00"));
+    int rc = run(mpirun + args + " -o " + fx.dir("eval_two"), &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(judge_line(out) == one);
+    CHECK(count_of(out, "gold judge: mean") == 1);
+    remove(jsonl.c_str()), remove(tok.c_str()), remove(model.c_str());
 }

@@ -108,7 +108,7 @@ TEST_CASE("train_rm without its SFT model says the command that makes it", "[rm]
 
 TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically", "[rm]") {
     std::string sft = write_small_model("rm_sft.bin", 32, 2), train = write_arith_pairs("rm_train", 256, 1), val = write_arith_pairs("rm_val", 64, 2);
-    std::string common = "build/train_rm_cpu -m " + sft + " -i " + train + " -j " + val + " -b 16 -d 16 -x 48 -w 4 -l 3e-3 -v 48 -n 0 -r 3";
+    std::string common = "build/train_rm_cpu -m " + sft + " -i " + train + " -j " + val + " -b 16 -d 16 -x 48 -w 4 -l 3e-3 -v 48 -n 0 -S 3";
     std::string dir = scratch("rm_run"), resumed = scratch("rm_resumed"), out;
     REQUIRE(run(common + " -o " + dir, &out) == 0);
     INFO(out);
@@ -139,7 +139,7 @@ TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically",
     llama_free(&rm);
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_rm_cpu", "build/train_rm_emu"}) {
-        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -n 0 -r 3";
+        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -n 0 -S 3";
         std::string a = scratch("rm_a"), b = scratch("rm_b");
         REQUIRE(run(cmd + " -o " + a, &out) == 0);
         REQUIRE(run(cmd + " -o " + b + " -X 2", &out) == 0);

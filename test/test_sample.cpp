@@ -9,20 +9,6 @@
 
 static const char* SAMPLE = "build/sample_cpu";
 
-// a small random reward model over the byte vocabulary (pad 258, as the byte tokenizer's)
-static std::string write_small_reward_model(const char* name, int vocab = 259) {
-    std::string path = scratch(name);
-    Llama m;
-    LlamaConfig c{32, 2, 4, 2, vocab, 64, 256, 0, HEAD_REWARD, 10000.0, 1e-5};
-    c.pad_id = 258, c.bos_id = 256, c.eos_id = 257;
-    llama_init(&m, c);
-    uint64_t rng = 21;
-    for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
-    llama_save(&m, path.c_str(), DTYPE_FP32);
-    llama_free(&m);
-    return path;
-}
-
 static std::vector<Json> read_jsonl(const std::string& path) {
     std::vector<std::string> lines;
     REQUIRE(read_lines_checked(path.c_str(), &lines) == "");

@@ -55,7 +55,7 @@ TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
 TEST_CASE("train_sft -h prints the usage made from its flag table", "[sft][flags]") {
     std::string out;
     REQUIRE(run("build/train_sft_cpu -h", &out) == 0);
-    for (const char* flag : {"-m <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-f <int>", "-g <int>", "-r <int>"}) {
+    for (const char* flag : {"-m <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-f <int>", "-g <int>", "-S <int>"}) {
         CHECK_THAT(out, Catch::Contains(flag));
     }
     CHECK_THAT(out, Catch::Contains("(default 6000, 0..1000000000)"));  // -x: default and range
@@ -128,7 +128,7 @@ static void check_resume(const std::string& binary, const std::string& env) {
     std::string model = write_small_model();
     // 20 sequences, 8 a step: epochs roll over inside steps 3 and 5, on both sides of the stop
     std::string data = write_small_data("resume.tok", 20);
-    std::string common = env + " " + binary + " -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 6 -w 2 -l 1e-2 -v 0 -s 0 -n 0 -r 5";
+    std::string common = env + " " + binary + " -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 6 -w 2 -l 1e-2 -v 0 -s 0 -n 0 -S 5";
     std::string straight = scratch("straight"), resumed = scratch("resumed"), out;
     REQUIRE(run(common + " -o " + straight, &out) == 0);
     INFO(out);
@@ -210,7 +210,7 @@ struct ResumeFixture {
     std::string model = write_small_model("resume_model.bin"), data = write_small_data("resume_data.tok", 40);
     std::string dir = scratch("validate"), common;
     ResumeFixture() {
-        common = "build/train_sft_cpu -m " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -r 5 -o " + dir;
+        common = "build/train_sft_cpu -m " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -S 5 -o " + dir;
         std::string out;
         rm_rf(dir);
         REQUIRE(run(common + " -i " + data + " -X 3", &out) == 0);
@@ -410,7 +410,7 @@ TEST_CASE("SIGKILL at random moments, checkpoint writes included: the resumed lo
     // a checkpoint of 0.1M parameters (0.4 MB weights, 0.8 MB moments, each fsynced) takes a while to write
     std::string model = write_small_model("kill.bin", 64, 2);
     std::string data = write_small_data("kill.tok", 30);
-    std::string common = "build/train_sft_cpu -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 12 -w 2 -l 1e-2 -v 0 -s 0 -n 1 -r 5";
+    std::string common = "build/train_sft_cpu -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 12 -w 2 -l 1e-2 -v 0 -s 0 -n 1 -S 5";
     std::string straight = scratch("kill_straight"), killed = scratch("kill_killed"), log = scratch("kill.log"), out;
     auto t0 = std::chrono::steady_clock::now();
     REQUIRE(run("OMP_NUM_THREADS=2 " + common + " -o " + straight, &out) == 0);
