@@ -1337,9 +1337,10 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
 // tile from its diagonal on, of every query head of its group (a kv head is read in place by
 // the query heads sharing it, nothing is expanded); one block per query tile accumulates dq
 // over the key tiles up to its diagonal. Both recompute s (and dP): 7 tile products where one
-// kernel adding dq atomically would do 5, for a deterministic backward. The backward's blocks
-// are 8 warps, two or four per 16 rows of a tile (each with a part of the result's columns), so that 8
-// warps stay resident per SM at head sizes 64 and 128 on sm_80 and sm_90.
+// kernel adding dq atomically would do 5, for a deterministic backward. The backward's warps
+// split a tile's rows in groups of 16 and the result's columns in two (BF16) or four (FP32)
+// groups: 8 warps per block at D = 64 and 128, which keeps 8 warps resident per SM there on
+// sm_80 and sm_90.
 // The tile products are BF16 x BF16 with FP32 accumulation on the tensor cores (wmma, 16x16x16);
 // the FP32 build does the same products in FP32 FMAs (wmma has no 16x16x16 FP32 shape, and
 // TF32's 10-bit mantissa would not make an FP32 build). A head of size hd <= 128 is zero-padded
