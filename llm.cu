@@ -1363,7 +1363,10 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
 // tile from its diagonal on, of every query head of its group (a kv head is read in place by
 // the query heads sharing it, nothing is expanded); one block per query tile accumulates dq
 // over the key tiles up to its diagonal. Both recompute s (and dP): 7 tile products where one
-// kernel adding dq atomically would do 5, for a deterministic backward.
+// kernel adding dq atomically would do 5, for a deterministic backward. The backward's warps
+// split a tile's rows in groups of 16 and the result's columns in two (BF16) or four (FP32)
+// groups: 8 warps per block at D = 64 and 128, which keeps 8 warps resident per SM there on
+// sm_80 and sm_90.
 // The tile products are BF16 x BF16 with FP32 accumulation on the tensor cores (wmma, 16x16x16);
 // the FP32 build does the same products in FP32 FMAs (wmma has no 16x16x16 FP32 shape, and
 // TF32's 10-bit mantissa would not make an FP32 build). A head of size hd <= 128 is zero-padded
@@ -1431,7 +1434,7 @@ __device__ inline void warp_tile_mma(WarpTile& t, const float* a, int lda, const
 
 // ---- the flash kernels' tiles in shared memory
 constexpr int FLASH_TILE = sizeof(floatX) == 2 ? 64 : 32;  // query rows, and key rows, of a tile (FP32: half, for shared memory)
-constexpr int FLASH_THREADS = 2 * FLASH_TILE;                // one warp per 16 rows of a tile
+constexpr int FLASH_THREADS = 2 * FLASH_TILE;                // the forward: one warp per 16 rows of a tile
 // row strides in shared memory (elements): padded by 16 bytes, keeping wmma's multiples of 16 bytes
 __host__ __device__ constexpr int flash_ld(int cols) { return cols + 16 / (int)sizeof(floatX); }  // floatX rows
 __host__ __device__ constexpr int flash_ldf(int cols) { return cols + 4; }                     // FP32 rows
@@ -1467,13 +1470,30 @@ __host__ __device__ inline size_t flash_forward_shared(FlashForwardShared* s, ch
     return c.bytes;
 }
 
+// The backward's warps (both kernels): the FLASH_TILE rows of a block's tile (key rows in the dk/dv
+// kernel, query rows in the dq kernel) are FLASH_ROW_GROUPS groups of 16 rows, and the D columns
+// of its results (dk and dv, or dq) are split in flash_backward_col_groups<D>() column groups;
+// warp w takes the rows of group w % FLASH_ROW_GROUPS and the columns of group w / FLASH_ROW_GROUPS.
+// Splitting the columns shares a row group's accumulator tiles among warps (at D = 128 in BF16 a
+// warp of the dk/dv kernel holds 4 + 4 tiles, not 8 + 8) and makes a block 8 warps from D = 32
+// (BF16) or 64 (FP32) on, so that 8 warps stay resident per SM (dev/occupancy.py checks it).
+constexpr int FLASH_ROW_GROUPS = FLASH_TILE / 16;
+template <int D>
+__host__ __device__ constexpr int flash_backward_col_groups() {
+    return 8 / FLASH_ROW_GROUPS < D / 16 ? 8 / FLASH_ROW_GROUPS : D / 16;  // at most 8 warps, at least one column tile each
+}
+template <int D>
+__host__ __device__ constexpr int flash_backward_threads() { return 32 * FLASH_ROW_GROUPS * flash_backward_col_groups<D>(); }
+
 // The backward's tiles (both kernels): q and dout of a query tile, k and v of a key tile (each
 // pair contiguous: after the loop a pair holds the (FLASH_TILE, D) FP32 tile of a result on its
-// way out), s and dP (FP32), P and dS (floatX), all (FLASH_TILE, FLASH_TILE) (transposed in the
-// dk/dv kernel: key rows, query columns); lse and delta of the query tile's rows.
+// way out); P and dS (floatX, (FLASH_TILE, FLASH_TILE), transposed in the dk/dv kernel: key rows,
+// query columns; the dq kernel keeps P in registers); one (16, 16) FP32 tile per warp, through
+// which the warp's tiles of s and dP pass one at a time (the full FP32 s and dP are never
+// stored); lse and delta of the query tile's rows.
 struct FlashBackwardShared {
     floatX *q, *dout, *k, *v, *p, *ds;
-    float *s, *dp, *lse, *delta;
+    float *x, *lse, *delta;
 };
 template <int D>
 __host__ __device__ inline size_t flash_backward_shared(FlashBackwardShared* s, char* base) {
@@ -1484,8 +1504,7 @@ __host__ __device__ inline size_t flash_backward_shared(FlashBackwardShared* s, 
     s->v = s->k ? s->k + FLASH_TILE * flash_ld(D) : nullptr;
     s->p = c.take<floatX>(FLASH_TILE * flash_ld(FLASH_TILE));
     s->ds = c.take<floatX>(FLASH_TILE * flash_ld(FLASH_TILE));
-    s->s = c.take<float>(FLASH_TILE * flash_ldf(FLASH_TILE));
-    s->dp = c.take<float>(FLASH_TILE * flash_ldf(FLASH_TILE));
+    s->x = c.take<float>(flash_backward_threads<D>() / 32 * 16 * flash_ldf(16));
     s->lse = c.take<float>(FLASH_TILE);
     s->delta = c.take<float>(FLASH_TILE);
     return c.bytes;
@@ -1602,125 +1621,150 @@ __device__ inline void flash_load_rows(float* lse_s, float* delta_s, const float
     }
 }
 
-// one block per (tile of FLASH_TILE key rows, b * KV + kh); warp w owns key rows 16 w .. 16 w + 15
-// of the tile and their dk and dv, held in its tiles over the query heads of the group and the
-// query tiles from the diagonal on; s, dP, P and dS are computed transposed (key rows, query columns)
+// The warp's (16, 16) FP32 tile x = a b^T, a and b 16 rows of D columns (row stride flash_ld(D))
+// in shared memory. Afterwards lane l reads the elements (l / 16 + 2 j, l % 16), j = 0..7, of x
+// (any layout would do: the lanes read x only after a __syncwarp).
 template <int D>
+__device__ inline void flash_warp_dot_tile(float* x, const floatX* a, const floatX* b) {
+    WarpTile t;
+    warp_tile_zero(t);
+    warp_tile_mma<true>(t, a, flash_ld(D), b, flash_ld(D), D);
+    __syncwarp();  // the lanes are done reading the warp's previous tile in x
+    warp_tile_store(x, flash_ldf(16), t);
+    __syncwarp();  // the lanes read elements that other lanes stored
+}
+
+// one block per (tile of FLASH_TILE key rows, b * KV + kh); warp w owns the key rows of row group
+// w % FLASH_ROW_GROUPS and the columns of column group w / FLASH_ROW_GROUPS of dk and dv, held in
+// its tiles over the query heads of the group and the query tiles from the diagonal on. s, dP, P
+// and dS are computed transposed (key rows, query columns): a warp computes the 16 x 16 tiles of
+// its key rows at the query columns 16 n.., n = its column group, + the number of column groups, ...;
+// after a barrier each warp reads the full rows of P and dS of its row group.
+// (__launch_bounds__: the block size, and at least one block per SM, the 8 warps asked for; given
+// the block size alone, ptxas capped the registers lower, for more blocks, and spilled)
+template <int D>
+__launch_bounds__(flash_backward_threads<D>(), 1)
 __global__ void flash_attention_backward_dkdv_kernel(floatX* dk, floatX* dv, const floatX* dout, const float* lse, const float* delta,
                                                      const floatX* q, const floatX* k, const floatX* v, int T, int H, int KV, int hd) {
-    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    constexpr int TILE = FLASH_TILE, CG = flash_backward_col_groups<D>(), NT = D / 16 / CG;  // NT: the warp's column tiles
+    constexpr int LX = flash_ld(D), LP = flash_ld(TILE), LXS = flash_ldf(16), LO = flash_ldf(D);
     DYNAMIC_SHARED(char, smem);
     FlashBackwardShared sh;
     flash_backward_shared<D>(&sh, smem);
-    int kv0 = blockIdx.x * BT, kh = blockIdx.y % KV, group = H / KV, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int kv0 = blockIdx.x * TILE, kh = blockIdx.y % KV, group = H / KV, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int rg = warp % FLASH_ROW_GROUPS, cg = warp / FLASH_ROW_GROUPS, d0 = cg * (D / CG);  // the warp's rows 16 rg.., columns d0..
     size_t b = blockIdx.y / KV;
     float scale = 1.0f / sqrtf((float)hd);
     flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
     flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
-    const floatX* k_w = sh.k + 16 * warp * LX;  // the warp's 16 key rows of k, v, s, dP, P, dS
-    const floatX* v_w = sh.v + 16 * warp * LX;
-    float* s_w = sh.s + 16 * warp * LS;
-    float* dp_w = sh.dp + 16 * warp * LS;
-    floatX* p_w = sh.p + 16 * warp * LP;
-    floatX* ds_w = sh.ds + 16 * warp * LP;
-    WarpTile dk_acc[D / 16], dv_acc[D / 16];
+    const floatX* k_w = sh.k + 16 * rg * LX;  // the warp's 16 key rows of k, v, P, dS
+    const floatX* v_w = sh.v + 16 * rg * LX;
+    floatX* p_w = sh.p + 16 * rg * LP;
+    floatX* ds_w = sh.ds + 16 * rg * LP;
+    float* x_w = sh.x + warp * 16 * LXS;  // the warp's (16, 16) FP32 tile
+    WarpTile dk_acc[NT], dv_acc[NT];      // (16, 16 NT): key rows 16 rg.., columns d0..
     #pragma unroll
-    for (int n = 0; n < D / 16; n++) warp_tile_zero(dk_acc[n]), warp_tile_zero(dv_acc[n]);
+    for (int n = 0; n < NT; n++) warp_tile_zero(dk_acc[n]), warp_tile_zero(dv_acc[n]);
     for (int h = kh * group; h < (kh + 1) * group; h++) {
-        for (int q0 = kv0; q0 < T; q0 += BT) {  // causal: no query tile before the diagonal
-            __syncthreads();  // every warp is done with the previous q and dout tiles
+        for (int q0 = kv0; q0 < T; q0 += TILE) {  // causal: no query tile before the diagonal
+            __syncthreads();  // every warp is done with the previous q, dout, P and dS
             flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
             flash_load_tile<D>(sh.dout, dout, b, q0, T, H, h, hd);
             flash_load_rows(sh.lse, sh.delta, lse, delta, b * H + h, q0, T);
             __syncthreads();
-            for (int n = 0; n < BT / 16; n++) {  // s^T = k q^T, dP^T = v dout^T
-                WarpTile t;
-                warp_tile_zero(t);
-                warp_tile_mma<true>(t, k_w, LX, sh.q + 16 * n * LX, LX, D);
-                warp_tile_store(s_w + 16 * n, LS, t);
-                warp_tile_zero(t);
-                warp_tile_mma<true>(t, v_w, LX, sh.dout + 16 * n * LX, LX, D);
-                warp_tile_store(dp_w + 16 * n, LS, t);
+            for (int n = cg; n < TILE / 16; n += CG) {  // the warp's tiles at query columns 16 n..
+                float p[8];                             // P at the lane's elements (row r = lane / 16 + 2 j)
+                flash_warp_dot_tile<D>(x_w, k_w, sh.q + 16 * n * LX);  // s^T = k q^T, unscaled
+                #pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    int r = lane / 16 + 2 * j, c = 16 * n + lane % 16, key = kv0 + 16 * rg + r, query = q0 + c;
+                    p[j] = query < T && key <= query ? expf(x_w[r * LXS + lane % 16] * scale - sh.lse[c]) : 0.0f;
+                    p_w[r * LP + c] = from_float<floatX>(p[j]);
+                }
+                flash_warp_dot_tile<D>(x_w, v_w, sh.dout + 16 * n * LX);  // dP^T = v dout^T
+                #pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    int r = lane / 16 + 2 * j, c = 16 * n + lane % 16;
+                    ds_w[r * LP + c] = from_float<floatX>(p[j] * (x_w[r * LXS + lane % 16] - sh.delta[c]));
+                }
             }
-            __syncwarp();
-            for (int e = lane; e < 16 * BT; e += 32) {  // key row r, query column c
-                int r = e / BT, c = e % BT, j = kv0 + 16 * warp + r, i = q0 + c;
-                float p = i < T && j <= i ? expf(s_w[r * LS + c] * scale - sh.lse[c]) : 0.0f;
-                p_w[r * LP + c] = from_float<floatX>(p);
-                ds_w[r * LP + c] = from_float<floatX>(p * (dp_w[r * LS + c] - sh.delta[c]));
-            }
-            __syncwarp();
+            __syncthreads();  // the rows of P and dS are whole (their tiles come from every column group)
             #pragma unroll
-            for (int n = 0; n < D / 16; n++) {  // dv += P^T dout, dk += dS^T q
-                warp_tile_mma<false>(dv_acc[n], p_w, LP, sh.dout + 16 * n, LX, BT);
-                warp_tile_mma<false>(dk_acc[n], ds_w, LP, sh.q + 16 * n, LX, BT);
+            for (int n = 0; n < NT; n++) {  // dv += P^T dout, dk += dS^T q at columns d0 + 16 n..
+                warp_tile_mma<false>(dv_acc[n], p_w, LP, sh.dout + d0 + 16 * n, LX, TILE);
+                warp_tile_mma<false>(dk_acc[n], ds_w, LP, sh.q + d0 + 16 * n, LX, TILE);
             }
         }
     }
-    float* stage = (float*)sh.q;  // (BT, D) FP32 in place of the q and dout tiles
+    float* stage = (float*)sh.q;  // (TILE, D) FP32 in place of the q and dout tiles
     __syncthreads();
     #pragma unroll
-    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dv_acc[n]);
+    for (int n = 0; n < NT; n++) warp_tile_store(stage + 16 * rg * LO + d0 + 16 * n, LO, dv_acc[n]);
     __syncthreads();
     flash_add_tile(dv, stage, LO, 1.0f, b, kv0, T, KV, kh, hd);
     __syncthreads();
     #pragma unroll
-    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dk_acc[n]);
+    for (int n = 0; n < NT; n++) warp_tile_store(stage + 16 * rg * LO + d0 + 16 * n, LO, dk_acc[n]);
     __syncthreads();
     flash_add_tile(dk, stage, LO, scale, b, kv0, T, KV, kh, hd);
 }
 
-// one block per (tile of FLASH_TILE query rows, b * H + h); warp w owns query rows 16 w .. 16 w + 15
-// of the tile and their dq, held in its tiles over the key tiles up to the diagonal
+// one block per (tile of FLASH_TILE query rows, b * H + h); warp w owns the query rows of row
+// group w % FLASH_ROW_GROUPS and the columns of column group w / FLASH_ROW_GROUPS of dq, held in
+// its tiles over the key tiles up to the diagonal. A warp computes the 16 x 16 tiles of s, dP and
+// dS of its query rows at the key columns 16 n.., n = its column group, + the number of column
+// groups, ...; after a barrier each warp reads the full rows of dS of its row group.
 template <int D>
+__launch_bounds__(flash_backward_threads<D>(), 1)
 __global__ void flash_attention_backward_dq_kernel(floatX* dq, const floatX* dout, const float* lse, const float* delta, const floatX* q,
                                                    const floatX* k, const floatX* v, int T, int H, int KV, int hd) {
-    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    constexpr int TILE = FLASH_TILE, CG = flash_backward_col_groups<D>(), NT = D / 16 / CG;  // NT: the warp's column tiles
+    constexpr int LX = flash_ld(D), LP = flash_ld(TILE), LXS = flash_ldf(16), LO = flash_ldf(D);
     DYNAMIC_SHARED(char, smem);
     FlashBackwardShared sh;
     flash_backward_shared<D>(&sh, smem);
-    int q0 = blockIdx.x * BT, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int q0 = blockIdx.x * TILE, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int rg = warp % FLASH_ROW_GROUPS, cg = warp / FLASH_ROW_GROUPS, d0 = cg * (D / CG);  // the warp's rows 16 rg.., columns d0..
     size_t b = blockIdx.y / H;
     float scale = 1.0f / sqrtf((float)hd);
     flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
     flash_load_tile<D>(sh.dout, dout, b, q0, T, H, h, hd);
     flash_load_rows(sh.lse, sh.delta, lse, delta, b * H + h, q0, T);
-    const floatX* q_w = sh.q + 16 * warp * LX;  // the warp's 16 query rows of q, dout, s, dP, dS
-    const floatX* dout_w = sh.dout + 16 * warp * LX;
-    float* s_w = sh.s + 16 * warp * LS;
-    float* dp_w = sh.dp + 16 * warp * LS;
-    floatX* ds_w = sh.ds + 16 * warp * LP;
-    WarpTile dq_acc[D / 16];
+    const floatX* q_w = sh.q + 16 * rg * LX;  // the warp's 16 query rows of q, dout, dS
+    const floatX* dout_w = sh.dout + 16 * rg * LX;
+    floatX* ds_w = sh.ds + 16 * rg * LP;
+    float* x_w = sh.x + warp * 16 * LXS;  // the warp's (16, 16) FP32 tile
+    WarpTile dq_acc[NT];                  // (16, 16 NT): query rows 16 rg.., columns d0..
     #pragma unroll
-    for (int n = 0; n < D / 16; n++) warp_tile_zero(dq_acc[n]);
-    for (int kv0 = 0; kv0 < min(T, q0 + BT); kv0 += BT) {  // causal: no key tile after the tile's last row
-        __syncthreads();  // every warp is done with the previous k and v tiles
+    for (int n = 0; n < NT; n++) warp_tile_zero(dq_acc[n]);
+    for (int kv0 = 0; kv0 < min(T, q0 + TILE); kv0 += TILE) {  // causal: no key tile after the tile's last row
+        __syncthreads();  // every warp is done with the previous k, v and dS
         flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
         flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
         __syncthreads();
-        for (int n = 0; n < BT / 16; n++) {  // s = q k^T, dP = dout v^T
-            WarpTile t;
-            warp_tile_zero(t);
-            warp_tile_mma<true>(t, q_w, LX, sh.k + 16 * n * LX, LX, D);
-            warp_tile_store(s_w + 16 * n, LS, t);
-            warp_tile_zero(t);
-            warp_tile_mma<true>(t, dout_w, LX, sh.v + 16 * n * LX, LX, D);
-            warp_tile_store(dp_w + 16 * n, LS, t);
+        for (int n = cg; n < TILE / 16; n += CG) {  // the warp's tiles at key columns 16 n..
+            float p[8];                             // P at the lane's elements (row r = lane / 16 + 2 j)
+            flash_warp_dot_tile<D>(x_w, q_w, sh.k + 16 * n * LX);  // s = q k^T, unscaled
+            #pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int r = lane / 16 + 2 * j, query = q0 + 16 * rg + r, key = kv0 + 16 * n + lane % 16;
+                p[j] = query < T && key <= query ? expf(x_w[r * LXS + lane % 16] * scale - sh.lse[16 * rg + r]) : 0.0f;
+            }
+            flash_warp_dot_tile<D>(x_w, dout_w, sh.v + 16 * n * LX);  // dP = dout v^T
+            #pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int r = lane / 16 + 2 * j;
+                ds_w[r * LP + 16 * n + lane % 16] = from_float<floatX>(p[j] * (x_w[r * LXS + lane % 16] - sh.delta[16 * rg + r]));
+            }
         }
-        __syncwarp();
-        for (int e = lane; e < 16 * BT; e += 32) {  // query row r, key column c
-            int r = e / BT, c = e % BT, i = q0 + 16 * warp + r, j = kv0 + c;
-            float p = i < T && j <= i ? expf(s_w[r * LS + c] * scale - sh.lse[16 * warp + r]) : 0.0f;
-            ds_w[r * LP + c] = from_float<floatX>(p * (dp_w[r * LS + c] - sh.delta[16 * warp + r]));
-        }
-        __syncwarp();
+        __syncthreads();  // the rows of dS are whole (their tiles come from every column group)
         #pragma unroll
-        for (int n = 0; n < D / 16; n++) warp_tile_mma<false>(dq_acc[n], ds_w, LP, sh.k + 16 * n, LX, BT);  // dq += dS k
+        for (int n = 0; n < NT; n++) warp_tile_mma<false>(dq_acc[n], ds_w, LP, sh.k + d0 + 16 * n, LX, TILE);  // dq += dS k
     }
-    float* stage = (float*)sh.k;  // (BT, D) FP32 in place of the k and v tiles
+    float* stage = (float*)sh.k;  // (TILE, D) FP32 in place of the k and v tiles
     __syncthreads();
     #pragma unroll
-    for (int n = 0; n < D / 16; n++) warp_tile_store(stage + 16 * warp * LO + 16 * n, LO, dq_acc[n]);
+    for (int n = 0; n < NT; n++) warp_tile_store(stage + 16 * rg * LO + d0 + 16 * n, LO, dq_acc[n]);
     __syncthreads();
     flash_add_tile(dq, stage, LO, scale, b, q0, T, H, h, hd);
 }
@@ -1750,15 +1794,30 @@ inline void flash_allow_shared(Kernel kernel, size_t bytes) {
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
 
+// A flash kernel's block: its threads and bytes of dynamic shared memory, as the launchers use
+// them (dev/flash_occupancy.cu prints them for the nvcc gate's occupancy check).
+struct FlashBlock {
+    int threads;
+    size_t shared;
+};
+template <int D>
+inline FlashBlock flash_forward_block() {
+    FlashForwardShared layout;
+    return FlashBlock{FLASH_THREADS, flash_forward_shared<D>(&layout, nullptr)};
+}
+template <int D>
+inline FlashBlock flash_backward_block() {  // both backward kernels
+    FlashBackwardShared layout;
+    return FlashBlock{flash_backward_threads<D>(), flash_backward_shared<D>(&layout, nullptr)};
+}
+
 template <int D>
 inline void flash_attention_forward_launch(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, size_t B, int T,
                                            int H, int KV, int hd, cudaStream_t stream) {
-    const int block_size = FLASH_THREADS;
-    FlashForwardShared layout;
-    size_t shmem = flash_forward_shared<D>(&layout, nullptr);
-    flash_allow_shared(flash_attention_forward_kernel<D>, shmem);
+    FlashBlock block = flash_forward_block<D>();
+    flash_allow_shared(flash_attention_forward_kernel<D>, block.shared);
     dim3 grid(ceil_div(T, FLASH_TILE), (unsigned)(B * H));
-    LAUNCH(flash_attention_forward_kernel<D>, grid, block_size, shmem, stream, out, lse, q, k, v, T, H, KV, hd);
+    LAUNCH(flash_attention_forward_kernel<D>, grid, block.threads, block.shared, stream, out, lse, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
 }
 
@@ -1766,16 +1825,14 @@ template <int D>
 inline void flash_attention_backward_launch(floatX* dq, floatX* dk, floatX* dv, const float* delta, const floatX* dout, const float* lse,
                                             const floatX* q, const floatX* k, const floatX* v, size_t B, int T, int H, int KV, int hd,
                                             cudaStream_t stream) {
-    const int block_size = FLASH_THREADS;
-    FlashBackwardShared layout;
-    size_t shmem = flash_backward_shared<D>(&layout, nullptr);
-    flash_allow_shared(flash_attention_backward_dkdv_kernel<D>, shmem);
-    flash_allow_shared(flash_attention_backward_dq_kernel<D>, shmem);
-    LAUNCH(flash_attention_backward_dkdv_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * KV)), block_size, shmem, stream, dk, dv,
-           dout, lse, delta, q, k, v, T, H, KV, hd);
+    FlashBlock block = flash_backward_block<D>();
+    flash_allow_shared(flash_attention_backward_dkdv_kernel<D>, block.shared);
+    flash_allow_shared(flash_attention_backward_dq_kernel<D>, block.shared);
+    LAUNCH(flash_attention_backward_dkdv_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * KV)), block.threads, block.shared, stream,
+           dk, dv, dout, lse, delta, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
-    LAUNCH(flash_attention_backward_dq_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * H)), block_size, shmem, stream, dq, dout,
-           lse, delta, q, k, v, T, H, KV, hd);
+    LAUNCH(flash_attention_backward_dq_kernel<D>, dim3(ceil_div(T, FLASH_TILE), (unsigned)(B * H)), block.threads, block.shared, stream,
+           dq, dout, lse, delta, q, k, v, T, H, KV, hd);
     cudaCheck(cudaGetLastError());
 }
 

@@ -3,6 +3,9 @@
 # for sm_80 and sm_90, in BF16 and FP32, with warnings as errors; prints the registers,
 # shared memory and spills ptxas reports per kernel; fails on any register spill.
 # Each (source, architecture, precision) compile counts as one case of the closing line.
+# dev/flash_occupancy.cu is linked and run as well: with its ptxas log, dev/occupancy.py prints
+# the flash kernels' resident warps per SM, and the case fails if the flash backward keeps fewer
+# than 8 warps resident per SM at head size 64 or 128.
 set -u
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -16,6 +19,7 @@ fi
 # llm.cu is a header: it is compiled as part of every program that includes it
 sources=$(ls ./*.cu dev/*.cu 2>/dev/null | grep -v '^./llm.cu$' | tr '\n' ' ')
 table_source=dev/logprobs.cu
+occupancy_source=dev/flash_occupancy.cu
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 passed=0
@@ -26,11 +30,18 @@ for arch in 80 90; do
         [ "$precision" = FP32 ] && flag="-DENABLE_FP32"
         for src in $sources; do
             log="$out/$(basename "$src").$arch.$precision.log"
-            if "$NVCC" -c -x cu -std=c++17 -O3 -arch=sm_$arch $flag -Xptxas -v -Werror all-warnings \
-                -Xcompiler -fopenmp,-Wall,-Wextra "$src" -o "$out/obj.o" >"$log" 2>&1; then
+            # the occupancy program is linked (it runs here, on the host only), the others compiled
+            link="-c" obj="$out/obj.o"
+            [ "$src" = "$occupancy_source" ] && link="-lgomp" obj="$out/flash_occupancy"
+            if "$NVCC" $link -x cu -std=c++17 -O3 -arch=sm_$arch $flag -Xptxas -v -Werror all-warnings \
+                -Xcompiler -fopenmp,-Wall,-Wextra "$src" -o "$obj" >"$log" 2>&1; then
                 if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >/dev/null; then
                     echo "FAIL $src sm_$arch $precision: register spills"
                     grep -B2 -E "[1-9][0-9]* bytes spill" "$log"
+                    failed=$((failed + 1))
+                elif [ "$src" = "$occupancy_source" ] && ! { "$obj" >"$out/blocks.txt" &&
+                    python3 dev/occupancy.py --arch "$arch" --ptxas "$log" <"$out/blocks.txt"; }; then
+                    echo "FAIL $src sm_$arch $precision: occupancy (above)"
                     failed=$((failed + 1))
                 else
                     passed=$((passed + 1))
