@@ -6709,7 +6709,8 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // the same from run to run. They are not the bits of one rank accumulating the same
 // micro-batches: it adds each micro-batch's gradient into the step's in place, and a tensor
 // that takes several += per micro-batch (the embedding: one per token) rounds otherwise.
-// Launchers: mpirun (OpenMPI, MPICH); Slurm's srun without mpirun is not read yet.
+// Launchers: mpirun (OpenMPI, MPICH), and Slurm's srun with its MPI plugin (srun --mpi=pmix);
+// srun without an MPI plugin (NCCL's id through a shared file) is not supported: comm_init says so.
 
 #ifdef XWIN_MPI
 inline void mpi_check(int err, const char* file, int line) {
@@ -6745,9 +6746,10 @@ struct Comm {
 };
 
 // The number of ranks a launcher announced: OpenMPI's mpirun sets OMPI_COMM_WORLD_SIZE,
-// MPICH's and Intel MPI's set PMI_SIZE; 1 when neither is set.
+// MPICH's and Intel MPI's set PMI_SIZE, Slurm's srun SLURM_STEP_NUM_TASKS (a job step's tasks:
+// a batch script that runs the program directly is not a step); 1 when none is set.
 inline int comm_launcher_world() {
-    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
+    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"}) {
         const char* value = getenv(name);
         if (value && atoi(value) > 1) return atoi(value);
     }
@@ -6757,7 +6759,7 @@ inline int comm_launcher_world() {
 // This process's rank as the launcher announced it (0 without one): for the work a program does
 // outside its ranks' collectives, before comm_init or after comm_free
 inline int comm_launcher_rank() {
-    for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK"}) {
+    for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"}) {
         const char* value = getenv(name);
         if (value) return atoi(value);
     }
@@ -6782,6 +6784,12 @@ inline void comm_init(Comm* c) {
     c->mpi = true;
     mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
+    if (c->world != world) {  // srun without its MPI plugin: every task is an MPI world of its own
+        fprintf(stderr, "error: the launcher started %d ranks but MPI joined %d: under Slurm run srun --mpi=pmix (or pmi2, as the MPI was built), "
+                        "or mpirun inside the allocation\n", world, c->world);
+        MPI_Finalize();
+        exit(1);
+    }
     MPI_Comm node;  // the ranks that share this node's memory
     mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
     mpiCheck(MPI_Comm_rank(node, &c->local_rank));

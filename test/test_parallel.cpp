@@ -138,7 +138,7 @@ TEST_CASE("a 2-rank run stopped at step 3 and resumed on 2 ranks ends bit-identi
     CHECK(logged_losses(resumed + "/log.jsonl").size() == 6);
 }
 
-TEST_CASE("ranks that do not divide the total batch, and a build without MPI under a launcher, are refused in one line", "[parallel][flags]") {
+TEST_CASE("ranks that do not divide the total batch, a build without MPI under a launcher, and srun without MPI are refused in one line", "[parallel][flags]") {
     ParallelFixture fx;
     std::string mpirun = mpirun2(), out;
     int rc = run(mpirun + "build/train_sft_cpu" + fx.common + " -b 4 -d 4 -o " + fx.dir("indivisible"), &out);
@@ -150,6 +150,11 @@ TEST_CASE("ranks that do not divide the total batch, and a build without MPI und
     CHECK(rc == 1);
     CHECK(count_of(out, "\n") == 1);
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks, but this build has no MPI: multi-rank runs need the MPI build"));
+    // Slurm's srun without its MPI plugin: its tasks are MPI worlds of one each, not one run
+    rc = run("SLURM_STEP_NUM_TASKS=2 SLURM_PROCID=0 OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 2 -d 4 -o " + fx.dir("srun"), &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks but MPI joined 1: under Slurm run srun --mpi=pmix"));
 }
 
 // ZeRO-1 (-z 1): each rank updates its half of the flat weights with its half of the AdamW
