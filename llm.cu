@@ -647,6 +647,22 @@ inline void param_sizes(const LlamaConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
     sizes[11] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
 }
 
+// Layer l's part of each per-layer tensor (tensors 1..9, attn_norm .. w_down, each (L, ...)) in
+// a flat buffer laid out as point_parameters lays it: offsets[i], counts[i] in elements, in
+// tensor order. The other tensors (the embedding, the final norm, the head) are no layer's.
+constexpr int LAYER_TENSORS = 9;
+inline void layer_param_slices(const LlamaConfig& c, size_t l, size_t offsets[LAYER_TENSORS], size_t counts[LAYER_TENSORS]) {
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(c, sizes);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        if (i >= 1 && i <= LAYER_TENSORS) {
+            counts[i - 1] = sizes[i] / c.n_layers;
+            offsets[i - 1] = offset + l * counts[i - 1];
+        }
+        offset += sizes[i];
+    }
+}
+
 inline size_t num_parameters(const LlamaConfig& c) {
     size_t sizes[NUM_PARAM_TENSORS], n = 0;
     param_sizes(c, sizes);
@@ -2913,6 +2929,8 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //                                  probabilities a.att; GPU: its log-sum-exps a.lse)
 //   swiglu_forward(out, gate, up, n)                    swiglu_backward(dgate, dup, dout, gate, up, n)  (=)
 //   zero(x, n)
+//   layer_grads_done(l)            layer l's weight gradients are final for this backward (the GPU's
+//                                  data-parallel runs start their all-reduce; nothing on the CPU)
 // tokens are where the op set reads them (the host's on the CPU, the device's on the GPU).
 
 // tokens (B, T) -> every layer's activations in a and a.final_in (B, T, C), the final norm's
@@ -2996,6 +3014,7 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         o.matmul_backward_qkv(d.norm_out, g.wq + l * C * C, g.wk + l * KVD * C, g.wv + l * KVD * C, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
                               p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
         o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
+        o.layer_grads_done(l);  // layer l's parameter gradients are final (data parallel: their all-reduce may start)
     }
     o.embedding_backward(g.wte, d.residual, tokens, N, C);
 }
@@ -3151,6 +3170,7 @@ struct CpuOps {
     using X = float;
     const float* rope_table;
     int pad_id;
+    void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient at the step's end
     void embedding_forward(float* out, const int* tokens, const float* wte, size_t N, size_t C) { ::embedding_forward(out, tokens, wte, N, C); }
     void embedding_backward(float* dwte, const float* dout, const int* tokens, size_t N, size_t C) {
         ::embedding_backward(dwte, dout, tokens, N, C, pad_id);
@@ -3354,6 +3374,10 @@ struct LlamaCuda {
         Upload tokens, token_buckets, score_idx, mask, dlp, dscores, dsums;
     } up;
     cudaEvent_t queued = nullptr;     // recorded after the last queued kernel, to wait for it (runner_synchronize)
+    // data parallel: called by the backward when layer l's gradients are final (the trainer sets
+    // it for a step's last micro-batch: the layer's all-reduce then overlaps the layers below it)
+    void (*layer_grads_ready)(LlamaCuda* g, size_t l, void* ctx) = nullptr;
+    void* layer_grads_ctx = nullptr;
     cudaStream_t stream = nullptr;
 };
 
@@ -3581,6 +3605,9 @@ struct CudaForwardOps {
 // the RMSNorm backward's scratch and the embedding's token buckets are the model's.
 struct CudaOps : CudaForwardOps {
     LlamaCuda* g;
+    void layer_grads_done(size_t l) {
+        if (g->layer_grads_ready) g->layer_grads_ready(g, l, g->layer_grads_ctx);
+    }
     void embedding_backward(float* dwte, const floatX* dout, const int* tokens, size_t N, size_t C) {
         (void)tokens;  // bucketed by the forward (embedding_buckets)
         embedding_backward_cuda(dwte, dout, g->token_buckets, g->n_token_buckets, N, C, stream);
@@ -6741,7 +6768,11 @@ struct Comm {
     bool mpi = false;    // MPI was initialised (world > 1)
 #ifdef XWIN_NCCL
     ncclComm_t nccl = nullptr;
-    cudaStream_t stream = 0;  // the stream comm_all_reduce_sum runs on (the runner's)
+    cudaStream_t stream = 0;            // the stream comm_all_reduce_sum runs on (the runner's)
+    cudaStream_t reduce_stream = 0;     // the per-layer all-reduces that overlap the backward
+    cudaEvent_t grads_ready = nullptr;  // recorded on the runner's stream when a layer's gradients are final
+    cudaEvent_t reduced = nullptr;      // recorded on reduce_stream after the step's last all-reduce
+    bool overlapped = false;            // this step's layers were reduced during its backward
 #endif
 };
 
@@ -6807,6 +6838,9 @@ inline void comm_init(Comm* c) {
     if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
     mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
     ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
+    cudaCheck(cudaStreamCreateWithFlags(&c->reduce_stream, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&c->grads_ready, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&c->reduced, cudaEventDisableTiming));
 #endif
     if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
 #endif
@@ -6880,6 +6914,9 @@ inline void comm_barrier(Comm* c) {
 inline void comm_free(Comm* c) {
 #ifdef XWIN_NCCL
     if (c->nccl) ncclCheck(ncclCommDestroy(c->nccl));
+    if (c->reduce_stream) cudaCheck(cudaStreamDestroy(c->reduce_stream));
+    if (c->grads_ready) cudaCheck(cudaEventDestroy(c->grads_ready));
+    if (c->reduced) cudaCheck(cudaEventDestroy(c->reduced));
 #endif
 #ifdef XWIN_MPI
     if (c->mpi) mpiCheck(MPI_Finalize());
@@ -6887,11 +6924,67 @@ inline void comm_free(Comm* c) {
     *c = Comm{};
 }
 
-// The runner's gradients summed over the ranks (before the clip and the update).
+#ifdef XWIN_NCCL
+// The GPU's all-reduce of a layer's gradients while the backward goes on to the layers below:
+// the runner's stream records that layer l's gradients are final (grads_ready), the reduce
+// stream waits for that record alone, and sums the layer's 9 tensor slices there in one NCCL
+// group. The backward never writes a layer's gradients again after its layer_grads_done.
+inline void comm_reduce_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
+    Comm* c = (Comm*)ctx;
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS];
+    layer_param_slices(g->config, l, offsets, counts);
+    cudaCheck(cudaEventRecord(c->grads_ready, g->stream));
+    cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
+    ncclCheck(ncclGroupStart());
+    for (int i = 0; i < LAYER_TENSORS; i++) {
+        float* x = g->grads_memory + offsets[i];
+        ncclCheck(ncclAllReduce(x, x, counts[i], ncclFloat, ncclSum, c->nccl, c->reduce_stream));
+    }
+    ncclCheck(ncclGroupEnd());
+    c->overlapped = true;
+}
+#endif
+
+// Before micro-batch a of a step's accum on this rank: on the GPU build with several ranks, the
+// last one's backward starts each layer's all-reduce as soon as that layer is done
+// (comm_reduce_layer_grads), so the reduction hides behind the layers below it; earlier
+// micro-batches only accumulate. Nothing on the CPU build, which reduces at the step's end.
+inline void runner_micro_batch(Runner* r, Comm* c, int a, int accum) {
+#ifdef XWIN_NCCL
+    bool last = c->world > 1 && a == accum - 1;
+    r->gpu.layer_grads_ready = last ? comm_reduce_layer_grads : nullptr;
+    r->gpu.layer_grads_ctx = last ? c : nullptr;
+#else
+    (void)r, (void)c, (void)a, (void)accum;
+#endif
+}
+
+// The runner's gradients summed over the ranks (before the clip and the update). On the GPU,
+// after a backward that reduced its layers (runner_micro_batch): the rest (the embedding, the
+// final norm, the head) on the reduce stream too, and the runner's stream waits for it all.
 inline void runner_all_reduce_grads(Runner* r, Comm* c) {
 #ifdef XWIN_CUDA
 #ifdef XWIN_NCCL
     c->stream = r->gpu.stream;
+    if (c->overlapped) {
+        LlamaCuda* g = &r->gpu;
+        size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+        param_sizes(g->config, sizes);
+        cudaCheck(cudaEventRecord(c->grads_ready, g->stream));
+        cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
+        ncclCheck(ncclGroupStart());
+        for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+            bool layer = i >= 1 && i <= LAYER_TENSORS;  // reduced during the backward
+            if (!layer && sizes[i] > 0) ncclCheck(ncclAllReduce(g->grads_memory + offset, g->grads_memory + offset, sizes[i], ncclFloat, ncclSum, c->nccl, c->reduce_stream));
+            offset += sizes[i];
+        }
+        ncclCheck(ncclGroupEnd());
+        cudaCheck(cudaEventRecord(c->reduced, c->reduce_stream));
+        cudaCheck(cudaStreamWaitEvent(g->stream, c->reduced, 0));
+        c->overlapped = false;
+        g->layer_grads_ready = nullptr, g->layer_grads_ctx = nullptr;
+        return;
+    }
 #endif
     comm_all_reduce_sum(c, r->gpu.grads_memory, r->host.num_params);
 #else
@@ -7530,6 +7623,10 @@ inline void trainer_next_rows(Trainer* tr, size_t* rows) {
 inline const size_t* trainer_rank_rows(const Trainer* tr, const size_t* rows) {
     return rows + (size_t)tr->comm.rank * (tr->cfg->total_batch / tr->comm.world);
 }
+
+// Before each of this rank's micro-batches a = 0..accum-1 of a step (the GPU's data-parallel
+// runs then reduce the last one's gradients layer by layer during its backward).
+inline void trainer_micro_batch(Trainer* tr, int a) { runner_micro_batch(tr->runner, &tr->comm, a, tr->accum); }
 
 // stdout and the log are checked after every write: a full disk is an error, not a silent gap
 inline void trainer_flush(Trainer* tr) {

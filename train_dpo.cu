@@ -214,6 +214,7 @@ static void train_dpo(DPOStageConfig& cfg) {
         size_t step_tokens = 0;
         const size_t* my_rows = trainer_rank_rows(&tr, rows.data());  // this rank's pairs (the ranks sum their gradients)
         for (int a = 0; a < tr.accum; a++) {
+            trainer_micro_batch(&tr, a);
             const size_t* mrows = my_rows + (size_t)a * B;
             // the policy's log-probs of chosen and rejected, the reference's, the loss
             policy_logps(&runner, train, mrows, B, &pb);

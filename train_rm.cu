@@ -179,6 +179,7 @@ int main(int argc, char** argv) {
         size_t step_tokens = 0;
         const size_t* my_rows = trainer_rank_rows(&tr, rows.data());  // this rank's pairs (the ranks sum their gradients)
         for (int a = 0; a < tr.accum; a++) {
+            trainer_micro_batch(&tr, a);
             const size_t* mrows = my_rows + (size_t)a * B;
             int T;
             score_pairs(&runner, train, mrows, B, seqs, tokens, mask, rc.data(), rr.data(), &T);

@@ -132,6 +132,7 @@ int main(int argc, char** argv) {
         size_t step_tokens = 0;
         const size_t* my_rows = trainer_rank_rows(&tr, rows.data());
         for (int a = 0; a < tr.accum; a++) {
+            trainer_micro_batch(&tr, a);
             const size_t* mrows = my_rows + (size_t)a * tc.micro_batch;
             int T = 0;
             for (int b = 0; b < tc.micro_batch; b++) T = std::max(T, (int)token_seq_len(train, mrows[b]));

@@ -21,6 +21,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 typedef enum { ncclSuccess = 0, ncclInvalidArgument = 4, ncclInternalError = 3 } ncclResult_t;
@@ -51,9 +53,30 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int world, ncclUniqueId i
     return ncclSuccess;
 }
 
+// The all-reduces a rank has run (each call once), and those run inside a group: with
+// XWIN_NCCL_EMU_COUNTS set, ncclCommDestroy prints them to stderr, "nccl_emu rank R:
+// all-reduces A (G in groups)", so that a test sees the per-layer reductions happen.
+inline size_t& nccl_emu_all_reduces() { static size_t n = 0; return n; }
+inline size_t& nccl_emu_grouped() { static size_t n = 0; return n; }
+inline int& nccl_emu_group_depth() { static int d = 0; return d; }
+
+// a group's calls run as they are made (emulated streams are synchronous): the group only nests
+inline ncclResult_t ncclGroupStart() {
+    nccl_emu_group_depth()++;
+    return ncclSuccess;
+}
+
+inline ncclResult_t ncclGroupEnd() {
+    if (nccl_emu_group_depth() == 0) return ncclInvalidArgument;
+    nccl_emu_group_depth()--;
+    return ncclSuccess;
+}
+
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     (void)stream;  // emulated streams are synchronous
     if (!comm || type != ncclFloat || op != ncclSum) return ncclInvalidArgument;
+    nccl_emu_all_reduces()++;
+    if (nccl_emu_group_depth() > 0) nccl_emu_grouped()++;
     for (size_t i = 0; i < count; i += (size_t)INT_MAX) {
         int n = (int)std::min(count - i, (size_t)INT_MAX);
         const void* s = send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
@@ -73,6 +96,9 @@ inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, nc
 }
 
 inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+    if (getenv("XWIN_NCCL_EMU_COUNTS") && comm) {
+        fprintf(stderr, "nccl_emu rank %d: all-reduces %zu (%zu in groups)\n", comm->rank, nccl_emu_all_reduces(), nccl_emu_grouped());
+    }
     delete comm;
     return ncclSuccess;
 }

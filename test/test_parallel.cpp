@@ -265,6 +265,14 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
     printf("CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", d);
     CHECK(d <= 1e-5);
+    // the backward reduces each layer's gradients as soon as it is done, on its own stream: per
+    // step and rank, 2 layers x 9 tensor slices during the backward, then the embedding and the
+    // final norm (the head is the embedding: tied); 6 steps: 120 all-reduces, all in NCCL groups
+    // (validation's forwards reduce nothing). The run above, against one rank, went this way.
+    rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_counts"), &out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 0: all-reduces 120 (120 in groups)"));
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 1: all-reduces 120 (120 in groups)"));
     // ZeRO-1: each rank's half of the FP32 master weights and moments on its device, the BF16
     // compute copy all-gathered over NCCL after the update, the master halves gathered to save:
     // the same bits as ZeRO-0, and the memory plan says each rank's share
