@@ -7252,16 +7252,17 @@ struct RunIdentity {
 static_assert(sizeof(RunIdentity) == 80, "RunIdentity is written to state.bin as is");
 
 // "what: A here, B in the checkpoint; ..." for each field that differs, "" when none does.
-inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& then) {
+inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& then, const char* now_name = "now",
+                                     const char* then_name = "in the checkpoint") {
     std::string out;
     auto field = [&](const char* what, const std::string& a, const std::string& b) {
-        if (a != b) out += string_format("%s%s: %s now, %s in the checkpoint", out.empty() ? "" : "; ", what, a.c_str(), b.c_str());
+        if (a != b) out += string_format("%s%s: %s %s, %s %s", out.empty() ? "" : "; ", what, a.c_str(), now_name, b.c_str(), then_name);
     };
     field("program", std::string(now.program, strnlen(now.program, 16)), std::string(then.program, strnlen(then.program, 16)));
     field("training data (bytes, offsets hash)", string_format("%llu/%08x", (unsigned long long)now.data_size, now.data_hash),
           string_format("%llu/%08x", (unsigned long long)then.data_size, then.data_hash));
     field("model config (header hash)", string_format("%08x", now.model_hash), string_format("%08x", then.model_hash));
-    field("seed -r", std::to_string(now.seed), std::to_string(then.seed));
+    field("seed -S", std::to_string(now.seed), std::to_string(then.seed));
     field("micro-batch -b", std::to_string(now.micro_batch), std::to_string(then.micro_batch));
     field("total batch -d", std::to_string(now.total_batch), std::to_string(then.total_batch));
     field("max length -t", std::to_string(now.max_len), std::to_string(then.max_len));
@@ -7572,6 +7573,18 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     id.micro_batch = c.micro_batch, id.total_batch = c.total_batch, id.max_len = c.max_len, id.max_steps = tr->max_steps, id.warmup = c.warmup;
     id.lr = c.lr, id.weight_decay = c.weight_decay, id.grad_clip = c.grad_clip;
     id.world_size = (uint32_t)tr->comm.world;
+    if (tr->comm.world > 1) {  // every rank must run rank 0's run: the same flags, data and model
+        RunIdentity first = id;
+        comm_broadcast(&tr->comm, &first, sizeof(first));
+        std::string diff = run_identity_diff(id, first, string_format("on rank %d", tr->comm.rank).c_str(), "on rank 0");
+        double differ = diff.empty() ? 0.0 : 1.0;
+        comm_all_reduce_sum_double(&tr->comm, &differ, 1);
+        if (differ > 0) {
+            if (!diff.empty()) fprintf(stderr, "error: rank %d runs with other settings than rank 0 (%s): give every rank the same flags and files\n", tr->comm.rank, diff.c_str());
+            comm_free(&tr->comm);
+            exit(1);
+        }
+    }
     tr->log_path = std::string(c.out_dir) + "/log.jsonl";
     bool writer = tr->comm.rank == 0;  // rank 0 alone writes the log, checkpoints and models
     if (!tr->resume_dir.empty()) {

@@ -150,6 +150,14 @@ TEST_CASE("ranks that do not divide the total batch, a build without MPI under a
     CHECK(rc == 1);
     CHECK(count_of(out, "\n") == 1);
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks, but this build has no MPI: multi-rank runs need the MPI build"));
+    // ranks started with other flags (mpirun's colon syntax): refused before the first step, by
+    // the rank that differs, naming what
+    std::string launcher = mpirun.substr(0, mpirun.find(" -np ")), mismatch = fx.dir("mismatch");
+    rc = run(launcher + " -np 1 build/train_sft_cpu" + fx.common + " -b 2 -d 4 -o " + mismatch + " : -np 1 build/train_sft_cpu" + fx.common +
+             " -b 2 -d 4 -l 2e-2 -o " + mismatch, &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: rank 1 runs with other settings than rank 0 (lr -l: 0.02 on rank 1, 0.01 on rank 0): give every rank the same flags and files"));
+    CHECK(!exists(mismatch + "/log.jsonl"));
     // Slurm's srun without its MPI plugin: its tasks are MPI worlds of one each, not one run
     rc = run("SLURM_STEP_NUM_TASKS=2 SLURM_PROCID=0 OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 2 -d 4 -o " + fx.dir("srun"), &out);
     CHECK(rc == 1);
