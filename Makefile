@@ -210,7 +210,7 @@ test: deps $(TESTS)
 
 # The same kernel comparisons on a real GPU, then the GPU benchmark beside PyTorch.
 # Exits 77 with a clear message when there is no GPU.
-GPU_TEST_FLAGS = -std=c++17 -O2 -arch=sm_$(GPU_ARCH) -Xcompiler -fopenmp -x cu
+GPU_TEST_FLAGS = -std=c++17 -O2 -arch=sm_$(GPU_ARCH) -Xcompiler -fopenmp -x cu -DXWIN_COUNT_LAUNCHES
 test-gpu: deps
 	@if ! nvidia-smi -L >/dev/null 2>&1; then echo "test-gpu: skipped: no NVIDIA GPU found (nvidia-smi lists none)"; exit 77; fi
 	@mkdir -p build

@@ -301,7 +301,18 @@ inline uint16_t float_to_bf16(float f) {
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <nvtx3/nvToolsExt.h>
+#ifdef XWIN_COUNT_LAUNCHES  // make test-gpu: the kernel tests check that every kernel was launched
+#include <set>
+#include <string>
+inline std::set<std::string>& launched_kernels() {
+    static std::set<std::string> names;
+    return names;
+}
+#define LAUNCH(kernel, grid, block, shmem, stream, ...) \
+    (launched_kernels().insert(#kernel), kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__))
+#else
 #define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
+#endif
 // (a byte array, so two kernels may give their dynamic shared memory one name and two types;
 // 128-byte aligned, as the flash kernels' wmma tiles need at least 32)
 #define DYNAMIC_SHARED(type, name)                                             \
