@@ -17,7 +17,7 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
                                 first with its defaults (SFT, the preference pairs and the reward
                                 model, the Xwin-Set, RS), each command printed as it starts; at the
                                 end, every stage's model on the held-out prompts: the stage table,
-                                out/report.md and out/report.png
+                                out/report.md, out/report.png and the training curves out/curves.png
   ./train_dpo -m rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
                                 DPO alone on any pair file (dev/data/prepare_pairs.py)
   ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
@@ -394,6 +394,18 @@ static void draw_report(const char* path, const std::vector<StageResult>& rows) 
     plot_save_png(&p, path);
 }
 
+// The training curves of the recipe's stages (out/curves.png), from their logs
+static void draw_recipe_curves(const char* path) {
+    draw_training_curves(path, {
+        {"SFT: loss", "out/sft/log.jsonl", "loss"},
+        {"reward model: pair accuracy", "out/rm/log.jsonl", "accuracy", 0.0, 1.0},
+        {"RS: loss", "out/rs/log.jsonl", "loss"},
+        {"DPO: loss", "out/dpo/log.jsonl", "loss"},
+        {"DPO: rewards/margins", "out/dpo/log.jsonl", "rewards/margins"},
+        {"DPO: rewards/accuracies", "out/dpo/log.jsonl", "rewards/accuracies", 0.0, 1.0},
+    });
+}
+
 static void stage_table(const char* prompts_path, const char* tokenizer_path, double dpo_seconds) {
     std::vector<WorldPrompt> prompts = world_load_prompts(prompts_path);
     Tokenizer tok;
@@ -441,7 +453,9 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
                          "Made by `./train_dpo`: every stage's model answers the " + std::to_string(prompts.size()) +
                          " held-out prompts greedily, and the gold judge scores each answer (0..10). The win rate counts a tie as half. "
                          "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`).\n\n" + md +
-                         "\n![per stage](report.png)\n\nThe commands of the stages before DPO:\n\n";
+                         "\n![per stage](report.png)\n\n"
+                         "Training curves (`curves.png`, from each stage's `log.jsonl`: the training steps as lines, the validation points as squares):\n\n"
+                         "![training curves](curves.png)\n\nThe commands of the stages before DPO:\n\n";
     for (const Stage& st : recipe_stages()) {
         for (std::string cmd : st.commands) {
             if (cmd.find("{P}") == 0) cmd.replace(0, 3, ".");
@@ -453,7 +467,8 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
     atomic_write(&a, report.data(), report.size());
     atomic_commit(&a);
     draw_report("out/report.png", rows);
-    printf("wrote out/report.md and out/report.png\n");
+    draw_recipe_curves("out/curves.png");
+    printf("wrote out/report.md, out/report.png and out/curves.png\n");
     tokenizer_free(&tok);
 }
 

@@ -1,10 +1,12 @@
 // The DPO stage as a program: train_dpo (the CPU build and the CUDA kernels through the
 // emulation layer) on small pair files: its refusals (bad flags, another model's reference,
 // a tokenizer of another vocabulary), the reference file made once and reused, that DPO moves
-// the policy towards the chosen answers, and its exact resume. The binaries are
+// the policy towards the chosen answers, and its exact resume; the training curves of the
+// recipe's report (read_log_series, draw_training_curves). The binaries are
 // build/train_dpo_cpu and build/train_dpo_emu.
 #include <catch2/catch.hpp>
 
+#define XWIN_PLOTS  // draw_training_curves
 #include "program.h"
 
 // the values of a key on the log's lines that have it
@@ -195,5 +197,73 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
         rm_rf(a), rm_rf(b);
     }
     for (const std::string& f : {model, train, train + ".logps", val, val + ".logps"}) remove(f.c_str());
+    rm_rf(dir);
+}
+
+// ---- the recipe around DPO
+
+static void write_text(const std::string& path, const std::string& text) {
+    FILE* f = fopen_check(path.c_str(), "wb");
+    REQUIRE(fwrite(text.data(), 1, text.size(), f) == text.size());
+    fclose(f);
+}
+
+// a PNG's width and height: the IHDR chunk's first two big-endian words (bytes 16..23)
+static void png_size(const std::string& path, uint32_t* w, uint32_t* h) {
+    std::vector<unsigned char> b = file_bytes(path);
+    REQUIRE(b.size() > 24);
+    REQUIRE(memcmp(b.data(), "\x89PNG\r\n\x1a\n", 8) == 0);
+    REQUIRE(memcmp(b.data() + 12, "IHDR", 4) == 0);
+    *w = (uint32_t)b[16] << 24 | (uint32_t)b[17] << 16 | (uint32_t)b[18] << 8 | b[19];
+    *h = (uint32_t)b[20] << 24 | (uint32_t)b[21] << 16 | (uint32_t)b[22] << 8 | b[23];
+}
+
+TEST_CASE("training curves: a log's training steps and validation points read back apart, one PNG panel each", "[dpo][report]") {
+    std::string dir = scratch("curves");
+    make_dir(dir);
+    std::string log = dir + "/log.jsonl";
+    // as the trainers write it: step lines, validation lines, a skipped step, a NaN written as nan
+    write_text(log,
+               "{\"step\": 1, \"loss\": 2.500000, \"norm\": 1.000000, \"lr\": 1.000000e-04, \"accuracy\": 0.500000, \"ms\": 10.000, \"tokens\": 100}\n"
+               "{\"step\": 2, \"loss\": 2.250000, \"norm\": 0.500000, \"lr\": 1.000000e-04, \"accuracy\": 0.750000, \"ms\": 10.000, \"tokens\": 100}\n"
+               "{\"step\": 2, \"val_loss\": 2.125000, \"val_accuracy\": 0.625000}\n"
+               "{\"step\": 3, \"skipped\": 1}\n"
+               "\n"
+               "{\"step\": 4, \"loss\": 1.500000, \"norm\": 0.250000, \"lr\": 5.000000e-05, \"accuracy\": 1.000000, \"ms\": 10.000, \"tokens\": 100}\n"
+               "{\"step\": 4, \"val_loss\": nan}\n"
+               "{\"step\": 4, \"val_loss\": 1.750000, \"val_accuracy\": 0.875000}\n");
+    LogSeries s;
+    CHECK(read_log_series(log, "loss", &s) == "");
+    CHECK(s.steps == std::vector<double>{1, 2, 4});
+    CHECK(s.values == std::vector<double>{2.5, 2.25, 1.5});
+    CHECK(s.skipped == 1);  // the nan line
+    CHECK(read_log_series(log, "val_loss", &s) == "");
+    CHECK(s.steps == std::vector<double>{2, 4});
+    CHECK(s.values == std::vector<double>{2.125, 1.75});
+    CHECK(read_log_series(log, "accuracy", &s) == "");
+    CHECK(s.steps == std::vector<double>{1, 2, 4});
+    CHECK(s.values == std::vector<double>{0.5, 0.75, 1.0});
+    CHECK(read_log_series(log, "val_accuracy", &s) == "");
+    CHECK(s.values == std::vector<double>{0.625, 0.875});
+    CHECK(read_log_series(log, "rewards/margins", &s) == "");
+    CHECK(s.steps.empty());
+    CHECK_THAT(read_log_series(dir + "/none.jsonl", "loss", &s), Catch::Contains("cannot open"));
+
+    // four panels: two rows of three, 1200 x (40 + 2 x 300); a missing log and a missing metric
+    // get panels that say so
+    std::string png = dir + "/curves.png";
+    draw_training_curves(png.c_str(), {{"loss", log, "loss"},
+                                       {"accuracy", log, "accuracy", 0.0, 1.0},
+                                       {"missing log", dir + "/none.jsonl", "loss"},
+                                       {"missing metric", log, "rewards/margins"}});
+    uint32_t w = 0, h = 0;
+    png_size(png, &w, &h);
+    CHECK(w == 1200);
+    CHECK(h == 640);
+    CHECK(!exists(png + ".tmp"));
+    draw_training_curves(png.c_str(), {{"loss", log, "loss"}});  // one row
+    png_size(png, &w, &h);
+    CHECK(w == 1200);
+    CHECK(h == 340);
     rm_rf(dir);
 }
