@@ -8639,6 +8639,17 @@ inline void draw_training_curves(const char* path, const std::vector<CurvePanel>
     plot_rect(&p, key_x + 1, 15, key_x + 10, 24, val_color);
     plot_text(&p, key_x + 19, 12, "validation", black);
     auto tick = [](double v) { return string_format("%.3g", v); };
+    // the y axis's 5 tick labels: the fewest significant digits (3..7) that tell them apart
+    auto y_ticks = [](double v0, double v1) {
+        std::vector<std::string> t(5);
+        for (int digits = 3; digits <= 7; digits++) {
+            for (int k = 0; k <= 4; k++) t[k] = string_format("%.*g", digits, v0 + (v1 - v0) * k / 4);
+            bool distinct = true;
+            for (int k = 1; k <= 4; k++) distinct = distinct && t[k] != t[k - 1];
+            if (distinct) break;
+        }
+        return t;
+    };
     for (int i = 0; i < n; i++) {
         const CurvePanel& c = panels[i];
         int px = (i % 3) * CURVE_PANEL_W, py = CURVE_HEADER + (i / 3) * CURVE_PANEL_H;
@@ -8663,15 +8674,14 @@ inline void draw_training_curves(const char* path, const std::vector<CurvePanel>
         if (!std::isnan(c.hi)) v1 = std::max(v1, c.hi);
         if (v1 - v0 < 1e-9) v0 -= 0.5, v1 += 0.5;
         if (s1 <= s0) s0 -= 1, s1 += 1;
-        int x0 = px + 90, x1 = px + CURVE_PANEL_W - 24, y0 = py + CURVE_PANEL_H - 50, y1 = py + 52;
+        int x0 = px + 100, x1 = px + CURVE_PANEL_W - 24, y0 = py + CURVE_PANEL_H - 50, y1 = py + 52;
         auto X = [&](double s) { return x0 + (x1 - x0) * (s - s0) / (s1 - s0); };
         auto Y = [&](double v) { return y0 + (y1 - y0) * (v - v0) / (v1 - v0); };
+        std::vector<std::string> labels = y_ticks(v0, v1);
         for (int t = 0; t <= 4; t++) {  // y grid and ticks
-            double v = v0 + (v1 - v0) * t / 4;
-            int y = (int)std::lround(Y(v));
+            int y = (int)std::lround(Y(v0 + (v1 - v0) * t / 4));
             plot_rect(&p, x0, y, x1, y + 1, grid);
-            std::string label = tick(v);
-            plot_text(&p, x0 - 8 - 2 * stb_easy_font_width((char*)label.c_str()), y - 6, label.c_str(), black);
+            plot_text(&p, x0 - 8 - 2 * stb_easy_font_width((char*)labels[t].c_str()), y - 6, labels[t].c_str(), black);
         }
         plot_rect(&p, x0, y0, x1, y0 + 1, black);
         plot_rect(&p, x0 - 1, y1, x0, y0 + 1, black);
