@@ -1,9 +1,9 @@
 // The DPO stage as a program: train_dpo (the CPU build and the CUDA kernels through the
 // emulation layer) on small pair files: its refusals (bad flags, another model's reference,
 // a tokenizer of another vocabulary), the reference file made once and reused, that DPO moves
-// the policy towards the chosen answers, and its exact resume; the training curves of the
-// recipe's report (read_log_series, draw_training_curves). The binaries are
-// build/train_dpo_cpu and build/train_dpo_emu.
+// the policy towards the chosen answers, and its exact resume; the recipe around it: its seed in
+// every stage's command, its report and training curves (read_log_series,
+// draw_training_curves). The binaries are build/train_dpo_cpu and build/train_dpo_emu.
 #include <catch2/catch.hpp>
 
 #define XWIN_PLOTS  // draw_training_curves
@@ -265,5 +265,118 @@ TEST_CASE("training curves: a log's training steps and validation points read ba
     png_size(png, &w, &h);
     CHECK(w == 1200);
     CHECK(h == 340);
+    rm_rf(dir);
+}
+
+// the "$ " lines of a dry run
+static std::vector<std::string> dry_commands(const std::string& out) {
+    std::vector<std::string> cmds;
+    size_t pos = 0;
+    while (pos < out.size()) {
+        size_t end = out.find('\n', pos);
+        if (end == std::string::npos) end = out.size();
+        if (out.compare(pos, 2, "$ ") == 0) cmds.push_back(out.substr(pos + 2, end - pos - 2));
+        pos = end + 1;
+    }
+    return cmds;
+}
+
+static bool ends_with_text(const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+TEST_CASE("the recipe passes -S to every stage's program: -S to train_sft and train_rm, -z to sample", "[dpo][recipe]") {
+    std::string dir = scratch("recipe_seed");
+    make_dir(dir);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    std::string bin = std::string(cwd) + "/build/train_dpo_cpu", programs = std::string(cwd) + "/build/";
+    std::string out;
+    // in an empty folder every stage is missing: -D 1 prints their commands and runs nothing
+    REQUIRE(run("cd " + dir + " && " + bin + " -S 2 -D 1", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("recipe: then DPO (seed 2) and the stage table"));
+    std::vector<std::string> cmds = dry_commands(out);
+    REQUIRE(cmds.size() == 14);  // sft 1, rm 6, xwin-set 6, rs 1
+    int train = 0, sample = 0;
+    for (const std::string& c : cmds) {
+        if (c.rfind(programs + "train_", 0) == 0) {
+            train++;
+            CHECK(ends_with_text(c, " -S 2"));
+        } else if (c.rfind(programs + "sample", 0) == 0) {
+            sample++;
+            CHECK(ends_with_text(c, " -z 2"));
+        } else {  // cat, head, python3: no seed
+            CHECK(c.find(" -S ") == std::string::npos);
+            CHECK(c.find(" -z ") == std::string::npos);
+        }
+    }
+    CHECK(train == 3);  // SFT, the RM, RS
+    CHECK(sample == 5);
+    CHECK(cmds[0] == programs + "train_sft -S 2");
+    CHECK(cmds[13] == programs + "train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -S 2");
+    CHECK(!exists(dir + "/out"));  // a dry run makes no folder
+    // the default seed (1337): the commands as they always were, with no seed flag
+    REQUIRE(run("cd " + dir + " && " + bin + " -D 1", &out) == 0);
+    std::vector<std::string> plain = dry_commands(out);
+    REQUIRE(plain.size() == 14);
+    CHECK(plain[0] == programs + "train_sft");
+    CHECK(plain[1] == programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl");
+    for (const std::string& c : plain) {
+        CHECK(c.find(" -S ") == std::string::npos);
+        CHECK(c.find(" -z ") == std::string::npos);
+    }
+    REQUIRE(run("cd " + dir + " && " + bin + " -S 1337 -D 1", &out) == 0);
+    CHECK(dry_commands(out) == plain);
+    // a stage whose output is there is skipped, and so its commands are not printed
+    make_dir(dir + "/out/sft");
+    write_text(dir + "/out/sft/model.bin", "");
+    REQUIRE(run("cd " + dir + " && " + bin + " -S 2 -D 1", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("recipe: sft is there"));
+    CHECK(dry_commands(out).size() == 13);
+    // -D is for the recipe only
+    CHECK(run(bin + " -m x.bin -i y.pairs -D 1", &out) == 1);
+    CHECK_THAT(out, Catch::Contains("-D"));
+    rm_rf(dir);
+}
+
+TEST_CASE("the recipe's closing report: the stage table, the seed's commands, the training curves", "[dpo][recipe]") {
+    // a run folder whose stages before DPO are all there (small models, arithmetic pairs, an SFT
+    // log by hand, no reward model log): the recipe trains DPO 2 steps, then the stage table
+    std::string dir = scratch("recipe_report"), out;
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    for (const char* sub : {"/out/sft", "/out/rm", "/out/set", "/out/rs"}) make_dir(dir + sub);
+    REQUIRE(symlink((std::string(cwd) + "/data").c_str(), (dir + "/data").c_str()) == 0);
+    std::string model = write_small_model("recipe_model.bin", 32, 2);
+    std::vector<unsigned char> weights = file_bytes(model);
+    write_bytes(dir + "/out/sft/model.bin", weights);
+    write_bytes(dir + "/out/rs/model.bin", weights);
+    write_bytes(dir + "/out/rm/model.bin", {});
+    std::string train = write_arith_pairs("recipe_train", 16, 3), val = write_arith_pairs("recipe_val", 8, 4);
+    write_bytes(dir + "/out/set/dpo_train.pairs", file_bytes(train));
+    write_bytes(dir + "/out/set/dpo_val.pairs", file_bytes(val));
+    write_text(dir + "/out/sft/log.jsonl", "{\"step\": 1, \"loss\": 5.000000}\n{\"step\": 2, \"loss\": 4.000000}\n{\"step\": 2, \"val_loss\": 4.500000}\n");
+    REQUIRE(run("cd " + dir + " && " + cwd + "/build/train_dpo_cpu -S 2 -x 2 -w 1 -v 2", &out) == 0);
+    INFO(out);
+    CHECK_THAT(out, Catch::Contains("recipe: rs is there"));
+    CHECK_THAT(out, Catch::Contains("wrote out/report.md, out/report.png and out/curves.png"));
+    std::vector<unsigned char> md = file_bytes(dir + "/out/report.md");
+    std::string report(md.begin(), md.end());
+    CHECK_THAT(report, Catch::Contains("Seed 2 (`-S`), passed to every stage."));
+    CHECK_THAT(report, Catch::Contains("![training curves](curves.png)"));
+    CHECK_THAT(report, Catch::Contains("\n    ./train_sft -S 2\n"));
+    CHECK_THAT(report, Catch::Contains("-o out/set/xwin_set.jsonl -z 2\n"));
+    uint32_t w = 0, h = 0;
+    png_size(dir + "/out/curves.png", &w, &h);
+    CHECK(w == 1200);  // six panels, two rows
+    CHECK(h == 640);
+    CHECK(!exists(dir + "/out/curves.png.tmp"));
+    // DPO's log, which the curves read: its 2 steps and the validation at step 2
+    LogSeries s;
+    CHECK(read_log_series(dir + "/out/dpo/log.jsonl", "rewards/margins", &s) == "");
+    CHECK(s.steps == std::vector<double>{1, 2});
+    CHECK(read_log_series(dir + "/out/dpo/log.jsonl", "val_rewards/margins", &s) == "");
+    CHECK(s.steps == std::vector<double>{2});
+    for (const std::string& f : {model, train, val}) remove(f.c_str());
     rm_rf(dir);
 }
