@@ -3,7 +3,8 @@
 // a tokenizer of another vocabulary), the reference file made once and reused, that DPO moves
 // the policy towards the chosen answers, and its exact resume; the recipe around it: its seed in
 // every stage's command, its report and training curves (read_log_series,
-// draw_training_curves). The binaries are build/train_dpo_cpu and build/train_dpo_emu.
+// draw_training_curves), and dev/recipe_seeds.py's table over seeds. The binaries are
+// build/train_dpo_cpu and build/train_dpo_emu.
 #include <catch2/catch.hpp>
 
 #define XWIN_PLOTS  // draw_training_curves
@@ -379,4 +380,66 @@ TEST_CASE("the recipe's closing report: the stage table, the seed's commands, th
     CHECK(s.steps == std::vector<double>{2});
     for (const std::string& f : {model, train, val}) remove(f.c_str());
     rm_rf(dir);
+}
+
+TEST_CASE("dev/recipe_seeds.py: the stage means of the seeds' reports, their mean, range and deviation", "[dpo][recipe]") {
+    std::string runs = scratch("seed_runs");
+    std::string table = "| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | wall time |\n"
+                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                        "| SFT | %s | 1.6 | 1.0 | 2.5 | 3.7 | 6.2 | 0.2 | 0.500 | 374 s |\n"
+                        "| reward model (Xwin-Pair) | | | | | | | | | 441 s |\n"
+                        "| Xwin-Set (64 answers a prompt) | | | | | | | | | 356 s |\n"
+                        "| RS | %s | 2.9 | 1.8 | 3.6 | 6.2 | 9.4 | 0.0 | 0.672 | 17 s |\n"
+                        "| DPO | %s | 3.2 | 2.1 | 3.9 | 6.2 | 9.1 | 0.0 | 0.677 | 36 s |\n"
+                        "| total | | | | | | | | | 1226 s |\n";
+    const char* means[2][3] = {{"2.00", "4.00", "4.25"}, {"3.00", "5.00", "4.75"}};
+    for (int i = 0; i < 2; i++) {
+        std::string d = runs + "/seed_" + std::to_string(i + 1);
+        make_dir(d + "/out");
+        write_text(d + "/out/report.md", string_format(table.c_str(), means[i][0], means[i][1], means[i][2]));
+    }
+    // train_rm's closing lines, in the recipe's output
+    write_text(runs + "/seed_1/recipe.log", "held-out pairs: accuracy 0.600, Spearman 0.300 with the gold ratings, loss 0.6000\n"
+                                            "  arith      accuracy 0.500 | Spearman 0.100\n  followup   accuracy 0.700 | Spearman 0.200\nsaved\n");
+    write_text(runs + "/seed_2/recipe.log", "held-out pairs: accuracy 0.800, Spearman 0.300 with the gold ratings, loss 0.6000\n"
+                                            "  arith      accuracy 0.700 | Spearman 0.100\n");
+    // seed 3 stopped after the reward model: no report, no closing lines, its log.jsonl's last val_accuracy
+    make_dir(runs + "/seed_3/out/rm");
+    write_text(runs + "/seed_3/out/rm/log.jsonl", "{\"step\": 10, \"val_loss\": 0.600000, \"val_accuracy\": 0.500000}\n"
+                                                 "{\"step\": 20, \"loss\": 0.500000, \"accuracy\": 0.900000}\n"
+                                                 "{\"step\": 20, \"val_loss\": 0.600000, \"val_accuracy\": 0.750000}\n");
+    std::string out;
+    REQUIRE(run("python3 dev/recipe_seeds.py --runs " + runs + " --seeds 1 2 3 --report-only", &out) == 0);
+    // means 2.50, 4.50, 4.50; sample deviations sqrt(2 x 0.5^2) = 0.71 and sqrt(2 x 0.25^2) = 0.35
+    CHECK_THAT(out, Catch::Contains("| | seed 1 | seed 2 | seed 3 | mean | min..max | std |"));
+    CHECK_THAT(out, Catch::Contains("| SFT | 2.00 | 3.00 | - | 2.50 | 2.00..3.00 | 0.71 |"));
+    CHECK_THAT(out, Catch::Contains("| RS | 4.00 | 5.00 | - | 4.50 | 4.00..5.00 | 0.71 |"));
+    CHECK_THAT(out, Catch::Contains("| DPO | 4.25 | 4.75 | - | 4.50 | 4.25..4.75 | 0.35 |"));
+    CHECK_THAT(out, Catch::Contains("no report: " + runs + "/seed_3/out/report.md"));
+    // 0.600, 0.800, 0.750: mean 0.7167, deviation sqrt((0.1167^2 + 0.0833^2 + 0.0333^2) / 2) = 0.104
+    CHECK_THAT(out, Catch::Contains("| all | 0.600 | 0.800 | 0.750 | 0.717 | 0.600..0.800 | 0.104 |"));
+    CHECK_THAT(out, Catch::Contains("| arith | 0.500 | 0.700 | - | 0.600 | 0.500..0.700 | 0.141 |"));
+    CHECK_THAT(out, Catch::Contains("| followup | 0.700 | - | - | 0.700 | 0.700..0.700 | 0.000 |"));
+    // --dry-run: the run folders' links and the recipe's command per seed, nothing made
+    REQUIRE(run("python3 dev/recipe_seeds.py --runs " + runs + " --seeds 1337 2 --binary /x/train_dpo --dry-run", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("cd " + runs + "/seed_1337 && /x/train_dpo -S 1337 >> recipe.log 2>&1"));
+    CHECK_THAT(out, Catch::Contains("cd " + runs + "/seed_2 && /x/train_dpo -S 2 >> recipe.log 2>&1"));
+    CHECK_THAT(out, Catch::Contains("/data " + runs + "/seed_2/data"));
+    CHECK_THAT(out, Catch::Contains("/dev " + runs + "/seed_2/dev"));
+    CHECK(!exists(runs + "/seed_1337"));
+    // a run, with a stand-in for train_dpo that writes a report (through the data/ link) and
+    // fails for seed 5: each run folder gets its links, the output goes to recipe.log
+    std::string fake = scratch("fake_train_dpo.sh");
+    write_text(fake, "#!/bin/sh\necho \"fake recipe $*\"\n[ \"$2\" = 5 ] && exit 3\nmkdir -p out\n"
+                     "printf '| SFT | %s.00 | x |\\n' $(head -c 1 data/world/README.md | wc -c) > out/report.md\n");
+    REQUIRE(chmod(fake.c_str(), 0755) == 0);
+    CHECK(run("python3 dev/recipe_seeds.py --runs " + runs + " --seeds 4 5 --binary " + fake, &out) == 1);
+    CHECK_THAT(out, Catch::Contains("seed 4: done"));
+    CHECK_THAT(out, Catch::Contains("seed 5: failed (exit 3)"));
+    CHECK_THAT(out, Catch::Contains("| SFT | 1.00 | - | 1.00 | 1.00..1.00 | 0.00 |"));
+    std::vector<unsigned char> log = file_bytes(runs + "/seed_4/recipe.log");
+    CHECK_THAT(std::string(log.begin(), log.end()), Catch::Contains("fake recipe -S 4"));
+    CHECK(exists(runs + "/seed_5/dev/recipe_seeds.py"));
+    remove(fake.c_str());
+    rm_rf(runs);
 }
