@@ -8597,7 +8597,7 @@ struct CurvePanel {
     std::string title;          // "SFT: loss"
     std::string log;            // the program's log.jsonl
     std::string key;            // the training metric, as the log names it
-    double lo = NAN, hi = NAN;  // the y axis (NaN: the data's range)
+    double lo = NAN, hi = NAN;  // a range the y axis always spans, e.g. 0..1 (NaN: the data's range alone)
 };
 
 static const int CURVE_PANEL_W = 400, CURVE_PANEL_H = 300, CURVE_HEADER = 40;
