@@ -88,8 +88,10 @@ Contents, in file order (search for the quoted heading):
                             drawn again), infer_runner_shape/_of/_from, generate_greedy(_batch, _model),
                             world_prompt_ids, world_scores, world_kind_means, world_evaluate;
                             best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse/_append,
-                            utf8_repair, read_lines_checked, json_messages, prompts_load_checked
-  "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init/_rect/_text/_line, plot_save_png
+                            utf8_repair, read_lines_checked, json_messages, prompts_load_checked;
+                            LogSeries, read_log_series (a metric of a program's log.jsonl)
+  "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init/_rect/_text/_line, plot_save_png;
+                            plot_text_wrapped; CurvePanel, draw_training_curves (the recipe's out/curves.png)
 */
 #pragma once
 
@@ -8635,6 +8637,35 @@ inline std::string prompts_load_checked(std::vector<WorldPrompt>* out, const cha
     return "";
 }
 
+// ---- training logs: one metric of a program's <out>/log.jsonl, as (step, value) points
+
+struct LogSeries {
+    std::vector<double> steps, values;
+    size_t skipped = 0;  // lines that are not a JSON object (a line cut short, a "nan")
+};
+
+// The points of every line of the log at path that has a number under key and a "step":
+// read_log_series(log, "loss") gives the training steps, (log, "val_loss") the validation
+// points. Returns "" or why the file cannot be read.
+inline std::string read_log_series(const std::string& path, const std::string& key, LogSeries* out) {
+    *out = LogSeries{};
+    std::vector<std::string> lines;
+    std::string err = read_lines_checked(path.c_str(), &lines);
+    if (!err.empty()) return err;
+    for (const std::string& line : lines) {
+        if (line.find_first_not_of(" \t") == std::string::npos) continue;
+        Json row;
+        if (!json_parse(line, &row).empty() || row.type != Json::OBJECT) {
+            out->skipped++;
+            continue;
+        }
+        const Json *step = json_get(row, "step"), *value = json_get(row, key.c_str());
+        if (!step || step->type != Json::NUMBER || !value || value->type != Json::NUMBER) continue;
+        out->steps.push_back(step->number), out->values.push_back(value->number);
+    }
+    return "";
+}
+
 // ----------------------------------------------------------------------------
 // PNG plots, for the programs that draw one (sample, train_dpo): they define XWIN_PLOTS before
 // including llm.cu, and the build takes stb_image_write.h and stb_easy_font.h from Debian's
@@ -8687,5 +8718,117 @@ inline void plot_save_png(const Plot* p, const char* path) {
     std::string tmp = std::string(path) + ".tmp";
     if (!stbi_write_png(tmp.c_str(), p->w, p->h, 3, p->rgb.data(), p->w * 3)) fail_file(path, "cannot write the PNG (%s)", tmp.c_str());
     if (rename(tmp.c_str(), path) != 0) fail_file(path, "cannot rename %s over it: %s", tmp.c_str(), strerror(errno));
+}
+
+// Training curves: one panel per metric of a log.jsonl, the training steps as a line and the
+// validation points ("val_" + key, where the log has them) as squares.
+struct CurvePanel {
+    std::string title;          // "SFT: loss"
+    std::string log;            // the program's log.jsonl
+    std::string key;            // the training metric, as the log names it
+    double lo = NAN, hi = NAN;  // a range the y axis always spans, e.g. 0..1 (NaN: the data's range alone)
+};
+
+static const int CURVE_PANEL_W = 400, CURVE_PANEL_H = 300, CURVE_HEADER = 40;
+
+// text from (x, y) broken at spaces into lines of at most max_w pixels, 20 pixels apart
+inline void plot_text_wrapped(Plot* p, int x, int y, const std::string& text, int max_w, const unsigned char* c) {
+    std::string line;
+    size_t pos = 0;
+    while (pos < text.size()) {
+        size_t end = text.find(' ', pos + 1);
+        if (end == std::string::npos) end = text.size();
+        std::string word = text.substr(pos, end - pos);  // with its leading space, but the first
+        if (!line.empty() && 2 * stb_easy_font_width((char*)(line + word).c_str()) > max_w) {
+            plot_text(p, x, y, line.c_str(), c);
+            y += 20, line.clear();
+            if (word[0] == ' ') word.erase(0, 1);
+        }
+        line += word, pos = end;
+    }
+    if (!line.empty()) plot_text(p, x, y, line.c_str(), c);
+}
+
+// The panels, three a row, into one PNG at path (written through a .tmp file and a rename):
+// 1200 x (40 + rows * 300) pixels. A log that is missing, or that has no such
+// metric, gets a panel that says so.
+inline void draw_training_curves(const char* path, const std::vector<CurvePanel>& panels) {
+    const unsigned char black[3] = {0, 0, 0}, gray[3] = {110, 110, 110}, grid[3] = {225, 225, 225};
+    const unsigned char train_color[3] = {40, 90, 200}, val_color[3] = {220, 90, 20};
+    int n = (int)panels.size(), rows = std::max(1, (n + 2) / 3);
+    Plot p;
+    plot_init(&p, 3 * CURVE_PANEL_W, CURVE_HEADER + rows * CURVE_PANEL_H);
+    const char* header = "training curves from each stage's log.jsonl:";
+    plot_text(&p, 12, 12, header, black);
+    int key_x = 12 + 2 * stb_easy_font_width((char*)header) + 20;
+    plot_rect(&p, key_x, 18, key_x + 30, 21, train_color);
+    plot_text(&p, key_x + 38, 12, "training steps", black);
+    key_x += 38 + 2 * stb_easy_font_width((char*)"training steps") + 24;
+    plot_rect(&p, key_x, 14, key_x + 11, 25, black);
+    plot_rect(&p, key_x + 1, 15, key_x + 10, 24, val_color);
+    plot_text(&p, key_x + 19, 12, "validation", black);
+    auto tick = [](double v) { return string_format("%.3g", v); };
+    // the y axis's 5 tick labels: the fewest significant digits (3..7) that tell them apart
+    auto y_ticks = [](double v0, double v1) {
+        std::vector<std::string> t(5);
+        for (int digits = 3; digits <= 7; digits++) {
+            for (int k = 0; k <= 4; k++) t[k] = string_format("%.*g", digits, v0 + (v1 - v0) * k / 4);
+            bool distinct = true;
+            for (int k = 1; k <= 4; k++) distinct = distinct && t[k] != t[k - 1];
+            if (distinct) break;
+        }
+        return t;
+    };
+    for (int i = 0; i < n; i++) {
+        const CurvePanel& c = panels[i];
+        int px = (i % 3) * CURVE_PANEL_W, py = CURVE_HEADER + (i / 3) * CURVE_PANEL_H;
+        plot_text(&p, px + 12, py + 4, c.title.c_str(), black);
+        LogSeries train, val;
+        std::string err = read_log_series(c.log, c.key, &train);
+        if (err.empty()) read_log_series(c.log, "val_" + c.key, &val);
+        if (!err.empty() || (train.steps.empty() && val.steps.empty())) {
+            std::string why = !err.empty() ? "no log: " + c.log + " (" + err + ")" : "no '" + c.key + "' in " + c.log;
+            plot_text_wrapped(&p, px + 12, py + 110, why, CURVE_PANEL_W - 30, gray);
+            continue;
+        }
+        // the axes' ranges over both series
+        double s0 = INFINITY, s1 = -INFINITY, v0 = INFINITY, v1 = -INFINITY;
+        for (const LogSeries* s : {&train, &val}) {
+            for (size_t k = 0; k < s->steps.size(); k++) {
+                s0 = std::min(s0, s->steps[k]), s1 = std::max(s1, s->steps[k]);
+                v0 = std::min(v0, s->values[k]), v1 = std::max(v1, s->values[k]);
+            }
+        }
+        if (!std::isnan(c.lo)) v0 = std::min(v0, c.lo);
+        if (!std::isnan(c.hi)) v1 = std::max(v1, c.hi);
+        if (v1 - v0 < 1e-9) v0 -= 0.5, v1 += 0.5;
+        if (s1 <= s0) s0 -= 1, s1 += 1;
+        int x0 = px + 100, x1 = px + CURVE_PANEL_W - 24, y0 = py + CURVE_PANEL_H - 50, y1 = py + 52;
+        auto X = [&](double s) { return x0 + (x1 - x0) * (s - s0) / (s1 - s0); };
+        auto Y = [&](double v) { return y0 + (y1 - y0) * (v - v0) / (v1 - v0); };
+        std::vector<std::string> labels = y_ticks(v0, v1);
+        for (int t = 0; t <= 4; t++) {  // y grid and ticks
+            int y = (int)std::lround(Y(v0 + (v1 - v0) * t / 4));
+            plot_rect(&p, x0, y, x1, y + 1, grid);
+            plot_text(&p, x0 - 8 - 2 * stb_easy_font_width((char*)labels[t].c_str()), y - 6, labels[t].c_str(), black);
+        }
+        plot_rect(&p, x0, y0, x1, y0 + 1, black);
+        plot_rect(&p, x0 - 1, y1, x0, y0 + 1, black);
+        plot_text(&p, x0, y0 + 8, tick(s0).c_str(), black);
+        std::string last = tick(s1);
+        plot_text(&p, x1 - 2 * stb_easy_font_width((char*)last.c_str()), y0 + 8, last.c_str(), black);
+        plot_text(&p, (x0 + x1) / 2 - 16, y0 + 26, "step", black);  // the x axis's label
+        plot_text(&p, px + 12, py + 24, c.key.c_str(), gray);       // the y axis's label
+        for (size_t k = 1; k < train.steps.size(); k++) {
+            plot_line(&p, X(train.steps[k - 1]), Y(train.values[k - 1]), X(train.steps[k]), Y(train.values[k]), train_color, false);
+        }
+        if (train.steps.size() == 1) plot_line(&p, X(train.steps[0]), Y(train.values[0]), X(train.steps[0]), Y(train.values[0]), train_color, false);
+        for (size_t k = 0; k < val.steps.size(); k++) {
+            int x = (int)std::lround(X(val.steps[k])), y = (int)std::lround(Y(val.values[k]));
+            plot_rect(&p, x - 5, y - 5, x + 6, y + 6, black);
+            plot_rect(&p, x - 4, y - 4, x + 5, y + 5, val_color);
+        }
+    }
+    plot_save_png(&p, path);
 }
 #endif  // XWIN_PLOTS

@@ -17,7 +17,10 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
                                 first with its defaults (SFT, the preference pairs and the reward
                                 model, the Xwin-Set, RS), each command printed as it starts; at the
                                 end, every stage's model on the held-out prompts: the stage table,
-                                out/report.md and out/report.png
+                                out/report.md, out/report.png and the training curves out/curves.png
+  ./train_dpo -S 2              the recipe with seed 2 in every stage (-S to train_sft and train_rm,
+                                -z to sample); dev/recipe_seeds.py runs it over several seeds
+  ./train_dpo -S 2 -D 1         the commands of the stages that would run, without running them
   ./train_dpo -m rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
                                 DPO alone on any pair file (dev/data/prepare_pairs.py)
   ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
@@ -301,9 +304,11 @@ struct Stage {
     std::vector<std::string> commands;  // {P} is the programs' folder
 };
 
-// The world's recipe before DPO, in order (Xwin-LM sections 2-4 on the built-in world).
-static std::vector<Stage> recipe_stages() {
-    return {
+// The world's recipe before DPO, in order (Xwin-LM sections 2-4 on the built-in world). A seed
+// other than the default (1337) goes to every program of every stage: -S to train_sft and
+// train_rm, -z to sample; the default seed's commands are the programs' defaults.
+static std::vector<Stage> recipe_stages(uint64_t seed) {
+    std::vector<Stage> stages = {
         {"sft", "out/sft/model.bin", {"{P}/train_sft"}},
         // Xwin-Pair: the world's pairs plus on-policy ones (8 SFT answers per prompt at the
         // Xwin-Set's temperature, rated by the gold judge: the best against the worst and against
@@ -328,14 +333,22 @@ static std::vector<Stage> recipe_stages() {
         // RS: the SFT model fine-tuned on the best answer of each prompt, 4 epochs
         {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
     };
+    if (seed == TrainConfig{}.seed) return stages;
+    for (Stage& st : stages) {
+        for (std::string& cmd : st.commands) {
+            if (cmd.rfind("{P}/train_", 0) == 0) cmd += " -S " + std::to_string(seed);
+            else if (cmd.rfind("{P}/sample", 0) == 0) cmd += " -z " + std::to_string(seed);
+        }
+    }
+    return stages;
 }
 
-// Runs every stage whose output is missing, and every stage after one that ran.
-static void run_missing_stages() {
+// Runs every stage whose output is missing, and every stage after one that ran (dry: prints
+// those stages' commands and runs nothing).
+static void run_missing_stages(uint64_t seed, bool dry) {
     bool forced = false;
-    make_dir("out/xwin_pair");
-    make_dir("out/set");
-    for (const Stage& st : recipe_stages()) {
+    if (!dry) make_dir("out/xwin_pair"), make_dir("out/set");
+    for (const Stage& st : recipe_stages(seed)) {
         if (!forced && access(st.output, F_OK) == 0) {
             if (comm_launcher_rank() == 0) printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
             continue;
@@ -349,11 +362,12 @@ static void run_missing_stages() {
         for (std::string cmd : st.commands) {
             size_t at = cmd.find("{P}");
             if (at != std::string::npos) cmd.replace(at, 3, program_dir);
-            run_command(cmd);
+            if (dry) printf("$ %s\n", cmd.c_str());
+            else run_command(cmd);
         }
-        record_time(st.name, seconds_since(t0));
+        if (!dry) record_time(st.name, seconds_since(t0));
     }
-    if (forced) {  // DPO starts again, from an RS model made again: its reference log-probs are stale
+    if (forced && !dry) {  // DPO starts again, from an RS model made again: its reference log-probs are stale
         for (const char* stale : {"out/dpo/model.bin", "out/set/dpo_train.pairs.logps", "out/set/dpo_val.pairs.logps"}) remove(stale);
     }
 }
@@ -395,7 +409,19 @@ static void draw_report(const char* path, const std::vector<StageResult>& rows) 
     plot_save_png(&p, path);
 }
 
-static void stage_table(const char* prompts_path, const char* tokenizer_path, double dpo_seconds) {
+// The training curves of the recipe's stages (out/curves.png), from their logs
+static void draw_recipe_curves(const char* path) {
+    draw_training_curves(path, {
+        {"SFT: loss", "out/sft/log.jsonl", "loss"},
+        {"reward model: pair accuracy", "out/rm/log.jsonl", "accuracy", 0.0, 1.0},
+        {"RS: loss", "out/rs/log.jsonl", "loss"},
+        {"DPO: loss", "out/dpo/log.jsonl", "loss"},
+        {"DPO: rewards/margins", "out/dpo/log.jsonl", "rewards/margins"},
+        {"DPO: rewards/accuracies", "out/dpo/log.jsonl", "rewards/accuracies", 0.0, 1.0},
+    });
+}
+
+static void stage_table(const char* prompts_path, const char* tokenizer_path, double dpo_seconds, uint64_t seed) {
     std::vector<WorldPrompt> prompts = world_load_prompts(prompts_path);
     Tokenizer tok;
     tokenizer_load(&tok, tokenizer_path);
@@ -441,9 +467,12 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
     std::string report = "# The Xwin-LM recipe on the built-in world\n\n"
                          "Made by `./train_dpo`: every stage's model answers the " + std::to_string(prompts.size()) +
                          " held-out prompts greedily, and the gold judge scores each answer (0..10). The win rate counts a tie as half. "
-                         "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`).\n\n" + md +
-                         "\n![per stage](report.png)\n\nThe commands of the stages before DPO:\n\n";
-    for (const Stage& st : recipe_stages()) {
+                         "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`). Seed " + std::to_string(seed) +
+                         " (`-S`), passed to every stage.\n\n" + md +
+                         "\n![per stage](report.png)\n\n"
+                         "Training curves (`curves.png`, from each stage's `log.jsonl`: the training steps as lines, the validation points as squares):\n\n"
+                         "![training curves](curves.png)\n\nThe commands of the stages before DPO:\n\n";
+    for (const Stage& st : recipe_stages(seed)) {
         for (std::string cmd : st.commands) {
             if (cmd.find("{P}") == 0) cmd.replace(0, 3, ".");
             report += "    " + cmd + "\n";
@@ -454,7 +483,8 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
     atomic_write(&a, report.data(), report.size());
     atomic_commit(&a);
     draw_report("out/report.png", rows);
-    printf("wrote out/report.md and out/report.png\n");
+    draw_recipe_curves("out/curves.png");
+    printf("wrote out/report.md, out/report.png and out/curves.png\n");
     tokenizer_free(&tok);
 }
 
@@ -466,6 +496,7 @@ int main(int argc, char** argv) {
     tc.micro_batch = 8, tc.total_batch = 8, tc.lr = 1e-4f, tc.warmup = 10, tc.epochs = 3;
     tc.val_every = 100, tc.checkpoint_every = 200;
     cfg.dpo.nll_weight = 1.0f;  // the chosen answers' NLL at weight 1 keeps their likelihood up as the margin grows (RPO)
+    int dry_run = 0;
     std::vector<Flag> flags = {
         {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
         {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
@@ -477,6 +508,7 @@ int main(int argc, char** argv) {
         {'B', FLAG_FLOAT, &cfg.dpo.beta, -1e9, 1e9, "beta: the strength of the reference (> 0)"},
         {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
         {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: plain DPO)"},
+        {'D', FLAG_INT, &dry_run, 0, 1, "1 (the recipe): print the commands of the stages that would run, with the seed, and exit"},
     };
     train_flags(&flags, &tc);
     flags_parse(argc, argv, "DPO against a frozen reference (stage 5 of Xwin-LM); with the world's defaults, the whole recipe; -b and -d count pairs", flags);
@@ -484,9 +516,15 @@ int main(int argc, char** argv) {
     DPOStageConfig defaults;
     bool recipe = strcmp(cfg.model_path, defaults.model_path) == 0 && strcmp(cfg.train_path, defaults.train_path) == 0;
     program_dir = dir_of(argv[0]);
-    if (recipe && !tc.resume) run_missing_stages();
+    if (dry_run) {
+        if (!recipe) fail_flag('D', "is for the recipe (the default -m and -i)");
+        run_missing_stages(tc.seed, true);
+        printf("recipe: then DPO (seed %llu) and the stage table\n", (unsigned long long)tc.seed);
+        return 0;
+    }
+    if (recipe && !tc.resume) run_missing_stages(tc.seed, false);
     auto t0 = std::chrono::steady_clock::now();
     train_dpo(cfg);
-    if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0));  // rank 0 alone
+    if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0), tc.seed);  // rank 0 alone
     return 0;
 }
