@@ -99,6 +99,7 @@ Contents, in file order (search for the quoted heading):
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
