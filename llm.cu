@@ -115,6 +115,9 @@ Contents, in file order (search for the quoted heading):
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>  // _mm256_fmadd_ps for the matmul's micro-kernel
+#endif
 #ifdef XWIN_MPI
 #define OMPI_SKIP_MPICXX 1  // the C API only: no C++ bindings to link
 #define MPICH_SKIP_MPICXX 1
@@ -908,17 +911,48 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_p
 }
 #endif
 
+// Every matmul of the CPU build is out (M, P) += A (M, K) @ B (K, P) over strided operands:
+// A[i, k] is A[i * sa + k * sk] and B[k, j] is B[k * sbk + j * sbj], so either may be a
+// transpose read in place. matmul_plain is the spec: each output element is one sum that
+// starts at 0, takes the K terms in order, one multiply-add each (matmul_madd), and is then
+// added to out. The fast code below (matmul_tiles for a few rows, matmul_blocked for many)
+// computes exactly these sums, bit for bit (test/test_ops.cpp asserts it), each element by one
+// thread, so the result does not depend on the number of threads.
+
+// One multiply-add: fused (one rounding) where the build targets FMA (x86-64-v3), else a * b + c.
+// Written out rather than left to the compiler's contraction, so every matmul loop rounds alike.
+template <typename T>
+inline T matmul_madd(T a, T b, T c) {
+#ifdef __FMA__
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// out (M, P) += A (M, K) @ B (K, P): the plain loops
+template <typename T>
+void matmul_plain(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+    for (size_t i = 0; i < M; i++) {
+        for (size_t j = 0; j < P; j++) {
+            T acc = 0;
+            for (size_t k = 0; k < K; k++) acc = matmul_madd(A[i * sa + k * sk], B[k * sbk + j * sbj], acc);
+            out[i * P + j] += acc;
+        }
+    }
+}
+
 // One tile of matmul_tiles: out[i0.., j0..] += the 4 x 16 sums over k. With Tail, only the
 // first `cols` columns exist: B is read through a zero-padded copy of its row.
 template <typename T, bool Tail>
-inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P,
+inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P,
                         size_t i0, size_t j0, size_t cols) {
     constexpr size_t R = 4, W = 16;
     size_t a[R];  // rows past M repeat the last row; their sums are not stored
     for (size_t r = 0; r < R; r++) a[r] = (i0 + r < M ? i0 + r : M - 1) * sa;
     T acc[R][W] = {}, pad[W] = {};
     for (size_t k = 0; k < K; k++) {
-        const T* b = B + k * P + j0;
+        const T* b = B + k * sbk + j0;
         if (Tail) {
             for (size_t j = 0; j < cols; j++) pad[j] = b[j];
             b = pad;
@@ -926,7 +960,8 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
         T a0 = A[a[0] + k * sk], a1 = A[a[1] + k * sk], a2 = A[a[2] + k * sk], a3 = A[a[3] + k * sk];
         #pragma omp simd
         for (size_t j = 0; j < W; j++) {
-            acc[0][j] += a0 * b[j], acc[1][j] += a1 * b[j], acc[2][j] += a2 * b[j], acc[3][j] += a3 * b[j];
+            acc[0][j] = matmul_madd(a0, b[j], acc[0][j]), acc[1][j] = matmul_madd(a1, b[j], acc[1][j]);
+            acc[2][j] = matmul_madd(a2, b[j], acc[2][j]), acc[3][j] = matmul_madd(a3, b[j], acc[3][j]);
         }
     }
     for (size_t r = 0; r < R; r++) {
@@ -935,22 +970,180 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
     }
 }
 
-// out (M, P) += A (M, K) @ B (K, P), B row-major, A read through strides: A[i, k] is
-// A[i * sa + k * sk], so A may be a transpose. Tiles of 4 output rows x 16 columns keep
-// their sums in registers while k streams past, so every loaded B value feeds four
-// multiply-adds. The tiles are independent: the result does not depend on the number of
-// threads.
+// out (M, P) += A (M, K) @ B (K, P) for B with unit column stride (B[k, j] = B[k * sbk + j]),
+// in tiles of 4 output rows x 16 columns that keep their sums in registers while k streams
+// past, so every loaded B value feeds four multiply-adds. It reads B where it lies, so a
+// matmul of a few rows (decoding a token) costs one pass over the weight and no copy.
 template <typename T>
-void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P) {
+void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P) {
     constexpr size_t R = 4, W = 16;
     #pragma omp parallel for collapse(2) schedule(static) if (M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
-            if (j0 + W <= P) matmul_tile<T, false>(out, A, sa, sk, B, M, K, P, i0, j0, W);
-            else matmul_tile<T, true>(out, A, sa, sk, B, M, K, P, i0, j0, P - j0);
+            if (j0 + W <= P) matmul_tile<T, false>(out, A, sa, sk, B, sbk, M, K, P, i0, j0, W);
+            else matmul_tile<T, true>(out, A, sa, sk, B, sbk, M, K, P, i0, j0, P - j0);
         }
     }
+}
+
+#ifndef __CUDACC__
+// The blocked matmul of many rows, in float: GotoBLAS's loop order. For each block of
+// MATMUL_NC output columns and each slice of MATMUL_KC of k, the threads first copy that slice
+// of B into packed strips of 16 columns (k-major, zero-padded past P), shared by all; then each
+// thread takes blocks of MATMUL_MC rows, copies its slice of A into strips of 6 rows (k-major,
+// zero-padded past M), and a micro-kernel adds the slice's terms to 6 x 16 tiles of sums held
+// in 12 AVX2 registers: per k, two loads of B and six broadcasts of A feed 12 multiply-adds.
+// Between slices the sums wait in a scratch `acc` (M, MATMUL_NC), so every element still takes
+// its K terms in order from 0 and is added to out once, after its last slice: the same bits
+// as matmul_plain, whichever thread computes a block.
+constexpr size_t MATMUL_MR = 6, MATMUL_NR = 16;                     // a micro-tile
+constexpr size_t MATMUL_MC = 48, MATMUL_NC = 512, MATMUL_KC = 256;  // a thread's block of rows; a packed slice of B (fits L2)
+constexpr size_t MATMUL_BLOCKED_MIN_ROWS = 32;                      // fewer rows: matmul_tiles
+typedef float matmul_f8 __attribute__((vector_size(32)));          // 8 floats: one AVX2 register
+#ifdef __FMA__
+#define MATMUL_MADD8(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define MATMUL_MADD8(a, b, c) ((a) * (b) + (c))
+#endif
+
+// A 6 x 16 tile of sums continued through the kc terms of the packed strips a (kc, 6) and b
+// (kc, 16): from 0 when first, else from acc (rows ldc apart, 32-byte aligned); at the end added
+// to out (rows ldo apart) when out is given, else stored back to acc.
+inline void matmul_micro(float* acc, size_t ldc, const float* a, const float* b, size_t kc, bool first, float* out, size_t ldo) {
+    matmul_f8 c[MATMUL_MR][2];
+    #pragma GCC unroll 6
+    for (size_t r = 0; r < MATMUL_MR; r++) {
+        if (first) c[r][0] = c[r][1] = matmul_f8{};
+        else c[r][0] = *(const matmul_f8*)(acc + r * ldc), c[r][1] = *(const matmul_f8*)(acc + r * ldc + 8);
+    }
+    for (size_t k = 0; k < kc; k++) {
+        matmul_f8 b0 = *(const matmul_f8*)(b + k * MATMUL_NR), b1 = *(const matmul_f8*)(b + k * MATMUL_NR + 8);
+        #pragma GCC unroll 6
+        for (size_t r = 0; r < MATMUL_MR; r++) {
+            float v = a[k * MATMUL_MR + r];
+            matmul_f8 x = {v, v, v, v, v, v, v, v};
+            c[r][0] = MATMUL_MADD8(x, b0, c[r][0]);
+            c[r][1] = MATMUL_MADD8(x, b1, c[r][1]);
+        }
+    }
+    #pragma GCC unroll 6
+    for (size_t r = 0; r < MATMUL_MR; r++) {
+        if (out) {
+            matmul_f8 o0, o1;
+            memcpy(&o0, out + r * ldo, sizeof(o0)), memcpy(&o1, out + r * ldo + 8, sizeof(o1));
+            o0 += c[r][0], o1 += c[r][1];
+            memcpy(out + r * ldo, &o0, sizeof(o0)), memcpy(out + r * ldo + 8, &o1, sizeof(o1));
+        } else {
+            *(matmul_f8*)(acc + r * ldc) = c[r][0], *(matmul_f8*)(acc + r * ldc + 8) = c[r][1];
+        }
+    }
+}
+
+// 32-byte aligned scratch of at least n floats, kept between calls in `memory`
+inline float* matmul_scratch(std::vector<float>& memory, size_t n) {
+    if (memory.size() < n + 8) memory.resize(n + 8);
+    return (float*)(((uintptr_t)memory.data() + 31) & ~(uintptr_t)31);
+}
+
+inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+    constexpr size_t MR = MATMUL_MR, NR = MATMUL_NR, MC = MATMUL_MC, NC = MATMUL_NC, KC = MATMUL_KC;
+    static thread_local std::vector<float> shared_memory;  // the calling thread's: the packed B, which its team shares
+    static thread_local std::vector<float> thread_memory;
+    size_t strips_n_all = (P + NR - 1) / NR, row_blocks = (M + MC - 1) / MC;
+    float* bp = matmul_scratch(shared_memory, strips_n_all * K * NR);  // (P / 16, K, 16) strips of B
+    #pragma omp parallel if (M * K * P >= 16 * PARALLEL_MIN_WORK)
+    {
+        float* ap = matmul_scratch(thread_memory, MC * KC + MC * NC);  // (MC / 6, KC, 6) strips of a slice of A
+        float* acc = ap + MC * KC;                                     // (MC, NC) a block's sums between slices
+        // pack B as strips of 16 columns: bp[s][k][c] = B[k, 16 s + c], zero past P
+        #pragma omp for schedule(static)
+        for (size_t s = 0; s < strips_n_all; s++) {
+            float* dst = bp + s * K * NR;
+            size_t cols = std::min(NR, P - s * NR);
+            const float* src = B + s * NR * sbj;
+            if (sbj == 1 && cols == NR) {  // whole rows of 16: two vector copies per k
+                for (size_t k = 0; k < K; k++) memcpy(dst + k * NR, src + k * sbk, NR * sizeof(float));
+            } else if (sbk == 1) {  // B is a transpose: read its columns along k
+                for (size_t c = 0; c < cols; c++) {
+                    for (size_t k = 0; k < K; k++) dst[k * NR + c] = src[k + c * sbj];
+                }
+                for (size_t k = 0; k < K; k++) {
+                    for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                }
+            } else {
+                for (size_t k = 0; k < K; k++) {
+                    for (size_t c = 0; c < cols; c++) dst[k * NR + c] = src[k * sbk + c * sbj];
+                    for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                }
+            }
+        }
+        // (the implicit barrier: B is packed) a block of rows at a time, all of its columns
+        #pragma omp for schedule(dynamic, 1)
+        for (size_t blk = 0; blk < row_blocks; blk++) {
+            size_t i0 = blk * MC, mc = std::min(MC, M - i0), strips_m = (mc + MR - 1) / MR;
+            for (size_t j0 = 0; j0 < P; j0 += NC) {
+                size_t nc = std::min(NC, P - j0), strips_n = (nc + NR - 1) / NR;
+                bool edge = false;
+                for (size_t k0 = 0; k0 < K; k0 += KC) {
+                    size_t kc = std::min(KC, K - k0);
+                    bool last = k0 + kc == K;
+                    // pack A[i0.., k0..] as strips of 6 rows: ap[s][k][r] = A[i0 + 6 s + r, k0 + k], zero past M
+                    for (size_t s = 0; s < strips_m; s++) {
+                        float* dst = ap + s * kc * MR;
+                        size_t rows = std::min(MR, mc - s * MR);
+                        const float* src = A + (i0 + s * MR) * sa + k0 * sk;
+                        if (rows == MR && sk == 1) {  // rows of A along k: six streams
+                            for (size_t k = 0; k < kc; k++) {
+                                #pragma GCC unroll 6
+                                for (size_t r = 0; r < MR; r++) dst[k * MR + r] = src[r * sa + k];
+                            }
+                            continue;
+                        }
+                        for (size_t k = 0; k < kc; k++) {
+                            for (size_t r = 0; r < rows; r++) dst[k * MR + r] = src[r * sa + k * sk];
+                            for (size_t r = rows; r < MR; r++) dst[k * MR + r] = 0.0f;
+                        }
+                    }
+                    // a strip of B stays in L1 while the block's strips of A pass it; after the last
+                    // slice a whole tile adds its sums to out, a tile at the edge through acc
+                    for (size_t sn = 0; sn < strips_n; sn++) {
+                        const float* b = bp + (j0 / NR + sn) * K * NR + k0 * NR;
+                        for (size_t sm = 0; sm < strips_m; sm++) {
+                            bool whole = (sm + 1) * MR <= mc && (sn + 1) * NR <= nc;
+                            float* o = last && whole ? out + (i0 + sm * MR) * P + j0 + sn * NR : nullptr;
+                            matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, P);
+                            edge |= !whole;
+                        }
+                    }
+                }
+                if (!edge) continue;
+                for (size_t r = 0; r < mc; r++) {
+                    bool whole_rows = r < mc / MR * MR;
+                    for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * P + j0 + c] += acc[r * NC + c];
+                }
+            }
+        }
+    }
+}
+#endif
+
+// out (M, P) += A (M, K) @ B (K, P), the sums of matmul_plain: matmul_blocked for many rows in
+// float (training, a prompt's prefill), else matmul_tiles (a few rows: decoding; double: the
+// tests), through a transposed copy of B where its columns are not contiguous.
+template <typename T>
+void matmul_accumulate(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) {
+        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, A, sa, sk, B, sbk, sbj, M, K, P);
+    }
+#endif
+    if (sbj == 1) return matmul_tiles(out, A, sa, sk, B, sbk, M, K, P);
+    std::vector<T> bt(K * P);  // B (K, P) row-major
+    for (size_t k = 0; k < K; k++) {
+        for (size_t j = 0; j < P; j++) bt[k * P + j] = B[k * sbk + j * sbj];
+    }
+    matmul_tiles(out, A, sa, sk, bt.data(), P, M, K, P);
 }
 
 // wt (C, OC) = weight (OC, C)^T
@@ -965,23 +1158,21 @@ void matmul_transpose_weight(T* wt, const T* weight, size_t C, size_t OC) {
 template <typename T>
 void matmul_forward_transposed(T* out, const T* inp, const T* wt, size_t N, size_t C, size_t OC) {
     std::fill(out, out + N * OC, T(0));
-    matmul_tiles(out, inp, C, 1, wt, N, C, OC);
+    matmul_accumulate(out, inp, C, 1, wt, OC, 1, N, C, OC);
 }
 
-// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none); through a
-// transposed copy of the weight, so that the tiles read it along their rows.
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none): B[k, j] = weight[j, k]
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    std::vector<T> wt(C * OC);
-    matmul_transpose_weight(wt.data(), weight, C, OC);
-    matmul_forward_transposed(out, inp, wt.data(), N, C, OC);
+    std::fill(out, out + N * OC, T(0));
+    matmul_accumulate(out, inp, C, 1, weight, 1, C, N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    matmul_tiles(dinp, dout, OC, 1, weight, N, OC, C);
-    matmul_tiles(dweight, dout, 1, OC, inp, OC, N, C);
+    matmul_accumulate(dinp, dout, OC, 1, weight, C, 1, N, OC, C);
+    matmul_accumulate(dweight, dout, 1, OC, inp, C, 1, OC, N, C);
 }
 
 #ifdef XWIN_CUDA
