@@ -975,9 +975,9 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
 // past, so every loaded B value feeds four multiply-adds. It reads B where it lies, so a
 // matmul of a few rows (decoding a token) costs one pass over the weight and no copy.
 template <typename T>
-void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P) {
+void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P, bool parallel = true) {
     constexpr size_t R = 4, W = 16;
-    #pragma omp parallel for collapse(2) schedule(static) if (M * K * P >= 16 * PARALLEL_MIN_WORK)
+    #pragma omp parallel for collapse(2) schedule(static) if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
@@ -1046,13 +1046,14 @@ inline float* matmul_scratch(std::vector<float>& memory, size_t n) {
     return (float*)(((uintptr_t)memory.data() + 31) & ~(uintptr_t)31);
 }
 
-inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P,
+                           bool parallel) {
     constexpr size_t MR = MATMUL_MR, NR = MATMUL_NR, MC = MATMUL_MC, NC = MATMUL_NC, KC = MATMUL_KC;
     static thread_local std::vector<float> shared_memory;  // the calling thread's: the packed B, which its team shares
     static thread_local std::vector<float> thread_memory;
     size_t strips_n_all = (P + NR - 1) / NR, row_blocks = (M + MC - 1) / MC;
     float* bp = matmul_scratch(shared_memory, strips_n_all * K * NR);  // (P / 16, K, 16) strips of B
-    #pragma omp parallel if (M * K * P >= 16 * PARALLEL_MIN_WORK)
+    #pragma omp parallel if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     {
         float* ap = matmul_scratch(thread_memory, MC * KC + MC * NC);  // (MC / 6, KC, 6) strips of a slice of A
         float* acc = ap + MC * KC;                                     // (MC, NC) a block's sums between slices
@@ -1100,6 +1101,10 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
                             }
                             continue;
                         }
+                        if (rows == MR && sa == 1) {  // A is a transpose: six neighbours per k
+                            for (size_t k = 0; k < kc; k++) memcpy(dst + k * MR, src + k * sk, MR * sizeof(float));
+                            continue;
+                        }
                         for (size_t k = 0; k < kc; k++) {
                             for (size_t r = 0; r < rows; r++) dst[k * MR + r] = src[r * sa + k * sk];
                             for (size_t r = rows; r < MR; r++) dst[k * MR + r] = 0.0f;
@@ -1130,20 +1135,34 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
 
 // out (M, P) += A (M, K) @ B (K, P), the sums of matmul_plain: matmul_blocked for many rows in
 // float (training, a prompt's prefill), else matmul_tiles (a few rows: decoding; double: the
-// tests), through a transposed copy of B where its columns are not contiguous.
+// tests), through a transposed copy of B where its columns are not contiguous. parallel: false
+// keeps it on the calling thread (a caller that is one of a team already).
 template <typename T>
-void matmul_accumulate(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+void matmul_accumulate(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P,
+                       bool parallel = true) {
 #ifndef __CUDACC__
     if constexpr (std::is_same<T, float>::value) {
-        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, A, sa, sk, B, sbk, sbj, M, K, P);
+        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, A, sa, sk, B, sbk, sbj, M, K, P, parallel);
     }
 #endif
-    if (sbj == 1) return matmul_tiles(out, A, sa, sk, B, sbk, M, K, P);
+    if (sbj == 1) return matmul_tiles(out, A, sa, sk, B, sbk, M, K, P, parallel);
     std::vector<T> bt(K * P);  // B (K, P) row-major
     for (size_t k = 0; k < K; k++) {
         for (size_t j = 0; j < P; j++) bt[k * P + j] = B[k * sbk + j * sbj];
     }
-    matmul_tiles(out, A, sa, sk, bt.data(), P, M, K, P);
+    matmul_tiles(out, A, sa, sk, bt.data(), P, M, K, P, parallel);
+}
+
+// out (M, P), rows ldo apart, += A (M, K) @ B (K, P): matmul_accumulate on the calling thread
+// into a scratch, then added (0 + sum is the sum, so the bits are matmul_plain's)
+template <typename T>
+void matmul_strided_out(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+    static thread_local std::vector<T> sums;
+    sums.assign(M * P, T(0));
+    matmul_accumulate(sums.data(), A, sa, sk, B, sbk, sbj, M, K, P, false);
+    for (size_t i = 0; i < M; i++) {
+        for (size_t j = 0; j < P; j++) out[i * ldo + j] += sums[i * P + j];
+    }
 }
 
 // wt (C, OC) = weight (OC, C)^T
@@ -1427,8 +1446,11 @@ inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
 //   q (B, T, H, hd), k and v (B, T, KV, hd); query head h reads kv head h / (H / KV).
 //   att (B, H, T, T): softmax over t2 <= t of q.k / sqrt(hd); entries t2 > t are 0.
 //   out (B, T, H, hd) = att @ v
+// The plain loops are the spec; in float the CPU build runs attention_forward_matmul, the
+// same sums as (T, T) and (T, hd) matmuls per head (test/test_ops.cpp asserts equal bits).
+// Every dot product is one chain of matmul_madd from 0 in index order, as in the matmuls.
 template <typename T>
-void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+void attention_forward_plain(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     T scale = T(1) / std::sqrt(T(hd));
     size_t group = H / KV;
     #pragma omp parallel for collapse(3)
@@ -1438,14 +1460,16 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
                 const T* qv = q + ((b * Tn + t) * H + h) * hd;
                 T* a = att + ((b * H + h) * Tn + t) * Tn;
                 size_t kh = h / group;
+                // the scores q . k[t2] / sqrt(hd) of the keys up to t, and their max
                 T maxv = -INFINITY;
                 for (size_t t2 = 0; t2 <= t; t2++) {
                     const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
                     T s = 0;
-                    for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                    for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
                     a[t2] = s * scale;
                     if (a[t2] > maxv) maxv = a[t2];
                 }
+                // softmax: exponentiate against the max, normalise; the future keys get 0
                 T sum = 0;
                 for (size_t t2 = 0; t2 <= t; t2++) {
                     a[t2] = std::exp(a[t2] - maxv);
@@ -1453,11 +1477,12 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
                 }
                 for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
                 for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+                // out = the probabilities' mix of the values
                 T* o = out + ((b * Tn + t) * H + h) * hd;
-                for (size_t i = 0; i < hd; i++) o[i] = 0;
-                for (size_t t2 = 0; t2 <= t; t2++) {
-                    const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                    for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                for (size_t i = 0; i < hd; i++) {
+                    T acc = 0;
+                    for (size_t t2 = 0; t2 <= t; t2++) acc = matmul_madd(a[t2], v[((b * Tn + t2) * KV + kh) * hd + i], acc);
+                    o[i] = acc;
                 }
             }
         }
@@ -1467,50 +1492,160 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
 // dq += ..., dk += ..., dv += ... given dout (B, T, H, hd) and the saved att.
 //   datt[t2] = dout . v[t2];  dscore[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
 //   dq += scale * dscore @ k;  dk += scale * dscore^T q;  dv += att^T @ dout
-// Two passes over t2 (the first for the softmax dot product, the second recomputes datt)
-// so no scratch row is needed. Parallel over (b, kv head): the query heads sharing one kv
-// head accumulate into dk, dv serially.
+// Parallel over (b, kv head): the query heads sharing one kv head add their sums to dk, dv in
+// head order. Per head, each element of dq, dk, dv is one sum (over t2 for dq, over t for dk
+// and dv) added at once.
 template <typename T>
-void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
-                        size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+void attention_backward_plain(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
+                              size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     T scale = T(1) / std::sqrt(T(hd));
     size_t group = H / KV;
     #pragma omp parallel for collapse(2)
     for (size_t b = 0; b < B; b++) {
         for (size_t kh = 0; kh < KV; kh++) {
+            std::vector<T> ds(Tn * Tn, T(0));  // (T, T) scale * dscore of one head
+            const T* kb = k + (b * Tn * KV + kh) * hd;  // row t2 of this kv head at kb + t2 * KV * hd
+            const T* vb = v + (b * Tn * KV + kh) * hd;
+            T* dkb = dk + (b * Tn * KV + kh) * hd;
+            T* dvb = dv + (b * Tn * KV + kh) * hd;
             for (size_t h = kh * group; h < (kh + 1) * group; h++) {
+                const T* ah = att + (b * H + h) * Tn * Tn;     // (T, T)
+                const T* qh = q + (b * Tn * H + h) * hd;       // row t at qh + t * H * hd
+                const T* dh = dout + (b * Tn * H + h) * hd;
+                T* dqh = dq + (b * Tn * H + h) * hd;
                 for (size_t t = 0; t < Tn; t++) {
-                    const T* a = att + ((b * H + h) * Tn + t) * Tn;
-                    const T* d = dout + ((b * Tn + t) * H + h) * hd;
-                    const T* qv = q + ((b * Tn + t) * H + h) * hd;
-                    T* dqv = dq + ((b * Tn + t) * H + h) * hd;
+                    const T* a = ah + t * Tn;
+                    T* dsr = ds.data() + t * Tn;
+                    // datt[t2] = dout[t] . v[t2], kept in dsr; dot = sum over t2 of att * datt
                     T dot = 0;
                     for (size_t t2 = 0; t2 <= t; t2++) {
-                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                        T* dvv = dv + ((b * Tn + t2) * KV + kh) * hd;
                         T datt = 0;
-                        for (size_t i = 0; i < hd; i++) {
-                            datt += d[i] * vv[i];
-                            dvv[i] += a[t2] * d[i];
-                        }
-                        dot += a[t2] * datt;
+                        for (size_t i = 0; i < hd; i++) datt = matmul_madd(dh[t * H * hd + i], vb[t2 * KV * hd + i], datt);
+                        dsr[t2] = datt;
                     }
-                    for (size_t t2 = 0; t2 <= t; t2++) {
-                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                        T datt = 0;
-                        for (size_t i = 0; i < hd; i++) datt += d[i] * vv[i];
-                        T ds = a[t2] * (datt - dot) * scale;
-                        const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
-                        T* dkv = dk + ((b * Tn + t2) * KV + kh) * hd;
-                        for (size_t i = 0; i < hd; i++) {
-                            dqv[i] += ds * kv[i];
-                            dkv[i] += ds * qv[i];
+                    for (size_t t2 = 0; t2 <= t; t2++) dot = matmul_madd(a[t2], dsr[t2], dot);
+                    for (size_t t2 = 0; t2 <= t; t2++) dsr[t2] = a[t2] * (dsr[t2] - dot) * scale;
+                }
+                // dq[t] += ds[t] @ k;  dk[t2] += ds[:, t2]^T q;  dv[t2] += att[:, t2]^T dout
+                for (size_t t = 0; t < Tn; t++) {
+                    for (size_t i = 0; i < hd; i++) {
+                        T acc = 0;
+                        for (size_t t2 = 0; t2 <= t; t2++) acc = matmul_madd(ds[t * Tn + t2], kb[t2 * KV * hd + i], acc);
+                        dqh[t * H * hd + i] += acc;
+                    }
+                }
+                for (size_t t2 = 0; t2 < Tn; t2++) {
+                    for (size_t i = 0; i < hd; i++) {
+                        T acc_k = 0, acc_v = 0;
+                        for (size_t t = t2; t < Tn; t++) {
+                            acc_k = matmul_madd(ds[t * Tn + t2], qh[t * H * hd + i], acc_k);
+                            acc_v = matmul_madd(ah[t * Tn + t2], dh[t * H * hd + i], acc_v);
                         }
+                        dkb[t2 * KV * hd + i] += acc_k;
+                        dvb[t2 * KV * hd + i] += acc_v;
                     }
                 }
             }
         }
     }
+}
+
+#ifndef __CUDACC__
+// attention_forward_plain's sums as matmuls per (b, h), on matmul_blocked: the scores q k^T over
+// all (t, t2) (the future keys are computed and then dropped: at most twice the work of the
+// causal half, at the matmul's speed), then out = att @ v over all t2 (the zeros of the future
+// keys add exactly 0). Each (b, h) on one thread.
+inline void attention_forward_matmul(float* out, float* att, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H,
+                                     size_t KV, size_t hd) {
+    float scale = 1.0f / std::sqrt((float)hd);
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t h = 0; h < H; h++) {
+            size_t kh = h / group;
+            float* ah = att + (b * H + h) * Tn * Tn;
+            const float* qh = q + (b * Tn * H + h) * hd;
+            const float* kb = k + (b * Tn * KV + kh) * hd;
+            const float* vb = v + (b * Tn * KV + kh) * hd;
+            std::fill(ah, ah + Tn * Tn, 0.0f);
+            matmul_accumulate(ah, qh, H * hd, 1, kb, 1, KV * hd, Tn, hd, Tn, false);  // q (T, hd) @ k^T (hd, T)
+            for (size_t t = 0; t < Tn; t++) {
+                float* a = ah + t * Tn;
+                float maxv = -INFINITY;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    a[t2] = a[t2] * scale;
+                    if (a[t2] > maxv) maxv = a[t2];
+                }
+                float sum = 0;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    a[t2] = std::exp(a[t2] - maxv);
+                    sum += a[t2];
+                }
+                for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
+                for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+            }
+            float* oh = out + (b * Tn * H + h) * hd;
+            for (size_t t = 0; t < Tn; t++) std::fill(oh + t * H * hd, oh + t * H * hd + hd, 0.0f);
+            matmul_strided_out(oh, H * hd, ah, Tn, 1, vb, KV * hd, 1, Tn, Tn, hd);  // att (T, T) @ v (T, hd)
+        }
+    }
+}
+
+// attention_backward_plain's sums as matmuls per (b, kv head), on matmul_blocked: datt = dout v^T
+// over all (t, t2), the softmax's backward per row into ds (zero past the diagonal), then
+// dq += ds @ k, dk += ds^T @ q and dv += att^T @ dout over all rows (the zeros add exactly 0).
+inline void attention_backward_matmul(float* dq, float* dk, float* dv, const float* dout, const float* att, const float* q, const float* k,
+                                      const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+    float scale = 1.0f / std::sqrt((float)hd);
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t kh = 0; kh < KV; kh++) {
+            static thread_local std::vector<float> ds;  // (T, T)
+            ds.resize(Tn * Tn);
+            const float* kb = k + (b * Tn * KV + kh) * hd;
+            const float* vb = v + (b * Tn * KV + kh) * hd;
+            float* dkb = dk + (b * Tn * KV + kh) * hd;
+            float* dvb = dv + (b * Tn * KV + kh) * hd;
+            for (size_t h = kh * group; h < (kh + 1) * group; h++) {
+                const float* ah = att + (b * H + h) * Tn * Tn;
+                const float* qh = q + (b * Tn * H + h) * hd;
+                const float* dh = dout + (b * Tn * H + h) * hd;
+                float* dqh = dq + (b * Tn * H + h) * hd;
+                std::fill(ds.begin(), ds.end(), 0.0f);
+                matmul_accumulate(ds.data(), dh, H * hd, 1, vb, 1, KV * hd, Tn, hd, Tn, false);  // datt = dout (T, hd) @ v^T (hd, T)
+                for (size_t t = 0; t < Tn; t++) {
+                    const float* a = ah + t * Tn;
+                    float* dsr = ds.data() + t * Tn;
+                    float dot = 0;
+                    for (size_t t2 = 0; t2 <= t; t2++) dot = matmul_madd(a[t2], dsr[t2], dot);
+                    for (size_t t2 = 0; t2 <= t; t2++) dsr[t2] = a[t2] * (dsr[t2] - dot) * scale;
+                    for (size_t t2 = t + 1; t2 < Tn; t2++) dsr[t2] = 0;
+                }
+                matmul_strided_out(dqh, H * hd, ds.data(), Tn, 1, kb, KV * hd, 1, Tn, Tn, hd);  // ds (T, T) @ k (T, hd)
+                matmul_strided_out(dkb, KV * hd, ds.data(), 1, Tn, qh, H * hd, 1, Tn, Tn, hd);  // ds^T @ q
+                matmul_strided_out(dvb, KV * hd, ah, 1, Tn, dh, H * hd, 1, Tn, Tn, hd);         // att^T @ dout
+            }
+        }
+    }
+}
+#endif
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) return attention_forward_matmul(out, att, q, k, v, B, Tn, H, KV, hd);
+#endif
+    attention_forward_plain(out, att, q, k, v, B, Tn, H, KV, hd);
+}
+
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
+                        size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) return attention_backward_matmul(dq, dk, dv, dout, att, q, k, v, B, Tn, H, KV, hd);
+#endif
+    attention_backward_plain(dq, dk, dv, dout, att, q, k, v, B, Tn, H, KV, hd);
 }
 
 #ifdef XWIN_CUDA
