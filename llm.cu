@@ -913,7 +913,7 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_p
 
 // Every matmul of the CPU build is out (M, P) += A (M, K) @ B (K, P) over strided operands:
 // A[i, k] is A[i * sa + k * sk] and B[k, j] is B[k * sbk + j * sbj], so either may be a
-// transpose read in place. matmul_plain is the spec: each output element is one sum that
+// transpose read in place, and out's rows are ldo apart (a block of a wider matrix). matmul_plain is the spec: each output element is one sum that
 // starts at 0, takes the K terms in order, one multiply-add each (matmul_madd), and is then
 // added to out. The fast code below (matmul_tiles for a few rows, matmul_blocked for many)
 // computes exactly these sums, bit for bit (test/test_ops.cpp asserts it), each element by one
@@ -932,12 +932,12 @@ inline T matmul_madd(T a, T b, T c) {
 
 // out (M, P) += A (M, K) @ B (K, P): the plain loops
 template <typename T>
-void matmul_plain(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+void matmul_plain(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
     for (size_t i = 0; i < M; i++) {
         for (size_t j = 0; j < P; j++) {
             T acc = 0;
             for (size_t k = 0; k < K; k++) acc = matmul_madd(A[i * sa + k * sk], B[k * sbk + j * sbj], acc);
-            out[i * P + j] += acc;
+            out[i * ldo + j] += acc;
         }
     }
 }
@@ -945,7 +945,7 @@ void matmul_plain(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t s
 // One tile of matmul_tiles: out[i0.., j0..] += the 4 x 16 sums over k. With Tail, only the
 // first `cols` columns exist: B is read through a zero-padded copy of its row.
 template <typename T, bool Tail>
-inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P,
+inline void matmul_tile(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K,
                         size_t i0, size_t j0, size_t cols) {
     constexpr size_t R = 4, W = 16;
     size_t a[R];  // rows past M repeat the last row; their sums are not stored
@@ -966,7 +966,7 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
     }
     for (size_t r = 0; r < R; r++) {
         if (i0 + r >= M) break;
-        for (size_t j = 0; j < (Tail ? cols : W); j++) out[(i0 + r) * P + j0 + j] += acc[r][j];
+        for (size_t j = 0; j < (Tail ? cols : W); j++) out[(i0 + r) * ldo + j0 + j] += acc[r][j];
     }
 }
 
@@ -975,14 +975,14 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
 // past, so every loaded B value feeds four multiply-adds. It reads B where it lies, so a
 // matmul of a few rows (decoding a token) costs one pass over the weight and no copy.
 template <typename T>
-void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P, bool parallel = true) {
+void matmul_tiles(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P, bool parallel) {
     constexpr size_t R = 4, W = 16;
     #pragma omp parallel for collapse(2) schedule(static) if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
-            if (j0 + W <= P) matmul_tile<T, false>(out, A, sa, sk, B, sbk, M, K, P, i0, j0, W);
-            else matmul_tile<T, true>(out, A, sa, sk, B, sbk, M, K, P, i0, j0, P - j0);
+            if (j0 + W <= P) matmul_tile<T, false>(out, ldo, A, sa, sk, B, sbk, M, K, i0, j0, W);
+            else matmul_tile<T, true>(out, ldo, A, sa, sk, B, sbk, M, K, i0, j0, P - j0);
         }
     }
 }
@@ -1046,12 +1046,14 @@ inline float* matmul_scratch(std::vector<float>& memory, size_t n) {
     return (float*)(((uintptr_t)memory.data() + 31) & ~(uintptr_t)31);
 }
 
-inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P,
-                           bool parallel) {
+inline void matmul_blocked(float* out, size_t ldo, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M,
+                           size_t K, size_t P, bool parallel) {
     constexpr size_t MR = MATMUL_MR, NR = MATMUL_NR, MC = MATMUL_MC, NC = MATMUL_NC, KC = MATMUL_KC;
     static thread_local std::vector<float> shared_memory;  // the calling thread's: the packed B, which its team shares
     static thread_local std::vector<float> thread_memory;
-    size_t strips_n_all = (P + NR - 1) / NR, row_blocks = (M + MC - 1) / MC;
+    // blocks of MC rows, or fewer where that leaves under 8 blocks to share between the threads
+    size_t block_rows = parallel ? std::min(MC, std::max(MR, ((M + 7) / 8 + MR - 1) / MR * MR)) : MC;
+    size_t strips_n_all = (P + NR - 1) / NR, row_blocks = (M + block_rows - 1) / block_rows;
     float* bp = matmul_scratch(shared_memory, strips_n_all * K * NR);  // (P / 16, K, 16) strips of B
     #pragma omp parallel if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     {
@@ -1082,7 +1084,7 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
         // (the implicit barrier: B is packed) a block of rows at a time, all of its columns
         #pragma omp for schedule(dynamic, 1)
         for (size_t blk = 0; blk < row_blocks; blk++) {
-            size_t i0 = blk * MC, mc = std::min(MC, M - i0), strips_m = (mc + MR - 1) / MR;
+            size_t i0 = blk * block_rows, mc = std::min(block_rows, M - i0), strips_m = (mc + MR - 1) / MR;
             for (size_t j0 = 0; j0 < P; j0 += NC) {
                 size_t nc = std::min(NC, P - j0), strips_n = (nc + NR - 1) / NR;
                 bool edge = false;
@@ -1116,8 +1118,8 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
                         const float* b = bp + (j0 / NR + sn) * K * NR + k0 * NR;
                         for (size_t sm = 0; sm < strips_m; sm++) {
                             bool whole = (sm + 1) * MR <= mc && (sn + 1) * NR <= nc;
-                            float* o = last && whole ? out + (i0 + sm * MR) * P + j0 + sn * NR : nullptr;
-                            matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, P);
+                            float* o = last && whole ? out + (i0 + sm * MR) * ldo + j0 + sn * NR : nullptr;
+                            matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, ldo);
                             edge |= !whole;
                         }
                     }
@@ -1125,7 +1127,7 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
                 if (!edge) continue;
                 for (size_t r = 0; r < mc; r++) {
                     bool whole_rows = r < mc / MR * MR;
-                    for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * P + j0 + c] += acc[r * NC + c];
+                    for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * ldo + j0 + c] += acc[r * NC + c];
                 }
             }
         }
@@ -1138,31 +1140,19 @@ inline void matmul_blocked(float* out, const float* A, size_t sa, size_t sk, con
 // tests), through a transposed copy of B where its columns are not contiguous. parallel: false
 // keeps it on the calling thread (a caller that is one of a team already).
 template <typename T>
-void matmul_accumulate(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P,
-                       bool parallel = true) {
+void matmul_accumulate(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K,
+                       size_t P, bool parallel = true) {
 #ifndef __CUDACC__
     if constexpr (std::is_same<T, float>::value) {
-        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, A, sa, sk, B, sbk, sbj, M, K, P, parallel);
+        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, ldo, A, sa, sk, B, sbk, sbj, M, K, P, parallel);
     }
 #endif
-    if (sbj == 1) return matmul_tiles(out, A, sa, sk, B, sbk, M, K, P, parallel);
+    if (sbj == 1) return matmul_tiles(out, ldo, A, sa, sk, B, sbk, M, K, P, parallel);
     std::vector<T> bt(K * P);  // B (K, P) row-major
     for (size_t k = 0; k < K; k++) {
         for (size_t j = 0; j < P; j++) bt[k * P + j] = B[k * sbk + j * sbj];
     }
-    matmul_tiles(out, A, sa, sk, bt.data(), P, M, K, P, parallel);
-}
-
-// out (M, P), rows ldo apart, += A (M, K) @ B (K, P): matmul_accumulate on the calling thread
-// into a scratch, then added (0 + sum is the sum, so the bits are matmul_plain's)
-template <typename T>
-void matmul_strided_out(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
-    static thread_local std::vector<T> sums;
-    sums.assign(M * P, T(0));
-    matmul_accumulate(sums.data(), A, sa, sk, B, sbk, sbj, M, K, P, false);
-    for (size_t i = 0; i < M; i++) {
-        for (size_t j = 0; j < P; j++) out[i * ldo + j] += sums[i * P + j];
-    }
+    matmul_tiles(out, ldo, A, sa, sk, bt.data(), P, M, K, P, parallel);
 }
 
 // wt (C, OC) = weight (OC, C)^T
@@ -1177,21 +1167,21 @@ void matmul_transpose_weight(T* wt, const T* weight, size_t C, size_t OC) {
 template <typename T>
 void matmul_forward_transposed(T* out, const T* inp, const T* wt, size_t N, size_t C, size_t OC) {
     std::fill(out, out + N * OC, T(0));
-    matmul_accumulate(out, inp, C, 1, wt, OC, 1, N, C, OC);
+    matmul_accumulate(out, OC, inp, C, 1, wt, OC, 1, N, C, OC);
 }
 
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none): B[k, j] = weight[j, k]
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
     std::fill(out, out + N * OC, T(0));
-    matmul_accumulate(out, inp, C, 1, weight, 1, C, N, C, OC);
+    matmul_accumulate(out, OC, inp, C, 1, weight, 1, C, N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    matmul_accumulate(dinp, dout, OC, 1, weight, C, 1, N, OC, C);
-    matmul_accumulate(dweight, dout, 1, OC, inp, C, 1, OC, N, C);
+    matmul_accumulate(dinp, C, dout, OC, 1, weight, C, 1, N, OC, C);
+    matmul_accumulate(dweight, C, dout, 1, OC, inp, C, 1, OC, N, C);
 }
 
 #ifdef XWIN_CUDA
@@ -1551,10 +1541,13 @@ void attention_backward_plain(T* dq, T* dk, T* dv, const T* dout, const T* att, 
 }
 
 #ifndef __CUDACC__
-// attention_forward_plain's sums as matmuls per (b, h), on matmul_blocked: the scores q k^T over
-// all (t, t2) (the future keys are computed and then dropped: at most twice the work of the
-// causal half, at the matmul's speed), then out = att @ v over all t2 (the zeros of the future
-// keys add exactly 0). Each (b, h) on one thread.
+// The fast attention cuts the query rows into blocks of ATTENTION_ROWS: a block's rows see the
+// keys before its end only, so the matmuls cover the causal half and a strip along the diagonal.
+constexpr size_t ATTENTION_ROWS = 48;
+
+// attention_forward_plain's sums as matmuls per (b, h), on matmul_accumulate: the scores q k^T of
+// each block of rows, the softmax per row, then out = att @ v per block (the zeros of the keys
+// after a row, up to its block's end, add exactly 0). Each (b, h) on one thread.
 inline void attention_forward_matmul(float* out, float* att, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H,
                                      size_t KV, size_t hd) {
     float scale = 1.0f / std::sqrt((float)hd);
@@ -1563,12 +1556,16 @@ inline void attention_forward_matmul(float* out, float* att, const float* q, con
     for (size_t b = 0; b < B; b++) {
         for (size_t h = 0; h < H; h++) {
             size_t kh = h / group;
-            float* ah = att + (b * H + h) * Tn * Tn;
-            const float* qh = q + (b * Tn * H + h) * hd;
-            const float* kb = k + (b * Tn * KV + kh) * hd;
+            float* ah = att + (b * H + h) * Tn * Tn;       // (T, T)
+            const float* qh = q + (b * Tn * H + h) * hd;   // row t at qh + t * H * hd
+            const float* kb = k + (b * Tn * KV + kh) * hd;  // row t2 at kb + t2 * KV * hd
             const float* vb = v + (b * Tn * KV + kh) * hd;
-            std::fill(ah, ah + Tn * Tn, 0.0f);
-            matmul_accumulate(ah, qh, H * hd, 1, kb, 1, KV * hd, Tn, hd, Tn, false);  // q (T, hd) @ k^T (hd, T)
+            float* oh = out + (b * Tn * H + h) * hd;
+            for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // scores: q[r0..r1) (rows, hd) @ k[0..r1)^T (hd, r1)
+                size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                for (size_t t = r0; t < r1; t++) std::fill(ah + t * Tn, ah + t * Tn + r1, 0.0f);
+                matmul_accumulate(ah + r0 * Tn, Tn, qh + r0 * H * hd, H * hd, 1, kb, 1, KV * hd, r1 - r0, hd, r1, false);
+            }
             for (size_t t = 0; t < Tn; t++) {
                 float* a = ah + t * Tn;
                 float maxv = -INFINITY;
@@ -1583,17 +1580,21 @@ inline void attention_forward_matmul(float* out, float* att, const float* q, con
                 }
                 for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
                 for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+                std::fill(oh + t * H * hd, oh + t * H * hd + hd, 0.0f);
             }
-            float* oh = out + (b * Tn * H + h) * hd;
-            for (size_t t = 0; t < Tn; t++) std::fill(oh + t * H * hd, oh + t * H * hd + hd, 0.0f);
-            matmul_strided_out(oh, H * hd, ah, Tn, 1, vb, KV * hd, 1, Tn, Tn, hd);  // att (T, T) @ v (T, hd)
+            for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // out[r0..r1) = att[r0..r1, 0..r1) @ v[0..r1)
+                size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                matmul_accumulate(oh + r0 * H * hd, H * hd, ah + r0 * Tn, Tn, 1, vb, KV * hd, 1, r1 - r0, r1, hd, false);
+            }
         }
     }
 }
 
-// attention_backward_plain's sums as matmuls per (b, kv head), on matmul_blocked: datt = dout v^T
-// over all (t, t2), the softmax's backward per row into ds (zero past the diagonal), then
-// dq += ds @ k, dk += ds^T @ q and dv += att^T @ dout over all rows (the zeros add exactly 0).
+// attention_backward_plain's sums as matmuls per (b, kv head), on matmul_accumulate: datt = dout
+// v^T per block of rows, the softmax's backward per row into ds (zero after the diagonal), then
+// per block dq += ds @ k over the keys before the block's end, and per block of keys
+// dk += ds^T @ q and dv += att^T @ dout over the rows from the block's start (the zeros before
+// a key's row keep its sum at 0, so the sums are the plain loops').
 inline void attention_backward_matmul(float* dq, float* dk, float* dv, const float* dout, const float* att, const float* q, const float* k,
                                       const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     float scale = 1.0f / std::sqrt((float)hd);
@@ -1601,8 +1602,9 @@ inline void attention_backward_matmul(float* dq, float* dk, float* dv, const flo
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (size_t b = 0; b < B; b++) {
         for (size_t kh = 0; kh < KV; kh++) {
-            static thread_local std::vector<float> ds;  // (T, T)
-            ds.resize(Tn * Tn);
+            static thread_local std::vector<float> ds_memory;  // (T, T) scale * dscore of one head
+            ds_memory.resize(Tn * Tn);
+            float* ds = ds_memory.data();
             const float* kb = k + (b * Tn * KV + kh) * hd;
             const float* vb = v + (b * Tn * KV + kh) * hd;
             float* dkb = dk + (b * Tn * KV + kh) * hd;
@@ -1612,19 +1614,27 @@ inline void attention_backward_matmul(float* dq, float* dk, float* dv, const flo
                 const float* qh = q + (b * Tn * H + h) * hd;
                 const float* dh = dout + (b * Tn * H + h) * hd;
                 float* dqh = dq + (b * Tn * H + h) * hd;
-                std::fill(ds.begin(), ds.end(), 0.0f);
-                matmul_accumulate(ds.data(), dh, H * hd, 1, vb, 1, KV * hd, Tn, hd, Tn, false);  // datt = dout (T, hd) @ v^T (hd, T)
+                for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // datt: dout[r0..r1) (rows, hd) @ v[0..r1)^T (hd, r1)
+                    size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                    for (size_t t = r0; t < r1; t++) std::fill(ds + t * Tn, ds + t * Tn + r1, 0.0f);
+                    matmul_accumulate(ds + r0 * Tn, Tn, dh + r0 * H * hd, H * hd, 1, vb, 1, KV * hd, r1 - r0, hd, r1, false);
+                }
                 for (size_t t = 0; t < Tn; t++) {
                     const float* a = ah + t * Tn;
-                    float* dsr = ds.data() + t * Tn;
+                    float* dsr = ds + t * Tn;
                     float dot = 0;
                     for (size_t t2 = 0; t2 <= t; t2++) dot = matmul_madd(a[t2], dsr[t2], dot);
                     for (size_t t2 = 0; t2 <= t; t2++) dsr[t2] = a[t2] * (dsr[t2] - dot) * scale;
                     for (size_t t2 = t + 1; t2 < Tn; t2++) dsr[t2] = 0;
                 }
-                matmul_strided_out(dqh, H * hd, ds.data(), Tn, 1, kb, KV * hd, 1, Tn, Tn, hd);  // ds (T, T) @ k (T, hd)
-                matmul_strided_out(dkb, KV * hd, ds.data(), 1, Tn, qh, H * hd, 1, Tn, Tn, hd);  // ds^T @ q
-                matmul_strided_out(dvb, KV * hd, ah, 1, Tn, dh, H * hd, 1, Tn, Tn, hd);         // att^T @ dout
+                for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {
+                    size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                    // dq[r0..r1) += ds[r0..r1, 0..r1) @ k[0..r1)
+                    matmul_accumulate(dqh + r0 * H * hd, H * hd, ds + r0 * Tn, Tn, 1, kb, KV * hd, 1, r1 - r0, r1, hd, false);
+                    // keys r0..r1: dk += ds[r0.., r0..r1)^T @ q[r0..], dv += att[r0.., r0..r1)^T @ dout[r0..]
+                    matmul_accumulate(dkb + r0 * KV * hd, KV * hd, ds + r0 * Tn + r0, 1, Tn, qh + r0 * H * hd, H * hd, 1, r1 - r0, Tn - r0, hd, false);
+                    matmul_accumulate(dvb + r0 * KV * hd, KV * hd, ah + r0 * Tn + r0, 1, Tn, dh + r0 * H * hd, H * hd, 1, r1 - r0, Tn - r0, hd, false);
+                }
             }
         }
     }

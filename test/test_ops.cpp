@@ -118,7 +118,8 @@ TEST_CASE("matmul forward matches a plain triple loop", "[ops]") {
 // The fast float matmuls (matmul_blocked for 32 rows or more, matmul_tiles below) against
 // matmul_plain, the spec: the same bits, for every operand layout (A or B read as a transpose),
 // shapes off the 6 x 16 tiles and past one k-slice (256) and one column block (512), added to
-// a random out. In float and in the build's own rounding (fused where it targets FMA).
+// a random out (once with rows wider than P). In float and in the build's own rounding (fused
+// where it targets FMA).
 static std::vector<float> random_floats(size_t n, std::mt19937& rng) {
     std::normal_distribution<float> dist(0.0f, 1.0f);
     std::vector<float> v(n);
@@ -134,11 +135,12 @@ TEST_CASE("the fast float matmul equals the plain loops bit for bit", "[ops][mat
                 for (int layout = 0; layout < 4; layout++) {
                     bool a_t = layout & 1, b_t = layout & 2;  // A (M, K) stored as (K, M); B (K, P) as (P, K)
                     size_t sa = a_t ? 1 : K, sk = a_t ? M : 1, sbk = b_t ? 1 : P, sbj = b_t ? K : 1;
-                    std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), fast = random_floats(M * P, rng);
+                    size_t ldo = P + (layout == 3 ? 5 : 0);  // out a block of a wider matrix
+                    std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), fast = random_floats(M * ldo, rng);
                     std::vector<float> plain = fast;
-                    matmul_accumulate(fast.data(), A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
-                    matmul_plain(plain.data(), A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
-                    INFO("M " << M << " K " << K << " P " << P << " A transposed " << a_t << " B transposed " << b_t);
+                    matmul_accumulate(fast.data(), ldo, A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
+                    matmul_plain(plain.data(), ldo, A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
+                    INFO("M " << M << " K " << K << " P " << P << " ldo " << ldo << " A transposed " << a_t << " B transposed " << b_t);
                     CHECK(memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
                 }
             }
@@ -151,9 +153,9 @@ TEST_CASE("the fast float matmul equals the plain loops bit for bit", "[ops][mat
     std::vector<float> dx_ref = dx, dw_ref = dw;
     matmul_forward(out.data(), x.data(), w.data(), N, C, OC);
     matmul_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), N, C, OC);
-    matmul_plain(ref.data(), x.data(), C, 1, w.data(), 1, C, N, C, OC);
-    matmul_plain(dx_ref.data(), dout.data(), OC, 1, w.data(), C, 1, N, OC, C);
-    matmul_plain(dw_ref.data(), dout.data(), 1, OC, x.data(), C, 1, OC, N, C);
+    matmul_plain(ref.data(), OC, x.data(), C, 1, w.data(), 1, C, N, C, OC);
+    matmul_plain(dx_ref.data(), C, dout.data(), OC, 1, w.data(), C, 1, N, OC, C);
+    matmul_plain(dw_ref.data(), C, dout.data(), 1, OC, x.data(), C, 1, OC, N, C);
     CHECK(out == ref);
     CHECK(dx == dx_ref);
     CHECK(dw == dw_ref);
@@ -174,8 +176,8 @@ TEST_CASE("the float matmul and attention give the same bits on 1 and 2 threads"
     for (int threads : {1, 2}) {
         omp_set_num_threads(threads);
         std::vector<float> out = start, att(Bn * H * T * T), o(q.size()), dq(q.size(), 0.0f), dk(k.size(), 0.0f), dv(v.size(), 0.0f);
-        matmul_accumulate(out.data(), A.data(), K, 1, B.data(), P, 1, M, K, P);
-        matmul_accumulate(out.data(), A.data(), K, 1, B.data(), P, 1, M, K, P);  // and again on top
+        matmul_accumulate(out.data(), P, A.data(), K, 1, B.data(), P, 1, M, K, P);
+        matmul_accumulate(out.data(), P, A.data(), K, 1, B.data(), P, 1, M, K, P);  // and again on top
         attention_forward(o.data(), att.data(), q.data(), k.data(), v.data(), Bn, T, H, KV, hd);
         attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), Bn, T, H, KV, hd);
         for (auto* part : {&out, &o, &dq, &dk, &dv}) results[threads - 1].insert(results[threads - 1].end(), part->begin(), part->end());
