@@ -2173,7 +2173,7 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
                     for (size_t t2 = 0; t2 <= p; t2++) {
                         const T* kv = k_cache + ((b * maxT + t2) * KV + kh) * hd;
                         T s = 0;
-                        for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                        for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
                         a[t2] = s * scale;
                         if (a[t2] > maxv) maxv = a[t2];
                     }
@@ -2187,7 +2187,7 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
                     for (size_t i = 0; i < hd; i++) o[i] = 0;
                     for (size_t t2 = 0; t2 <= p; t2++) {
                         const T* vv = v_cache + ((b * maxT + t2) * KV + kh) * hd;
-                        for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                        for (size_t i = 0; i < hd; i++) o[i] = matmul_madd(a[t2], vv[i], o[i]);
                     }
                 }
             }

@@ -50,7 +50,7 @@ def torch_step_ms(shape, steps, attn):
     return sorted(times)[len(times) // 2]
 
 
-def ours_step_ms(shape, steps, threads, bench):
+def ours_step_ms(shape, steps, threads, bench="./bench_step"):
     _, dim, layers, heads, kv, vocab, ffn, B, T, tied = shape
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([bench, str(dim), str(layers), str(heads), str(kv), str(vocab), str(ffn), str(B), str(T),
