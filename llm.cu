@@ -1006,6 +1006,7 @@ void matmul_tiles(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T*
 constexpr size_t MATMUL_MR = 6, MATMUL_NR = 16;                     // a micro-tile
 constexpr size_t MATMUL_MC = 48, MATMUL_NC = 512, MATMUL_KC = 256;  // a thread's block of rows; a packed slice of B (fits L2)
 constexpr size_t MATMUL_BLOCKED_MIN_ROWS = 32;                      // fewer rows: matmul_tiles
+constexpr size_t MATMUL_PACKED_B_MAX = (size_t)1 << 22;             // floats of B packed at once (16 MB)
 typedef float matmul_f8 __attribute__((vector_size(32)));          // 8 floats: one AVX2 register
 #ifdef __FMA__
 #define MATMUL_MADD8(a, b, c) _mm256_fmadd_ps(a, b, c)
@@ -1059,81 +1060,86 @@ inline void matmul_blocked(float* out, size_t ldo, const float* A, size_t sa, si
     static thread_local std::vector<float> thread_memory;
     // blocks of MC rows, or fewer where that leaves under 8 blocks to share between the threads
     size_t block_rows = parallel ? std::min(MC, std::max(MR, ((M + 7) / 8 + MR - 1) / MR * MR)) : MC;
-    size_t strips_n_all = (P + NR - 1) / NR, row_blocks = (M + block_rows - 1) / block_rows;
-    float* bp = matmul_scratch(shared_memory, strips_n_all * K * NR);  // (P / 16, K, 16) strips of B
+    // B is packed a chunk of columns at a time: all of it, unless that is more than MATMUL_PACKED_B_MAX
+    size_t chunk = std::max(NC, MATMUL_PACKED_B_MAX / std::max(K, (size_t)1) / NC * NC);
+    size_t row_blocks = (M + block_rows - 1) / block_rows;
+    float* bp = matmul_scratch(shared_memory, (std::min(chunk, P) + NR - 1) / NR * K * NR);  // (chunk / 16, K, 16) strips of B
     #pragma omp parallel if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     {
         float* ap = matmul_scratch(thread_memory, MC * KC + MC * NC);  // (MC / 6, KC, 6) strips of a slice of A
         float* acc = ap + MC * KC;                                     // (MC, NC) a block's sums between slices
-        // pack B as strips of 16 columns: bp[s][k][c] = B[k, 16 s + c], zero past P
-        #pragma omp for schedule(static)
-        for (size_t s = 0; s < strips_n_all; s++) {
-            float* dst = bp + s * K * NR;
-            size_t cols = std::min(NR, P - s * NR);
-            const float* src = B + s * NR * sbj;
-            if (sbj == 1 && cols == NR) {  // whole rows of 16: two vector copies per k
-                for (size_t k = 0; k < K; k++) memcpy(dst + k * NR, src + k * sbk, NR * sizeof(float));
-            } else if (sbk == 1) {  // B is a transpose: read its columns along k
-                for (size_t c = 0; c < cols; c++) {
-                    for (size_t k = 0; k < K; k++) dst[k * NR + c] = src[k + c * sbj];
-                }
-                for (size_t k = 0; k < K; k++) {
-                    for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
-                }
-            } else {
-                for (size_t k = 0; k < K; k++) {
-                    for (size_t c = 0; c < cols; c++) dst[k * NR + c] = src[k * sbk + c * sbj];
-                    for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+        for (size_t c0 = 0; c0 < P; c0 += chunk) {  // every thread walks the chunks
+            size_t c1 = std::min(P, c0 + chunk), strips_chunk = (c1 - c0 + NR - 1) / NR;
+            // pack B[:, c0..c1) as strips of 16 columns: bp[s][k][c] = B[k, c0 + 16 s + c], zero past c1
+            #pragma omp for schedule(static)
+            for (size_t s = 0; s < strips_chunk; s++) {
+                float* dst = bp + s * K * NR;
+                size_t cols = std::min(NR, c1 - c0 - s * NR);
+                const float* src = B + (c0 + s * NR) * sbj;
+                if (sbj == 1 && cols == NR) {  // whole rows of 16: two vector copies per k
+                    for (size_t k = 0; k < K; k++) memcpy(dst + k * NR, src + k * sbk, NR * sizeof(float));
+                } else if (sbk == 1) {  // B is a transpose: read its columns along k
+                    for (size_t c = 0; c < cols; c++) {
+                        for (size_t k = 0; k < K; k++) dst[k * NR + c] = src[k + c * sbj];
+                    }
+                    for (size_t k = 0; k < K; k++) {
+                        for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                    }
+                } else {
+                    for (size_t k = 0; k < K; k++) {
+                        for (size_t c = 0; c < cols; c++) dst[k * NR + c] = src[k * sbk + c * sbj];
+                        for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                    }
                 }
             }
-        }
-        // (the implicit barrier: B is packed) a block of rows at a time, all of its columns
-        #pragma omp for schedule(dynamic, 1)
-        for (size_t blk = 0; blk < row_blocks; blk++) {
-            size_t i0 = blk * block_rows, mc = std::min(block_rows, M - i0), strips_m = (mc + MR - 1) / MR;
-            for (size_t j0 = 0; j0 < P; j0 += NC) {
-                size_t nc = std::min(NC, P - j0), strips_n = (nc + NR - 1) / NR;
-                bool edge = false;
-                for (size_t k0 = 0; k0 < K; k0 += KC) {
-                    size_t kc = std::min(KC, K - k0);
-                    bool last = k0 + kc == K;
-                    // pack A[i0.., k0..] as strips of 6 rows: ap[s][k][r] = A[i0 + 6 s + r, k0 + k], zero past M
-                    for (size_t s = 0; s < strips_m; s++) {
-                        float* dst = ap + s * kc * MR;
-                        size_t rows = std::min(MR, mc - s * MR);
-                        const float* src = A + (i0 + s * MR) * sa + k0 * sk;
-                        if (rows == MR && sk == 1) {  // rows of A along k: six streams
-                            for (size_t k = 0; k < kc; k++) {
-                                #pragma GCC unroll 6
-                                for (size_t r = 0; r < MR; r++) dst[k * MR + r] = src[r * sa + k];
+            // (the implicit barrier: B is packed) a block of rows at a time, all the chunk's columns
+            #pragma omp for schedule(dynamic, 1)
+            for (size_t blk = 0; blk < row_blocks; blk++) {
+                size_t i0 = blk * block_rows, mc = std::min(block_rows, M - i0), strips_m = (mc + MR - 1) / MR;
+                for (size_t j0 = c0; j0 < c1; j0 += NC) {
+                    size_t nc = std::min(NC, c1 - j0), strips_n = (nc + NR - 1) / NR;
+                    bool edge = false;
+                    for (size_t k0 = 0; k0 < K; k0 += KC) {
+                        size_t kc = std::min(KC, K - k0);
+                        bool last = k0 + kc == K;
+                        // pack A[i0.., k0..] as strips of 6 rows: ap[s][k][r] = A[i0 + 6 s + r, k0 + k], zero past M
+                        for (size_t s = 0; s < strips_m; s++) {
+                            float* dst = ap + s * kc * MR;
+                            size_t rows = std::min(MR, mc - s * MR);
+                            const float* src = A + (i0 + s * MR) * sa + k0 * sk;
+                            if (rows == MR && sk == 1) {  // rows of A along k: six streams
+                                for (size_t k = 0; k < kc; k++) {
+                                    #pragma GCC unroll 6
+                                    for (size_t r = 0; r < MR; r++) dst[k * MR + r] = src[r * sa + k];
+                                }
+                                continue;
                             }
-                            continue;
+                            if (rows == MR && sa == 1) {  // A is a transpose: six neighbours per k
+                                for (size_t k = 0; k < kc; k++) memcpy(dst + k * MR, src + k * sk, MR * sizeof(float));
+                                continue;
+                            }
+                            for (size_t k = 0; k < kc; k++) {
+                                for (size_t r = 0; r < rows; r++) dst[k * MR + r] = src[r * sa + k * sk];
+                                for (size_t r = rows; r < MR; r++) dst[k * MR + r] = 0.0f;
+                            }
                         }
-                        if (rows == MR && sa == 1) {  // A is a transpose: six neighbours per k
-                            for (size_t k = 0; k < kc; k++) memcpy(dst + k * MR, src + k * sk, MR * sizeof(float));
-                            continue;
-                        }
-                        for (size_t k = 0; k < kc; k++) {
-                            for (size_t r = 0; r < rows; r++) dst[k * MR + r] = src[r * sa + k * sk];
-                            for (size_t r = rows; r < MR; r++) dst[k * MR + r] = 0.0f;
+                        // a strip of B stays in L1 while the block's strips of A pass it; after the last
+                        // slice a whole tile adds its sums to out, a tile at the edge through acc
+                        for (size_t sn = 0; sn < strips_n; sn++) {
+                            const float* b = bp + ((j0 - c0) / NR + sn) * K * NR + k0 * NR;
+                            for (size_t sm = 0; sm < strips_m; sm++) {
+                                bool whole = (sm + 1) * MR <= mc && (sn + 1) * NR <= nc;
+                                float* o = last && whole ? out + (i0 + sm * MR) * ldo + j0 + sn * NR : nullptr;
+                                matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, ldo);
+                                edge |= !whole;
+                            }
                         }
                     }
-                    // a strip of B stays in L1 while the block's strips of A pass it; after the last
-                    // slice a whole tile adds its sums to out, a tile at the edge through acc
-                    for (size_t sn = 0; sn < strips_n; sn++) {
-                        const float* b = bp + (j0 / NR + sn) * K * NR + k0 * NR;
-                        for (size_t sm = 0; sm < strips_m; sm++) {
-                            bool whole = (sm + 1) * MR <= mc && (sn + 1) * NR <= nc;
-                            float* o = last && whole ? out + (i0 + sm * MR) * ldo + j0 + sn * NR : nullptr;
-                            matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, ldo);
-                            edge |= !whole;
-                        }
+                    if (!edge) continue;
+                    for (size_t r = 0; r < mc; r++) {
+                        bool whole_rows = r < mc / MR * MR;
+                        for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * ldo + j0 + c] += acc[r * NC + c];
                     }
-                }
-                if (!edge) continue;
-                for (size_t r = 0; r < mc; r++) {
-                    bool whole_rows = r < mc / MR * MR;
-                    for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * ldo + j0 + c] += acc[r * NC + c];
                 }
             }
         }

@@ -146,6 +146,14 @@ TEST_CASE("the fast float matmul equals the plain loops bit for bit", "[ops][mat
             }
         }
     }
+    {  // past one packed chunk of B (MATMUL_PACKED_B_MAX floats: 2048 columns of K = 2048)
+        size_t M = 33, K = 2048, P = 2070;
+        std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), fast = random_floats(M * P, rng);
+        std::vector<float> plain = fast;
+        matmul_accumulate(fast.data(), P, A.data(), K, 1, B.data(), 1, K, M, K, P);
+        matmul_plain(plain.data(), P, A.data(), K, 1, B.data(), 1, K, M, K, P);
+        CHECK(memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
+    }
     // the model's entry points: forward (the weight read as a transpose), backward's two
     size_t N = 70, C = 40, OC = 33;
     std::vector<float> x = random_floats(N * C, rng), w = random_floats(OC * C, rng), dout = random_floats(N * OC, rng);
