@@ -36,10 +36,12 @@ Contents, in file order (search for the quoted heading):
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
                             PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
-                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
+                            matmul (matmul_plain: the spec; matmul_accumulate: matmul_tiles or matmul_blocked, the
+                            fast float kernel; matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
                             place the frequencies are computed, with linear and llama3 scaling; rope_table: cos and
-                            sin computed once; rope_forward_at: given positions), attention
-                            (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
+                            sin computed once; rope_forward_at: given positions), attention (attention_forward_plain/
+                            attention_backward_plain: the spec; attention_forward_matmul/_backward_matmul on the CPU;
+                            on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
                             (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
@@ -919,9 +921,9 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_p
 
 // Every matmul of the CPU build is out (M, P) += A (M, K) @ B (K, P) over strided operands:
 // A[i, k] is A[i * sa + k * sk] and B[k, j] is B[k * sbk + j * sbj], so either may be a
-// transpose read in place, and out's rows are ldo apart (a block of a wider matrix). matmul_plain is the spec: each output element is one sum that
-// starts at 0, takes the K terms in order, one multiply-add each (matmul_madd), and is then
-// added to out. The fast code below (matmul_tiles for a few rows, matmul_blocked for many)
+// transpose read in place, and out's rows are ldo apart (a block of a wider matrix).
+// matmul_plain is the spec: each output element is one sum that starts at 0, takes the K terms
+// in order, one multiply-add each (matmul_madd), and is then added to out. The fast code below (matmul_tiles for a few rows, matmul_blocked for many)
 // computes exactly these sums, bit for bit (test/test_ops.cpp asserts it), each element by one
 // thread, so the result does not depend on the number of threads.
 
@@ -994,17 +996,18 @@ void matmul_tiles(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T*
 }
 
 #ifndef __CUDACC__
-// The blocked matmul of many rows, in float: GotoBLAS's loop order. For each block of
-// MATMUL_NC output columns and each slice of MATMUL_KC of k, the threads first copy that slice
-// of B into packed strips of 16 columns (k-major, zero-padded past P), shared by all; then each
-// thread takes blocks of MATMUL_MC rows, copies its slice of A into strips of 6 rows (k-major,
-// zero-padded past M), and a micro-kernel adds the slice's terms to 6 x 16 tiles of sums held
-// in 12 AVX2 registers: per k, two loads of B and six broadcasts of A feed 12 multiply-adds.
-// Between slices the sums wait in a scratch `acc` (M, MATMUL_NC), so every element still takes
-// its K terms in order from 0 and is added to out once, after its last slice: the same bits
-// as matmul_plain, whichever thread computes a block.
+// The blocked matmul of many rows, in float, in GotoBLAS's loop order. The threads first copy B
+// into packed strips of 16 columns (k-major, zero-padded past P), shared by all (at most
+// MATMUL_PACKED_B_MAX floats at a time: a chunk of columns). Then each thread takes blocks of up
+// to MATMUL_MC rows; for each block of MATMUL_NC columns and each slice of MATMUL_KC of k it
+// copies the slice of A into strips of 6 rows (k-major, zero-padded past M), and a micro-kernel
+// adds the slice's terms to 6 x 16 tiles of sums held in 12 AVX2 registers: per k, two loads of
+// B and six broadcasts of A feed 12 multiply-adds, while one strip of B stays in L1. Between
+// slices a tile's sums wait in the thread's scratch `acc`, so every element still takes its K
+// terms in order from 0 and is added to out once, after its last slice: the same bits as
+// matmul_plain, whichever thread computes a block and however the blocks are cut.
 constexpr size_t MATMUL_MR = 6, MATMUL_NR = 16;                     // a micro-tile
-constexpr size_t MATMUL_MC = 48, MATMUL_NC = 512, MATMUL_KC = 256;  // a thread's block of rows; a packed slice of B (fits L2)
+constexpr size_t MATMUL_MC = 48, MATMUL_NC = 512, MATMUL_KC = 256;  // a thread's block: rows, columns, k-slice (fit in L2)
 constexpr size_t MATMUL_BLOCKED_MIN_ROWS = 32;                      // fewer rows: matmul_tiles
 constexpr size_t MATMUL_PACKED_B_MAX = (size_t)1 << 22;             // floats of B packed at once (16 MB)
 typedef float matmul_f8 __attribute__((vector_size(32)));          // 8 floats: one AVX2 register

@@ -5,9 +5,11 @@ Llama shapes, float32, on the same number of threads, in the same run; the figur
 ratio of median step times (xwin.cu / PyTorch; below 1 means xwin.cu is faster).
 
     make bench_step && python dev/bench_cpu.py [--threads 2] [--steps 5] [--repeats 1] [--bench ./bench_step]
+                                               [--baseline OTHER_BUILD] [--shapes tiny,small,world]
 
 --repeats runs every measurement that many times, interleaved, and prints the medians (a shared
-machine's noise); --bench names another build of dev/bench_step.cu to time instead.
+machine's noise); --bench names another build of dev/bench_step.cu to time instead; --baseline
+times a second build (an older commit's) in the same loop and adds its columns.
 
 Needs torch and transformers (pip install torch transformers).
 """
@@ -64,21 +66,29 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--bench", default="./bench_step")
+    ap.add_argument("--baseline", default="", help="another build of dev/bench_step.cu, timed in the same loop")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma-separated names")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, median of {args.steps} steps after a warm-up"
           + (f", median of {args.repeats} interleaved repeats" if args.repeats > 1 else ""))
-    print(f"{'shape':8} {'xwin ms':>10} {'torch sdpa ms':>14} {'torch eager ms':>15} {'ratio vs sdpa':>14} {'ratio vs eager':>15}")
+    base_head = f" {'baseline ms':>12} {'base vs sdpa':>13} {'base vs eager':>14}" if args.baseline else ""
+    print(f"{'shape':8} {'xwin ms':>10} {'torch sdpa ms':>14} {'torch eager ms':>15} {'ratio vs sdpa':>14} {'ratio vs eager':>15}" + base_head)
     median = lambda xs: sorted(xs)[len(xs) // 2]
     for shape in [s for s in SHAPES if s[0] in args.shapes.split(",")]:
-        ours, sdpa, eager = [], [], []
+        ours, base, sdpa, eager = [], [], [], []
         for _ in range(args.repeats):
             ours.append(ours_step_ms(shape, args.steps, args.threads, args.bench))
+            if args.baseline:
+                base.append(ours_step_ms(shape, args.steps, args.threads, args.baseline))
             sdpa.append(torch_step_ms(shape, args.steps, "sdpa"))
             eager.append(torch_step_ms(shape, args.steps, "eager"))
         ours, sdpa, eager = median(ours), median(sdpa), median(eager)
-        print(f"{shape[0]:8} {ours:10.1f} {sdpa:14.1f} {eager:15.1f} {ours / sdpa:14.2f} {ours / eager:15.2f}", flush=True)
+        line = f"{shape[0]:8} {ours:10.1f} {sdpa:14.1f} {eager:15.1f} {ours / sdpa:14.2f} {ours / eager:15.2f}"
+        if args.baseline:
+            b = median(base)
+            line += f" {b:12.1f} {b / sdpa:13.2f} {b / eager:14.2f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
