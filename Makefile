@@ -1,6 +1,6 @@
 # xwin.cu
 #   make            the GPU programs when nvcc and a GPU are present, else the CPU programs
-#   make cpu        the same programs for the CPU (g++ -O3 -fopenmp)
+#   make cpu        the same programs for the CPU (g++ -O3 -march=x86-64-v3 -fopenmp)
 #   make gpu        the GPU programs (GPU_ARCH=90 to override the detected architecture)
 #   make test       build and run every test on the CPU (the CUDA kernels through test/cuda_emu.h)
 #                   and the nvcc gate; installs Debian's catch2, libstb-dev and OpenMPI when root
@@ -11,7 +11,11 @@
 CXX ?= g++
 MAKEFLAGS += -j2
 NVCC ?= nvcc
-CXXFLAGS = -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -Werror
+# -march=x86-64-v3 (AVX2 and FMA), not -march=native: one instruction set, so every x86-64-v3
+# machine builds the same code and computes the same bits (the stage tables); at no measured
+# cost against native (dev/bench_cpu.txt). -ffp-contract=off: no multiply-add is fused unless
+# the source asks (matmul_madd in the matmuls and attention), so the rounding is the source's.
+CXXFLAGS = -std=c++17 -O3 -march=x86-64-v3 -ffp-contract=off -fopenmp -Wall -Wextra -Werror
 TEST_CXXFLAGS = -std=c++17 -O2 -fopenmp -Wall -Wextra -Werror
 # the GPU's compute capability (e.g. 80, 90), or sm_80 when no GPU can be asked
 GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' | grep -E '^[0-9]+$$' || echo 80)

@@ -36,10 +36,12 @@ Contents, in file order (search for the quoted heading):
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
   "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
                             PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
-                            matmul (matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
+                            matmul (matmul_plain: the spec; matmul_accumulate: matmul_tiles or matmul_blocked, the
+                            fast float kernel; matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
                             place the frequencies are computed, with linear and llama3 scaling; rope_table: cos and
-                            sin computed once; rope_forward_at: given positions), attention
-                            (on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
+                            sin computed once; rope_forward_at: given positions), attention (attention_forward_plain/
+                            attention_backward_plain: the spec; attention_forward_matmul/_backward_matmul on the CPU;
+                            on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
                             WarpTile, warp_tile_*),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
                             (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
@@ -116,6 +118,9 @@ Contents, in file order (search for the quoted heading):
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>  // _mm256_fmadd_ps for the matmul's micro-kernel
 #endif
 #ifdef XWIN_MPI
 #define OMPI_SKIP_MPICXX 1  // the C API only: no C++ bindings to link
@@ -838,11 +843,17 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
         dot /= T(C);
         for (size_t i = 0; i < C; i++) dinp[n * C + i] += r * (d[i] * weight[i] - x[i] * r * dot);
     }
+    // dweight[i]: one sum over the rows in row order per channel, then added; the threads take
+    // blocks of 64 channels (no two share dweight[i]) and walk the rows once, a block's sums side by side
+    constexpr size_t CB = 64;
     #pragma omp parallel for
-    for (size_t i = 0; i < C; i++) {  // parallel over channels, so no two threads share dweight[i]
-        T acc = 0;
-        for (size_t n = 0; n < N; n++) acc += dout[n * C + i] * inp[n * C + i] * rstd[n];
-        dweight[i] += acc;
+    for (size_t i0 = 0; i0 < C; i0 += CB) {
+        size_t i1 = std::min(C, i0 + CB);
+        T acc[CB] = {};
+        for (size_t n = 0; n < N; n++) {
+            for (size_t i = i0; i < i1; i++) acc[i - i0] += dout[n * C + i] * inp[n * C + i] * rstd[n];
+        }
+        for (size_t i = i0; i < i1; i++) dweight[i] += acc[i - i0];
     }
 }
 
@@ -962,17 +973,48 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_p
 }
 #endif
 
+// Every matmul of the CPU build is out (M, P) += A (M, K) @ B (K, P) over strided operands:
+// A[i, k] is A[i * sa + k * sk] and B[k, j] is B[k * sbk + j * sbj], so either may be a
+// transpose read in place, and out's rows are ldo apart (a block of a wider matrix).
+// matmul_plain is the spec: each output element is one sum that starts at 0, takes the K terms
+// in order, one multiply-add each (matmul_madd), and is then added to out. The fast code below (matmul_tiles for a few rows, matmul_blocked for many)
+// computes exactly these sums, bit for bit (test/test_ops.cpp asserts it), each element by one
+// thread, so the result does not depend on the number of threads.
+
+// One multiply-add: fused (one rounding) where the build targets FMA (x86-64-v3), else a * b + c.
+// Written out rather than left to the compiler's contraction, so every matmul loop rounds alike.
+template <typename T>
+inline T matmul_madd(T a, T b, T c) {
+#ifdef __FMA__
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// out (M, P) += A (M, K) @ B (K, P): the plain loops
+template <typename T>
+void matmul_plain(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K, size_t P) {
+    for (size_t i = 0; i < M; i++) {
+        for (size_t j = 0; j < P; j++) {
+            T acc = 0;
+            for (size_t k = 0; k < K; k++) acc = matmul_madd(A[i * sa + k * sk], B[k * sbk + j * sbj], acc);
+            out[i * ldo + j] += acc;
+        }
+    }
+}
+
 // One tile of matmul_tiles: out[i0.., j0..] += the 4 x 16 sums over k. With Tail, only the
 // first `cols` columns exist: B is read through a zero-padded copy of its row.
 template <typename T, bool Tail>
-inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P,
+inline void matmul_tile(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K,
                         size_t i0, size_t j0, size_t cols) {
     constexpr size_t R = 4, W = 16;
     size_t a[R];  // rows past M repeat the last row; their sums are not stored
     for (size_t r = 0; r < R; r++) a[r] = (i0 + r < M ? i0 + r : M - 1) * sa;
     T acc[R][W] = {}, pad[W] = {};
     for (size_t k = 0; k < K; k++) {
-        const T* b = B + k * P + j0;
+        const T* b = B + k * sbk + j0;
         if (Tail) {
             for (size_t j = 0; j < cols; j++) pad[j] = b[j];
             b = pad;
@@ -980,31 +1022,206 @@ inline void matmul_tile(T* out, const T* A, size_t sa, size_t sk, const T* B, si
         T a0 = A[a[0] + k * sk], a1 = A[a[1] + k * sk], a2 = A[a[2] + k * sk], a3 = A[a[3] + k * sk];
         #pragma omp simd
         for (size_t j = 0; j < W; j++) {
-            acc[0][j] += a0 * b[j], acc[1][j] += a1 * b[j], acc[2][j] += a2 * b[j], acc[3][j] += a3 * b[j];
+            acc[0][j] = matmul_madd(a0, b[j], acc[0][j]), acc[1][j] = matmul_madd(a1, b[j], acc[1][j]);
+            acc[2][j] = matmul_madd(a2, b[j], acc[2][j]), acc[3][j] = matmul_madd(a3, b[j], acc[3][j]);
         }
     }
     for (size_t r = 0; r < R; r++) {
         if (i0 + r >= M) break;
-        for (size_t j = 0; j < (Tail ? cols : W); j++) out[(i0 + r) * P + j0 + j] += acc[r][j];
+        for (size_t j = 0; j < (Tail ? cols : W); j++) out[(i0 + r) * ldo + j0 + j] += acc[r][j];
     }
 }
 
-// out (M, P) += A (M, K) @ B (K, P), B row-major, A read through strides: A[i, k] is
-// A[i * sa + k * sk], so A may be a transpose. Tiles of 4 output rows x 16 columns keep
-// their sums in registers while k streams past, so every loaded B value feeds four
-// multiply-adds. The tiles are independent: the result does not depend on the number of
-// threads.
+// out (M, P) += A (M, K) @ B (K, P) for B with unit column stride (B[k, j] = B[k * sbk + j]),
+// in tiles of 4 output rows x 16 columns that keep their sums in registers while k streams
+// past, so every loaded B value feeds four multiply-adds. It reads B where it lies, so a
+// matmul of a few rows (decoding a token) costs one pass over the weight and no copy.
 template <typename T>
-void matmul_tiles(T* out, const T* A, size_t sa, size_t sk, const T* B, size_t M, size_t K, size_t P) {
+void matmul_tiles(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t M, size_t K, size_t P, bool parallel) {
     constexpr size_t R = 4, W = 16;
-    #pragma omp parallel for collapse(2) schedule(static) if (M * K * P >= 16 * PARALLEL_MIN_WORK)
+    #pragma omp parallel for collapse(2) schedule(static) if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
     for (size_t it = 0; it < (M + R - 1) / R; it++) {
         for (size_t jt = 0; jt < (P + W - 1) / W; jt++) {
             size_t i0 = it * R, j0 = jt * W;
-            if (j0 + W <= P) matmul_tile<T, false>(out, A, sa, sk, B, M, K, P, i0, j0, W);
-            else matmul_tile<T, true>(out, A, sa, sk, B, M, K, P, i0, j0, P - j0);
+            if (j0 + W <= P) matmul_tile<T, false>(out, ldo, A, sa, sk, B, sbk, M, K, i0, j0, W);
+            else matmul_tile<T, true>(out, ldo, A, sa, sk, B, sbk, M, K, i0, j0, P - j0);
         }
     }
+}
+
+#ifndef __CUDACC__
+// The blocked matmul of many rows, in float, in GotoBLAS's loop order. The threads first copy B
+// into packed strips of 16 columns (k-major, zero-padded past P), shared by all (at most
+// MATMUL_PACKED_B_MAX floats at a time: a chunk of columns). Then each thread takes blocks of up
+// to MATMUL_MC rows; for each block of MATMUL_NC columns and each slice of MATMUL_KC of k it
+// copies the slice of A into strips of 6 rows (k-major, zero-padded past M), and a micro-kernel
+// adds the slice's terms to 6 x 16 tiles of sums held in 12 AVX2 registers: per k, two loads of
+// B and six broadcasts of A feed 12 multiply-adds, while one strip of B stays in L1. Between
+// slices a tile's sums wait in the thread's scratch `acc`, so every element still takes its K
+// terms in order from 0 and is added to out once, after its last slice: the same bits as
+// matmul_plain, whichever thread computes a block and however the blocks are cut.
+constexpr size_t MATMUL_MR = 6, MATMUL_NR = 16;                     // a micro-tile
+constexpr size_t MATMUL_MC = 48, MATMUL_NC = 512, MATMUL_KC = 256;  // a thread's block: rows, columns, k-slice (fit in L2)
+constexpr size_t MATMUL_BLOCKED_MIN_ROWS = 32;                      // fewer rows: matmul_tiles
+constexpr size_t MATMUL_PACKED_B_MAX = (size_t)1 << 22;             // floats of B packed at once (16 MB)
+typedef float matmul_f8 __attribute__((vector_size(32)));          // 8 floats: one AVX2 register
+#ifdef __FMA__
+#define MATMUL_MADD8(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define MATMUL_MADD8(a, b, c) ((a) * (b) + (c))
+#endif
+
+// A 6 x 16 tile of sums continued through the kc terms of the packed strips a (kc, 6) and b
+// (kc, 16): from 0 when first, else from acc (rows ldc apart, 32-byte aligned); at the end added
+// to out (rows ldo apart) when out is given, else stored back to acc.
+inline void matmul_micro(float* acc, size_t ldc, const float* a, const float* b, size_t kc, bool first, float* out, size_t ldo) {
+    matmul_f8 c[MATMUL_MR][2];
+    #pragma GCC unroll 6
+    for (size_t r = 0; r < MATMUL_MR; r++) {
+        if (first) c[r][0] = c[r][1] = matmul_f8{};
+        else c[r][0] = *(const matmul_f8*)(acc + r * ldc), c[r][1] = *(const matmul_f8*)(acc + r * ldc + 8);
+    }
+    for (size_t k = 0; k < kc; k++) {
+        matmul_f8 b0 = *(const matmul_f8*)(b + k * MATMUL_NR), b1 = *(const matmul_f8*)(b + k * MATMUL_NR + 8);
+        #pragma GCC unroll 6
+        for (size_t r = 0; r < MATMUL_MR; r++) {
+            float v = a[k * MATMUL_MR + r];
+            matmul_f8 x = {v, v, v, v, v, v, v, v};
+            c[r][0] = MATMUL_MADD8(x, b0, c[r][0]);
+            c[r][1] = MATMUL_MADD8(x, b1, c[r][1]);
+        }
+    }
+    #pragma GCC unroll 6
+    for (size_t r = 0; r < MATMUL_MR; r++) {
+        if (out) {
+            matmul_f8 o0, o1;
+            memcpy(&o0, out + r * ldo, sizeof(o0)), memcpy(&o1, out + r * ldo + 8, sizeof(o1));
+            o0 += c[r][0], o1 += c[r][1];
+            memcpy(out + r * ldo, &o0, sizeof(o0)), memcpy(out + r * ldo + 8, &o1, sizeof(o1));
+        } else {
+            *(matmul_f8*)(acc + r * ldc) = c[r][0], *(matmul_f8*)(acc + r * ldc + 8) = c[r][1];
+        }
+    }
+}
+
+// 32-byte aligned scratch of at least n floats, kept between calls in `memory`
+inline float* matmul_scratch(std::vector<float>& memory, size_t n) {
+    if (memory.size() < n + 8) memory.resize(n + 8);
+    return (float*)(((uintptr_t)memory.data() + 31) & ~(uintptr_t)31);
+}
+
+inline void matmul_blocked(float* out, size_t ldo, const float* A, size_t sa, size_t sk, const float* B, size_t sbk, size_t sbj, size_t M,
+                           size_t K, size_t P, bool parallel) {
+    constexpr size_t MR = MATMUL_MR, NR = MATMUL_NR, MC = MATMUL_MC, NC = MATMUL_NC, KC = MATMUL_KC;
+    static thread_local std::vector<float> shared_memory;  // the calling thread's: the packed B, which its team shares
+    static thread_local std::vector<float> thread_memory;
+    // blocks of MC rows, or fewer where that leaves under 8 blocks to share between the threads
+    size_t block_rows = parallel ? std::min(MC, std::max(MR, ((M + 7) / 8 + MR - 1) / MR * MR)) : MC;
+    // B is packed a chunk of columns at a time: all of it, unless that is more than MATMUL_PACKED_B_MAX
+    size_t chunk = std::max(NC, MATMUL_PACKED_B_MAX / std::max(K, (size_t)1) / NC * NC);
+    size_t row_blocks = (M + block_rows - 1) / block_rows;
+    float* bp = matmul_scratch(shared_memory, (std::min(chunk, P) + NR - 1) / NR * K * NR);  // (chunk / 16, K, 16) strips of B
+    #pragma omp parallel if (parallel && M * K * P >= 16 * PARALLEL_MIN_WORK)
+    {
+        float* ap = matmul_scratch(thread_memory, MC * KC + MC * NC);  // (MC / 6, KC, 6) strips of a slice of A
+        float* acc = ap + MC * KC;                                     // (MC, NC) a block's sums between slices
+        for (size_t c0 = 0; c0 < P; c0 += chunk) {  // every thread walks the chunks
+            size_t c1 = std::min(P, c0 + chunk), strips_chunk = (c1 - c0 + NR - 1) / NR;
+            // pack B[:, c0..c1) as strips of 16 columns: bp[s][k][c] = B[k, c0 + 16 s + c], zero past c1
+            #pragma omp for schedule(static)
+            for (size_t s = 0; s < strips_chunk; s++) {
+                float* dst = bp + s * K * NR;
+                size_t cols = std::min(NR, c1 - c0 - s * NR);
+                const float* src = B + (c0 + s * NR) * sbj;
+                if (sbj == 1 && cols == NR) {  // whole rows of 16: two vector copies per k
+                    for (size_t k = 0; k < K; k++) memcpy(dst + k * NR, src + k * sbk, NR * sizeof(float));
+                } else if (sbk == 1) {  // B is a transpose: read its columns along k
+                    for (size_t c = 0; c < cols; c++) {
+                        for (size_t k = 0; k < K; k++) dst[k * NR + c] = src[k + c * sbj];
+                    }
+                    for (size_t k = 0; k < K; k++) {
+                        for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                    }
+                } else {
+                    for (size_t k = 0; k < K; k++) {
+                        for (size_t c = 0; c < cols; c++) dst[k * NR + c] = src[k * sbk + c * sbj];
+                        for (size_t c = cols; c < NR; c++) dst[k * NR + c] = 0.0f;
+                    }
+                }
+            }
+            // (the implicit barrier: B is packed) a block of rows at a time, all the chunk's columns
+            #pragma omp for schedule(dynamic, 1)
+            for (size_t blk = 0; blk < row_blocks; blk++) {
+                size_t i0 = blk * block_rows, mc = std::min(block_rows, M - i0), strips_m = (mc + MR - 1) / MR;
+                for (size_t j0 = c0; j0 < c1; j0 += NC) {
+                    size_t nc = std::min(NC, c1 - j0), strips_n = (nc + NR - 1) / NR;
+                    bool edge = false;
+                    for (size_t k0 = 0; k0 < K; k0 += KC) {
+                        size_t kc = std::min(KC, K - k0);
+                        bool last = k0 + kc == K;
+                        // pack A[i0.., k0..] as strips of 6 rows: ap[s][k][r] = A[i0 + 6 s + r, k0 + k], zero past M
+                        for (size_t s = 0; s < strips_m; s++) {
+                            float* dst = ap + s * kc * MR;
+                            size_t rows = std::min(MR, mc - s * MR);
+                            const float* src = A + (i0 + s * MR) * sa + k0 * sk;
+                            if (rows == MR && sk == 1) {  // rows of A along k: six streams
+                                for (size_t k = 0; k < kc; k++) {
+                                    #pragma GCC unroll 6
+                                    for (size_t r = 0; r < MR; r++) dst[k * MR + r] = src[r * sa + k];
+                                }
+                                continue;
+                            }
+                            if (rows == MR && sa == 1) {  // A is a transpose: six neighbours per k
+                                for (size_t k = 0; k < kc; k++) memcpy(dst + k * MR, src + k * sk, MR * sizeof(float));
+                                continue;
+                            }
+                            for (size_t k = 0; k < kc; k++) {
+                                for (size_t r = 0; r < rows; r++) dst[k * MR + r] = src[r * sa + k * sk];
+                                for (size_t r = rows; r < MR; r++) dst[k * MR + r] = 0.0f;
+                            }
+                        }
+                        // a strip of B stays in L1 while the block's strips of A pass it; after the last
+                        // slice a whole tile adds its sums to out, a tile at the edge through acc
+                        for (size_t sn = 0; sn < strips_n; sn++) {
+                            const float* b = bp + ((j0 - c0) / NR + sn) * K * NR + k0 * NR;
+                            for (size_t sm = 0; sm < strips_m; sm++) {
+                                bool whole = (sm + 1) * MR <= mc && (sn + 1) * NR <= nc;
+                                float* o = last && whole ? out + (i0 + sm * MR) * ldo + j0 + sn * NR : nullptr;
+                                matmul_micro(acc + sm * MR * NC + sn * NR, NC, ap + sm * kc * MR, b, kc, k0 == 0, o, ldo);
+                                edge |= !whole;
+                            }
+                        }
+                    }
+                    if (!edge) continue;
+                    for (size_t r = 0; r < mc; r++) {
+                        bool whole_rows = r < mc / MR * MR;
+                        for (size_t c = whole_rows ? nc / NR * NR : 0; c < nc; c++) out[(i0 + r) * ldo + j0 + c] += acc[r * NC + c];
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+// out (M, P) += A (M, K) @ B (K, P), the sums of matmul_plain: matmul_blocked for many rows in
+// float (training, a prompt's prefill), else matmul_tiles (a few rows: decoding; double: the
+// tests), through a transposed copy of B where its columns are not contiguous. parallel: false
+// keeps it on the calling thread (a caller that is one of a team already).
+template <typename T>
+void matmul_accumulate(T* out, size_t ldo, const T* A, size_t sa, size_t sk, const T* B, size_t sbk, size_t sbj, size_t M, size_t K,
+                       size_t P, bool parallel = true) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) {
+        if (M >= MATMUL_BLOCKED_MIN_ROWS) return matmul_blocked(out, ldo, A, sa, sk, B, sbk, sbj, M, K, P, parallel);
+    }
+#endif
+    if (sbj == 1) return matmul_tiles(out, ldo, A, sa, sk, B, sbk, M, K, P, parallel);
+    std::vector<T> bt(K * P);  // B (K, P) row-major
+    for (size_t k = 0; k < K; k++) {
+        for (size_t j = 0; j < P; j++) bt[k * P + j] = B[k * sbk + j * sbj];
+    }
+    matmul_tiles(out, ldo, A, sa, sk, bt.data(), P, M, K, P, parallel);
 }
 
 // wt (C, OC) = weight (OC, C)^T
@@ -1019,23 +1236,21 @@ void matmul_transpose_weight(T* wt, const T* weight, size_t C, size_t OC) {
 template <typename T>
 void matmul_forward_transposed(T* out, const T* inp, const T* wt, size_t N, size_t C, size_t OC) {
     std::fill(out, out + N * OC, T(0));
-    matmul_tiles(out, inp, C, 1, wt, N, C, OC);
+    matmul_accumulate(out, OC, inp, C, 1, wt, OC, 1, N, C, OC);
 }
 
-// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none); through a
-// transposed copy of the weight, so that the tiles read it along their rows.
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T, no bias (Llama has none): B[k, j] = weight[j, k]
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    std::vector<T> wt(C * OC);
-    matmul_transpose_weight(wt.data(), weight, C, OC);
-    matmul_forward_transposed(out, inp, wt.data(), N, C, OC);
+    std::fill(out, out + N * OC, T(0));
+    matmul_accumulate(out, OC, inp, C, 1, weight, 1, C, N, C, OC);
 }
 
 // dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, size_t N, size_t C, size_t OC) {
-    matmul_tiles(dinp, dout, OC, 1, weight, N, OC, C);
-    matmul_tiles(dweight, dout, 1, OC, inp, OC, N, C);
+    matmul_accumulate(dinp, C, dout, OC, 1, weight, C, 1, N, OC, C);
+    matmul_accumulate(dweight, C, dout, 1, OC, inp, C, 1, OC, N, C);
 }
 
 #ifdef XWIN_CUDA
@@ -1290,8 +1505,11 @@ inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
 //   q (B, T, H, hd), k and v (B, T, KV, hd); query head h reads kv head h / (H / KV).
 //   att (B, H, T, T): softmax over t2 <= t of q.k / sqrt(hd); entries t2 > t are 0.
 //   out (B, T, H, hd) = att @ v
+// The plain loops are the spec; in float the CPU build runs attention_forward_matmul, the
+// same sums as (T, T) and (T, hd) matmuls per head (test/test_ops.cpp asserts equal bits).
+// Every dot product is one chain of matmul_madd from 0 in index order, as in the matmuls.
 template <typename T>
-void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+void attention_forward_plain(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     T scale = T(1) / std::sqrt(T(hd));
     size_t group = H / KV;
     #pragma omp parallel for collapse(3)
@@ -1301,14 +1519,16 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
                 const T* qv = q + ((b * Tn + t) * H + h) * hd;
                 T* a = att + ((b * H + h) * Tn + t) * Tn;
                 size_t kh = h / group;
+                // the scores q . k[t2] / sqrt(hd) of the keys up to t, and their max
                 T maxv = -INFINITY;
                 for (size_t t2 = 0; t2 <= t; t2++) {
                     const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
                     T s = 0;
-                    for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                    for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
                     a[t2] = s * scale;
                     if (a[t2] > maxv) maxv = a[t2];
                 }
+                // softmax: exponentiate against the max, normalise; the future keys get 0
                 T sum = 0;
                 for (size_t t2 = 0; t2 <= t; t2++) {
                     a[t2] = std::exp(a[t2] - maxv);
@@ -1316,11 +1536,12 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
                 }
                 for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
                 for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+                // out = the probabilities' mix of the values
                 T* o = out + ((b * Tn + t) * H + h) * hd;
-                for (size_t i = 0; i < hd; i++) o[i] = 0;
-                for (size_t t2 = 0; t2 <= t; t2++) {
-                    const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                    for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                for (size_t i = 0; i < hd; i++) {
+                    T acc = 0;
+                    for (size_t t2 = 0; t2 <= t; t2++) acc = matmul_madd(a[t2], v[((b * Tn + t2) * KV + kh) * hd + i], acc);
+                    o[i] = acc;
                 }
             }
         }
@@ -1330,50 +1551,180 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_
 // dq += ..., dk += ..., dv += ... given dout (B, T, H, hd) and the saved att.
 //   datt[t2] = dout . v[t2];  dscore[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
 //   dq += scale * dscore @ k;  dk += scale * dscore^T q;  dv += att^T @ dout
-// Two passes over t2 (the first for the softmax dot product, the second recomputes datt)
-// so no scratch row is needed. Parallel over (b, kv head): the query heads sharing one kv
-// head accumulate into dk, dv serially.
+// Parallel over (b, kv head): the query heads sharing one kv head add their sums to dk, dv in
+// head order. Per head, each element of dq, dk, dv is one sum (over t2 for dq, over t for dk
+// and dv) added at once.
 template <typename T>
-void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
-                        size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+void attention_backward_plain(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
+                              size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     T scale = T(1) / std::sqrt(T(hd));
     size_t group = H / KV;
     #pragma omp parallel for collapse(2)
     for (size_t b = 0; b < B; b++) {
         for (size_t kh = 0; kh < KV; kh++) {
+            std::vector<T> ds(Tn * Tn, T(0));  // (T, T) scale * dscore of one head
+            const T* kb = k + (b * Tn * KV + kh) * hd;  // row t2 of this kv head at kb + t2 * KV * hd
+            const T* vb = v + (b * Tn * KV + kh) * hd;
+            T* dkb = dk + (b * Tn * KV + kh) * hd;
+            T* dvb = dv + (b * Tn * KV + kh) * hd;
             for (size_t h = kh * group; h < (kh + 1) * group; h++) {
+                const T* ah = att + (b * H + h) * Tn * Tn;     // (T, T)
+                const T* qh = q + (b * Tn * H + h) * hd;       // row t at qh + t * H * hd
+                const T* dh = dout + (b * Tn * H + h) * hd;
+                T* dqh = dq + (b * Tn * H + h) * hd;
                 for (size_t t = 0; t < Tn; t++) {
-                    const T* a = att + ((b * H + h) * Tn + t) * Tn;
-                    const T* d = dout + ((b * Tn + t) * H + h) * hd;
-                    const T* qv = q + ((b * Tn + t) * H + h) * hd;
-                    T* dqv = dq + ((b * Tn + t) * H + h) * hd;
+                    const T* a = ah + t * Tn;
+                    T* dsr = ds.data() + t * Tn;
+                    // datt[t2] = dout[t] . v[t2], kept in dsr; dot = sum over t2 of att * datt
                     T dot = 0;
                     for (size_t t2 = 0; t2 <= t; t2++) {
-                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                        T* dvv = dv + ((b * Tn + t2) * KV + kh) * hd;
                         T datt = 0;
-                        for (size_t i = 0; i < hd; i++) {
-                            datt += d[i] * vv[i];
-                            dvv[i] += a[t2] * d[i];
-                        }
-                        dot += a[t2] * datt;
+                        for (size_t i = 0; i < hd; i++) datt = matmul_madd(dh[t * H * hd + i], vb[t2 * KV * hd + i], datt);
+                        dsr[t2] = datt;
                     }
-                    for (size_t t2 = 0; t2 <= t; t2++) {
-                        const T* vv = v + ((b * Tn + t2) * KV + kh) * hd;
-                        T datt = 0;
-                        for (size_t i = 0; i < hd; i++) datt += d[i] * vv[i];
-                        T ds = a[t2] * (datt - dot) * scale;
-                        const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
-                        T* dkv = dk + ((b * Tn + t2) * KV + kh) * hd;
-                        for (size_t i = 0; i < hd; i++) {
-                            dqv[i] += ds * kv[i];
-                            dkv[i] += ds * qv[i];
+                    for (size_t t2 = 0; t2 <= t; t2++) dot = matmul_madd(a[t2], dsr[t2], dot);
+                    for (size_t t2 = 0; t2 <= t; t2++) dsr[t2] = a[t2] * (dsr[t2] - dot) * scale;
+                }
+                // dq[t] += ds[t] @ k;  dk[t2] += ds[:, t2]^T q;  dv[t2] += att[:, t2]^T dout
+                for (size_t t = 0; t < Tn; t++) {
+                    for (size_t i = 0; i < hd; i++) {
+                        T acc = 0;
+                        for (size_t t2 = 0; t2 <= t; t2++) acc = matmul_madd(ds[t * Tn + t2], kb[t2 * KV * hd + i], acc);
+                        dqh[t * H * hd + i] += acc;
+                    }
+                }
+                for (size_t t2 = 0; t2 < Tn; t2++) {
+                    for (size_t i = 0; i < hd; i++) {
+                        T acc_k = 0, acc_v = 0;
+                        for (size_t t = t2; t < Tn; t++) {
+                            acc_k = matmul_madd(ds[t * Tn + t2], qh[t * H * hd + i], acc_k);
+                            acc_v = matmul_madd(ah[t * Tn + t2], dh[t * H * hd + i], acc_v);
                         }
+                        dkb[t2 * KV * hd + i] += acc_k;
+                        dvb[t2 * KV * hd + i] += acc_v;
                     }
                 }
             }
         }
     }
+}
+
+#ifndef __CUDACC__
+// The fast attention cuts the query rows into blocks of ATTENTION_ROWS: a block's rows see the
+// keys before its end only, so the matmuls cover the causal half and a strip along the diagonal.
+constexpr size_t ATTENTION_ROWS = 48;
+
+// attention_forward_plain's sums as matmuls per (b, h), on matmul_accumulate: the scores q k^T of
+// each block of rows, the softmax per row, then out = att @ v per block (the zeros of the keys
+// after a row, up to its block's end, add exactly 0). Each (b, h) on one thread.
+inline void attention_forward_matmul(float* out, float* att, const float* q, const float* k, const float* v, size_t B, size_t Tn, size_t H,
+                                     size_t KV, size_t hd) {
+    float scale = 1.0f / std::sqrt((float)hd);
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t h = 0; h < H; h++) {
+            size_t kh = h / group;
+            float* ah = att + (b * H + h) * Tn * Tn;       // (T, T)
+            const float* qh = q + (b * Tn * H + h) * hd;   // row t at qh + t * H * hd
+            const float* kb = k + (b * Tn * KV + kh) * hd;  // row t2 at kb + t2 * KV * hd
+            const float* vb = v + (b * Tn * KV + kh) * hd;
+            float* oh = out + (b * Tn * H + h) * hd;
+            for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // scores: q[r0..r1) (rows, hd) @ k[0..r1)^T (hd, r1)
+                size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                for (size_t t = r0; t < r1; t++) std::fill(ah + t * Tn, ah + t * Tn + r1, 0.0f);
+                matmul_accumulate(ah + r0 * Tn, Tn, qh + r0 * H * hd, H * hd, 1, kb, 1, KV * hd, r1 - r0, hd, r1, false);
+            }
+            for (size_t t = 0; t < Tn; t++) {
+                float* a = ah + t * Tn;
+                float maxv = -INFINITY;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    a[t2] = a[t2] * scale;
+                    if (a[t2] > maxv) maxv = a[t2];
+                }
+                float sum = 0;
+                for (size_t t2 = 0; t2 <= t; t2++) {
+                    a[t2] = std::exp(a[t2] - maxv);
+                    sum += a[t2];
+                }
+                for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
+                for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
+                std::fill(oh + t * H * hd, oh + t * H * hd + hd, 0.0f);
+            }
+            for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // out[r0..r1) = att[r0..r1, 0..r1) @ v[0..r1)
+                size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                matmul_accumulate(oh + r0 * H * hd, H * hd, ah + r0 * Tn, Tn, 1, vb, KV * hd, 1, r1 - r0, r1, hd, false);
+            }
+        }
+    }
+}
+
+// attention_backward_plain's sums as matmuls per (b, kv head), on matmul_accumulate: datt = dout
+// v^T per block of rows, the softmax's backward per row into ds (zero after the diagonal), then
+// per block dq += ds @ k over the keys before the block's end, and per block of keys
+// dk += ds^T @ q and dv += att^T @ dout over the rows from the block's start (the zeros before
+// a key's row keep its sum at 0, so the sums are the plain loops').
+inline void attention_backward_matmul(float* dq, float* dk, float* dv, const float* dout, const float* att, const float* q, const float* k,
+                                      const float* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+    float scale = 1.0f / std::sqrt((float)hd);
+    size_t group = H / KV;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (size_t b = 0; b < B; b++) {
+        for (size_t kh = 0; kh < KV; kh++) {
+            static thread_local std::vector<float> ds_memory;  // (T, T) scale * dscore of one head
+            ds_memory.resize(Tn * Tn);
+            float* ds = ds_memory.data();
+            const float* kb = k + (b * Tn * KV + kh) * hd;
+            const float* vb = v + (b * Tn * KV + kh) * hd;
+            float* dkb = dk + (b * Tn * KV + kh) * hd;
+            float* dvb = dv + (b * Tn * KV + kh) * hd;
+            for (size_t h = kh * group; h < (kh + 1) * group; h++) {
+                const float* ah = att + (b * H + h) * Tn * Tn;
+                const float* qh = q + (b * Tn * H + h) * hd;
+                const float* dh = dout + (b * Tn * H + h) * hd;
+                float* dqh = dq + (b * Tn * H + h) * hd;
+                for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // datt: dout[r0..r1) (rows, hd) @ v[0..r1)^T (hd, r1)
+                    size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                    for (size_t t = r0; t < r1; t++) std::fill(ds + t * Tn, ds + t * Tn + r1, 0.0f);
+                    matmul_accumulate(ds + r0 * Tn, Tn, dh + r0 * H * hd, H * hd, 1, vb, 1, KV * hd, r1 - r0, hd, r1, false);
+                }
+                for (size_t t = 0; t < Tn; t++) {
+                    const float* a = ah + t * Tn;
+                    float* dsr = ds + t * Tn;
+                    float dot = 0;
+                    for (size_t t2 = 0; t2 <= t; t2++) dot = matmul_madd(a[t2], dsr[t2], dot);
+                    for (size_t t2 = 0; t2 <= t; t2++) dsr[t2] = a[t2] * (dsr[t2] - dot) * scale;
+                    for (size_t t2 = t + 1; t2 < Tn; t2++) dsr[t2] = 0;
+                }
+                for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {
+                    size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+                    // dq[r0..r1) += ds[r0..r1, 0..r1) @ k[0..r1)
+                    matmul_accumulate(dqh + r0 * H * hd, H * hd, ds + r0 * Tn, Tn, 1, kb, KV * hd, 1, r1 - r0, r1, hd, false);
+                    // keys r0..r1: dk += ds[r0.., r0..r1)^T @ q[r0..], dv += att[r0.., r0..r1)^T @ dout[r0..]
+                    matmul_accumulate(dkb + r0 * KV * hd, KV * hd, ds + r0 * Tn + r0, 1, Tn, qh + r0 * H * hd, H * hd, 1, r1 - r0, Tn - r0, hd, false);
+                    matmul_accumulate(dvb + r0 * KV * hd, KV * hd, ah + r0 * Tn + r0, 1, Tn, dh + r0 * H * hd, H * hd, 1, r1 - r0, Tn - r0, hd, false);
+                }
+            }
+        }
+    }
+}
+#endif
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) return attention_forward_matmul(out, att, q, k, v, B, Tn, H, KV, hd);
+#endif
+    attention_forward_plain(out, att, q, k, v, B, Tn, H, KV, hd);
+}
+
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v,
+                        size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
+#ifndef __CUDACC__
+    if constexpr (std::is_same<T, float>::value) return attention_backward_matmul(dq, dk, dv, dout, att, q, k, v, B, Tn, H, KV, hd);
+#endif
+    attention_backward_plain(dq, dk, dv, dout, att, q, k, v, B, Tn, H, KV, hd);
 }
 
 #ifdef XWIN_CUDA
@@ -1948,7 +2299,7 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
                     for (size_t t2 = 0; t2 <= p; t2++) {
                         const T* kv = k_cache + ((b * maxT + t2) * KV + kh) * hd;
                         T s = 0;
-                        for (size_t i = 0; i < hd; i++) s += qv[i] * kv[i];
+                        for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
                         a[t2] = s * scale;
                         if (a[t2] > maxv) maxv = a[t2];
                     }
@@ -1962,7 +2313,7 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
                     for (size_t i = 0; i < hd; i++) o[i] = 0;
                     for (size_t t2 = 0; t2 <= p; t2++) {
                         const T* vv = v_cache + ((b * maxT + t2) * KV + kh) * hd;
-                        for (size_t i = 0; i < hd; i++) o[i] += a[t2] * vv[i];
+                        for (size_t i = 0; i < hd; i++) o[i] = matmul_madd(a[t2], vv[i], o[i]);
                     }
                 }
             }

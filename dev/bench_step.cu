@@ -3,7 +3,8 @@ bench_step: times one training step (forward, masked-mean loss, backward) of the
 reference on a randomly initialised Llama of the given shape. dev/bench_cpu.py runs it
 beside PyTorch on the same shapes and thread count and prints the ratio.
 
-  ./bench_step dim n_layers n_heads n_kv_heads vocab ffn B T steps
+  ./bench_step dim n_layers n_heads n_kv_heads vocab ffn B T steps [tied]
+(tied: 1 for a head that is the embedding, as the built-in world's model; default 0)
 Prints one line: "bench_step ms_per_step <median ms over steps, after one warm-up step>".
 */
 #include <algorithm>
@@ -13,13 +14,14 @@ Prints one line: "bench_step ms_per_step <median ms over steps, after one warm-u
 #include "../llm.cu"
 
 int main(int argc, char** argv) {
-    if (argc != 10) {
-        fprintf(stderr, "usage: ./bench_step dim n_layers n_heads n_kv_heads vocab ffn B T steps\n");
+    if (argc != 10 && argc != 11) {
+        fprintf(stderr, "usage: ./bench_step dim n_layers n_heads n_kv_heads vocab ffn B T steps [tied]\n");
         return 1;
     }
     int v[9];
     for (int i = 0; i < 9; i++) v[i] = atoi(argv[i + 1]);
-    LlamaConfig c{v[0], v[1], v[2], v[3], v[4], v[5], v[7], 0, HEAD_LM, 10000.0, 1e-5};
+    int tied = argc == 11 ? atoi(argv[10]) : 0;
+    LlamaConfig c{v[0], v[1], v[2], v[3], v[4], v[5], v[7], tied, HEAD_LM, 10000.0, 1e-5};
     int B = v[6], T = v[7], steps = v[8];
     Llama model;
     llama_init(&model, c);

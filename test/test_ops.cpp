@@ -115,6 +115,112 @@ TEST_CASE("matmul forward matches a plain triple loop", "[ops]") {
     }
 }
 
+// The fast float matmuls (matmul_blocked for 32 rows or more, matmul_tiles below) against
+// matmul_plain, the spec: the same bits, for every operand layout (A or B read as a transpose),
+// shapes off the 6 x 16 tiles and past one k-slice (256) and one column block (512), added to
+// a random out (once with rows wider than P). In float and in the build's own rounding (fused
+// where it targets FMA).
+static std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    std::vector<float> v(n);
+    for (auto& x : v) x = dist(rng);
+    return v;
+}
+
+TEST_CASE("the fast float matmul equals the plain loops bit for bit", "[ops][matmul]") {
+    std::mt19937 rng(11);
+    for (size_t M : {1, 5, 31, 32, 53, 97}) {
+        for (size_t K : {1, 7, 256, 300}) {
+            for (size_t P : {3, 16, 17, 530}) {
+                for (int layout = 0; layout < 4; layout++) {
+                    bool a_t = layout & 1, b_t = layout & 2;  // A (M, K) stored as (K, M); B (K, P) as (P, K)
+                    size_t sa = a_t ? 1 : K, sk = a_t ? M : 1, sbk = b_t ? 1 : P, sbj = b_t ? K : 1;
+                    size_t ldo = P + (layout == 3 ? 5 : 0);  // out a block of a wider matrix
+                    std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), fast = random_floats(M * ldo, rng);
+                    std::vector<float> plain = fast;
+                    matmul_accumulate(fast.data(), ldo, A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
+                    matmul_plain(plain.data(), ldo, A.data(), sa, sk, B.data(), sbk, sbj, M, K, P);
+                    INFO("M " << M << " K " << K << " P " << P << " ldo " << ldo << " A transposed " << a_t << " B transposed " << b_t);
+                    CHECK(memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
+                }
+            }
+        }
+    }
+    {  // past one packed chunk of B (MATMUL_PACKED_B_MAX floats: 2048 columns of K = 2048)
+        size_t M = 33, K = 2048, P = 2070;
+        std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), fast = random_floats(M * P, rng);
+        std::vector<float> plain = fast;
+        matmul_accumulate(fast.data(), P, A.data(), K, 1, B.data(), 1, K, M, K, P);
+        matmul_plain(plain.data(), P, A.data(), K, 1, B.data(), 1, K, M, K, P);
+        CHECK(memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
+    }
+    // the model's entry points: forward (the weight read as a transpose), backward's two
+    size_t N = 70, C = 40, OC = 33;
+    std::vector<float> x = random_floats(N * C, rng), w = random_floats(OC * C, rng), dout = random_floats(N * OC, rng);
+    std::vector<float> out(N * OC), ref(N * OC, 0.0f), dx = random_floats(N * C, rng), dw = random_floats(OC * C, rng);
+    std::vector<float> dx_ref = dx, dw_ref = dw;
+    matmul_forward(out.data(), x.data(), w.data(), N, C, OC);
+    matmul_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), N, C, OC);
+    matmul_plain(ref.data(), OC, x.data(), C, 1, w.data(), 1, C, N, C, OC);
+    matmul_plain(dx_ref.data(), C, dout.data(), OC, 1, w.data(), C, 1, N, OC, C);
+    matmul_plain(dw_ref.data(), C, dout.data(), 1, OC, x.data(), C, 1, OC, N, C);
+    CHECK(out == ref);
+    CHECK(dx == dx_ref);
+    CHECK(dw == dw_ref);
+}
+
+#ifdef _OPENMP
+// Each output element is summed by one thread in a fixed order, so 1 and 2 threads give the same
+// bits (the stage tables are reproducible on any core count).
+TEST_CASE("the float matmul and attention give the same bits on 1 and 2 threads", "[ops][matmul]") {
+    std::mt19937 rng(12);
+    size_t M = 300, K = 520, P = 270;  // above PARALLEL_MIN_WORK: the threads split the rows
+    std::vector<float> A = random_floats(M * K, rng), B = random_floats(K * P, rng), start = random_floats(M * P, rng);
+    size_t Bn = 2, T = 40, H = 4, KV = 2, hd = 16;
+    std::vector<float> q = random_floats(Bn * T * H * hd, rng), k = random_floats(Bn * T * KV * hd, rng), v = random_floats(k.size(), rng);
+    std::vector<float> dout = random_floats(q.size(), rng);
+    std::vector<float> results[2];
+    int saved = omp_get_max_threads();
+    for (int threads : {1, 2}) {
+        omp_set_num_threads(threads);
+        std::vector<float> out = start, att(Bn * H * T * T), o(q.size()), dq(q.size(), 0.0f), dk(k.size(), 0.0f), dv(v.size(), 0.0f);
+        matmul_accumulate(out.data(), P, A.data(), K, 1, B.data(), P, 1, M, K, P);
+        matmul_accumulate(out.data(), P, A.data(), K, 1, B.data(), P, 1, M, K, P);  // and again on top
+        attention_forward(o.data(), att.data(), q.data(), k.data(), v.data(), Bn, T, H, KV, hd);
+        attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), Bn, T, H, KV, hd);
+        for (auto* part : {&out, &o, &dq, &dk, &dv}) results[threads - 1].insert(results[threads - 1].end(), part->begin(), part->end());
+    }
+    omp_set_num_threads(saved);
+    REQUIRE(results[0].size() == results[1].size());
+    CHECK(memcmp(results[0].data(), results[1].data(), results[0].size() * sizeof(float)) == 0);
+}
+#endif
+
+// attention in float (per-head matmuls) against its plain loops: the same bits, forward and
+// backward, for one and several query heads per kv head and lengths off the tiles
+TEST_CASE("attention in float equals its plain loops bit for bit", "[ops][attention]") {
+    std::mt19937 rng(13);
+    struct Shape { size_t B, T, H, KV, hd; };
+    for (Shape s : {Shape{1, 1, 1, 1, 4}, Shape{2, 5, 2, 1, 3}, Shape{2, 33, 4, 2, 8}, Shape{1, 70, 3, 3, 16}}) {
+        INFO("B " << s.B << " T " << s.T << " H " << s.H << " KV " << s.KV << " hd " << s.hd);
+        size_t nq = s.B * s.T * s.H * s.hd, nk = s.B * s.T * s.KV * s.hd;
+        std::vector<float> q = random_floats(nq, rng), k = random_floats(nk, rng), v = random_floats(nk, rng), dout = random_floats(nq, rng);
+        std::vector<float> out(nq), out_ref(nq), att(s.B * s.H * s.T * s.T), att_ref(att.size());
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.hd);
+        attention_forward_plain(out_ref.data(), att_ref.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.hd);
+        CHECK(out == out_ref);
+        CHECK(att == att_ref);
+        std::vector<float> dq = random_floats(nq, rng), dk = random_floats(nk, rng), dv = random_floats(nk, rng);  // the backward adds
+        std::vector<float> dq_ref = dq, dk_ref = dk, dv_ref = dv;
+        attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.hd);
+        attention_backward_plain(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H,
+                                 s.KV, s.hd);
+        CHECK(dq == dq_ref);
+        CHECK(dk == dk_ref);
+        CHECK(dv == dv_ref);
+    }
+}
+
 TEST_CASE("rope backward matches finite differences and rotates as transformers does", "[ops][fd]") {
     for (double theta : {10000.0, 500000.0}) {  // the default and Llama 3's
         INFO("theta " << theta);
