@@ -15,7 +15,8 @@ NVCC ?= nvcc
 # machine builds the same code and computes the same bits (the stage tables); at no measured
 # cost against native (dev/bench_cpu.txt). -ffp-contract=off: no multiply-add is fused unless
 # the source asks (matmul_madd in the matmuls and attention), so the rounding is the source's.
-CXXFLAGS = -std=c++17 -O3 -march=x86-64-v3 -ffp-contract=off -fopenmp -Wall -Wextra -Werror
+CPU_ARCH = -march=x86-64-v3 -ffp-contract=off
+CXXFLAGS = -std=c++17 -O3 $(CPU_ARCH) -fopenmp -Wall -Wextra -Werror
 TEST_CXXFLAGS = -std=c++17 -O2 -fopenmp -Wall -Wextra -Werror
 # the GPU's compute capability (e.g. 80, 90), or sm_80 when no GPU can be asked
 GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' | grep -E '^[0-9]+$$' || echo 80)
@@ -148,9 +149,10 @@ build/smollm2.bin: dev/convert_gguf.py dev/xwin_format.py dev/export_tokenizer.p
 deps-stb:
 	$(call debian_install,$(STB_HEADER),libstb-dev)
 
+# the CPU programs' instruction set: the fast matmul and attention are tested as they run (FMA)
 build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
-	$(CXX) $(TEST_CXXFLAGS) $(TEST_SRC) -o $@
+	$(CXX) $(TEST_CXXFLAGS) $(CPU_ARCH) $(TEST_SRC) -o $@
 
 build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/test_dpo_ops.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build

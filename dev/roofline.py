@@ -422,16 +422,17 @@ def parallel_memory(cfg, B, T, ranks, zero, recompute, x=2):
 def parallel_time(cfg, B, T, ranks, zero, bus, efficiency=1.0, x=2):
     """(step seconds, collective seconds, exposed seconds) of one data-parallel step: each rank's
     compute is the 1-GPU step of its B sequences (predict); the gradients (FP32, as llm.cu keeps
-    them) are all-reduced (ZeRO-0) or reduce-scattered (ZeRO-1, 2), layer by layer on their own
-    stream as the backward frees them, so all but the last layer's hide behind the backward
-    while there is backward left to hide behind; ZeRO-1 and 2 then all-gather the updated
-    compute weights (floatX), after the update: exposed."""
+    them) are all-reduced (ZeRO-0, and ZeRO-1 as llm.cu builds it: each rank updates its part
+    from the whole sum) or reduce-scattered (ZeRO-2), layer by layer on their own stream as the
+    backward frees them (llm.cu's comm_reduce_layer_grads), so all but the last layer's hide
+    behind the backward while there is backward left to hide behind; ZeRO-1 and 2 then
+    all-gather the updated compute weights (floatX), after the update: exposed."""
     if ranks == 1:
         return predict(cfg, B, T, "flash", x, efficiency)[1], 0.0, 0.0
     _, step, _, _, _ = predict(cfg, B, T, "flash", x, efficiency)
     P, L = num_params(cfg), cfg[1]
     share = (ranks - 1) / ranks
-    reduce_bytes = P * 4 * share * (2 if zero == 0 else 1)
+    reduce_bytes = P * 4 * share * (1 if zero >= 2 else 2)
     gather_bytes = P * x * share if zero >= 1 else 0
     reduce, gather = reduce_bytes / bus, gather_bytes / bus
     backward = step * 2 / 3  # the backward's share of a step's FLOPs
@@ -462,17 +463,20 @@ def print_parallel(efficiency):
     print()
     print("The headroom is before the CUDA context and cuBLAS's workspace (about 1 to 2 GB).")
     print()
-    print("Step time and tokens/s, ZeRO-2 with recomputation's memory (recomputation's FLOPs left out: about 1/6 of a layer's"
-          " forward more), 1 GPU against 8 in one node and 16 in two:")
+    print("Step time and tokens/s, ZeRO-1 (built: the whole gradient all-reduced) and ZeRO-2 (not built: reduce-scattered),"
+          " with recomputation's memory (recomputation's FLOPs left out: about 1/6 of a layer's forward more), 1 GPU against 8"
+          " in one node and 16 in two:")
     print()
     print("(1 GPU: the step as if the model fitted one GPU, for the speed-up; it does not.)")
     print()
-    print("| model | per rank | GPUs | step (ms) | collectives (ms) | exposed (ms) | tokens/s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | per rank | ZeRO | GPUs | step (ms) | collectives (ms) | exposed (ms) | tokens/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, key, what, B, T in cases:
-        for ranks, bus in ((1, NVLINK_BUS), (8, NVLINK_BUS), (16, NETWORK_BUS)):
-            step, comm, exposed = parallel_time(CONFIGS[key], B, T, ranks, 2, bus, efficiency)
-            print(f"| {name} | {what} | {ranks} | {step * 1e3:.0f} | {comm * 1e3:.0f} | {exposed * 1e3:.0f} | {ranks * B * T / step:,.0f} |")
+        for zero in (1, 2):
+            for ranks, bus in ((1, NVLINK_BUS), (8, NVLINK_BUS), (16, NETWORK_BUS)):
+                step, comm, exposed = parallel_time(CONFIGS[key], B, T, ranks, zero, bus, efficiency)
+                print(f"| {name} | {what} | {zero} | {ranks} | {step * 1e3:.0f} | {comm * 1e3:.0f} | {exposed * 1e3:.0f} |"
+                      f" {ranks * B * T / step:,.0f} |")
     print()
     print("The largest Llama that fits 8 x 80 GB with ZeRO-2 and recomputation (SFT, 1 x 4096 per rank, 2 GB kept for the"
           " CUDA context and cuBLAS):")
