@@ -10,21 +10,6 @@
 #define XWIN_PLOTS  // draw_training_curves
 #include "program.h"
 
-// the values of a key on the log's lines that have it
-static std::vector<double> log_values(const std::string& log, const char* key) {
-    std::vector<double> out;
-    FILE* f = fopen_check(log.c_str(), "r");
-    char line[4096];
-    std::string pattern = std::string("\"") + key + "\": ";
-    while (fgets(line, sizeof(line), f)) {
-        const char* p = strstr(line, pattern.c_str());
-        double x;
-        if (p && sscanf(p + pattern.size(), "%lf", &x) == 1) out.push_back(x);
-    }
-    fclose(f);
-    return out;
-}
-
 TEST_CASE("train_dpo refuses bad flags, another model's reference and another vocabulary, in one line", "[dpo]") {
     std::string model = write_small_model("dpo_refuse.bin", 32, 2), other = write_small_model("dpo_other.bin", 48, 2);
     std::string pairs = write_arith_pairs("dpo_refuse", 16, 1), dir = scratch("dpo_refuse_out"), out;
@@ -142,8 +127,8 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
     INFO(out);
     CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + " by " + model));
     std::string log = dir + "/log.jsonl";
-    std::vector<double> loss = log_values(log, "loss"), margin = log_values(log, "rewards/margins"), chosen = log_values(log, "rewards/chosen"),
-                        val_acc = log_values(log, "val_rewards/accuracies"), val_margin = log_values(log, "val_rewards/margins");
+    std::vector<double> loss = logged_values(log, "loss"), margin = logged_values(log, "rewards/margins"), chosen = logged_values(log, "rewards/chosen"),
+                        val_acc = logged_values(log, "val_rewards/accuracies"), val_margin = logged_values(log, "val_rewards/margins");
     REQUIRE(loss.size() == 24);  // the steps' lines (the validation line has val_ keys)
     REQUIRE(val_acc.size() == 1);
     // step 1: the policy is the reference, so every implicit reward is 0 and the loss is log 2
