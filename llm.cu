@@ -108,6 +108,7 @@ Contents, in file order (search for the quoted heading):
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <queue>
 #include <string>
 #include <type_traits>
@@ -679,6 +680,45 @@ inline void layer_param_slices(const LlamaConfig& c, size_t l, size_t offsets[LA
         }
         offset += sizes[i];
     }
+}
+
+// Layer l's part of each per-layer tensor, as pointers: where the backward writes that layer's
+// weight gradients (CudaOps's layer_grads: a ZeRO-2 rank's reusable layer bucket instead)
+template <typename X>
+struct LayerTensorsT {
+    X *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;  // layer_param_slices's order
+};
+
+template <typename X>
+LayerTensorsT<X> layer_tensors(const ParamTensorsT<X>& p, const LlamaConfig& c, size_t l) {
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c);
+    return {p.attn_norm + l * C, p.wq + l * C * C, p.wk + l * KVD * C, p.wv + l * KVD * C, p.wo + l * C * C,
+            p.mlp_norm + l * C, p.w_gate + l * F * C, p.w_up + l * F * C, p.w_down + l * C * F};
+}
+
+// A layer's tensors packed one after another in a buffer of layer_param_count elements (a bucket)
+template <typename X>
+LayerTensorsT<X> layer_bucket_tensors(const LlamaConfig& c, X* bucket) {
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS];
+    layer_param_slices(c, 0, offsets, counts);
+    X* t[LAYER_TENSORS];
+    for (int i = 0; i < LAYER_TENSORS; i++) t[i] = bucket, bucket += counts[i];
+    return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]};
+}
+
+inline size_t layer_param_count(const LlamaConfig& c) {
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS], n = 0;
+    layer_param_slices(c, 0, offsets, counts);
+    for (size_t k : counts) n += k;
+    return n;
+}
+
+// ZeRO-2's gradients the backward writes: the embedding, the final norm and the head whole, and
+// two layer buckets (a layer's are reduced while the backward writes the next one's)
+inline size_t zero2_grads_count(const LlamaConfig& c) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    return sizes[0] + sizes[10] + sizes[11] + 2 * layer_param_count(c);
 }
 
 inline size_t num_parameters(const LlamaConfig& c) {
@@ -3024,24 +3064,30 @@ void masked_mean_loss_backward(T* dlp, const uint8_t* mask, size_t B, size_t Tn,
 // torch.nn.utils.clip_grad_norm_ does: g *= max_norm / (norm + 1e-6) when that is < 1.
 // max_norm <= 0 disables clipping. Returns the norm before clipping. The sum runs over 64
 // fixed chunks added in order, so it is the same bits whatever the thread count (resuming
-// a run must continue it exactly).
-inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
-    constexpr int chunks = 64;
-    double partial[chunks];
+// a run must continue it exactly). ZeRO-2: grads holds elements [begin, end) of a gradient of
+// n, and sum_ranks adds the other ranks' sums of each chunk (their parts of it) to this one's.
+constexpr int CLIP_CHUNKS = 64;
+inline float clip_grad_norm(float* grads, size_t n, float max_norm, size_t begin = 0, size_t end = SIZE_MAX,
+                            const std::function<void(double* chunk_sums, int n)>& sum_ranks = nullptr) {
+    end = std::min(end, n);
+    double partial[CLIP_CHUNKS];
     #pragma omp parallel for
-    for (int c = 0; c < chunks; c++) {
+    for (int c = 0; c < CLIP_CHUNKS; c++) {
         double ss = 0;
-        for (size_t i = n * c / chunks; i < n * (c + 1) / chunks; i++) ss += (double)grads[i] * grads[i];
+        for (size_t i = std::max(n * c / CLIP_CHUNKS, begin); i < std::min(n * (c + 1) / CLIP_CHUNKS, end); i++) {
+            ss += (double)grads[i - begin] * grads[i - begin];
+        }
         partial[c] = ss;
     }
+    if (sum_ranks) sum_ranks(partial, CLIP_CHUNKS);
     double ss = 0;
-    for (int c = 0; c < chunks; c++) ss += partial[c];
+    for (int c = 0; c < CLIP_CHUNKS; c++) ss += partial[c];
     float norm = (float)std::sqrt(ss);
     if (max_norm > 0) {
         float coef = max_norm / (norm + 1e-6f);
         if (coef < 1.0f) {
             #pragma omp parallel for
-            for (size_t i = 0; i < n; i++) grads[i] *= coef;
+            for (size_t i = 0; i < end - begin; i++) grads[i] *= coef;
         }
     }
     return norm;
@@ -3074,11 +3120,15 @@ __global__ void grad_norm_finish_kernel(float* norm_coef, const float* partials,
     }
 }
 
-// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are
-inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are.
+// sum_ranks: ZeRO-2's ranks each hold a part of the gradient: the partial sums of squares of
+// every rank's part, summed over the ranks before the finish
+inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream,
+                                const std::function<void(float* partials, int n)>& sum_ranks = nullptr) {
     NVTX_RANGE_FN();
     const int block_size = 256, finish_block_size = 1024;
     LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, block_size, 0, stream, partials, grads, n);
+    if (sum_ranks) sum_ranks(partials, GRAD_NORM_BLOCKS);
     LAUNCH(grad_norm_finish_kernel, 1, finish_block_size, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
     cudaCheck(cudaGetLastError());
 }
@@ -3112,11 +3162,16 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
 // weights. Rank r's part is [r * per, min(n, (r + 1) * per)) with per = ceil(n / world), so
 // every part but the last has the same size (NCCL's all-gather needs equal parts: a buffer
 // that is gathered is allocated with world * per elements). world 1 is the whole buffer.
+// ZeRO-2 (-z 2, grads): a rank keeps the step's gradient of its part alone (grad_shard). After
+// each micro-batch's backward the ranks reduce every gradient element to the rank whose part
+// holds it (the GPU: layer by layer during the backward, each layer's gradients written to one
+// of two reused layer buckets), so no rank holds a whole gradient across micro-batches.
 struct Shard {
     int rank = 0, world = 1;
     size_t n = 0;               // the flat buffer's elements
     size_t begin = 0, end = 0;  // this rank's elements [begin, end) of it
     size_t per = 0;             // ceil(n / world): each part's size, the last one's at most
+    bool grads = false;         // ZeRO-2: the gradients sharded too
 };
 
 inline Shard shard_of(size_t n, int rank, int world) {
@@ -3133,6 +3188,13 @@ inline bool shard_overlap(const Shard& s, size_t offset, size_t size, size_t* lo
     *lo = std::max(offset, s.begin);
     *hi = std::min(offset + size, s.end);
     return *lo < *hi;
+}
+
+// acc (n) += x (n): ZeRO-2 adds a rank's gradient of the step so far into its next
+// micro-batch's, before the ranks reduce that to it
+inline void gradient_accumulate(float* acc, const float* x, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) acc[i] += x[i];
 }
 
 #ifdef XWIN_CUDA
@@ -3162,6 +3224,18 @@ inline void adamw_update_cuda(float* master, floatX* params, const float* grads,
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
     LAUNCH(adamw_kernel, ceil_div(n, block_size), block_size, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2,
            opt.eps, weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2), grad_scale);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void gradient_accumulate_kernel(float* acc, const float* x, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] += x[i];
+}
+
+inline void gradient_accumulate_cuda(float* acc, const float* x, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;
+    LAUNCH(gradient_accumulate_kernel, ceil_div(n, block_size), block_size, 0, stream, acc, x, n);
     cudaCheck(cudaGetLastError());
 }
 
@@ -3293,6 +3367,8 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //                                  probabilities a.att; GPU: its log-sum-exps a.lse)
 //   swiglu_forward(out, gate, up, n)                    swiglu_backward(dgate, dup, dout, gate, up, n)  (=)
 //   zero(x, n)
+//   layer_grads(g, c, l)           where the backward writes layer l's weight gradients: g's slices
+//                                  (layer_tensors), or a ZeRO-2 rank's layer bucket on the GPU
 //   layer_grads_done(l)            layer l's weight gradients are final for this backward (the GPU's
 //                                  data-parallel runs start their all-reduce; nothing on the CPU)
 // tokens are where the op set reads them (the host's on the CPU, the device's on the GPU).
@@ -3350,6 +3426,7 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
         size_t r = a.recompute ? 0 : l;  // as in the forward
+        LayerTensorsT<float> gl = o.layer_grads(g, c, l);  // where layer l's weight gradients go
         if (a.recompute) {  // the MLP block's input norm and SwiGLU product, from the kept residual, rstd, gate and up
             o.rmsnorm_recompute(a.mlp_in, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
             o.swiglu_forward(a.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
@@ -3357,27 +3434,27 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
         o.zero(d.swiglu, N * F);
         o.zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward writes them
-        o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + r * N * F, p.w_down + l * C * F, N, F, C);
+        o.matmul_backward(d.swiglu, gl.w_down, d.residual, a.swiglu + r * N * F, p.w_down + l * C * F, N, F, C);
         o.swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
-        o.matmul_backward_pair(d.norm_out, g.w_gate + l * F * C, g.w_up + l * F * C, d.gate, d.up, a.mlp_in + r * N * C, p.w_gate + l * F * C,
+        o.matmul_backward_pair(d.norm_out, gl.w_gate, gl.w_up, d.gate, d.up, a.mlp_in + r * N * C, p.w_gate + l * F * C,
                                p.w_up + l * F * C, N, C, F);
-        o.rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
+        o.rmsnorm_backward(d.residual, gl.mlp_norm, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
         // attention block: mid = residual[l] + att_out @ wo^T
         o.zero(d.att_out, N * C);
         o.zero(d.q, N * C);
         o.zero(d.k, N * KVD);
         o.zero(d.v, N * KVD);
         o.zero(d.norm_out, N * C);
-        o.matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
+        o.matmul_backward(d.att_out, gl.wo, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
         o.attention_backward(a, l, d.q, d.k, d.v, d.att_out, a.att_out + l * N * C, a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD,
                              B, T, H, KV, hd);
         o.rope_backward(d.q, B, T, H, hd);
         o.rope_backward(d.k, B, T, KV, hd);
         auto* attn_in = a.attn_in + r * N * C;
         if (a.recompute) o.rmsnorm_recompute(attn_in, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
-        o.matmul_backward_qkv(d.norm_out, g.wq + l * C * C, g.wk + l * KVD * C, g.wv + l * KVD * C, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
+        o.matmul_backward_qkv(d.norm_out, gl.wq, gl.wk, gl.wv, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
                               p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
-        o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
+        o.rmsnorm_backward(d.residual, gl.attn_norm, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
         o.layer_grads_done(l);  // layer l's parameter gradients are final (data parallel: their all-reduce may start)
     }
     o.embedding_backward(g.wte, d.residual, tokens, N, C);
@@ -3393,6 +3470,7 @@ struct Llama {
     ParamTensors params;
     float* grads_memory;   // (num_params)
     ParamTensors grads;
+    float* grad_shard;     // (shard.end - shard.begin) ZeRO-2: the step's gradient of this rank's part, summed over the ranks
     float* m_memory;       // (shard.end - shard.begin) AdamW first moment of this rank's part (all of it without ZeRO)
     float* v_memory;       // (shard.end - shard.begin) AdamW second moment
     Shard shard;           // the parameters this rank updates (ZeRO-1); set before llama_alloc, else all
@@ -3507,7 +3585,8 @@ inline void llama_alloc(Llama* model, int B, int T, bool training, bool recomput
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
     model->m_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
     model->v_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
-    if (!model->m_memory || !model->v_memory) {
+    if (model->shard.grads) model->grad_shard = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
+    if (!model->m_memory || !model->v_memory || (model->shard.grads && !model->grad_shard)) {
         fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", part);
         exit(1);
     }
@@ -3520,6 +3599,7 @@ inline void llama_alloc(Llama* model, int B, int T, bool training, bool recomput
 inline void llama_free(Llama* model) {
     free(model->params_memory);
     free(model->grads_memory);
+    free(model->grad_shard);
     free(model->m_memory);
     free(model->v_memory);
     free(model->acts_memory);
@@ -3534,7 +3614,8 @@ struct CpuOps {
     using X = float;
     const float* rope_table;
     int pad_id;
-    void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient at the step's end
+    LayerTensorsT<float> layer_grads(ParamTensors& g, const LlamaConfig& c, size_t l) { return layer_tensors(g, c, l); }
+    void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient after each micro-batch or step
     void embedding_forward(float* out, const int* tokens, const float* wte, size_t N, size_t C) { ::embedding_forward(out, tokens, wte, N, C); }
     void embedding_backward(float* dwte, const float* dout, const int* tokens, size_t N, size_t C) {
         ::embedding_backward(dwte, dout, tokens, N, C, pad_id);
@@ -3678,8 +3759,9 @@ inline void llama_update(Llama* model, const AdamWConfig& opt) {
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         if (shard_overlap(model->shard, offset, sizes[i], &lo, &hi)) {
-            adamw_update(model->params_memory + lo, model->grads_memory + lo, model->m_memory + (lo - b), model->v_memory + (lo - b), hi - lo,
-                         opt, wd, model->adam_step);
+            const float* grads = model->shard.grads ? model->grad_shard + (lo - b) : model->grads_memory + lo;
+            adamw_update(model->params_memory + lo, grads, model->m_memory + (lo - b), model->v_memory + (lo - b), hi - lo, opt, wd,
+                         model->adam_step);
         }
         offset += sizes[i];
     }
@@ -3710,8 +3792,11 @@ struct LlamaCuda {
     float* master = nullptr;          // (shard.end - shard.begin) FP32 master weights of this rank's part
     floatX* params_memory = nullptr;  // (num_params, padded to world * shard.per) the compute copy the forward reads
     ParamTensorsT<floatX> params;
-    float* grads_memory = nullptr;    // (num_params)
-    ParamTensorsT<float> grads;
+    float* grads_memory = nullptr;    // (num_params; ZeRO-2: zero2_grads_count) the gradients the backward writes
+    ParamTensorsT<float> grads;       // ZeRO-2: the embedding, final norm and head only (the layers' go to buckets)
+    float* grad_shard = nullptr;      // (shard.per) ZeRO-2: the step's gradient of this rank's part, summed over the ranks
+    float* buckets[2] = {};           // (2, layer_param_count) ZeRO-2: layer l's gradients in buckets[l % 2], in grads_memory
+    cudaEvent_t bucket_free[2] = {};  // ZeRO-2: recorded when a bucket's reduce has read and zeroed it
     float* m_memory = nullptr;        // (shard.end - shard.begin)
     float* v_memory = nullptr;        // (shard.end - shard.begin)
     void* acts_memory = nullptr;
@@ -3744,6 +3829,9 @@ struct LlamaCuda {
     void* layer_grads_ctx = nullptr;
     cudaStream_t stream = nullptr;
 };
+
+// the elements of grads_memory: every parameter's, or ZeRO-2's embedding, final norm, head and layer buckets
+inline size_t llama_cuda_grads_count(const LlamaCuda* g) { return g->shard.grads ? zero2_grads_count(g->config) : g->num_params; }
 
 template <typename U>
 U* cuda_alloc(size_t count) {
@@ -3783,7 +3871,7 @@ inline void upload_async(Upload* u, void* dst, const void* src, size_t n, cudaSt
 struct GpuMemoryPlan {
     size_t weights = 0;           // (num_params) floatX, the compute copy
     size_t master = 0;            // (num_params) FP32 master weights
-    size_t grads = 0;             // (num_params) FP32, training
+    size_t grads = 0;             // (num_params) FP32, training (ZeRO-2: zero2_grads_count and the rank's part)
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training (no d-logits: they overwrite the logits)
@@ -3799,7 +3887,9 @@ inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
 // zero_world: the ranks that share the master weights and AdamW moments (ZeRO-1), 1 for none;
 // each rank holds ceil(n / zero_world) of them and the compute copy padded to that many per rank.
 // recompute: activation recomputation's one layer of RMSNorm outputs and SwiGLU product (-r 1).
-inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1, bool recompute = false) {
+// shard_grads: ZeRO-2, the gradients of zero2_grads_count and of the rank's part instead of all.
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1, bool recompute = false,
+                                     bool shard_grads = false) {
     size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
     param_sizes(c, sizes);
     for (size_t s : sizes) n += s;
@@ -3813,7 +3903,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     m.rope_table = rope_table_size(T, head_dim(c)) * sizeof(float);
     if (training) {
         GradActTensorsT<floatX> grad_acts;
-        m.grads = n * sizeof(float);
+        m.grads = (shard_grads && part.world > 1 ? zero2_grads_count(c) + part.per : n) * sizeof(float);
         m.moments = 2 * part.per * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T, true);
         m.scratch += N * sizeof(float) + B * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
@@ -3860,11 +3950,13 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     flash_attention_require(head_dim(c));
     if (!training || shard.end == 0) shard = shard_of(host->num_params, 0, 1);
     recompute = recompute && training;
-    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute);
+    shard.grads = shard.grads && shard.world > 1;
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute, shard.grads);
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
     printf("GPU memory plan (B %d, T %d%s%s%s): %s\n", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
-           shard.world > 1 ? string_format(", ZeRO-1 over %d ranks, per rank", shard.world).c_str() : "", gpu_memory_plan_text(plan).c_str());
+           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : "",
+           gpu_memory_plan_text(plan).c_str());
     std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
     if (!refusal.empty()) {
         fprintf(stderr, "error: %s\n", refusal.c_str());
@@ -3900,11 +3992,24 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     upload_init(&g->up.score_idx, B * sizeof(int));
     upload_init(&g->up.mask, (size_t)B * T);
     if (training) {
-        g->grads_memory = cuda_alloc<float>(n);
-        g->grads = point_parameters(c, g->grads_memory);
+        g->grads_memory = cuda_alloc<float>(llama_cuda_grads_count(g));
+        if (shard.grads) {  // the embedding, final norm and head (tied: none of its own), then the two layer buckets
+            size_t sizes[NUM_PARAM_TENSORS], layer = layer_param_count(c);
+            param_sizes(c, sizes);
+            g->grads = ParamTensorsT<float>{};
+            g->grads.wte = g->grads_memory;
+            g->grads.final_norm = g->grads.wte + sizes[0];
+            g->grads.head = sizes[11] ? g->grads.final_norm + sizes[10] : g->grads.wte;
+            g->buckets[0] = g->grads.final_norm + sizes[10] + sizes[11];
+            g->buckets[1] = g->buckets[0] + layer;
+            g->grad_shard = cuda_alloc<float>(shard.per);
+            for (cudaEvent_t& e : g->bucket_free) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        } else {
+            g->grads = point_parameters(c, g->grads_memory);
+        }
         g->m_memory = cuda_alloc<float>(shard.per);
         g->v_memory = cuda_alloc<float>(shard.per);
-        cudaCheck(cudaMemsetAsync(g->grads_memory, 0, n * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->grads_memory, 0, llama_cuda_grads_count(g) * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->m_memory, 0, part * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->v_memory, 0, part * sizeof(float), stream));
         g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T, true));
@@ -3927,7 +4032,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 }
 
 inline void llama_cuda_free(LlamaCuda* g) {
-    void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
+    for (cudaEvent_t e : g->bucket_free) if (e) cudaCheck(cudaEventDestroy(e));
+    void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->grad_shard, g->m_memory, g->v_memory, g->acts_memory,
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
                        g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
@@ -3969,6 +4075,13 @@ struct CudaForwardOps {
 // the RMSNorm backward's scratch and the embedding's token buckets are the model's.
 struct CudaOps : CudaForwardOps {
     LlamaCuda* g;
+    // ZeRO-2: layer l's gradients go to bucket l % 2, once the reduce that read it last has
+    // zeroed it (bucket_free); else to the gradients' slices of layer l
+    LayerTensorsT<float> layer_grads(ParamTensorsT<float>& grads, const LlamaConfig& c, size_t l) {
+        if (!g->shard.grads) return layer_tensors(grads, c, l);
+        cudaCheck(cudaStreamWaitEvent(stream, g->bucket_free[l % 2], 0));
+        return layer_bucket_tensors(c, g->buckets[l % 2]);
+    }
     void layer_grads_done(size_t l) {
         if (g->layer_grads_ready) g->layer_grads_ready(g, l, g->layer_grads_ctx);
     }
@@ -4066,8 +4179,8 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
 
 inline void llama_cuda_zero_grad(LlamaCuda* g) {
     NVTX_RANGE_FN();
-    g->clip_pending = false;
-    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream));
+    g->clip_pending = false;  // ZeRO-2: the grad_shard is written (not added to) by the step's first reduce
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, llama_cuda_grads_count(g) * sizeof(float), g->stream));
 }
 
 // Backward of the trunk from grad_acts.norm_out = d(objective)/d(final_in) (B, T, C), which a
@@ -4142,9 +4255,14 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
 // the norm and clip coefficient on the device; returns the norm before clipping (one small
 // copy to the host). The gradients stay as they are: the next llama_cuda_update clips them as
 // AdamW reads them (no pass over the gradients of its own).
-inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
+// ZeRO-2: over this rank's part (grad_shard), with sum_ranks adding the other ranks' sums.
+inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm, const std::function<void(float* partials, int n)>& sum_ranks = nullptr) {
     NVTX_RANGE_FN();
-    grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    if (g->shard.grads) {
+        grad_norm_coef_cuda(g->grad_shard, g->shard.end - g->shard.begin, max_norm, g->norm_partials, g->norm_coef, g->stream, sum_ranks);
+    } else {
+        grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    }
     g->clip_pending = true;
     float norm_coef[2];
     cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
@@ -4161,7 +4279,8 @@ inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         // the tensor's part in this rank's shard (a tied head has none: an empty grid is an invalid launch)
         if (shard_overlap(g->shard, offset, sizes[i], &lo, &hi)) {
-            adamw_update_cuda(g->master + (lo - b), g->params_memory + lo, g->grads_memory + lo, g->m_memory + (lo - b), g->v_memory + (lo - b),
+            const float* grads = g->shard.grads ? g->grad_shard + (lo - b) : g->grads_memory + lo;
+            adamw_update_cuda(g->master + (lo - b), g->params_memory + lo, grads, g->m_memory + (lo - b), g->v_memory + (lo - b),
                               hi - lo, opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
         }
         offset += sizes[i];
@@ -4234,6 +4353,7 @@ inline void runner_init(Runner* r, int B, int T, bool training, Shard shard = Sh
     r->score_idx.assign(B, 0);
     r->seq_sums.assign(B, 0.0f);
     if (shard.end == 0) shard = shard_of(r->host.num_params, 0, 1);
+    shard.grads = shard.grads && shard.world > 1 && training;
 #ifdef XWIN_CUDA
     llama_cuda_init(&r->gpu, &r->host, B, T, training, 0, shard, recompute);
     r->lp.resize((size_t)B * T);
@@ -7130,6 +7250,7 @@ struct Comm {
     int world = 1;       // the number of ranks
     int local_rank = 0;  // its rank among the ranks of its node (the GPU it takes)
     bool mpi = false;    // MPI was initialised (world > 1)
+    int micro = 0;       // the step's micro-batch now (ZeRO-2: the first's reduce writes a rank's part, later ones add to it)
 #ifdef XWIN_NCCL
     ncclComm_t nccl = nullptr;
     cudaStream_t stream = 0;            // the stream comm_all_reduce_sum runs on (the runner's)
@@ -7234,6 +7355,17 @@ inline void comm_all_reduce_sum_double(Comm* c, double* x, size_t n) {
 #endif
 }
 
+// send (n floats in host memory) summed over the ranks into recv (n) on rank root alone, MPI
+inline void comm_reduce_sum_host(Comm* c, const float* send, float* recv, size_t n, int root) {
+#ifdef XWIN_MPI
+    for (size_t i = 0; i < n; i += COMM_CHUNK) {
+        mpiCheck(MPI_Reduce(send + i, c->rank == root ? recv + i : nullptr, (int)std::min(COMM_CHUNK, n - i), MPI_FLOAT, MPI_SUM, root, MPI_COMM_WORLD));
+    }
+#else
+    (void)c, (void)send, (void)recv, (void)n, (void)root;
+#endif
+}
+
 inline void comm_broadcast(Comm* c, void* data, size_t bytes, int root = 0) {
     if (c->world == 1) return;
 #ifdef XWIN_MPI
@@ -7309,17 +7441,101 @@ inline void comm_reduce_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
 }
 #endif
 
-// Before micro-batch a of a step's accum on this rank: on the GPU build with several ranks, the
-// last one's backward starts each layer's all-reduce as soon as that layer is done
-// (comm_reduce_layer_grads), so the reduction hides behind the layers below it; earlier
-// micro-batches only accumulate. Nothing on the CPU build, which reduces at the step's end.
-inline void runner_micro_batch(Runner* r, Comm* c, int a, int accum) {
 #ifdef XWIN_NCCL
+// ZeRO-2 on the GPU: n pieces of a micro-batch's gradient (piece i: counts[i] elements of the
+// flat gradient from offsets[i], at x[i] in device memory), every element reduced to the rank
+// whose part holds it, into its grad_shard, on the reduce stream once the runner's stream has
+// written them. After the step's first micro-batch a rank first adds its grad_shard into its
+// own elements, so the reduce leaves the step's sum there.
+inline void comm_reduce_scatter_pieces(LlamaCuda* g, Comm* c, float* const* x, const size_t* offsets, const size_t* counts, int n) {
+    size_t lo, hi;
+    for (int i = 0; i < n && c->micro > 0; i++) {
+        if (shard_overlap(g->shard, offsets[i], counts[i], &lo, &hi)) {
+            gradient_accumulate_cuda(x[i] + (lo - offsets[i]), g->grad_shard + (lo - g->shard.begin), hi - lo, g->stream);
+        }
+    }
+    cudaCheck(cudaEventRecord(c->grads_ready, g->stream));
+    cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
+    ncclCheck(ncclGroupStart());
+    for (int i = 0; i < n; i++) {
+        for (int root = 0; root < c->world; root++) {  // a piece across a part boundary goes to two ranks
+            Shard part = shard_of(g->shard.n, root, c->world);
+            if (!shard_overlap(part, offsets[i], counts[i], &lo, &hi)) continue;
+            float* recv = root == c->rank ? g->grad_shard + (lo - part.begin) : nullptr;  // used on the root alone
+            ncclCheck(ncclReduce(x[i] + (lo - offsets[i]), recv, hi - lo, ncclFloat, ncclSum, root, c->nccl, c->reduce_stream));
+        }
+    }
+    ncclCheck(ncclGroupEnd());
+}
+
+// ZeRO-2, the backward's layer_grads_ready: layer l's bucket reduced to the ranks, then zeroed
+// for layer l - 2, which waits for bucket_free (CudaOps::layer_grads)
+inline void comm_reduce_scatter_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
+    Comm* c = (Comm*)ctx;
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS];
+    layer_param_slices(g->config, l, offsets, counts);
+    LayerTensorsT<float> b = layer_bucket_tensors(g->config, g->buckets[l % 2]);
+    float* x[LAYER_TENSORS] = {b.attn_norm, b.wq, b.wk, b.wv, b.wo, b.mlp_norm, b.w_gate, b.w_up, b.w_down};
+    comm_reduce_scatter_pieces(g, c, x, offsets, counts, LAYER_TENSORS);
+    cudaCheck(cudaMemsetAsync(g->buckets[l % 2], 0, layer_param_count(g->config) * sizeof(float), c->reduce_stream));
+    cudaCheck(cudaEventRecord(g->bucket_free[l % 2], c->reduce_stream));
+}
+
+// ZeRO-2, after a micro-batch's backward: the embedding's, final norm's and head's gradients
+// reduced to the ranks and zeroed; the runner's stream waits for it all (the layers' reduces too)
+inline void comm_reduce_scatter_rest(LlamaCuda* g, Comm* c) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(g->config, sizes);
+    size_t final_norm = num_parameters(g->config) - sizes[10] - sizes[11];  // the flat offsets of the final norm and the head
+    float* x[3] = {g->grads.wte, g->grads.final_norm, g->grads.final_norm + sizes[10]};
+    size_t offsets[3] = {0, final_norm, final_norm + sizes[10]}, counts[3] = {sizes[0], sizes[10], sizes[11]};
+    comm_reduce_scatter_pieces(g, c, x, offsets, counts, sizes[11] ? 3 : 2);  // a tied head is the embedding's
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, (sizes[0] + sizes[10] + sizes[11]) * sizeof(float), c->reduce_stream));
+    cudaCheck(cudaEventRecord(c->reduced, c->reduce_stream));
+    cudaCheck(cudaStreamWaitEvent(g->stream, c->reduced, 0));
+}
+#else
+// ZeRO-2 on the host: every element of a micro-batch's gradient (the whole buffer grads) reduced
+// to the rank whose part holds it, into its grad_shard, then grads zeroed for the next
+// micro-batch. After the step's first micro-batch a rank first adds its grad_shard into its own
+// elements, so the reduce leaves the step's sum there.
+inline void comm_reduce_scatter_grads_host(Comm* c, float* grads, float* grad_shard, const Shard& sh) {
+    if (c->micro > 0) gradient_accumulate(grads + sh.begin, grad_shard, sh.end - sh.begin);
+    for (int root = 0; root < c->world; root++) {
+        Shard part = shard_of(sh.n, root, c->world);
+        comm_reduce_sum_host(c, grads + part.begin, grad_shard, part.end - part.begin, root);
+    }
+    memset(grads, 0, sh.n * sizeof(float));
+}
+#endif
+
+// Before micro-batch a of a step's accum on this rank. ZeRO-2: the previous micro-batch's
+// gradient goes to its ranks now (the GPU: its embedding, final norm and head; its layers went
+// during its backward), and on the GPU this one's layers will go during its backward. Else, on
+// the GPU build with several ranks, the last micro-batch's backward starts each layer's
+// all-reduce as soon as that layer is done (comm_reduce_layer_grads), so the reduction hides
+// behind the layers below it; earlier micro-batches only accumulate. The CPU build without
+// ZeRO-2 reduces at the step's end.
+inline void runner_micro_batch(Runner* r, Comm* c, int a, int accum) {
+    const Shard& sh = runner_shard(r);
+#ifdef XWIN_NCCL
+    c->stream = r->gpu.stream;
+    if (sh.grads) {
+        if (a > 0) comm_reduce_scatter_rest(&r->gpu, c);
+        c->micro = a;
+        r->gpu.layer_grads_ready = comm_reduce_scatter_layer_grads;
+        r->gpu.layer_grads_ctx = c;
+        return;
+    }
     bool last = c->world > 1 && a == accum - 1;
     r->gpu.layer_grads_ready = last ? comm_reduce_layer_grads : nullptr;
     r->gpu.layer_grads_ctx = last ? c : nullptr;
+#elif defined(XWIN_CUDA)
+    (void)r, (void)c, (void)a, (void)accum, (void)sh;  // one rank: comm_init refuses more without NCCL
 #else
-    (void)r, (void)c, (void)a, (void)accum;
+    if (sh.grads && a > 0) comm_reduce_scatter_grads_host(c, r->host.grads_memory, r->host.grad_shard, sh);
+    c->micro = a;
+    (void)accum;
 #endif
 }
 
@@ -7330,6 +7546,11 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
 #ifdef XWIN_CUDA
 #ifdef XWIN_NCCL
     c->stream = r->gpu.stream;
+    if (r->gpu.shard.grads) {  // ZeRO-2: the last micro-batch's rest; its layers went during its backward
+        comm_reduce_scatter_rest(&r->gpu, c);
+        r->gpu.layer_grads_ready = nullptr, r->gpu.layer_grads_ctx = nullptr;
+        return;
+    }
     if (c->overlapped) {
         LlamaCuda* g = &r->gpu;
         size_t sizes[NUM_PARAM_TENSORS], offset = 0;
@@ -7352,7 +7573,21 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
 #endif
     comm_all_reduce_sum(c, r->gpu.grads_memory, r->host.num_params);
 #else
-    comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+    if (r->host.shard.grads) comm_reduce_scatter_grads_host(c, r->host.grads_memory, r->host.grad_shard, r->host.shard);  // ZeRO-2
+    else comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+#endif
+}
+
+// The gradient's norm and clip (runner_clip_grad_norm); ZeRO-2 over the ranks' parts: each sums
+// the squares of its part, the ranks add those sums (the CPU build: by the 64 chunks of
+// clip_grad_norm, so the norm is ZeRO-0's up to the double sums' rounding)
+inline float runner_clip_grads(Runner* r, Comm* c, float max_norm) {
+    const Shard& sh = runner_shard(r);
+    if (!sh.grads) return runner_clip_grad_norm(r, max_norm);
+#ifdef XWIN_CUDA
+    return llama_cuda_clip_grad_norm(&r->gpu, max_norm, [c](float* partials, int n) { comm_all_reduce_sum(c, partials, n); });
+#else
+    return clip_grad_norm(r->host.grad_shard, sh.n, max_norm, sh.begin, sh.end, [c](double* sums, int n) { comm_all_reduce_sum_double(c, sums, n); });
 #endif
 }
 
@@ -7569,7 +7804,7 @@ struct TrainConfig {
     int resume = 0;          // 1: from <out_dir>/latest
     int force = 0;           // 1: resume a checkpoint of another run
     int stop_at = 0;         // stop after this step (the schedule still runs to max_steps)
-    int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights
+    int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights; 2: and its gradient
     int recompute = 0;       // 1: the backward recomputes each layer's RMSNorm outputs and SwiGLU product
     int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
     uint64_t seed = 1337;
@@ -7593,7 +7828,7 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'y', FLAG_INT, &t->resume, 0, 1, "1: resume from <out>/latest"},
         {'f', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
         {'X', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
-        {'z', FLAG_INT, &t->zero_stage, 0, 1, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks"},
+        {'z', FLAG_INT, &t->zero_stage, 0, 2, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks, 2 the gradients too"},
         {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
         {'r', FLAG_INT, &t->recompute, 0, 1, "1: recompute each layer's RMSNorm outputs and SwiGLU product in the backward (less memory)"},
         {'S', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
@@ -7782,7 +8017,9 @@ inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* progra
 // The parameters whose optimizer state this rank keeps, for runner_init: with -z 1 its part of
 // the model's n parameters, else all of them.
 inline Shard trainer_shard(const Trainer* tr, size_t n) {
-    return tr->cfg->zero_stage >= 1 ? shard_of(n, tr->comm.rank, tr->comm.world) : shard_of(n, 0, 1);
+    Shard s = tr->cfg->zero_stage >= 1 ? shard_of(n, tr->comm.rank, tr->comm.world) : shard_of(n, 0, 1);
+    s.grads = tr->cfg->zero_stage >= 2 && tr->comm.world > 1;
+    return s;
 }
 
 // The model to train: the checkpoint's weights when resuming, else model_path's. Returns
@@ -7963,7 +8200,10 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     if (writer) tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
     if (tr->comm.world > 1) {
         printf("data parallel: %d ranks, each %d micro-batch%s of %d per step (total batch %d)%s\n", tr->comm.world, tr->accum, tr->accum == 1 ? "" : "es",
-               c.micro_batch, c.total_batch, c.zero_stage ? "; ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights" : "");
+               c.micro_batch, c.total_batch,
+               c.zero_stage == 2   ? "; ZeRO-2: each rank keeps the optimizer state and the gradient of 1/ranks of the weights"
+               : c.zero_stage == 1 ? "; ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights"
+                                   : "");
     }
     if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
     trainer_epoch_order(tr, tr->state.epoch);
@@ -8025,7 +8265,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
         comm_all_reduce_sum_double(&tr->comm, sums, 2);
         loss = sums[0], tokens = (size_t)sums[1];
     }
-    float norm = runner_clip_grad_norm(tr->runner, tr->cfg->grad_clip);
+    float norm = runner_clip_grads(tr->runner, &tr->comm, tr->cfg->grad_clip);
     s.step += 1;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
         auto text = [](double x) { return std::isnan(x) ? std::string("nan") : string_format("%g", x); };

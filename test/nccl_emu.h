@@ -58,6 +58,7 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int world, ncclUniqueId i
 // all-reduces A (G in groups)", so that a test sees the per-layer reductions happen.
 inline size_t& nccl_emu_all_reduces() { static size_t n = 0; return n; }
 inline size_t& nccl_emu_grouped() { static size_t n = 0; return n; }
+inline size_t& nccl_emu_reduces() { static size_t n = 0; return n; }
 inline int& nccl_emu_group_depth() { static int d = 0; return d; }
 
 // a group's calls run as they are made (emulated streams are synchronous): the group only nests
@@ -85,6 +86,21 @@ inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, nc
     return ncclSuccess;
 }
 
+// send (count floats) summed over the ranks into recv on rank root (recv is not touched elsewhere)
+inline ncclResult_t ncclReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, int root, ncclComm_t comm,
+                               cudaStream_t stream) {
+    (void)stream;
+    if (!comm || type != ncclFloat || op != ncclSum || root < 0 || root >= comm->world) return ncclInvalidArgument;
+    nccl_emu_reduces()++;
+    for (size_t i = 0; i < count; i += (size_t)INT_MAX) {
+        int n = (int)std::min(count - i, (size_t)INT_MAX);
+        bool mine = comm->rank == root;
+        const void* s = mine && send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
+        if (MPI_Reduce(s, mine ? (float*)recv + i : nullptr, n, MPI_FLOAT, MPI_SUM, root, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
+    }
+    return ncclSuccess;
+}
+
 // rank r's count bytes at recv + r * count (send, or already there when send is that place) to every rank
 inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
     (void)stream;
@@ -97,7 +113,8 @@ inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, nc
 
 inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     if (getenv("XWIN_NCCL_EMU_COUNTS") && comm) {
-        fprintf(stderr, "nccl_emu rank %d: all-reduces %zu (%zu in groups)\n", comm->rank, nccl_emu_all_reduces(), nccl_emu_grouped());
+        fprintf(stderr, "nccl_emu rank %d: all-reduces %zu (%zu in groups), reduces %zu\n", comm->rank, nccl_emu_all_reduces(), nccl_emu_grouped(),
+                nccl_emu_reduces());
     }
     delete comm;
     return ncclSuccess;

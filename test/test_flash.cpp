@@ -281,15 +281,23 @@ TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init all
     GpuMemoryPlan zero_r = gpu_memory_plan(c, B, T, true, 3, true);
     CHECK(zero.activations - zero_r.activations == (size_t)(2 - 1) * B * T * (2 * 64 + 96) * sizeof(floatX));
     CHECK(roofline_plan(" --ranks 3 --recompute") == plan_by_kind(zero_r));
-    for (int rank : {0, 2}) {
+    // ZeRO-2 over 3 ranks: the gradients the backward writes are the embedding, final norm and
+    // head (2 x 160 x 64 + 64) and two layer buckets of 64 + 2 x 64 x 64 + 2 x 16 x 64 + 64 +
+    // 3 x 96 x 64 = 28800 each; then the rank's part of the step's gradient, 26048
+    GpuMemoryPlan zero2 = gpu_memory_plan(c, B, T, true, 3, false, true);
+    CHECK(zero2.grads == (2 * 160 * 64 + 64 + 2 * 28800 + 26048) * 4);
+    CHECK(roofline_plan(" --ranks 3 --zero 2") == plan_by_kind(zero2));
+    for (int rank : {0, 1, 2}) {  // rank 1: ZeRO-2
         size_t free0 = 0, free1 = 0;
         cudaCheck(cudaMemGetInfo(&free0, nullptr));
         LlamaCuda g;
-        llama_cuda_init(&g, &host, B, T, true, stream, shard_of(host.num_params, rank, 3), rank == 2);
+        Shard shard = shard_of(host.num_params, rank, 3);
+        shard.grads = rank == 1;
+        llama_cuda_init(&g, &host, B, T, true, stream, shard, rank == 2);
         cudaCheck(cudaMemGetInfo(&free1, nullptr));
-        CHECK(free0 - free1 == gpu_memory_plan_total(rank == 2 ? zero_r : zero));
+        CHECK(free0 - free1 == gpu_memory_plan_total(rank == 2 ? zero_r : rank == 1 ? zero2 : zero));
         CHECK(g.shard.begin == (size_t)rank * 26048);
-        CHECK(g.shard.end == (rank == 2 ? 78144 : 26048));
+        CHECK(g.shard.end == (rank == 2 ? 78144 : (size_t)(rank + 1) * 26048));
         std::vector<float> master(g.shard.end - g.shard.begin);
         cudaCheck(cudaMemcpy(master.data(), g.master, master.size() * sizeof(float), cudaMemcpyDeviceToHost));
         CHECK(std::all_of(master.begin(), master.end(), [](float x) { return x == 0.01f; }));

@@ -765,7 +765,7 @@ TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
-TEST_CASE("AdamW and cast kernels match the CPU", "[kernels]") {
+TEST_CASE("AdamW, cast and gradient accumulation kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 9);
     size_t n = 1001;
     std::vector<float> p = random_floats(n, rng), g = random_floats(n, rng), m = random_floats(n, rng, 0.1f), v = random_floats(n, rng, 0.1f);
@@ -784,6 +784,14 @@ TEST_CASE("AdamW and cast kernels match the CPU", "[kernels]") {
     poison(d_px, n);
     cast_to_floatX_cuda(d_px, d_p, n, stream);
     check_close("cast", download_x(d_px, n), rounded(pr), 1e-7);  // exactly the rounding
+    // ZeRO-2's acc += x: one FP32 add per element, the CPU's bits
+    std::vector<float> acc = m;
+    gradient_accumulate(acc.data(), g.data(), n);
+    CHECK(acc[7] == m[7] + g[7]);
+    float* d_acc = upload(m);
+    gradient_accumulate_cuda(d_acc, d_g, n, stream);
+    CHECK(download(d_acc, n) == acc);
+    cudaCheck(cudaFree(d_acc));
     void* bufs[] = {d_p, d_g, d_m, d_v, d_px};
     for (void* b : bufs) cudaCheck(cudaFree(b));
 }

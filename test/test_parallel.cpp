@@ -197,6 +197,48 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
     }
 }
 
+// ZeRO-2 (-z 2): after each micro-batch's backward every gradient element is reduced to the
+// rank whose part holds it; the rank keeps that part alone (the GPU: layer by layer during the
+// backward, through two reused layer buckets). With one micro-batch a rank each element is the
+// same sum of the same two values as ZeRO-0's all-reduce, and the clip's norm is summed by the
+// same 64 chunks (a chunk across the two parts as two double sums added), so the run is
+// ZeRO-0's bit for bit. With two micro-batches a rank the step's sum is added up in another
+// order ((a1 + b1) + a2) + b2 against (a1 + a2) + (b1 + b2)), so the comparison holds to
+// rounding, as 2 ranks against 1 rank does (the file's first comment): losses to 1e-5 relative,
+// weights to 1e-6.
+TEST_CASE("ZeRO-2 on 2 ranks trains ZeRO-0's bits with a micro-batch a rank, to rounding with two, and resumes to its own bits", "[parallel][zero]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), out;
+    std::string one_micro = "build/train_sft_cpu" + fx.common + " -b 2 -d 4", two_micro = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";
+    std::string plain = fx.dir("z2_plain"), zero2 = fx.dir("z2"), plain2 = fx.dir("z2_plain_accum"), zero2_2 = fx.dir("z2_accum");
+    REQUIRE(run(mpirun + one_micro + " -o " + plain, &out) == 0);
+    int rc = run(mpirun + one_micro + " -z 2 -o " + zero2, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-2: each rank keeps the optimizer state and the gradient of 1/ranks of the weights"));
+    std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(zero2 + "/model.bin") == a);
+    CHECK(logged_losses(zero2 + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+    CHECK(logged_values(zero2 + "/log.jsonl", "norm") == logged_values(plain + "/log.jsonl", "norm"));
+    CHECK(logged_values(zero2 + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
+    REQUIRE(run(mpirun + two_micro + " -o " + plain2, &out) == 0);
+    REQUIRE(run(mpirun + two_micro + " -z 2 -o " + zero2_2, &out) == 0);
+    std::vector<double> l0 = logged_losses(plain2 + "/log.jsonl"), l2 = logged_losses(zero2_2 + "/log.jsonl");
+    REQUIRE(l2.size() == 6);
+    CHECK(l2[0] == l0[0]);
+    check_close(l2, l0, 1e-5);
+    double d = max_abs_diff(model_weights(zero2_2 + "/model.bin"), model_weights(plain2 + "/model.bin"));
+    printf("ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-6);
+    CHECK(file_bytes(zero2_2 + "/model.bin") != file_bytes(plain2 + "/model.bin"));  // the sums' order differs (the comparison above is not vacuous)
+    // stopped at step 3 and resumed with -z 2: the uninterrupted run's bits
+    std::string resumed = fx.dir("z2_resumed");
+    REQUIRE(run(mpirun + two_micro + " -z 2 -X 3 -o " + resumed, &out) == 0);
+    REQUIRE(run(mpirun + two_micro + " -z 2 -y 1 -o " + resumed, &out) == 0);
+    CHECK(file_bytes(resumed + "/model.bin") == file_bytes(zero2_2 + "/model.bin"));
+}
+
 // The reward model and DPO go through the same Trainer: 2 ranks x 2 pairs against 1 rank x 2
 // pairs x 2 accumulated, the losses to 1e-5 relative and the step metrics the ranks sum (RM's
 // margin, DPO's reward margin) to 1e-4, the final weights to 1e-6 (DPO; measured 1.5e-8) and
@@ -219,9 +261,13 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
         INFO(s.binary << "\n" << out);
         REQUIRE(rc == 0);
         CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
-        REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4 -z 1 -o " + zero, &out) == 0);  // ZeRO-1: the same bits
-        CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
-        CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
+        for (const char* z : {" -z 1", " -z 2"}) {  // ZeRO-1 and ZeRO-2 (a micro-batch a rank): the same bits
+            rm_rf(zero);
+            REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4" + z + " -o " + zero, &out) == 0);
+            INFO(z);
+            CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
+            CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
+        }
         // DPO's reference pass is split over the ranks (a block of the pairs each, gathered): the
         // file rank 0 wrote is the file one rank computes, byte for byte
         std::vector<unsigned char> ref2 = file_bytes(train + ".logps"), val_ref2 = file_bytes(val + ".logps");
@@ -290,6 +336,30 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     CHECK_THAT(out, Catch::Contains("ZeRO-1 over 2 ranks, per rank"));
     CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
     CHECK(logged_losses(zero + "/log.jsonl") == l2);
+    // ZeRO-2: each layer's gradients written to one of two layer buckets, reduced to the ranks
+    // (ncclReduce) during the backward: per micro-batch, 2 layers x 9 slices, the embedding and
+    // the final norm, and the one slice that the parts' boundary splits: 21 reduces, 126 in 6
+    // steps; one all-reduce a step (the norm's partial sums). Without the clip (-c 0) the bits of
+    // ZeRO-0: the GPU norm's float partial sums follow each rank's part, so with the clip the
+    // coefficient rounds otherwise
+    std::string zero2 = fx.dir("emu_zero2"), plain_noclip = fx.dir("emu_noclip");
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -o " + plain_noclip, &out) == 0);
+    rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -z 2 -o " + zero2, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-2 over 2 ranks, per rank"));
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 0: all-reduces 6 (0 in groups), reduces 126"));
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 1: all-reduces 6 (0 in groups), reduces 126"));
+    CHECK(file_bytes(zero2 + "/model.bin") == file_bytes(plain_noclip + "/model.bin"));
+    CHECK(logged_losses(zero2 + "/log.jsonl") == logged_losses(plain_noclip + "/log.jsonl"));
+    // two micro-batches a rank, with the clip: to the rounding of the BF16 build's ranks (above)
+    std::string zero2_accum = fx.dir("emu_zero2_accum"), plain_accum = fx.dir("emu_plain_accum");
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -o " + plain_accum, &out) == 0);
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -z 2 -o " + zero2_accum, &out) == 0);
+    check_close(logged_losses(zero2_accum + "/log.jsonl"), logged_losses(plain_accum + "/log.jsonl"), 1e-4);
+    d = max_abs_diff(model_weights(zero2_accum + "/model.bin"), model_weights(plain_accum + "/model.bin"));
+    printf("CUDA build (emulated), ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-5);
     // a rank per device: 2 ranks on a node of one device are refused
     rc = run("XWIN_EMU_THREADS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_one_device"), &out);
     CHECK(rc != 0);
