@@ -76,7 +76,8 @@ Contents, in file order (search for the quoted heading):
                             and checks are in "Tokenizer")
   "Collectives"             defines: Comm, comm_init/_free, comm_all_reduce_sum(_double), comm_broadcast, comm_barrier
                             (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
-                            runner_all_reduce_grads
+                            comm_reduce_sum_host, runner_micro_batch, runner_all_reduce_grads, runner_clip_grads,
+                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads / _rest / _grads_host
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
@@ -7205,9 +7206,13 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 //   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
 //   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
 //   comm_gather_text(&comm, text)          every rank's text, in rank order, on rank 0, MPI
-//   runner_all_gather_params(runner, &comm)   ZeRO-1: each rank's updated part of the weights
+//   comm_reduce_sum_host(&comm, send, recv, n, root)   n floats summed on one rank, MPI
+//   runner_all_gather_params(runner, &comm)   ZeRO-1 and 2: each rank's updated part of the weights
 //                                         to every rank (the GPU build: the compute copy in
 //                                         device memory, over NCCL)
+//   runner_micro_batch / runner_all_reduce_grads / runner_clip_grads   a step's gradient over the
+//                                         ranks: all-reduced, or with ZeRO-2 reduced to the rank
+//                                         of each part after every micro-batch
 //   comm_free(&comm)
 // A process that no launcher started is a world of 1: every collective returns at once and
 // MPI is never initialised, so a single-process run is exactly the run of a build without MPI.
