@@ -134,12 +134,23 @@ Contents, in file order (search for the quoted heading):
 #endif
 
 // ----------------------------------------------------------------------------
-// errors: one line naming the file and the problem, then exit(1)
+// errors: one line naming the file or flag and the problem, then exit(1)
 
 [[noreturn]] inline void fail_file(const char* path, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
     fprintf(stderr, "error: %s: ", path);
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    va_end(args);
+    exit(1);
+}
+
+// "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
+[[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "error: -%c: ", letter);
     vfprintf(stderr, fmt, args);
     fprintf(stderr, "\n");
     va_end(args);
@@ -7198,12 +7209,13 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // Every rank holds the whole model and the same weights; each takes its own rows of a step,
 // computes their gradient, and the ranks sum their gradients before the update, so that every
 // rank takes the same AdamW step. The API is five calls over two backends:
-//   comm_init(&comm)                      the rank and the world from the launcher (mpirun)
+//   comm_init(&comm, id_dir)              the rank and the world from the launcher (mpirun, srun)
 //   comm_all_reduce_sum(&comm, x, n)      n floats where the gradients live (the CPU build:
 //                                         host memory, over MPI; the GPU build: device memory,
 //                                         over NCCL on comm.stream)
 //   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
-//   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
+//   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI (without
+//                                         MPI, -I: over NCCL through a device buffer)
 //   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
 //   comm_gather_text(&comm, text)          every rank's text, in rank order, on rank 0, MPI
 //   comm_reduce_sum_host(&comm, send, recv, n, root)   n floats summed on one rank, MPI
@@ -7225,8 +7237,11 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // the same from run to run. They are not the bits of one rank accumulating the same
 // micro-batches: it adds each micro-batch's gradient into the step's in place, and a tensor
 // that takes several += per micro-batch (the embedding: one per token) rounds otherwise.
-// Launchers: mpirun (OpenMPI, MPICH), and Slurm's srun with its MPI plugin (srun --mpi=pmix);
-// srun without an MPI plugin (NCCL's id through a shared file) is not supported: comm_init says so.
+// Launchers: mpirun (OpenMPI, MPICH), and Slurm's srun with its MPI plugin (srun --mpi=pmix).
+// The GPU build also runs under srun without an MPI plugin, given -I <folder> (shared by the
+// ranks' nodes): the ranks come from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, rank 0
+// writes NCCL's id to a file there (comm_nccl_id_exchange), and every collective, the host's
+// too, goes over NCCL (through a device buffer: comm_host_over_nccl). The CPU build needs MPI.
 
 #ifdef XWIN_MPI
 inline void mpi_check(int err, const char* file, int line) {
@@ -7250,11 +7265,13 @@ inline void nccl_check(ncclResult_t err, const char* file, int line) {
 #define ncclCheck(err) nccl_check((err), __FILE__, __LINE__)
 #endif
 
+constexpr size_t COMM_BOUNCE = (size_t)64 << 20;  // bytes of the device buffer of the host collectives over NCCL (-I)
+
 struct Comm {
     int rank = 0;        // this process's rank, 0..world-1
     int world = 1;       // the number of ranks
     int local_rank = 0;  // its rank among the ranks of its node (the GPU it takes)
-    bool mpi = false;    // MPI was initialised (world > 1)
+    bool mpi = false;    // MPI was initialised (world > 1 and no -I)
     int micro = 0;       // the step's micro-batch now (ZeRO-2: the first's reduce writes a rank's part, later ones add to it)
 #ifdef XWIN_NCCL
     ncclComm_t nccl = nullptr;
@@ -7263,6 +7280,8 @@ struct Comm {
     cudaEvent_t grads_ready = nullptr;  // recorded on the runner's stream when a layer's gradients are final
     cudaEvent_t reduced = nullptr;      // recorded on reduce_stream after the step's last all-reduce
     bool overlapped = false;            // this step's layers were reduced during its backward
+    void* bounce = nullptr;             // (COMM_BOUNCE bytes) the host collectives' device buffer without MPI (-I)
+    cudaStream_t host_stream = 0;       // their stream
 #endif
 };
 
@@ -7287,10 +7306,108 @@ inline int comm_launcher_rank() {
     return 0;
 }
 
-inline void comm_init(Comm* c) {
+#ifdef XWIN_NCCL
+// NCCL's id from rank 0 to the others through a file in a folder every rank sees (-I), for
+// srun without MPI: <folder>/xwin_nccl_id_<job>_<step> (Slurm's SLURM_JOB_ID and SLURM_STEP_ID,
+// so another run's file is another name), written as a temporary then renamed; the other ranks
+// wait for it up to XWIN_NCCL_ID_TIMEOUT seconds (300 by default). A file of another world or
+// of no id is an error, as is a wait that ends without one.
+inline ncclUniqueId comm_nccl_id_exchange(const char* dir, int rank, int world) {
+    struct IdFile {
+        char magic[16];  // "xwin-nccl-id"
+        int32_t world;
+        ncclUniqueId id;
+    } f{};
+    const char* job = getenv("SLURM_JOB_ID");
+    const char* step = getenv("SLURM_STEP_ID");
+    std::string path = string_format("%s/xwin_nccl_id_%s_%s", dir, job ? job : "0", step ? step : "0");
+    if (rank == 0) {
+        snprintf(f.magic, sizeof(f.magic), "xwin-nccl-id");
+        f.world = world;
+        ncclCheck(ncclGetUniqueId(&f.id));
+        std::string tmp = path + ".tmp";
+        FILE* out = fopen(tmp.c_str(), "wb");
+        if (!out) fail_flag('I', "cannot write NCCL's id in %s: %s (the folder must exist on every rank's node)", dir, strerror(errno));
+        bool ok = fwrite(&f, sizeof(f), 1, out) == 1;
+        ok = fclose(out) == 0 && ok;
+        if (!ok || rename(tmp.c_str(), path.c_str()) != 0) fail_flag('I', "cannot write NCCL's id to %s: %s", path.c_str(), strerror(errno));
+        return f.id;
+    }
+    const char* limit_text = getenv("XWIN_NCCL_ID_TIMEOUT");
+    double limit = limit_text ? atof(limit_text) : 300.0;
+    auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        FILE* in = fopen(path.c_str(), "rb");
+        if (in) {
+            bool whole = fread(&f, sizeof(f), 1, in) == 1;
+            fclose(in);
+            if (!whole || strcmp(f.magic, "xwin-nccl-id") != 0 || f.world != world) {
+                fail_flag('I', "%s is not rank 0's NCCL id for this run of %d ranks (%s): remove it, or give another folder", path.c_str(), world,
+                          !whole || strcmp(f.magic, "xwin-nccl-id") != 0 ? "not an id file" : string_format("written for %d ranks", f.world).c_str());
+            }
+            return f.id;
+        }
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit) {
+            fail_flag('I', "rank %d waited %g s for rank 0's NCCL id in %s: is rank 0 running, with the same -I folder, shared by every node?", rank, limit,
+                      path.c_str());
+        }
+        usleep(50000);
+    }
+}
+#endif
+
+#ifdef XWIN_NCCL
+// This rank's GPU (its rank on its node) and NCCL's communicator, from the id that get_id
+// brings (over MPI, or through -I's file), and the reduce stream and its events
+inline void comm_nccl_join(Comm* c, const std::function<ncclUniqueId()>& get_id) {
+    int devices = 0;
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (c->local_rank >= devices) {
+        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
+                devices == 1 ? "" : "s");
+        exit(1);
+    }
+    cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
+    ncclUniqueId id = get_id();
+    ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
+    cudaCheck(cudaStreamCreateWithFlags(&c->reduce_stream, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&c->grads_ready, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&c->reduced, cudaEventDisableTiming));
+}
+#endif
+
+// a launcher's variable, as an int (-1 when it is not set)
+inline int comm_env_int(const char* name) {
+    const char* value = getenv(name);
+    return value ? atoi(value) : -1;
+}
+
+// id_dir: -I, srun without MPI (the GPU build): NCCL's id through a file in that folder
+inline void comm_init(Comm* c, const char* id_dir = "") {
     *c = Comm{};
     int world = comm_launcher_world();
     if (world == 1) return;
+    if (id_dir && *id_dir) {
+#ifndef XWIN_NCCL
+        fail_flag('I', "ranks without MPI talk over NCCL, which only the GPU build has: launch this build with mpirun or srun --mpi=pmix, without -I");
+#else
+        c->rank = comm_env_int("SLURM_PROCID");
+        c->world = std::max(comm_env_int("SLURM_STEP_NUM_TASKS"), comm_env_int("SLURM_NTASKS"));
+        c->local_rank = comm_env_int("SLURM_LOCALID");
+        if (c->rank < 0 || c->world < 2 || c->local_rank < 0 || c->rank >= c->world) {
+            fail_flag('I', "a run without MPI takes its ranks from Slurm's SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID: run it under srun");
+        }
+        comm_nccl_join(c, [&] { return comm_nccl_id_exchange(id_dir, c->rank, c->world); });
+        if (c->rank == 0) {  // every rank has joined (ncclCommInitRank returns once all have): the id file is spent
+            remove(string_format("%s/xwin_nccl_id_%s_%s", id_dir, getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "0",
+                                 getenv("SLURM_STEP_ID") ? getenv("SLURM_STEP_ID") : "0").c_str());
+        }
+        cudaCheck(cudaStreamCreateWithFlags(&c->host_stream, cudaStreamNonBlocking));
+        cudaCheck(cudaMalloc(&c->bounce, COMM_BOUNCE));
+        if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
+        return;
+#endif
+    }
 #ifndef XWIN_MPI
     fprintf(stderr, "error: the launcher started %d ranks, but this build has no MPI: multi-rank runs need the MPI build "
                     "(install libopenmpi-dev, then make: it finds mpicxx)\n", world);
@@ -7307,7 +7424,7 @@ inline void comm_init(Comm* c) {
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
     if (c->world != world) {  // srun without its MPI plugin: every task is an MPI world of its own
         fprintf(stderr, "error: the launcher started %d ranks but MPI joined %d: under Slurm run srun --mpi=pmix (or pmi2, as the MPI was built), "
-                        "or mpirun inside the allocation\n", world, c->world);
+                        "or mpirun inside the allocation, or give the GPU build -I <a folder every node sees>\n", world, c->world);
         MPI_Finalize();
         exit(1);
     }
@@ -7316,21 +7433,12 @@ inline void comm_init(Comm* c) {
     mpiCheck(MPI_Comm_rank(node, &c->local_rank));
     mpiCheck(MPI_Comm_free(&node));
 #ifdef XWIN_NCCL
-    int devices = 0;
-    cudaCheck(cudaGetDeviceCount(&devices));
-    if (c->local_rank >= devices) {
-        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
-                devices == 1 ? "" : "s");
-        exit(1);
-    }
-    cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
-    ncclUniqueId id;
-    if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
-    mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
-    ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
-    cudaCheck(cudaStreamCreateWithFlags(&c->reduce_stream, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&c->grads_ready, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&c->reduced, cudaEventDisableTiming));
+    comm_nccl_join(c, [&] {
+        ncclUniqueId id;
+        if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
+        mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
+        return id;
+    });
 #endif
     if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
 #endif
@@ -7351,8 +7459,28 @@ inline void comm_all_reduce_sum(Comm* c, float* x, size_t n) {
 #endif
 }
 
+#ifdef XWIN_NCCL
+// The host's collectives without MPI (-I): its bytes through the device buffer, over NCCL, in
+// pieces of COMM_BOUNCE: a broadcast from root, or (sum_doubles) a sum of doubles. The device
+// finishes its queued work first: the NCCL calls of every rank then run in the order issued.
+inline void comm_host_over_nccl(Comm* c, void* data, size_t bytes, int root, bool sum_doubles) {
+    cudaCheck(cudaDeviceSynchronize());
+    for (size_t i = 0; i < bytes; i += COMM_BOUNCE) {
+        size_t n = std::min(COMM_BOUNCE, bytes - i);
+        cudaCheck(cudaMemcpyAsync(c->bounce, (char*)data + i, n, cudaMemcpyHostToDevice, c->host_stream));
+        if (sum_doubles) ncclCheck(ncclAllReduce(c->bounce, c->bounce, n / sizeof(double), ncclDouble, ncclSum, c->nccl, c->host_stream));
+        else ncclCheck(ncclBroadcast(c->bounce, c->bounce, n, ncclInt8, root, c->nccl, c->host_stream));
+        cudaCheck(cudaMemcpyAsync((char*)data + i, c->bounce, n, cudaMemcpyDeviceToHost, c->host_stream));
+        cudaCheck(cudaStreamSynchronize(c->host_stream));
+    }
+}
+#endif
+
 inline void comm_all_reduce_sum_double(Comm* c, double* x, size_t n) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    if (!c->mpi) return comm_host_over_nccl(c, x, n * sizeof(double), 0, true);
+#endif
 #ifdef XWIN_MPI
     for (size_t i = 0; i < n; i += COMM_CHUNK) mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + i, (int)std::min(COMM_CHUNK, n - i), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 #else
@@ -7373,6 +7501,9 @@ inline void comm_reduce_sum_host(Comm* c, const float* send, float* recv, size_t
 
 inline void comm_broadcast(Comm* c, void* data, size_t bytes, int root = 0) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    if (!c->mpi) return comm_host_over_nccl(c, data, bytes, root, false);
+#endif
 #ifdef XWIN_MPI
     for (size_t i = 0; i < bytes; i += COMM_CHUNK) mpiCheck(MPI_Bcast((char*)data + i, (int)std::min(COMM_CHUNK, bytes - i), MPI_BYTE, root, MPI_COMM_WORLD));
 #else
@@ -7407,6 +7538,10 @@ inline std::string comm_gather_text(Comm* c, const std::string& mine) {
 
 inline void comm_barrier(Comm* c) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    double nothing = 0;
+    if (!c->mpi) return comm_host_over_nccl(c, &nothing, sizeof(nothing), 0, true);
+#endif
 #ifdef XWIN_MPI
     mpiCheck(MPI_Barrier(MPI_COMM_WORLD));
 #endif
@@ -7418,6 +7553,8 @@ inline void comm_free(Comm* c) {
     if (c->reduce_stream) cudaCheck(cudaStreamDestroy(c->reduce_stream));
     if (c->grads_ready) cudaCheck(cudaEventDestroy(c->grads_ready));
     if (c->reduced) cudaCheck(cudaEventDestroy(c->reduced));
+    if (c->bounce) cudaCheck(cudaFree(c->bounce));
+    if (c->host_stream) cudaCheck(cudaStreamDestroy(c->host_stream));
 #endif
 #ifdef XWIN_MPI
     if (c->mpi) mpiCheck(MPI_Finalize());
@@ -7748,16 +7885,6 @@ inline std::string flag_set(const Flag& f, const char* text) {
     return "";
 }
 
-// "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
-[[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    fprintf(stderr, "error: -%c: ", letter);
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(1);
-}
 
 // Reads "-X value" pairs against the table; -h prints the usage made from the table (with
 // the defaults) and exits 0. Anything wrong is a one-line error naming the flag, exit 1.
@@ -7813,6 +7940,7 @@ struct TrainConfig {
     int recompute = 0;       // 1: the backward recomputes each layer's RMSNorm outputs and SwiGLU product
     int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
     uint64_t seed = 1337;
+    const char* nccl_id_dir = "";  // -I: srun without MPI, NCCL's id through a file in this shared folder
 };
 
 // Appends the flags every training program has to a program's own table.
@@ -7837,6 +7965,7 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
         {'r', FLAG_INT, &t->recompute, 0, 1, "1: recompute each layer's RMSNorm outputs and SwiGLU product in the backward (less memory)"},
         {'S', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
+        {'I', FLAG_OPTIONAL_PATH, &t->nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
     };
     flags->insert(flags->end(), common.begin(), common.end());
 }
@@ -8004,7 +8133,7 @@ inline void trainer_epoch_order(Trainer* tr, uint64_t epoch) {
 inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* program) {
     tr->cfg = cfg;
     tr->program = program;
-    comm_init(&tr->comm);
+    comm_init(&tr->comm, cfg->nccl_id_dir);
     int world = tr->comm.world;
     if (cfg->total_batch % cfg->micro_batch != 0) fail_flag('d', "the total batch %d is not a multiple of the micro-batch -b %d", cfg->total_batch, cfg->micro_batch);
     if (cfg->total_batch % (cfg->micro_batch * world) != 0) {

@@ -165,6 +165,52 @@ TEST_CASE("ranks that do not divide the total batch, a build without MPI under a
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks but MPI joined 1: under Slurm run srun --mpi=pmix"));
 }
 
+// Slurm's srun without an MPI plugin (-I <folder>), the GPU build: each rank takes its rank,
+// world and GPU from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, rank 0 writes NCCL's
+// id to <folder>/xwin_nccl_id_<job>_<step> and the others read it, and every collective (the
+// host's too: the losses' sums, the settings' broadcast, the checkpoints' gathers) goes over
+// NCCL. Here the emulated GPU build runs under mpirun, its ranks' Slurm variables set from
+// mpirun's, and its NCCL's transport is MPI, which the emulation initialises itself: the run
+// must be the bits of the same ranks joined over MPI, and the program must not have initialised
+// MPI. A missing id file (rank 0 not running) ends the wait with one line naming the file, as
+// does a file that is not an id of this run; the CPU build, which talks over MPI alone, refuses -I.
+TEST_CASE("srun without MPI (-I): ranks from Slurm, NCCL's id through a file, every collective over NCCL; bad setups in one line", "[parallel][srun]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), over_mpi = fx.dir("srun_mpi"), over_file = fx.dir("srun_file"), ids = fx.dir("srun_ids"), out;
+    make_dir(ids.c_str());
+    std::string env = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ", args = fx.common + " -b 1 -d 4 -z 2 -n 3";
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + args + " -o " + over_mpi, &out) == 0);
+    std::string slurm = "SLURM_PROCID=\\$OMPI_COMM_WORLD_RANK SLURM_LOCALID=\\$OMPI_COMM_WORLD_LOCAL_RANK SLURM_STEP_NUM_TASKS=2 SLURM_JOB_ID=77 SLURM_STEP_ID=3";
+    int rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "sh -c \"" + slurm + " exec build/train_sft_nccl_emu" + args + " -I " + ids + " -o " + over_file + "\"",
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 0: all-reduces"));
+    CHECK(count_of(out, "; the program did not initialise MPI") == 2);
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
+    std::vector<unsigned char> a = file_bytes(over_mpi + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(over_file + "/model.bin") == a);
+    CHECK(logged_losses(over_file + "/log.jsonl") == logged_losses(over_mpi + "/log.jsonl"));
+    CHECK(exists(over_file + "/ckpt_000006"));
+    CHECK(!exists(ids + "/xwin_nccl_id_77_3"));  // spent once every rank had joined
+    // rank 1 without rank 0: the wait ends, naming the file
+    std::string rank1 = "SLURM_PROCID=1 SLURM_LOCALID=1 SLURM_STEP_NUM_TASKS=2 XWIN_NCCL_ID_TIMEOUT=1 " + env + "build/train_sft_nccl_emu" + args + " -I " + ids;
+    rc = run(rank1 + " -o " + fx.dir("srun_alone"), &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: rank 1 waited 1 s for rank 0's NCCL id in " + ids + "/xwin_nccl_id_0_0: is rank 0 running"));
+    // a file that is not an id of this run
+    write_bytes(ids + "/xwin_nccl_id_0_0", std::vector<unsigned char>(300, 'x'));
+    rc = run(rank1 + " -o " + fx.dir("srun_stale"), &out);
+    CHECK(rc == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: " + ids + "/xwin_nccl_id_0_0 is not rank 0's NCCL id for this run of 2 ranks (not an id file)"));
+    // the CPU build talks over MPI alone
+    rc = run("SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_STEP_NUM_TASKS=2 OMP_NUM_THREADS=1 build/train_sft_cpu" + args + " -I " + ids + " -o " + fx.dir("srun_cpu"), &out);
+    CHECK(rc == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: ranks without MPI talk over NCCL, which only the GPU build has"));
+}
+
 // ZeRO-1 (-z 1): each rank updates its half of the flat weights with its half of the AdamW
 // moments from the same all-reduced gradient, and the halves are gathered after the update.
 // Every element takes the same arithmetic as without ZeRO, and the clip's norm is taken over
