@@ -136,25 +136,26 @@ Contents, in file order (search for the quoted heading):
 // ----------------------------------------------------------------------------
 // errors: one line naming the file or flag and the problem, then exit(1)
 
+[[noreturn]] inline void fail_v(const char* what, const char* fmt, va_list args) {
+    fprintf(stderr, "error: %s: ", what);
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    exit(1);
+}
+
+// "error: <path>: <problem>", exit 1
 [[noreturn]] inline void fail_file(const char* path, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: %s: ", path);
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(1);
+    fail_v(path, fmt, args);
 }
 
 // "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
 [[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: -%c: ", letter);
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(1);
+    char flag[3] = {'-', letter, 0};
+    fail_v(flag, fmt, args);
 }
 
 inline std::string string_format(const char* fmt, ...) {
