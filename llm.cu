@@ -1958,28 +1958,28 @@ __device__ inline void flash_load_tile(floatX* tile, const floatX* x, size_t b, 
 template <int D>
 __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, int T,
                                                int H, int KV, int hd) {
-    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    constexpr int TILE = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(TILE), LS = flash_ldf(TILE), LO = flash_ldf(D);
     DYNAMIC_SHARED(char, smem);
     FlashForwardShared sh;
     flash_forward_shared<D>(&sh, smem);
-    int q0 = blockIdx.x * BT, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int q0 = blockIdx.x * TILE, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     size_t b = blockIdx.y / H;
     float scale = 1.0f / sqrtf((float)hd);
     flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
-    for (int idx = threadIdx.x; idx < BT * D; idx += blockDim.x) sh.o[idx / D * LO + idx % D] = 0.0f;
+    for (int idx = threadIdx.x; idx < TILE * D; idx += blockDim.x) sh.o[idx / D * LO + idx % D] = 0.0f;
     int row = 16 * warp + lane / 2, i = q0 + row;  // this lane's row, in the tile and in the sequence,
-    int c0 = lane % 2 * (BT / 2), d0 = lane % 2 * (D / 2);  // and its half of the columns of s and of o
+    int c0 = lane % 2 * (TILE / 2), d0 = lane % 2 * (D / 2);  // and its half of the columns of s and of o
     const floatX* q_w = sh.q + 16 * warp * LX;      // the warp's 16 rows of q, s, p, o
     float* s_w = sh.s + 16 * warp * LS;
     const floatX* p_w = sh.p + 16 * warp * LP;
     float* o_w = sh.o + 16 * warp * LO;
     float m = -INFINITY, l = 0.0f;
-    for (int kv0 = 0; kv0 < min(T, q0 + BT); kv0 += BT) {  // causal: no key tile after the tile's last row
+    for (int kv0 = 0; kv0 < min(T, q0 + TILE); kv0 += TILE) {  // causal: no key tile after the tile's last row
         __syncthreads();  // every warp is done with the previous k and v tiles
         flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
         flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
         __syncthreads();
-        for (int n = 0; n < BT / 16; n++) {  // s = q k^T, unscaled
+        for (int n = 0; n < TILE / 16; n++) {  // s = q k^T, unscaled
             WarpTile t;
             warp_tile_zero(t);
             warp_tile_mma<true>(t, q_w, LX, sh.k + 16 * n * LX, LX, D);
@@ -1988,14 +1988,14 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         __syncwarp();  // the lanes read elements of s that other lanes stored
         const float* s_row = sh.s + row * LS;
         float m_tile = -INFINITY;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int c = c0; c < c0 + TILE / 2; c++) {
             if (kv0 + c <= i && kv0 + c < T) m_tile = fmaxf(m_tile, s_row[c] * scale);
         }
         float m_new = fmaxf(m, fmaxf(m_tile, __shfl_xor_sync(0xffffffff, m_tile, 1)));
         float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing to attend to (past T) keeps l = 0
         float rescale = expf(m - m_use);                   // 0 on the row's first tile
         float sum = 0.0f;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int c = c0; c < c0 + TILE / 2; c++) {
             float p = kv0 + c <= i && kv0 + c < T ? expf(s_row[c] * scale - m_use) : 0.0f;
             sh.p[row * LP + c] = from_float<floatX>(p);
             sum += p;
@@ -2007,7 +2007,7 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         for (int n = 0; n < D / 16; n++) {  // o += p v
             WarpTile t;
             warp_tile_load(t, o_w + 16 * n, LO);
-            warp_tile_mma<false>(t, p_w, LP, sh.v + 16 * n, LX, BT);
+            warp_tile_mma<false>(t, p_w, LP, sh.v + 16 * n, LX, TILE);
             warp_tile_store(o_w + 16 * n, LO, t);
         }
     }
@@ -2017,7 +2017,7 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         if (lane % 2 == 0) lse[(b * H + h) * T + i] = m + logf(l);
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < BT * hd; idx += blockDim.x) {  // the tile's rows of out, coalesced
+    for (int idx = threadIdx.x; idx < TILE * hd; idx += blockDim.x) {  // the tile's rows of out, coalesced
         int r = idx / hd, d = idx % hd;
         if (q0 + r < T) out[((b * T + q0 + r) * H + h) * hd + d] = from_float<floatX>(sh.o[r * LO + d]);
     }
