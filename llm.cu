@@ -641,7 +641,10 @@ inline void model_header_write(unsigned char* h, const LlamaConfig& c, int dtype
 // ----------------------------------------------------------------------------
 // Parameters: the tensors in file order, pointers into one flat buffer.
 
-constexpr int NUM_PARAM_TENSORS = 12;
+enum ParamTensor {  // the tensors in file order; PARAM_ATTN_NORM .. PARAM_W_DOWN are per layer
+    PARAM_WTE, PARAM_ATTN_NORM, PARAM_WQ, PARAM_WK, PARAM_WV, PARAM_WO, PARAM_MLP_NORM,
+    PARAM_W_GATE, PARAM_W_UP, PARAM_W_DOWN, PARAM_FINAL_NORM, PARAM_HEAD, NUM_PARAM_TENSORS
+};
 const char* const PARAM_NAMES[NUM_PARAM_TENSORS] = {"wte", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
                                                     "w_gate", "w_up", "w_down", "final_norm", "head"};
 
@@ -665,31 +668,31 @@ using ParamTensors = ParamTensorsT<float>;
 // Number of floats of each tensor, in file order. A tied head has size 0.
 inline void param_sizes(const LlamaConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
     size_t C = c.dim, L = c.n_layers, V = c.vocab_size, F = c.ffn_dim, KVD = kv_dim(c);
-    sizes[0] = V * C;
-    sizes[1] = L * C;
-    sizes[2] = L * C * C;
-    sizes[3] = L * KVD * C;
-    sizes[4] = L * KVD * C;
-    sizes[5] = L * C * C;
-    sizes[6] = L * C;
-    sizes[7] = L * F * C;
-    sizes[8] = L * F * C;
-    sizes[9] = L * C * F;
-    sizes[10] = C;
-    sizes[11] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
+    sizes[PARAM_WTE] = V * C;
+    sizes[PARAM_ATTN_NORM] = L * C;
+    sizes[PARAM_WQ] = L * C * C;
+    sizes[PARAM_WK] = L * KVD * C;
+    sizes[PARAM_WV] = L * KVD * C;
+    sizes[PARAM_WO] = L * C * C;
+    sizes[PARAM_MLP_NORM] = L * C;
+    sizes[PARAM_W_GATE] = L * F * C;
+    sizes[PARAM_W_UP] = L * F * C;
+    sizes[PARAM_W_DOWN] = L * C * F;
+    sizes[PARAM_FINAL_NORM] = C;
+    sizes[PARAM_HEAD] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
 }
 
-// Layer l's part of each per-layer tensor (tensors 1..9, attn_norm .. w_down, each (L, ...)) in
+// Layer l's part of each per-layer tensor (PARAM_ATTN_NORM .. PARAM_W_DOWN, each (L, ...)) in
 // a flat buffer laid out as point_parameters lays it: offsets[i], counts[i] in elements, in
 // tensor order. The other tensors (the embedding, the final norm, the head) are no layer's.
-constexpr int LAYER_TENSORS = 9;
+constexpr int LAYER_TENSORS = PARAM_W_DOWN - PARAM_ATTN_NORM + 1;
 inline void layer_param_slices(const LlamaConfig& c, size_t l, size_t offsets[LAYER_TENSORS], size_t counts[LAYER_TENSORS]) {
     size_t sizes[NUM_PARAM_TENSORS], offset = 0;
     param_sizes(c, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (i >= 1 && i <= LAYER_TENSORS) {
-            counts[i - 1] = sizes[i] / c.n_layers;
-            offsets[i - 1] = offset + l * counts[i - 1];
+        if (i >= PARAM_ATTN_NORM && i <= PARAM_W_DOWN) {
+            counts[i - PARAM_ATTN_NORM] = sizes[i] / c.n_layers;
+            offsets[i - PARAM_ATTN_NORM] = offset + l * counts[i - PARAM_ATTN_NORM];
         }
         offset += sizes[i];
     }
@@ -731,7 +734,7 @@ inline size_t layer_param_count(const LlamaConfig& c) {
 inline size_t zero2_grads_count(const LlamaConfig& c) {
     size_t sizes[NUM_PARAM_TENSORS];
     param_sizes(c, sizes);
-    return sizes[0] + sizes[10] + sizes[11] + 2 * layer_param_count(c);
+    return sizes[PARAM_WTE] + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD] + 2 * layer_param_count(c);
 }
 
 inline size_t num_parameters(const LlamaConfig& c) {
@@ -753,7 +756,7 @@ ParamTensorsT<X> point_parameters(const LlamaConfig& c, X* memory) {
         *fields[i] = memory;
         memory += sizes[i];
     }
-    if (sizes[11] == 0) p.head = p.wte;
+    if (sizes[PARAM_HEAD] == 0) p.head = p.wte;
     return p;
 }
 
@@ -771,7 +774,7 @@ struct Carver {
 };
 
 // Weight decay applies to matrices (embeddings, projections, heads), not to norm weights.
-inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && tensor != 10; }
+inline bool param_is_decayed(int tensor) { return tensor != PARAM_ATTN_NORM && tensor != PARAM_MLP_NORM && tensor != PARAM_FINAL_NORM; }
 
 // ----------------------------------------------------------------------------
 // CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
@@ -4011,9 +4014,9 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
             param_sizes(c, sizes);
             g->grads = ParamTensorsT<float>{};
             g->grads.wte = g->grads_memory;
-            g->grads.final_norm = g->grads.wte + sizes[0];
-            g->grads.head = sizes[11] ? g->grads.final_norm + sizes[10] : g->grads.wte;
-            g->buckets[0] = g->grads.final_norm + sizes[10] + sizes[11];
+            g->grads.final_norm = g->grads.wte + sizes[PARAM_WTE];
+            g->grads.head = sizes[PARAM_HEAD] ? g->grads.final_norm + sizes[PARAM_FINAL_NORM] : g->grads.wte;
+            g->buckets[0] = g->grads.final_norm + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD];
             g->buckets[1] = g->buckets[0] + layer;
             g->grad_shard = cuda_alloc<float>(shard.per);
             for (cudaEvent_t& e : g->bucket_free) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -7629,11 +7632,11 @@ inline void comm_reduce_scatter_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
 inline void comm_reduce_scatter_rest(LlamaCuda* g, Comm* c) {
     size_t sizes[NUM_PARAM_TENSORS];
     param_sizes(g->config, sizes);
-    size_t final_norm = num_parameters(g->config) - sizes[10] - sizes[11];  // the flat offsets of the final norm and the head
-    float* x[3] = {g->grads.wte, g->grads.final_norm, g->grads.final_norm + sizes[10]};
-    size_t offsets[3] = {0, final_norm, final_norm + sizes[10]}, counts[3] = {sizes[0], sizes[10], sizes[11]};
-    comm_reduce_scatter_pieces(g, c, x, offsets, counts, sizes[11] ? 3 : 2);  // a tied head is the embedding's
-    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, (sizes[0] + sizes[10] + sizes[11]) * sizeof(float), c->reduce_stream));
+    size_t final_norm = num_parameters(g->config) - sizes[PARAM_FINAL_NORM] - sizes[PARAM_HEAD];  // the flat offsets of the final norm and the head
+    float* x[3] = {g->grads.wte, g->grads.final_norm, g->grads.final_norm + sizes[PARAM_FINAL_NORM]};
+    size_t offsets[3] = {0, final_norm, final_norm + sizes[PARAM_FINAL_NORM]}, counts[3] = {sizes[PARAM_WTE], sizes[PARAM_FINAL_NORM], sizes[PARAM_HEAD]};
+    comm_reduce_scatter_pieces(g, c, x, offsets, counts, sizes[PARAM_HEAD] ? 3 : 2);  // a tied head is the embedding's
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, (sizes[PARAM_WTE] + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD]) * sizeof(float), c->reduce_stream));
     cudaCheck(cudaEventRecord(c->reduced, c->reduce_stream));
     cudaCheck(cudaStreamWaitEvent(g->stream, c->reduced, 0));
 }
@@ -7702,7 +7705,7 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
         cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
         ncclCheck(ncclGroupStart());
         for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-            bool layer = i >= 1 && i <= LAYER_TENSORS;  // reduced during the backward
+            bool layer = i >= PARAM_ATTN_NORM && i <= PARAM_W_DOWN;  // reduced during the backward
             if (!layer && sizes[i] > 0) ncclCheck(ncclAllReduce(g->grads_memory + offset, g->grads_memory + offset, sizes[i], ncclFloat, ncclSum, c->nccl, c->reduce_stream));
             offset += sizes[i];
         }

@@ -266,7 +266,7 @@ TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "
     CHECK(num_parameters(parsed) == 68976648192ull);
     size_t sizes[NUM_PARAM_TENSORS];
     param_sizes(parsed, sizes);
-    CHECK(sizes[2] == 80ull * 8192 * 8192);  // 5.4e9 > 2^32
+    CHECK(sizes[PARAM_WQ] == 80ull * 8192 * 8192);  // 5.4e9 > 2^32
     size_t acts[NUM_ACT_TENSORS];
     act_sizes(parsed, 1, 4096, acts);
     CHECK(acts[6] == 80ull * 64 * 4096 * 4096);  // attention probabilities: 8.6e10
