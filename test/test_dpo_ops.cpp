@@ -28,22 +28,6 @@ static const double DPO_TOL_SUMS = 5e-3, DPO_TOL_GRADS = 1e-1, DPO_TOL_PARAMS = 
 static const double DPO_TOL_SUMS = 1e-5, DPO_TOL_GRADS = 1e-4, DPO_TOL_PARAMS = 1e-4;
 #endif
 
-// ||a - b|| / ||b|| of each parameter tensor of a flat buffer against the fixture's "<prefix><name>"
-static void dpo_check_tensors(const LlamaConfig& c, const float* flat, std::map<std::string, FixtureTensor>& e, const std::string& prefix,
-                              double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(c, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(e[key].data.size() == sizes[i]);
-        double err = relative_error(flat + offset, e[key].data.data(), sizes[i]);
-        printf("  %-22s rel err %.2e\n", key.c_str(), err);
-        INFO(key << " relative error " << err << " (tolerance " << tol << ")");
-        CHECK(err < tol);
-        offset += sizes[i];
-    }
-}
 
 // lp (B = 2, T = 4) with targets (0, 1), (0, 3), (1, 2), (1, 3): position 0 never counts, even
 // with mask 1 and a log-prob that is not 0, as masked_mean_loss reads them.
@@ -254,13 +238,13 @@ TEST_CASE("one DPO step (sigmoid, label smoothing, NLL term, micro-batches, clip
 #else
     memcpy(grads.data(), policy.host.grads_memory, grads.size() * sizeof(float));
 #endif
-    dpo_check_tensors(policy.host.config, grads.data(), e, "grad.", DPO_TOL_GRADS);
+    check_param_tensors(policy.host.config, grads.data(), e, "grad.", DPO_TOL_GRADS);
     const float* hp = e["adamw"].data.data();
     float norm = runner_clip_grad_norm(&policy, hp[5]);
     CHECK(norm == Approx(e["grad_norm"].data[0]).epsilon(DPO_TOL_SUMS * 10));  // as the language-model parity's norm
     runner_update(&policy, AdamWConfig{hp[0], hp[1], hp[2], hp[3], hp[4]});
     runner_download_params(&policy);
-    dpo_check_tensors(policy.host.config, policy.host.params_memory, e, "param1.", DPO_TOL_PARAMS);
+    check_param_tensors(policy.host.config, policy.host.params_memory, e, "param1.", DPO_TOL_PARAMS);
     runner_free(&policy);
     runner_free(&reference);
 }

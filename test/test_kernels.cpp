@@ -813,21 +813,6 @@ static const double TOL_LOGITS = 1e-5, TOL_LOSS = 1e-5, TOL_GRAD = 1e-4, TOL_PAR
 static const double TOL_LOGITS = 5e-2, TOL_LOSS = 5e-3, TOL_GRAD = 1e-1, TOL_PARAM = 5e-2;
 #endif
 
-static void check_tensors(const LlamaConfig& c, const std::vector<float>& flat, std::map<std::string, FixtureTensor>& e,
-                          const std::string& prefix, double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(c, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(e[key].data.size() == sizes[i]);
-        double err = relative_error(flat.data() + offset, e[key].data.data(), sizes[i]);
-        printf("  %-20s rel err %.2e\n", key.c_str(), err);
-        INFO(key << " relative error " << err);
-        CHECK(err < tol);
-        offset += sizes[i];
-    }
-}
 
 static void run_model_parity(const std::string& name) {
     std::string dir = "test/fixtures/" + name + "/";
@@ -864,7 +849,7 @@ static void run_model_parity(const std::string& name) {
     double sums[16];
     sequence_logprob_sums(sums, lp.data(), mask.data(), B, T);
     for (int b = 0; b < B; b++) CHECK(sums[b] == Approx(e["logprob_sums"].data[b]).epsilon(TOL_LOSS));
-    check_tensors(host.config, download(g.grads_memory, g.num_params), e, "grad.", TOL_GRAD);
+    check_param_tensors(host.config, download(g.grads_memory, g.num_params).data(), e, "grad.", TOL_GRAD);
     float norm1 = llama_cuda_clip_grad_norm(&g, hp[5]);
     CHECK(norm1 == Approx(e["grad_norm"].data[0]).epsilon(TOL_LOSS * 10));
     llama_cuda_update(&g, opt);
@@ -873,7 +858,7 @@ static void run_model_parity(const std::string& name) {
     llama_cuda_clip_grad_norm(&g, hp[5]);
     llama_cuda_update(&g, opt);
     llama_cuda_download(&g, &host);
-    check_tensors(host.config, std::vector<float>(host.params_memory, host.params_memory + host.num_params), e, "param2.", TOL_PARAM);
+    check_param_tensors(host.config, host.params_memory, e, "param2.", TOL_PARAM);
     llama_cuda_free(&g);
     llama_free(&host);
 }

@@ -55,22 +55,6 @@ static double parity_loss_and_grad(ParityRun& r) {
     return llama_nll_forward_backward(&r.model, r.tokens.data(), r.mask.data(), r.B, r.T, count);
 }
 
-static void check_param_tensors(Llama& model, const float* memory, std::map<std::string, FixtureTensor>& expect,
-                                const std::string& prefix, double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(model.config, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(expect.count(key) == 1);
-        REQUIRE(expect[key].data.size() == sizes[i]);
-        double err = relative_error(memory + offset, expect[key].data.data(), sizes[i]);
-        INFO(key << " relative error " << err);
-        CHECK(err < tol);
-        printf("  %-20s rel err %.2e\n", key.c_str(), err);
-        offset += sizes[i];
-    }
-}
 
 static void run_parity(const std::string& name) {
     ParityRun r;
@@ -97,7 +81,7 @@ static void run_parity(const std::string& name) {
 
     // gradients: sums over B*T positions of products with cancellation; relative L2 error
     // of 1e-4 is ~100 float32 roundings of headroom while a wrong term gives errors near 1.
-    check_param_tensors(r.model, r.model.grads_memory, e, "grad.", 1e-4);
+    check_param_tensors(r.model.config, r.model.grads_memory, e, "grad.", 1e-4);
 
     // two AdamW steps with clipping on the same batch
     float norm1 = clip_grad_norm(r.model.grads_memory, r.model.num_params, max_norm);
@@ -114,7 +98,7 @@ static void run_parity(const std::string& name) {
     // reference (transformers itself in float32: 1.4e-5..6e-5, measured by make_fixtures.py).
     // 1e-4 still catches any formula error: a missing weight decay moves the parameters by
     // 2 * lr * wd = 2e-3 of their norm, a wrong bias correction or step by ~1e-2 or more.
-    check_param_tensors(r.model, r.model.params_memory, e, "param2.", 1e-4);
+    check_param_tensors(r.model.config, r.model.params_memory, e, "param2.", 1e-4);
     llama_free(&r.model);
 }
 
