@@ -1,8 +1,9 @@
 // Data parallel training (llm.cu's collectives, the Trainer's ranks) through the stage programs
 // run by Debian's OpenMPI mpirun with 2 ranks on this machine: the ranks of train_sft, train_rm
 // and train_dpo train what one rank trains with as many micro-batches accumulated, rank 0 alone
-// prints and writes, a 2-rank run resumes bit-identically, a checkpoint resumes only on its
-// number of ranks, and a build without MPI refuses a world > 1. The binaries are
+// prints and writes the weights (with ZeRO-1 each rank writes its own shard of the moments), a
+// 2-rank run resumes bit-identically, a checkpoint resumes only on its number of ranks (another
+// with -f 1), a damaged shard file is refused, and a build without MPI refuses a world > 1. The binaries are
 // build/<program>_cpu (with MPI) and build/train_sft_emu (the CUDA build over the emulation
 // layer, without MPI).
 //
