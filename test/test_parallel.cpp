@@ -261,8 +261,8 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
     CHECK(d <= 1e-6);
 }
 
-// A ZeRO-1 checkpoint whose shard file is missing, short, corrupt or of another rank or step is
-// refused: the rank that reads it names the file and what is wrong in one line, and every rank
+// A ZeRO-1 checkpoint whose shard file is missing, short, corrupt or of another rank, step or
+// run is refused: the rank that reads it names the file and what is wrong in one line, and every rank
 // exits 1 before the first step. A rank that cannot write its shard file stops the run before
 // rank 0 writes the marker (<out>/latest), so the checkpoint it left unfinished is not resumed:
 // the one before it is, to the uninterrupted run's bits.
@@ -274,6 +274,15 @@ TEST_CASE("a ZeRO-1 checkpoint with a shard file missing, short, corrupt or fore
     REQUIRE(run(mpirun + args + " -n 1 -X 3 -o " + stopped, &out) == 0);
     std::string ckpt = "/ckpt_000003/", shard0 = shard_file_name(0, 2), shard1 = shard_file_name(1, 2);
     size_t n = model_weights(fx.model).size();
+    // a 4-byte field of a file set to value, its checksum made valid again
+    auto patch = [](const std::string& path, size_t offset, uint32_t value) {
+        std::vector<unsigned char> b = file_bytes(path);
+        REQUIRE(b.size() > offset + 8);
+        memcpy(&b[offset], &value, 4);
+        uint32_t crc = crc32_update(0, b.data(), b.size() - 4);
+        memcpy(&b[b.size() - 4], &crc, 4);
+        write_bytes(path, b);
+    };
     struct Damage { const char* what; std::function<void(const std::string&)> apply; std::string file, message; };
     std::vector<Damage> damages = {
         {"missing", [&](const std::string& d) { remove((d + ckpt + shard1).c_str()); }, shard1,
@@ -298,16 +307,9 @@ TEST_CASE("a ZeRO-1 checkpoint with a shard file missing, short, corrupt or fore
              REQUIRE(run("cp " + d + "/ckpt_000002/" + shard1 + " " + d + ckpt + shard1, &said) == 0);
          },
          shard1, "holds step 2, its checkpoint's state.bin step 3"},
-        {"of another rank",
-         [&](const std::string& d) {
-             std::vector<unsigned char> b = file_bytes(d + ckpt + shard1);
-             uint32_t rank = 0;
-             memcpy(&b[8], &rank, 4);
-             uint32_t crc = crc32_update(0, b.data(), b.size() - 4);
-             memcpy(&b[b.size() - 4], &crc, 4);
-             write_bytes(d + ckpt + shard1, b);
-         },
-         shard1, "holds the part of rank 0 of 2, expected rank 1 of 2"},
+        {"of another rank", [&](const std::string& d) { patch(d + ckpt + shard1, 8, 0); }, shard1, "holds the part of rank 0 of 2, expected rank 1 of 2"},
+        {"of another run", [&](const std::string& d) { patch(d + ckpt + shard0, 48 + offsetof(RunIdentity, seed), 6); }, shard0,
+         "is of another run than its checkpoint's state.bin (seed -S: 6 in this file, 5 in state.bin)"},
     };
     for (const Damage& damage : damages) {
         std::string dir = fx.dir("shards_damaged");
