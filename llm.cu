@@ -7086,7 +7086,6 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 //   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
 //   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
 //   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
-//                                         (the GPU's ZeRO-1 master weights, for model.bin)
 //   comm_gather_text(&comm, text)          every rank's text, in rank order, on rank 0, MPI
 //   runner_all_gather_params(runner, &comm)   ZeRO-1: each rank's updated part of the weights
 //                                         to every rank (the GPU build: the compute copy in
