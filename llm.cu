@@ -79,7 +79,8 @@ Contents, in file order (search for the quoted heading):
                             comm_reduce_sum_host, runner_micro_batch, runner_all_reduce_grads, runner_clip_grads,
                             runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads / _rest / _grads_host
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
-                            TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
+                            TrainConfig, train_flags, RunIdentity, TrainState, state.bin and ZeRO-1's
+                            shard files (shard_save, shard_read, shards_load), checkpoint_save/_load_state;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
                             _step_end, _log, _checkpoint, _save_model, _close;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
@@ -4517,18 +4518,19 @@ inline const Shard& runner_shard(const Runner* r) {
 #endif
 }
 
-// the AdamW moments and step count, out of and into the runner: m and v hold num_params
-// each, of which the runner's shard [begin, end) is read or written (all of them without ZeRO)
+// the AdamW moments and step count, out of and into the runner: m and v hold the moments of
+// the runner's shard [begin, end), end - begin values each (all num_params without ZeRO), so
+// that a rank never holds more of the optimizer state than its own part
 inline void runner_get_optimizer(Runner* r, float* m, float* v, int* adam_step) {
     const Shard& sh = runner_shard(r);
     size_t bytes = (sh.end - sh.begin) * sizeof(float);
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(m + sh.begin, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(v + sh.begin, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
     *adam_step = r->gpu.adam_step;
 #else
-    memcpy(m + sh.begin, r->host.m_memory, bytes);
-    memcpy(v + sh.begin, r->host.v_memory, bytes);
+    memcpy(m, r->host.m_memory, bytes);
+    memcpy(v, r->host.v_memory, bytes);
     *adam_step = r->host.adam_step;
 #endif
 }
@@ -4537,12 +4539,12 @@ inline void runner_set_optimizer(Runner* r, const float* m, const float* v, int 
     const Shard& sh = runner_shard(r);
     size_t bytes = (sh.end - sh.begin) * sizeof(float);
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(r->gpu.m_memory, m + sh.begin, bytes, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(r->gpu.v_memory, v + sh.begin, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.m_memory, m, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.v_memory, v, bytes, cudaMemcpyHostToDevice));
     r->gpu.adam_step = adam_step;
 #else
-    memcpy(r->host.m_memory, m + sh.begin, bytes);
-    memcpy(r->host.v_memory, v + sh.begin, bytes);
+    memcpy(r->host.m_memory, m, bytes);
+    memcpy(r->host.v_memory, v, bytes);
     r->host.adam_step = adam_step;
 #endif
 }
@@ -7246,6 +7248,9 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // ranks' nodes): the ranks come from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, rank 0
 // writes NCCL's id to a file there (comm_nccl_id_exchange), and every collective, the host's
 // too, goes over NCCL (through a device buffer: comm_host_over_nccl). The CPU build needs MPI.
+// Checkpoints (checkpoint_save): rank 0 writes the weights and state.bin; with ZeRO-1 or 2 every
+// rank writes its own part of the AdamW moments to a shard file, in parallel, and rank 0 marks
+// the checkpoint complete after a barrier (state.bin's format says more).
 
 #ifdef XWIN_MPI
 inline void mpi_check(int err, const char* file, int line) {
@@ -8021,8 +8026,8 @@ struct TrainState {
     uint64_t rng = 0;        // the stage's random generator (sampling, dropout of pairs, ...)
 };
 
-// Training state file (state.bin), version 3, little-endian:
-//   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version = 2
+// Training state file (state.bin), versions 3 and 4, little-endian:
+//   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version (3, or 4: see below)
 //   8  uint32 step                        12 uint32 adam_step
 //   16 uint32 skipped                     20 uint32 model_crc: CRC-32 of the checkpoint's model.bin
 //   24 uint64 num_params                  32 uint64 epoch
@@ -8032,13 +8037,39 @@ struct TrainState {
 //      version 3 added the world size and the reserved word)
 //   136 float32 m[num_params], float32 v[num_params] (AdamW moments)
 //   then uint32 crc: CRC-32 of every byte before it.
-// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
-// state.bin; <out>/latest names the newest complete one and is written last, so a crash
-// never leaves a half-written checkpoint where a resume would look. Every file is written
-// atomically (AtomicFile) and fsynced before its rename.
+// Version 4 is the same header with no moments (136 header, then the crc): the checkpoint of
+// a ZeRO-1 run on several ranks, whose moments are in the shard files below, one per rank of
+// the identity's world size. A run without ZeRO, or of one rank, writes version 3.
+//
+// Optimizer shard file (shard_<rank>_of_<world>.bin, ZeRO-1 on several ranks), version 1: each
+// rank writes the AdamW moments of its own part of the weights, so no rank gathers the others'
+// (8 bytes per parameter on rank 0) and the ranks write in parallel. Little-endian:
+//   0  uint32 magic 0x48535758 ("XWSH")   4  uint32 version = 1
+//   8  uint32 rank                        12 uint32 world
+//   16 uint32 step                        20 uint32 reserved (zero)
+//   24 uint64 num_params                  32 uint64 begin, 40 uint64 end: the part [begin, end),
+//                                            shard_of(num_params, rank, world)
+//   48 RunIdentity (80 bytes, state.bin's: a file of another run is refused)
+//   128 float32 m[end - begin], float32 v[end - begin]
+//   then uint32 crc: CRC-32 of every byte before it.
+// The GPU build's FP32 master weights are not in the shard files: model.bin holds all of them
+// (each rank's master part is gathered to write it, and those are the weights anyway), and a
+// resumed rank takes its part of the master from there.
+//
+// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights), state.bin
+// and, with ZeRO-1 on several ranks, the shard files. The marker that makes it complete is
+// <out>/latest, which names the newest complete checkpoint: rank 0 writes it last, after a
+// barrier that every rank reaches once its shard file is in place, so a crash (of any rank)
+// never leaves a half-written checkpoint where a resume would look, and a folder that lacks a
+// file is never named by it. Every file is written atomically (AtomicFile) and fsynced before
+// its rename. The ranks write into the same folder: several nodes need a shared file system.
 constexpr uint32_t STATE_MAGIC = 0x54535758;
-constexpr uint32_t STATE_VERSION = 3;
+constexpr uint32_t STATE_VERSION = 3;          // the moments in state.bin
+constexpr uint32_t STATE_VERSION_SHARDED = 4;  // the moments in the ranks' shard files
 constexpr size_t STATE_HEADER_BYTES = 136;
+constexpr uint32_t SHARD_MAGIC = 0x48535758;
+constexpr uint32_t SHARD_VERSION = 1;
+constexpr size_t SHARD_HEADER_BYTES = 128;
 
 // mkdir -p
 inline void make_dir(const std::string& path) {
@@ -8202,44 +8233,150 @@ inline void trainer_gather_weights(Trainer* tr) {
 #endif
 }
 
-// Every rank calls it: the weights and the AdamW moments are gathered (ZeRO-1), rank 0 writes.
-inline void checkpoint_save(Trainer* tr) {
-    Runner* r = tr->runner;
-    const TrainState& s = tr->state;
-    trainer_gather_weights(tr);
-    size_t n = r->host.num_params;
-    std::vector<float> m(n), v(n);
-    int adam_step;
-    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
-    comm_all_gather_host(&tr->comm, m.data(), runner_shard(r));
-    comm_all_gather_host(&tr->comm, v.data(), runner_shard(r));
-    if (tr->comm.rank != 0) return;
-    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
-    make_dir(dir);
-    uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
-    unsigned char head[STATE_HEADER_BYTES] = {0};
-    uint32_t u[6] = {STATE_MAGIC, STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
-    uint64_t q[4] = {n, s.epoch, s.position, s.rng};
+inline std::string shard_file_name(int rank, int world) { return string_format("shard_%d_of_%d.bin", rank, world); }
+
+// This rank's shard file in the checkpoint folder dir: the moments m, v of its part sh.
+inline void shard_save(const std::string& dir, const Shard& sh, uint32_t step, const RunIdentity& id, const float* m, const float* v) {
+    unsigned char head[SHARD_HEADER_BYTES] = {0};
+    uint32_t u[6] = {SHARD_MAGIC, SHARD_VERSION, (uint32_t)sh.rank, (uint32_t)sh.world, step, 0};
+    uint64_t q[3] = {sh.n, sh.begin, sh.end};
     memcpy(head, u, sizeof(u));
     memcpy(head + 24, q, sizeof(q));
-    memcpy(head + 56, &tr->id, sizeof(RunIdentity));
+    memcpy(head + 48, &id, sizeof(RunIdentity));
+    size_t part = sh.end - sh.begin;
     AtomicFile f;
-    atomic_open(&f, dir + "/state.bin");
+    atomic_open(&f, dir + "/" + shard_file_name(sh.rank, sh.world));
     atomic_write(&f, head, sizeof(head));
-    atomic_write(&f, m.data(), 4 * n);
-    atomic_write(&f, v.data(), 4 * n);
+    atomic_write(&f, m, 4 * part);
+    atomic_write(&f, v, 4 * part);
     uint32_t crc = f.crc;
     atomic_write(&f, &crc, 4);
     atomic_commit(&f);
+}
+
+// One shard file that must hold the moments of `part` at `step` of the run `then` (its
+// state.bin's identity): checked whole (size, checksum, header, identity), and the moments of
+// [lo, hi) copied into m and v (hi - lo values each). It is read in pieces, never whole in
+// memory. Returns "" or what is wrong with it.
+inline std::string shard_read(const std::string& path, const Shard& part, uint32_t step, const RunIdentity& then, size_t lo, size_t hi, float* m,
+                              float* v) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return string_format("cannot open it (%s): the checkpoint keeps its AdamW moments in %d shard files, one per rank", strerror(errno), part.world);
+    size_t size = file_size_of(f), count = part.end - part.begin, expected = SHARD_HEADER_BYTES + 8 * count + 4;
+    if (size != expected) {
+        fclose(f);
+        return string_format("file is %zu bytes, expected %zu (rank %d of %d: the moments of %zu parameters)", size, expected, part.rank, part.world, count);
+    }
+    unsigned char head[SHARD_HEADER_BYTES];
+    bool ok = fread(head, 1, sizeof(head), f) == sizeof(head);
+    uint32_t crc = crc32_update(0, head, sizeof(head)), stored_crc = 0;
+    std::vector<float> piece(1 << 18);  // 1 MiB: added to the checksum, its overlap with [lo, hi) copied out
+    for (float* dst : {m, v}) {
+        for (size_t i = part.begin; ok && i < part.end; i += piece.size()) {
+            size_t c = std::min(piece.size(), part.end - i), a = std::max(i, lo), b = std::min(i + c, hi);
+            ok = fread(piece.data(), 4, c, f) == c;
+            crc = crc32_update(crc, piece.data(), 4 * c);
+            if (ok && a < b) memcpy(dst + (a - lo), piece.data() + (a - i), 4 * (b - a));
+        }
+    }
+    ok = ok && fread(&stored_crc, 4, 1, f) == 1;
+    fclose(f);
+    if (!ok) return "unexpected end of file or read error";
+    uint32_t u[6];
+    uint64_t q[3];
+    RunIdentity id;
+    memcpy(u, head, sizeof(u));
+    memcpy(q, head + 24, sizeof(q));
+    memcpy(&id, head + 48, sizeof(id));
+    if (u[0] != SHARD_MAGIC) return string_format("bad magic 0x%08x: not an xwin.cu optimizer shard", u[0]);
+    if (u[1] != SHARD_VERSION) return string_format("optimizer shard version %u; this build reads version %u only", u[1], SHARD_VERSION);
+    if (crc != stored_crc) return string_format("checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
+    std::string reserved = reserved_bytes_check(head, 20, 24);
+    if (reserved.empty()) reserved = reserved_bytes_check(head, 48 + strnlen(id.program, sizeof(id.program)), 48 + sizeof(id.program));
+    if (reserved.empty()) reserved = reserved_bytes_check(head, 48 + offsetof(RunIdentity, reserved), 48 + sizeof(RunIdentity));
+    if (!reserved.empty()) return reserved;
+    if (u[2] != (uint32_t)part.rank || u[3] != (uint32_t)part.world) {
+        return string_format("holds the part of rank %u of %u, expected rank %d of %d", u[2], u[3], part.rank, part.world);
+    }
+    if (u[4] != step) return string_format("holds step %u, its checkpoint's state.bin step %u", u[4], step);
+    if (q[0] != part.n || q[1] != part.begin || q[2] != part.end) {
+        return string_format("holds parameters [%llu, %llu) of %llu, expected [%zu, %zu) of %zu", (unsigned long long)q[1], (unsigned long long)q[2],
+                             (unsigned long long)q[0], part.begin, part.end, part.n);
+    }
+    std::string diff = run_identity_diff(id, then, "in this file", "in state.bin");
+    if (!diff.empty()) return "is of another run than its checkpoint's state.bin (" + diff + ")";
+    return "";
+}
+
+// The moments of the part `want` of the flat parameters (want.end - want.begin values into m
+// and v) out of the shard files that `world` ranks wrote into the checkpoint folder dir: from
+// each file whose part overlaps it. Parts are contiguous ranges, so any part reads from the
+// files of any number of ranks: a ZeRO-1 checkpoint resumes with -z 0 (each rank reads every
+// file) as with -z 1 (each rank reads its own). Returns "" or "<file>: what is wrong".
+inline std::string shards_load(const std::string& dir, const Shard& want, uint32_t world, uint32_t step, const RunIdentity& then, float* m, float* v) {
+    for (uint32_t k = 0; k < world; k++) {
+        Shard part = shard_of(want.n, (int)k, (int)world);
+        size_t lo, hi;
+        if (!shard_overlap(want, part.begin, part.end - part.begin, &lo, &hi)) continue;
+        std::string path = dir + "/" + shard_file_name((int)k, (int)world);
+        std::string err = shard_read(path, part, step, then, lo, hi, m + (lo - want.begin), v + (lo - want.begin));
+        if (!err.empty()) return path + ": " + err;
+    }
+    return "";
+}
+
+// Every rank calls it. The weights are gathered for rank 0 to write model.bin (the GPU's
+// ZeRO-1 master parts). Without ZeRO, or on one rank, rank 0 writes state.bin with the whole
+// moments (version 3); with ZeRO-1 on several ranks each rank writes its part's moments to its
+// own shard file, in parallel, and rank 0 a state.bin without moments (version 4). Then the
+// marker, <out>/latest, once every rank's file is in place.
+inline void checkpoint_save(Trainer* tr) {
+    Runner* r = tr->runner;
+    const TrainState& s = tr->state;
+    const Shard& sh = runner_shard(r);
+    bool sharded = sh.world > 1;
+    trainer_gather_weights(tr);
+    size_t n = r->host.num_params, part = sh.end - sh.begin;
+    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
+    if (!sharded && tr->comm.rank != 0) return;
+    std::vector<float> m(part), v(part);  // this rank's part (all of them without ZeRO)
+    int adam_step;
+    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
+    make_dir(dir);
+    if (sharded) shard_save(dir, sh, s.step, tr->id, m.data(), v.data());
+    if (tr->comm.rank == 0) {
+        uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
+        unsigned char head[STATE_HEADER_BYTES] = {0};
+        uint32_t u[6] = {STATE_MAGIC, sharded ? STATE_VERSION_SHARDED : STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
+        uint64_t q[4] = {n, s.epoch, s.position, s.rng};
+        memcpy(head, u, sizeof(u));
+        memcpy(head + 24, q, sizeof(q));
+        memcpy(head + 56, &tr->id, sizeof(RunIdentity));
+        AtomicFile f;
+        atomic_open(&f, dir + "/state.bin");
+        atomic_write(&f, head, sizeof(head));
+        if (!sharded) atomic_write(&f, m.data(), 4 * n), atomic_write(&f, v.data(), 4 * n);
+        uint32_t crc = f.crc;
+        atomic_write(&f, &crc, 4);
+        atomic_commit(&f);
+    }
+    // A rank whose write failed has exited, and the launcher ends the run: rank 0 never passes
+    // this barrier then, so the marker names only a checkpoint whose every file is in place.
+    if (sharded) comm_barrier(&tr->comm);
+    if (tr->comm.rank != 0) return;
+    AtomicFile f;
     atomic_open(&f, std::string(tr->cfg->out_dir) + "/latest");
     std::string line = name + "\n";
     atomic_write(&f, line.data(), line.size());
     atomic_commit(&f);
 }
 
-// Reads the resumed checkpoint's state.bin into the trainer and the runner's optimizer, and
-// checks that it is whole (checksums), consistent (step, folder, optimizer count, position)
-// and of this run (its identity; -f 1 resumes another run's, saying what differs).
+// Reads the resumed checkpoint's state.bin into the trainer, and this rank's part of the AdamW
+// moments (from state.bin, or from the shard files of a ZeRO-1 run of several ranks, whatever
+// this run's ZeRO stage) into the runner's optimizer, and checks that it is whole (checksums),
+// consistent (step, folder, optimizer count, position, each shard's part) and of this run (its
+// identity; -f 1 resumes another run's, saying what differs: on another number of ranks, a
+// ZeRO-1 checkpoint's moments are read across the shard files into this run's parts).
 inline void checkpoint_load_state(Trainer* tr) {
     std::string path = tr->resume_dir + "/state.bin", latest = std::string(tr->cfg->out_dir) + "/latest";
     const char* p = path.c_str();
@@ -8257,7 +8394,10 @@ inline void checkpoint_load_state(Trainer* tr) {
     memcpy(&then, bytes.data() + 56, sizeof(then));
     memcpy(&stored_crc, bytes.data() + size - 4, 4);
     if (u[0] != STATE_MAGIC) fail_file(p, "bad magic 0x%08x: not an xwin.cu training state", u[0]);
-    if (u[1] != STATE_VERSION) fail_file(p, "training state version %u; this build resumes version %u only: start the run again", u[1], STATE_VERSION);
+    if (u[1] != STATE_VERSION && u[1] != STATE_VERSION_SHARDED) {
+        fail_file(p, "training state version %u; this build resumes versions %u and %u only: start the run again", u[1], STATE_VERSION, STATE_VERSION_SHARDED);
+    }
+    bool sharded = u[1] == STATE_VERSION_SHARDED;  // the moments in the shard files of then.world_size ranks
     uint32_t crc = crc32_update(0, bytes.data(), size - 4);
     if (crc != stored_crc) fail_file(p, "checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
     size_t name_end = 56 + strnlen(then.program, sizeof(then.program));
@@ -8266,7 +8406,9 @@ inline void checkpoint_load_state(Trainer* tr) {
     reserved = reserved_bytes_check(bytes.data(), 56 + offsetof(RunIdentity, reserved), 56 + sizeof(RunIdentity));
     if (!reserved.empty()) fail_file(p, "%s", reserved.c_str());
     if (q[0] != n) fail_file(p, "holds the state of %llu parameters, the model has %zu", (unsigned long long)q[0], n);
-    if (size != STATE_HEADER_BYTES + 8 * n + 4) fail_file(p, "file is %zu bytes, expected %zu", size, STATE_HEADER_BYTES + 8 * n + 4);
+    size_t expected = STATE_HEADER_BYTES + (sharded ? 0 : 8 * n) + 4;
+    if (size != expected) fail_file(p, "file is %zu bytes, expected %zu", size, expected);
+    if (sharded && then.world_size < 2) fail_file(p, "keeps the moments in shard files, but its run had %u rank", then.world_size);
     if (u[5] != tr->resume_model_crc) {
         fail_file((tr->resume_dir + "/model.bin").c_str(), "checksum %08x differs from the %08x state.bin recorded: the checkpoint is corrupt", tr->resume_model_crc, u[5]);
     }
@@ -8286,9 +8428,27 @@ inline void checkpoint_load_state(Trainer* tr) {
         fail_file(p, "epoch %llu, position %llu is not where step %u of %d sequences each ends in %zu sequences: inconsistent", (unsigned long long)s.epoch,
                   (unsigned long long)s.position, s.step, tr->cfg->total_batch, tr->n_seqs);
     }
-    std::vector<float> m(n), v(n);
-    memcpy(m.data(), bytes.data() + STATE_HEADER_BYTES, 4 * n);
-    memcpy(v.data(), bytes.data() + STATE_HEADER_BYTES + 4 * n, 4 * n);
+    // this rank's part of the moments (all of them without ZeRO), from state.bin or the shard files
+    Shard sh = runner_shard(tr->runner);
+    size_t part = sh.end - sh.begin;
+    std::vector<float> m(part), v(part);
+    if (!sharded) {
+        memcpy(m.data(), bytes.data() + STATE_HEADER_BYTES + 4 * sh.begin, 4 * part);
+        memcpy(v.data(), bytes.data() + STATE_HEADER_BYTES + 4 * (n + sh.begin), 4 * part);
+    } else {
+        std::string err = shards_load(tr->resume_dir, sh, then.world_size, s.step, then, m.data(), v.data());
+        // each rank reads its own files: the ranks agree to stop, so that none waits in a
+        // collective for one that failed, and the first rank that failed names its file
+        std::vector<double> failed(tr->comm.world, 0.0);
+        failed[tr->comm.rank] = err.empty() ? 0.0 : 1.0;
+        comm_all_reduce_sum_double(&tr->comm, failed.data(), failed.size());
+        int first = (int)(std::find(failed.begin(), failed.end(), 1.0) - failed.begin());
+        if (first < tr->comm.world) {
+            if (first == tr->comm.rank) fprintf(stderr, "error: %s\n", err.c_str());
+            comm_free(&tr->comm);
+            exit(1);
+        }
+    }
     runner_set_optimizer(tr->runner, m.data(), v.data(), (int)s.adam_step);
     tr->state = s;
 }
