@@ -501,6 +501,8 @@ enum { DTYPE_FP32 = 0, DTYPE_BF16 = 1 };
 enum { HEAD_LM = 0, HEAD_REWARD = 1 };
 enum { ROPE_NONE = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };  // rope_scaling
 
+// Built with named fields: LlamaConfig{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
+// .vocab_size = 259, .ffn_dim = 128, .max_seq_len = 256}; the others keep these defaults.
 struct LlamaConfig {
     int dim;              // C
     int n_layers;         // L
@@ -509,10 +511,10 @@ struct LlamaConfig {
     int vocab_size;       // V
     int ffn_dim;          // F
     int max_seq_len;
-    int tied_embeddings;  // 1: the head is wte
-    int head_type;        // HEAD_LM or HEAD_REWARD
-    double rope_theta;
-    double norm_eps;
+    int tied_embeddings = 0;       // 1: the head is wte
+    int head_type = HEAD_LM;       // HEAD_LM or HEAD_REWARD
+    double rope_theta = 10000.0;   // Llama 2's (Llama 3's: 500000)
+    double norm_eps = 1e-5;
     int pad_id = -1;      // the tokens' ids the model was made with (-1 = none), as transformers'
     int bos_id = -1;      // pad_token_id, bos_token_id, eos_token_id: the embedding row of pad_id
     int eos_id = -1;      // gets no gradient (torch's padding_idx) and a reward model scores the
@@ -598,7 +600,9 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     for (int i = 0; i < 3; i++) {
         if (ids[i] < -1 || ids[i] >= (int32_t)u[8]) return string_format("%s %d is not -1 (none) or an id below vocab_size %u", id_names[i], ids[i], u[8]);
     }
-    LlamaConfig parsed{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
+    LlamaConfig parsed{.dim = (int)u[4], .n_layers = (int)u[5], .n_heads = (int)u[6], .n_kv_heads = (int)u[7], .vocab_size = (int)u[8],
+                       .ffn_dim = (int)u[9], .max_seq_len = (int)u[10], .tied_embeddings = (int)u[11], .head_type = (int)u[3],
+                       .rope_theta = theta, .norm_eps = eps, .pad_id = ids[0], .bos_id = ids[1], .eos_id = ids[2]};
     if (version >= 3) {
         uint32_t type, orig;
         memcpy(&type, h + 76, 4);

@@ -298,7 +298,7 @@ TEST_CASE("sequence log-prob kernels match the CPU twins", "[dpo][kernels]") {
 // gradients bit for bit: the device builds the same dlp the host would upload. Only B sums
 // come down: the host (B, T) log-prob buffer stays as it was.
 TEST_CASE("runner_sequence_logprobs and _backward on the GPU equal the CPU path", "[dpo][kernels][runner]") {
-    LlamaConfig c{64, 2, 8, 2, 40, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 40, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 3, T = 37;
     const int lengths[B] = {37, 30, 21}, prompts[B] = {9, 12, 5};
     uint64_t rng = test_seed() + 43;

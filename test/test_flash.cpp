@@ -155,7 +155,7 @@ TEST_CASE("flash attention takes head sizes 1..128, zero-padded to 16, 32, 64 or
 // The GPU keeps, per layer, the log-sum-exp of each attention row (B, H, T) instead of the
 // (B, H, T, T) probabilities the CPU keeps; every other activation is the same.
 TEST_CASE("the GPU activation layout holds no (T, T) tensor", "[kernels][flash]") {
-    LlamaConfig c{2048, 22, 32, 4, 32000, 5632, 2048, 0, HEAD_LM, 10000.0, 1e-5};  // TinyLlama
+    LlamaConfig c{.dim = 2048, .n_layers = 22, .n_heads = 32, .n_kv_heads = 4, .vocab_size = 32000, .ffn_dim = 5632, .max_seq_len = 2048};  // TinyLlama
     size_t B = 4, T = 2048, cpu[NUM_ACT_TENSORS], gpu[NUM_ACT_TENSORS];
     act_sizes(c, B, T, cpu);
     act_sizes(c, B, T, gpu, true);
@@ -187,7 +187,7 @@ static std::string command_output(const std::string& cmd) {
 // grad, train_sft's forward and backward with the classifier fused, clip, AdamW) and its memory plan must be what the emulated GPU model
 // launches and allocates. A grouped-query model with T = 70: two query tiles in BF16, three in FP32.
 TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[kernels][flash][roofline]") {
-    LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 160, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 2, T = 70;
     std::string args = "python3 dev/roofline.py 64,2,8,2,160,96 -b 2 -t 70 --precision " + std::string(sizeof(floatX) == 2 ? "bf16" : "fp32");
     Llama host;
@@ -250,7 +250,7 @@ static std::map<std::string, size_t> roofline_plan(const std::string& more) {
 // numbers; in all, what it allocates (training and inference); a device with less free memory
 // than the plan gets a one-line refusal and exit 1 before any allocation.
 TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init allocates; too little memory is refused", "[kernels][roofline][memory]") {
-    LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 160, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 2, T = 70;
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, true);
     CHECK(roofline_plan("") == plan_by_kind(plan));

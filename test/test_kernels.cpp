@@ -874,7 +874,7 @@ TEST_CASE("kernels: parity with transformers, linear RoPE scaling", "[kernels][p
 // (the emulation runs large grids' blocks on several OS threads, in no fixed order). Tokens that repeat
 // (a vocabulary of 20 for 140 positions) and pads (id 0), so rows of wte gather many positions.
 TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinism]") {
-    LlamaConfig c{64, 2, 8, 2, 20, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 20, .ffn_dim = 96, .max_seq_len = 128};
     c.pad_id = 0;
     const int B = 2, T = 70;
     Llama host;
@@ -924,7 +924,7 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
 // A step's host-to-device copies go through pinned staging buffers (upload_async): the emulation
 // counts every cudaMemcpyAsync from pageable memory, and none may happen after the runners' init.
 TEST_CASE("every host-to-device copy of a training or inference step is from pinned memory", "[kernels][pinned]") {
-    LlamaConfig c{64, 2, 8, 2, 40, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 40, .ffn_dim = 96, .max_seq_len = 64};
     const int B = 2, T = 24;
     std::vector<int> tokens(B * T), next(B);
     uint64_t rng = 5;

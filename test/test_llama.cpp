@@ -128,7 +128,7 @@ TEST_CASE("the fused SFT loss and gradient are the unfused ops' bits", "[parity]
 
 // ---------------------------------------------------------------------------- formats
 
-static LlamaConfig tiny_config() { return LlamaConfig{16, 2, 4, 2, 32, 24, 8, 0, HEAD_LM, 10000.0, 1e-5}; }
+static LlamaConfig tiny_config() { return LlamaConfig{.dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 32, .ffn_dim = 24, .max_seq_len = 8}; }
 
 static std::string write_tiny_model(const char* name, int dtype) {
     Llama m;
@@ -238,8 +238,8 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
 
 TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "[format]") {
     // Llama-2-7B and Llama-2-70B as published; parameter counts as transformers reports them
-    LlamaConfig c7{4096, 32, 32, 32, 32000, 11008, 4096, 0, HEAD_LM, 10000.0, 1e-5};
-    LlamaConfig c70{8192, 80, 64, 8, 32000, 28672, 4096, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c7{.dim = 4096, .n_layers = 32, .n_heads = 32, .n_kv_heads = 32, .vocab_size = 32000, .ffn_dim = 11008, .max_seq_len = 4096};
+    LlamaConfig c70{.dim = 8192, .n_layers = 80, .n_heads = 64, .n_kv_heads = 8, .vocab_size = 32000, .ffn_dim = 28672, .max_seq_len = 4096};
     unsigned char h[MODEL_HEADER_BYTES];
     LlamaConfig parsed;
     int dtype;
@@ -380,7 +380,7 @@ TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq for Llama 3.1 an
 }
 
 static LlamaConfig llama3_config() {
-    LlamaConfig c{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 500000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 128, .ffn_dim = 96, .max_seq_len = 64, .rope_theta = 500000.0};
     c.rope_scaling = ROPE_LLAMA3;
     c.rope_factor = 8;
     c.rope_low_freq_factor = 1;
@@ -393,7 +393,7 @@ TEST_CASE("the model header carries the RoPE scaling; versions 1 and 2 have none
     unsigned char h[MODEL_HEADER_BYTES];
     LlamaConfig back;
     int dtype;
-    LlamaConfig linear{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig linear{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 128, .ffn_dim = 96, .max_seq_len = 64};
     linear.rope_scaling = ROPE_LINEAR;
     linear.rope_factor = 2.5;
     for (const LlamaConfig& c : {llama3_config(), linear}) {
