@@ -1,5 +1,5 @@
 // What the tests of the stage programs share: running a program, scratch files, a small
-// model. Each program's test binary (test_sft, test_rm) includes it once.
+// model. Each program's test binary (test_train_sft, test_train_rm) includes it once.
 #pragma once
 #include <catch2/catch.hpp>
 

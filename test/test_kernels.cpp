@@ -909,14 +909,14 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
 // program), on the GPU too.
 #include "test_flash.cpp"
 
-// DPO's sequence sums, losses and one-step parity (test_dpo_ops.cpp, also in the CPU binary), here
+// DPO's sequence sums, losses and one-step parity (test_dpo_loss.cpp, also in the CPU binary), here
 // on the kernels and the GPU Runner; before the coverage check, which must see its kernels run.
-#include "test_dpo_ops.cpp"
+#include "test_dpo_loss.cpp"
 
 // The reward head's tests and the KV cache's, in this translation unit (llm.cu's kernels are
 // defined once per program), on the GPU too, and before the coverage check below.
 #include "test_infer.cpp"
-#include "test_reward.cpp"
+#include "test_reward_head.cpp"
 
 #ifdef XWIN_CUDA_EMULATION
 // Last in the file, so it sees every launch above: which __global__ kernels of llm.cu ran.

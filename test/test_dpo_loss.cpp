@@ -12,7 +12,7 @@
 #include "fixture.h"
 
 // Tolerances of the one-step parity with the float64 fixture (||ours - ref|| / ||ref|| for
-// tensors, relative for scalars), as the reward step's (test_reward.cpp) and the language-model
+// tensors, relative for scalars), as the reward step's (test_reward_head.cpp) and the language-model
 // parity's (test_kernels.cpp) argue them:
 // float32 (CPU reference, FP32 kernels): a log-prob sum comes out of ~20 ops each rounding at
 // 6e-8 and adds ~5 terms: ~1e-6, 1e-5 leaves a margin of ten; Adam's first step moves each
