@@ -8721,6 +8721,29 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
     if (targets == 0) fail_file(path, "has no target tokens (the mask is 0 after every sequence's first token): nothing to learn or measure");
 }
 
+// A preference stage's pairs (train_rm, train_dpo): the training pairs and, unless val_path is
+// '', the held-out ones, each checked against the model's vocabulary and -t, and every training
+// pair's length (its longer answer) for the trainer's batches of similar lengths. Returns
+// whether there are held-out pairs.
+inline bool trainer_load_pairs(Trainer* tr, int vocab_size, const char* train_path, const char* val_path, PairData* train, PairData* val) {
+    pairs_load(train, train_path, vocab_size);
+    tokens_check_for_training(train->seqs, train_path, tr->cfg->max_len);
+    bool has_val = *val_path;
+    if (has_val) pairs_load(val, val_path, vocab_size), tokens_check_for_training(val->seqs, val_path, tr->cfg->max_len);
+    for (size_t i = 0; i < train->n_pairs; i++) {
+        tr->lengths.push_back((uint32_t)std::max(token_seq_len(train->seqs, 2 * i), token_seq_len(train->seqs, 2 * i + 1)));
+    }
+    return has_val;
+}
+
+// trainer_start over pairs: a row is a pair; the run's data is the training file
+inline void trainer_start_pairs(Trainer* tr, Runner* r, const PairData& train) {
+    uint64_t data_size;
+    uint32_t data_hash;
+    tokens_identity(train.seqs, &data_size, &data_hash);
+    trainer_start(tr, r, train.n_pairs, data_size, data_hash);
+}
+
 // ----------------------------------------------------------------------------
 // DPO: per-sequence log-prob sums and the preference losses (stage 5). The policy and the
 // frozen reference each give the log-prob of every response (its target tokens' log-probs
