@@ -9170,6 +9170,16 @@ inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<
     return scores.empty() ? 0.0 : total / scores.size();
 }
 
+// The closing evaluation of train_sft and train_dpo: world_evaluate on the first 100 held-out
+// prompts (a block of them on each rank) and its line, "gold judge: mean 5.12 / 10 over 100
+// held-out prompts (arith 4.1, ...)"
+inline double world_report(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t show, Comm* comm) {
+    std::string per_kind;
+    double score = world_evaluate(r, tok, prompts, 100, show, &per_kind, comm);
+    printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+    return score;
+}
+
 // ---- selection from a set of scored responses
 
 // The expected `value` of the response that best-of-n picks (the highest `select` score; on

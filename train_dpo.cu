@@ -236,10 +236,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     }
     if (trainer_finished(&tr)) {
         if (*cfg.prompts_path) {
-            std::vector<WorldPrompt> prompts = world_load_prompts(cfg.prompts_path);
-            std::string per_kind;
-            double score = world_evaluate(&runner, &tok, prompts, 100, 4, &per_kind, &tr.comm);  // a block of the prompts on each rank
-            printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+            world_report(&runner, &tok, world_load_prompts(cfg.prompts_path), 4, &tr.comm);  // a block of the prompts on each rank
         }
         trainer_save_model(&tr);
     }
