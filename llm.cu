@@ -52,7 +52,7 @@ Contents, in file order (search for the quoted heading):
                             for both builds: llama_graph_forward/_backward over an op set (CpuOps, CudaOps)
   "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward(_trunk)/_backward/_update,
                             llama_nll_forward_backward (the SFT loss and gradient, the classifier fused)
-  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
+  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, gpu_memory_require, bytes_text),
                             llama_cuda_init/_forward(_trunk)/_backward (_from_dlp: from a dlp on the device)/_update/_download,
                             llama_cuda_nll_forward_backward (the SFT loss and gradient: B sums to the host)
   "Running a model"         defines: Runner, runner_init/_forward/_backward/_nll_forward_backward/_clip_grad_norm/_update, ...
@@ -3959,6 +3959,20 @@ inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size
                          bytes_text(total_bytes).c_str());
 }
 
+// Prints the plan ("<title>: weights ..., total ...") before the first allocation, and exits
+// with the one-line refusal ("error: <who>the GPU model at ...") when the device has less free
+// memory than the plan needs
+inline void gpu_memory_require(const GpuMemoryPlan& plan, const std::string& title, const char* who, int B, int T) {
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("%s: %s\n", title.c_str(), gpu_memory_plan_text(plan).c_str());
+    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
+    if (!refusal.empty()) {
+        fprintf(stderr, "error: %s%s\n", who, refusal.c_str());
+        exit(1);
+    }
+}
+
 // Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
 // printing the memory plan; refuses (exits) when the device has less free memory than it needs.
 inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream, Shard shard = Shard{},
@@ -3973,16 +3987,9 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     recompute = recompute && training;
     shard.grads = shard.grads && shard.world > 1;
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute, shard.grads);
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU memory plan (B %d, T %d%s%s%s): %s\n", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
-           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : "",
-           gpu_memory_plan_text(plan).c_str());
-    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
-    if (!refusal.empty()) {
-        fprintf(stderr, "error: %s\n", refusal.c_str());
-        exit(1);
-    }
+    gpu_memory_require(plan, string_format("GPU memory plan (B %d, T %d%s%s%s)", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
+                                           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : ""),
+                       "", B, T);
     *g = LlamaCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -4872,14 +4879,7 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     infer_require(c, B, max_T, max_chunk);
     size_t part_rows, n = host->num_params;
     GpuMemoryPlan plan = infer_memory_plan(c, B, max_T, max_chunk, attn_chunk, &part_rows);  // printed before the first allocation
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU inference memory plan (B %d, max_T %d, chunk %d): %s\n", B, max_T, max_chunk, gpu_memory_plan_text(plan).c_str());
-    std::string refusal = gpu_memory_refusal(plan, B, max_T, free_bytes, total_bytes);
-    if (!refusal.empty()) {
-        fprintf(stderr, "error: inference: %s\n", refusal.c_str());
-        exit(1);
-    }
+    gpu_memory_require(plan, string_format("GPU inference memory plan (B %d, max_T %d, chunk %d)", B, max_T, max_chunk), "inference: ", B, max_T);
     *g = InferCuda{};
     g->config = c;
     g->num_params = host->num_params;
