@@ -1581,6 +1581,34 @@ inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
 // The plain loops are the spec; in float the CPU build runs attention_forward_matmul, the
 // same sums as (T, T) and (T, hd) matmuls per head (test/test_ops.cpp asserts equal bits).
 // Every dot product is one chain of matmul_madd from 0 in index order, as in the matmuls.
+// One query row of causal attention over its n keys (key t2 at k + t2 * stride, its value at
+// v + t2 * stride): a (n) gets the probabilities, o (hd) the probabilities' mix of the values.
+// Each score is one chain of matmul_madd from 0 in index order, the softmax is taken against
+// the max, each output element is one chain over the keys in order. The full forward's rows
+// (attention_forward_plain) and the KV cache's (attention_cached_forward) are this row.
+template <typename T>
+void attention_row(T* o, T* a, const T* qv, const T* k, const T* v, size_t n, size_t stride, size_t hd, T scale) {
+    T maxv = -INFINITY;  // the scores q . k[t2] / sqrt(hd), and their max
+    for (size_t t2 = 0; t2 < n; t2++) {
+        const T* kv = k + t2 * stride;
+        T s = 0;
+        for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
+        a[t2] = s * scale;
+        if (a[t2] > maxv) maxv = a[t2];
+    }
+    T sum = 0;  // softmax: exponentiate against the max, normalise
+    for (size_t t2 = 0; t2 < n; t2++) {
+        a[t2] = std::exp(a[t2] - maxv);
+        sum += a[t2];
+    }
+    for (size_t t2 = 0; t2 < n; t2++) a[t2] /= sum;
+    for (size_t i = 0; i < hd; i++) {
+        T acc = 0;
+        for (size_t t2 = 0; t2 < n; t2++) acc = matmul_madd(a[t2], v[t2 * stride + i], acc);
+        o[i] = acc;
+    }
+}
+
 template <typename T>
 void attention_forward_plain(T* out, T* att, const T* q, const T* k, const T* v, size_t B, size_t Tn, size_t H, size_t KV, size_t hd) {
     T scale = T(1) / std::sqrt(T(hd));
@@ -1589,33 +1617,10 @@ void attention_forward_plain(T* out, T* att, const T* q, const T* k, const T* v,
     for (size_t b = 0; b < B; b++) {
         for (size_t h = 0; h < H; h++) {
             for (size_t t = 0; t < Tn; t++) {
-                const T* qv = q + ((b * Tn + t) * H + h) * hd;
+                size_t first = (b * Tn * KV + h / group) * hd;  // the sequence's first key of head h's kv head
                 T* a = att + ((b * H + h) * Tn + t) * Tn;
-                size_t kh = h / group;
-                // the scores q . k[t2] / sqrt(hd) of the keys up to t, and their max
-                T maxv = -INFINITY;
-                for (size_t t2 = 0; t2 <= t; t2++) {
-                    const T* kv = k + ((b * Tn + t2) * KV + kh) * hd;
-                    T s = 0;
-                    for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
-                    a[t2] = s * scale;
-                    if (a[t2] > maxv) maxv = a[t2];
-                }
-                // softmax: exponentiate against the max, normalise; the future keys get 0
-                T sum = 0;
-                for (size_t t2 = 0; t2 <= t; t2++) {
-                    a[t2] = std::exp(a[t2] - maxv);
-                    sum += a[t2];
-                }
-                for (size_t t2 = 0; t2 <= t; t2++) a[t2] /= sum;
-                for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;
-                // out = the probabilities' mix of the values
-                T* o = out + ((b * Tn + t) * H + h) * hd;
-                for (size_t i = 0; i < hd; i++) {
-                    T acc = 0;
-                    for (size_t t2 = 0; t2 <= t; t2++) acc = matmul_madd(a[t2], v[((b * Tn + t2) * KV + kh) * hd + i], acc);
-                    o[i] = acc;
-                }
+                attention_row(out + ((b * Tn + t) * H + h) * hd, a, q + ((b * Tn + t) * H + h) * hd, k + first, v + first, t + 1, KV * hd, hd, scale);
+                for (size_t t2 = t + 1; t2 < Tn; t2++) a[t2] = 0;  // the future keys
             }
         }
     }
@@ -2368,28 +2373,9 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
         for (size_t b = 0; b < B; b++) {
             for (size_t t = 0; t < Tn; t++) {
                 for (size_t h = 0; h < H; h++) {
-                    size_t p = (size_t)pos[b] + t, kh = h / group;
-                    const T* qv = q + ((b * Tn + t) * H + h) * hd;
-                    T maxv = -INFINITY;
-                    for (size_t t2 = 0; t2 <= p; t2++) {
-                        const T* kv = k_cache + ((b * maxT + t2) * KV + kh) * hd;
-                        T s = 0;
-                        for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
-                        a[t2] = s * scale;
-                        if (a[t2] > maxv) maxv = a[t2];
-                    }
-                    T sum = 0;
-                    for (size_t t2 = 0; t2 <= p; t2++) {
-                        a[t2] = std::exp(a[t2] - maxv);
-                        sum += a[t2];
-                    }
-                    for (size_t t2 = 0; t2 <= p; t2++) a[t2] /= sum;
-                    T* o = out + ((b * Tn + t) * H + h) * hd;
-                    for (size_t i = 0; i < hd; i++) o[i] = 0;
-                    for (size_t t2 = 0; t2 <= p; t2++) {
-                        const T* vv = v_cache + ((b * maxT + t2) * KV + kh) * hd;
-                        for (size_t i = 0; i < hd; i++) o[i] = matmul_madd(a[t2], vv[i], o[i]);
-                    }
+                    size_t p = (size_t)pos[b] + t, first = (b * maxT * KV + h / group) * hd;
+                    attention_row(out + ((b * Tn + t) * H + h) * hd, a.data(), q + ((b * Tn + t) * H + h) * hd, k_cache + first, v_cache + first,
+                                  p + 1, KV * hd, hd, scale);
                 }
             }
         }
