@@ -3395,12 +3395,51 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //   attention_backward(a, l, dq, dk, dv, dout, out, q, k, v, B, T, H, KV, hd)   (CPU: layer l's
 //                                  probabilities a.att; GPU: its log-sum-exps a.lse)
 //   swiglu_forward(out, gate, up, n)                    swiglu_backward(dgate, dup, dout, gate, up, n)  (=)
+//   residual_forward(out, a, b, n)                      (layer_forward's last layer on the KV cache)
 //   zero(x, n)
 //   layer_grads(g, c, l)           where the backward writes layer l's weight gradients: g's slices
 //                                  (layer_tensors), or a ZeRO-2 rank's layer bucket on the GPU
 //   layer_grads_done(l)            layer l's weight gradients are final for this backward (the GPU's
 //                                  data-parallel runs start their all-reduce; nothing on the CPU)
 // tokens are where the op set reads them (the host's on the CPU, the device's on the GPU).
+
+// Where one layer of the forward reads and writes (layer_forward): the training graph's slots of
+// layer l in its activations, or the KV cache's one set of buffers, used in place.
+template <typename X>
+struct LayerBuffers {
+    X* x;                 // (N, C) the residual stream into the layer
+    X* norm;              // (N, C) its attention norm's output (the embedding's or the last layer's pass wrote it)
+    X *q, *k, *v;         // (N, C), (N, KVD), (N, KVD)
+    X* att_out;           // (N, C)
+    X* scratch;           // (N, C) a projection's output before its residual add
+    X* mid;               // (N, C) the residual stream after the attention block
+    X* mlp_in;            // (N, C) the MLP norm's output
+    float* mlp_rstd;      // (N)
+    X *gate, *up, *sw;    // (N, F) each
+    X* out;               // (N, C) the residual stream out of the layer
+    X* out_norm;          // (N, C) the next norm's output (the next layer's attention norm, or the final norm)
+    float* out_rstd;      // (N)
+    const X* out_weight;  // that norm's weight, or nullptr: out alone (the KV cache's last layer)
+};
+
+// One layer of the model on N = B T rows, written once for training (llama_graph_forward) and
+// the KV cache (infer_graph_layers): w holds the layer's tensors as the op set's matmul_forward
+// reads them; attend(att_out, q, k, v) applies RoPE to q and k at their positions and
+// attends, as its caller keeps positions and keys (the whole sequences, or the cache).
+template <typename Ops, typename X, typename Attend>
+void layer_forward(Ops& o, const LlamaConfig& c, const LayerTensorsT<X>& w, const LayerBuffers<X>& b, size_t N, Attend&& attend) {
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c);
+    o.matmul_forward_qkv(b.q, b.k, b.v, b.norm, w.wq, w.wk, w.wv, N, C, KVD);
+    attend(b.att_out, b.q, b.k, b.v);
+    o.matmul_forward(b.scratch, b.att_out, w.wo, N, C, C);
+    o.fused_residual_rmsnorm_forward(b.mid, b.mlp_in, b.mlp_rstd, b.x, b.scratch, w.mlp_norm, N, C, c.norm_eps);
+    o.matmul_forward_pair(b.gate, b.up, b.mlp_in, w.w_gate, w.w_up, N, C, F);
+    o.swiglu_forward(b.sw, b.gate, b.up, N * F);
+    o.matmul_forward(b.scratch, b.sw, w.w_down, N, F, C);
+    // the stream out of the layer, and the norm that reads it
+    if (b.out_weight) o.fused_residual_rmsnorm_forward(b.out, b.out_norm, b.out_rstd, b.mid, b.scratch, b.out_weight, N, C, c.norm_eps);
+    else o.residual_forward(b.out, b.mid, b.scratch, N * C);
+}
 
 // tokens (B, T) -> every layer's activations in a and a.final_in (B, T, C), the final norm's
 // output that a head reads
@@ -3415,31 +3454,17 @@ void llama_graph_forward(Ops& o, const LlamaConfig& c, const ParamTensorsT<typen
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu forward", l);
         size_t r = a.recompute ? 0 : l;  // the layer's slot in the tensors recomputation keeps one layer of
-        X* x = a.residual + l * N * C;
-        X* attn_in = a.attn_in + r * N * C;
-        X* q = a.q + l * N * C;
-        X* k = a.k + l * N * KVD;
-        X* v = a.v + l * N * KVD;
-        X* att_out = a.att_out + l * N * C;
-        X* mid = a.residual_mid + l * N * C;
-        X* mlp_in = a.mlp_in + r * N * C;
-        X* gate = a.gate + l * N * F;
-        X* up = a.up + l * N * F;
-        X* sw = a.swiglu + r * N * F;
-        o.matmul_forward_qkv(q, k, v, attn_in, p.wq + l * C * C, p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
-        o.rope_forward(q, B, T, H, hd);
-        o.rope_forward(k, B, T, KV, hd);
-        o.attention_forward(a, l, att_out, q, k, v, B, T, H, KV, hd);
-        o.matmul_forward(a.scratch, att_out, p.wo + l * C * C, N, C, C);
-        o.fused_residual_rmsnorm_forward(mid, mlp_in, a.mlp_rstd + l * N, x, a.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        o.matmul_forward_pair(gate, up, mlp_in, p.w_gate + l * F * C, p.w_up + l * F * C, N, C, F);
-        o.swiglu_forward(sw, gate, up, N * F);
-        o.matmul_forward(a.scratch, sw, p.w_down + l * C * F, N, F, C);
-        // the stream entering the next layer and that layer's attention norm, or the final norm
         bool last = l + 1 == L;
-        o.fused_residual_rmsnorm_forward(a.residual + (l + 1) * N * C, last ? a.final_in : a.attn_in + (a.recompute ? 0 : l + 1) * N * C,
-                                         last ? a.final_rstd : a.attn_rstd + (l + 1) * N, mid, a.scratch,
-                                         last ? p.final_norm : p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
+        LayerBuffers<X> b{a.residual + l * N * C, a.attn_in + r * N * C, a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD,
+                          a.att_out + l * N * C, a.scratch, a.residual_mid + l * N * C, a.mlp_in + r * N * C, a.mlp_rstd + l * N,
+                          a.gate + l * N * F, a.up + l * N * F, a.swiglu + r * N * F, a.residual + (l + 1) * N * C,
+                          last ? a.final_in : a.attn_in + (a.recompute ? 0 : l + 1) * N * C, last ? a.final_rstd : a.attn_rstd + (l + 1) * N,
+                          last ? p.final_norm : p.attn_norm + (l + 1) * C};
+        layer_forward(o, c, layer_tensors(p, c, l), b, N, [&](X* att_out, X* q, X* k, X* v) {
+            o.rope_forward(q, B, T, H, hd);
+            o.rope_forward(k, B, T, KV, hd);
+            o.attention_forward(a, l, att_out, q, k, v, B, T, H, KV, hd);
+        });
     }
 }
 
@@ -3646,6 +3671,7 @@ struct CpuOps {
     LayerTensorsT<float> layer_grads(ParamTensors& g, const LlamaConfig& c, size_t l) { return layer_tensors(g, c, l); }
     void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient after each micro-batch or step
     void embedding_forward(float* out, const int* tokens, const float* wte, size_t N, size_t C) { ::embedding_forward(out, tokens, wte, N, C); }
+    void residual_forward(float* out, const float* a, const float* b, size_t n) { ::residual_forward(out, a, b, n); }
     void embedding_backward(float* dwte, const float* dout, const int* tokens, size_t N, size_t C) {
         ::embedding_backward(dwte, dout, tokens, N, C, pad_id);
     }
@@ -4104,6 +4130,7 @@ struct CudaForwardOps {
         matmul_forward_qkv_cuda(q, k, v, inp, wq, wk, wv, N, C, KVD, stream);
     }
     void swiglu_forward(floatX* out, const floatX* gate, const floatX* up, size_t n) { swiglu_forward_cuda(out, gate, up, n, stream); }
+    void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) { residual_forward_cuda(out, a, b, n, stream); }
 };
 
 // The GPU's op set for the model graph (llama_graph_forward/_backward): the forward ops on the
@@ -4674,8 +4701,8 @@ inline void infer_require(const LlamaConfig& c, int B, int max_T, int max_chunk)
     }
 }
 
-// The layers of the model graph on the new tokens of a KV cache, written once for both builds
-// (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
+// The layers of the model graph on the new tokens of a KV cache (layer_forward, as training's),
+// written once for both builds (infer_layers, infer_cuda_layers): tokens (B, Tn) -> s.x (B, Tn, C), the residual stream
 // after the last layer. p holds the norms and the embedding, w the matrices as the op set's
 // matmul_forward reads them (the CPU's transposed once). An op set has llama_graph_forward's
 // embedding_forward, rmsnorm_forward, fused_residual_rmsnorm_forward, matmul_forward(_pair, _qkv) and
@@ -4683,27 +4710,25 @@ inline void infer_require(const LlamaConfig& c, int B, int max_T, int max_chunk)
 //   rope_forward_at(x, N, NH, hd)           at the new tokens' positions
 //   attention_cached(l, out, q, k, v, B, Tn, H, KV, hd)   k, v into layer l's cache at each
 //                                           sequence's position, then out from the cache
-//   residual_forward(out, a, b, n)
 template <typename Ops>
 void infer_graph_layers(Ops& o, const LlamaConfig& c, const ParamTensorsT<typename Ops::X>& p, const ParamTensorsT<typename Ops::X>& w,
                         InferStateT<typename Ops::X>& s, const int* tokens, int B, int Tn) {
-    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, F = c.ffn_dim, hd = head_dim(c), KVD = kv_dim(c);
+    using X = typename Ops::X;
+    size_t C = c.dim, L = c.n_layers, H = c.n_heads, KV = c.n_kv_heads, hd = head_dim(c);
     size_t N = (size_t)B * Tn;
     o.embedding_forward(s.x, tokens, p.wte, N, C);
     o.rmsnorm_forward(s.norm, s.rstd, s.x, p.attn_norm, N, C, c.norm_eps);  // later layers' come fused with the residual add
     for (size_t l = 0; l < L; l++) {
         NVTX_RANGE("layer %zu inference", l);
-        o.matmul_forward_qkv(s.q, s.k, s.v, s.norm, w.wq + l * C * C, w.wk + l * KVD * C, w.wv + l * KVD * C, N, C, KVD);
-        o.rope_forward_at(s.q, N, H, hd);
-        o.rope_forward_at(s.k, N, KV, hd);
-        o.attention_cached(l, s.att_out, s.q, s.k, s.v, B, Tn, H, KV, hd);
-        o.matmul_forward(s.scratch, s.att_out, w.wo + l * C * C, N, C, C);
-        o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.mlp_norm + l * C, N, C, c.norm_eps);
-        o.matmul_forward_pair(s.gate, s.up, s.norm, w.w_gate + l * F * C, w.w_up + l * F * C, N, C, F);
-        o.swiglu_forward(s.gate, s.gate, s.up, N * F);
-        o.matmul_forward(s.scratch, s.gate, w.w_down + l * C * F, N, F, C);
-        if (l + 1 < L) o.fused_residual_rmsnorm_forward(s.x, s.norm, s.rstd, s.x, s.scratch, p.attn_norm + (l + 1) * C, N, C, c.norm_eps);
-        else o.residual_forward(s.x, s.x, s.scratch, N * C);  // the final norm reads only the rows the head needs
+        LayerBuffers<X> b{s.x, s.norm, s.q, s.k, s.v, s.att_out, s.scratch, s.x, s.norm, s.rstd, s.gate, s.up, s.gate,  // SwiGLU in place
+                          s.x, s.norm, s.rstd, l + 1 < L ? p.attn_norm + (l + 1) * C : nullptr};  // the last: the final norm reads only the head's rows
+        LayerTensorsT<X> lw = layer_tensors(w, c, l);  // the matrices as matmul_forward reads them, the norms as they are
+        lw.attn_norm = p.attn_norm + l * C, lw.mlp_norm = p.mlp_norm + l * C;
+        layer_forward(o, c, lw, b, N, [&](X* att_out, X* q, X* k, X* v) {
+            o.rope_forward_at(q, N, H, hd);
+            o.rope_forward_at(k, N, KV, hd);
+            o.attention_cached(l, att_out, q, k, v, B, Tn, H, KV, hd);
+        });
     }
 }
 
@@ -4785,7 +4810,6 @@ struct InferCpuOps : CpuOps {
         kv_cache_write(k_cache, v_cache, k, v, inf->pos.data(), B, Tn, KVD, inf->max_T);
         attention_cached_forward(out, q, k_cache, v_cache, inf->pos.data(), B, Tn, H, KV, hd, inf->max_T);
     }
-    void residual_forward(float* out, const float* a, const float* b, size_t n) { ::residual_forward(out, a, b, n); }
 };
 
 inline int infer_layers(Infer* inf, const int* tokens, int Tn, const int* lens, int nb) {
@@ -4950,7 +4974,6 @@ struct InferCudaOps : CudaForwardOps {
         attention_decode_cuda(out, q, k_cache, v_cache, g->s.pos, B, (int)Tn, (int)H, (int)KV, (int)hd, g->max_T, max_len, g->part_o, g->part_ml,
                               g->part_rows, stream, g->attn_chunk);
     }
-    void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) { residual_forward_cuda(out, a, b, n, stream); }
 };
 
 // as infer_layers; tokens (B, Tn) on the host; s.x stays on the device
