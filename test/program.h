@@ -148,3 +148,15 @@ inline std::string write_arith_pairs(const char* name, int n, unsigned seed) {
     remove(in.c_str());
     return path;
 }
+
+// A run stopped after step 2 (-X 2) and resumed (-y 1) ends on the uninterrupted run's
+// model.bin, byte for byte. cmd: a program and its flags, without -o.
+inline void check_exact_resume(const std::string& cmd, const std::string& name) {
+    std::string a = scratch((name + "_a").c_str()), b = scratch((name + "_b").c_str()), out;
+    REQUIRE(run(cmd + " -o " + a, &out) == 0);
+    REQUIRE(run(cmd + " -o " + b + " -X 2", &out) == 0);
+    REQUIRE(run(cmd + " -o " + b + " -y 1", &out) == 0);
+    CHECK_THAT(out, Catch::Contains("resumed from"));
+    CHECK(file_bytes(a + "/model.bin") == file_bytes(b + "/model.bin"));
+    rm_rf(a), rm_rf(b);
+}

@@ -172,15 +172,9 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
     }
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_dpo_cpu", "build/train_dpo_emu"}) {
-        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -S 3";
-        std::string a = scratch("dpo_a"), b = scratch("dpo_b");
         remove((val + ".logps").c_str());
-        REQUIRE(run(cmd + " -o " + a, &out) == 0);
-        REQUIRE(run(cmd + " -o " + b + " -X 2", &out) == 0);
-        REQUIRE(run(cmd + " -o " + b + " -y 1", &out) == 0);
-        CHECK_THAT(out, Catch::Contains("resumed from"));
-        CHECK(file_bytes(a + "/model.bin") == file_bytes(b + "/model.bin"));
-        rm_rf(a), rm_rf(b);
+        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -S 3",
+                           "dpo");
     }
     for (const std::string& f : {model, train, train + ".logps", val, val + ".logps"}) remove(f.c_str());
     rm_rf(dir);

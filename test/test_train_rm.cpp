@@ -139,14 +139,7 @@ TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically",
     llama_free(&rm);
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_rm_cpu", "build/train_rm_emu"}) {
-        std::string cmd = "XWIN_EMU_THREADS=1 " + binary + " -m " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -n 0 -S 3";
-        std::string a = scratch("rm_a"), b = scratch("rm_b");
-        REQUIRE(run(cmd + " -o " + a, &out) == 0);
-        REQUIRE(run(cmd + " -o " + b + " -X 2", &out) == 0);
-        REQUIRE(run(cmd + " -o " + b + " -y 1", &out) == 0);
-        CHECK_THAT(out, Catch::Contains("resumed from"));
-        CHECK(file_bytes(a + "/model.bin") == file_bytes(b + "/model.bin"));
-        rm_rf(a), rm_rf(b);
+        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -m " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -n 0 -S 3", "rm");
     }
     rm_rf(dir), rm_rf(resumed), remove(sft.c_str()), remove(train.c_str()), remove(val.c_str());
 }
