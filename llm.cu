@@ -8674,51 +8674,6 @@ inline void trainer_close(Trainer* tr) {
     comm_free(&tr->comm);
 }
 
-// ---- reward-model objective and its measures
-
-// The reward model's loss, as TRL's RewardTrainer: over the P pairs of a step,
-//   loss = mean_i [ -log sigmoid(r_c,i - r_r,i - margin_i) ] + center * mean_i [ (r_c,i + r_r,i)^2 ]
-// (the Bradley-Terry model with an optional margin, and the reward-centring term of
-// center_rewards_coefficient). A step may come in several micro-batches: this returns one
-// micro-batch's share of the step's loss, `count` being the step's number of pairs, and writes
-// d(loss)/d(r_c) and d(loss)/d(r_r) into drc and drr (n each). margin may be null (no margin).
-inline double reward_pair_loss(const float* rc, const float* rr, const float* margin, size_t n, size_t count, float center, float* drc,
-                               float* drr) {
-    double loss = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)rc[i] - rr[i] - (margin ? margin[i] : 0.0f), sum = (double)rc[i] + rr[i];
-        double nll = d > 0 ? std::log1p(std::exp(-d)) : -d + std::log1p(std::exp(d));  // -log sigmoid(d)
-        double sig_neg = 1.0 / (1.0 + std::exp(d));                                      // sigmoid(-d)
-        loss += (nll + center * sum * sum) / count;
-        drc[i] = (float)((-sig_neg + 2.0 * center * sum) / count);
-        drr[i] = (float)((sig_neg + 2.0 * center * sum) / count);
-    }
-    return loss;
-}
-
-// Spearman's rank correlation of x and y (n each): Pearson's correlation of their ranks, tied
-// values sharing their mean rank. 0 when either has no spread.
-inline double spearman(const std::vector<double>& x, const std::vector<double>& y) {
-    auto ranks = [](const std::vector<double>& v) {
-        std::vector<size_t> order(v.size());
-        for (size_t i = 0; i < v.size(); i++) order[i] = i;
-        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return v[a] < v[b]; });
-        std::vector<double> r(v.size());
-        for (size_t i = 0; i < order.size();) {
-            size_t j = i;
-            while (j + 1 < order.size() && v[order[j + 1]] == v[order[i]]) j++;
-            for (size_t k = i; k <= j; k++) r[order[k]] = 0.5 * (i + j) + 1;
-            i = j + 1;
-        }
-        return r;
-    };
-    std::vector<double> a = ranks(x), b = ranks(y);
-    double n = (double)a.size(), ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
-    for (size_t i = 0; i < a.size(); i++) ma += a[i] / n, mb += b[i] / n;
-    for (size_t i = 0; i < a.size(); i++) sab += (a[i] - ma) * (b[i] - mb), saa += (a[i] - ma) * (a[i] - ma), sbb += (b[i] - mb) * (b[i] - mb);
-    return saa > 0 && sbb > 0 ? sab / std::sqrt(saa * sbb) : 0.0;
-}
-
 // ---- the inputs of a stage agree with its model
 
 // Every id the tokenizer can emit must exist in the model (pieces, byte fallback, bos, eos,

@@ -18,6 +18,60 @@ the gold ratings of the held-out answers, overall and per group (the world's tas
 */
 #include "llm.cu"
 
+// ---- the objective: TRL's RewardTrainer loss, and the measures of a reward model
+
+// n pairs' rewards: the chosen and the rejected responses' scores, and each pair's margin
+struct RewardPairs {
+    const float* chosen;    // (n) r_c
+    const float* rejected;  // (n) r_r
+    const float* margin;    // (n), or nullptr: none
+    size_t n;
+};
+
+// The reward model's loss, as TRL's RewardTrainer: over the P pairs of a step,
+//   loss = mean_i [ -log sigmoid(r_c,i - r_r,i - margin_i) ] + center * mean_i [ (r_c,i + r_r,i)^2 ]
+// (the Bradley-Terry model with an optional margin, and the reward-centring term of
+// center_rewards_coefficient). A step may come in several micro-batches: this returns one
+// micro-batch's share of the step's loss, `count` being the step's number of pairs, and writes
+// d(loss)/d(r_c) and d(loss)/d(r_r) into drc and drr (n each).
+static double reward_pair_loss(const RewardPairs& p, size_t count, float center, float* drc, float* drr) {
+    double loss = 0;
+    for (size_t i = 0; i < p.n; i++) {
+        double d = (double)p.chosen[i] - p.rejected[i] - (p.margin ? p.margin[i] : 0.0f), sum = (double)p.chosen[i] + p.rejected[i];
+        double nll = d > 0 ? std::log1p(std::exp(-d)) : -d + std::log1p(std::exp(d));  // -log sigmoid(d)
+        double sig_neg = 1.0 / (1.0 + std::exp(d));                                      // sigmoid(-d)
+        loss += (nll + center * sum * sum) / count;
+        drc[i] = (float)((-sig_neg + 2.0 * center * sum) / count);
+        drr[i] = (float)((sig_neg + 2.0 * center * sum) / count);
+    }
+    return loss;
+}
+
+// Spearman's rank correlation of x and y (n each): Pearson's correlation of their ranks, tied
+// values sharing their mean rank. 0 when either has no spread.
+static double spearman(const std::vector<double>& x, const std::vector<double>& y) {
+    auto ranks = [](const std::vector<double>& v) {
+        std::vector<size_t> order(v.size());
+        for (size_t i = 0; i < v.size(); i++) order[i] = i;
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return v[a] < v[b]; });
+        std::vector<double> r(v.size());
+        for (size_t i = 0; i < order.size();) {
+            size_t j = i;
+            while (j + 1 < order.size() && v[order[j + 1]] == v[order[i]]) j++;
+            for (size_t k = i; k <= j; k++) r[order[k]] = 0.5 * (i + j) + 1;
+            i = j + 1;
+        }
+        return r;
+    };
+    std::vector<double> a = ranks(x), b = ranks(y);
+    double n = (double)a.size(), ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
+    for (size_t i = 0; i < a.size(); i++) ma += a[i] / n, mb += b[i] / n;
+    for (size_t i = 0; i < a.size(); i++) sab += (a[i] - ma) * (b[i] - mb), saa += (a[i] - ma) * (a[i] - ma), sbb += (b[i] - mb) * (b[i] - mb);
+    return saa > 0 && sbb > 0 ? sab / std::sqrt(saa * sbb) : 0.0;
+}
+
+// ---- the stage
+
 struct RMConfig {
     TrainConfig train;
     const char* sft_path = "out/sft/model.bin";
@@ -69,7 +123,7 @@ struct RMEval {
 
 // The validation measures over every pair of p; with several ranks each scores a block of the
 // pairs and every rank computes the measures from all the scores.
-static RMEval evaluate(Runner* r, Comm* comm, const PairData& p, const RMConfig& cfg, std::vector<size_t>& seqs, std::vector<int>& tokens,
+static RMEval evaluate_rm(Runner* r, Comm* comm, const PairData& p, const RMConfig& cfg, std::vector<size_t>& seqs, std::vector<int>& tokens,
                        std::vector<uint8_t>& mask) {
     int B = cfg.train.micro_batch, T;
     size_t G = std::max(p.groups.size(), (size_t)1);
@@ -83,7 +137,7 @@ static RMEval evaluate(Runner* r, Comm* comm, const PairData& p, const RMConfig&
         for (int i = 0; i < n; i++) rows[i] = first + i;
         score_pairs(r, p, rows.data(), n, seqs, tokens, mask, rc.data(), rr.data(), &T);
         pair_margins(p, rows.data(), n, cfg.margin, margin.data());
-        e.loss += reward_pair_loss(rc.data(), rr.data(), margin.data(), n, p.n_pairs, cfg.center, drc.data(), drr.data());
+        e.loss += reward_pair_loss({rc.data(), rr.data(), margin.data(), (size_t)n}, p.n_pairs, cfg.center, drc.data(), drr.data());
         for (int i = 0; i < n; i++) all_rc[first + i] = rc[i], all_rr[first + i] = rr[i];
     }
     comm_all_reduce_sum_double(comm, &e.loss, 1);
@@ -110,6 +164,7 @@ static RMEval evaluate(Runner* r, Comm* comm, const PairData& p, const RMConfig&
     return e;
 }
 
+#ifndef TESTING  // test/test_reward_head.cpp includes this file for its objective
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
     RMConfig cfg;
@@ -176,7 +231,7 @@ int main(int argc, char** argv) {
             int T;
             score_pairs(&runner, train, mrows, B, seqs, tokens, mask, rc.data(), rr.data(), &T);
             pair_margins(train, mrows, B, cfg.margin, margin.data());
-            loss += reward_pair_loss(rc.data(), rr.data(), margin.data(), B, tc.total_batch, cfg.center, drc.data(), drr.data());
+            loss += reward_pair_loss({rc.data(), rr.data(), margin.data(), (size_t)B}, tc.total_batch, cfg.center, drc.data(), drr.data());
             for (int i = 0; i < B; i++) {
                 correct += rc[i] > rr[i], gap += rc[i] - rr[i];
                 dscores[2 * i] = drc[i], dscores[2 * i + 1] = drr[i];
@@ -190,14 +245,14 @@ int main(int argc, char** argv) {
         correct = counts[0], gap = counts[1];
         trainer_step_end(&tr, loss, step_tokens, {{"accuracy", correct / tc.total_batch}, {"margin", gap / tc.total_batch}});
         if (has_val && trainer_due(&tr, tc.val_every)) {
-            RMEval e = evaluate(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
+            RMEval e = evaluate_rm(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
             trainer_log(&tr, {{"val_loss", e.loss}, {"val_accuracy", e.accuracy}, {"val_spearman", e.spearman}});
         }
         trainer_checkpoint(&tr);
     }
     if (trainer_finished(&tr)) {
         if (has_val) {
-            RMEval e = evaluate(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
+            RMEval e = evaluate_rm(&runner, &tr.comm, val, cfg, seqs, tokens, mask);
             printf("held-out pairs: accuracy %.3f, Spearman %.3f with the gold ratings, loss %.4f\n", e.accuracy, e.spearman, e.loss);
             for (size_t g = 0; g < val.groups.size(); g++) {
                 printf("  %-10s accuracy %.3f | Spearman %.3f\n", val.groups[g].c_str(), e.group_accuracy[g], e.group_spearman[g]);
@@ -210,3 +265,4 @@ int main(int argc, char** argv) {
     runner_free(&runner);
     return 0;
 }
+#endif

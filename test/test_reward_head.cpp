@@ -11,6 +11,14 @@
 
 #include "fixture.h"
 
+// the reward model's objective lives in its program (train_rm.cu), read here without its main;
+// the program's other functions go unused in this file
+#define TESTING
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../train_rm.cu"
+#pragma GCC diagnostic pop
+
 // Tolerances of the whole-model comparison with the float64 reference (||ours - ref|| / ||ref||).
 // float32 (the CPU reference and the FP32 kernels): the scores come out of ~20 ops, each
 // rounding at 6e-8, so they agree to ~1e-6 and 1e-5 is a margin of ten; a gradient adds the
@@ -190,19 +198,19 @@ TEST_CASE("reward model: scores and every gradient match transformers (grouped-q
 TEST_CASE("the reward-model loss on hand-worked values and finite differences", "[reward][loss]") {
     float rc[2] = {1.0f, -0.5f}, rr[2] = {0.0f, 0.25f}, m[2] = {0.0f, 0.5f}, drc[2], drr[2];
     // one pair, no margin, no centring: log(1 + e^-1) and d/dr_c = -sigmoid(-1)
-    double loss = reward_pair_loss(rc, rr, nullptr, 1, 1, 0.0f, drc, drr);
+    double loss = reward_pair_loss({rc, rr, nullptr, 1}, 1, 0.0f, drc, drr);
     CHECK(loss == Approx(0.31326168751822286).epsilon(1e-12));
     CHECK(drc[0] == Approx(-0.2689414213699951).epsilon(1e-6));
     CHECK(drr[0] == Approx(0.2689414213699951).epsilon(1e-6));
     // two pairs with margins and centring, split over two "micro-batches" of a step of 2
     const float center = 0.1f;
-    double total = reward_pair_loss(rc, rr, m, 1, 2, center, drc, drr) + reward_pair_loss(rc + 1, rr + 1, m + 1, 1, 2, center, drc + 1, drr + 1);
+    double total = reward_pair_loss({rc, rr, m, 1}, 2, center, drc, drr) + reward_pair_loss({rc + 1, rr + 1, m + 1, 1}, 2, center, drc + 1, drr + 1);
     // by hand: pair 0: d = 1, nll 0.3132617, (1 + 0)^2 = 1; pair 1: d = -0.5 - 0.25 - 0.5 = -1.25,
     // nll = log(1 + e^1.25) = 1.5019291, (-0.25)^2 = 0.0625; mean of each over 2 pairs
     CHECK(total == Approx((0.31326168751822286 + 1.501929081345373) / 2 + 0.1 * (1.0 + 0.0625) / 2).epsilon(1e-6));
     auto L = [&](const float* a, const float* b) {
         float da[2], db[2];
-        return reward_pair_loss(a, b, m, 2, 2, center, da, db);
+        return reward_pair_loss({a, b, m, 2}, 2, center, da, db);
     };
     for (int i = 0; i < 2; i++) {
         for (int side = 0; side < 2; side++) {
@@ -241,7 +249,7 @@ TEST_CASE("one reward-model step (margin, centring, clipping, AdamW) matches tor
     const float* s = runner_score(&r, tokens.data(), B, T);
     std::vector<float> rc(P), rr(P), drc(P), drr(P), dscores(B);
     for (int i = 0; i < P; i++) rc[i] = s[2 * i], rr[i] = s[2 * i + 1];
-    double loss = reward_pair_loss(rc.data(), rr.data(), e["step_margins"].data.data(), P, P, e["step_center"].data[0], drc.data(), drr.data());
+    double loss = reward_pair_loss({rc.data(), rr.data(), e["step_margins"].data.data(), (size_t)P}, P, e["step_center"].data[0], drc.data(), drr.data());
     CHECK(loss == Approx(e["step_loss"].data[0]).epsilon(TOL_SCORES));
     for (int i = 0; i < P; i++) dscores[2 * i] = drc[i], dscores[2 * i + 1] = drr[i];
     runner_score_backward(&r, tokens.data(), dscores.data(), B, T);
