@@ -437,3 +437,77 @@ TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges",
     CHECK(count_of(out, "gold judge: mean") == 1);
     remove(jsonl.c_str()), remove(tok.c_str()), remove(model.c_str());
 }
+
+// The recipe under mpirun (mpirun -np N ./train_dpo): a stage's data-parallel program runs on N
+// new ranks that the run's ranks spawn together, and every other command on rank 0 alone,
+// without the launcher's variables. train_dpo -E runs one command as the recipe runs a stage's:
+// the spawned train_sft is a world of 2 of its own and trains the bits of mpirun -np 2; a shell
+// command runs once and sees no launcher; a failing command stops every rank, non-zero, with
+// the recipe's one-line error, whether the children fail at their flags (before comm_init) or
+// at their model (after it).
+TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks trains mpirun -np 2's bits, a shell command runs once, a failure stops every rank in one line",
+          "[parallel][recipe]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), direct = fx.dir("recipe_direct"), spawned = fx.dir("recipe_spawned"), once = fx.dir("recipe_once.txt"), out;
+    std::string sft = "build/train_sft_cpu" + fx.common + " -b 2 -d 4";
+    REQUIRE(run(mpirun + sft + " -o " + direct, &out) == 0);
+    int rc = run(mpirun + "build/train_dpo_cpu -E \"" + sft + " -o " + spawned + "\"", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "$ " + sft + " -o " + spawned + "   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)") == 1);
+    CHECK(count_of(out, "step    6/6 | loss") == 1);  // the children's rank 0 alone prints
+    std::vector<unsigned char> a = file_bytes(direct + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(spawned + "/model.bin") == a);
+    CHECK(logged_losses(spawned + "/log.jsonl") == logged_losses(direct + "/log.jsonl"));
+
+    rc = run(mpirun + "build/train_dpo_cpu -E 'echo ${OMPI_COMM_WORLD_SIZE:-none} ${PMIX_RANK:-none} >> " + once + "'", &out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "   # on rank 0 alone\n") == 1);
+    std::vector<unsigned char> text = file_bytes(once);
+    CHECK(std::string(text.begin(), text.end()) == "none none\n");
+
+    struct Failure { std::string cmd, status; };
+    std::vector<Failure> failures = {
+        {"build/train_sft_cpu -Q 1", "exit 1"},
+        {sft + " -m " + fx.dir("no_model.bin") + " -o " + fx.dir("recipe_failed"), "exit 1"},
+        {"exit 3", "exit 3"},
+    };
+    for (const Failure& f : failures) {
+        auto t0 = std::chrono::steady_clock::now();
+        rc = run("timeout -k 10 120 env " + mpirun + "build/train_dpo_cpu -E \"" + f.cmd + "\"", &out);  // a hang fails, not waits
+        double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        INFO(f.cmd << "\n" << out);
+        CHECK(rc != 0);
+        CHECK(took < 60);
+        CHECK(count_of(out, "error: the recipe stopped: this command failed (" + f.status + "): " + f.cmd + "\n") == 1);
+    }
+}
+
+// The recipe's dry run under mpirun says where each stage's command would run, once (rank 0);
+// the training programs' batch of 8 is split over the ranks (-b 4), and refused on 3 ranks.
+TEST_CASE("the recipe's dry run under mpirun: the data-parallel programs on 2 new ranks with half the batch each, the rest on rank 0 alone", "[parallel][recipe]") {
+    std::string mpirun = mpirun2(), dir = scratch("recipe_dry"), out;
+    make_dir(dir);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    std::string programs = std::string(cwd) + "/build/";
+    int rc = run("cd " + dir + " && " + mpirun + programs + "train_dpo_cpu -D 1", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "   # on 2 new ranks\n") == 5);  // SFT, the RM's samples and the RM, the Xwin-Set, RS
+    CHECK(count_of(out, "   # on rank 0 alone\n") == 9);  // sample -s, cat, head, python3
+    CHECK(count_of(out, "$ " + programs + "train_sft -b 4   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, " -b 4   # on 2 new ranks\n") == 3);  // SFT, the RM, RS
+    CHECK(count_of(out, "$ " + programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl   # on rank 0 alone\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "train_rm -i out/xwin_pair/pairs_train.pairs -b 4   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "recipe: then DPO (seed 1337) and the stage table") == 1);
+    CHECK(!exists(dir + "/out"));
+    std::string three = mpirun.replace(mpirun.find(" -np 2 "), 7, " -np 3 ");
+    rc = run("cd " + dir + " && " + three + programs + "train_dpo_cpu -D 1", &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: -d: the recipe's batches (8 in its stages, 8 in DPO) do not split over 3 ranks: run it on 1, 2, 4 or 8 ranks"));
+    rm_rf(dir);
+}
