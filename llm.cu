@@ -7126,37 +7126,6 @@ inline void nccl_check(ncclResult_t err, const char* file, int line) {
 #define ncclCheck(err) nccl_check((err), __FILE__, __LINE__)
 #endif
 
-#ifdef XWIN_MPI
-// A program that comm_spawn_program started (a stage of the recipe under mpirun, on new ranks)
-// is a rank of an MPI world of its own, a child of the ranks that spawned it. Their
-// MPI_Comm_spawn returns when every child has called MPI_Init, so a child calls it as it loads,
-// before its flags are read (XWIN_SPAWNED in its environment says it is one); comm_init then
-// finds MPI started. When it exits it sends its exit status to every parent (on_exit: the
-// status is known only there). A child that failed does not end: a non-zero exit would have
-// mpirun end the whole run before the parents say which command failed; they say it and exit
-// non-zero, and mpirun then ends the children that wait.
-constexpr int COMM_EXIT_TAG = 7011;
-
-inline void comm_spawned_exit(int status, void*) {
-    fflush(stdout), fflush(stderr);
-    MPI_Comm parent;
-    int parents = 0;
-    mpiCheck(MPI_Comm_get_parent(&parent));
-    mpiCheck(MPI_Comm_remote_size(parent, &parents));
-    for (int p = 0; p < parents; p++) mpiCheck(MPI_Send(&status, 1, MPI_INT, p, COMM_EXIT_TAG, parent));
-    if (status != 0) for (;;) pause();
-    mpiCheck(MPI_Comm_disconnect(&parent));
-    mpiCheck(MPI_Finalize());
-}
-
-inline const bool comm_spawned = [] {
-    if (!getenv("XWIN_SPAWNED")) return false;
-    mpiCheck(MPI_Init(nullptr, nullptr));
-    on_exit(comm_spawned_exit, nullptr);
-    return true;
-}();
-#endif
-
 struct Comm {
     int rank = 0;        // this process's rank, 0..world-1
     int world = 1;       // the number of ranks
@@ -7198,6 +7167,41 @@ inline int comm_launcher_rank() {
     }
     return 0;
 }
+
+#ifdef XWIN_MPI
+// A program that comm_spawn_program started (a stage of the recipe under mpirun, on new ranks)
+// is a rank of an MPI world of its own, a child of the ranks that spawned it. Their
+// MPI_Comm_spawn returns when every child has called MPI_Init, so a child calls it as it loads,
+// before its flags are read (XWIN_SPAWNED in its environment says it is one); comm_init then
+// finds MPI started. When it exits it sends its exit status to every parent (on_exit: the
+// status is known only there). A child that failed does not end: a non-zero exit would have
+// mpirun end the whole run before the parents say which command failed; they say it and exit
+// non-zero, and mpirun then ends the children that wait. (A child killed by a signal, or one
+// that calls MPI_Abort, has mpirun end the whole run at once, with mpirun's message.)
+constexpr int COMM_EXIT_TAG = 7011;
+
+inline void comm_spawned_exit(int status, void*) {
+    fflush(stdout), fflush(stderr);
+    MPI_Comm parent;
+    int parents = 0;
+    mpiCheck(MPI_Comm_get_parent(&parent));
+    mpiCheck(MPI_Comm_remote_size(parent, &parents));
+    for (int p = 0; p < parents; p++) mpiCheck(MPI_Send(&status, 1, MPI_INT, p, COMM_EXIT_TAG, parent));
+    if (status != 0) for (;;) pause();
+    mpiCheck(MPI_Comm_disconnect(&parent));
+    mpiCheck(MPI_Finalize());
+}
+
+inline const bool comm_spawned = [] {
+    if (!getenv("XWIN_SPAWNED") || comm_launcher_world() == 1) return false;
+    mpiCheck(MPI_Init(nullptr, nullptr));
+    MPI_Comm parent;
+    mpiCheck(MPI_Comm_get_parent(&parent));
+    if (parent == MPI_COMM_NULL) return false;  // a launcher's rank that found the variable set: comm_init's usual run
+    on_exit(comm_spawned_exit, nullptr);
+    return true;
+}();
+#endif
 
 inline void comm_init(Comm* c) {
     *c = Comm{};
