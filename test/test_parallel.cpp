@@ -511,3 +511,50 @@ TEST_CASE("the recipe's dry run under mpirun: the data-parallel programs on 2 ne
     CHECK_THAT(out, Catch::Contains("error: -d: the recipe's batches (8 in its stages, 8 in DPO) do not split over 3 ranks: run it on 1, 2, 4 or 8 ranks"));
     rm_rf(dir);
 }
+
+// The recipe itself under mpirun, its last stage missing: a run folder whose stages before RS
+// are there (small models, a small RS token file, arithmetic pairs), the programs beside
+// train_dpo as the recipe finds them. The RS stage's train_sft runs on 2 spawned ranks with
+// half the batch each and trains what mpirun -np 2 trains, byte for byte; then the same ranks
+// (MPI started by the spawn) train DPO with half its batch each, and rank 0 alone writes the
+// stage table and the recipe's times.
+TEST_CASE("mpirun -np 2 train_dpo: the missing RS stage on 2 spawned ranks, then DPO on the 2 ranks, then rank 0's stage table", "[parallel][recipe]") {
+    std::string mpirun = mpirun2(), dir = scratch("recipe_ranks"), direct = scratch("recipe_rs_direct"), out;
+    rm_rf(dir), rm_rf(direct);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    for (const char* sub : {"/bin", "/out/sft", "/out/rm", "/out/set"}) make_dir(dir + sub);
+    REQUIRE(symlink((std::string(cwd) + "/data").c_str(), (dir + "/data").c_str()) == 0);
+    REQUIRE(symlink((std::string(cwd) + "/build/train_dpo_cpu").c_str(), (dir + "/bin/train_dpo").c_str()) == 0);
+    REQUIRE(symlink((std::string(cwd) + "/build/train_sft_cpu").c_str(), (dir + "/bin/train_sft").c_str()) == 0);
+    std::string model = write_small_model("recipe_ranks_model.bin"), rs = write_small_data("recipe_ranks_rs.tok", 20);
+    std::string train = write_arith_pairs("recipe_ranks_train", 16, 3), val = write_arith_pairs("recipe_ranks_val", 8, 4);
+    write_bytes(dir + "/out/sft/model.bin", file_bytes(model));
+    write_bytes(dir + "/out/rm/model.bin", {});
+    write_bytes(dir + "/out/set/rs.tok", file_bytes(rs));
+    write_bytes(dir + "/out/set/dpo_train.pairs", file_bytes(train));
+    write_bytes(dir + "/out/set/dpo_val.pairs", file_bytes(val));
+    int rc = run("cd " + dir + " && " + mpirun + dir + "/bin/train_dpo -x 2 -w 1 -v 2", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    std::string rs_cmd = dir + "/bin/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4";
+    CHECK(count_of(out, "recipe: stage rs (out/rs/model.bin is missing)") == 1);
+    CHECK(count_of(out, "$ " + rs_cmd + "   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "data parallel: 2 ranks, each 1 micro-batch of 4 per step (total batch 8)") == 2);  // RS, then DPO
+    CHECK(count_of(out, "wrote out/report.md, out/report.png and out/curves.png") == 1);
+    std::vector<unsigned char> times = file_bytes(dir + "/out/recipe_times.tsv");
+    std::string t(times.begin(), times.end());
+    CHECK(count_of(t, "\n") == 2);  // rs, dpo: once each
+    CHECK(t.rfind("rs\t", 0) == 0);
+    CHECK(count_of(t, "\ndpo\t") == 1);
+    CHECK(logged_losses(dir + "/out/dpo/log.jsonl").size() == 2);
+    // the spawned RS is mpirun -np 2's run of its command
+    REQUIRE(run("cd " + dir + " && " + mpirun + cwd + "/build/train_sft_cpu -m out/sft/model.bin -i out/set/rs.tok -j '' -o " + direct +
+                    " -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4",
+                &out) == 0);
+    std::vector<unsigned char> a = file_bytes(direct + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(dir + "/out/rs/model.bin") == a);
+    for (const std::string& f : {model, rs, train, val}) remove(f.c_str());
+    rm_rf(dir), rm_rf(direct);
+}
