@@ -441,10 +441,10 @@ TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges",
 // The recipe under mpirun (mpirun -np N ./train_dpo): a stage's data-parallel program runs on N
 // new ranks that the run's ranks spawn together, and every other command on rank 0 alone,
 // without the launcher's variables. train_dpo -E runs one command as the recipe runs a stage's:
-// the spawned train_sft is a world of 2 of its own and trains the bits of mpirun -np 2; a shell
-// command runs once and sees no launcher; a failing command stops every rank, non-zero, with
-// the recipe's one-line error, whether the children fail at their flags (before comm_init) or
-// at their model (after it).
+// the spawned train_sft (the CPU build, and the GPU build emulated) is a world of 2 of its own
+// and trains the bits of mpirun -np 2; a shell command runs once and sees no launcher; a
+// failing command stops every rank, non-zero, with the recipe's one-line error, whether the
+// children fail at their flags (before comm_init) or at their model (after it).
 TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks trains mpirun -np 2's bits, a shell command runs once, a failure stops every rank in one line",
           "[parallel][recipe]") {
     ParallelFixture fx;
@@ -461,6 +461,15 @@ TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks tra
     REQUIRE(!a.empty());
     CHECK(file_bytes(spawned + "/model.bin") == a);
     CHECK(logged_losses(spawned + "/log.jsonl") == logged_losses(direct + "/log.jsonl"));
+    // the GPU build's children (emulated, NCCL over MPI): each takes the device of its rank
+    // among the children of its node, 0 and 1 of 2, as under mpirun -np 2
+    std::string emu = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ", gpu_sft = "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4";
+    std::string gpu_direct = fx.dir("recipe_gpu_direct"), gpu_spawned = fx.dir("recipe_gpu_spawned");
+    REQUIRE(run(emu + mpirun + gpu_sft + " -o " + gpu_direct, &out) == 0);
+    REQUIRE(run(emu + mpirun + "build/train_dpo_cpu -E \"" + gpu_sft + " -o " + gpu_spawned + "\"", &out) == 0);
+    std::vector<unsigned char> g = file_bytes(gpu_direct + "/model.bin");
+    REQUIRE(!g.empty());
+    CHECK(file_bytes(gpu_spawned + "/model.bin") == g);
 
     rc = run(mpirun + "build/train_dpo_cpu -E 'echo ${OMPI_COMM_WORLD_SIZE:-none} ${PMIX_RANK:-none} >> " + once + "'", &out);
     REQUIRE(rc == 0);
