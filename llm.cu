@@ -77,7 +77,7 @@ Contents, in file order (search for the quoted heading):
   "Collectives"             defines: Comm, comm_init/_free, comm_all_reduce_sum(_double), comm_broadcast, comm_barrier
                             (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
                             runner_all_reduce_grads; comm_spawn_program (a program on new ranks: the recipe's
-                            stages under mpirun), comm_spawned_exit, comm_idle_broadcast
+                            stages under mpirun), comm_spawned_exit, comm_idle_broadcast, comm_mpi_start/_end
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
