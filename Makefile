@@ -50,9 +50,9 @@ logprobs_SRC = dev/logprobs.cu
 tokenize_SRC = dev/tokenize.cu
 BENCH = dev/bench_step.cu
 
-TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_sft build/test_rm build/test_dpo build/test_sample build/test_real \
+TESTS = build/test_llm build/test_emu build/test_kernels_bf16 build/test_kernels_fp32 build/test_train_sft build/test_train_rm build/test_train_dpo build/test_sample build/test_real \
         build/test_parallel
-TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_chat.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward.cpp test/test_infer.cpp test/test_sampling.cpp test/test_dpo_ops.cpp
+TEST_SRC = test/test_main.cpp test/test_ops.cpp test/test_llama.cpp test/test_tokenizer.cpp test/test_chat.cpp test/test_world.cpp test/test_prepare.cpp test/test_reward_head.cpp test/test_infer.cpp test/test_generate.cpp test/test_dpo_loss.cpp
 # the CUDA kernels of llm.cu compiled by g++ over the emulation layer, in both precisions
 # (#pragma unroll is for nvcc; GCC reorders type-punned loads at -O2 without -fno-strict-aliasing)
 EMU_CXXFLAGS = $(TEST_CXXFLAGS) -Wno-unknown-pragmas -fno-strict-aliasing -include test/cuda_emu.h
@@ -154,11 +154,11 @@ build/test_llm: $(TEST_SRC) test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(TEST_CXXFLAGS) $(CPU_ARCH) $(TEST_SRC) -o $@
 
-build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/test_dpo_ops.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_bf16: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward_head.cpp test/test_infer.cpp test/test_dpo_loss.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) $(KERNEL_TEST_SRC) -o $@
 
-build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward.cpp test/test_infer.cpp test/test_dpo_ops.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
+build/test_kernels_fp32: $(KERNEL_TEST_SRC) test/test_flash.cpp test/test_reward_head.cpp test/test_infer.cpp test/test_dpo_loss.cpp test/cuda_emu.h test/fixture.h llm.cu | deps
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -DENABLE_FP32 $(KERNEL_TEST_SRC) -o $@
 
@@ -185,8 +185,8 @@ build/%_emu: %.cu llm.cu test/cuda_emu.h | deps-stb
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ $< -o $@
 
-build/test_sft: test/test_main.cpp test/test_sft.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
-	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sft.cpp -o $@
+build/test_train_sft: test/test_main.cpp test/test_train_sft.cpp test/program.h test/fixture.h llm.cu build/train_sft_cpu build/train_sft_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_train_sft.cpp -o $@
 
 # the CUDA build of train_sft with its data-parallel path (XWIN_NCCL, XWIN_MPI), NCCL emulated over MPI
 build/train_sft_nccl_emu: train_sft.cu llm.cu test/cuda_emu.h test/nccl_emu.h | deps-stb deps-mpi
@@ -199,11 +199,11 @@ build/test_parallel: test/test_main.cpp test/test_parallel.cpp test/program.h te
                     build/train_sft_nccl_emu build/train_rm_cpu build/train_dpo_cpu build/sample_cpu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_parallel.cpp -o $@
 
-build/test_rm: test/test_main.cpp test/test_rm.cpp test/program.h test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
-	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_rm.cpp -o $@
+build/test_train_rm: test/test_main.cpp test/test_train_rm.cpp test/program.h test/fixture.h llm.cu build/train_rm_cpu build/train_rm_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_train_rm.cpp -o $@
 
-build/test_dpo: test/test_main.cpp test/test_dpo.cpp test/program.h test/fixture.h llm.cu build/train_dpo_cpu build/train_dpo_emu | deps
-	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_dpo.cpp -o $@
+build/test_train_dpo: test/test_main.cpp test/test_train_dpo.cpp test/program.h test/fixture.h llm.cu build/train_dpo_cpu build/train_dpo_emu | deps
+	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_train_dpo.cpp -o $@
 
 build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@

@@ -76,10 +76,13 @@ Contents, in file order (search for the quoted heading):
                             and checks are in "Tokenizer")
   "Collectives"             defines: Comm, comm_init/_free, comm_all_reduce_sum(_double), comm_broadcast, comm_barrier
                             (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
-                            runner_all_reduce_grads; comm_spawn_program (a program on new ranks: the recipe's
-                            stages under mpirun), comm_spawned_exit, comm_idle_broadcast, comm_mpi_start/_end
+                            comm_reduce_sum_host, runner_micro_batch, runner_all_reduce_grads, runner_clip_grads,
+                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads / _rest / _grads_host;
+                            comm_spawn_program (a program on new ranks: the recipe's stages under mpirun),
+                            comm_spawned_exit, comm_idle_broadcast, comm_mpi_start/_end
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
-                            TrainConfig, train_flags, RunIdentity, TrainState, state.bin;
+                            TrainConfig, train_flags, RunIdentity, TrainState, state.bin and ZeRO-1's
+                            shard files (shard_save, shard_read, shards_load), checkpoint_save/_load_state;
                             Trainer: trainer_init, _load_model, _start, _running, _next_rows,
                             _step_end, _log, _checkpoint, _save_model, _close;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
@@ -109,6 +112,7 @@ Contents, in file order (search for the quoted heading):
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <queue>
 #include <string>
 #include <type_traits>
@@ -133,16 +137,28 @@ Contents, in file order (search for the quoted heading):
 #endif
 
 // ----------------------------------------------------------------------------
-// errors: one line naming the file and the problem, then exit(1)
+// errors: one line naming the file or flag and the problem, then exit(1)
 
+[[noreturn]] inline void fail_v(const char* what, const char* fmt, va_list args) {
+    fprintf(stderr, "error: %s: ", what);
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    exit(1);
+}
+
+// "error: <path>: <problem>", exit 1
 [[noreturn]] inline void fail_file(const char* path, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: %s: ", path);
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(1);
+    fail_v(path, fmt, args);
+}
+
+// "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
+[[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    char flag[3] = {'-', letter, 0};
+    fail_v(flag, fmt, args);
 }
 
 inline std::string string_format(const char* fmt, ...) {
@@ -487,6 +503,8 @@ enum { DTYPE_FP32 = 0, DTYPE_BF16 = 1 };
 enum { HEAD_LM = 0, HEAD_REWARD = 1 };
 enum { ROPE_NONE = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };  // rope_scaling
 
+// Built with named fields: LlamaConfig{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
+// .vocab_size = 259, .ffn_dim = 128, .max_seq_len = 256}; the others keep these defaults.
 struct LlamaConfig {
     int dim;              // C
     int n_layers;         // L
@@ -495,10 +513,10 @@ struct LlamaConfig {
     int vocab_size;       // V
     int ffn_dim;          // F
     int max_seq_len;
-    int tied_embeddings;  // 1: the head is wte
-    int head_type;        // HEAD_LM or HEAD_REWARD
-    double rope_theta;
-    double norm_eps;
+    int tied_embeddings = 0;       // 1: the head is wte
+    int head_type = HEAD_LM;       // HEAD_LM or HEAD_REWARD
+    double rope_theta = 10000.0;   // Llama 2's (Llama 3's: 500000)
+    double norm_eps = 1e-5;
     int pad_id = -1;      // the tokens' ids the model was made with (-1 = none), as transformers'
     int bos_id = -1;      // pad_token_id, bos_token_id, eos_token_id: the embedding row of pad_id
     int eos_id = -1;      // gets no gradient (torch's padding_idx) and a reward model scores the
@@ -584,7 +602,9 @@ inline std::string model_header_parse(const unsigned char* h, LlamaConfig* c, in
     for (int i = 0; i < 3; i++) {
         if (ids[i] < -1 || ids[i] >= (int32_t)u[8]) return string_format("%s %d is not -1 (none) or an id below vocab_size %u", id_names[i], ids[i], u[8]);
     }
-    LlamaConfig parsed{(int)u[4], (int)u[5], (int)u[6], (int)u[7], (int)u[8], (int)u[9], (int)u[10], (int)u[11], (int)u[3], theta, eps, ids[0], ids[1], ids[2]};
+    LlamaConfig parsed{.dim = (int)u[4], .n_layers = (int)u[5], .n_heads = (int)u[6], .n_kv_heads = (int)u[7], .vocab_size = (int)u[8],
+                       .ffn_dim = (int)u[9], .max_seq_len = (int)u[10], .tied_embeddings = (int)u[11], .head_type = (int)u[3],
+                       .rope_theta = theta, .norm_eps = eps, .pad_id = ids[0], .bos_id = ids[1], .eos_id = ids[2]};
     if (version >= 3) {
         uint32_t type, orig;
         memcpy(&type, h + 76, 4);
@@ -628,7 +648,10 @@ inline void model_header_write(unsigned char* h, const LlamaConfig& c, int dtype
 // ----------------------------------------------------------------------------
 // Parameters: the tensors in file order, pointers into one flat buffer.
 
-constexpr int NUM_PARAM_TENSORS = 12;
+enum ParamTensor {  // the tensors in file order; PARAM_ATTN_NORM .. PARAM_W_DOWN are per layer
+    PARAM_WTE, PARAM_ATTN_NORM, PARAM_WQ, PARAM_WK, PARAM_WV, PARAM_WO, PARAM_MLP_NORM,
+    PARAM_W_GATE, PARAM_W_UP, PARAM_W_DOWN, PARAM_FINAL_NORM, PARAM_HEAD, NUM_PARAM_TENSORS
+};
 const char* const PARAM_NAMES[NUM_PARAM_TENSORS] = {"wte", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
                                                     "w_gate", "w_up", "w_down", "final_norm", "head"};
 
@@ -652,34 +675,73 @@ using ParamTensors = ParamTensorsT<float>;
 // Number of floats of each tensor, in file order. A tied head has size 0.
 inline void param_sizes(const LlamaConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
     size_t C = c.dim, L = c.n_layers, V = c.vocab_size, F = c.ffn_dim, KVD = kv_dim(c);
-    sizes[0] = V * C;
-    sizes[1] = L * C;
-    sizes[2] = L * C * C;
-    sizes[3] = L * KVD * C;
-    sizes[4] = L * KVD * C;
-    sizes[5] = L * C * C;
-    sizes[6] = L * C;
-    sizes[7] = L * F * C;
-    sizes[8] = L * F * C;
-    sizes[9] = L * C * F;
-    sizes[10] = C;
-    sizes[11] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
+    sizes[PARAM_WTE] = V * C;
+    sizes[PARAM_ATTN_NORM] = L * C;
+    sizes[PARAM_WQ] = L * C * C;
+    sizes[PARAM_WK] = L * KVD * C;
+    sizes[PARAM_WV] = L * KVD * C;
+    sizes[PARAM_WO] = L * C * C;
+    sizes[PARAM_MLP_NORM] = L * C;
+    sizes[PARAM_W_GATE] = L * F * C;
+    sizes[PARAM_W_UP] = L * F * C;
+    sizes[PARAM_W_DOWN] = L * C * F;
+    sizes[PARAM_FINAL_NORM] = C;
+    sizes[PARAM_HEAD] = (c.head_type == HEAD_LM && c.tied_embeddings) ? 0 : (size_t)head_rows(c) * C;
 }
 
-// Layer l's part of each per-layer tensor (tensors 1..9, attn_norm .. w_down, each (L, ...)) in
+// Layer l's part of each per-layer tensor (PARAM_ATTN_NORM .. PARAM_W_DOWN, each (L, ...)) in
 // a flat buffer laid out as point_parameters lays it: offsets[i], counts[i] in elements, in
 // tensor order. The other tensors (the embedding, the final norm, the head) are no layer's.
-constexpr int LAYER_TENSORS = 9;
+constexpr int LAYER_TENSORS = PARAM_W_DOWN - PARAM_ATTN_NORM + 1;
 inline void layer_param_slices(const LlamaConfig& c, size_t l, size_t offsets[LAYER_TENSORS], size_t counts[LAYER_TENSORS]) {
     size_t sizes[NUM_PARAM_TENSORS], offset = 0;
     param_sizes(c, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (i >= 1 && i <= LAYER_TENSORS) {
-            counts[i - 1] = sizes[i] / c.n_layers;
-            offsets[i - 1] = offset + l * counts[i - 1];
+        if (i >= PARAM_ATTN_NORM && i <= PARAM_W_DOWN) {
+            counts[i - PARAM_ATTN_NORM] = sizes[i] / c.n_layers;
+            offsets[i - PARAM_ATTN_NORM] = offset + l * counts[i - PARAM_ATTN_NORM];
         }
         offset += sizes[i];
     }
+}
+
+// Layer l's part of each per-layer tensor, as pointers: where the backward writes that layer's
+// weight gradients (CudaOps's layer_grads: a ZeRO-2 rank's reusable layer bucket instead)
+template <typename X>
+struct LayerTensorsT {
+    X *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;  // layer_param_slices's order
+};
+
+template <typename X>
+LayerTensorsT<X> layer_tensors(const ParamTensorsT<X>& p, const LlamaConfig& c, size_t l) {
+    size_t C = c.dim, F = c.ffn_dim, KVD = kv_dim(c);
+    return {p.attn_norm + l * C, p.wq + l * C * C, p.wk + l * KVD * C, p.wv + l * KVD * C, p.wo + l * C * C,
+            p.mlp_norm + l * C, p.w_gate + l * F * C, p.w_up + l * F * C, p.w_down + l * C * F};
+}
+
+// A layer's tensors packed one after another in a buffer of layer_param_count elements (a bucket)
+template <typename X>
+LayerTensorsT<X> layer_bucket_tensors(const LlamaConfig& c, X* bucket) {
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS];
+    layer_param_slices(c, 0, offsets, counts);
+    X* t[LAYER_TENSORS];
+    for (int i = 0; i < LAYER_TENSORS; i++) t[i] = bucket, bucket += counts[i];
+    return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]};
+}
+
+inline size_t layer_param_count(const LlamaConfig& c) {
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS], n = 0;
+    layer_param_slices(c, 0, offsets, counts);
+    for (size_t k : counts) n += k;
+    return n;
+}
+
+// ZeRO-2's gradients the backward writes: the embedding, the final norm and the head whole, and
+// two layer buckets (a layer's are reduced while the backward writes the next one's)
+inline size_t zero2_grads_count(const LlamaConfig& c) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    return sizes[PARAM_WTE] + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD] + 2 * layer_param_count(c);
 }
 
 inline size_t num_parameters(const LlamaConfig& c) {
@@ -701,7 +763,7 @@ ParamTensorsT<X> point_parameters(const LlamaConfig& c, X* memory) {
         *fields[i] = memory;
         memory += sizes[i];
     }
-    if (sizes[11] == 0) p.head = p.wte;
+    if (sizes[PARAM_HEAD] == 0) p.head = p.wte;
     return p;
 }
 
@@ -719,7 +781,7 @@ struct Carver {
 };
 
 // Weight decay applies to matrices (embeddings, projections, heads), not to norm weights.
-inline bool param_is_decayed(int tensor) { return tensor != 1 && tensor != 6 && tensor != 10; }
+inline bool param_is_decayed(int tensor) { return tensor != PARAM_ATTN_NORM && tensor != PARAM_MLP_NORM && tensor != PARAM_FINAL_NORM; }
 
 // ----------------------------------------------------------------------------
 // CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
@@ -1906,28 +1968,28 @@ __device__ inline void flash_load_tile(floatX* tile, const floatX* x, size_t b, 
 template <int D>
 __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v, int T,
                                                int H, int KV, int hd) {
-    constexpr int BT = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(BT), LS = flash_ldf(BT), LO = flash_ldf(D);
+    constexpr int TILE = FLASH_TILE, LX = flash_ld(D), LP = flash_ld(TILE), LS = flash_ldf(TILE), LO = flash_ldf(D);
     DYNAMIC_SHARED(char, smem);
     FlashForwardShared sh;
     flash_forward_shared<D>(&sh, smem);
-    int q0 = blockIdx.x * BT, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int q0 = blockIdx.x * TILE, h = blockIdx.y % H, kh = h / (H / KV), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     size_t b = blockIdx.y / H;
     float scale = 1.0f / sqrtf((float)hd);
     flash_load_tile<D>(sh.q, q, b, q0, T, H, h, hd);
-    for (int idx = threadIdx.x; idx < BT * D; idx += blockDim.x) sh.o[idx / D * LO + idx % D] = 0.0f;
+    for (int idx = threadIdx.x; idx < TILE * D; idx += blockDim.x) sh.o[idx / D * LO + idx % D] = 0.0f;
     int row = 16 * warp + lane / 2, i = q0 + row;  // this lane's row, in the tile and in the sequence,
-    int c0 = lane % 2 * (BT / 2), d0 = lane % 2 * (D / 2);  // and its half of the columns of s and of o
+    int c0 = lane % 2 * (TILE / 2), d0 = lane % 2 * (D / 2);  // and its half of the columns of s and of o
     const floatX* q_w = sh.q + 16 * warp * LX;      // the warp's 16 rows of q, s, p, o
     float* s_w = sh.s + 16 * warp * LS;
     const floatX* p_w = sh.p + 16 * warp * LP;
     float* o_w = sh.o + 16 * warp * LO;
     float m = -INFINITY, l = 0.0f;
-    for (int kv0 = 0; kv0 < min(T, q0 + BT); kv0 += BT) {  // causal: no key tile after the tile's last row
+    for (int kv0 = 0; kv0 < min(T, q0 + TILE); kv0 += TILE) {  // causal: no key tile after the tile's last row
         __syncthreads();  // every warp is done with the previous k and v tiles
         flash_load_tile<D>(sh.k, k, b, kv0, T, KV, kh, hd);
         flash_load_tile<D>(sh.v, v, b, kv0, T, KV, kh, hd);
         __syncthreads();
-        for (int n = 0; n < BT / 16; n++) {  // s = q k^T, unscaled
+        for (int n = 0; n < TILE / 16; n++) {  // s = q k^T, unscaled
             WarpTile t;
             warp_tile_zero(t);
             warp_tile_mma<true>(t, q_w, LX, sh.k + 16 * n * LX, LX, D);
@@ -1936,14 +1998,14 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         __syncwarp();  // the lanes read elements of s that other lanes stored
         const float* s_row = sh.s + row * LS;
         float m_tile = -INFINITY;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int c = c0; c < c0 + TILE / 2; c++) {
             if (kv0 + c <= i && kv0 + c < T) m_tile = fmaxf(m_tile, s_row[c] * scale);
         }
         float m_new = fmaxf(m, fmaxf(m_tile, __shfl_xor_sync(0xffffffff, m_tile, 1)));
         float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing to attend to (past T) keeps l = 0
         float rescale = expf(m - m_use);                   // 0 on the row's first tile
         float sum = 0.0f;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int c = c0; c < c0 + TILE / 2; c++) {
             float p = kv0 + c <= i && kv0 + c < T ? expf(s_row[c] * scale - m_use) : 0.0f;
             sh.p[row * LP + c] = from_float<floatX>(p);
             sum += p;
@@ -1955,7 +2017,7 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         for (int n = 0; n < D / 16; n++) {  // o += p v
             WarpTile t;
             warp_tile_load(t, o_w + 16 * n, LO);
-            warp_tile_mma<false>(t, p_w, LP, sh.v + 16 * n, LX, BT);
+            warp_tile_mma<false>(t, p_w, LP, sh.v + 16 * n, LX, TILE);
             warp_tile_store(o_w + 16 * n, LO, t);
         }
     }
@@ -1965,7 +2027,7 @@ __global__ void flash_attention_forward_kernel(floatX* out, float* lse, const fl
         if (lane % 2 == 0) lse[(b * H + h) * T + i] = m + logf(l);
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < BT * hd; idx += blockDim.x) {  // the tile's rows of out, coalesced
+    for (int idx = threadIdx.x; idx < TILE * hd; idx += blockDim.x) {  // the tile's rows of out, coalesced
         int r = idx / hd, d = idx % hd;
         if (q0 + r < T) out[((b * T + q0 + r) * H + h) * hd + d] = from_float<floatX>(sh.o[r * LO + d]);
     }
@@ -3025,24 +3087,30 @@ void masked_mean_loss_backward(T* dlp, const uint8_t* mask, size_t B, size_t Tn,
 // torch.nn.utils.clip_grad_norm_ does: g *= max_norm / (norm + 1e-6) when that is < 1.
 // max_norm <= 0 disables clipping. Returns the norm before clipping. The sum runs over 64
 // fixed chunks added in order, so it is the same bits whatever the thread count (resuming
-// a run must continue it exactly).
-inline float clip_grad_norm(float* grads, size_t n, float max_norm) {
-    constexpr int chunks = 64;
-    double partial[chunks];
+// a run must continue it exactly). ZeRO-2: grads holds elements [begin, end) of a gradient of
+// n, and sum_ranks adds the other ranks' sums of each chunk (their parts of it) to this one's.
+constexpr int CLIP_CHUNKS = 64;
+inline float clip_grad_norm(float* grads, size_t n, float max_norm, size_t begin = 0, size_t end = SIZE_MAX,
+                            const std::function<void(double* chunk_sums, int n)>& sum_ranks = nullptr) {
+    end = std::min(end, n);
+    double partial[CLIP_CHUNKS];
     #pragma omp parallel for
-    for (int c = 0; c < chunks; c++) {
+    for (int c = 0; c < CLIP_CHUNKS; c++) {
         double ss = 0;
-        for (size_t i = n * c / chunks; i < n * (c + 1) / chunks; i++) ss += (double)grads[i] * grads[i];
+        for (size_t i = std::max(n * c / CLIP_CHUNKS, begin); i < std::min(n * (c + 1) / CLIP_CHUNKS, end); i++) {
+            ss += (double)grads[i - begin] * grads[i - begin];
+        }
         partial[c] = ss;
     }
+    if (sum_ranks) sum_ranks(partial, CLIP_CHUNKS);
     double ss = 0;
-    for (int c = 0; c < chunks; c++) ss += partial[c];
+    for (int c = 0; c < CLIP_CHUNKS; c++) ss += partial[c];
     float norm = (float)std::sqrt(ss);
     if (max_norm > 0) {
         float coef = max_norm / (norm + 1e-6f);
         if (coef < 1.0f) {
             #pragma omp parallel for
-            for (size_t i = 0; i < n; i++) grads[i] *= coef;
+            for (size_t i = 0; i < end - begin; i++) grads[i] *= coef;
         }
     }
     return norm;
@@ -3075,11 +3143,15 @@ __global__ void grad_norm_finish_kernel(float* norm_coef, const float* partials,
     }
 }
 
-// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are
-inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream) {
+// partials (GRAD_NORM_BLOCKS) and norm_coef (2) are device scratch; grads are left as they are.
+// sum_ranks: ZeRO-2's ranks each hold a part of the gradient: the partial sums of squares of
+// every rank's part, summed over the ranks before the finish
+inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, float* partials, float* norm_coef, cudaStream_t stream,
+                                const std::function<void(float* partials, int n)>& sum_ranks = nullptr) {
     NVTX_RANGE_FN();
     const int block_size = 256, finish_block_size = 1024;
     LAUNCH(grad_norm_partial_kernel, GRAD_NORM_BLOCKS, block_size, 0, stream, partials, grads, n);
+    if (sum_ranks) sum_ranks(partials, GRAD_NORM_BLOCKS);
     LAUNCH(grad_norm_finish_kernel, 1, finish_block_size, 0, stream, norm_coef, partials, GRAD_NORM_BLOCKS, max_norm);
     cudaCheck(cudaGetLastError());
 }
@@ -3113,11 +3185,16 @@ inline void adamw_update(float* params, const float* grads, float* m, float* v, 
 // weights. Rank r's part is [r * per, min(n, (r + 1) * per)) with per = ceil(n / world), so
 // every part but the last has the same size (NCCL's all-gather needs equal parts: a buffer
 // that is gathered is allocated with world * per elements). world 1 is the whole buffer.
+// ZeRO-2 (-z 2, grads): a rank keeps the step's gradient of its part alone (grad_shard). After
+// each micro-batch's backward the ranks reduce every gradient element to the rank whose part
+// holds it (the GPU: layer by layer during the backward, each layer's gradients written to one
+// of two reused layer buckets), so no rank holds a whole gradient across micro-batches.
 struct Shard {
     int rank = 0, world = 1;
     size_t n = 0;               // the flat buffer's elements
     size_t begin = 0, end = 0;  // this rank's elements [begin, end) of it
     size_t per = 0;             // ceil(n / world): each part's size, the last one's at most
+    bool grads = false;         // ZeRO-2: the gradients sharded too
 };
 
 inline Shard shard_of(size_t n, int rank, int world) {
@@ -3134,6 +3211,13 @@ inline bool shard_overlap(const Shard& s, size_t offset, size_t size, size_t* lo
     *lo = std::max(offset, s.begin);
     *hi = std::min(offset + size, s.end);
     return *lo < *hi;
+}
+
+// acc (n) += x (n): ZeRO-2 adds a rank's gradient of the step so far into its next
+// micro-batch's, before the ranks reduce that to it
+inline void gradient_accumulate(float* acc, const float* x, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) acc[i] += x[i];
 }
 
 #ifdef XWIN_CUDA
@@ -3163,6 +3247,18 @@ inline void adamw_update_cuda(float* master, floatX* params, const float* grads,
     double bc1 = 1.0 - std::pow((double)opt.beta1, t), bc2 = 1.0 - std::pow((double)opt.beta2, t);
     LAUNCH(adamw_kernel, ceil_div(n, block_size), block_size, 0, stream, master, params, grads, m, v, n, opt.lr, opt.beta1, opt.beta2,
            opt.eps, weight_decay, (float)(opt.lr / bc1), (float)std::sqrt(bc2), grad_scale);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void gradient_accumulate_kernel(float* acc, const float* x, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] += x[i];
+}
+
+inline void gradient_accumulate_cuda(float* acc, const float* x, size_t n, cudaStream_t stream) {
+    NVTX_RANGE_FN();
+    const int block_size = 256;
+    LAUNCH(gradient_accumulate_kernel, ceil_div(n, block_size), block_size, 0, stream, acc, x, n);
     cudaCheck(cudaGetLastError());
 }
 
@@ -3294,6 +3390,8 @@ size_t point_grad_activations(GradActTensorsT<X>* g, void* memory, const LlamaCo
 //                                  probabilities a.att; GPU: its log-sum-exps a.lse)
 //   swiglu_forward(out, gate, up, n)                    swiglu_backward(dgate, dup, dout, gate, up, n)  (=)
 //   zero(x, n)
+//   layer_grads(g, c, l)           where the backward writes layer l's weight gradients: g's slices
+//                                  (layer_tensors), or a ZeRO-2 rank's layer bucket on the GPU
 //   layer_grads_done(l)            layer l's weight gradients are final for this backward (the GPU's
 //                                  data-parallel runs start their all-reduce; nothing on the CPU)
 // tokens are where the op set reads them (the host's on the CPU, the device's on the GPU).
@@ -3351,6 +3449,7 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
     for (size_t l = L; l-- > 0;) {
         NVTX_RANGE("layer %zu backward", l);
         size_t r = a.recompute ? 0 : l;  // as in the forward
+        LayerTensorsT<float> gl = o.layer_grads(g, c, l);  // where layer l's weight gradients go
         if (a.recompute) {  // the MLP block's input norm and SwiGLU product, from the kept residual, rstd, gate and up
             o.rmsnorm_recompute(a.mlp_in, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
             o.swiglu_forward(a.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
@@ -3358,27 +3457,27 @@ void llama_graph_backward(Ops& o, const LlamaConfig& c, const ParamTensorsT<type
         // MLP block: residual[l+1] = mid + swiglu(mlp_in) @ w_down^T; d.residual flows to mid unchanged
         o.zero(d.swiglu, N * F);
         o.zero(d.norm_out, N * C);  // d.gate and d.up: swiglu_backward writes them
-        o.matmul_backward(d.swiglu, g.w_down + l * C * F, d.residual, a.swiglu + r * N * F, p.w_down + l * C * F, N, F, C);
+        o.matmul_backward(d.swiglu, gl.w_down, d.residual, a.swiglu + r * N * F, p.w_down + l * C * F, N, F, C);
         o.swiglu_backward(d.gate, d.up, d.swiglu, a.gate + l * N * F, a.up + l * N * F, N * F);
-        o.matmul_backward_pair(d.norm_out, g.w_gate + l * F * C, g.w_up + l * F * C, d.gate, d.up, a.mlp_in + r * N * C, p.w_gate + l * F * C,
+        o.matmul_backward_pair(d.norm_out, gl.w_gate, gl.w_up, d.gate, d.up, a.mlp_in + r * N * C, p.w_gate + l * F * C,
                                p.w_up + l * F * C, N, C, F);
-        o.rmsnorm_backward(d.residual, g.mlp_norm + l * C, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
+        o.rmsnorm_backward(d.residual, gl.mlp_norm, d.norm_out, a.residual_mid + l * N * C, p.mlp_norm + l * C, a.mlp_rstd + l * N, N, C);
         // attention block: mid = residual[l] + att_out @ wo^T
         o.zero(d.att_out, N * C);
         o.zero(d.q, N * C);
         o.zero(d.k, N * KVD);
         o.zero(d.v, N * KVD);
         o.zero(d.norm_out, N * C);
-        o.matmul_backward(d.att_out, g.wo + l * C * C, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
+        o.matmul_backward(d.att_out, gl.wo, d.residual, a.att_out + l * N * C, p.wo + l * C * C, N, C, C);
         o.attention_backward(a, l, d.q, d.k, d.v, d.att_out, a.att_out + l * N * C, a.q + l * N * C, a.k + l * N * KVD, a.v + l * N * KVD,
                              B, T, H, KV, hd);
         o.rope_backward(d.q, B, T, H, hd);
         o.rope_backward(d.k, B, T, KV, hd);
         auto* attn_in = a.attn_in + r * N * C;
         if (a.recompute) o.rmsnorm_recompute(attn_in, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
-        o.matmul_backward_qkv(d.norm_out, g.wq + l * C * C, g.wk + l * KVD * C, g.wv + l * KVD * C, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
+        o.matmul_backward_qkv(d.norm_out, gl.wq, gl.wk, gl.wv, d.q, d.k, d.v, attn_in, p.wq + l * C * C,
                               p.wk + l * KVD * C, p.wv + l * KVD * C, N, C, KVD);
-        o.rmsnorm_backward(d.residual, g.attn_norm + l * C, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
+        o.rmsnorm_backward(d.residual, gl.attn_norm, d.norm_out, a.residual + l * N * C, p.attn_norm + l * C, a.attn_rstd + l * N, N, C);
         o.layer_grads_done(l);  // layer l's parameter gradients are final (data parallel: their all-reduce may start)
     }
     o.embedding_backward(g.wte, d.residual, tokens, N, C);
@@ -3394,6 +3493,7 @@ struct Llama {
     ParamTensors params;
     float* grads_memory;   // (num_params)
     ParamTensors grads;
+    float* grad_shard;     // (shard.end - shard.begin) ZeRO-2: the step's gradient of this rank's part, summed over the ranks
     float* m_memory;       // (shard.end - shard.begin) AdamW first moment of this rank's part (all of it without ZeRO)
     float* v_memory;       // (shard.end - shard.begin) AdamW second moment
     Shard shard;           // the parameters this rank updates (ZeRO-1); set before llama_alloc, else all
@@ -3508,7 +3608,8 @@ inline void llama_alloc(Llama* model, int B, int T, bool training, bool recomput
     model->grads_memory = (float*)malloc_check(n * sizeof(float));
     model->m_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
     model->v_memory = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
-    if (!model->m_memory || !model->v_memory) {
+    if (model->shard.grads) model->grad_shard = (float*)calloc(std::max(part, (size_t)1), sizeof(float));
+    if (!model->m_memory || !model->v_memory || (model->shard.grads && !model->grad_shard)) {
         fprintf(stderr, "error: out of host memory for the AdamW state of %zu parameters\n", part);
         exit(1);
     }
@@ -3521,6 +3622,7 @@ inline void llama_alloc(Llama* model, int B, int T, bool training, bool recomput
 inline void llama_free(Llama* model) {
     free(model->params_memory);
     free(model->grads_memory);
+    free(model->grad_shard);
     free(model->m_memory);
     free(model->v_memory);
     free(model->acts_memory);
@@ -3535,7 +3637,8 @@ struct CpuOps {
     using X = float;
     const float* rope_table;
     int pad_id;
-    void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient at the step's end
+    LayerTensorsT<float> layer_grads(ParamTensors& g, const LlamaConfig& c, size_t l) { return layer_tensors(g, c, l); }
+    void layer_grads_done(size_t) {}  // the CPU build's ranks reduce the whole gradient after each micro-batch or step
     void embedding_forward(float* out, const int* tokens, const float* wte, size_t N, size_t C) { ::embedding_forward(out, tokens, wte, N, C); }
     void embedding_backward(float* dwte, const float* dout, const int* tokens, size_t N, size_t C) {
         ::embedding_backward(dwte, dout, tokens, N, C, pad_id);
@@ -3679,8 +3782,9 @@ inline void llama_update(Llama* model, const AdamWConfig& opt) {
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         if (shard_overlap(model->shard, offset, sizes[i], &lo, &hi)) {
-            adamw_update(model->params_memory + lo, model->grads_memory + lo, model->m_memory + (lo - b), model->v_memory + (lo - b), hi - lo,
-                         opt, wd, model->adam_step);
+            const float* grads = model->shard.grads ? model->grad_shard + (lo - b) : model->grads_memory + lo;
+            adamw_update(model->params_memory + lo, grads, model->m_memory + (lo - b), model->v_memory + (lo - b), hi - lo, opt, wd,
+                         model->adam_step);
         }
         offset += sizes[i];
     }
@@ -3711,8 +3815,11 @@ struct LlamaCuda {
     float* master = nullptr;          // (shard.end - shard.begin) FP32 master weights of this rank's part
     floatX* params_memory = nullptr;  // (num_params, padded to world * shard.per) the compute copy the forward reads
     ParamTensorsT<floatX> params;
-    float* grads_memory = nullptr;    // (num_params)
-    ParamTensorsT<float> grads;
+    float* grads_memory = nullptr;    // (num_params; ZeRO-2: zero2_grads_count) the gradients the backward writes
+    ParamTensorsT<float> grads;       // ZeRO-2: the embedding, final norm and head only (the layers' go to buckets)
+    float* grad_shard = nullptr;      // (shard.per) ZeRO-2: the step's gradient of this rank's part, summed over the ranks
+    float* buckets[2] = {};           // (2, layer_param_count) ZeRO-2: layer l's gradients in buckets[l % 2], in grads_memory
+    cudaEvent_t bucket_free[2] = {};  // ZeRO-2: recorded when a bucket's reduce has read and zeroed it
     float* m_memory = nullptr;        // (shard.end - shard.begin)
     float* v_memory = nullptr;        // (shard.end - shard.begin)
     void* acts_memory = nullptr;
@@ -3745,6 +3852,9 @@ struct LlamaCuda {
     void* layer_grads_ctx = nullptr;
     cudaStream_t stream = nullptr;
 };
+
+// the elements of grads_memory: every parameter's, or ZeRO-2's embedding, final norm, head and layer buckets
+inline size_t llama_cuda_grads_count(const LlamaCuda* g) { return g->shard.grads ? zero2_grads_count(g->config) : g->num_params; }
 
 template <typename U>
 U* cuda_alloc(size_t count) {
@@ -3784,7 +3894,7 @@ inline void upload_async(Upload* u, void* dst, const void* src, size_t n, cudaSt
 struct GpuMemoryPlan {
     size_t weights = 0;           // (num_params) floatX, the compute copy
     size_t master = 0;            // (num_params) FP32 master weights
-    size_t grads = 0;             // (num_params) FP32, training
+    size_t grads = 0;             // (num_params) FP32, training (ZeRO-2: zero2_grads_count and the rank's part)
     size_t moments = 0;           // (2, num_params) FP32 AdamW m and v, training
     size_t activations = 0;       // ActTensorsT<floatX>, the GPU layout (log-sum-exps, no (T, T))
     size_t grad_activations = 0;  // GradActTensorsT<floatX>, training (no d-logits: they overwrite the logits)
@@ -3800,7 +3910,9 @@ inline size_t gpu_memory_plan_total(const GpuMemoryPlan& m) {
 // zero_world: the ranks that share the master weights and AdamW moments (ZeRO-1), 1 for none;
 // each rank holds ceil(n / zero_world) of them and the compute copy padded to that many per rank.
 // recompute: activation recomputation's one layer of RMSNorm outputs and SwiGLU product (-r 1).
-inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1, bool recompute = false) {
+// shard_grads: ZeRO-2, the gradients of zero2_grads_count and of the rank's part instead of all.
+inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool training, int zero_world = 1, bool recompute = false,
+                                     bool shard_grads = false) {
     size_t n = 0, N = (size_t)B * T, sizes[NUM_PARAM_TENSORS];
     param_sizes(c, sizes);
     for (size_t s : sizes) n += s;
@@ -3814,7 +3926,7 @@ inline GpuMemoryPlan gpu_memory_plan(const LlamaConfig& c, int B, int T, bool tr
     m.rope_table = rope_table_size(T, head_dim(c)) * sizeof(float);
     if (training) {
         GradActTensorsT<floatX> grad_acts;
-        m.grads = n * sizeof(float);
+        m.grads = (shard_grads && part.world > 1 ? zero2_grads_count(c) + part.per : n) * sizeof(float);
         m.moments = 2 * part.per * sizeof(float);
         m.grad_activations = point_grad_activations(&grad_acts, nullptr, c, B, T, true);
         m.scratch += N * sizeof(float) + B * sizeof(float) + B * sizeof(float) + GRAD_NORM_BLOCKS * sizeof(float) + 2 * sizeof(float) +
@@ -3861,11 +3973,13 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     flash_attention_require(head_dim(c));
     if (!training || shard.end == 0) shard = shard_of(host->num_params, 0, 1);
     recompute = recompute && training;
-    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute);
+    shard.grads = shard.grads && shard.world > 1;
+    GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute, shard.grads);
     size_t free_bytes = 0, total_bytes = 0;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
     printf("GPU memory plan (B %d, T %d%s%s%s): %s\n", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
-           shard.world > 1 ? string_format(", ZeRO-1 over %d ranks, per rank", shard.world).c_str() : "", gpu_memory_plan_text(plan).c_str());
+           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : "",
+           gpu_memory_plan_text(plan).c_str());
     std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
     if (!refusal.empty()) {
         fprintf(stderr, "error: %s\n", refusal.c_str());
@@ -3901,11 +4015,24 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     upload_init(&g->up.score_idx, B * sizeof(int));
     upload_init(&g->up.mask, (size_t)B * T);
     if (training) {
-        g->grads_memory = cuda_alloc<float>(n);
-        g->grads = point_parameters(c, g->grads_memory);
+        g->grads_memory = cuda_alloc<float>(llama_cuda_grads_count(g));
+        if (shard.grads) {  // the embedding, final norm and head (tied: none of its own), then the two layer buckets
+            size_t sizes[NUM_PARAM_TENSORS], layer = layer_param_count(c);
+            param_sizes(c, sizes);
+            g->grads = ParamTensorsT<float>{};
+            g->grads.wte = g->grads_memory;
+            g->grads.final_norm = g->grads.wte + sizes[PARAM_WTE];
+            g->grads.head = sizes[PARAM_HEAD] ? g->grads.final_norm + sizes[PARAM_FINAL_NORM] : g->grads.wte;
+            g->buckets[0] = g->grads.final_norm + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD];
+            g->buckets[1] = g->buckets[0] + layer;
+            g->grad_shard = cuda_alloc<float>(shard.per);
+            for (cudaEvent_t& e : g->bucket_free) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        } else {
+            g->grads = point_parameters(c, g->grads_memory);
+        }
         g->m_memory = cuda_alloc<float>(shard.per);
         g->v_memory = cuda_alloc<float>(shard.per);
-        cudaCheck(cudaMemsetAsync(g->grads_memory, 0, n * sizeof(float), stream));
+        cudaCheck(cudaMemsetAsync(g->grads_memory, 0, llama_cuda_grads_count(g) * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->m_memory, 0, part * sizeof(float), stream));
         cudaCheck(cudaMemsetAsync(g->v_memory, 0, part * sizeof(float), stream));
         g->grad_acts_memory = cuda_alloc<char>(point_grad_activations(&g->grad_acts, nullptr, c, B, T, true));
@@ -3928,7 +4055,8 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
 }
 
 inline void llama_cuda_free(LlamaCuda* g) {
-    void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->m_memory, g->v_memory, g->acts_memory,
+    for (cudaEvent_t e : g->bucket_free) if (e) cudaCheck(cudaEventDestroy(e));
+    void* buffers[] = {g->master, g->params_memory, g->grads_memory, g->grad_shard, g->m_memory, g->v_memory, g->acts_memory,
                        g->grad_acts_memory, g->attn_delta, g->tokens, g->score_idx, g->dlp, g->dscores, g->norm_partials, g->norm_coef,
                        g->token_buckets, g->norm_weight_partials, g->mask, g->seq_sums, g->dsums, g->rope_table};
     for (void* p : buffers) if (p) cudaCheck(cudaFree(p));
@@ -3970,6 +4098,13 @@ struct CudaForwardOps {
 // the RMSNorm backward's scratch and the embedding's token buckets are the model's.
 struct CudaOps : CudaForwardOps {
     LlamaCuda* g;
+    // ZeRO-2: layer l's gradients go to bucket l % 2, once the reduce that read it last has
+    // zeroed it (bucket_free); else to the gradients' slices of layer l
+    LayerTensorsT<float> layer_grads(ParamTensorsT<float>& grads, const LlamaConfig& c, size_t l) {
+        if (!g->shard.grads) return layer_tensors(grads, c, l);
+        cudaCheck(cudaStreamWaitEvent(stream, g->bucket_free[l % 2], 0));
+        return layer_bucket_tensors(c, g->buckets[l % 2]);
+    }
     void layer_grads_done(size_t l) {
         if (g->layer_grads_ready) g->layer_grads_ready(g, l, g->layer_grads_ctx);
     }
@@ -4067,8 +4202,8 @@ inline void llama_cuda_logprobs(LlamaCuda* g, float* lp, int B, int T) {
 
 inline void llama_cuda_zero_grad(LlamaCuda* g) {
     NVTX_RANGE_FN();
-    g->clip_pending = false;
-    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, g->num_params * sizeof(float), g->stream));
+    g->clip_pending = false;  // ZeRO-2: the grad_shard is written (not added to) by the step's first reduce
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, llama_cuda_grads_count(g) * sizeof(float), g->stream));
 }
 
 // Backward of the trunk from grad_acts.norm_out = d(objective)/d(final_in) (B, T, C), which a
@@ -4143,9 +4278,14 @@ inline void llama_cuda_reward_backward(LlamaCuda* g, const float* dscores, int B
 // the norm and clip coefficient on the device; returns the norm before clipping (one small
 // copy to the host). The gradients stay as they are: the next llama_cuda_update clips them as
 // AdamW reads them (no pass over the gradients of its own).
-inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm) {
+// ZeRO-2: over this rank's part (grad_shard), with sum_ranks adding the other ranks' sums.
+inline float llama_cuda_clip_grad_norm(LlamaCuda* g, float max_norm, const std::function<void(float* partials, int n)>& sum_ranks = nullptr) {
     NVTX_RANGE_FN();
-    grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    if (g->shard.grads) {
+        grad_norm_coef_cuda(g->grad_shard, g->shard.end - g->shard.begin, max_norm, g->norm_partials, g->norm_coef, g->stream, sum_ranks);
+    } else {
+        grad_norm_coef_cuda(g->grads_memory, g->num_params, max_norm, g->norm_partials, g->norm_coef, g->stream);
+    }
     g->clip_pending = true;
     float norm_coef[2];
     cudaCheck(cudaMemcpyAsync(norm_coef, g->norm_coef, sizeof(norm_coef), cudaMemcpyDeviceToHost, g->stream));
@@ -4162,7 +4302,8 @@ inline void llama_cuda_update(LlamaCuda* g, const AdamWConfig& opt) {
         float wd = param_is_decayed(i) ? opt.weight_decay : 0.0f;
         // the tensor's part in this rank's shard (a tied head has none: an empty grid is an invalid launch)
         if (shard_overlap(g->shard, offset, sizes[i], &lo, &hi)) {
-            adamw_update_cuda(g->master + (lo - b), g->params_memory + lo, g->grads_memory + lo, g->m_memory + (lo - b), g->v_memory + (lo - b),
+            const float* grads = g->shard.grads ? g->grad_shard + (lo - b) : g->grads_memory + lo;
+            adamw_update_cuda(g->master + (lo - b), g->params_memory + lo, grads, g->m_memory + (lo - b), g->v_memory + (lo - b),
                               hi - lo, opt, wd, g->adam_step, g->stream, g->clip_pending ? g->norm_coef + 1 : nullptr);
         }
         offset += sizes[i];
@@ -4235,6 +4376,7 @@ inline void runner_init(Runner* r, int B, int T, bool training, Shard shard = Sh
     r->score_idx.assign(B, 0);
     r->seq_sums.assign(B, 0.0f);
     if (shard.end == 0) shard = shard_of(r->host.num_params, 0, 1);
+    shard.grads = shard.grads && shard.world > 1 && training;
 #ifdef XWIN_CUDA
     llama_cuda_init(&r->gpu, &r->host, B, T, training, 0, shard, recompute);
     r->lp.resize((size_t)B * T);
@@ -4382,18 +4524,19 @@ inline const Shard& runner_shard(const Runner* r) {
 #endif
 }
 
-// the AdamW moments and step count, out of and into the runner: m and v hold num_params
-// each, of which the runner's shard [begin, end) is read or written (all of them without ZeRO)
+// the AdamW moments and step count, out of and into the runner: m and v hold the moments of
+// the runner's shard [begin, end), end - begin values each (all num_params without ZeRO), so
+// that a rank never holds more of the optimizer state than its own part
 inline void runner_get_optimizer(Runner* r, float* m, float* v, int* adam_step) {
     const Shard& sh = runner_shard(r);
     size_t bytes = (sh.end - sh.begin) * sizeof(float);
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(m + sh.begin, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(v + sh.begin, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m, r->gpu.m_memory, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v, r->gpu.v_memory, bytes, cudaMemcpyDeviceToHost));
     *adam_step = r->gpu.adam_step;
 #else
-    memcpy(m + sh.begin, r->host.m_memory, bytes);
-    memcpy(v + sh.begin, r->host.v_memory, bytes);
+    memcpy(m, r->host.m_memory, bytes);
+    memcpy(v, r->host.v_memory, bytes);
     *adam_step = r->host.adam_step;
 #endif
 }
@@ -4402,12 +4545,12 @@ inline void runner_set_optimizer(Runner* r, const float* m, const float* v, int 
     const Shard& sh = runner_shard(r);
     size_t bytes = (sh.end - sh.begin) * sizeof(float);
 #ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(r->gpu.m_memory, m + sh.begin, bytes, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(r->gpu.v_memory, v + sh.begin, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.m_memory, m, bytes, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(r->gpu.v_memory, v, bytes, cudaMemcpyHostToDevice));
     r->gpu.adam_step = adam_step;
 #else
-    memcpy(r->host.m_memory, m + sh.begin, bytes);
-    memcpy(r->host.v_memory, v + sh.begin, bytes);
+    memcpy(r->host.m_memory, m, bytes);
+    memcpy(r->host.v_memory, v, bytes);
     r->host.adam_step = adam_step;
 #endif
 }
@@ -7078,17 +7221,22 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // Every rank holds the whole model and the same weights; each takes its own rows of a step,
 // computes their gradient, and the ranks sum their gradients before the update, so that every
 // rank takes the same AdamW step. The API is five calls over two backends:
-//   comm_init(&comm)                      the rank and the world from the launcher (mpirun)
+//   comm_init(&comm, id_dir)              the rank and the world from the launcher (mpirun, srun)
 //   comm_all_reduce_sum(&comm, x, n)      n floats where the gradients live (the CPU build:
 //                                         host memory, over MPI; the GPU build: device memory,
 //                                         over NCCL on comm.stream)
 //   comm_all_reduce_sum_double(&comm, x, n)   n doubles in host memory (losses, counts), MPI
-//   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI
+//   comm_broadcast(&comm, bytes, n, root) / comm_barrier(&comm)   host memory, MPI (without
+//                                         MPI, -I: over NCCL through a device buffer)
 //   comm_all_gather_host(&comm, x, shard)  each rank's part of x (host floats) to every rank, MPI
 //   comm_gather_text(&comm, text)          every rank's text, in rank order, on rank 0, MPI
-//   runner_all_gather_params(runner, &comm)   ZeRO-1: each rank's updated part of the weights
+//   comm_reduce_sum_host(&comm, send, recv, n, root)   n floats summed on one rank, MPI
+//   runner_all_gather_params(runner, &comm)   ZeRO-1 and 2: each rank's updated part of the weights
 //                                         to every rank (the GPU build: the compute copy in
 //                                         device memory, over NCCL)
+//   runner_micro_batch / runner_all_reduce_grads / runner_clip_grads   a step's gradient over the
+//                                         ranks: all-reduced, or with ZeRO-2 reduced to the rank
+//                                         of each part after every micro-batch
 //   comm_free(&comm)
 // A process that no launcher started is a world of 1: every collective returns at once and
 // MPI is never initialised, so a single-process run is exactly the run of a build without MPI.
@@ -7101,8 +7249,14 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // the same from run to run. They are not the bits of one rank accumulating the same
 // micro-batches: it adds each micro-batch's gradient into the step's in place, and a tensor
 // that takes several += per micro-batch (the embedding: one per token) rounds otherwise.
-// Launchers: mpirun (OpenMPI, MPICH), and Slurm's srun with its MPI plugin (srun --mpi=pmix);
-// srun without an MPI plugin (NCCL's id through a shared file) is not supported: comm_init says so.
+// Launchers: mpirun (OpenMPI, MPICH), and Slurm's srun with its MPI plugin (srun --mpi=pmix).
+// The GPU build also runs under srun without an MPI plugin, given -I <folder> (shared by the
+// ranks' nodes): the ranks come from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, rank 0
+// writes NCCL's id to a file there (comm_nccl_id_exchange), and every collective, the host's
+// too, goes over NCCL (through a device buffer: comm_host_over_nccl). The CPU build needs MPI.
+// Checkpoints (checkpoint_save): rank 0 writes the weights and state.bin; with ZeRO-1 or 2 every
+// rank writes its own part of the AdamW moments to a shard file, in parallel, and rank 0 marks
+// the checkpoint complete after a barrier (state.bin's format says more).
 
 #ifdef XWIN_MPI
 inline void mpi_check(int err, const char* file, int line) {
@@ -7126,11 +7280,14 @@ inline void nccl_check(ncclResult_t err, const char* file, int line) {
 #define ncclCheck(err) nccl_check((err), __FILE__, __LINE__)
 #endif
 
+constexpr size_t COMM_BOUNCE = (size_t)64 << 20;  // bytes of the device buffer of the host collectives over NCCL (-I)
+
 struct Comm {
     int rank = 0;        // this process's rank, 0..world-1
     int world = 1;       // the number of ranks
     int local_rank = 0;  // its rank among the ranks of its node (the GPU it takes)
-    bool mpi = false;    // MPI was initialised (world > 1)
+    bool mpi = false;    // MPI was initialised (world > 1 and no -I)
+    int micro = 0;       // the step's micro-batch now (ZeRO-2: the first's reduce writes a rank's part, later ones add to it)
 #ifdef XWIN_NCCL
     ncclComm_t nccl = nullptr;
     cudaStream_t stream = 0;            // the stream comm_all_reduce_sum runs on (the runner's)
@@ -7138,6 +7295,8 @@ struct Comm {
     cudaEvent_t grads_ready = nullptr;  // recorded on the runner's stream when a layer's gradients are final
     cudaEvent_t reduced = nullptr;      // recorded on reduce_stream after the step's last all-reduce
     bool overlapped = false;            // this step's layers were reduced during its backward
+    void* bounce = nullptr;             // (COMM_BOUNCE bytes) the host collectives' device buffer without MPI (-I)
+    cudaStream_t host_stream = 0;       // their stream
 #endif
 };
 
@@ -7203,10 +7362,108 @@ inline const bool comm_spawned = [] {
 }();
 #endif
 
-inline void comm_init(Comm* c) {
+#ifdef XWIN_NCCL
+// NCCL's id from rank 0 to the others through a file in a folder every rank sees (-I), for
+// srun without MPI: <folder>/xwin_nccl_id_<job>_<step> (Slurm's SLURM_JOB_ID and SLURM_STEP_ID,
+// so another run's file is another name), written as a temporary then renamed; the other ranks
+// wait for it up to XWIN_NCCL_ID_TIMEOUT seconds (300 by default). A file of another world or
+// of no id is an error, as is a wait that ends without one.
+inline ncclUniqueId comm_nccl_id_exchange(const char* dir, int rank, int world) {
+    struct IdFile {
+        char magic[16];  // "xwin-nccl-id"
+        int32_t world;
+        ncclUniqueId id;
+    } f{};
+    const char* job = getenv("SLURM_JOB_ID");
+    const char* step = getenv("SLURM_STEP_ID");
+    std::string path = string_format("%s/xwin_nccl_id_%s_%s", dir, job ? job : "0", step ? step : "0");
+    if (rank == 0) {
+        snprintf(f.magic, sizeof(f.magic), "xwin-nccl-id");
+        f.world = world;
+        ncclCheck(ncclGetUniqueId(&f.id));
+        std::string tmp = path + ".tmp";
+        FILE* out = fopen(tmp.c_str(), "wb");
+        if (!out) fail_flag('I', "cannot write NCCL's id in %s: %s (the folder must exist on every rank's node)", dir, strerror(errno));
+        bool ok = fwrite(&f, sizeof(f), 1, out) == 1;
+        ok = fclose(out) == 0 && ok;
+        if (!ok || rename(tmp.c_str(), path.c_str()) != 0) fail_flag('I', "cannot write NCCL's id to %s: %s", path.c_str(), strerror(errno));
+        return f.id;
+    }
+    const char* limit_text = getenv("XWIN_NCCL_ID_TIMEOUT");
+    double limit = limit_text ? atof(limit_text) : 300.0;
+    auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        FILE* in = fopen(path.c_str(), "rb");
+        if (in) {
+            bool whole = fread(&f, sizeof(f), 1, in) == 1;
+            fclose(in);
+            if (!whole || strcmp(f.magic, "xwin-nccl-id") != 0 || f.world != world) {
+                fail_flag('I', "%s is not rank 0's NCCL id for this run of %d ranks (%s): remove it, or give another folder", path.c_str(), world,
+                          !whole || strcmp(f.magic, "xwin-nccl-id") != 0 ? "not an id file" : string_format("written for %d ranks", f.world).c_str());
+            }
+            return f.id;
+        }
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit) {
+            fail_flag('I', "rank %d waited %g s for rank 0's NCCL id in %s: is rank 0 running, with the same -I folder, shared by every node?", rank, limit,
+                      path.c_str());
+        }
+        usleep(50000);
+    }
+}
+#endif
+
+#ifdef XWIN_NCCL
+// This rank's GPU (its rank on its node) and NCCL's communicator, from the id that get_id
+// brings (over MPI, or through -I's file), and the reduce stream and its events
+inline void comm_nccl_join(Comm* c, const std::function<ncclUniqueId()>& get_id) {
+    int devices = 0;
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (c->local_rank >= devices) {
+        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
+                devices == 1 ? "" : "s");
+        exit(1);
+    }
+    cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
+    ncclUniqueId id = get_id();
+    ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
+    cudaCheck(cudaStreamCreateWithFlags(&c->reduce_stream, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&c->grads_ready, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&c->reduced, cudaEventDisableTiming));
+}
+#endif
+
+// a launcher's variable, as an int (-1 when it is not set)
+inline int comm_env_int(const char* name) {
+    const char* value = getenv(name);
+    return value ? atoi(value) : -1;
+}
+
+// id_dir: -I, srun without MPI (the GPU build): NCCL's id through a file in that folder
+inline void comm_init(Comm* c, const char* id_dir = "") {
     *c = Comm{};
     int world = comm_launcher_world();
     if (world == 1) return;
+    if (id_dir && *id_dir) {
+#ifndef XWIN_NCCL
+        fail_flag('I', "ranks without MPI talk over NCCL, which only the GPU build has: launch this build with mpirun or srun --mpi=pmix, without -I");
+#else
+        c->rank = comm_env_int("SLURM_PROCID");
+        c->world = std::max(comm_env_int("SLURM_STEP_NUM_TASKS"), comm_env_int("SLURM_NTASKS"));
+        c->local_rank = comm_env_int("SLURM_LOCALID");
+        if (c->rank < 0 || c->world < 2 || c->local_rank < 0 || c->rank >= c->world) {
+            fail_flag('I', "a run without MPI takes its ranks from Slurm's SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID: run it under srun");
+        }
+        comm_nccl_join(c, [&] { return comm_nccl_id_exchange(id_dir, c->rank, c->world); });
+        if (c->rank == 0) {  // every rank has joined (ncclCommInitRank returns once all have): the id file is spent
+            remove(string_format("%s/xwin_nccl_id_%s_%s", id_dir, getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "0",
+                                 getenv("SLURM_STEP_ID") ? getenv("SLURM_STEP_ID") : "0").c_str());
+        }
+        cudaCheck(cudaStreamCreateWithFlags(&c->host_stream, cudaStreamNonBlocking));
+        cudaCheck(cudaMalloc(&c->bounce, COMM_BOUNCE));
+        if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
+        return;
+#endif
+    }
 #ifndef XWIN_MPI
     comm_fail_no_mpi(world);
 #else
@@ -7223,7 +7480,7 @@ inline void comm_init(Comm* c) {
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
     if (c->world != world) {  // srun without its MPI plugin: every task is an MPI world of its own
         fprintf(stderr, "error: the launcher started %d ranks but MPI joined %d: under Slurm run srun --mpi=pmix (or pmi2, as the MPI was built), "
-                        "or mpirun inside the allocation\n", world, c->world);
+                        "or mpirun inside the allocation, or give the GPU build -I <a folder every node sees>\n", world, c->world);
         MPI_Finalize();
         exit(1);
     }
@@ -7232,21 +7489,12 @@ inline void comm_init(Comm* c) {
     mpiCheck(MPI_Comm_rank(node, &c->local_rank));
     mpiCheck(MPI_Comm_free(&node));
 #ifdef XWIN_NCCL
-    int devices = 0;
-    cudaCheck(cudaGetDeviceCount(&devices));
-    if (c->local_rank >= devices) {
-        fprintf(stderr, "error: rank %d is rank %d of its node, which has %d GPU%s: run at most one rank per GPU\n", c->rank, c->local_rank, devices,
-                devices == 1 ? "" : "s");
-        exit(1);
-    }
-    cudaCheck(cudaSetDevice(c->local_rank));  // before the runner allocates anything
-    ncclUniqueId id;
-    if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
-    mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
-    ncclCheck(ncclCommInitRank(&c->nccl, c->world, id, c->rank));
-    cudaCheck(cudaStreamCreateWithFlags(&c->reduce_stream, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&c->grads_ready, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&c->reduced, cudaEventDisableTiming));
+    comm_nccl_join(c, [&] {
+        ncclUniqueId id;
+        if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id));
+        mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
+        return id;
+    });
 #endif
     if (c->rank > 0 && !freopen("/dev/null", "w", stdout)) fail_file("/dev/null", "cannot open it for rank %d's stdout", c->rank);
 #endif
@@ -7267,8 +7515,28 @@ inline void comm_all_reduce_sum(Comm* c, float* x, size_t n) {
 #endif
 }
 
+#ifdef XWIN_NCCL
+// The host's collectives without MPI (-I): its bytes through the device buffer, over NCCL, in
+// pieces of COMM_BOUNCE: a broadcast from root, or (sum_doubles) a sum of doubles. The device
+// finishes its queued work first: the NCCL calls of every rank then run in the order issued.
+inline void comm_host_over_nccl(Comm* c, void* data, size_t bytes, int root, bool sum_doubles) {
+    cudaCheck(cudaDeviceSynchronize());
+    for (size_t i = 0; i < bytes; i += COMM_BOUNCE) {
+        size_t n = std::min(COMM_BOUNCE, bytes - i);
+        cudaCheck(cudaMemcpyAsync(c->bounce, (char*)data + i, n, cudaMemcpyHostToDevice, c->host_stream));
+        if (sum_doubles) ncclCheck(ncclAllReduce(c->bounce, c->bounce, n / sizeof(double), ncclDouble, ncclSum, c->nccl, c->host_stream));
+        else ncclCheck(ncclBroadcast(c->bounce, c->bounce, n, ncclInt8, root, c->nccl, c->host_stream));
+        cudaCheck(cudaMemcpyAsync((char*)data + i, c->bounce, n, cudaMemcpyDeviceToHost, c->host_stream));
+        cudaCheck(cudaStreamSynchronize(c->host_stream));
+    }
+}
+#endif
+
 inline void comm_all_reduce_sum_double(Comm* c, double* x, size_t n) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    if (!c->mpi) return comm_host_over_nccl(c, x, n * sizeof(double), 0, true);
+#endif
 #ifdef XWIN_MPI
     for (size_t i = 0; i < n; i += COMM_CHUNK) mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x + i, (int)std::min(COMM_CHUNK, n - i), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 #else
@@ -7276,8 +7544,22 @@ inline void comm_all_reduce_sum_double(Comm* c, double* x, size_t n) {
 #endif
 }
 
+// send (n floats in host memory) summed over the ranks into recv (n) on rank root alone, MPI
+inline void comm_reduce_sum_host(Comm* c, const float* send, float* recv, size_t n, int root) {
+#ifdef XWIN_MPI
+    for (size_t i = 0; i < n; i += COMM_CHUNK) {
+        mpiCheck(MPI_Reduce(send + i, c->rank == root ? recv + i : nullptr, (int)std::min(COMM_CHUNK, n - i), MPI_FLOAT, MPI_SUM, root, MPI_COMM_WORLD));
+    }
+#else
+    (void)c, (void)send, (void)recv, (void)n, (void)root;
+#endif
+}
+
 inline void comm_broadcast(Comm* c, void* data, size_t bytes, int root = 0) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    if (!c->mpi) return comm_host_over_nccl(c, data, bytes, root, false);
+#endif
 #ifdef XWIN_MPI
     for (size_t i = 0; i < bytes; i += COMM_CHUNK) mpiCheck(MPI_Bcast((char*)data + i, (int)std::min(COMM_CHUNK, bytes - i), MPI_BYTE, root, MPI_COMM_WORLD));
 #else
@@ -7312,6 +7594,10 @@ inline std::string comm_gather_text(Comm* c, const std::string& mine) {
 
 inline void comm_barrier(Comm* c) {
     if (c->world == 1) return;
+#ifdef XWIN_NCCL
+    double nothing = 0;
+    if (!c->mpi) return comm_host_over_nccl(c, &nothing, sizeof(nothing), 0, true);
+#endif
 #ifdef XWIN_MPI
     mpiCheck(MPI_Barrier(MPI_COMM_WORLD));
 #endif
@@ -7323,6 +7609,8 @@ inline void comm_free(Comm* c) {
     if (c->reduce_stream) cudaCheck(cudaStreamDestroy(c->reduce_stream));
     if (c->grads_ready) cudaCheck(cudaEventDestroy(c->grads_ready));
     if (c->reduced) cudaCheck(cudaEventDestroy(c->reduced));
+    if (c->bounce) cudaCheck(cudaFree(c->bounce));
+    if (c->host_stream) cudaCheck(cudaStreamDestroy(c->host_stream));
 #endif
 #ifdef XWIN_MPI
     if (c->mpi && !comm_spawned) mpiCheck(MPI_Finalize());  // a spawned program's MPI ends as it exits (comm_spawned_exit)
@@ -7442,17 +7730,101 @@ inline void comm_reduce_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
 }
 #endif
 
-// Before micro-batch a of a step's accum on this rank: on the GPU build with several ranks, the
-// last one's backward starts each layer's all-reduce as soon as that layer is done
-// (comm_reduce_layer_grads), so the reduction hides behind the layers below it; earlier
-// micro-batches only accumulate. Nothing on the CPU build, which reduces at the step's end.
-inline void runner_micro_batch(Runner* r, Comm* c, int a, int accum) {
 #ifdef XWIN_NCCL
+// ZeRO-2 on the GPU: n pieces of a micro-batch's gradient (piece i: counts[i] elements of the
+// flat gradient from offsets[i], at x[i] in device memory), every element reduced to the rank
+// whose part holds it, into its grad_shard, on the reduce stream once the runner's stream has
+// written them. After the step's first micro-batch a rank first adds its grad_shard into its
+// own elements, so the reduce leaves the step's sum there.
+inline void comm_reduce_scatter_pieces(LlamaCuda* g, Comm* c, float* const* x, const size_t* offsets, const size_t* counts, int n) {
+    size_t lo, hi;
+    for (int i = 0; i < n && c->micro > 0; i++) {
+        if (shard_overlap(g->shard, offsets[i], counts[i], &lo, &hi)) {
+            gradient_accumulate_cuda(x[i] + (lo - offsets[i]), g->grad_shard + (lo - g->shard.begin), hi - lo, g->stream);
+        }
+    }
+    cudaCheck(cudaEventRecord(c->grads_ready, g->stream));
+    cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
+    ncclCheck(ncclGroupStart());
+    for (int i = 0; i < n; i++) {
+        for (int root = 0; root < c->world; root++) {  // a piece across a part boundary goes to two ranks
+            Shard part = shard_of(g->shard.n, root, c->world);
+            if (!shard_overlap(part, offsets[i], counts[i], &lo, &hi)) continue;
+            float* recv = root == c->rank ? g->grad_shard + (lo - part.begin) : nullptr;  // used on the root alone
+            ncclCheck(ncclReduce(x[i] + (lo - offsets[i]), recv, hi - lo, ncclFloat, ncclSum, root, c->nccl, c->reduce_stream));
+        }
+    }
+    ncclCheck(ncclGroupEnd());
+}
+
+// ZeRO-2, the backward's layer_grads_ready: layer l's bucket reduced to the ranks, then zeroed
+// for layer l - 2, which waits for bucket_free (CudaOps::layer_grads)
+inline void comm_reduce_scatter_layer_grads(LlamaCuda* g, size_t l, void* ctx) {
+    Comm* c = (Comm*)ctx;
+    size_t offsets[LAYER_TENSORS], counts[LAYER_TENSORS];
+    layer_param_slices(g->config, l, offsets, counts);
+    LayerTensorsT<float> b = layer_bucket_tensors(g->config, g->buckets[l % 2]);
+    float* x[LAYER_TENSORS] = {b.attn_norm, b.wq, b.wk, b.wv, b.wo, b.mlp_norm, b.w_gate, b.w_up, b.w_down};
+    comm_reduce_scatter_pieces(g, c, x, offsets, counts, LAYER_TENSORS);
+    cudaCheck(cudaMemsetAsync(g->buckets[l % 2], 0, layer_param_count(g->config) * sizeof(float), c->reduce_stream));
+    cudaCheck(cudaEventRecord(g->bucket_free[l % 2], c->reduce_stream));
+}
+
+// ZeRO-2, after a micro-batch's backward: the embedding's, final norm's and head's gradients
+// reduced to the ranks and zeroed; the runner's stream waits for it all (the layers' reduces too)
+inline void comm_reduce_scatter_rest(LlamaCuda* g, Comm* c) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(g->config, sizes);
+    size_t final_norm = num_parameters(g->config) - sizes[PARAM_FINAL_NORM] - sizes[PARAM_HEAD];  // the flat offsets of the final norm and the head
+    float* x[3] = {g->grads.wte, g->grads.final_norm, g->grads.final_norm + sizes[PARAM_FINAL_NORM]};
+    size_t offsets[3] = {0, final_norm, final_norm + sizes[PARAM_FINAL_NORM]}, counts[3] = {sizes[PARAM_WTE], sizes[PARAM_FINAL_NORM], sizes[PARAM_HEAD]};
+    comm_reduce_scatter_pieces(g, c, x, offsets, counts, sizes[PARAM_HEAD] ? 3 : 2);  // a tied head is the embedding's
+    cudaCheck(cudaMemsetAsync(g->grads_memory, 0, (sizes[PARAM_WTE] + sizes[PARAM_FINAL_NORM] + sizes[PARAM_HEAD]) * sizeof(float), c->reduce_stream));
+    cudaCheck(cudaEventRecord(c->reduced, c->reduce_stream));
+    cudaCheck(cudaStreamWaitEvent(g->stream, c->reduced, 0));
+}
+#else
+// ZeRO-2 on the host: every element of a micro-batch's gradient (the whole buffer grads) reduced
+// to the rank whose part holds it, into its grad_shard, then grads zeroed for the next
+// micro-batch. After the step's first micro-batch a rank first adds its grad_shard into its own
+// elements, so the reduce leaves the step's sum there.
+inline void comm_reduce_scatter_grads_host(Comm* c, float* grads, float* grad_shard, const Shard& sh) {
+    if (c->micro > 0) gradient_accumulate(grads + sh.begin, grad_shard, sh.end - sh.begin);
+    for (int root = 0; root < c->world; root++) {
+        Shard part = shard_of(sh.n, root, c->world);
+        comm_reduce_sum_host(c, grads + part.begin, grad_shard, part.end - part.begin, root);
+    }
+    memset(grads, 0, sh.n * sizeof(float));
+}
+#endif
+
+// Before micro-batch a of a step's accum on this rank. ZeRO-2: the previous micro-batch's
+// gradient goes to its ranks now (the GPU: its embedding, final norm and head; its layers went
+// during its backward), and on the GPU this one's layers will go during its backward. Else, on
+// the GPU build with several ranks, the last micro-batch's backward starts each layer's
+// all-reduce as soon as that layer is done (comm_reduce_layer_grads), so the reduction hides
+// behind the layers below it; earlier micro-batches only accumulate. The CPU build without
+// ZeRO-2 reduces at the step's end.
+inline void runner_micro_batch(Runner* r, Comm* c, int a, int accum) {
+    const Shard& sh = runner_shard(r);
+#ifdef XWIN_NCCL
+    c->stream = r->gpu.stream;
+    if (sh.grads) {
+        if (a > 0) comm_reduce_scatter_rest(&r->gpu, c);
+        c->micro = a;
+        r->gpu.layer_grads_ready = comm_reduce_scatter_layer_grads;
+        r->gpu.layer_grads_ctx = c;
+        return;
+    }
     bool last = c->world > 1 && a == accum - 1;
     r->gpu.layer_grads_ready = last ? comm_reduce_layer_grads : nullptr;
     r->gpu.layer_grads_ctx = last ? c : nullptr;
+#elif defined(XWIN_CUDA)
+    (void)r, (void)c, (void)a, (void)accum, (void)sh;  // one rank: comm_init refuses more without NCCL
 #else
-    (void)r, (void)c, (void)a, (void)accum;
+    if (sh.grads && a > 0) comm_reduce_scatter_grads_host(c, r->host.grads_memory, r->host.grad_shard, sh);
+    c->micro = a;
+    (void)accum;
 #endif
 }
 
@@ -7463,6 +7835,11 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
 #ifdef XWIN_CUDA
 #ifdef XWIN_NCCL
     c->stream = r->gpu.stream;
+    if (r->gpu.shard.grads) {  // ZeRO-2: the last micro-batch's rest; its layers went during its backward
+        comm_reduce_scatter_rest(&r->gpu, c);
+        r->gpu.layer_grads_ready = nullptr, r->gpu.layer_grads_ctx = nullptr;
+        return;
+    }
     if (c->overlapped) {
         LlamaCuda* g = &r->gpu;
         size_t sizes[NUM_PARAM_TENSORS], offset = 0;
@@ -7471,7 +7848,7 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
         cudaCheck(cudaStreamWaitEvent(c->reduce_stream, c->grads_ready, 0));
         ncclCheck(ncclGroupStart());
         for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-            bool layer = i >= 1 && i <= LAYER_TENSORS;  // reduced during the backward
+            bool layer = i >= PARAM_ATTN_NORM && i <= PARAM_W_DOWN;  // reduced during the backward
             if (!layer && sizes[i] > 0) ncclCheck(ncclAllReduce(g->grads_memory + offset, g->grads_memory + offset, sizes[i], ncclFloat, ncclSum, c->nccl, c->reduce_stream));
             offset += sizes[i];
         }
@@ -7485,7 +7862,21 @@ inline void runner_all_reduce_grads(Runner* r, Comm* c) {
 #endif
     comm_all_reduce_sum(c, r->gpu.grads_memory, r->host.num_params);
 #else
-    comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+    if (r->host.shard.grads) comm_reduce_scatter_grads_host(c, r->host.grads_memory, r->host.grad_shard, r->host.shard);  // ZeRO-2
+    else comm_all_reduce_sum(c, r->host.grads_memory, r->host.num_params);
+#endif
+}
+
+// The gradient's norm and clip (runner_clip_grad_norm); ZeRO-2 over the ranks' parts: each sums
+// the squares of its part, the ranks add those sums (the CPU build: by the 64 chunks of
+// clip_grad_norm, so the norm is ZeRO-0's up to the double sums' rounding)
+inline float runner_clip_grads(Runner* r, Comm* c, float max_norm) {
+    const Shard& sh = runner_shard(r);
+    if (!sh.grads) return runner_clip_grad_norm(r, max_norm);
+#ifdef XWIN_CUDA
+    return llama_cuda_clip_grad_norm(&r->gpu, max_norm, [c](float* partials, int n) { comm_all_reduce_sum(c, partials, n); });
+#else
+    return clip_grad_norm(r->host.grad_shard, sh.n, max_norm, sh.begin, sh.end, [c](double* sums, int n) { comm_all_reduce_sum_double(c, sums, n); });
 #endif
 }
 
@@ -7641,16 +8032,6 @@ inline std::string flag_set(const Flag& f, const char* text) {
     return "";
 }
 
-// "error: -x: <problem>", exit 1: a flag's value is wrong (also for checks after parsing).
-[[noreturn]] inline void fail_flag(char letter, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    fprintf(stderr, "error: -%c: ", letter);
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(1);
-}
 
 // Reads "-X value" pairs against the table; -h prints the usage made from the table (with
 // the defaults) and exits 0. Anything wrong is a one-line error naming the flag, exit 1.
@@ -7702,10 +8083,11 @@ struct TrainConfig {
     int resume = 0;          // 1: from <out_dir>/latest
     int force = 0;           // 1: resume a checkpoint of another run
     int stop_at = 0;         // stop after this step (the schedule still runs to max_steps)
-    int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights
+    int zero_stage = 0;      // 1: ZeRO-1, each rank keeps the optimizer state of its part of the weights; 2: and its gradient
     int recompute = 0;       // 1: the backward recomputes each layer's RMSNorm outputs and SwiGLU product
     int skip_nonfinite = 0;  // 1: skip a step whose loss or norm is not finite, else stop
     uint64_t seed = 1337;
+    const char* nccl_id_dir = "";  // -I: srun without MPI, NCCL's id through a file in this shared folder
 };
 
 // Appends the flags every training program has to a program's own table.
@@ -7726,10 +8108,11 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'y', FLAG_INT, &t->resume, 0, 1, "1: resume from <out>/latest"},
         {'f', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
         {'X', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
-        {'z', FLAG_INT, &t->zero_stage, 0, 1, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks"},
+        {'z', FLAG_INT, &t->zero_stage, 0, 2, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks, 2 the gradients too"},
         {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
         {'r', FLAG_INT, &t->recompute, 0, 1, "1: recompute each layer's RMSNorm outputs and SwiGLU product in the backward (less memory)"},
         {'S', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
+        {'I', FLAG_OPTIONAL_PATH, &t->nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
     };
     flags->insert(flags->end(), common.begin(), common.end());
 }
@@ -7781,8 +8164,8 @@ struct TrainState {
     uint64_t rng = 0;        // the stage's random generator (sampling, dropout of pairs, ...)
 };
 
-// Training state file (state.bin), version 3, little-endian:
-//   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version = 2
+// Training state file (state.bin), versions 3 and 4, little-endian:
+//   0  uint32 magic 0x54535758 ("XWST")   4  uint32 version (3, or 4: see below)
 //   8  uint32 step                        12 uint32 adam_step
 //   16 uint32 skipped                     20 uint32 model_crc: CRC-32 of the checkpoint's model.bin
 //   24 uint64 num_params                  32 uint64 epoch
@@ -7792,13 +8175,39 @@ struct TrainState {
 //      version 3 added the world size and the reserved word)
 //   136 float32 m[num_params], float32 v[num_params] (AdamW moments)
 //   then uint32 crc: CRC-32 of every byte before it.
-// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights) and
-// state.bin; <out>/latest names the newest complete one and is written last, so a crash
-// never leaves a half-written checkpoint where a resume would look. Every file is written
-// atomically (AtomicFile) and fsynced before its rename.
+// Version 4 is the same header with no moments (136 header, then the crc): the checkpoint of
+// a ZeRO-1 run on several ranks, whose moments are in the shard files below, one per rank of
+// the identity's world size. A run without ZeRO, or of one rank, writes version 3.
+//
+// Optimizer shard file (shard_<rank>_of_<world>.bin, ZeRO-1 on several ranks), version 1: each
+// rank writes the AdamW moments of its own part of the weights, so no rank gathers the others'
+// (8 bytes per parameter on rank 0) and the ranks write in parallel. Little-endian:
+//   0  uint32 magic 0x48535758 ("XWSH")   4  uint32 version = 1
+//   8  uint32 rank                        12 uint32 world
+//   16 uint32 step                        20 uint32 reserved (zero)
+//   24 uint64 num_params                  32 uint64 begin, 40 uint64 end: the part [begin, end),
+//                                            shard_of(num_params, rank, world)
+//   48 RunIdentity (80 bytes, state.bin's: a file of another run is refused)
+//   128 float32 m[end - begin], float32 v[end - begin]
+//   then uint32 crc: CRC-32 of every byte before it.
+// The GPU build's FP32 master weights are not in the shard files: model.bin holds all of them
+// (each rank's master part is gathered to write it, and those are the weights anyway), and a
+// resumed rank takes its part of the master from there.
+//
+// A checkpoint is a folder <out>/ckpt_<step>/ with model.bin (FP32 master weights), state.bin
+// and, with ZeRO-1 on several ranks, the shard files. The marker that makes it complete is
+// <out>/latest, which names the newest complete checkpoint: rank 0 writes it last, after a
+// barrier that every rank reaches once its shard file is in place, so a crash (of any rank)
+// never leaves a half-written checkpoint where a resume would look, and a folder that lacks a
+// file is never named by it. Every file is written atomically (AtomicFile) and fsynced before
+// its rename. The ranks write into the same folder: several nodes need a shared file system.
 constexpr uint32_t STATE_MAGIC = 0x54535758;
-constexpr uint32_t STATE_VERSION = 3;
+constexpr uint32_t STATE_VERSION = 3;          // the moments in state.bin
+constexpr uint32_t STATE_VERSION_SHARDED = 4;  // the moments in the ranks' shard files
 constexpr size_t STATE_HEADER_BYTES = 136;
+constexpr uint32_t SHARD_MAGIC = 0x48535758;
+constexpr uint32_t SHARD_VERSION = 1;
+constexpr size_t SHARD_HEADER_BYTES = 128;
 
 // mkdir -p
 inline void make_dir(const std::string& path) {
@@ -7897,7 +8306,7 @@ inline void trainer_epoch_order(Trainer* tr, uint64_t epoch) {
 inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* program) {
     tr->cfg = cfg;
     tr->program = program;
-    comm_init(&tr->comm);
+    comm_init(&tr->comm, cfg->nccl_id_dir);
     int world = tr->comm.world;
     if (cfg->total_batch % cfg->micro_batch != 0) fail_flag('d', "the total batch %d is not a multiple of the micro-batch -b %d", cfg->total_batch, cfg->micro_batch);
     if (cfg->total_batch % (cfg->micro_batch * world) != 0) {
@@ -7915,7 +8324,9 @@ inline void trainer_init(Trainer* tr, const TrainConfig* cfg, const char* progra
 // The parameters whose optimizer state this rank keeps, for runner_init: with -z 1 its part of
 // the model's n parameters, else all of them.
 inline Shard trainer_shard(const Trainer* tr, size_t n) {
-    return tr->cfg->zero_stage >= 1 ? shard_of(n, tr->comm.rank, tr->comm.world) : shard_of(n, 0, 1);
+    Shard s = tr->cfg->zero_stage >= 1 ? shard_of(n, tr->comm.rank, tr->comm.world) : shard_of(n, 0, 1);
+    s.grads = tr->cfg->zero_stage >= 2 && tr->comm.world > 1;
+    return s;
 }
 
 // The model to train: the checkpoint's weights when resuming, else model_path's. Returns
@@ -7960,44 +8371,150 @@ inline void trainer_gather_weights(Trainer* tr) {
 #endif
 }
 
-// Every rank calls it: the weights and the AdamW moments are gathered (ZeRO-1), rank 0 writes.
-inline void checkpoint_save(Trainer* tr) {
-    Runner* r = tr->runner;
-    const TrainState& s = tr->state;
-    trainer_gather_weights(tr);
-    size_t n = r->host.num_params;
-    std::vector<float> m(n), v(n);
-    int adam_step;
-    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
-    comm_all_gather_host(&tr->comm, m.data(), runner_shard(r));
-    comm_all_gather_host(&tr->comm, v.data(), runner_shard(r));
-    if (tr->comm.rank != 0) return;
-    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
-    make_dir(dir);
-    uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
-    unsigned char head[STATE_HEADER_BYTES] = {0};
-    uint32_t u[6] = {STATE_MAGIC, STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
-    uint64_t q[4] = {n, s.epoch, s.position, s.rng};
+inline std::string shard_file_name(int rank, int world) { return string_format("shard_%d_of_%d.bin", rank, world); }
+
+// This rank's shard file in the checkpoint folder dir: the moments m, v of its part sh.
+inline void shard_save(const std::string& dir, const Shard& sh, uint32_t step, const RunIdentity& id, const float* m, const float* v) {
+    unsigned char head[SHARD_HEADER_BYTES] = {0};
+    uint32_t u[6] = {SHARD_MAGIC, SHARD_VERSION, (uint32_t)sh.rank, (uint32_t)sh.world, step, 0};
+    uint64_t q[3] = {sh.n, sh.begin, sh.end};
     memcpy(head, u, sizeof(u));
     memcpy(head + 24, q, sizeof(q));
-    memcpy(head + 56, &tr->id, sizeof(RunIdentity));
+    memcpy(head + 48, &id, sizeof(RunIdentity));
+    size_t part = sh.end - sh.begin;
     AtomicFile f;
-    atomic_open(&f, dir + "/state.bin");
+    atomic_open(&f, dir + "/" + shard_file_name(sh.rank, sh.world));
     atomic_write(&f, head, sizeof(head));
-    atomic_write(&f, m.data(), 4 * n);
-    atomic_write(&f, v.data(), 4 * n);
+    atomic_write(&f, m, 4 * part);
+    atomic_write(&f, v, 4 * part);
     uint32_t crc = f.crc;
     atomic_write(&f, &crc, 4);
     atomic_commit(&f);
+}
+
+// One shard file that must hold the moments of `part` at `step` of the run `then` (its
+// state.bin's identity): checked whole (size, checksum, header, identity), and the moments of
+// [lo, hi) copied into m and v (hi - lo values each). It is read in pieces, never whole in
+// memory. Returns "" or what is wrong with it.
+inline std::string shard_read(const std::string& path, const Shard& part, uint32_t step, const RunIdentity& then, size_t lo, size_t hi, float* m,
+                              float* v) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return string_format("cannot open it (%s): the checkpoint keeps its AdamW moments in %d shard files, one per rank", strerror(errno), part.world);
+    size_t size = file_size_of(f), count = part.end - part.begin, expected = SHARD_HEADER_BYTES + 8 * count + 4;
+    if (size != expected) {
+        fclose(f);
+        return string_format("file is %zu bytes, expected %zu (rank %d of %d: the moments of %zu parameters)", size, expected, part.rank, part.world, count);
+    }
+    unsigned char head[SHARD_HEADER_BYTES];
+    bool ok = fread(head, 1, sizeof(head), f) == sizeof(head);
+    uint32_t crc = crc32_update(0, head, sizeof(head)), stored_crc = 0;
+    std::vector<float> piece(1 << 18);  // 1 MiB: added to the checksum, its overlap with [lo, hi) copied out
+    for (float* dst : {m, v}) {
+        for (size_t i = part.begin; ok && i < part.end; i += piece.size()) {
+            size_t c = std::min(piece.size(), part.end - i), a = std::max(i, lo), b = std::min(i + c, hi);
+            ok = fread(piece.data(), 4, c, f) == c;
+            crc = crc32_update(crc, piece.data(), 4 * c);
+            if (ok && a < b) memcpy(dst + (a - lo), piece.data() + (a - i), 4 * (b - a));
+        }
+    }
+    ok = ok && fread(&stored_crc, 4, 1, f) == 1;
+    fclose(f);
+    if (!ok) return "unexpected end of file or read error";
+    uint32_t u[6];
+    uint64_t q[3];
+    RunIdentity id;
+    memcpy(u, head, sizeof(u));
+    memcpy(q, head + 24, sizeof(q));
+    memcpy(&id, head + 48, sizeof(id));
+    if (u[0] != SHARD_MAGIC) return string_format("bad magic 0x%08x: not an xwin.cu optimizer shard", u[0]);
+    if (u[1] != SHARD_VERSION) return string_format("optimizer shard version %u; this build reads version %u only", u[1], SHARD_VERSION);
+    if (crc != stored_crc) return string_format("checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
+    std::string reserved = reserved_bytes_check(head, 20, 24);
+    if (reserved.empty()) reserved = reserved_bytes_check(head, 48 + strnlen(id.program, sizeof(id.program)), 48 + sizeof(id.program));
+    if (reserved.empty()) reserved = reserved_bytes_check(head, 48 + offsetof(RunIdentity, reserved), 48 + sizeof(RunIdentity));
+    if (!reserved.empty()) return reserved;
+    if (u[2] != (uint32_t)part.rank || u[3] != (uint32_t)part.world) {
+        return string_format("holds the part of rank %u of %u, expected rank %d of %d", u[2], u[3], part.rank, part.world);
+    }
+    if (u[4] != step) return string_format("holds step %u, its checkpoint's state.bin step %u", u[4], step);
+    if (q[0] != part.n || q[1] != part.begin || q[2] != part.end) {
+        return string_format("holds parameters [%llu, %llu) of %llu, expected [%zu, %zu) of %zu", (unsigned long long)q[1], (unsigned long long)q[2],
+                             (unsigned long long)q[0], part.begin, part.end, part.n);
+    }
+    std::string diff = run_identity_diff(id, then, "in this file", "in state.bin");
+    if (!diff.empty()) return "is of another run than its checkpoint's state.bin (" + diff + ")";
+    return "";
+}
+
+// The moments of the part `want` of the flat parameters (want.end - want.begin values into m
+// and v) out of the shard files that `world` ranks wrote into the checkpoint folder dir: from
+// each file whose part overlaps it. Parts are contiguous ranges, so any part reads from the
+// files of any number of ranks: a ZeRO-1 checkpoint resumes with -z 0 (each rank reads every
+// file) as with -z 1 (each rank reads its own). Returns "" or "<file>: what is wrong".
+inline std::string shards_load(const std::string& dir, const Shard& want, uint32_t world, uint32_t step, const RunIdentity& then, float* m, float* v) {
+    for (uint32_t k = 0; k < world; k++) {
+        Shard part = shard_of(want.n, (int)k, (int)world);
+        size_t lo, hi;
+        if (!shard_overlap(want, part.begin, part.end - part.begin, &lo, &hi)) continue;
+        std::string path = dir + "/" + shard_file_name((int)k, (int)world);
+        std::string err = shard_read(path, part, step, then, lo, hi, m + (lo - want.begin), v + (lo - want.begin));
+        if (!err.empty()) return path + ": " + err;
+    }
+    return "";
+}
+
+// Every rank calls it. The weights are gathered for rank 0 to write model.bin (the GPU's
+// ZeRO-1 master parts). Without ZeRO, or on one rank, rank 0 writes state.bin with the whole
+// moments (version 3); with ZeRO-1 on several ranks each rank writes its part's moments to its
+// own shard file, in parallel, and rank 0 a state.bin without moments (version 4). Then the
+// marker, <out>/latest, once every rank's file is in place.
+inline void checkpoint_save(Trainer* tr) {
+    Runner* r = tr->runner;
+    const TrainState& s = tr->state;
+    const Shard& sh = runner_shard(r);
+    bool sharded = sh.world > 1;
+    trainer_gather_weights(tr);
+    size_t n = r->host.num_params, part = sh.end - sh.begin;
+    std::string name = checkpoint_name(s.step), dir = std::string(tr->cfg->out_dir) + "/" + name;
+    if (!sharded && tr->comm.rank != 0) return;
+    std::vector<float> m(part), v(part);  // this rank's part (all of them without ZeRO)
+    int adam_step;
+    runner_get_optimizer(r, m.data(), v.data(), &adam_step);
+    make_dir(dir);
+    if (sharded) shard_save(dir, sh, s.step, tr->id, m.data(), v.data());
+    if (tr->comm.rank == 0) {
+        uint32_t model_crc = llama_save(&r->host, (dir + "/model.bin").c_str(), DTYPE_FP32);
+        unsigned char head[STATE_HEADER_BYTES] = {0};
+        uint32_t u[6] = {STATE_MAGIC, sharded ? STATE_VERSION_SHARDED : STATE_VERSION, s.step, (uint32_t)adam_step, s.skipped, model_crc};
+        uint64_t q[4] = {n, s.epoch, s.position, s.rng};
+        memcpy(head, u, sizeof(u));
+        memcpy(head + 24, q, sizeof(q));
+        memcpy(head + 56, &tr->id, sizeof(RunIdentity));
+        AtomicFile f;
+        atomic_open(&f, dir + "/state.bin");
+        atomic_write(&f, head, sizeof(head));
+        if (!sharded) atomic_write(&f, m.data(), 4 * n), atomic_write(&f, v.data(), 4 * n);
+        uint32_t crc = f.crc;
+        atomic_write(&f, &crc, 4);
+        atomic_commit(&f);
+    }
+    // A rank whose write failed has exited, and the launcher ends the run: rank 0 never passes
+    // this barrier then, so the marker names only a checkpoint whose every file is in place.
+    if (sharded) comm_barrier(&tr->comm);
+    if (tr->comm.rank != 0) return;
+    AtomicFile f;
     atomic_open(&f, std::string(tr->cfg->out_dir) + "/latest");
     std::string line = name + "\n";
     atomic_write(&f, line.data(), line.size());
     atomic_commit(&f);
 }
 
-// Reads the resumed checkpoint's state.bin into the trainer and the runner's optimizer, and
-// checks that it is whole (checksums), consistent (step, folder, optimizer count, position)
-// and of this run (its identity; -f 1 resumes another run's, saying what differs).
+// Reads the resumed checkpoint's state.bin into the trainer, and this rank's part of the AdamW
+// moments (from state.bin, or from the shard files of a ZeRO-1 run of several ranks, whatever
+// this run's ZeRO stage) into the runner's optimizer, and checks that it is whole (checksums),
+// consistent (step, folder, optimizer count, position, each shard's part) and of this run (its
+// identity; -f 1 resumes another run's, saying what differs: on another number of ranks, a
+// ZeRO-1 checkpoint's moments are read across the shard files into this run's parts).
 inline void checkpoint_load_state(Trainer* tr) {
     std::string path = tr->resume_dir + "/state.bin", latest = std::string(tr->cfg->out_dir) + "/latest";
     const char* p = path.c_str();
@@ -8015,7 +8532,10 @@ inline void checkpoint_load_state(Trainer* tr) {
     memcpy(&then, bytes.data() + 56, sizeof(then));
     memcpy(&stored_crc, bytes.data() + size - 4, 4);
     if (u[0] != STATE_MAGIC) fail_file(p, "bad magic 0x%08x: not an xwin.cu training state", u[0]);
-    if (u[1] != STATE_VERSION) fail_file(p, "training state version %u; this build resumes version %u only: start the run again", u[1], STATE_VERSION);
+    if (u[1] != STATE_VERSION && u[1] != STATE_VERSION_SHARDED) {
+        fail_file(p, "training state version %u; this build resumes versions %u and %u only: start the run again", u[1], STATE_VERSION, STATE_VERSION_SHARDED);
+    }
+    bool sharded = u[1] == STATE_VERSION_SHARDED;  // the moments in the shard files of then.world_size ranks
     uint32_t crc = crc32_update(0, bytes.data(), size - 4);
     if (crc != stored_crc) fail_file(p, "checksum mismatch (stored %08x, computed %08x): the file is corrupt", stored_crc, crc);
     size_t name_end = 56 + strnlen(then.program, sizeof(then.program));
@@ -8024,7 +8544,9 @@ inline void checkpoint_load_state(Trainer* tr) {
     reserved = reserved_bytes_check(bytes.data(), 56 + offsetof(RunIdentity, reserved), 56 + sizeof(RunIdentity));
     if (!reserved.empty()) fail_file(p, "%s", reserved.c_str());
     if (q[0] != n) fail_file(p, "holds the state of %llu parameters, the model has %zu", (unsigned long long)q[0], n);
-    if (size != STATE_HEADER_BYTES + 8 * n + 4) fail_file(p, "file is %zu bytes, expected %zu", size, STATE_HEADER_BYTES + 8 * n + 4);
+    size_t expected = STATE_HEADER_BYTES + (sharded ? 0 : 8 * n) + 4;
+    if (size != expected) fail_file(p, "file is %zu bytes, expected %zu", size, expected);
+    if (sharded && then.world_size < 2) fail_file(p, "keeps the moments in shard files, but its run had %u rank", then.world_size);
     if (u[5] != tr->resume_model_crc) {
         fail_file((tr->resume_dir + "/model.bin").c_str(), "checksum %08x differs from the %08x state.bin recorded: the checkpoint is corrupt", tr->resume_model_crc, u[5]);
     }
@@ -8044,9 +8566,27 @@ inline void checkpoint_load_state(Trainer* tr) {
         fail_file(p, "epoch %llu, position %llu is not where step %u of %d sequences each ends in %zu sequences: inconsistent", (unsigned long long)s.epoch,
                   (unsigned long long)s.position, s.step, tr->cfg->total_batch, tr->n_seqs);
     }
-    std::vector<float> m(n), v(n);
-    memcpy(m.data(), bytes.data() + STATE_HEADER_BYTES, 4 * n);
-    memcpy(v.data(), bytes.data() + STATE_HEADER_BYTES + 4 * n, 4 * n);
+    // this rank's part of the moments (all of them without ZeRO), from state.bin or the shard files
+    Shard sh = runner_shard(tr->runner);
+    size_t part = sh.end - sh.begin;
+    std::vector<float> m(part), v(part);
+    if (!sharded) {
+        memcpy(m.data(), bytes.data() + STATE_HEADER_BYTES + 4 * sh.begin, 4 * part);
+        memcpy(v.data(), bytes.data() + STATE_HEADER_BYTES + 4 * (n + sh.begin), 4 * part);
+    } else {
+        std::string err = shards_load(tr->resume_dir, sh, then.world_size, s.step, then, m.data(), v.data());
+        // each rank reads its own files: the ranks agree to stop, so that none waits in a
+        // collective for one that failed, and the first rank that failed names its file
+        std::vector<double> failed(tr->comm.world, 0.0);
+        failed[tr->comm.rank] = err.empty() ? 0.0 : 1.0;
+        comm_all_reduce_sum_double(&tr->comm, failed.data(), failed.size());
+        int first = (int)(std::find(failed.begin(), failed.end(), 1.0) - failed.begin());
+        if (first < tr->comm.world) {
+            if (first == tr->comm.rank) fprintf(stderr, "error: %s\n", err.c_str());
+            comm_free(&tr->comm);
+            exit(1);
+        }
+    }
     runner_set_optimizer(tr->runner, m.data(), v.data(), (int)s.adam_step);
     tr->state = s;
 }
@@ -8096,7 +8636,10 @@ inline void trainer_start(Trainer* tr, Runner* r, size_t n_seqs, uint64_t data_s
     if (writer) tr->log = fopen_check(tr->log_path.c_str(), tr->resume_dir.empty() ? "w" : "a");
     if (tr->comm.world > 1) {
         printf("data parallel: %d ranks, each %d micro-batch%s of %d per step (total batch %d)%s\n", tr->comm.world, tr->accum, tr->accum == 1 ? "" : "es",
-               c.micro_batch, c.total_batch, c.zero_stage ? "; ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights" : "");
+               c.micro_batch, c.total_batch,
+               c.zero_stage == 2   ? "; ZeRO-2: each rank keeps the optimizer state and the gradient of 1/ranks of the weights"
+               : c.zero_stage == 1 ? "; ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights"
+                                   : "");
     }
     if (!tr->lengths.empty() && tr->lengths.size() != n_seqs) fail_file(c.out_dir, "internal: %zu row lengths for %zu rows", tr->lengths.size(), n_seqs);
     trainer_epoch_order(tr, tr->state.epoch);
@@ -8158,7 +8701,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
         comm_all_reduce_sum_double(&tr->comm, sums, 2);
         loss = sums[0], tokens = (size_t)sums[1];
     }
-    float norm = runner_clip_grad_norm(tr->runner, tr->cfg->grad_clip);
+    float norm = runner_clip_grads(tr->runner, &tr->comm, tr->cfg->grad_clip);
     s.step += 1;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
         auto text = [](double x) { return std::isnan(x) ? std::string("nan") : string_format("%g", x); };

@@ -43,6 +43,7 @@ struct SampleConfig {
     const char* model_path = "out/sft/model.bin";
     const char* rm_path = "";  // '': none (the curve takes out/rm/model.bin when it exists)
     const char* tokenizer_path = "data/world/byte.tokenizer";
+    const char* nccl_id_dir = "";  // -I: srun without MPI, NCCL's id through a file in this shared folder
     const char* prompts_path = "data/world/eval_prompts.tsv";
     const char* out_path = "";
     const char* set_path = "";
@@ -676,6 +677,7 @@ int main(int argc, char** argv) {
         {'b', FLAG_INT, &cfg.batch, 1, 1 << 16, "sequences decoded together (rounded down to a multiple of -n)"},
         {'l', FLAG_INT, &cfg.max_prompts, 0, 1 << 30, "the first this many prompts (0: all)"},
         {'z', FLAG_U64, &cfg.seed, 0, 0, "seed of the samples"},
+        {'I', FLAG_OPTIONAL_PATH, &cfg.nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
     };
     flags_parse(argc, argv, "sampling with a KV cache: the Xwin-Set (-n), RS and DPO data (-s), evaluation (-e), chat (-c); no mode: the best-of-n curve", flags);
     if (cfg.top_p == 0.0f) fail_flag('p', "top-p 0 keeps no token: it must be in (0, 1]");
@@ -683,7 +685,7 @@ int main(int argc, char** argv) {
     if (modes > 1) fail_flag(cfg.n > 0 ? 'n' : *cfg.set_path ? 's' : 'e', "-n, -s, -e 1 and -c 1 are separate modes: give one");
     // under mpirun the set (-n) and evaluation (-e) split the prompts across the ranks
     Comm comm;
-    comm_init(&comm);
+    comm_init(&comm, cfg.nccl_id_dir);
     if (comm.world > 1 && cfg.n == 0 && !cfg.eval) {
         fail_flag(*cfg.set_path ? 's' : cfg.chat ? 'c' : 'n', "runs on one process: only the set (-n) and evaluation (-e 1) split their prompts across %d ranks",
                   comm.world);

@@ -29,7 +29,10 @@ struct SFTConfig {
 };
 
 // The built-in world's model: a tiny Llama over the byte-level tokenizer (259 ids).
-static LlamaConfig world_config() { return LlamaConfig{128, 4, 4, 2, 259, 344, 256, 1, HEAD_LM, 10000.0, 1e-5}; }
+static LlamaConfig world_config() {
+    return LlamaConfig{.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 259, .ffn_dim = 344, .max_seq_len = 256,
+                       .tied_embeddings = 1};
+}
 
 // A new model: weights ~ N(0, 0.02), output projections scaled by 1/sqrt(2 L), norms 1.
 static void init_random(Llama* model, const LlamaConfig& c, uint64_t seed) {

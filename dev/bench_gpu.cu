@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "usage: ./bench_gpu [dim n_layers n_heads n_kv_heads vocab ffn B T]\n");
         return 1;
     }
-    LlamaConfig c{v[0], v[1], v[2], v[3], v[4], v[5], v[7], 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = v[0], .n_layers = v[1], .n_heads = v[2], .n_kv_heads = v[3], .vocab_size = v[4], .ffn_dim = v[5], .max_seq_len = v[7]};
     int B = v[6], T = v[7];
     size_t N = (size_t)B * T, C = c.dim, F = c.ffn_dim, KVD = kv_dim(c), H = c.n_heads, V = c.vocab_size;
     int hd = head_dim(c);

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
     int v[9];
     for (int i = 0; i < 9; i++) v[i] = atoi(argv[i + 1]);
     int tied = argc == 11 ? atoi(argv[10]) : 0;
-    LlamaConfig c{v[0], v[1], v[2], v[3], v[4], v[5], v[7], tied, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = v[0], .n_layers = v[1], .n_heads = v[2], .n_kv_heads = v[3], .vocab_size = v[4], .ffn_dim = v[5], .max_seq_len = v[7], .tied_embeddings = tied};
     int B = v[6], T = v[7], steps = v[8];
     Llama model;
     llama_init(&model, c);

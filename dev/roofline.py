@@ -266,16 +266,21 @@ def carve(sizes):
     return total
 
 
-def memory_plan(cfg, B, T, attention, x, ranks=1, recompute=False):
+def memory_plan(cfg, B, T, attention, x, ranks=1, recompute=False, zero2=False):
     """What llama_cuda_init allocates for training, by part, in bytes (every cudaMalloc). ranks: ZeRO-1's
     ranks (the master weights and moments of ceil(P / ranks) parameters, the compute copy padded to
-    ranks parts); recompute: one layer of the RMSNorm outputs and the SwiGLU product (-r 1)."""
+    ranks parts); recompute: one layer of the RMSNorm outputs and the SwiGLU product (-r 1); zero2:
+    ZeRO-2's gradients (llm.cu's zero2_grads_count: the embedding, final norm and head, two layer
+    buckets; and the rank's part of the step's gradient)."""
     C, L, H, KV, V, F = cfg
     hd, N = C // H, B * T
     KVD = KV * hd
     P = num_params(cfg)
     per = -(-P // ranks)
     Lr = 1 if recompute else L
+    sizes = param_sizes(cfg)
+    layer = sum(sizes[1:10]) // L  # one layer's parameters: a ZeRO-2 bucket
+    grads = sizes[0] + sizes[10] + sizes[11] + 2 * layer + per if zero2 and ranks > 1 else P
     Vp = -(-V // 64) * 64  # llm.cu padded_vocab: the GPU's logits rows
     flash = attention == "flash"
     acts = carve([((L + 1) * N * C, x), (Lr * N * C, x), (L * N, 4), (L * N * C, x), (L * N * KVD, x), (L * N * KVD, x),
@@ -296,7 +301,7 @@ def memory_plan(cfg, B, T, attention, x, ranks=1, recompute=False):
     return {  # the kinds of llm.cu's GpuMemoryPlan, in its order
         "weights": per * ranks * x,  # the compute copy
         "master": per * 4,
-        "grads": P * 4,
+        "grads": grads * 4,
         "moments": 2 * per * 4,  # AdamW m, v
         "activations": acts,
         "activation grads": grad_acts,
@@ -404,27 +409,22 @@ def print_scoring():
 def parallel_memory(cfg, B, T, ranks, zero, recompute, x=2):
     """Per-rank bytes of data-parallel training over `ranks` GPUs, by kind (memory_plan's kinds).
     ZeRO-1 shards the FP32 master weights and the AdamW moments over the ranks; ZeRO-2 the FP32
-    gradients too, each rank keeping its shard and one layer's gradients in flight (the largest
-    layer's, reduce-scattered while the backward goes on). Every rank keeps the whole compute
+    gradients too, each rank keeping its part of the step's and, while a micro-batch's backward
+    runs, the embedding's, final norm's and head's and two layer buckets (a layer's gradients are
+    reduced to their ranks while the backward writes the next layer's). Every rank keeps the whole compute
     copy of the weights (floatX; ZeRO-3 would shard it). Recomputation keeps no RMSNorm outputs
     (attn_in, mlp_in: (L, B, T, C) each) and no SwiGLU product ((L, B, T, F)): the backward
     recomputes one layer's from the residuals, the rstds, gate and up, into a one-layer buffer."""
-    C, L, H, KV, V, F = cfg
-    plan = memory_plan(cfg, B, T, "flash", x, ranks if zero >= 1 else 1, recompute)  # ZeRO-1 and -r 1 as llm.cu allocates them
-    P = num_params(cfg)
-    KVD = KV * (C // H)
-    layer = 2 * C * C + 2 * KVD * C + 3 * F * C + 2 * C  # the parameters of one layer
-    if zero >= 2:
-        plan["grads"] = -(-P // ranks) * 4 + max(layer, V * C) * 4
-    return plan
+    return memory_plan(cfg, B, T, "flash", x, ranks if zero >= 1 else 1, recompute, zero >= 2)  # as llm.cu allocates them
 
 
 def parallel_time(cfg, B, T, ranks, zero, bus, efficiency=1.0, x=2):
     """(step seconds, collective seconds, exposed seconds) of one data-parallel step: each rank's
     compute is the 1-GPU step of its B sequences (predict); the gradients (FP32, as llm.cu keeps
     them) are all-reduced (ZeRO-0, and ZeRO-1 as llm.cu builds it: each rank updates its part
-    from the whole sum) or reduce-scattered (ZeRO-2), layer by layer on their own stream as the
-    backward frees them (llm.cu's comm_reduce_layer_grads), so all but the last layer's hide
+    from the whole sum) or reduced to the rank of each part (ZeRO-2: a reduce-scatter's traffic),
+    layer by layer on their own stream as the backward frees them (llm.cu's comm_reduce_layer_grads
+    and comm_reduce_scatter_layer_grads), so all but the last layer's hide
     behind the backward while there is backward left to hide behind; ZeRO-1 and 2 then
     all-gather the updated compute weights (floatX), after the update: exposed."""
     if ranks == 1:
@@ -463,7 +463,7 @@ def print_parallel(efficiency):
     print()
     print("The headroom is before the CUDA context and cuBLAS's workspace (about 1 to 2 GB).")
     print()
-    print("Step time and tokens/s, ZeRO-1 (built: the whole gradient all-reduced) and ZeRO-2 (not built: reduce-scattered),"
+    print("Step time and tokens/s, ZeRO-1 (the whole gradient all-reduced) and ZeRO-2 (each part reduced to its rank),"
           " with recomputation's memory (recomputation's FLOPs left out: about 1/6 of a layer's forward more), 1 GPU against 8"
           " in one node and 16 in two:")
     print()
@@ -513,6 +513,7 @@ def main():
     ap.add_argument("--memory-plan", action="store_true")
     ap.add_argument("--ranks", type=int, default=1, help="--memory-plan: ZeRO-1 over this many ranks (1: none)")
     ap.add_argument("--recompute", action="store_true", help="--memory-plan: activation recomputation (-r 1)")
+    ap.add_argument("--zero", type=int, choices=[1, 2], default=1, help="--memory-plan: the ZeRO stage over --ranks (2: the gradients too)")
     ap.add_argument("--efficiency", type=float, default=1.0, help="fraction of the peak FLOP/s reached (1: the roofline)")
     ap.add_argument("--scoring", action="store_true", help="the Xwin-Set's scoring of a prompt (64 x 1024 tokens, TinyLlama): prefill before and after flash")
     ap.add_argument("--parallel", action="store_true", help="data parallel on 8 x 80 GB: per-rank memory by ZeRO stage and recomputation, step times")
@@ -552,7 +553,7 @@ def main():
     elif a.memory_plan:
         if a.ranks < 1:
             sys.exit("error: --ranks must be positive")
-        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x, a.ranks, a.recompute).items():
+        for kind, b in memory_plan(cfg, a.b, a.t, a.attention, x, a.ranks, a.recompute, a.zero == 2).items():
             print(kind, b)
     else:
         print(f"config {cfg}, B {a.b}, T {a.t}, attention {a.attention}, {a.precision} (predicted)")

@@ -3,6 +3,8 @@
 #pragma once
 #include <sys/wait.h>
 
+#include <catch2/catch.hpp>
+
 #include <map>
 #include <string>
 
@@ -40,6 +42,25 @@ inline double relative_error(const float* a, const float* b, size_t n) {
         den += (double)b[i] * b[i];
     }
     return std::sqrt(num) / (std::sqrt(den) + 1e-30);
+}
+
+// ||a - b|| / ||b|| of each parameter tensor of a flat buffer (file order, as point_parameters
+// lays it) against the fixture's "<prefix><name>" tensors, each under tol
+inline void check_param_tensors(const LlamaConfig& c, const float* flat, std::map<std::string, FixtureTensor>& expect, const std::string& prefix,
+                                double tol) {
+    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
+    param_sizes(c, sizes);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        if (sizes[i] == 0) continue;
+        std::string key = prefix + PARAM_NAMES[i];
+        REQUIRE(expect.count(key) == 1);
+        REQUIRE(expect[key].data.size() == sizes[i]);
+        double err = relative_error(flat + offset, expect[key].data.data(), sizes[i]);
+        printf("  %-22s rel err %.2e\n", key.c_str(), err);
+        INFO(key << " relative error " << err << " (tolerance " << tol << ")");
+        CHECK(err < tol);
+        offset += sizes[i];
+    }
 }
 
 // the bytes of a hex string ("-" stands for the empty string), as the text fixtures store them

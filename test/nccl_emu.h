@@ -10,7 +10,10 @@
 // unique id (a tag) only has to reach every rank, and the ranks and world must be MPI's.
 // Each rank is its own process with its own emulated device: run the ranks with
 // XWIN_EMU_DEVICES set to at least the ranks per node, so that comm_init's cudaSetDevice of
-// the rank's local rank succeeds.
+// the rank's local rank succeeds. A program that joins its ranks without MPI (-I: srun
+// without an MPI plugin, NCCL's id through a file) still runs under mpirun here: MPI is this
+// emulation's transport, initialised by ncclCommInitRank when the program has not, and ended
+// by ncclCommDestroy.
 #ifndef XWIN_NCCL_EMU_H
 #define XWIN_NCCL_EMU_H
 
@@ -26,11 +29,12 @@
 #include <cstring>
 
 typedef enum { ncclSuccess = 0, ncclInvalidArgument = 4, ncclInternalError = 3 } ncclResult_t;
-typedef enum { ncclInt8 = 0, ncclFloat = 7 } ncclDataType_t;
+typedef enum { ncclInt8 = 0, ncclFloat = 7, ncclDouble = 8 } ncclDataType_t;
 typedef enum { ncclSum = 0 } ncclRedOp_t;
 typedef struct { char internal[128]; } ncclUniqueId;
 struct ncclEmuComm {
     int rank, world;
+    bool own_mpi;  // MPI initialised here (the program joined its ranks without it)
 };
 typedef ncclEmuComm* ncclComm_t;
 
@@ -45,11 +49,13 @@ inline ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
 }
 
 inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int world, ncclUniqueId id, int rank) {
-    int mpi_rank, mpi_world;
+    int mpi_rank, mpi_world, initialised = 0;
+    MPI_Initialized(&initialised);
+    if (!initialised && MPI_Init(nullptr, nullptr) != MPI_SUCCESS) return ncclInternalError;
     MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &mpi_world);
     if (std::memcmp(id.internal, "xwin-nccl-emu", 13) != 0 || world != mpi_world || rank != mpi_rank) return ncclInvalidArgument;
-    *comm = new ncclEmuComm{rank, world};
+    *comm = new ncclEmuComm{rank, world, !initialised};
     return ncclSuccess;
 }
 
@@ -58,6 +64,7 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int world, ncclUniqueId i
 // all-reduces A (G in groups)", so that a test sees the per-layer reductions happen.
 inline size_t& nccl_emu_all_reduces() { static size_t n = 0; return n; }
 inline size_t& nccl_emu_grouped() { static size_t n = 0; return n; }
+inline size_t& nccl_emu_reduces() { static size_t n = 0; return n; }
 inline int& nccl_emu_group_depth() { static int d = 0; return d; }
 
 // a group's calls run as they are made (emulated streams are synchronous): the group only nests
@@ -72,15 +79,43 @@ inline ncclResult_t ncclGroupEnd() {
     return ncclSuccess;
 }
 
+// float or double sums (the host's collectives over NCCL send doubles)
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     (void)stream;  // emulated streams are synchronous
-    if (!comm || type != ncclFloat || op != ncclSum) return ncclInvalidArgument;
+    if (!comm || (type != ncclFloat && type != ncclDouble) || op != ncclSum) return ncclInvalidArgument;
     nccl_emu_all_reduces()++;
     if (nccl_emu_group_depth() > 0) nccl_emu_grouped()++;
+    size_t size = type == ncclFloat ? sizeof(float) : sizeof(double);
     for (size_t i = 0; i < count; i += (size_t)INT_MAX) {
         int n = (int)std::min(count - i, (size_t)INT_MAX);
-        const void* s = send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
-        if (MPI_Allreduce(s, (float*)recv + i, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
+        const void* s = send == recv ? MPI_IN_PLACE : (const void*)((const char*)send + i * size);
+        if (MPI_Allreduce(s, (char*)recv + i * size, n, type == ncclFloat ? MPI_FLOAT : MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) {
+            return ncclInternalError;
+        }
+    }
+    return ncclSuccess;
+}
+
+// count bytes of root's send to every rank's recv
+inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t type, int root, ncclComm_t comm, cudaStream_t stream) {
+    (void)stream;
+    if (!comm || type != ncclInt8 || count > (size_t)INT_MAX || root < 0 || root >= comm->world) return ncclInvalidArgument;
+    if (comm->rank == root && send != recv) std::memmove(recv, send, count);
+    if (MPI_Bcast(recv, (int)count, MPI_BYTE, root, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
+    return ncclSuccess;
+}
+
+// send (count floats) summed over the ranks into recv on rank root (recv is not touched elsewhere)
+inline ncclResult_t ncclReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, int root, ncclComm_t comm,
+                               cudaStream_t stream) {
+    (void)stream;
+    if (!comm || type != ncclFloat || op != ncclSum || root < 0 || root >= comm->world) return ncclInvalidArgument;
+    nccl_emu_reduces()++;
+    for (size_t i = 0; i < count; i += (size_t)INT_MAX) {
+        int n = (int)std::min(count - i, (size_t)INT_MAX);
+        bool mine = comm->rank == root;
+        const void* s = mine && send == recv ? MPI_IN_PLACE : (const void*)((const float*)send + i);
+        if (MPI_Reduce(s, mine ? (float*)recv + i : nullptr, n, MPI_FLOAT, MPI_SUM, root, MPI_COMM_WORLD) != MPI_SUCCESS) return ncclInternalError;
     }
     return ncclSuccess;
 }
@@ -97,9 +132,12 @@ inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, nc
 
 inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     if (getenv("XWIN_NCCL_EMU_COUNTS") && comm) {
-        fprintf(stderr, "nccl_emu rank %d: all-reduces %zu (%zu in groups)\n", comm->rank, nccl_emu_all_reduces(), nccl_emu_grouped());
+        fprintf(stderr, "nccl_emu rank %d: all-reduces %zu (%zu in groups), reduces %zu%s\n", comm->rank, nccl_emu_all_reduces(), nccl_emu_grouped(),
+                nccl_emu_reduces(), comm->own_mpi ? "; the program did not initialise MPI" : "");
     }
+    bool own_mpi = comm && comm->own_mpi;
     delete comm;
+    if (own_mpi) MPI_Finalize();
     return ncclSuccess;
 }
 

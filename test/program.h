@@ -1,5 +1,5 @@
 // What the tests of the stage programs share: running a program, scratch files, a small
-// model. Each program's test binary (test_sft, test_rm) includes it once.
+// model. Each program's test binary (test_train_sft, test_train_rm) includes it once.
 #pragma once
 #include <catch2/catch.hpp>
 
@@ -60,7 +60,7 @@ inline bool exists(const std::string& path) {
 inline std::string write_small_model(const char* name = "small.bin", int dim = 32, int layers = 2, long nan_at = -1, uint64_t seed = 7) {
     std::string path = scratch(name);
     Llama m;
-    llama_init(&m, LlamaConfig{dim, layers, 4, 2, 259, 2 * dim, 256, 1, HEAD_LM, 10000.0, 1e-5});
+    llama_init(&m, LlamaConfig{.dim = dim, .n_layers = layers, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 259, .ffn_dim = 2 * dim, .max_seq_len = 256, .tied_embeddings = 1});
     uint64_t rng = seed;
     for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
     if (nan_at >= 0) m.params_memory[nan_at] = NAN;
@@ -73,7 +73,7 @@ inline std::string write_small_model(const char* name = "small.bin", int dim = 3
 inline std::string write_small_reward_model(const char* name, int vocab = 259) {
     std::string path = scratch(name);
     Llama m;
-    LlamaConfig c{32, 2, 4, 2, vocab, 64, 256, 0, HEAD_REWARD, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = vocab, .ffn_dim = 64, .max_seq_len = 256, .head_type = HEAD_REWARD};
     c.pad_id = 258, c.bos_id = 256, c.eos_id = 257;
     llama_init(&m, c);
     uint64_t rng = 21;

@@ -155,7 +155,7 @@ TEST_CASE("flash attention takes head sizes 1..128, zero-padded to 16, 32, 64 or
 // The GPU keeps, per layer, the log-sum-exp of each attention row (B, H, T) instead of the
 // (B, H, T, T) probabilities the CPU keeps; every other activation is the same.
 TEST_CASE("the GPU activation layout holds no (T, T) tensor", "[kernels][flash]") {
-    LlamaConfig c{2048, 22, 32, 4, 32000, 5632, 2048, 0, HEAD_LM, 10000.0, 1e-5};  // TinyLlama
+    LlamaConfig c{.dim = 2048, .n_layers = 22, .n_heads = 32, .n_kv_heads = 4, .vocab_size = 32000, .ffn_dim = 5632, .max_seq_len = 2048};  // TinyLlama
     size_t B = 4, T = 2048, cpu[NUM_ACT_TENSORS], gpu[NUM_ACT_TENSORS];
     act_sizes(c, B, T, cpu);
     act_sizes(c, B, T, gpu, true);
@@ -187,7 +187,7 @@ static std::string command_output(const std::string& cmd) {
 // grad, train_sft's forward and backward with the classifier fused, clip, AdamW) and its memory plan must be what the emulated GPU model
 // launches and allocates. A grouped-query model with T = 70: two query tiles in BF16, three in FP32.
 TEST_CASE("dev/roofline.py counts the GPU model's launches and allocation", "[kernels][flash][roofline]") {
-    LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 160, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 2, T = 70;
     std::string args = "python3 dev/roofline.py 64,2,8,2,160,96 -b 2 -t 70 --precision " + std::string(sizeof(floatX) == 2 ? "bf16" : "fp32");
     Llama host;
@@ -250,7 +250,7 @@ static std::map<std::string, size_t> roofline_plan(const std::string& more) {
 // numbers; in all, what it allocates (training and inference); a device with less free memory
 // than the plan gets a one-line refusal and exit 1 before any allocation.
 TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init allocates; too little memory is refused", "[kernels][roofline][memory]") {
-    LlamaConfig c{64, 2, 8, 2, 160, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 160, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 2, T = 70;
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, true);
     CHECK(roofline_plan("") == plan_by_kind(plan));
@@ -281,15 +281,23 @@ TEST_CASE("the GPU memory plan is dev/roofline.py's and what llama_cuda_init all
     GpuMemoryPlan zero_r = gpu_memory_plan(c, B, T, true, 3, true);
     CHECK(zero.activations - zero_r.activations == (size_t)(2 - 1) * B * T * (2 * 64 + 96) * sizeof(floatX));
     CHECK(roofline_plan(" --ranks 3 --recompute") == plan_by_kind(zero_r));
-    for (int rank : {0, 2}) {
+    // ZeRO-2 over 3 ranks: the gradients the backward writes are the embedding, final norm and
+    // head (2 x 160 x 64 + 64) and two layer buckets of 64 + 2 x 64 x 64 + 2 x 16 x 64 + 64 +
+    // 3 x 96 x 64 = 28800 each; then the rank's part of the step's gradient, 26048
+    GpuMemoryPlan zero2 = gpu_memory_plan(c, B, T, true, 3, false, true);
+    CHECK(zero2.grads == (2 * 160 * 64 + 64 + 2 * 28800 + 26048) * 4);
+    CHECK(roofline_plan(" --ranks 3 --zero 2") == plan_by_kind(zero2));
+    for (int rank : {0, 1, 2}) {  // rank 1: ZeRO-2
         size_t free0 = 0, free1 = 0;
         cudaCheck(cudaMemGetInfo(&free0, nullptr));
         LlamaCuda g;
-        llama_cuda_init(&g, &host, B, T, true, stream, shard_of(host.num_params, rank, 3), rank == 2);
+        Shard shard = shard_of(host.num_params, rank, 3);
+        shard.grads = rank == 1;
+        llama_cuda_init(&g, &host, B, T, true, stream, shard, rank == 2);
         cudaCheck(cudaMemGetInfo(&free1, nullptr));
-        CHECK(free0 - free1 == gpu_memory_plan_total(rank == 2 ? zero_r : zero));
+        CHECK(free0 - free1 == gpu_memory_plan_total(rank == 2 ? zero_r : rank == 1 ? zero2 : zero));
         CHECK(g.shard.begin == (size_t)rank * 26048);
-        CHECK(g.shard.end == (rank == 2 ? 78144 : 26048));
+        CHECK(g.shard.end == (rank == 2 ? 78144 : (size_t)(rank + 1) * 26048));
         std::vector<float> master(g.shard.end - g.shard.begin);
         cudaCheck(cudaMemcpy(master.data(), g.master, master.size() * sizeof(float), cudaMemcpyDeviceToHost));
         CHECK(std::all_of(master.begin(), master.end(), [](float x) { return x == 0.01f; }));

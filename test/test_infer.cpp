@@ -259,7 +259,7 @@ TEST_CASE("the inference runner allocates no training state", "[infer]") {
 // the training Runner it replaced, for a TinyLlama-shaped reward model scoring 32 sequences of
 // its whole context: the plans are arithmetic (no allocation), each the sum of its buffers.
 TEST_CASE("a frozen model's memory plan on the inference runner holds no master, gradients, moments or all-layer activations", "[infer]") {
-    LlamaConfig c{2048, 22, 32, 4, 32000, 5632, 2048, 0, HEAD_REWARD, 10000.0, 1e-5};  // TinyLlama with a reward head
+    LlamaConfig c{.dim = 2048, .n_layers = 22, .n_heads = 32, .n_kv_heads = 4, .vocab_size = 32000, .ffn_dim = 5632, .max_seq_len = 2048, .head_type = HEAD_REWARD};  // TinyLlama with a reward head
     int B = 32, T = c.max_seq_len;
     size_t part_rows;
     GpuMemoryPlan inf = infer_memory_plan(c, B, T, T, ATTN_DECODE_CHUNK, &part_rows), full = gpu_memory_plan(c, B, T, false);

@@ -765,7 +765,7 @@ TEST_CASE("gradient norm reduction reaches every level (fixed data past one grid
     for (void* p : bufs) cudaCheck(cudaFree(p));
 }
 
-TEST_CASE("AdamW and cast kernels match the CPU", "[kernels]") {
+TEST_CASE("AdamW, cast and gradient accumulation kernels match the CPU", "[kernels]") {
     std::mt19937 rng(test_seed() + 9);
     size_t n = 1001;
     std::vector<float> p = random_floats(n, rng), g = random_floats(n, rng), m = random_floats(n, rng, 0.1f), v = random_floats(n, rng, 0.1f);
@@ -784,6 +784,14 @@ TEST_CASE("AdamW and cast kernels match the CPU", "[kernels]") {
     poison(d_px, n);
     cast_to_floatX_cuda(d_px, d_p, n, stream);
     check_close("cast", download_x(d_px, n), rounded(pr), 1e-7);  // exactly the rounding
+    // ZeRO-2's acc += x: one FP32 add per element, the CPU's bits
+    std::vector<float> acc = m;
+    gradient_accumulate(acc.data(), g.data(), n);
+    CHECK(acc[7] == m[7] + g[7]);
+    float* d_acc = upload(m);
+    gradient_accumulate_cuda(d_acc, d_g, n, stream);
+    CHECK(download(d_acc, n) == acc);
+    cudaCheck(cudaFree(d_acc));
     void* bufs[] = {d_p, d_g, d_m, d_v, d_px};
     for (void* b : bufs) cudaCheck(cudaFree(b));
 }
@@ -805,21 +813,6 @@ static const double TOL_LOGITS = 1e-5, TOL_LOSS = 1e-5, TOL_GRAD = 1e-4, TOL_PAR
 static const double TOL_LOGITS = 5e-2, TOL_LOSS = 5e-3, TOL_GRAD = 1e-1, TOL_PARAM = 5e-2;
 #endif
 
-static void check_tensors(const LlamaConfig& c, const std::vector<float>& flat, std::map<std::string, FixtureTensor>& e,
-                          const std::string& prefix, double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(c, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(e[key].data.size() == sizes[i]);
-        double err = relative_error(flat.data() + offset, e[key].data.data(), sizes[i]);
-        printf("  %-20s rel err %.2e\n", key.c_str(), err);
-        INFO(key << " relative error " << err);
-        CHECK(err < tol);
-        offset += sizes[i];
-    }
-}
 
 static void run_model_parity(const std::string& name) {
     std::string dir = "test/fixtures/" + name + "/";
@@ -856,7 +849,7 @@ static void run_model_parity(const std::string& name) {
     double sums[16];
     sequence_logprob_sums(sums, lp.data(), mask.data(), B, T);
     for (int b = 0; b < B; b++) CHECK(sums[b] == Approx(e["logprob_sums"].data[b]).epsilon(TOL_LOSS));
-    check_tensors(host.config, download(g.grads_memory, g.num_params), e, "grad.", TOL_GRAD);
+    check_param_tensors(host.config, download(g.grads_memory, g.num_params).data(), e, "grad.", TOL_GRAD);
     float norm1 = llama_cuda_clip_grad_norm(&g, hp[5]);
     CHECK(norm1 == Approx(e["grad_norm"].data[0]).epsilon(TOL_LOSS * 10));
     llama_cuda_update(&g, opt);
@@ -865,7 +858,7 @@ static void run_model_parity(const std::string& name) {
     llama_cuda_clip_grad_norm(&g, hp[5]);
     llama_cuda_update(&g, opt);
     llama_cuda_download(&g, &host);
-    check_tensors(host.config, std::vector<float>(host.params_memory, host.params_memory + host.num_params), e, "param2.", TOL_PARAM);
+    check_param_tensors(host.config, host.params_memory, e, "param2.", TOL_PARAM);
     llama_cuda_free(&g);
     llama_free(&host);
 }
@@ -881,7 +874,7 @@ TEST_CASE("kernels: parity with transformers, linear RoPE scaling", "[kernels][p
 // (the emulation runs large grids' blocks on several OS threads, in no fixed order). Tokens that repeat
 // (a vocabulary of 20 for 140 positions) and pads (id 0), so rows of wte gather many positions.
 TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinism]") {
-    LlamaConfig c{64, 2, 8, 2, 20, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 20, .ffn_dim = 96, .max_seq_len = 128};
     c.pad_id = 0;
     const int B = 2, T = 70;
     Llama host;
@@ -916,14 +909,14 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
 // program), on the GPU too.
 #include "test_flash.cpp"
 
-// DPO's sequence sums, losses and one-step parity (test_dpo_ops.cpp, also in the CPU binary), here
+// DPO's sequence sums, losses and one-step parity (test_dpo_loss.cpp, also in the CPU binary), here
 // on the kernels and the GPU Runner; before the coverage check, which must see its kernels run.
-#include "test_dpo_ops.cpp"
+#include "test_dpo_loss.cpp"
 
 // The reward head's tests and the KV cache's, in this translation unit (llm.cu's kernels are
 // defined once per program), on the GPU too, and before the coverage check below.
 #include "test_infer.cpp"
-#include "test_reward.cpp"
+#include "test_reward_head.cpp"
 
 #ifdef XWIN_CUDA_EMULATION
 // Last in the file, so it sees every launch above: which __global__ kernels of llm.cu ran.
@@ -931,7 +924,7 @@ TEST_CASE("a GPU training step gives the same bits twice", "[kernels][determinis
 // A step's host-to-device copies go through pinned staging buffers (upload_async): the emulation
 // counts every cudaMemcpyAsync from pageable memory, and none may happen after the runners' init.
 TEST_CASE("every host-to-device copy of a training or inference step is from pinned memory", "[kernels][pinned]") {
-    LlamaConfig c{64, 2, 8, 2, 40, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 40, .ffn_dim = 96, .max_seq_len = 64};
     const int B = 2, T = 24;
     std::vector<int> tokens(B * T), next(B);
     uint64_t rng = 5;

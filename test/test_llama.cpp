@@ -55,22 +55,6 @@ static double parity_loss_and_grad(ParityRun& r) {
     return llama_nll_forward_backward(&r.model, r.tokens.data(), r.mask.data(), r.B, r.T, count);
 }
 
-static void check_param_tensors(Llama& model, const float* memory, std::map<std::string, FixtureTensor>& expect,
-                                const std::string& prefix, double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(model.config, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(expect.count(key) == 1);
-        REQUIRE(expect[key].data.size() == sizes[i]);
-        double err = relative_error(memory + offset, expect[key].data.data(), sizes[i]);
-        INFO(key << " relative error " << err);
-        CHECK(err < tol);
-        printf("  %-20s rel err %.2e\n", key.c_str(), err);
-        offset += sizes[i];
-    }
-}
 
 static void run_parity(const std::string& name) {
     ParityRun r;
@@ -97,7 +81,7 @@ static void run_parity(const std::string& name) {
 
     // gradients: sums over B*T positions of products with cancellation; relative L2 error
     // of 1e-4 is ~100 float32 roundings of headroom while a wrong term gives errors near 1.
-    check_param_tensors(r.model, r.model.grads_memory, e, "grad.", 1e-4);
+    check_param_tensors(r.model.config, r.model.grads_memory, e, "grad.", 1e-4);
 
     // two AdamW steps with clipping on the same batch
     float norm1 = clip_grad_norm(r.model.grads_memory, r.model.num_params, max_norm);
@@ -114,7 +98,7 @@ static void run_parity(const std::string& name) {
     // reference (transformers itself in float32: 1.4e-5..6e-5, measured by make_fixtures.py).
     // 1e-4 still catches any formula error: a missing weight decay moves the parameters by
     // 2 * lr * wd = 2e-3 of their norm, a wrong bias correction or step by ~1e-2 or more.
-    check_param_tensors(r.model, r.model.params_memory, e, "param2.", 1e-4);
+    check_param_tensors(r.model.config, r.model.params_memory, e, "param2.", 1e-4);
     llama_free(&r.model);
 }
 
@@ -144,7 +128,7 @@ TEST_CASE("the fused SFT loss and gradient are the unfused ops' bits", "[parity]
 
 // ---------------------------------------------------------------------------- formats
 
-static LlamaConfig tiny_config() { return LlamaConfig{16, 2, 4, 2, 32, 24, 8, 0, HEAD_LM, 10000.0, 1e-5}; }
+static LlamaConfig tiny_config() { return LlamaConfig{.dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 32, .ffn_dim = 24, .max_seq_len = 8}; }
 
 static std::string write_tiny_model(const char* name, int dtype) {
     Llama m;
@@ -254,8 +238,8 @@ TEST_CASE("the model loader refuses bad files with a one-line reason", "[format]
 
 TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "[format]") {
     // Llama-2-7B and Llama-2-70B as published; parameter counts as transformers reports them
-    LlamaConfig c7{4096, 32, 32, 32, 32000, 11008, 4096, 0, HEAD_LM, 10000.0, 1e-5};
-    LlamaConfig c70{8192, 80, 64, 8, 32000, 28672, 4096, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c7{.dim = 4096, .n_layers = 32, .n_heads = 32, .n_kv_heads = 32, .vocab_size = 32000, .ffn_dim = 11008, .max_seq_len = 4096};
+    LlamaConfig c70{.dim = 8192, .n_layers = 80, .n_heads = 64, .n_kv_heads = 8, .vocab_size = 32000, .ffn_dim = 28672, .max_seq_len = 4096};
     unsigned char h[MODEL_HEADER_BYTES];
     LlamaConfig parsed;
     int dtype;
@@ -266,7 +250,7 @@ TEST_CASE("sizes of 7B and 70B configs from a header alone, without overflow", "
     CHECK(num_parameters(parsed) == 68976648192ull);
     size_t sizes[NUM_PARAM_TENSORS];
     param_sizes(parsed, sizes);
-    CHECK(sizes[2] == 80ull * 8192 * 8192);  // 5.4e9 > 2^32
+    CHECK(sizes[PARAM_WQ] == 80ull * 8192 * 8192);  // 5.4e9 > 2^32
     size_t acts[NUM_ACT_TENSORS];
     act_sizes(parsed, 1, 4096, acts);
     CHECK(acts[6] == 80ull * 64 * 4096 * 4096);  // attention probabilities: 8.6e10
@@ -396,7 +380,7 @@ TEST_CASE("scaled RoPE: rope_inv_freq is transformers' inv_freq for Llama 3.1 an
 }
 
 static LlamaConfig llama3_config() {
-    LlamaConfig c{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 500000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 128, .ffn_dim = 96, .max_seq_len = 64, .rope_theta = 500000.0};
     c.rope_scaling = ROPE_LLAMA3;
     c.rope_factor = 8;
     c.rope_low_freq_factor = 1;
@@ -409,7 +393,7 @@ TEST_CASE("the model header carries the RoPE scaling; versions 1 and 2 have none
     unsigned char h[MODEL_HEADER_BYTES];
     LlamaConfig back;
     int dtype;
-    LlamaConfig linear{64, 2, 4, 2, 128, 96, 64, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig linear{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 128, .ffn_dim = 96, .max_seq_len = 64};
     linear.rope_scaling = ROPE_LINEAR;
     linear.rope_factor = 2.5;
     for (const LlamaConfig& c : {llama3_config(), linear}) {

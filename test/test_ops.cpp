@@ -339,6 +339,36 @@ TEST_CASE("clip_grad_norm sums every chunk, with large values at the ends (fixed
     for (size_t i : {(size_t)0, (size_t)1, n / 2, n - 1}) CHECK(c[i] == Approx(g[i] * coef).epsilon(1e-6));
 }
 
+// ZeRO-2: two ranks each hold a part of the gradient, split inside a chunk (at per = ceil(n / 2)
+// of the fixed data above, in chunk 31 or 32); each sums its part's share of every chunk and
+// sum_ranks adds the other's. The norm is the whole gradient's to the double sums' rounding
+// (1e-12; a chunk lost or counted twice moves it by over 1e-4), and each part is clipped by
+// the whole's coefficient.
+TEST_CASE("clip_grad_norm over two ranks' parts (ZeRO-2) is the whole gradient's", "[ops]") {
+    const size_t n = 64 * 1000 + 37, per = (n + 1) / 2;
+    std::mt19937 rng(12);
+    std::uniform_int_distribution<int> dist(-1000, 1000);
+    std::vector<float> g(n);
+    for (float& v : g) v = (float)dist(rng) * 1e-3f;
+    std::vector<float> whole = g, a(g.begin(), g.begin() + per), b(g.begin() + per, g.end());
+    const float max_norm = 1.0f;  // the norm is about 10: every part is clipped
+    float norm = clip_grad_norm(whole.data(), n, max_norm);
+    std::vector<double> b_sums;  // rank 1's chunk sums, as the ranks' all-reduce hands them to rank 0
+    float norm_b = clip_grad_norm(b.data(), n, max_norm, per, n, [&](double* sums, int k) {
+        b_sums.assign(sums, sums + k);
+        for (int i = 0; i < k; i++) sums[i] = 0;  // rank 0's part: filled in below
+    });
+    (void)norm_b;
+    float norm_a = clip_grad_norm(a.data(), n, max_norm, 0, per, [&](double* sums, int k) {
+        REQUIRE((int)b_sums.size() == k);
+        for (int i = 0; i < k; i++) sums[i] += b_sums[i];
+    });
+    CHECK(norm_a == Approx(norm).epsilon(1e-12));
+    CHECK(norm > 5.0f);
+    CHECK(norm_a == norm);  // here to the bit
+    for (size_t i : {(size_t)0, per - 1}) CHECK(a[i] == whole[i]);
+}
+
 TEST_CASE("clip_grad_norm and adamw on hand-worked values", "[ops]") {
     std::vector<float> g = {3.0f, 4.0f};  // norm 5
     float norm = clip_grad_norm(g.data(), 2, 1.0f);

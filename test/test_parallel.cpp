@@ -1,8 +1,9 @@
 // Data parallel training (llm.cu's collectives, the Trainer's ranks) through the stage programs
 // run by Debian's OpenMPI mpirun with 2 ranks on this machine: the ranks of train_sft, train_rm
 // and train_dpo train what one rank trains with as many micro-batches accumulated, rank 0 alone
-// prints and writes, a 2-rank run resumes bit-identically, a checkpoint resumes only on its
-// number of ranks, and a build without MPI refuses a world > 1. The binaries are
+// prints and writes the weights (with ZeRO-1 each rank writes its own shard of the moments), a
+// 2-rank run resumes bit-identically, a checkpoint resumes only on its number of ranks (another
+// with -f 1), a damaged shard file is refused, and a build without MPI refuses a world > 1. The binaries are
 // build/<program>_cpu (with MPI) and build/train_sft_emu (the CUDA build over the emulation
 // layer, without MPI).
 //
@@ -18,6 +19,7 @@
 // wrong split of the rows fails).
 #include <catch2/catch.hpp>
 
+#include <functional>
 #include <thread>
 
 #include "program.h"
@@ -165,15 +167,63 @@ TEST_CASE("ranks that do not divide the total batch, a build without MPI under a
     CHECK_THAT(out, Catch::StartsWith("error: the launcher started 2 ranks but MPI joined 1: under Slurm run srun --mpi=pmix"));
 }
 
+// Slurm's srun without an MPI plugin (-I <folder>), the GPU build: each rank takes its rank,
+// world and GPU from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, rank 0 writes NCCL's
+// id to <folder>/xwin_nccl_id_<job>_<step> and the others read it, and every collective (the
+// host's too: the losses' sums, the settings' broadcast, the checkpoints' gathers) goes over
+// NCCL. Here the emulated GPU build runs under mpirun, its ranks' Slurm variables set from
+// mpirun's, and its NCCL's transport is MPI, which the emulation initialises itself: the run
+// must be the bits of the same ranks joined over MPI, and the program must not have initialised
+// MPI. A missing id file (rank 0 not running) ends the wait with one line naming the file, as
+// does a file that is not an id of this run; the CPU build, which talks over MPI alone, refuses -I.
+TEST_CASE("srun without MPI (-I): ranks from Slurm, NCCL's id through a file, every collective over NCCL; bad setups in one line", "[parallel][srun]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), over_mpi = fx.dir("srun_mpi"), over_file = fx.dir("srun_file"), ids = fx.dir("srun_ids"), out;
+    make_dir(ids.c_str());
+    std::string env = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ", args = fx.common + " -b 1 -d 4 -z 2 -n 3";
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + args + " -o " + over_mpi, &out) == 0);
+    std::string slurm = "SLURM_PROCID=\\$OMPI_COMM_WORLD_RANK SLURM_LOCALID=\\$OMPI_COMM_WORLD_LOCAL_RANK SLURM_STEP_NUM_TASKS=2 SLURM_JOB_ID=77 SLURM_STEP_ID=3";
+    int rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "sh -c \"" + slurm + " exec build/train_sft_nccl_emu" + args + " -I " + ids + " -o " + over_file + "\"",
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 0: all-reduces"));
+    CHECK(count_of(out, "; the program did not initialise MPI") == 2);
+    CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
+    std::vector<unsigned char> a = file_bytes(over_mpi + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(over_file + "/model.bin") == a);
+    CHECK(logged_losses(over_file + "/log.jsonl") == logged_losses(over_mpi + "/log.jsonl"));
+    CHECK(exists(over_file + "/ckpt_000006"));
+    CHECK(!exists(ids + "/xwin_nccl_id_77_3"));  // spent once every rank had joined
+    // rank 1 without rank 0: the wait ends, naming the file
+    std::string rank1 = "SLURM_PROCID=1 SLURM_LOCALID=1 SLURM_STEP_NUM_TASKS=2 XWIN_NCCL_ID_TIMEOUT=1 " + env + "build/train_sft_nccl_emu" + args + " -I " + ids;
+    rc = run(rank1 + " -o " + fx.dir("srun_alone"), &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: rank 1 waited 1 s for rank 0's NCCL id in " + ids + "/xwin_nccl_id_0_0: is rank 0 running"));
+    // a file that is not an id of this run
+    write_bytes(ids + "/xwin_nccl_id_0_0", std::vector<unsigned char>(300, 'x'));
+    rc = run(rank1 + " -o " + fx.dir("srun_stale"), &out);
+    CHECK(rc == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: " + ids + "/xwin_nccl_id_0_0 is not rank 0's NCCL id for this run of 2 ranks (not an id file)"));
+    // the CPU build talks over MPI alone
+    rc = run("SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_STEP_NUM_TASKS=2 OMP_NUM_THREADS=1 build/train_sft_cpu" + args + " -I " + ids + " -o " + fx.dir("srun_cpu"), &out);
+    CHECK(rc == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: -I: ranks without MPI talk over NCCL, which only the GPU build has"));
+}
+
 // ZeRO-1 (-z 1): each rank updates its half of the flat weights with its half of the AdamW
 // moments from the same all-reduced gradient, and the halves are gathered after the update.
 // Every element takes the same arithmetic as without ZeRO, and the clip's norm is taken over
 // the whole reduced gradient as before, so the run is ZeRO-0's bit for bit. Its checkpoints
-// hold the whole optimizer state (gathered for rank 0 to write), so one resumes with -z 1 or
-// -z 0 to the same bits.
+// keep the moments where they live: each rank writes its half to shard_<rank>_of_2.bin, and
+// rank 0 a state.bin without moments (version 4, ZeRO-0's header otherwise); the halves, in
+// rank order, are ZeRO-0's moments byte for byte. A ZeRO-1 checkpoint resumes with -z 1 (each
+// rank reads its file) or -z 0 (each reads both), and ZeRO-0's with -z 1, to the same bits.
 TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to them with or without ZeRO", "[parallel][zero]") {
     ParallelFixture fx;
-    std::string mpirun = mpirun2(), plain = fx.dir("zero0"), zero = fx.dir("zero1"), resumed = fx.dir("zero1_resumed"), out;
+    std::string mpirun = mpirun2(), plain = fx.dir("zero0"), zero = fx.dir("zero1"), plain_at3 = fx.dir("zero0_at3"), zero_at3 = fx.dir("zero1_at3"), out;
     std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";  // 2 micro-batches on each rank
     REQUIRE(run(mpirun + args + " -o " + plain, &out) == 0);
     int rc = run(mpirun + args + " -z 1 -o " + zero, &out);
@@ -185,16 +235,198 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
     CHECK(file_bytes(zero + "/model.bin") == a);
     CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
     CHECK(logged_values(zero + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
-    for (const char* z : {" -z 1", " -z 0"}) {
-        rm_rf(resumed);
-        REQUIRE(run(mpirun + args + " -z 1 -X 3 -o " + resumed, &out) == 0);
-        // the state written by rank 0 holds both ranks' halves of the moments: it equals ZeRO-0's
-        REQUIRE(run(mpirun + args + " -X 3 -o " + fx.dir("zero0_at3"), &out) == 0);
-        CHECK(file_bytes(resumed + "/ckpt_000003/state.bin") == file_bytes(fx.dirs.back() + "/ckpt_000003/state.bin"));
-        REQUIRE(run(mpirun + args + z + " -y 1 -o " + resumed, &out) == 0);
-        INFO("resumed with" << z);
-        CHECK(file_bytes(resumed + "/model.bin") == a);
+
+    REQUIRE(run(mpirun + args + " -X 3 -o " + plain_at3, &out) == 0);
+    REQUIRE(run(mpirun + args + " -z 1 -n 1 -X 3 -o " + zero_at3, &out) == 0);  // checkpoints at steps 1, 2, 3
+    std::string ckpt = zero_at3 + "/ckpt_000003";
+    size_t n = model_weights(fx.model).size();
+    std::vector<unsigned char> full = file_bytes(plain_at3 + "/ckpt_000003/state.bin"), head = file_bytes(ckpt + "/state.bin");
+    REQUIRE(full.size() == STATE_HEADER_BYTES + 8 * n + 4);
+    CHECK(!exists(plain_at3 + "/ckpt_000003/" + shard_file_name(0, 2)));  // ZeRO-0 writes no shard file
+    // state.bin: ZeRO-0's header with version 4 in place of 3, then its checksum
+    REQUIRE(head.size() == STATE_HEADER_BYTES + 4);
+    CHECK(head[4] == 4);
+    CHECK(full[4] == 3);
+    head[4] = 3;
+    CHECK(std::equal(head.begin(), head.begin() + STATE_HEADER_BYTES, full.begin()));
+    // each rank's file: a 128-byte header, its part's m then v, the checksum of it all
+    std::vector<unsigned char> m, v;
+    for (int k = 0; k < 2; k++) {
+        Shard part = shard_of(n, k, 2);
+        size_t count = part.end - part.begin;
+        std::vector<unsigned char> b = file_bytes(ckpt + "/" + shard_file_name(k, 2));
+        INFO("rank " << k);
+        REQUIRE(count > 0);
+        REQUIRE(b.size() == SHARD_HEADER_BYTES + 8 * count + 4);
+        uint32_t header[6], stored_crc;
+        uint64_t range[3];
+        memcpy(header, b.data(), sizeof(header));
+        memcpy(range, b.data() + 24, sizeof(range));
+        memcpy(&stored_crc, b.data() + b.size() - 4, 4);
+        CHECK(header[0] == SHARD_MAGIC);
+        CHECK(header[2] == (uint32_t)k);
+        CHECK(header[3] == 2);
+        CHECK(header[4] == 3);
+        CHECK((range[0] == n && range[1] == part.begin && range[2] == part.end));
+        CHECK(memcmp(b.data() + 48, full.data() + 56, sizeof(RunIdentity)) == 0);  // state.bin's identity
+        CHECK(crc32_update(0, b.data(), b.size() - 4) == stored_crc);
+        m.insert(m.end(), b.begin() + SHARD_HEADER_BYTES, b.begin() + SHARD_HEADER_BYTES + 4 * count);
+        v.insert(v.end(), b.begin() + SHARD_HEADER_BYTES + 4 * count, b.end() - 4);
     }
+    std::vector<unsigned char> full_m(full.begin() + STATE_HEADER_BYTES, full.begin() + STATE_HEADER_BYTES + 4 * n),
+        full_v(full.begin() + STATE_HEADER_BYTES + 4 * n, full.end() - 4);
+    CHECK(std::count(full_v.begin(), full_v.end(), 0) < (long)n);  // moments that a wrong half would not match
+    CHECK(m == full_m);
+    CHECK(v == full_v);
+
+    // resumed from each checkpoint (a copy of it): ZeRO-0's final bits and losses
+    struct Resume { std::string from; const char* zero; };
+    for (const Resume& r : std::vector<Resume>{{zero_at3, " -z 1"}, {zero_at3, " -z 0"}, {plain_at3, " -z 1"}}) {
+        std::string resumed = fx.dir("zero_resumed");
+        REQUIRE(run("cp -r " + r.from + " " + resumed, &out) == 0);
+        rc = run(mpirun + args + r.zero + " -y 1 -o " + resumed, &out);
+        INFO("resumed " << r.from << " with" << r.zero << "\n" << out);
+        REQUIRE(rc == 0);
+        CHECK_THAT(out, Catch::Contains("resumed from " + resumed + "/ckpt_000003 at step 3"));
+        CHECK(file_bytes(resumed + "/model.bin") == a);
+        CHECK(logged_losses(resumed + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+    }
+    // on 1 rank a checkpoint of 2 is refused in one line; with -f 1 the rank reads both files'
+    // halves, and trains ZeRO-0's run to rounding (the test above: 1 rank against 2)
+    std::string one = fx.dir("zero_on_one");
+    REQUIRE(run("cp -r " + zero_at3 + " " + one, &out) == 0);
+    rc = run("OMP_NUM_THREADS=1 " + args + " -z 1 -y 1 -o " + one, &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::Contains("ckpt_000003 is of another run (ranks: 1 now, 2 in the checkpoint)"));
+    rc = run("OMP_NUM_THREADS=1 " + args + " -z 1 -y 1 -f 1 -o " + one, &out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("warning: -f 1: resuming ckpt_000003 of another run (ranks: 1 now, 2 in the checkpoint)"));
+    double d = max_abs_diff(model_weights(one + "/model.bin"), model_weights(plain + "/model.bin"));
+    printf("a 2-rank ZeRO-1 checkpoint resumed on 1 rank: max |weight difference| %.3g against 2 ranks\n", d);
+    CHECK(d <= 1e-6);
+}
+
+// A ZeRO-1 checkpoint whose shard file is missing, short, corrupt or of another rank, step or
+// run is refused: the rank that reads it names the file and what is wrong in one line, and every rank
+// exits 1 before the first step. A rank that cannot write its shard file stops the run before
+// rank 0 writes the marker (<out>/latest), so the checkpoint it left unfinished is not resumed:
+// the one before it is, to the uninterrupted run's bits.
+TEST_CASE("a ZeRO-1 checkpoint with a shard file missing, short, corrupt or foreign is refused; one never finished is not resumed", "[parallel][zero]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), plain = fx.dir("shards_plain"), stopped = fx.dir("shards_stopped"), out;
+    std::string args = "build/train_sft_cpu" + fx.common + " -b 1 -d 4 -z 1";
+    REQUIRE(run(mpirun + args + " -o " + plain, &out) == 0);
+    REQUIRE(run(mpirun + args + " -n 1 -X 3 -o " + stopped, &out) == 0);
+    std::string ckpt = "/ckpt_000003/", shard0 = shard_file_name(0, 2), shard1 = shard_file_name(1, 2);
+    size_t n = model_weights(fx.model).size();
+    // a 4-byte field of a file set to value, its checksum made valid again
+    auto patch = [](const std::string& path, size_t offset, uint32_t value) {
+        std::vector<unsigned char> b = file_bytes(path);
+        REQUIRE(b.size() > offset + 8);
+        memcpy(&b[offset], &value, 4);
+        uint32_t crc = crc32_update(0, b.data(), b.size() - 4);
+        memcpy(&b[b.size() - 4], &crc, 4);
+        write_bytes(path, b);
+    };
+    struct Damage { const char* what; std::function<void(const std::string&)> apply; std::string file, message; };
+    std::vector<Damage> damages = {
+        {"missing", [&](const std::string& d) { remove((d + ckpt + shard1).c_str()); }, shard1,
+         "cannot open it (No such file or directory): the checkpoint keeps its AdamW moments in 2 shard files, one per rank"},
+        {"short",
+         [&](const std::string& d) {
+             std::vector<unsigned char> b = file_bytes(d + ckpt + shard0);
+             b.pop_back();
+             write_bytes(d + ckpt + shard0, b);
+         },
+         shard0, string_format("file is %zu bytes, expected %zu", SHARD_HEADER_BYTES + 8 * shard_of(n, 0, 2).per + 3, SHARD_HEADER_BYTES + 8 * shard_of(n, 0, 2).per + 4)},
+        {"corrupt",
+         [&](const std::string& d) {
+             std::vector<unsigned char> b = file_bytes(d + ckpt + shard1);
+             b[SHARD_HEADER_BYTES + 5] ^= 1;
+             write_bytes(d + ckpt + shard1, b);
+         },
+         shard1, "checksum mismatch"},
+        {"of another step",
+         [&](const std::string& d) {
+             std::string said;
+             REQUIRE(run("cp " + d + "/ckpt_000002/" + shard1 + " " + d + ckpt + shard1, &said) == 0);
+         },
+         shard1, "holds step 2, its checkpoint's state.bin step 3"},
+        {"of another rank", [&](const std::string& d) { patch(d + ckpt + shard1, 8, 0); }, shard1, "holds the part of rank 0 of 2, expected rank 1 of 2"},
+        {"of another run", [&](const std::string& d) { patch(d + ckpt + shard0, 48 + offsetof(RunIdentity, seed), 6); }, shard0,
+         "is of another run than its checkpoint's state.bin (seed -S: 6 in this file, 5 in state.bin)"},
+    };
+    for (const Damage& damage : damages) {
+        std::string dir = fx.dir("shards_damaged");
+        REQUIRE(run("cp -r " + stopped + " " + dir, &out) == 0);
+        damage.apply(dir);
+        int rc = run(mpirun + args + " -y 1 -o " + dir, &out);
+        INFO(damage.what << "\n" << out);
+        CHECK(rc != 0);
+        CHECK(count_of(out, "error: ") == 1);
+        CHECK_THAT(out, Catch::Contains("error: " + dir + ckpt + damage.file + ": " + damage.message));
+        CHECK(count_of(out, "resumed from") == 0);
+        CHECK(logged_losses(dir + "/log.jsonl").size() == 3);  // the log is as the stopped run left it
+    }
+    // rank 1's shard file at step 2 cannot be written (a full disk): the run stops, and latest
+    // still names step 1's checkpoint, whose resume ends on the uninterrupted run's bits
+    std::string full = fx.dir("shards_full_disk");
+    make_dir(full + "/ckpt_000002");
+    REQUIRE(symlink("/dev/full", (full + "/ckpt_000002/" + shard1 + ".tmp").c_str()) == 0);
+    int rc = run(mpirun + args + " -n 1 -o " + full, &out);
+    INFO(out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: " + full + "/ckpt_000002/" + shard1 + ": write failed: No space left on device"));
+    CHECK(exists(full + "/ckpt_000002/state.bin"));  // rank 0 wrote its files, then waited for rank 1's
+    CHECK(checkpoint_latest(full) == full + "/ckpt_000001");
+    rc = run(mpirun + args + " -y 1 -o " + full, &out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("resumed from " + full + "/ckpt_000001 at step 1"));
+    CHECK(file_bytes(full + "/model.bin") == file_bytes(plain + "/model.bin"));
+    CHECK(logged_losses(full + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+}
+
+// ZeRO-2 (-z 2): after each micro-batch's backward every gradient element is reduced to the
+// rank whose part holds it; the rank keeps that part alone (the GPU: layer by layer during the
+// backward, through two reused layer buckets). With one micro-batch a rank each element is the
+// same sum of the same two values as ZeRO-0's all-reduce, and the clip's norm is summed by the
+// same 64 chunks (a chunk across the two parts as two double sums added), so the run is
+// ZeRO-0's bit for bit. With two micro-batches a rank the step's sum is added up in another
+// order ((a1 + b1) + a2) + b2 against (a1 + a2) + (b1 + b2)), so the comparison holds to
+// rounding, as 2 ranks against 1 rank does (the file's first comment): losses to 1e-5 relative,
+// weights to 1e-6.
+TEST_CASE("ZeRO-2 on 2 ranks trains ZeRO-0's bits with a micro-batch a rank, to rounding with two, and resumes to its own bits", "[parallel][zero]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), out;
+    std::string one_micro = "build/train_sft_cpu" + fx.common + " -b 2 -d 4", two_micro = "build/train_sft_cpu" + fx.common + " -b 1 -d 4";
+    std::string plain = fx.dir("z2_plain"), zero2 = fx.dir("z2"), plain2 = fx.dir("z2_plain_accum"), zero2_2 = fx.dir("z2_accum");
+    REQUIRE(run(mpirun + one_micro + " -o " + plain, &out) == 0);
+    int rc = run(mpirun + one_micro + " -z 2 -o " + zero2, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-2: each rank keeps the optimizer state and the gradient of 1/ranks of the weights"));
+    std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(zero2 + "/model.bin") == a);
+    CHECK(logged_losses(zero2 + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
+    CHECK(logged_values(zero2 + "/log.jsonl", "norm") == logged_values(plain + "/log.jsonl", "norm"));
+    CHECK(logged_values(zero2 + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
+    REQUIRE(run(mpirun + two_micro + " -o " + plain2, &out) == 0);
+    REQUIRE(run(mpirun + two_micro + " -z 2 -o " + zero2_2, &out) == 0);
+    std::vector<double> l0 = logged_losses(plain2 + "/log.jsonl"), l2 = logged_losses(zero2_2 + "/log.jsonl");
+    REQUIRE(l2.size() == 6);
+    CHECK(l2[0] == l0[0]);
+    check_close(l2, l0, 1e-5);
+    double d = max_abs_diff(model_weights(zero2_2 + "/model.bin"), model_weights(plain2 + "/model.bin"));
+    printf("ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-6);
+    CHECK(file_bytes(zero2_2 + "/model.bin") != file_bytes(plain2 + "/model.bin"));  // the sums' order differs (the comparison above is not vacuous)
+    // stopped at step 3 and resumed with -z 2: the uninterrupted run's bits
+    std::string resumed = fx.dir("z2_resumed");
+    REQUIRE(run(mpirun + two_micro + " -z 2 -X 3 -o " + resumed, &out) == 0);
+    REQUIRE(run(mpirun + two_micro + " -z 2 -y 1 -o " + resumed, &out) == 0);
+    CHECK(file_bytes(resumed + "/model.bin") == file_bytes(zero2_2 + "/model.bin"));
 }
 
 // The reward model and DPO go through the same Trainer: 2 ranks x 2 pairs against 1 rank x 2
@@ -219,9 +451,13 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
         INFO(s.binary << "\n" << out);
         REQUIRE(rc == 0);
         CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)"));
-        REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4 -z 1 -o " + zero, &out) == 0);  // ZeRO-1: the same bits
-        CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
-        CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
+        for (const char* z : {" -z 1", " -z 2"}) {  // ZeRO-1 and ZeRO-2 (a micro-batch a rank): the same bits
+            rm_rf(zero);
+            REQUIRE(run(mpirun + s.binary + s.args + " -b 2 -d 4" + z + " -o " + zero, &out) == 0);
+            INFO(z);
+            CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
+            CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(two + "/log.jsonl"));
+        }
         // DPO's reference pass is split over the ranks (a block of the pairs each, gathered): the
         // file rank 0 wrote is the file one rank computes, byte for byte
         std::vector<unsigned char> ref2 = file_bytes(train + ".logps"), val_ref2 = file_bytes(val + ".logps");
@@ -290,6 +526,48 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     CHECK_THAT(out, Catch::Contains("ZeRO-1 over 2 ranks, per rank"));
     CHECK(file_bytes(zero + "/model.bin") == file_bytes(two + "/model.bin"));
     CHECK(logged_losses(zero + "/log.jsonl") == l2);
+    // ZeRO-2: each layer's gradients written to one of two layer buckets, reduced to the ranks
+    // (ncclReduce) during the backward: per micro-batch, 2 layers x 9 slices, the embedding and
+    // the final norm, and the one slice that the parts' boundary splits: 21 reduces, 126 in 6
+    // steps; one all-reduce a step (the norm's partial sums). Without the clip (-c 0) the bits of
+    // ZeRO-0: the GPU norm's float partial sums follow each rank's part, so with the clip the
+    // coefficient rounds otherwise
+    std::string zero2 = fx.dir("emu_zero2"), plain_noclip = fx.dir("emu_noclip");
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -o " + plain_noclip, &out) == 0);
+    rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -z 2 -o " + zero2, &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK_THAT(out, Catch::Contains("ZeRO-2 over 2 ranks, per rank"));
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 0: all-reduces 6 (0 in groups), reduces 126"));
+    CHECK_THAT(out, Catch::Contains("nccl_emu rank 1: all-reduces 6 (0 in groups), reduces 126"));
+    CHECK(file_bytes(zero2 + "/model.bin") == file_bytes(plain_noclip + "/model.bin"));
+    CHECK(logged_losses(zero2 + "/log.jsonl") == logged_losses(plain_noclip + "/log.jsonl"));
+    // two micro-batches a rank, with the clip: to the rounding of the BF16 build's ranks (above)
+    std::string zero2_accum = fx.dir("emu_zero2_accum"), plain_accum = fx.dir("emu_plain_accum");
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -o " + plain_accum, &out) == 0);
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -z 2 -o " + zero2_accum, &out) == 0);
+    check_close(logged_losses(zero2_accum + "/log.jsonl"), logged_losses(plain_accum + "/log.jsonl"), 1e-4);
+    d = max_abs_diff(model_weights(zero2_accum + "/model.bin"), model_weights(plain_accum + "/model.bin"));
+    printf("CUDA build (emulated), ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
+    CHECK(d <= 1e-5);
+    // its checkpoint: each rank writes its half of the moments to its shard file (the FP32
+    // master weights are model.bin's, gathered); resumed with -z 1 (each rank's master half from
+    // model.bin, its moments from its file) and with -z 0, the uninterrupted run's bits
+    std::string stopped = fx.dir("emu_zero_stopped");
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -z 1 -X 3 -o " + stopped, &out) == 0);
+    CHECK(exists(stopped + "/ckpt_000003/" + shard_file_name(0, 2)));
+    CHECK(exists(stopped + "/ckpt_000003/" + shard_file_name(1, 2)));
+    CHECK(file_bytes(stopped + "/ckpt_000003/state.bin").size() == STATE_HEADER_BYTES + 4);
+    for (const char* z : {" -z 1", " -z 0"}) {
+        std::string resumed = fx.dir("emu_zero_resumed");
+        REQUIRE(run("cp -r " + stopped + " " + resumed, &out) == 0);
+        rc = run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4" + z + " -y 1 -o " + resumed, &out);
+        INFO("resumed with" << z << "\n" << out);
+        REQUIRE(rc == 0);
+        CHECK_THAT(out, Catch::Contains("resumed from " + resumed + "/ckpt_000003 at step 3"));
+        CHECK(file_bytes(resumed + "/model.bin") == file_bytes(zero + "/model.bin"));
+        CHECK(logged_losses(resumed + "/log.jsonl") == l2);
+    }
     // a rank per device: 2 ranks on a node of one device are refused
     rc = run("XWIN_EMU_THREADS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -o " + fx.dir("emu_one_device"), &out);
     CHECK(rc != 0);
@@ -298,7 +576,7 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
 
 // A rank that dies (kill -9 of rank 1 in the middle of a run, checkpoints every step): mpirun
 // ends the run within a bounded time, non-zero, naming the rank; the last complete checkpoint
-// (its 'latest' marker is written after every rank has taken part in gathering it, by rank 0)
+// (its 'latest' marker is written by rank 0 after every rank has written its shard file)
 // resumes on 2 ranks to the uninterrupted run's bits, with ZeRO-1.
 TEST_CASE("kill -9 of one rank ends the run within 60 s naming it, and the resume ends bit-identically", "[parallel][kill]") {
     ParallelFixture fx;

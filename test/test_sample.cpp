@@ -388,7 +388,7 @@ TEST_CASE("sample -c prompts in the tokenizer's chat template and stops at its e
     std::string model = scratch("chat_llama3.bin");
     {
         Llama m;
-        llama_init(&m, LlamaConfig{32, 2, 4, 2, tok.vocab_size, 64, 256, 1, HEAD_LM, 10000.0, 1e-5});
+        llama_init(&m, LlamaConfig{.dim = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = tok.vocab_size, .ffn_dim = 64, .max_seq_len = 256, .tied_embeddings = 1});
         uint64_t rng = 11;
         for (size_t i = 0; i < m.num_params; i++) m.params_memory[i] = 0.05f * rng_normal(&rng);
         llama_save(&m, model.c_str(), DTYPE_FP32);

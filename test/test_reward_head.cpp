@@ -43,7 +43,7 @@ TEST_CASE("reward_score_index finds the rightmost token that is not padding, as 
 }
 
 TEST_CASE("the model header carries the pad, bos and eos ids; a version-1 header has none", "[reward][format]") {
-    LlamaConfig c{64, 2, 4, 2, 300, 128, 64, 0, HEAD_REWARD, 10000.0, 1e-5, 258, 256, 257};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 300, .ffn_dim = 128, .max_seq_len = 64, .head_type = HEAD_REWARD, .pad_id = 258, .bos_id = 256, .eos_id = 257};
     unsigned char h[MODEL_HEADER_BYTES];
     model_header_write(h, c, DTYPE_FP32);
     LlamaConfig back;
@@ -101,7 +101,7 @@ TEST_CASE("reward head backward matches finite differences", "[reward][fd]") {
 }
 
 TEST_CASE("a reward model allocates no (B, T, V) logits, activations or gradients", "[reward]") {
-    LlamaConfig lm{64, 2, 4, 2, 1000, 128, 64, 0, HEAD_LM, 10000.0, 1e-5}, rm = lm;
+    LlamaConfig lm{.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 1000, .ffn_dim = 128, .max_seq_len = 64}, rm = lm;
     rm.head_type = HEAD_REWARD;
     size_t B = 3, T = 16, a_lm[NUM_ACT_TENSORS], a_rm[NUM_ACT_TENSORS];
     act_sizes(lm, B, T, a_lm);

@@ -12,7 +12,7 @@
 #include "fixture.h"
 
 // Tolerances of the one-step parity with the float64 fixture (||ours - ref|| / ||ref|| for
-// tensors, relative for scalars), as the reward step's (test_reward.cpp) and the language-model
+// tensors, relative for scalars), as the reward step's (test_reward_head.cpp) and the language-model
 // parity's (test_kernels.cpp) argue them:
 // float32 (CPU reference, FP32 kernels): a log-prob sum comes out of ~20 ops each rounding at
 // 6e-8 and adds ~5 terms: ~1e-6, 1e-5 leaves a margin of ten; Adam's first step moves each
@@ -28,22 +28,6 @@ static const double DPO_TOL_SUMS = 5e-3, DPO_TOL_GRADS = 1e-1, DPO_TOL_PARAMS = 
 static const double DPO_TOL_SUMS = 1e-5, DPO_TOL_GRADS = 1e-4, DPO_TOL_PARAMS = 1e-4;
 #endif
 
-// ||a - b|| / ||b|| of each parameter tensor of a flat buffer against the fixture's "<prefix><name>"
-static void dpo_check_tensors(const LlamaConfig& c, const float* flat, std::map<std::string, FixtureTensor>& e, const std::string& prefix,
-                              double tol) {
-    size_t sizes[NUM_PARAM_TENSORS], offset = 0;
-    param_sizes(c, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
-        if (sizes[i] == 0) continue;
-        std::string key = prefix + PARAM_NAMES[i];
-        REQUIRE(e[key].data.size() == sizes[i]);
-        double err = relative_error(flat + offset, e[key].data.data(), sizes[i]);
-        printf("  %-22s rel err %.2e\n", key.c_str(), err);
-        INFO(key << " relative error " << err << " (tolerance " << tol << ")");
-        CHECK(err < tol);
-        offset += sizes[i];
-    }
-}
 
 // lp (B = 2, T = 4) with targets (0, 1), (0, 3), (1, 2), (1, 3): position 0 never counts, even
 // with mask 1 and a log-prob that is not 0, as masked_mean_loss reads them.
@@ -254,13 +238,13 @@ TEST_CASE("one DPO step (sigmoid, label smoothing, NLL term, micro-batches, clip
 #else
     memcpy(grads.data(), policy.host.grads_memory, grads.size() * sizeof(float));
 #endif
-    dpo_check_tensors(policy.host.config, grads.data(), e, "grad.", DPO_TOL_GRADS);
+    check_param_tensors(policy.host.config, grads.data(), e, "grad.", DPO_TOL_GRADS);
     const float* hp = e["adamw"].data.data();
     float norm = runner_clip_grad_norm(&policy, hp[5]);
     CHECK(norm == Approx(e["grad_norm"].data[0]).epsilon(DPO_TOL_SUMS * 10));  // as the language-model parity's norm
     runner_update(&policy, AdamWConfig{hp[0], hp[1], hp[2], hp[3], hp[4]});
     runner_download_params(&policy);
-    dpo_check_tensors(policy.host.config, policy.host.params_memory, e, "param1.", DPO_TOL_PARAMS);
+    check_param_tensors(policy.host.config, policy.host.params_memory, e, "param1.", DPO_TOL_PARAMS);
     runner_free(&policy);
     runner_free(&reference);
 }
@@ -314,7 +298,7 @@ TEST_CASE("sequence log-prob kernels match the CPU twins", "[dpo][kernels]") {
 // gradients bit for bit: the device builds the same dlp the host would upload. Only B sums
 // come down: the host (B, T) log-prob buffer stays as it was.
 TEST_CASE("runner_sequence_logprobs and _backward on the GPU equal the CPU path", "[dpo][kernels][runner]") {
-    LlamaConfig c{64, 2, 8, 2, 40, 96, 128, 0, HEAD_LM, 10000.0, 1e-5};
+    LlamaConfig c{.dim = 64, .n_layers = 2, .n_heads = 8, .n_kv_heads = 2, .vocab_size = 40, .ffn_dim = 96, .max_seq_len = 128};
     const int B = 3, T = 37;
     const int lengths[B] = {37, 30, 21}, prompts[B] = {9, 12, 5};
     uint64_t rng = test_seed() + 43;

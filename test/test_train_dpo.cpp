@@ -24,7 +24,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     std::string big = scratch("dpo_small_vocab.bin");
     {
         Llama m;
-        llama_init(&m, LlamaConfig{32, 1, 4, 2, 250, 64, 256, 1, HEAD_LM, 10000.0, 1e-5});
+        llama_init(&m, LlamaConfig{.dim = 32, .n_layers = 1, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 250, .ffn_dim = 64, .max_seq_len = 256, .tied_embeddings = 1});
         llama_save(&m, big.c_str(), DTYPE_FP32);
         llama_free(&m);
     }

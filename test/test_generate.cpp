@@ -119,7 +119,7 @@ TEST_CASE("sampling: each response's stream depends on its seed, prompt, sample 
 
 // a small random language model over the byte vocabulary
 static void small_model(Llama* m, uint64_t seed, float scale) {
-    llama_init(m, LlamaConfig{32, 2, 4, 2, 259, 64, 64, 0, HEAD_LM, 10000.0, 1e-5});
+    llama_init(m, LlamaConfig{.dim = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .vocab_size = 259, .ffn_dim = 64, .max_seq_len = 64});
     for (size_t i = 0; i < m->num_params; i++) m->params_memory[i] = scale * rng_normal(&seed);
 }
 

@@ -289,7 +289,7 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
         ResumeFixture fx;
         struct Field { size_t offset; uint64_t value; size_t bytes; const char* message; };
         std::vector<Field> fields = {
-            {4, 2, 4, "training state version 2; this build resumes version 3 only"},
+            {4, 2, 4, "training state version 2; this build resumes versions 3 and 4 only"},
             {8, 4, 4, "holds step 4 but its folder is ckpt_000003"},
             {12, 0x7FFFFFFF, 4, "the optimizer has taken 2147483647 steps and 0 were skipped, at step 3"},
             {16, 1, 4, "the optimizer has taken 3 steps and 1 were skipped, at step 3"},
