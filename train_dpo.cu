@@ -431,14 +431,18 @@ static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
 
 // Runs every stage whose output is missing, and every stage after one that ran (dry: prints
 // those stages' commands and runs nothing). Under mpirun every rank goes through the stages
-// together (run_command), and rank 0 alone prints and writes the recipe's own files.
-static void run_missing_stages(uint64_t seed, bool dry) {
+// together (run_command), and rank 0 alone prints and writes the recipe's own files. Ranks
+// without MPI (srun's -I) cannot spawn the stages' ranks: they train DPO only.
+static void run_missing_stages(uint64_t seed, bool dry, bool without_mpi) {
     bool forced = false, first = comm_launcher_rank() == 0;
     if (!dry && first) make_dir("out/xwin_pair"), make_dir("out/set");
     for (const Stage& st : recipe_stages(seed, comm_launcher_world())) {
         if (!forced && access(st.output, F_OK) == 0) {
             if (first) printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
             continue;
+        }
+        if (!dry && without_mpi && comm_launcher_world() > 1) {
+            fail_file(st.output, "is missing: ranks without MPI (-I) train DPO only; make the stages before it under mpirun or srun --mpi=pmix, or on one process");
         }
         forced = true;
         if (first) printf("\nrecipe: stage %s (%s is missing)\n", st.name, st.output);
@@ -617,11 +621,11 @@ int main(int argc, char** argv) {
     }
     if (dry_run) {
         if (!recipe) fail_flag('D', "is for the recipe (the default -m and -i)");
-        run_missing_stages(tc.seed, true);
+        run_missing_stages(tc.seed, true, *tc.nccl_id_dir);
         if (comm_launcher_rank() == 0) printf("recipe: then DPO (seed %llu) and the stage table\n", (unsigned long long)tc.seed);
         return 0;
     }
-    if (recipe && !tc.resume) run_missing_stages(tc.seed, false);
+    if (recipe && !tc.resume) run_missing_stages(tc.seed, false, *tc.nccl_id_dir);
     auto t0 = std::chrono::steady_clock::now();
     train_dpo(cfg);
     if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0), tc.seed);  // rank 0 alone

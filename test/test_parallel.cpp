@@ -796,6 +796,11 @@ TEST_CASE("the recipe's dry run under mpirun: the data-parallel programs on 2 ne
     rc = run("cd " + dir + " && " + three + programs + "train_dpo_cpu -D 1", &out);
     CHECK(rc != 0);
     CHECK_THAT(out, Catch::Contains("error: -d: the recipe's batches (8 in its stages, 8 in DPO) do not split over 3 ranks: run it on 1, 2, 4 or 8 ranks"));
+    // srun without MPI (-I) cannot spawn ranks: its recipe trains DPO only, and says so first
+    rc = run("cd " + dir + " && SLURM_STEP_NUM_TASKS=2 SLURM_PROCID=0 " + programs + "train_dpo_cpu -I " + dir, &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: out/sft/model.bin: is missing: ranks without MPI (-I) train DPO only"));
     rm_rf(dir);
 }
 
