@@ -29,74 +29,80 @@ Every index product is computed in size_t.
 Contents, in file order (search for the quoted heading):
   "errors"                  defines: fail_file, string_format, fopen_check, fread_check, malloc_check,
                             crc32_update, file_crc32, reserved_bytes_check (one rule: reserved header bytes are zero),
-                            AtomicFile (atomic_open/_write/_commit: tmp, fsync, rename)
+                            AtomicFile (atomic_open, atomic_write, atomic_commit: tmp, fsync, rename)
   "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck,
                             NVTX_RANGE_FN, NVTX_RANGE (Nsight ranges, compiled away outside nvcc)
-  "Model file format"       defines: LlamaConfig, rope_scaling_check, model_header_parse/_write (the 256-byte header)
+  "Model file format"       defines: LlamaConfig, rope_scaling_check, model_header_parse, model_header_write (the 256-byte header)
   "Parameters"              defines: ParamTensors, param_sizes, point_parameters, Carver
-  "CPU reference ops"       defines: each op as CPU reference, CUDA kernel, launcher (_cuda):
+  "Ops"                     defines: each op as CPU reference, CUDA kernel, launcher (_cuda), a "---- <op>:" heading each:
                             PARALLEL_MIN_WORK; embedding (embedding_buckets: the GPU's deterministic backward), rmsnorm,
                             matmul (matmul_plain: the spec; matmul_accumulate: matmul_tiles or matmul_blocked, the
                             fast float kernel; matmul_forward_transposed: a weight transposed once), rope (rope_inv_freq: the one
                             place the frequencies are computed, with linear and llama3 scaling; rope_table: cos and
-                            sin computed once; rope_forward_at: given positions), attention (attention_forward_plain/
-                            attention_backward_plain: the spec; attention_forward_matmul/_backward_matmul on the CPU;
-                            on the GPU flash_attention_forward/_backward_cuda: FlashAttention-2 on wmma tiles,
-                            WarpTile, warp_tile_*),
+                            sin computed once; rope_forward_at: given positions), attention (attention_forward_plain,
+                            attention_backward_plain: the spec; attention_forward_matmul, attention_backward_matmul on the CPU;
+                            on the GPU flash_attention_forward_cuda, flash_attention_backward_cuda: FlashAttention-2 on wmma tiles,
+                            WarpTile, warp_tile_zero, warp_tile_load, warp_tile_store, warp_tile_mma),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
                             (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
                             logprob (fused_logprob_nll: the SFT loss's log-probs and d-logits in one pass),
-                            sequence_logprob_forward/_backward (_cuda: a block per sequence), masked_mean_loss,
+                            sequence_logprob_forward, sequence_logprob_backward (sequence_logprob_forward_cuda, sequence_logprob_backward_cuda: a block per sequence), masked_mean_loss,
                             clip_grad_norm (grad_norm_coef_cuda: the clip folded into AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving; the model graph, written once
-                            for both builds: llama_graph_forward/_backward over an op set (CpuOps, CudaOps)
-  "The model"               defines: Llama, llama_load/_save, llama_alloc, llama_forward(_trunk)/_backward/_update,
+                            for both builds: llama_graph_forward, llama_graph_backward over an op set (CpuOps, CudaOps)
+  "The model"               defines: Llama, llama_load, llama_save, llama_alloc, llama_forward, llama_forward_trunk, llama_backward, llama_update,
                             llama_nll_forward_backward (the SFT loss and gradient, the classifier fused)
-  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan/_total/_text, gpu_memory_refusal, bytes_text),
-                            llama_cuda_init/_forward(_trunk)/_backward (_from_dlp: from a dlp on the device)/_update/_download,
+  "The model on the GPU"    defines: LlamaCuda, GpuMemoryPlan (gpu_memory_plan, gpu_memory_plan_total, gpu_memory_plan_text, gpu_memory_refusal, gpu_memory_require, bytes_text),
+                            llama_cuda_init, llama_cuda_forward, llama_cuda_forward_trunk, llama_cuda_backward,
+                            llama_cuda_backward_from_dlp (from a dlp on the device), llama_cuda_update, llama_cuda_download,
                             llama_cuda_nll_forward_backward (the SFT loss and gradient: B sums to the host)
-  "Running a model"         defines: Runner, runner_init/_forward/_backward/_nll_forward_backward/_clip_grad_norm/_update, ...
+  "Running a model"         defines: Runner, runner_init, runner_forward, runner_backward,
+                            runner_nll_forward_backward, runner_clip_grad_norm, runner_update, runner_download_params, runner_shard
   "Inference with a KV"     defines: InferStateT, infer_graph_layers (the layers on a cache, over InferCpuOps or
-                            InferCudaOps), Infer, infer_init/_layers/_prefill/_decode/_sequence_logprobs (CPU);
-                            InferCuda, infer_memory_plan, infer_cuda_init/_layers/_prefill/_decode/_sequence_logprobs/_logits;
-                            InferRunner, infer_runner_init/_prefill/_decode/_score/_sequence_logprobs/_copy_sequence/_rewind
+                            InferCudaOps), Infer, infer_init, infer_layers, infer_prefill, infer_decode, infer_sequence_logprobs (CPU);
+                            InferCuda, infer_memory_plan, infer_cuda_init, infer_cuda_layers,
+                            infer_cuda_prefill, infer_cuda_decode, infer_cuda_sequence_logprobs, infer_cuda_logits;
+                            InferRunner, infer_runner_init, infer_runner_prefill,
+                            infer_runner_decode, infer_runner_score, infer_runner_sequence_logprobs, infer_runner_copy_sequence, infer_runner_rewind
                             (frozen models: a reward model's scores, a policy's log-prob sums, no training state)
-  "Token file format"       defines: TokenData, tokens_load/_save, tokens_fill_rows
+  "Token file format"       defines: TokenData, tokens_load, tokens_save, tokens_fill_rows
   "Pair file format"        defines: PairRecord, PairData, pairs_load (preference pairs)
   "Reference log-prob file" defines: ReferenceLogps, model_file_identity, reference_values_crc, reference_save,
                             reference_load_checked
                             (DPO's frozen reference, refused for another model or other pairs)
-  "Tensor archive"          defines: ArchiveEntry, archive_load/_save
-  "Tokenizer"               defines: ChatTemplate (chat_template_parse/_vicuna/_check), Tokenizer, tokenizer_load, tokenizer_encode/_decode; byte-level BPE (kind 2):
+  "Tensor archive"          defines: ArchiveEntry, archive_load, archive_save
+  "Tokenizer"               defines: ChatTemplate (chat_template_parse, chat_template_vicuna, chat_template_check), Tokenizer, tokenizer_load, tokenizer_encode, tokenizer_decode; byte-level BPE (kind 2):
                             unicode_class (tables from dev/make_unicode_tables.py), pretoken_end and pretokenize
                             (the GPT-2 and Llama 3 regexes by hand), bpe_encode_word, tokenizer_encode_bpe
   "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
   "The chat template"       defines: ChatSegment, chat_segments, chat_encode_segments, chat_end_id,
-                            chat_encode_conversation (ids and loss mask), chat_encode_prompt, mfu_text (ChatTemplate, its file section
+                            chat_encode_conversation (ids and loss mask), chat_encode_prompt (ChatTemplate, its file section
                             and checks are in "Tokenizer")
-  "Collectives"             defines: Comm, comm_init/_free, comm_all_reduce_sum(_double), comm_broadcast, comm_barrier
+  "Collectives"             defines: Comm, comm_init, comm_free, comm_all_reduce_sum, comm_all_reduce_sum_double, comm_broadcast, comm_barrier
                             (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
                             comm_reduce_sum_host, runner_micro_batch, runner_all_reduce_grads, runner_clip_grads,
-                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads / _rest / _grads_host;
+                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads, comm_reduce_scatter_rest, comm_reduce_scatter_grads_host;
                             comm_spawn_program (a program on new ranks: the recipe's stages under mpirun),
-                            comm_spawned_exit, comm_idle_broadcast, comm_mpi_start/_end
+                            comm_spawned_exit, comm_idle_broadcast, comm_mpi_start, comm_mpi_end
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin and ZeRO-1's
-                            shard files (shard_save, shard_read, shards_load), checkpoint_save/_load_state;
-                            Trainer: trainer_init, _load_model, _start, _running, _next_rows,
-                            _step_end, _log, _checkpoint, _save_model, _close;
+                            shard files (shard_save, shard_read, shards_load), checkpoint_save, checkpoint_load_state;
+                            Trainer: trainer_init, trainer_load_model, trainer_start, trainer_running, trainer_next_rows,
+                            trainer_step_end (its step line's mfu_text), trainer_log, trainer_checkpoint, trainer_save_model,
+                            trainer_close, trainer_load_pairs, trainer_start_pairs;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
-  "DPO"                     defines: runner_sequence_logprobs/_backward (the GPU moves B sums, not (B, T) log-probs);
+  "DPO"                     defines: runner_sequence_logprobs, runner_sequence_backward (the GPU moves B sums, not (B, T) log-probs);
                             DPOLossType, DPOConfig, dpo_config_check, dpo_loss (sigmoid with label smoothing,
                             IPO, the chosen NLL), DPOMetrics, dpo_metrics_add
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
                             generate (n samples per prompt on an InferRunner, one prefill each, duplicates
-                            drawn again), infer_runner_shape/_of/_from, generate_greedy(_batch, _model),
+                            drawn again), infer_runner_shape, infer_runner_of, infer_runner_from, generate_greedy,
+                            generate_greedy_batch, generate_greedy_model,
                             world_prompt_ids, world_scores, world_kind_means, world_evaluate;
-                            best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse/_append,
+                            best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse, json_append,
                             utf8_repair, read_lines_checked, json_messages, prompts_load_checked;
                             LogSeries, read_log_series (a metric of a program's log.jsonl)
-  "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init/_rect/_text/_line, plot_save_png;
+  "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init, plot_rect, plot_text, plot_line, plot_save_png;
                             plot_text_wrapped; CurvePanel, draw_training_curves (the recipe's out/curves.png)
 */
 #pragma once
@@ -784,13 +790,15 @@ struct Carver {
 inline bool param_is_decayed(int tensor) { return tensor != PARAM_ATTN_NORM && tensor != PARAM_MLP_NORM && tensor != PARAM_FINAL_NORM; }
 
 // ----------------------------------------------------------------------------
-// CPU reference ops. Shapes: B batch, T time, C channels, N = B*T rows.
+// Ops: each as its CPU reference (the spec), its CUDA kernels and their launchers (_cuda, which
+// take a stream), under a heading "---- <op>: ...". Shapes: B batch, T time, C channels, N = B*T rows.
 
 // Below this many elements (or multiply-adds) an op runs on one thread: waking the others would
 // cost more than it saves. The small ops of a decode step (a few rows each, ~60 of them per
 // token) stay serial; training's are far above it. No result depends on the thread count.
 constexpr size_t PARALLEL_MIN_WORK = (size_t)1 << 16;
 
+// ---- embedding: reference, kernels, launchers (embedding_forward/_backward, embedding_buckets)
 // x[b,t,:] = wte[tokens[b,t], :]
 template <typename T>
 void embedding_forward(T* out, const int* tokens, const T* wte, size_t N, size_t C) {
@@ -869,6 +877,7 @@ inline void embedding_backward_cuda(float* dwte, const floatX* dout, const int* 
 }
 #endif
 
+// ---- rmsnorm: reference, kernels, launchers (rmsnorm_forward/_recompute/_backward)
 // out = x / sqrt(mean(x^2) + eps) * weight; rstd (N) saved for the backward
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, size_t N, size_t C, double eps) {
@@ -1036,6 +1045,7 @@ inline void rmsnorm_backward_cuda(floatX* dinp, float* dweight, float* dweight_p
 }
 #endif
 
+// ---- matmul: the spec, the fast CPU kernel, cuBLAS launchers (matmul_plain, matmul_blocked, matmul_forward/_backward(_pair, _qkv))
 // Every matmul of the CPU build is out (M, P) += A (M, K) @ B (K, P) over strided operands:
 // A[i, k] is A[i * sa + k * sk] and B[k, j] is B[k * sbk + j * sbj], so either may be a
 // transpose read in place, and out's rows are ldo apart (a block of a wider matrix).
@@ -1398,6 +1408,7 @@ inline void matmul_backward_qkv_cuda(floatX* dinp, float* dwq, float* dwk, float
 }
 #endif
 
+// ---- rope: frequencies, table, reference, kernel, launchers (rope_inv_freq, rope_table, rope_forward/_backward/_at)
 // RoPE's inverse frequency of pair i (i < head_dim / 2), the one place it is computed: in float32
 // step by step as transformers does (modeling_rope_utils: the default, linear and llama3 types),
 // so that the angles below are its bits.
@@ -1564,6 +1575,7 @@ inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
 }
 #endif
 
+// ---- attention: the spec, the CPU's per-head matmuls (attention_forward/_backward)
 // Causal grouped-query attention.
 //   q (B, T, H, hd), k and v (B, T, KV, hd); query head h reads kv head h / (H / KV).
 //   att (B, H, T, T): softmax over t2 <= t of q.k / sqrt(hd); entries t2 > t are 0.
@@ -1790,6 +1802,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
     attention_backward_plain(dq, dk, dv, dout, att, q, k, v, B, Tn, H, KV, hd);
 }
 
+// ---- flash attention: kernels and launchers (flash_attention_forward/_backward_cuda)
 #ifdef XWIN_CUDA
 // On the GPU, attention is flash attention (FlashAttention-2, Dao 2023), written here: the
 // (T, T) scores and probabilities are never stored. A block takes FLASH_TILE query rows of one
@@ -2323,6 +2336,7 @@ inline void flash_attention_backward_cuda(floatX* dq, floatX* dk, floatX* dv, fl
 }
 #endif
 
+// ---- KV cache and attention over it: reference, kernels, launchers (kv_cache_write, attention_cached_forward, attention_decode_cuda)
 // A KV cache holds, per layer, the keys and values (after RoPE) of every position so far of
 // each sequence: k_cache, v_cache (B, maxT, KV, hd) for one layer. New tokens are appended at
 // each sequence's own position pos[b] (sequences of a batch may have different lengths).
@@ -2524,6 +2538,7 @@ inline void attention_decode_cuda(floatX* out, const floatX* q, const floatX* k_
 }
 #endif
 
+// ---- swiglu: reference, kernels, launchers
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x)
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
@@ -2611,6 +2626,7 @@ inline void swiglu_backward_cuda(floatX* dgate, floatX* dup, const floatX* dout,
 }
 #endif
 
+// ---- residual, and the residual fused with the next rmsnorm: reference, kernels, launchers
 // out = a + b (the residual stream)
 template <typename T>
 void residual_forward(T* out, const T* a, const T* b, size_t n) {
@@ -2707,6 +2723,7 @@ inline void fused_residual_rmsnorm_forward_cuda(floatX* residual, floatX* out, f
 }
 #endif
 
+// ---- log-probs and the SFT loss: reference, kernels, launchers (logprob_forward/_backward, fused_logprob_nll)
 // Token log-probs: lp[b,t] = log softmax(logits[b,t-1])[tokens[b,t]] for t >= 1; lp[b,0] = 0.
 // logits (B, T, V), tokens (B, T), lp (B, T)
 template <typename T>
@@ -2907,6 +2924,7 @@ inline void fused_logprob_nll_cuda(float* lp, floatX* dlogits, const floatX* log
 
 // Per-sequence log-prob sums (DPO's, and the SFT step's loss on the GPU)
 
+// ---- sequence log-prob sums (DPO): reference, kernels, launchers
 // sums (B) = the log-prob of each sequence's target tokens: sums[b] = sum over t >= 1 of
 // mask[b, t] * lp[b, t]; lp (B, T) from logprob_forward, mask (B, T) the token file's loss mask.
 // Alignment, as masked_mean_loss reads them: lp[b, t] = log p(tokens[b, t] | tokens[b, < t])
@@ -2970,6 +2988,7 @@ inline void sequence_logprob_backward_cuda(float* dlp, const float* dsums, const
 }
 #endif
 
+// ---- reward head: reference, kernels, launchers (reward_score_index, reward_head_forward/_backward)
 // Reward head: transformers' LlamaForSequenceClassification with one label and no bias.
 // The score of sequence b is w . h[b, idx[b], :] where h (B, T, C) is the final-norm hidden
 // state and w (C) the score row; idx[b] is the sequence's last token that is not padding.
@@ -3052,6 +3071,7 @@ inline void reward_head_backward_cuda(floatX* dh, float* dw, const float* dscore
 }
 #endif
 
+// ---- the masked mean loss (the SFT objective on the CPU)
 // Masked mean negative log-likelihood over the target tokens (mask = 1), as Hugging Face's
 // loss with labels = -100 where mask = 0. *count receives the number of targets.
 template <typename T>
@@ -3083,6 +3103,7 @@ void masked_mean_loss_backward(T* dlp, const uint8_t* mask, size_t B, size_t Tn,
     for (size_t i = 0; i < B * Tn; i++) dlp[i] = (i % Tn != 0 && mask[i] && count) ? T(-1.0 / (double)count) : T(0);
 }
 
+// ---- gradient clipping: reference, kernels, launcher (clip_grad_norm, grad_norm_coef_cuda)
 // Global L2 norm of the gradient (accumulated in double), then clipping as
 // torch.nn.utils.clip_grad_norm_ does: g *= max_norm / (norm + 1e-6) when that is < 1.
 // max_norm <= 0 disables clipping. Returns the norm before clipping. The sum runs over 64
@@ -3157,6 +3178,7 @@ inline void grad_norm_coef_cuda(const float* grads, size_t n, float max_norm, fl
 }
 #endif
 
+// ---- AdamW and ZeRO's shards: reference, kernels, launchers (adamw_update, Shard, gradient_accumulate)
 // AdamW as torch.optim.AdamW: decoupled weight decay, then bias-corrected moments.
 //   p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)        (t counts from 1)
@@ -3961,6 +3983,20 @@ inline std::string gpu_memory_refusal(const GpuMemoryPlan& m, int B, int T, size
                          bytes_text(total_bytes).c_str());
 }
 
+// Prints the plan ("<title>: weights ..., total ...") before the first allocation, and exits
+// with the one-line refusal ("error: <who>the GPU model at ...") when the device has less free
+// memory than the plan needs
+inline void gpu_memory_require(const GpuMemoryPlan& plan, const std::string& title, const char* who, int B, int T) {
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("%s: %s\n", title.c_str(), gpu_memory_plan_text(plan).c_str());
+    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
+    if (!refusal.empty()) {
+        fprintf(stderr, "error: %s%s\n", who, refusal.c_str());
+        exit(1);
+    }
+}
+
 // Uploads a host model's weights; allocates everything for batches up to (B, T), once, after
 // printing the memory plan; refuses (exits) when the device has less free memory than it needs.
 inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool training, cudaStream_t stream, Shard shard = Shard{},
@@ -3975,16 +4011,9 @@ inline void llama_cuda_init(LlamaCuda* g, const Llama* host, int B, int T, bool 
     recompute = recompute && training;
     shard.grads = shard.grads && shard.world > 1;
     GpuMemoryPlan plan = gpu_memory_plan(c, B, T, training, shard.world, recompute, shard.grads);
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU memory plan (B %d, T %d%s%s%s): %s\n", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
-           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : "",
-           gpu_memory_plan_text(plan).c_str());
-    std::string refusal = gpu_memory_refusal(plan, B, T, free_bytes, total_bytes);
-    if (!refusal.empty()) {
-        fprintf(stderr, "error: %s\n", refusal.c_str());
-        exit(1);
-    }
+    gpu_memory_require(plan, string_format("GPU memory plan (B %d, T %d%s%s%s)", B, T, training ? ", training" : "", recompute ? ", recomputation" : "",
+                                           shard.world > 1 ? string_format(", ZeRO-%d over %d ranks, per rank", shard.grads ? 2 : 1, shard.world).c_str() : ""),
+                       "", B, T);
     *g = LlamaCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -4874,14 +4903,7 @@ inline void infer_cuda_init(InferCuda* g, const Llama* host, int B, int max_T, i
     infer_require(c, B, max_T, max_chunk);
     size_t part_rows, n = host->num_params;
     GpuMemoryPlan plan = infer_memory_plan(c, B, max_T, max_chunk, attn_chunk, &part_rows);  // printed before the first allocation
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("GPU inference memory plan (B %d, max_T %d, chunk %d): %s\n", B, max_T, max_chunk, gpu_memory_plan_text(plan).c_str());
-    std::string refusal = gpu_memory_refusal(plan, B, max_T, free_bytes, total_bytes);
-    if (!refusal.empty()) {
-        fprintf(stderr, "error: inference: %s\n", refusal.c_str());
-        exit(1);
-    }
+    gpu_memory_require(plan, string_format("GPU inference memory plan (B %d, max_T %d, chunk %d)", B, max_T, max_chunk), "inference: ", B, max_T);
     *g = InferCuda{};
     g->config = c;
     g->num_params = host->num_params;
@@ -7201,20 +7223,6 @@ inline const GpuInfo& gpu_info() {
 }
 #endif
 
-// " | 41.2% MFU" on the GPU build: the model FLOPs of a training step, 6 per parameter per
-// token (the attention scores are left out, so this is a lower bound), against the GPU's
-// dense peak for the precision (gpu_peak_flops); "" on the CPU build or an unknown GPU (the
-// runner says so when it starts).
-inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
-#ifdef XWIN_CUDA
-    double peak = gpu_info().peak;
-    if (peak == 0.0) return "";
-    return string_format(" | %.1f%% MFU", 100.0 * 6.0 * num_params * tokens / (ms / 1000.0) / peak);
-#else
-    (void)num_params, (void)tokens, (void)ms;
-    return "";
-#endif
-}
 
 // ----------------------------------------------------------------------------
 // Collectives: data parallel training over ranks, one process per rank (mpirun -np N).
@@ -8687,6 +8695,21 @@ inline void trainer_flush(Trainer* tr) {
     if (tr->log && (fflush(tr->log) != 0 || ferror(tr->log))) fail_file(tr->log_path.c_str(), "write failed: %s", strerror(errno));
 }
 
+// " | 41.2% MFU" on the GPU build: the model FLOPs of a training step, 6 per parameter per
+// token (the attention scores are left out, so this is a lower bound), against the GPU's
+// dense peak for the precision (gpu_peak_flops); "" on the CPU build or an unknown GPU (the
+// runner says so when it starts).
+inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
+#ifdef XWIN_CUDA
+    double peak = gpu_info().peak;
+    if (peak == 0.0) return "";
+    return string_format(" | %.1f%% MFU", 100.0 * 6.0 * num_params * tokens / (ms / 1000.0) / peak);
+#else
+    (void)num_params, (void)tokens, (void)ms;
+    return "";
+#endif
+}
+
 // The end of an optimizer step whose gradient is accumulated: the sum over the ranks (the
 // gradient, loss and tokens: each rank's are its rows' share of the step's), the non-finite
 // guard, clipping, the lr schedule, AdamW, the step line and the JSONL log. The extra metrics
@@ -8853,6 +8876,29 @@ inline void tokens_check_for_training(const TokenData& d, const char* path, int 
         for (uint64_t j = d.offsets[i] + 1; j < d.offsets[i + 1]; j++) targets += d.mask[j];
     }
     if (targets == 0) fail_file(path, "has no target tokens (the mask is 0 after every sequence's first token): nothing to learn or measure");
+}
+
+// A preference stage's pairs (train_rm, train_dpo): the training pairs and, unless val_path is
+// '', the held-out ones, each checked against the model's vocabulary and -t, and every training
+// pair's length (its longer answer) for the trainer's batches of similar lengths. Returns
+// whether there are held-out pairs.
+inline bool trainer_load_pairs(Trainer* tr, int vocab_size, const char* train_path, const char* val_path, PairData* train, PairData* val) {
+    pairs_load(train, train_path, vocab_size);
+    tokens_check_for_training(train->seqs, train_path, tr->cfg->max_len);
+    bool has_val = *val_path;
+    if (has_val) pairs_load(val, val_path, vocab_size), tokens_check_for_training(val->seqs, val_path, tr->cfg->max_len);
+    for (size_t i = 0; i < train->n_pairs; i++) {
+        tr->lengths.push_back((uint32_t)std::max(token_seq_len(train->seqs, 2 * i), token_seq_len(train->seqs, 2 * i + 1)));
+    }
+    return has_val;
+}
+
+// trainer_start over pairs: a row is a pair; the run's data is the training file
+inline void trainer_start_pairs(Trainer* tr, Runner* r, const PairData& train) {
+    uint64_t data_size;
+    uint32_t data_hash;
+    tokens_identity(train.seqs, &data_size, &data_hash);
+    trainer_start(tr, r, train.n_pairs, data_size, data_hash);
 }
 
 // ----------------------------------------------------------------------------
@@ -9279,6 +9325,16 @@ inline double world_evaluate(Runner* r, const Tokenizer* tok, const std::vector<
     double total = 0;
     for (int s : scores) total += s;
     return scores.empty() ? 0.0 : total / scores.size();
+}
+
+// The closing evaluation of train_sft and train_dpo: world_evaluate on the first 100 held-out
+// prompts (a block of them on each rank) and its line, "gold judge: mean 5.12 / 10 over 100
+// held-out prompts (arith 4.1, ...)"
+inline double world_report(Runner* r, const Tokenizer* tok, const std::vector<WorldPrompt>& prompts, size_t show, Comm* comm) {
+    std::string per_kind;
+    double score = world_evaluate(r, tok, prompts, 100, show, &per_kind, comm);
+    printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+    return score;
 }
 
 // ---- selection from a set of scored responses

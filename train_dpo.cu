@@ -183,10 +183,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     if (tc.max_len > c.max_seq_len) fail_flag('t', "%d is more than the max_seq_len %d of the model", tc.max_len, c.max_seq_len);
     tokenizer_check_model(&tok, cfg.tokenizer_path, c.vocab_size, cfg.model_path);
     PairData train, val;
-    pairs_load(&train, cfg.train_path, c.vocab_size);
-    tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
-    bool has_val = *cfg.val_path;
-    if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
+    bool has_val = trainer_load_pairs(&tr, c.vocab_size, cfg.train_path, cfg.val_path, &train, &val);
     runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params), tc.recompute);
     int B = tc.micro_batch;
     PairBatch pb;
@@ -198,12 +195,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     ReferenceLogps ref = reference_logps(&runner, &tr.comm, cfg.model_path, train, cfg.train_path, ref_path, fresh, B, &pb), val_ref;
     if (has_val) val_ref = reference_logps(&runner, &tr.comm, cfg.model_path, val, cfg.val_path, std::string(cfg.val_path) + ".logps", fresh, B, &pb);
 
-    uint64_t data_size;
-    uint32_t data_hash;
-    tokens_identity(train.seqs, &data_size, &data_hash);
-    for (size_t i = 0; i < train.n_pairs; i++)  // batches of similar lengths
-        tr.lengths.push_back((uint32_t)std::max(token_seq_len(train.seqs, 2 * i), token_seq_len(train.seqs, 2 * i + 1)));
-    trainer_start(&tr, &runner, train.n_pairs, data_size, data_hash);
+    trainer_start_pairs(&tr, &runner, train);
     printf("train_dpo on %s | %s | %zu train pairs, %zu val | batch %d x %d pairs | %d steps | lr %.1e | %s beta %g, label smoothing %g, nll %g\n",
            runner_device(), cfg.model_path, train.n_pairs, has_val ? val.n_pairs : 0, B, tr.accum, tr.max_steps, tc.lr,
            cfg.dpo.loss_type == DPO_IPO ? "IPO" : "sigmoid", cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight);
@@ -248,10 +240,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     }
     if (trainer_finished(&tr)) {
         if (*cfg.prompts_path) {
-            std::vector<WorldPrompt> prompts = world_load_prompts(cfg.prompts_path);
-            std::string per_kind;
-            double score = world_evaluate(&runner, &tok, prompts, 100, 4, &per_kind, &tr.comm);  // a block of the prompts on each rank
-            printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+            world_report(&runner, &tok, world_load_prompts(cfg.prompts_path), 4, &tr.comm);  // a block of the prompts on each rank
         }
         trainer_save_model(&tr);
     }

@@ -150,17 +150,9 @@ int main(int argc, char** argv) {
     if (tc.max_len > c.max_seq_len) fail_flag('t', "%d is more than the max_seq_len %d of the model", tc.max_len, c.max_seq_len);
     tokenizer_check_model(&tok, cfg.tokenizer_path, c.vocab_size, cfg.sft_path);
     PairData train, val;
-    pairs_load(&train, cfg.train_path, c.vocab_size);
-    tokens_check_for_training(train.seqs, cfg.train_path, tc.max_len);
-    bool has_val = *cfg.val_path;
-    if (has_val) pairs_load(&val, cfg.val_path, c.vocab_size), tokens_check_for_training(val.seqs, cfg.val_path, tc.max_len);
+    bool has_val = trainer_load_pairs(&tr, c.vocab_size, cfg.train_path, cfg.val_path, &train, &val);
     runner_init(&runner, 2 * tc.micro_batch, tc.max_len, true, trainer_shard(&tr, runner.host.num_params), tc.recompute);
-    uint64_t data_size;
-    uint32_t data_hash;
-    tokens_identity(train.seqs, &data_size, &data_hash);
-    for (size_t i = 0; i < train.n_pairs; i++)  // batches of similar lengths
-        tr.lengths.push_back((uint32_t)std::max(token_seq_len(train.seqs, 2 * i), token_seq_len(train.seqs, 2 * i + 1)));
-    trainer_start(&tr, &runner, train.n_pairs, data_size, data_hash);
+    trainer_start_pairs(&tr, &runner, train);
     printf("train_rm on %s | %zu parameters | %zu train pairs, %zu val | batch %d x %d pairs | %d steps | lr %.1e | margin %g | center %g\n",
            runner_device(), runner.host.num_params, train.n_pairs, has_val ? val.n_pairs : 0, tc.micro_batch, tr.accum, tr.max_steps, tc.lr,
            cfg.margin, cfg.center);

@@ -159,9 +159,7 @@ int main(int argc, char** argv) {
     if (trainer_finished(&tr)) {
         if (!prompts.empty()) {  // each rank answers a block of the prompts
             printf("greedy answers to held-out prompts:\n");
-            std::string per_kind;
-            double score = world_evaluate(&runner, &tok, prompts, 100, 6, &per_kind, &tr.comm);
-            printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
+            world_report(&runner, &tok, prompts, 6, &tr.comm);
         }
         trainer_save_model(&tr);
     }

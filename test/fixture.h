@@ -33,6 +33,19 @@ inline int run_command(const std::string& cmd, std::string* output) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+// The central difference (loss(x + h e_i) - loss(x - h e_i)) / 2h in element i of x (float or
+// double; x[i] is restored), the finite-difference tests' one quotient
+template <typename T, typename F>
+double central_difference(T* x, size_t i, double h, F&& loss) {
+    T saved = x[i];
+    x[i] = (T)(saved + h);
+    double up = loss();
+    x[i] = (T)(saved - h);
+    double down = loss();
+    x[i] = saved;
+    return (up - down) / (2 * h);
+}
+
 // ||a - b|| / ||b||, accumulated in double
 inline double relative_error(const float* a, const float* b, size_t n) {
     double num = 0, den = 0;

@@ -114,13 +114,7 @@ TEST_CASE("dpo_loss derivatives match central finite differences", "[dpo][loss][
         };
         for (int i = 0; i < n; i++) {
             for (std::vector<float>* x : {&pc, &pr}) {
-                float saved = (*x)[i];
-                (*x)[i] = saved + h;
-                double up = loss();
-                (*x)[i] = saved - h;
-                double down = loss();
-                (*x)[i] = saved;
-                double numeric = (up - down) / (2.0 * h);
+                double numeric = central_difference(x->data(), i, h, loss);
                 INFO("loss type " << cfg.loss_type << ", beta " << cfg.beta << ", pair " << i << (x == &pc ? " dpc" : " dpr"));
                 CHECK((x == &pc ? dpc[i] : dpr[i]) == Approx(numeric).epsilon(1e-5).margin(1e-7));
             }

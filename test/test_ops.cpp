@@ -9,7 +9,7 @@
 #include <functional>
 #include <random>
 
-#include "../llm.cu"
+#include "fixture.h"
 
 using Vec = std::vector<double>;
 
@@ -31,13 +31,7 @@ static double dot(const Vec& a, const Vec& b) {
 static void check_gradient(const char* what, Vec& x, const Vec& analytic, const std::function<double()>& loss, double h = 1e-5) {
     double max_err = 0, max_grad = 1e-12;
     for (size_t i = 0; i < x.size(); i++) {
-        double saved = x[i];
-        x[i] = saved + h;
-        double lp = loss();
-        x[i] = saved - h;
-        double lm = loss();
-        x[i] = saved;
-        double numeric = (lp - lm) / (2 * h);
+        double numeric = central_difference(x.data(), i, h, loss);
         max_err = std::max(max_err, std::fabs(numeric - analytic[i]));
         max_grad = std::max(max_grad, std::fabs(numeric));
     }

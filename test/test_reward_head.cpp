@@ -88,14 +88,8 @@ TEST_CASE("reward head backward matches finite differences", "[reward][fd]") {
         std::vector<double>& grad = x == &h ? dh : dw;
         double base = x == &h ? 0.5 : 0.25;
         for (size_t i = 0; i < x->size(); i++) {
-            double saved = (*x)[i];
-            (*x)[i] = saved + step;
-            double lp = loss();
-            (*x)[i] = saved - step;
-            double lm = loss();
-            (*x)[i] = saved;
             INFO((x == &h ? "dh " : "dw ") << i);
-            CHECK(grad[i] - base == Approx((lp - lm) / (2 * step)).margin(1e-8));
+            CHECK(grad[i] - base == Approx(central_difference(x->data(), i, step, loss)).margin(1e-8));
         }
     }
 }
@@ -214,12 +208,8 @@ TEST_CASE("the reward-model loss on hand-worked values and finite differences", 
         for (int side = 0; side < 2; side++) {
             float a[2] = {rc[0], rc[1]}, b[2] = {rr[0], rr[1]};
             float* x = side == 0 ? a : b;
-            const float h = 1e-2f;  // float inputs: a large step, the loss is smooth (its third derivative is small)
-            x[i] += h;
-            double up = L(a, b);
-            x[i] -= 2 * h;
-            double down = L(a, b);
-            double numeric = (up - down) / (2 * h);
+            // float inputs: a large step, the loss is smooth (its third derivative is small)
+            double numeric = central_difference(x, i, 1e-2, [&] { return L(a, b); });
             CHECK((side == 0 ? drc[i] : drr[i]) == Approx(numeric).margin(1e-4));
         }
     }
