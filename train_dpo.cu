@@ -327,8 +327,8 @@ static void run_command(const std::string& cmd) {
     std::string failure;  // "exit 2", ...; "" when it succeeded
     if (world > 1 && data_parallel_command(cmd, &argv)) {
         std::string error;
-        int code = access(argv[0].c_str(), X_OK) != 0 ? -1 : comm_spawn_program(argv, world, &error);
-        if (code < 0 && error.empty()) failure = string_format("cannot run %s: %s", argv[0].c_str(), strerror(errno));
+        int code = access(argv[0].c_str(), X_OK) != 0 ? -2 : comm_spawn_program(argv, world, &error);  // -2: no such program here
+        if (code == -2) failure = string_format("cannot run %s: %s", argv[0].c_str(), strerror(errno));
         else if (code < 0) failure = string_format("MPI could not start %d ranks of it: %s; HINT: where the ranks fill the node, mpirun --oversubscribe", world, error.c_str());
         else if (code > 0) failure = string_format("exit %d", code);
     } else {

@@ -760,6 +760,7 @@ TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks tra
         {"build/train_sft_cpu -Q 1", "exit 1"},
         {sft + " -m " + fx.dir("no_model.bin") + " -o " + fx.dir("recipe_failed"), "exit 1"},
         {"exit 3", "exit 3"},
+        {"build/train_sft_missing -h", "cannot run build/train_sft_missing: No such file or directory"},
     };
     for (const Failure& f : failures) {
         auto t0 = std::chrono::steady_clock::now();
