@@ -81,7 +81,9 @@ Contents, in file order (search for the quoted heading):
   "Collectives"             defines: Comm, comm_init, comm_free, comm_all_reduce_sum, comm_all_reduce_sum_double, comm_broadcast, comm_barrier
                             (MPI with XWIN_MPI, NCCL with XWIN_NCCL; a world of 1 without a launcher),
                             comm_reduce_sum_host, runner_micro_batch, runner_all_reduce_grads, runner_clip_grads,
-                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads, comm_reduce_scatter_rest, comm_reduce_scatter_grads_host
+                            runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads, comm_reduce_scatter_rest, comm_reduce_scatter_grads_host;
+                            comm_spawn_program (a program on new ranks: the recipe's stages under mpirun),
+                            comm_spawned_exit, comm_idle_broadcast, comm_mpi_start, comm_mpi_end
   "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin and ZeRO-1's
                             shard files (shard_save, shard_read, shards_load), checkpoint_save, checkpoint_load_state;
@@ -7315,6 +7317,12 @@ struct Comm {
 #endif
 };
 
+[[noreturn]] inline void comm_fail_no_mpi(int world) {
+    fprintf(stderr, "error: the launcher started %d ranks, but this build has no MPI: multi-rank runs need the MPI build "
+                    "(install libopenmpi-dev, then make: it finds mpicxx)\n", world);
+    exit(1);
+}
+
 // The number of ranks a launcher announced: OpenMPI's mpirun sets OMPI_COMM_WORLD_SIZE,
 // MPICH's and Intel MPI's set PMI_SIZE, Slurm's srun SLURM_STEP_NUM_TASKS (a job step's tasks:
 // a batch script that runs the program directly is not a step); 1 when none is set.
@@ -7335,6 +7343,41 @@ inline int comm_launcher_rank() {
     }
     return 0;
 }
+
+#ifdef XWIN_MPI
+// A program that comm_spawn_program started (a stage of the recipe under mpirun, on new ranks)
+// is a rank of an MPI world of its own, a child of the ranks that spawned it. Their
+// MPI_Comm_spawn returns when every child has called MPI_Init, so a child calls it as it loads,
+// before its flags are read (XWIN_SPAWNED in its environment says it is one); comm_init then
+// finds MPI started. When it exits it sends its exit status to every parent (on_exit: the
+// status is known only there). A child that failed does not end: a non-zero exit would have
+// mpirun end the whole run before the parents say which command failed; they say it and exit
+// non-zero, and mpirun then ends the children that wait. (A child killed by a signal, or one
+// that calls MPI_Abort, has mpirun end the whole run at once, with mpirun's message.)
+constexpr int COMM_EXIT_TAG = 7011;
+
+inline void comm_spawned_exit(int status, void*) {
+    fflush(stdout), fflush(stderr);
+    MPI_Comm parent;
+    int parents = 0;
+    mpiCheck(MPI_Comm_get_parent(&parent));
+    mpiCheck(MPI_Comm_remote_size(parent, &parents));
+    for (int p = 0; p < parents; p++) mpiCheck(MPI_Send(&status, 1, MPI_INT, p, COMM_EXIT_TAG, parent));
+    if (status != 0) for (;;) pause();
+    mpiCheck(MPI_Comm_disconnect(&parent));
+    mpiCheck(MPI_Finalize());
+}
+
+inline const bool comm_spawned = [] {
+    if (!getenv("XWIN_SPAWNED") || comm_launcher_world() == 1) return false;
+    mpiCheck(MPI_Init(nullptr, nullptr));
+    MPI_Comm parent;
+    mpiCheck(MPI_Comm_get_parent(&parent));
+    if (parent == MPI_COMM_NULL) return false;  // a launcher's rank that found the variable set: comm_init's usual run
+    on_exit(comm_spawned_exit, nullptr);
+    return true;
+}();
+#endif
 
 #ifdef XWIN_NCCL
 // NCCL's id from rank 0 to the others through a file in a folder every rank sees (-I), for
@@ -7439,16 +7482,16 @@ inline void comm_init(Comm* c, const char* id_dir = "") {
 #endif
     }
 #ifndef XWIN_MPI
-    fprintf(stderr, "error: the launcher started %d ranks, but this build has no MPI: multi-rank runs need the MPI build "
-                    "(install libopenmpi-dev, then make: it finds mpicxx)\n", world);
-    exit(1);
+    comm_fail_no_mpi(world);
 #else
 #if defined(XWIN_CUDA) && !defined(XWIN_NCCL)
     fprintf(stderr, "error: the launcher started %d ranks, but this GPU build has no NCCL: multi-rank GPU runs need the NCCL build "
                     "(install NCCL's nccl.h and libnccl, then make gpu)\n", world);
     exit(1);
 #endif
-    mpiCheck(MPI_Init(nullptr, nullptr));
+    int started = 0;  // by the recipe's ranks before their stages (comm_spawn_program), or as a spawned program loaded
+    mpiCheck(MPI_Initialized(&started));
+    if (!started) mpiCheck(MPI_Init(nullptr, nullptr));
     c->mpi = true;
     mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
@@ -7587,10 +7630,101 @@ inline void comm_free(Comm* c) {
     if (c->host_stream) cudaCheck(cudaStreamDestroy(c->host_stream));
 #endif
 #ifdef XWIN_MPI
-    if (c->mpi) mpiCheck(MPI_Finalize());
+    if (c->mpi && !comm_spawned) mpiCheck(MPI_Finalize());  // a spawned program's MPI ends as it exits (comm_spawned_exit)
 #endif
     *c = Comm{};
 }
+
+// ---- Programs on new ranks: the recipe's stages under mpirun
+// mpirun -np N ./train_dpo runs the whole recipe: the stages' programs that run data parallel
+// start on N new ranks, spawned by the N ranks together (MPI-2's MPI_Comm_spawn, within the
+// launcher's allocation: where the ranks fill the node's slots, mpirun --oversubscribe lets
+// them). The children are an MPI world of their own: their MPI_COMM_WORLD and launcher
+// variables are theirs, so comm_init gives each its rank and, in the GPU build, its GPU of the
+// node; the parents must not hold a GPU while they wait (train_dpo touches none before DPO).
+// Rank 0 alone runs everything else, the others waiting for its status (comm_idle_broadcast).
+// MPI's blocking calls poll: the parents wait with a probe every 20 ms instead, leaving the
+// cores to the children. (The children learn that they are children from XWIN_SPAWNED, which
+// OpenMPI's spawn passes with its info key env; other MPIs are not supported here.)
+
+#ifdef XWIN_MPI
+// MPI started in a rank of a launcher's world, once (comm_init then finds it started)
+inline void comm_mpi_start() {
+    int started = 0;
+    mpiCheck(MPI_Initialized(&started));
+    if (!started) mpiCheck(MPI_Init(nullptr, nullptr));
+}
+
+// Every rank of this run calls it together: argv (a program of this project and its arguments)
+// runs on `ranks` new ranks. Returns 0 when every child exited 0, else the first non-zero exit
+// status a child reported (the children then wait for this run to exit non-zero), or -1 when
+// MPI could not start them (*error says why).
+inline int comm_spawn_program(const std::vector<std::string>& argv, int ranks, std::string* error) {
+    comm_mpi_start();
+    std::vector<char*> args;
+    for (size_t i = 1; i < argv.size(); i++) args.push_back((char*)argv[i].c_str());
+    args.push_back(nullptr);
+    char cwd[4096];
+    if (!getcwd(cwd, sizeof(cwd))) fail_file(".", "cannot read the working folder: %s", strerror(errno));
+    MPI_Info info;
+    mpiCheck(MPI_Info_create(&info));
+    mpiCheck(MPI_Info_set(info, "wdir", cwd));  // the parents' folder, for relative paths
+    mpiCheck(MPI_Info_set(info, "env", "XWIN_SPAWNED=1"));
+    MPI_Comm parents, children;
+    mpiCheck(MPI_Comm_dup(MPI_COMM_WORLD, &parents));
+    mpiCheck(MPI_Comm_set_errhandler(parents, MPI_ERRORS_RETURN));  // a spawn that fails is reported, not fatal
+    std::vector<int> codes(ranks);
+    int err = MPI_Comm_spawn(argv[0].c_str(), args.data(), ranks, info, 0, parents, &children, codes.data());
+    mpiCheck(MPI_Info_free(&info));
+    mpiCheck(MPI_Comm_free(&parents));
+    if (err != MPI_SUCCESS) {
+        char text[MPI_MAX_ERROR_STRING];
+        int n = 0;
+        MPI_Error_string(err, text, &n);
+        *error = std::string(text, n);
+        return -1;
+    }
+    int reported = 0, failed = 0;
+    while (reported < ranks && failed == 0) {
+        int waiting = 0, status = 0;
+        MPI_Status from;
+        mpiCheck(MPI_Iprobe(MPI_ANY_SOURCE, COMM_EXIT_TAG, children, &waiting, &from));
+        if (!waiting) {
+            usleep(20000);
+            continue;
+        }
+        mpiCheck(MPI_Recv(&status, 1, MPI_INT, from.MPI_SOURCE, COMM_EXIT_TAG, children, MPI_STATUS_IGNORE));
+        reported++;
+        failed = status;
+    }
+    if (failed == 0) mpiCheck(MPI_Comm_disconnect(&children));
+    return failed;
+}
+
+// *value of rank 0 to every rank, the others sleeping while they wait (rank 0 works alone)
+inline void comm_idle_broadcast(int* value) {
+    comm_mpi_start();
+    MPI_Request request;
+    mpiCheck(MPI_Ibcast(value, 1, MPI_INT, 0, MPI_COMM_WORLD, &request));
+    for (int done = 0;;) {
+        mpiCheck(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+        if (done) return;
+        usleep(20000);
+    }
+}
+
+// MPI ended in a process that started it with comm_mpi_start and has no Comm to free
+inline void comm_mpi_end() {
+    int started = 0, ended = 0;
+    mpiCheck(MPI_Initialized(&started));
+    mpiCheck(MPI_Finalized(&ended));
+    if (started && !ended) mpiCheck(MPI_Finalize());
+}
+#else
+inline int comm_spawn_program(const std::vector<std::string>&, int, std::string*) { comm_fail_no_mpi(comm_launcher_world()); }
+inline void comm_idle_broadcast(int*) { comm_fail_no_mpi(comm_launcher_world()); }
+inline void comm_mpi_end() {}
+#endif
 
 #ifdef XWIN_NCCL
 // The GPU's all-reduce of a layer's gradients while the backward goes on to the layers below:

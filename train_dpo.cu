@@ -21,6 +21,9 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
   ./train_dpo -S 2              the recipe with seed 2 in every stage (-S to train_sft and train_rm,
                                 -z to sample); dev/recipe_seeds.py runs it over several seeds
   ./train_dpo -S 2 -D 1         the commands of the stages that would run, without running them
+  mpirun -np 4 ./train_dpo      the recipe on 4 ranks: each data-parallel stage (train_sft, train_rm,
+                                sample -n) on 4 new ranks, every other command on rank 0 alone,
+                                then DPO on the 4 ranks (-D 1 says where each command would run)
   ./train_dpo -m rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
                                 DPO alone on any pair file (dev/data/prepare_pairs.py)
   ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
@@ -28,6 +31,7 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
 #define XWIN_PLOTS  // the report's PNG
 #include "llm.cu"
 
+#include <spawn.h>
 #include <sys/wait.h>
 
 struct DPOStageConfig {
@@ -254,15 +258,87 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-static void run_command(const std::string& cmd) {
-    printf("\n$ %s\n", cmd.c_str());
-    fflush(stdout);
-    int rc = system(cmd.c_str());
-    if (rc != 0) {
-        fprintf(stderr, "error: the recipe stopped: this command failed (%s %d): %s\n", WIFEXITED(rc) ? "exit" : "status",
-                WIFEXITED(rc) ? WEXITSTATUS(rc) : rc, cmd.c_str());
-        exit(1);
+// Under a launcher (mpirun -np N ./train_dpo) every stage runs on the run's ranks: a program
+// that runs data parallel (train_sft, train_rm, sample -n and -e) on N new ranks of its own
+// (llm.cu's comm_spawn_program), anything else once, on rank 0 (run_alone). Such a program's
+// command is plain words, '' quoting as the shell's; its words go to *argv. A program's name may
+// carry a build's suffix (build/train_sft_cpu).
+static bool data_parallel_command(const std::string& cmd, std::vector<std::string>* argv) {
+    argv->clear();
+    bool quoted = false, in_word = false;
+    for (char ch : cmd) {
+        if (ch == '\'') {
+            if (!in_word) argv->emplace_back(), in_word = true;
+            quoted = !quoted;
+        } else if (ch == ' ' && !quoted) {
+            in_word = false;
+        } else if (!quoted && strchr("\"\\$`|&;<>()*?~#{}[]\t\n", ch)) {
+            return false;  // the shell's syntax: rank 0 runs it
+        } else {
+            if (!in_word) argv->emplace_back(), in_word = true;
+            argv->back() += ch;
+        }
     }
+    if (quoted || argv->empty()) return false;
+    std::string name = (*argv)[0].substr((*argv)[0].rfind('/') + 1);
+    auto is = [&](const std::string& program) { return name == program || name.rfind(program + "_", 0) == 0; };
+    if (is("train_sft") || is("train_rm")) return true;
+    if (!is("sample")) return false;
+    for (size_t i = 1; i + 1 < argv->size(); i++) {  // the set (-n) and the evaluation (-e 1)
+        const std::string &flag = (*argv)[i], &value = (*argv)[i + 1];
+        if ((flag == "-n" && atoi(value.c_str()) > 0) || (flag == "-e" && value == "1")) return true;
+    }
+    return false;
+}
+
+// where a stage's command runs, as the recipe prints it (nothing on one process)
+static std::string where_text(const std::string& cmd) {
+    int world = comm_launcher_world();
+    std::vector<std::string> argv;
+    if (world == 1) return "";
+    return data_parallel_command(cmd, &argv) ? string_format("   # on %d new ranks", world) : "   # on rank 0 alone";
+}
+
+// A command by the shell on rank 0 alone, without the variables by which a launcher tells a
+// process that it is a rank (OpenMPI's OMPI_* and PMIX_*, MPICH's PMI_*, Slurm's step): a
+// program it starts (sample -s, python3) is a process of its own. Returns its wait status.
+static int run_alone(const std::string& cmd) {
+    std::vector<char*> env;
+    for (char** e = environ; *e; e++) {
+        bool launcher = false;
+        for (const char* prefix : {"OMPI_", "PMIX_", "PMI_", "SLURM_STEP_", "SLURM_PROCID="}) launcher |= strncmp(*e, prefix, strlen(prefix)) == 0;
+        if (!launcher) env.push_back(*e);
+    }
+    env.push_back(nullptr);
+    const char* argv[] = {"sh", "-c", cmd.c_str(), nullptr};
+    pid_t pid;
+    if (posix_spawn(&pid, "/bin/sh", nullptr, nullptr, (char* const*)argv, env.data()) != 0) return -1;
+    int status = -1;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    return status;
+}
+
+// A stage's command; a failure stops the recipe, on every rank, with rank 0's one-line error.
+static void run_command(const std::string& cmd) {
+    int world = comm_launcher_world(), rank = comm_launcher_rank();
+    if (rank == 0) printf("\n$ %s%s\n", cmd.c_str(), where_text(cmd).c_str());
+    fflush(stdout);
+    std::vector<std::string> argv;
+    std::string failure;  // "exit 2", ...; "" when it succeeded
+    if (world > 1 && data_parallel_command(cmd, &argv)) {
+        std::string error;
+        int code = access(argv[0].c_str(), X_OK) != 0 ? -2 : comm_spawn_program(argv, world, &error);  // -2: no such program here
+        if (code == -2) failure = string_format("cannot run %s: %s", argv[0].c_str(), strerror(errno));
+        else if (code < 0) failure = string_format("MPI could not start %d ranks of it: %s; HINT: where the ranks fill the node, mpirun --oversubscribe", world, error.c_str());
+        else if (code > 0) failure = string_format("exit %d", code);
+    } else {
+        int rc = world == 1 ? system(cmd.c_str()) : rank == 0 ? run_alone(cmd) : 0;
+        if (world > 1) comm_idle_broadcast(&rc);
+        if (rc != 0) failure = string_format("%s %d", WIFEXITED(rc) ? "exit" : "status", WIFEXITED(rc) ? WEXITSTATUS(rc) : rc);
+    }
+    if (failure.empty()) return;
+    if (rank == 0) fprintf(stderr, "error: the recipe stopped: this command failed (%s): %s\n", failure.c_str(), cmd.c_str());
+    exit(1);
 }
 
 static void record_time(const char* stage, double s) {
@@ -293,10 +369,16 @@ struct Stage {
     std::vector<std::string> commands;  // {P} is the programs' folder
 };
 
+// The batch of every training stage of the recipe (sequences or pairs per step): train_sft's,
+// train_rm's and DPO's default, one micro-batch on one process. On N ranks each rank takes
+// 8/N of it (-b), so that the steps are one process's.
+constexpr int RECIPE_BATCH = 8;
+
 // The world's recipe before DPO, in order (Xwin-LM sections 2-4 on the built-in world). A seed
 // other than the default (1337) goes to every program of every stage: -S to train_sft and
-// train_rm, -z to sample; the default seed's commands are the programs' defaults.
-static std::vector<Stage> recipe_stages(uint64_t seed) {
+// train_rm, -z to sample; the default seed's commands are the programs' defaults. On several
+// ranks the training programs take -b RECIPE_BATCH / ranks.
+static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
     std::vector<Stage> stages = {
         {"sft", "out/sft/model.bin", {"{P}/train_sft"}},
         // Xwin-Pair: the world's pairs plus on-policy ones (8 SFT answers per prompt at the
@@ -322,41 +404,47 @@ static std::vector<Stage> recipe_stages(uint64_t seed) {
         // RS: the SFT model fine-tuned on the best answer of each prompt, 4 epochs
         {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
     };
-    if (seed == TrainConfig{}.seed) return stages;
+    bool seeded = seed != TrainConfig{}.seed;
     for (Stage& st : stages) {
         for (std::string& cmd : st.commands) {
-            if (cmd.rfind("{P}/train_", 0) == 0) cmd += " -S " + std::to_string(seed);
-            else if (cmd.rfind("{P}/sample", 0) == 0) cmd += " -z " + std::to_string(seed);
+            if (cmd.rfind("{P}/train_", 0) == 0) {
+                if (seeded) cmd += " -S " + std::to_string(seed);
+                if (ranks > 1) cmd += " -b " + std::to_string(RECIPE_BATCH / ranks);
+            } else if (seeded && cmd.rfind("{P}/sample", 0) == 0) {
+                cmd += " -z " + std::to_string(seed);
+            }
         }
     }
     return stages;
 }
 
 // Runs every stage whose output is missing, and every stage after one that ran (dry: prints
-// those stages' commands and runs nothing).
-static void run_missing_stages(uint64_t seed, bool dry) {
-    bool forced = false;
-    if (!dry) make_dir("out/xwin_pair"), make_dir("out/set");
-    for (const Stage& st : recipe_stages(seed)) {
+// those stages' commands and runs nothing). Under mpirun every rank goes through the stages
+// together (run_command), and rank 0 alone prints and writes the recipe's own files. Ranks
+// without MPI (srun's -I) cannot spawn the stages' ranks: they train DPO only.
+static void run_missing_stages(uint64_t seed, bool dry, bool without_mpi) {
+    bool forced = false, first = comm_launcher_rank() == 0;
+    if (!dry && first) make_dir("out/xwin_pair"), make_dir("out/set");
+    for (const Stage& st : recipe_stages(seed, comm_launcher_world())) {
         if (!forced && access(st.output, F_OK) == 0) {
-            if (comm_launcher_rank() == 0) printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
+            if (first) printf("recipe: %s is there (%s); remove it to run that stage again\n", st.name, st.output);
             continue;
         }
-        if (comm_launcher_world() > 1) {  // each rank would run the stage's programs on its own
-            fail_file(st.output, "is missing: under mpirun the recipe trains DPO only; make the stages before it first, on one process (./train_dpo)");
+        if (!dry && without_mpi && comm_launcher_world() > 1) {
+            fail_file(st.output, "is missing: ranks without MPI (-I) train DPO only; make the stages before it under mpirun or srun --mpi=pmix, or on one process");
         }
         forced = true;
-        printf("\nrecipe: stage %s (%s is missing)\n", st.name, st.output);
+        if (first) printf("\nrecipe: stage %s (%s is missing)\n", st.name, st.output);
         auto t0 = std::chrono::steady_clock::now();
         for (std::string cmd : st.commands) {
             size_t at = cmd.find("{P}");
             if (at != std::string::npos) cmd.replace(at, 3, program_dir);
-            if (dry) printf("$ %s\n", cmd.c_str());
-            else run_command(cmd);
+            if (dry && first) printf("$ %s%s\n", cmd.c_str(), where_text(cmd).c_str());
+            else if (!dry) run_command(cmd);
         }
-        if (!dry) record_time(st.name, seconds_since(t0));
+        if (!dry && first) record_time(st.name, seconds_since(t0));
     }
-    if (forced && !dry) {  // DPO starts again, from an RS model made again: its reference log-probs are stale
+    if (forced && !dry && first) {  // DPO starts again, from an RS model made again: its reference log-probs are stale
         for (const char* stale : {"out/dpo/model.bin", "out/set/dpo_train.pairs.logps", "out/set/dpo_val.pairs.logps"}) remove(stale);
     }
 }
@@ -461,7 +549,7 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
                          "\n![per stage](report.png)\n\n"
                          "Training curves (`curves.png`, from each stage's `log.jsonl`: the training steps as lines, the validation points as squares):\n\n"
                          "![training curves](curves.png)\n\nThe commands of the stages before DPO:\n\n";
-    for (const Stage& st : recipe_stages(seed)) {
+    for (const Stage& st : recipe_stages(seed, comm_launcher_world())) {
         for (std::string cmd : st.commands) {
             if (cmd.find("{P}") == 0) cmd.replace(0, 3, ".");
             report += "    " + cmd + "\n";
@@ -486,6 +574,7 @@ int main(int argc, char** argv) {
     tc.val_every = 100, tc.checkpoint_every = 200;
     cfg.dpo.nll_weight = 1.0f;  // the chosen answers' NLL at weight 1 keeps their likelihood up as the margin grows (RPO)
     int dry_run = 0;
+    const char* one_command = "";
     std::vector<Flag> flags = {
         {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
         {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
@@ -498,6 +587,7 @@ int main(int argc, char** argv) {
         {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
         {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: plain DPO)"},
         {'D', FLAG_INT, &dry_run, 0, 1, "1 (the recipe): print the commands of the stages that would run, with the seed, and exit"},
+        {'E', FLAG_OPTIONAL_PATH, &one_command, 0, 0, "run this one command as the recipe runs a stage's (under mpirun: on the ranks or on rank 0), and exit"},
     };
     train_flags(&flags, &tc);
     flags_parse(argc, argv, "DPO against a frozen reference (stage 5 of Xwin-LM); with the world's defaults, the whole recipe; -b and -d count pairs", flags);
@@ -505,13 +595,26 @@ int main(int argc, char** argv) {
     DPOStageConfig defaults;
     bool recipe = strcmp(cfg.model_path, defaults.model_path) == 0 && strcmp(cfg.train_path, defaults.train_path) == 0;
     program_dir = dir_of(argv[0]);
-    if (dry_run) {
-        if (!recipe) fail_flag('D', "is for the recipe (the default -m and -i)");
-        run_missing_stages(tc.seed, true);
-        printf("recipe: then DPO (seed %llu) and the stage table\n", (unsigned long long)tc.seed);
+    if (*one_command) {  // the recipe's way of running a command, alone (the tests check it under mpirun)
+        run_command(one_command);
+        comm_mpi_end();
         return 0;
     }
-    if (recipe && !tc.resume) run_missing_stages(tc.seed, false);
+    int world = comm_launcher_world();
+    if (recipe && world > 1) {  // every stage's batch split over the ranks (recipe_stages), DPO's too
+        if (RECIPE_BATCH % world != 0 || tc.total_batch % world != 0) {
+            fail_flag('d', "the recipe's batches (%d in its stages, %d in DPO) do not split over %d ranks: run it on 1, 2, 4 or 8 ranks", RECIPE_BATCH,
+                      tc.total_batch, world);
+        }
+        if (tc.micro_batch == tc.total_batch) tc.micro_batch /= world;
+    }
+    if (dry_run) {
+        if (!recipe) fail_flag('D', "is for the recipe (the default -m and -i)");
+        run_missing_stages(tc.seed, true, *tc.nccl_id_dir);
+        if (comm_launcher_rank() == 0) printf("recipe: then DPO (seed %llu) and the stage table\n", (unsigned long long)tc.seed);
+        return 0;
+    }
+    if (recipe && !tc.resume) run_missing_stages(tc.seed, false, *tc.nccl_id_dir);
     auto t0 = std::chrono::steady_clock::now();
     train_dpo(cfg);
     if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0), tc.seed);  // rank 0 alone

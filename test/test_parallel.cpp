@@ -715,3 +715,139 @@ TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges",
     CHECK(count_of(out, "gold judge: mean") == 1);
     remove(jsonl.c_str()), remove(tok.c_str()), remove(model.c_str());
 }
+
+// The recipe under mpirun (mpirun -np N ./train_dpo): a stage's data-parallel program runs on N
+// new ranks that the run's ranks spawn together, and every other command on rank 0 alone,
+// without the launcher's variables. train_dpo -E runs one command as the recipe runs a stage's:
+// the spawned train_sft (the CPU build, and the GPU build emulated) is a world of 2 of its own
+// and trains the bits of mpirun -np 2; a shell command runs once and sees no launcher; a
+// failing command stops every rank, non-zero, with the recipe's one-line error, whether the
+// children fail at their flags (before comm_init) or at their model (after it).
+TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks trains mpirun -np 2's bits, a shell command runs once, a failure stops every rank in one line",
+          "[parallel][recipe]") {
+    ParallelFixture fx;
+    std::string mpirun = mpirun2(), direct = fx.dir("recipe_direct"), spawned = fx.dir("recipe_spawned"), once = fx.dir("recipe_once.txt"), out;
+    std::string sft = "build/train_sft_cpu" + fx.common + " -b 2 -d 4";
+    REQUIRE(run(mpirun + sft + " -o " + direct, &out) == 0);
+    int rc = run(mpirun + "build/train_dpo_cpu -E \"" + sft + " -o " + spawned + "\"", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "$ " + sft + " -o " + spawned + "   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "data parallel: 2 ranks, each 1 micro-batch of 2 per step (total batch 4)") == 1);
+    CHECK(count_of(out, "step    6/6 | loss") == 1);  // the children's rank 0 alone prints
+    std::vector<unsigned char> a = file_bytes(direct + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(spawned + "/model.bin") == a);
+    CHECK(logged_losses(spawned + "/log.jsonl") == logged_losses(direct + "/log.jsonl"));
+    // the GPU build's children (emulated, NCCL over MPI): each takes the device of its rank
+    // among the children of its node, 0 and 1 of 2, as under mpirun -np 2
+    std::string emu = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ", gpu_sft = "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4";
+    std::string gpu_direct = fx.dir("recipe_gpu_direct"), gpu_spawned = fx.dir("recipe_gpu_spawned");
+    REQUIRE(run(emu + mpirun + gpu_sft + " -o " + gpu_direct, &out) == 0);
+    REQUIRE(run(emu + mpirun + "build/train_dpo_cpu -E \"" + gpu_sft + " -o " + gpu_spawned + "\"", &out) == 0);
+    std::vector<unsigned char> g = file_bytes(gpu_direct + "/model.bin");
+    REQUIRE(!g.empty());
+    CHECK(file_bytes(gpu_spawned + "/model.bin") == g);
+
+    rc = run(mpirun + "build/train_dpo_cpu -E 'echo ${OMPI_COMM_WORLD_SIZE:-none} ${PMIX_RANK:-none} >> " + once + "'", &out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "   # on rank 0 alone\n") == 1);
+    std::vector<unsigned char> text = file_bytes(once);
+    CHECK(std::string(text.begin(), text.end()) == "none none\n");
+
+    struct Failure { std::string cmd, status; };
+    std::vector<Failure> failures = {
+        {"build/train_sft_cpu -Q 1", "exit 1"},
+        {sft + " -m " + fx.dir("no_model.bin") + " -o " + fx.dir("recipe_failed"), "exit 1"},
+        {"exit 3", "exit 3"},
+        {"build/train_sft_missing -h", "cannot run build/train_sft_missing: No such file or directory"},
+    };
+    for (const Failure& f : failures) {
+        auto t0 = std::chrono::steady_clock::now();
+        rc = run("timeout -k 10 120 env " + mpirun + "build/train_dpo_cpu -E \"" + f.cmd + "\"", &out);  // a hang fails, not waits
+        double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        INFO(f.cmd << "\n" << out);
+        CHECK(rc != 0);
+        CHECK(took < 60);
+        CHECK(count_of(out, "error: the recipe stopped: this command failed (" + f.status + "): " + f.cmd + "\n") == 1);
+    }
+}
+
+// The recipe's dry run under mpirun says where each stage's command would run, once (rank 0);
+// the training programs' batch of 8 is split over the ranks (-b 4), and refused on 3 ranks.
+TEST_CASE("the recipe's dry run under mpirun: the data-parallel programs on 2 new ranks with half the batch each, the rest on rank 0 alone", "[parallel][recipe]") {
+    std::string mpirun = mpirun2(), dir = scratch("recipe_dry"), out;
+    make_dir(dir);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    std::string programs = std::string(cwd) + "/build/";
+    int rc = run("cd " + dir + " && " + mpirun + programs + "train_dpo_cpu -D 1", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(count_of(out, "   # on 2 new ranks\n") == 5);  // SFT, the RM's samples and the RM, the Xwin-Set, RS
+    CHECK(count_of(out, "   # on rank 0 alone\n") == 9);  // sample -s, cat, head, python3
+    CHECK(count_of(out, "$ " + programs + "train_sft -b 4   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, " -b 4   # on 2 new ranks\n") == 3);  // SFT, the RM, RS
+    CHECK(count_of(out, "$ " + programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl   # on rank 0 alone\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "train_rm -i out/xwin_pair/pairs_train.pairs -b 4   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "recipe: then DPO (seed 1337) and the stage table") == 1);
+    CHECK(!exists(dir + "/out"));
+    std::string three = mpirun.replace(mpirun.find(" -np 2 "), 7, " -np 3 ");
+    rc = run("cd " + dir + " && " + three + programs + "train_dpo_cpu -D 1", &out);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("error: -d: the recipe's batches (8 in its stages, 8 in DPO) do not split over 3 ranks: run it on 1, 2, 4 or 8 ranks"));
+    // srun without MPI (-I) cannot spawn ranks: its recipe trains DPO only, and says so first
+    rc = run("cd " + dir + " && SLURM_STEP_NUM_TASKS=2 SLURM_PROCID=0 " + programs + "train_dpo_cpu -I " + dir, &out);
+    CHECK(rc == 1);
+    CHECK(count_of(out, "\n") == 1);
+    CHECK_THAT(out, Catch::StartsWith("error: out/sft/model.bin: is missing: ranks without MPI (-I) train DPO only"));
+    rm_rf(dir);
+}
+
+// The recipe itself under mpirun, its last stage missing: a run folder whose stages before RS
+// are there (small models, a small RS token file, arithmetic pairs), the programs beside
+// train_dpo as the recipe finds them. The RS stage's train_sft runs on 2 spawned ranks with
+// half the batch each and trains what mpirun -np 2 trains, byte for byte; then the same ranks
+// (MPI started by the spawn) train DPO with half its batch each, and rank 0 alone writes the
+// stage table and the recipe's times.
+TEST_CASE("mpirun -np 2 train_dpo: the missing RS stage on 2 spawned ranks, then DPO on the 2 ranks, then rank 0's stage table", "[parallel][recipe]") {
+    std::string mpirun = mpirun2(), dir = scratch("recipe_ranks"), direct = scratch("recipe_rs_direct"), out;
+    rm_rf(dir), rm_rf(direct);
+    char cwd[4096];
+    REQUIRE(getcwd(cwd, sizeof(cwd)));
+    for (const char* sub : {"/bin", "/out/sft", "/out/rm", "/out/set"}) make_dir(dir + sub);
+    REQUIRE(symlink((std::string(cwd) + "/data").c_str(), (dir + "/data").c_str()) == 0);
+    REQUIRE(symlink((std::string(cwd) + "/build/train_dpo_cpu").c_str(), (dir + "/bin/train_dpo").c_str()) == 0);
+    REQUIRE(symlink((std::string(cwd) + "/build/train_sft_cpu").c_str(), (dir + "/bin/train_sft").c_str()) == 0);
+    std::string model = write_small_model("recipe_ranks_model.bin"), rs = write_small_data("recipe_ranks_rs.tok", 20);
+    std::string train = write_arith_pairs("recipe_ranks_train", 16, 3), val = write_arith_pairs("recipe_ranks_val", 8, 4);
+    write_bytes(dir + "/out/sft/model.bin", file_bytes(model));
+    write_bytes(dir + "/out/rm/model.bin", {});
+    write_bytes(dir + "/out/set/rs.tok", file_bytes(rs));
+    write_bytes(dir + "/out/set/dpo_train.pairs", file_bytes(train));
+    write_bytes(dir + "/out/set/dpo_val.pairs", file_bytes(val));
+    int rc = run("cd " + dir + " && " + mpirun + dir + "/bin/train_dpo -x 2 -w 1 -v 2", &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    std::string rs_cmd = dir + "/bin/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4";
+    CHECK(count_of(out, "recipe: stage rs (out/rs/model.bin is missing)") == 1);
+    CHECK(count_of(out, "$ " + rs_cmd + "   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "data parallel: 2 ranks, each 1 micro-batch of 4 per step (total batch 8)") == 2);  // RS, then DPO
+    CHECK(count_of(out, "wrote out/report.md, out/report.png and out/curves.png") == 1);
+    std::vector<unsigned char> times = file_bytes(dir + "/out/recipe_times.tsv");
+    std::string t(times.begin(), times.end());
+    CHECK(count_of(t, "\n") == 2);  // rs, dpo: once each
+    CHECK(t.rfind("rs\t", 0) == 0);
+    CHECK(count_of(t, "\ndpo\t") == 1);
+    CHECK(logged_losses(dir + "/out/dpo/log.jsonl").size() == 2);
+    // the spawned RS is mpirun -np 2's run of its command
+    REQUIRE(run("cd " + dir + " && " + mpirun + cwd + "/build/train_sft_cpu -m out/sft/model.bin -i out/set/rs.tok -j '' -o " + direct +
+                    " -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4",
+                &out) == 0);
+    std::vector<unsigned char> a = file_bytes(direct + "/model.bin");
+    REQUIRE(!a.empty());
+    CHECK(file_bytes(dir + "/out/rs/model.bin") == a);
+    for (const std::string& f : {model, rs, train, val}) remove(f.c_str());
+    rm_rf(dir), rm_rf(direct);
+}
