@@ -91,9 +91,8 @@ Contents, in file order (search for the quoted heading):
                             trainer_step_end (its step line's mfu_text), trainer_log, trainer_checkpoint, trainer_save_model,
                             trainer_close, trainer_load_pairs, trainer_start_pairs;
                             tokenizer_check_model, tokens_identity, tokens_check_for_training
-  "DPO"                     defines: runner_sequence_logprobs, runner_sequence_backward (the GPU moves B sums, not (B, T) log-probs);
-                            DPOLossType, DPOConfig, dpo_config_check, dpo_loss (sigmoid with label smoothing,
-                            IPO, the chosen NLL), DPOMetrics, dpo_metrics_add
+  "DPO"                     defines: runner_sequence_logprobs, runner_sequence_backward (the GPU moves B sums, not
+                            (B, T) log-probs); DPO's losses and metrics are train_dpo.cu's
   "Sampling and generation" defines: SamplerConfig, sample_distribution, sample_token, sample_seed; GenerateConfig,
                             generate (n samples per prompt on an InferRunner, one prefill each, duplicates
                             drawn again), infer_runner_shape, infer_runner_of, infer_runner_from, generate_greedy,
@@ -8866,9 +8865,9 @@ inline void trainer_start_pairs(Trainer* tr, Runner* r, const PairData& train) {
 }
 
 // ----------------------------------------------------------------------------
-// DPO: per-sequence log-prob sums and the preference losses (stage 5). The policy and the
-// frozen reference each give the log-prob of every response (its target tokens' log-probs
-// added up); the loss of a pair compares the policy's margin of chosen over rejected with the
+// DPO: per-sequence log-prob sums (stage 5). The policy and the frozen reference each give the
+// log-prob of every response (its target tokens' log-probs added up); the loss of a pair,
+// train_dpo.cu's dpo_loss, compares the policy's margin of chosen over rejected with the
 // reference's. Pairs come as the pair file has them (2i chosen, 2i + 1 rejected); the ops
 // below care only about rows. The per-sequence sums (sequence_logprob_forward/_backward and their
 // kernels) are among the ops, after the log-probs.
@@ -8913,102 +8912,6 @@ inline void runner_sequence_backward(Runner* r, const int* tokens, const float* 
     sequence_logprob_backward(r->seq_dlp.data(), dsums, r->seq_mask.data(), B, T);
     llama_backward(&r->host, tokens, r->seq_dlp.data(), B, T);
 #endif
-}
-
-// ---- the preference losses: on the host, in double (they act on a few scalars per pair)
-
-enum DPOLossType { DPO_SIGMOID = 0, DPO_IPO = 1 };
-
-struct DPOConfig {
-    int loss_type = DPO_SIGMOID;
-    float beta = 0.1f;             // > 0
-    float label_smoothing = 0.0f;  // [0, 0.5): conservative DPO (sigmoid only)
-    float nll_weight = 0.0f;       // >= 0: weight of the NLL of the chosen responses (TRL's rpo_alpha)
-};
-
-// returns "" or a one-line message naming the setting's problem
-inline std::string dpo_config_check(const DPOConfig& cfg) {
-    if (cfg.loss_type != DPO_SIGMOID && cfg.loss_type != DPO_IPO) return string_format("loss type %d is not 0 (sigmoid) or 1 (IPO)", cfg.loss_type);
-    if (!(cfg.beta > 0.0f) || !std::isfinite(cfg.beta)) return string_format("beta %g must be > 0", cfg.beta);
-    if (!(cfg.label_smoothing >= 0.0f && cfg.label_smoothing < 0.5f)) {
-        return string_format("label smoothing %g must be in [0, 0.5)", cfg.label_smoothing);
-    }
-    if (cfg.loss_type == DPO_IPO && cfg.label_smoothing != 0.0f) {
-        return string_format("label smoothing %g is for the sigmoid loss only; IPO takes none (set it to 0)", cfg.label_smoothing);
-    }
-    if (!(cfg.nll_weight >= 0.0f) || !std::isfinite(cfg.nll_weight)) return string_format("nll_weight %g must be >= 0", cfg.nll_weight);
-    return "";
-}
-
-// -log sigmoid(x) = log(1 + e^-x) = max(-x, 0) + log1p(e^-|x|), finite for every x
-inline double neg_log_sigmoid(double x) { return std::max(-x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
-// sigmoid(x) without overflow: e^-|x| is at most 1
-inline double sigmoid_stable(double x) {
-    double e = std::exp(-std::fabs(x));
-    return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-}
-
-// The DPO loss of n pairs, as TRL's DPOTrainer defines it. pc, pr: the policy's log-prob sums of
-// the chosen and rejected responses; rc, rr: the reference's; nc, nr: each response's number of
-// target tokens. With h the policy's log-ratio margin over the reference's (TRL's `logits`,
-// pi_logratios - ref_logratios):
-//   sigmoid (TRL's loss_type "sigmoid" with label_smoothing eps: conservative DPO):
-//     h = (pc - pr) - (rc - rr);  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-//   IPO (TRL's "ipo", which first divides every log-prob sum by its response's token count):
-//     h = (pc/nc - pr/nr) - (rc/nc - rr/nr);  loss = (h - 1/(2 beta))^2
-// (a count below 1 is taken as 1, as TRL clamps it.) nll_weight adds the mean NLL of the
-// chosen responses' tokens (TRL's rpo_alpha times its nll_loss; later TRL's loss_type "sft").
-// A step may come in micro-batches: this returns this micro-batch's share of the step loss,
-//   (sum over its n pairs of the pair loss) / total_pairs + nll_weight * (-(sum of pc)) / total_chosen_tokens,
-// total_pairs and total_chosen_tokens being the step's, and writes dpc, dpr (n): the
-// derivatives of that share by pc and pr (the reference's get none).
-inline double dpo_loss(const DPOConfig& cfg, const float* pc, const float* pr, const float* rc, const float* rr, const float* nc,
-                       const float* nr, int n, size_t total_pairs, size_t total_chosen_tokens, float* dpc, float* dpr) {
-    const double beta = cfg.beta, eps = cfg.label_smoothing, pairs = (double)total_pairs;
-    const double dnll = total_chosen_tokens ? -(double)cfg.nll_weight / (double)total_chosen_tokens : 0.0;  // d(NLL term)/d(pc)
-    double loss = 0;
-    for (int i = 0; i < n; i++) {
-        double pair, dh, hc = 1, hr = 1;  // the pair's loss, d(pair)/dh, dh/d(pc) and -dh/d(pr)
-        if (cfg.loss_type == DPO_IPO) {
-            hc = 1.0 / std::max((double)nc[i], 1.0);
-            hr = 1.0 / std::max((double)nr[i], 1.0);
-            double h = ((double)pc[i] * hc - (double)pr[i] * hr) - ((double)rc[i] * hc - (double)rr[i] * hr);
-            double u = h - 1.0 / (2.0 * beta);
-            pair = u * u;
-            dh = 2.0 * u;
-        } else {
-            double h = ((double)pc[i] - pr[i]) - ((double)rc[i] - rr[i]), x = beta * h;
-            pair = (1.0 - eps) * neg_log_sigmoid(x) + eps * neg_log_sigmoid(-x);
-            dh = beta * (-(1.0 - eps) * sigmoid_stable(-x) + eps * sigmoid_stable(x));
-        }
-        loss += pair / pairs + dnll * pc[i];
-        dpc[i] = (float)(dh * hc / pairs + dnll);
-        dpr[i] = (float)(-dh * hr / pairs);
-    }
-    return loss;
-}
-
-// TRL's DPO metrics, as sums over pairs (divide each by `pairs` to log them): rewards/chosen =
-// beta (pc - rc), rewards/rejected = beta (pr - rr), rewards/accuracies = [chosen reward >
-// rejected reward], rewards/margins = chosen - rejected reward, logps/chosen = pc,
-// logps/rejected = pr. Always of the sums, as today's TRL logs them (earlier TRL logged
-// per-token means under IPO).
-struct DPOMetrics {
-    double rewards_chosen = 0, rewards_rejected = 0, accuracies = 0, margins = 0, logps_chosen = 0, logps_rejected = 0;
-    double pairs = 0;
-};
-
-inline void dpo_metrics_add(DPOMetrics* m, const DPOConfig& cfg, const float* pc, const float* pr, const float* rc, const float* rr, int n) {
-    for (int i = 0; i < n; i++) {
-        double chosen = cfg.beta * ((double)pc[i] - rc[i]), rejected = cfg.beta * ((double)pr[i] - rr[i]);
-        m->rewards_chosen += chosen;
-        m->rewards_rejected += rejected;
-        m->accuracies += chosen > rejected ? 1.0 : 0.0;
-        m->margins += chosen - rejected;
-        m->logps_chosen += pc[i];
-        m->logps_rejected += pr[i];
-        m->pairs += 1;
-    }
 }
 
 // ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ the same prompt) against a frozen reference rho, the model DPO starts from:
     loss = (h' - 1 / (2 beta))^2, h' from per-token means              (-O 1: IPO)
   + -N times the NLL of the chosen answers (TRL's rpo_alpha; default 1, which keeps the chosen
 answers likely while the margin grows), where log pi(x) is the sum of the log-probs of an
-answer's tokens (dpo_loss in llm.cu). The reference's log-probs never change:
+answer's tokens (dpo_loss, below). The reference's log-probs never change:
 they are computed once, by the starting model, before the first step, and stored beside the
 pairs (<pairs>.logps) with the identity of the model that made them; a step holds one model.
 
@@ -28,11 +28,122 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
                                 DPO alone on any pair file (dev/data/prepare_pairs.py)
   ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
 */
-#define XWIN_PLOTS  // the report's PNG
+#ifndef TESTING               // test/test_dpo_loss.cpp includes this file for its objective, without the recipe
+#define XWIN_PLOTS                  // the report's PNG
+#endif
 #include "llm.cu"
 
 #include <spawn.h>
 #include <sys/wait.h>
+
+// ---- the objective: TRL's DPO losses and metrics, on the host in double (a few scalars per pair)
+
+enum DPOLossType { DPO_SIGMOID = 0, DPO_IPO = 1 };
+
+struct DPOConfig {
+    int loss_type = DPO_SIGMOID;
+    float beta = 0.1f;             // > 0
+    float label_smoothing = 0.0f;  // [0, 0.5): conservative DPO (sigmoid only)
+    float nll_weight = 0.0f;       // >= 0: weight of the NLL of the chosen responses (TRL's rpo_alpha)
+};
+
+// returns "" or a one-line message naming the setting's problem
+static std::string dpo_config_check(const DPOConfig& cfg) {
+    if (cfg.loss_type != DPO_SIGMOID && cfg.loss_type != DPO_IPO) return string_format("loss type %d is not 0 (sigmoid) or 1 (IPO)", cfg.loss_type);
+    if (!(cfg.beta > 0.0f) || !std::isfinite(cfg.beta)) return string_format("beta %g must be > 0", cfg.beta);
+    if (!(cfg.label_smoothing >= 0.0f && cfg.label_smoothing < 0.5f)) {
+        return string_format("label smoothing %g must be in [0, 0.5)", cfg.label_smoothing);
+    }
+    if (cfg.loss_type == DPO_IPO && cfg.label_smoothing != 0.0f) {
+        return string_format("label smoothing %g is for the sigmoid loss only; IPO takes none (set it to 0)", cfg.label_smoothing);
+    }
+    if (!(cfg.nll_weight >= 0.0f) || !std::isfinite(cfg.nll_weight)) return string_format("nll_weight %g must be >= 0", cfg.nll_weight);
+    return "";
+}
+
+// -log sigmoid(x) = log(1 + e^-x) = max(-x, 0) + log1p(e^-|x|), finite for every x
+static double neg_log_sigmoid(double x) { return std::max(-x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+// sigmoid(x) without overflow: e^-|x| is at most 1
+static double sigmoid_stable(double x) {
+    double e = std::exp(-std::fabs(x));
+    return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+
+// n pairs' log-prob sums: the policy's and the reference's of the chosen and rejected answers,
+// and each answer's number of target tokens (IPO's per-token means)
+struct DPOPairs {
+    const float *policy_chosen, *policy_rejected;  // (n) pc, pr
+    const float *ref_chosen, *ref_rejected;        // (n) rc, rr
+    const float *tokens_chosen, *tokens_rejected;  // (n) nc, nr
+    int n;
+};
+
+// The DPO loss of n pairs, as TRL's DPOTrainer defines it. pc, pr: the policy's log-prob sums of
+// the chosen and rejected responses; rc, rr: the reference's; nc, nr: each response's number of
+// target tokens. With h the policy's log-ratio margin over the reference's (TRL's `logits`,
+// pi_logratios - ref_logratios):
+//   sigmoid (TRL's loss_type "sigmoid" with label_smoothing eps: conservative DPO):
+//     h = (pc - pr) - (rc - rr);  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+//   IPO (TRL's "ipo", which first divides every log-prob sum by its response's token count):
+//     h = (pc/nc - pr/nr) - (rc/nc - rr/nr);  loss = (h - 1/(2 beta))^2
+// (a count below 1 is taken as 1, as TRL clamps it.) nll_weight adds the mean NLL of the
+// chosen responses' tokens (TRL's rpo_alpha times its nll_loss; later TRL's loss_type "sft").
+// A step may come in micro-batches: this returns this micro-batch's share of the step loss,
+//   (sum over its n pairs of the pair loss) / total_pairs + nll_weight * (-(sum of pc)) / total_chosen_tokens,
+// total_pairs and total_chosen_tokens being the step's, and writes dpc, dpr (n): the
+// derivatives of that share by pc and pr (the reference's get none).
+static double dpo_loss(const DPOConfig& cfg, const DPOPairs& p, size_t total_pairs, size_t total_chosen_tokens, float* dpc, float* dpr) {
+    const float *pc = p.policy_chosen, *pr = p.policy_rejected, *rc = p.ref_chosen, *rr = p.ref_rejected, *nc = p.tokens_chosen,
+                *nr = p.tokens_rejected;
+    const double beta = cfg.beta, eps = cfg.label_smoothing, pairs = (double)total_pairs;
+    const double dnll = total_chosen_tokens ? -(double)cfg.nll_weight / (double)total_chosen_tokens : 0.0;  // d(NLL term)/d(pc)
+    double loss = 0;
+    for (int i = 0; i < p.n; i++) {
+        double pair, dh, hc = 1, hr = 1;  // the pair's loss, d(pair)/dh, dh/d(pc) and -dh/d(pr)
+        if (cfg.loss_type == DPO_IPO) {
+            hc = 1.0 / std::max((double)nc[i], 1.0);
+            hr = 1.0 / std::max((double)nr[i], 1.0);
+            double h = ((double)pc[i] * hc - (double)pr[i] * hr) - ((double)rc[i] * hc - (double)rr[i] * hr);
+            double u = h - 1.0 / (2.0 * beta);
+            pair = u * u;
+            dh = 2.0 * u;
+        } else {
+            double h = ((double)pc[i] - pr[i]) - ((double)rc[i] - rr[i]), x = beta * h;
+            pair = (1.0 - eps) * neg_log_sigmoid(x) + eps * neg_log_sigmoid(-x);
+            dh = beta * (-(1.0 - eps) * sigmoid_stable(-x) + eps * sigmoid_stable(x));
+        }
+        loss += pair / pairs + dnll * pc[i];
+        dpc[i] = (float)(dh * hc / pairs + dnll);
+        dpr[i] = (float)(-dh * hr / pairs);
+    }
+    return loss;
+}
+
+// TRL's DPO metrics, as sums over pairs (divide each by `pairs` to log them): rewards/chosen =
+// beta (pc - rc), rewards/rejected = beta (pr - rr), rewards/accuracies = [chosen reward >
+// rejected reward], rewards/margins = chosen - rejected reward, logps/chosen = pc,
+// logps/rejected = pr. Always of the sums, as today's TRL logs them (earlier TRL logged
+// per-token means under IPO).
+struct DPOMetrics {
+    double rewards_chosen = 0, rewards_rejected = 0, accuracies = 0, margins = 0, logps_chosen = 0, logps_rejected = 0;
+    double pairs = 0;
+};
+
+static void dpo_metrics_add(DPOMetrics* m, const DPOConfig& cfg, const DPOPairs& p) {
+    const float *pc = p.policy_chosen, *pr = p.policy_rejected, *rc = p.ref_chosen, *rr = p.ref_rejected;
+    for (int i = 0; i < p.n; i++) {
+        double chosen = cfg.beta * ((double)pc[i] - rc[i]), rejected = cfg.beta * ((double)pr[i] - rr[i]);
+        m->rewards_chosen += chosen;
+        m->rewards_rejected += rejected;
+        m->accuracies += chosen > rejected ? 1.0 : 0.0;
+        m->margins += chosen - rejected;
+        m->logps_chosen += pc[i];
+        m->logps_rejected += pr[i];
+        m->pairs += 1;
+    }
+}
+
+// ---- the DPO stage
 
 struct DPOStageConfig {
     TrainConfig train;
@@ -58,6 +169,11 @@ struct PairBatch {
     std::vector<float> dsums;      // (2 B)
     int T = 0;
 };
+
+// the first n pairs of a batch, as the objective reads them
+static DPOPairs dpo_pairs(const PairBatch& pb, int n) {
+    return {pb.pc.data(), pb.pr.data(), pb.rc.data(), pb.rr.data(), pb.nc.data(), pb.nr.data(), n};
+}
 
 static void pair_batch_init(PairBatch* pb, int B, int max_len) {
     pb->seqs.resize(2 * B), pb->tokens.resize((size_t)2 * B * max_len), pb->mask.resize(pb->tokens.size());
@@ -132,7 +248,7 @@ static void reference_rows(const ReferenceLogps& ref, const size_t* rows, int n,
 
 // The loss and TRL's metrics over every pair of p (validation); each rank takes a block of the
 // pairs and the ranks sum their shares.
-static double evaluate(Runner* r, Comm* comm, const PairData& p, const ReferenceLogps& ref, const DPOConfig& dpo, int B, PairBatch* pb, DPOMetrics* m) {
+static double evaluate_dpo(Runner* r, Comm* comm, const PairData& p, const ReferenceLogps& ref, const DPOConfig& dpo, int B, PairBatch* pb, DPOMetrics* m) {
     std::vector<size_t> rows(B);
     size_t chosen_tokens = 0;
     for (size_t i = 0; i < p.n_pairs; i++) chosen_tokens += token_targets(p.seqs, 2 * i);
@@ -144,9 +260,8 @@ static double evaluate(Runner* r, Comm* comm, const PairData& p, const Reference
         for (int i = 0; i < n; i++) rows[i] = first + i;
         policy_logps(r, p, rows.data(), n, pb);
         reference_rows(ref, rows.data(), n, pb);
-        loss += dpo_loss(dpo, pb->pc.data(), pb->pr.data(), pb->rc.data(), pb->rr.data(), pb->nc.data(), pb->nr.data(), n, p.n_pairs, chosen_tokens,
-                         pb->dpc.data(), pb->dpr.data());
-        dpo_metrics_add(m, dpo, pb->pc.data(), pb->pr.data(), pb->rc.data(), pb->rr.data(), n);
+        loss += dpo_loss(dpo, dpo_pairs(*pb, n), p.n_pairs, chosen_tokens, pb->dpc.data(), pb->dpr.data());
+        dpo_metrics_add(m, dpo, dpo_pairs(*pb, n));
     }
     comm_all_reduce_sum_double(comm, (double*)m, sizeof(DPOMetrics) / sizeof(double));
     comm_all_reduce_sum_double(comm, &loss, 1);
@@ -218,9 +333,8 @@ static void train_dpo(DPOStageConfig& cfg) {
             // the policy's log-probs of chosen and rejected, the reference's, the loss
             policy_logps(&runner, train, mrows, B, &pb);
             reference_rows(ref, mrows, B, &pb);
-            loss += dpo_loss(cfg.dpo, pb.pc.data(), pb.pr.data(), pb.rc.data(), pb.rr.data(), pb.nc.data(), pb.nr.data(), B, tc.total_batch,
-                             chosen_tokens, pb.dpc.data(), pb.dpr.data());
-            dpo_metrics_add(&m, cfg.dpo, pb.pc.data(), pb.pr.data(), pb.rc.data(), pb.rr.data(), B);
+            loss += dpo_loss(cfg.dpo, dpo_pairs(pb, B), tc.total_batch, chosen_tokens, pb.dpc.data(), pb.dpr.data());
+            dpo_metrics_add(&m, cfg.dpo, dpo_pairs(pb, B));
             for (int i = 0; i < B; i++) pb.dsums[2 * i] = pb.dpc[i], pb.dsums[2 * i + 1] = pb.dpr[i];
             runner_sequence_backward(&runner, pb.tokens.data(), pb.dsums.data(), 2 * B, pb.T);
             step_tokens += (size_t)2 * B * pb.T;
@@ -231,7 +345,7 @@ static void train_dpo(DPOStageConfig& cfg) {
         trainer_step_end(&tr, loss, step_tokens, metric_list(m, false));
         if (has_val && trainer_due(&tr, tc.val_every)) {
             DPOMetrics vm;
-            double vloss = evaluate(&runner, &tr.comm, val, val_ref, cfg.dpo, B, &pb, &vm);
+            double vloss = evaluate_dpo(&runner, &tr.comm, val, val_ref, cfg.dpo, B, &pb, &vm);
             std::vector<Metric> v = metric_list(vm, true);
             v.insert(v.begin(), {"val_loss", vloss});
             trainer_log(&tr, v);
@@ -249,6 +363,7 @@ static void train_dpo(DPOStageConfig& cfg) {
     runner_free(&runner);
 }
 
+#ifndef TESTING
 // ---- the recipe around DPO: the world's stages, each run when its output is missing
 
 static std::string program_dir;  // where train_dpo is: the other stage programs are beside it
@@ -620,3 +735,4 @@ int main(int argc, char** argv) {
     if (recipe && tc.stop_at == 0 && comm_launcher_rank() == 0) stage_table(cfg.prompts_path, cfg.tokenizer_path, seconds_since(t0), tc.seed);  // rank 0 alone
     return 0;
 }
+#endif  // TESTING

@@ -11,6 +11,14 @@
 
 #include "fixture.h"
 
+// DPO's objective lives in its program (train_dpo.cu), read here without its recipe and main;
+// the program's other functions go unused in this file
+#define TESTING
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../train_dpo.cu"
+#pragma GCC diagnostic pop
+
 // Tolerances of the one-step parity with the float64 fixture (||ours - ref|| / ||ref|| for
 // tensors, relative for scalars), as the reward step's (test_reward_head.cpp) and the language-model
 // parity's (test_kernels.cpp) argue them:
@@ -77,8 +85,8 @@ TEST_CASE("dpo_loss: sigmoid with and without label smoothing, IPO, the NLL term
         cfg.nll_weight = c[3];
         REQUIRE(dpo_config_check(cfg) == "");
         std::vector<float> dpc(n, NAN), dpr(n, NAN);
-        double loss = dpo_loss(cfg, pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n, total_pairs, total_tokens,
-                               dpc.data(), dpr.data());
+        double loss = dpo_loss(cfg, {pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n}, total_pairs, total_tokens, dpc.data(),
+                               dpr.data());
         INFO(key << ": loss type " << cfg.loss_type << ", beta " << cfg.beta << ", label smoothing " << cfg.label_smoothing
                  << ", nll_weight " << cfg.nll_weight);
         CHECK(loss == Approx(e[key + ".loss"].data[0]).epsilon(1e-6));
@@ -107,11 +115,9 @@ TEST_CASE("dpo_loss derivatives match central finite differences", "[dpo][loss][
     const float h = 1.0f / 128;
     for (const DPOConfig& cfg : configs) {
         std::vector<float> dpc(n), dpr(n), scratch_c(n), scratch_r(n);
-        dpo_loss(cfg, pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n, total_pairs, total_tokens, dpc.data(), dpr.data());
-        auto loss = [&] {
-            return dpo_loss(cfg, pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n, total_pairs, total_tokens,
-                            scratch_c.data(), scratch_r.data());
-        };
+        DPOPairs pairs{pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n};  // reads pc and pr as they change below
+        dpo_loss(cfg, pairs, total_pairs, total_tokens, dpc.data(), dpr.data());
+        auto loss = [&] { return dpo_loss(cfg, pairs, total_pairs, total_tokens, scratch_c.data(), scratch_r.data()); };
         for (int i = 0; i < n; i++) {
             for (std::vector<float>* x : {&pc, &pr}) {
                 double numeric = central_difference(x->data(), i, h, loss);
@@ -158,8 +164,9 @@ TEST_CASE("dpo_metrics_add sums TRL's rewards, accuracies, margins and log-probs
     cfg.beta = 0.5f;
     float pc[3] = {-3, -10, -2}, pr[3] = {-5, -8, -2}, rc[3] = {-4, -9, -2}, rr[3] = {-4, -9.5f, -2};
     DPOMetrics m;
-    dpo_metrics_add(&m, cfg, pc, pr, rc, rr, 2);
-    dpo_metrics_add(&m, cfg, pc + 2, pr + 2, rc + 2, rr + 2, 1);
+    float none[3] = {};  // token counts: the metrics do not read them
+    dpo_metrics_add(&m, cfg, {pc, pr, rc, rr, none, none, 2});
+    dpo_metrics_add(&m, cfg, {pc + 2, pr + 2, rc + 2, rr + 2, none, none, 1});
     CHECK(m.pairs == 3);
     CHECK(m.rewards_chosen == Approx(0.5 - 0.5 + 0.0));
     CHECK(m.rewards_rejected == Approx(-0.5 + 0.75 + 0.0));
@@ -219,7 +226,7 @@ TEST_CASE("one DPO step (sigmoid, label smoothing, NLL term, micro-batches, clip
         for (int b = 0; b < B; b++) {
             for (int t = 1; t < T; t++) (b % 2 ? nr : nc)[b / 2] += mask[b * T + t];
         }
-        loss += dpo_loss(cfg, pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n, P, chosen_tokens, dpc.data(), dpr.data());
+        loss += dpo_loss(cfg, {pc.data(), pr.data(), rc.data(), rr.data(), nc.data(), nr.data(), n}, P, chosen_tokens, dpc.data(), dpr.data());
         for (int i = 0; i < n; i++) dsums[2 * i] = dpc[i], dsums[2 * i + 1] = dpr[i];
         runner_sequence_backward(&policy, tokens.data(), dsums.data(), B, T);
     }
