@@ -98,7 +98,7 @@ Contents, in file order (search for the quoted heading):
                             drawn again), infer_runner_shape, infer_runner_of, infer_runner_from, generate_greedy,
                             generate_greedy_batch, generate_greedy_model,
                             world_prompt_ids, world_scores, world_kind_means, world_evaluate;
-                            best_of_n, best_index, rejected_index (PairStrategy); Json, json_parse, json_append,
+                            Json, json_parse, json_append,
                             utf8_repair, read_lines_checked, json_messages, prompts_load_checked;
                             LogSeries, read_log_series (a metric of a program's log.jsonl)
   "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init, plot_rect, plot_text, plot_line, plot_save_png;
@@ -9202,57 +9202,6 @@ inline double world_report(Runner* r, const Tokenizer* tok, const std::vector<Wo
     double score = world_evaluate(r, tok, prompts, 100, show, &per_kind, comm);
     printf("gold judge: mean %.2f / 10 over %zu held-out prompts (%s)\n", score, std::min(prompts.size(), (size_t)100), per_kind.c_str());
     return score;
-}
-
-// ---- selection from a set of scored responses
-
-// The expected `value` of the response that best-of-n picks (the highest `select` score; on
-// ties the earlier response) from n of the m responses of a prompt drawn without replacement,
-// averaged over all C(m, n) draws: with the responses ranked by select ascending (rank i =
-// 1..m), the one of rank i is picked in C(i-1, n-1) of them. n = 1 is the mean, n = m the
-// pick of all m.
-inline double best_of_n(const std::vector<double>& select, const std::vector<double>& value, int n) {
-    int m = (int)select.size();
-    if (n < 1 || n > m) return NAN;
-    std::vector<int> order(m);
-    for (int i = 0; i < m; i++) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return select[a] < select[b] || (select[a] == select[b] && a > b); });
-    double expect = 0, log_total = std::lgamma(m + 1.0) - std::lgamma(n + 1.0) - std::lgamma(m - n + 1.0);
-    for (int i = n; i <= m; i++) {  // rank i picks in C(i-1, n-1) draws
-        double log_ways = std::lgamma((double)i) - std::lgamma((double)n) - std::lgamma((double)(i - n + 1));
-        expect += value[order[i - 1]] * std::exp(log_ways - log_total);
-    }
-    return expect;
-}
-
-// How DPO pairs are drawn from a scored set: the best response (the highest score, the first
-// on ties) is chosen; rejected is the worst, a random one, or the one whose score is nearest
-// mu - 2 sigma of the set's scores (Xwin-LM's choice), each among the responses that score
-// below the best.
-enum PairStrategy { PAIR_WORST = 0, PAIR_RANDOM = 1, PAIR_SIGMA = 2 };
-inline const char* const PAIR_STRATEGY_NAMES[3] = {"best vs worst", "best vs random", "best vs nearest mu - 2 sigma"};
-
-inline int best_index(const std::vector<double>& scores) {
-    return (int)(std::max_element(scores.begin(), scores.end()) - scores.begin());
-}
-
-// The rejected response's index, or -1 when none scores below the best.
-inline int rejected_index(const std::vector<double>& scores, int strategy, uint64_t* rng) {
-    double best = scores[best_index(scores)], mean = 0, var = 0;
-    std::vector<int> below;
-    for (size_t i = 0; i < scores.size(); i++) if (scores[i] < best) below.push_back((int)i);
-    if (below.empty()) return -1;
-    if (strategy == PAIR_RANDOM) return below[rng_next(rng) % below.size()];
-    int pick = below[0];
-    if (strategy == PAIR_WORST) {
-        for (int i : below) if (scores[i] < scores[pick]) pick = i;
-        return pick;
-    }
-    for (double x : scores) mean += x / scores.size();
-    for (double x : scores) var += (x - mean) * (x - mean) / scores.size();
-    double target = mean - 2.0 * std::sqrt(var);  // the population sigma of all the set's scores
-    for (int i : below) if (std::fabs(scores[i] - target) < std::fabs(scores[pick] - target)) pick = i;
-    return pick;
 }
 
 // ---- JSON: a reader and a writer for the JSONL files of the sampling stage (RFC 8259; the

@@ -34,10 +34,69 @@ activations), as the policy samples on one.
   ./sample -c 1                   chat in the template: a line of stdin is a user turn
   ./sample -h                     every flag, its range and its default
 */
+#ifndef TESTING     // test/test_generate.cpp includes this file for its selection rule, without the plots and main
 #define XWIN_PLOTS  // llm.cu's PNG plots (stb_image_write, stb_easy_font from Debian's libstb-dev)
+#endif
 #include "llm.cu"
 
 #include <iostream>
+
+// ---- the selection rule (Xwin-LM section 4): a set's best response, its rejected one, best-of-n
+
+// Xwin-LM's selection score of a response: its reward plus q times the policy's log-prob of it
+// (-q; 0: the reward alone)
+static double selection_score(double reward, double policy_logp, double q) { return reward + q * policy_logp; }
+
+// The expected `value` of the response that best-of-n picks (the highest `select` score; on
+// ties the earlier response) from n of the m responses of a prompt drawn without replacement,
+// averaged over all C(m, n) draws: with the responses ranked by select ascending (rank i =
+// 1..m), the one of rank i is picked in C(i-1, n-1) of them. n = 1 is the mean, n = m the
+// pick of all m.
+static double best_of_n(const std::vector<double>& select, const std::vector<double>& value, int n) {
+    int m = (int)select.size();
+    if (n < 1 || n > m) return NAN;
+    std::vector<int> order(m);
+    for (int i = 0; i < m; i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return select[a] < select[b] || (select[a] == select[b] && a > b); });
+    double expect = 0, log_total = std::lgamma(m + 1.0) - std::lgamma(n + 1.0) - std::lgamma(m - n + 1.0);
+    for (int i = n; i <= m; i++) {  // rank i picks in C(i-1, n-1) draws
+        double log_ways = std::lgamma((double)i) - std::lgamma((double)n) - std::lgamma((double)(i - n + 1));
+        expect += value[order[i - 1]] * std::exp(log_ways - log_total);
+    }
+    return expect;
+}
+
+// How DPO pairs are drawn from a scored set: the best response (the highest score, the first
+// on ties) is chosen; rejected is the worst, a random one, or the one whose score is nearest
+// mu - 2 sigma of the set's scores (Xwin-LM's choice), each among the responses that score
+// below the best.
+enum PairStrategy { PAIR_WORST = 0, PAIR_RANDOM = 1, PAIR_SIGMA = 2 };
+static const char* const PAIR_STRATEGY_NAMES[3] = {"best vs worst", "best vs random", "best vs nearest mu - 2 sigma"};
+
+static int best_index(const std::vector<double>& scores) {
+    return (int)(std::max_element(scores.begin(), scores.end()) - scores.begin());
+}
+
+// The rejected response's index, or -1 when none scores below the best.
+static int rejected_index(const std::vector<double>& scores, int strategy, uint64_t* rng) {
+    double best = scores[best_index(scores)], mean = 0, var = 0;
+    std::vector<int> below;
+    for (size_t i = 0; i < scores.size(); i++) if (scores[i] < best) below.push_back((int)i);
+    if (below.empty()) return -1;
+    if (strategy == PAIR_RANDOM) return below[rng_next(rng) % below.size()];
+    int pick = below[0];
+    if (strategy == PAIR_WORST) {
+        for (int i : below) if (scores[i] < scores[pick]) pick = i;
+        return pick;
+    }
+    for (double x : scores) mean += x / scores.size();
+    for (double x : scores) var += (x - mean) * (x - mean) / scores.size();
+    double target = mean - 2.0 * std::sqrt(var);  // the population sigma of all the set's scores
+    for (int i : below) if (std::fabs(scores[i] - target) < std::fabs(scores[pick] - target)) pick = i;
+    return pick;
+}
+
+// ---- the program
 
 struct SampleConfig {
     const char* model_path = "out/sft/model.bin";
@@ -379,7 +438,7 @@ static std::vector<SetRow> read_set(const char* path, int select, double kl) {
             if (with_logps) {
                 const Json& lp = logps->items[k];
                 if (lp.type != Json::NUMBER || !(lp.number <= 0)) fail_file(path, "line %zu: policy_logps %zu is not a log-prob (a number <= 0)", i + 1, k + 1);
-                score += kl * lp.number;
+                score = selection_score(score, lp.number, kl);
             }
             r.responses.push_back(resp->items[k].text);
             r.scores.push_back(score);
@@ -557,6 +616,7 @@ static void chat(const SampleConfig& cfg) {
     tokenizer_free(&L.tok);
 }
 
+#ifndef TESTING
 // ---- no mode: the best-of-n curve on the world
 
 static void draw_curves(const char* path, const std::vector<int>& ns, const std::vector<std::vector<double>>& curves,
@@ -699,3 +759,4 @@ int main(int argc, char** argv) {
     comm_free(&comm);
     return 0;
 }
+#endif  // TESTING

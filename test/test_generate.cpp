@@ -9,6 +9,14 @@
 
 #include "fixture.h"
 
+// the selection rule lives in its program (sample.cu), read here without its plots and main;
+// the program's other functions go unused in this file
+#define TESTING
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../sample.cu"
+#pragma GCC diagnostic pop
+
 // Pearson's chi-square statistic of counts against probabilities (cells with p > 0 only; a
 // count in a cell of probability 0 returns infinity).
 static double chi_square(const std::vector<size_t>& counts, const std::vector<double>& p, size_t draws) {
