@@ -65,6 +65,32 @@ static void check_close(const std::vector<double>& a, const std::vector<double>&
     }
 }
 
+// Two runs that trained the same bits: model.bin byte for byte (and not empty), and every
+// logged value of `keys` (the step losses by default) equal
+static void check_same_run(const std::string& a, const std::string& b, std::vector<const char*> keys = {"loss"}) {
+    std::vector<unsigned char> model = file_bytes(b + "/model.bin");
+    REQUIRE(!model.empty());
+    CHECK(file_bytes(a + "/model.bin") == model);
+    for (const char* key : keys) {
+        INFO(key);
+        CHECK(logged_values(a + "/log.jsonl", key) == logged_values(b + "/log.jsonl", key));
+    }
+}
+
+// Two runs that trained the same rows with their sums added in another order: the first step's
+// loss equal (the same weights, the same rows), the later ones to loss_rel relative, every final
+// weight to weight_tol; prints the largest weight difference
+static void check_same_to_rounding(const std::string& a, const std::string& b, double loss_rel, double weight_tol, const char* what) {
+    std::vector<double> la = logged_losses(a + "/log.jsonl"), lb = logged_losses(b + "/log.jsonl");
+    REQUIRE(la.size() >= 2);
+    REQUIRE(la.size() == lb.size());
+    CHECK(la[0] == lb[0]);
+    check_close(la, lb, loss_rel);
+    double d = max_abs_diff(model_weights(a + "/model.bin"), model_weights(b + "/model.bin"));
+    printf("%s: max |weight difference| %.3g\n", what, d);
+    CHECK(d <= weight_tol);
+}
+
 // A small model on 20 sequences (epochs roll over inside steps 3 and 5), 8 validation ones.
 struct ParallelFixture {
     std::string model = write_small_model("parallel_model.bin"), data = write_small_data("parallel.tok", 20),
@@ -230,11 +256,8 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
     INFO(out);
     REQUIRE(rc == 0);
     CHECK_THAT(out, Catch::Contains("ZeRO-1: each rank keeps the optimizer state of 1/ranks of the weights"));
+    check_same_run(zero, plain, {"loss", "val_loss"});
     std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
-    REQUIRE(!a.empty());
-    CHECK(file_bytes(zero + "/model.bin") == a);
-    CHECK(logged_losses(zero + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
-    CHECK(logged_values(zero + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
 
     REQUIRE(run(mpirun + args + " -X 3 -o " + plain_at3, &out) == 0);
     REQUIRE(run(mpirun + args + " -z 1 -n 1 -X 3 -o " + zero_at3, &out) == 0);  // checkpoints at steps 1, 2, 3
@@ -406,21 +429,10 @@ TEST_CASE("ZeRO-2 on 2 ranks trains ZeRO-0's bits with a micro-batch a rank, to 
     INFO(out);
     REQUIRE(rc == 0);
     CHECK_THAT(out, Catch::Contains("ZeRO-2: each rank keeps the optimizer state and the gradient of 1/ranks of the weights"));
-    std::vector<unsigned char> a = file_bytes(plain + "/model.bin");
-    REQUIRE(!a.empty());
-    CHECK(file_bytes(zero2 + "/model.bin") == a);
-    CHECK(logged_losses(zero2 + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
-    CHECK(logged_values(zero2 + "/log.jsonl", "norm") == logged_values(plain + "/log.jsonl", "norm"));
-    CHECK(logged_values(zero2 + "/log.jsonl", "val_loss") == logged_values(plain + "/log.jsonl", "val_loss"));
+    check_same_run(zero2, plain, {"loss", "norm", "val_loss"});
     REQUIRE(run(mpirun + two_micro + " -o " + plain2, &out) == 0);
     REQUIRE(run(mpirun + two_micro + " -z 2 -o " + zero2_2, &out) == 0);
-    std::vector<double> l0 = logged_losses(plain2 + "/log.jsonl"), l2 = logged_losses(zero2_2 + "/log.jsonl");
-    REQUIRE(l2.size() == 6);
-    CHECK(l2[0] == l0[0]);
-    check_close(l2, l0, 1e-5);
-    double d = max_abs_diff(model_weights(zero2_2 + "/model.bin"), model_weights(plain2 + "/model.bin"));
-    printf("ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
-    CHECK(d <= 1e-6);
+    check_same_to_rounding(zero2_2, plain2, 1e-5, 1e-6, "ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches");
     CHECK(file_bytes(zero2_2 + "/model.bin") != file_bytes(plain2 + "/model.bin"));  // the sums' order differs (the comparison above is not vacuous)
     // stopped at step 3 and resumed with -z 2: the uninterrupted run's bits
     std::string resumed = fx.dir("z2_resumed");
@@ -502,13 +514,8 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     INFO(out);
     REQUIRE(rc == 0);
     CHECK_THAT(out, Catch::Contains("data parallel: 2 ranks"));
-    std::vector<double> l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(two + "/log.jsonl");
-    REQUIRE(l2.size() == 6);
-    CHECK(l2[0] == l1[0]);
-    check_close(l2, l1, 1e-4);
-    double d = max_abs_diff(model_weights(two + "/model.bin"), model_weights(one + "/model.bin"));
-    printf("CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated: max |weight difference| %.3g\n", d);
-    CHECK(d <= 1e-5);
+    check_same_to_rounding(two, one, 1e-4, 1e-5, "CUDA build (emulated), 2 ranks x 2 against 1 rank x 2 x 2 accumulated");
+    std::vector<double> l2 = logged_losses(two + "/log.jsonl");
     // the backward reduces each layer's gradients as soon as it is done, on its own stream: per
     // step and rank, 2 layers x 9 tensor slices during the backward, then the embedding and the
     // final norm (the head is the embedding: tied); 6 steps: 120 all-reduces, all in NCCL groups
@@ -546,10 +553,7 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     std::string zero2_accum = fx.dir("emu_zero2_accum"), plain_accum = fx.dir("emu_plain_accum");
     REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -o " + plain_accum, &out) == 0);
     REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 1 -d 4 -z 2 -o " + zero2_accum, &out) == 0);
-    check_close(logged_losses(zero2_accum + "/log.jsonl"), logged_losses(plain_accum + "/log.jsonl"), 1e-4);
-    d = max_abs_diff(model_weights(zero2_accum + "/model.bin"), model_weights(plain_accum + "/model.bin"));
-    printf("CUDA build (emulated), ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches: max |weight difference| %.3g\n", d);
-    CHECK(d <= 1e-5);
+    check_same_to_rounding(zero2_accum, plain_accum, 1e-4, 1e-5, "CUDA build (emulated), ZeRO-2 against ZeRO-0, 2 ranks x 2 micro-batches");
     // its checkpoint: each rank writes its half of the moments to its shard file (the FP32
     // master weights are model.bin's, gathered); resumed with -z 1 (each rank's master half from
     // model.bin, its moments from its file) and with -z 0, the uninterrupted run's bits
