@@ -57,6 +57,17 @@ inline double relative_error(const float* a, const float* b, size_t n) {
     return std::sqrt(num) / (std::sqrt(den) + 1e-30);
 }
 
+// A runner's parameter gradients on the host (the GPU build's copied down)
+inline std::vector<float> runner_gradients(Runner* r) {
+    std::vector<float> grads(r->host.num_params);
+#ifdef XWIN_CUDA
+    cudaCheck(cudaMemcpy(grads.data(), r->gpu.grads_memory, grads.size() * sizeof(float), cudaMemcpyDeviceToHost));
+#else
+    memcpy(grads.data(), r->host.grads_memory, grads.size() * sizeof(float));
+#endif
+    return grads;
+}
+
 // ||a - b|| / ||b|| of each parameter tensor of a flat buffer (file order, as point_parameters
 // lays it) against the fixture's "<prefix><name>" tensors, each under tol
 inline void check_param_tensors(const LlamaConfig& c, const float* flat, std::map<std::string, FixtureTensor>& expect, const std::string& prefix,

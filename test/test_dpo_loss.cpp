@@ -233,12 +233,7 @@ TEST_CASE("one DPO step (sigmoid, label smoothing, NLL term, micro-batches, clip
     printf("dpo step on %s: loss %.8f (torch %.8f)\n", runner_device(), loss, e["loss"].data[0]);
     CHECK(loss == Approx(e["loss"].data[0]).epsilon(DPO_TOL_SUMS));
     // Adam's first step is about lr * sign(g): the gradients themselves carry their sizes
-    std::vector<float> grads(policy.host.num_params);
-#ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(grads.data(), policy.gpu.grads_memory, grads.size() * sizeof(float), cudaMemcpyDeviceToHost));
-#else
-    memcpy(grads.data(), policy.host.grads_memory, grads.size() * sizeof(float));
-#endif
+    std::vector<float> grads = runner_gradients(&policy);
     check_param_tensors(policy.host.config, grads.data(), e, "grad.", DPO_TOL_GRADS);
     const float* hp = e["adamw"].data.data();
     float norm = runner_clip_grad_norm(&policy, hp[5]);

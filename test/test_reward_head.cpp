@@ -140,12 +140,7 @@ static void run_reward_parity(const std::string& name) {
     printf("reward parity %s on %s: scores rel err %.2e (tolerance %.0e)\n", name.c_str(), runner_device(), err, TOL_SCORES);
     CHECK(err < TOL_SCORES);
     runner_score_backward(&r, tokens.data(), e["dscores"].data.data(), B, T);
-    std::vector<float> grads(r.host.num_params);
-#ifdef XWIN_CUDA
-    cudaCheck(cudaMemcpy(grads.data(), r.gpu.grads_memory, grads.size() * sizeof(float), cudaMemcpyDeviceToHost));
-#else
-    memcpy(grads.data(), r.host.grads_memory, grads.size() * sizeof(float));
-#endif
+    std::vector<float> grads = runner_gradients(&r);
     size_t sizes[NUM_PARAM_TENSORS], offset = 0;
     param_sizes(r.host.config, sizes);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
