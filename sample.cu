@@ -736,7 +736,7 @@ int main(int argc, char** argv) {
         {'u', FLAG_INT, &cfg.resample, 0, 1000000, "draw a duplicate response again up to this many times (-n)"},
         {'b', FLAG_INT, &cfg.batch, 1, 1 << 16, "sequences decoded together (rounded down to a multiple of -n)"},
         {'l', FLAG_INT, &cfg.max_prompts, 0, 1 << 30, "the first this many prompts (0: all)"},
-        {'z', FLAG_U64, &cfg.seed, 0, 0, "seed of the samples"},
+        {'S', FLAG_U64, &cfg.seed, 0, 0, "seed of the samples"},
         {'I', FLAG_OPTIONAL_PATH, &cfg.nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
     };
     flags_parse(argc, argv, "sampling with a KV cache: the Xwin-Set (-n), RS and DPO data (-s), evaluation (-e), chat (-c); no mode: the best-of-n curve", flags);

@@ -18,8 +18,8 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
                                 model, the Xwin-Set, RS), each command printed as it starts; at the
                                 end, every stage's model on the held-out prompts: the stage table,
                                 out/report.md, out/report.png and the training curves out/curves.png
-  ./train_dpo -S 2              the recipe with seed 2 in every stage (-S to train_sft and train_rm,
-                                -z to sample); dev/recipe_seeds.py runs it over several seeds
+  ./train_dpo -S 2              the recipe with seed 2 in every stage (-S to train_sft, train_rm and
+                                sample); dev/recipe_seeds.py runs it over several seeds
   ./train_dpo -S 2 -D 1         the commands of the stages that would run, without running them
   mpirun -np 4 ./train_dpo      the recipe on 4 ranks: each data-parallel stage (train_sft, train_rm,
                                 sample -n) on 4 new ranks, every other command on rank 0 alone,
@@ -490,8 +490,8 @@ struct Stage {
 constexpr int RECIPE_BATCH = 8;
 
 // The world's recipe before DPO, in order (Xwin-LM sections 2-4 on the built-in world). A seed
-// other than the default (1337) goes to every program of every stage: -S to train_sft and
-// train_rm, -z to sample; the default seed's commands are the programs' defaults. On several
+// other than the default (1337) goes to every program of every stage as -S, the seed's letter in
+// every program; the default seed's commands are the programs' defaults. On several
 // ranks the training programs take -b RECIPE_BATCH / ranks.
 static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
     std::vector<Stage> stages = {
@@ -522,12 +522,9 @@ static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
     bool seeded = seed != TrainConfig{}.seed;
     for (Stage& st : stages) {
         for (std::string& cmd : st.commands) {
-            if (cmd.rfind("{P}/train_", 0) == 0) {
-                if (seeded) cmd += " -S " + std::to_string(seed);
-                if (ranks > 1) cmd += " -b " + std::to_string(RECIPE_BATCH / ranks);
-            } else if (seeded && cmd.rfind("{P}/sample", 0) == 0) {
-                cmd += " -z " + std::to_string(seed);
-            }
+            bool train = cmd.rfind("{P}/train_", 0) == 0;
+            if (seeded && (train || cmd.rfind("{P}/sample", 0) == 0)) cmd += " -S " + std::to_string(seed);
+            if (train && ranks > 1) cmd += " -b " + std::to_string(RECIPE_BATCH / ranks);
         }
     }
     return stages;

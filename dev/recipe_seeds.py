@@ -8,7 +8,7 @@ its mean, range and standard deviation over the seeds.
 For every seed N, the run folder runs/seed_N/ gets symlinks to the repository's data/ and dev/
 (the recipe reads data/world/... and dev/data/... and writes out/... relative to where it runs),
 and `<repo>/train_dpo -S N` runs there: every stage that is missing runs with the seed (-S to
-train_sft and train_rm, -z to sample), then DPO and the stage table, out/report.md. Its output
+train_sft, train_rm and sample), then DPO and the stage table, out/report.md. Its output
 is appended to runs/seed_N/recipe.log; a run folder that already holds a stage's output skips
 that stage, so an interrupted run goes on where it stopped. Seed 1337 is the programs' default,
 so runs/seed_1337 is the recipe of a plain `./train_dpo`.

@@ -70,7 +70,7 @@ TEST_CASE("sample -n: N distinct responses per prompt with their gold scores; th
     }
     REQUIRE(run(cmd + " -o " + again, &out) == 0);
     CHECK(file_bytes(again) == file_bytes(set));
-    REQUIRE(run(cmd + " -z 7 -o " + other, &out) == 0);
+    REQUIRE(run(cmd + " -S 7 -o " + other, &out) == 0);
     CHECK(file_bytes(other) != file_bytes(set));
     // greedy, every draw is the same: each duplicate is drawn again -u times, then counted
     REQUIRE(run(std::string(SAMPLE) + " -m " + model + " -n 3 -l 2 -x 5 -t 0 -u 2 -o " + other, &out) == 0);

@@ -265,7 +265,7 @@ static bool ends_with_text(const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-TEST_CASE("the recipe passes -S to every stage's program: -S to train_sft and train_rm, -z to sample", "[dpo][recipe]") {
+TEST_CASE("the recipe passes -S to every stage's program: train_sft, train_rm and sample", "[dpo][recipe]") {
     std::string dir = scratch("recipe_seed");
     make_dir(dir);
     char cwd[4096];
@@ -284,10 +284,9 @@ TEST_CASE("the recipe passes -S to every stage's program: -S to train_sft and tr
             CHECK(ends_with_text(c, " -S 2"));
         } else if (c.rfind(programs + "sample", 0) == 0) {
             sample++;
-            CHECK(ends_with_text(c, " -z 2"));
+            CHECK(ends_with_text(c, " -S 2"));
         } else {  // cat, head, python3: no seed
             CHECK(c.find(" -S ") == std::string::npos);
-            CHECK(c.find(" -z ") == std::string::npos);
         }
     }
     CHECK(train == 3);  // SFT, the RM, RS
@@ -301,10 +300,7 @@ TEST_CASE("the recipe passes -S to every stage's program: -S to train_sft and tr
     REQUIRE(plain.size() == 14);
     CHECK(plain[0] == programs + "train_sft");
     CHECK(plain[1] == programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl");
-    for (const std::string& c : plain) {
-        CHECK(c.find(" -S ") == std::string::npos);
-        CHECK(c.find(" -z ") == std::string::npos);
-    }
+    for (const std::string& c : plain) CHECK(c.find(" -S ") == std::string::npos);
     REQUIRE(run("cd " + dir + " && " + bin + " -S 1337 -D 1", &out) == 0);
     CHECK(dry_commands(out) == plain);
     // a stage whose output is there is skipped, and so its commands are not printed
@@ -345,7 +341,7 @@ TEST_CASE("the recipe's closing report: the stage table, the seed's commands, th
     CHECK_THAT(report, Catch::Contains("Seed 2 (`-S`), passed to every stage."));
     CHECK_THAT(report, Catch::Contains("![training curves](curves.png)"));
     CHECK_THAT(report, Catch::Contains("\n    ./train_sft -S 2\n"));
-    CHECK_THAT(report, Catch::Contains("-o out/set/xwin_set.jsonl -z 2\n"));
+    CHECK_THAT(report, Catch::Contains("-o out/set/xwin_set.jsonl -S 2\n"));
     uint32_t w = 0, h = 0;
     png_size(dir + "/out/curves.png", &w, &h);
     CHECK(w == 1200);  // six panels, two rows
