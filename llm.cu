@@ -1693,6 +1693,17 @@ void attention_backward_plain(T* dq, T* dk, T* dv, const T* dout, const T* att, 
 // keys before its end only, so the matmuls cover the causal half and a strip along the diagonal.
 constexpr size_t ATTENTION_ROWS = 48;
 
+// out[t, t2] = x[t] . y[t2] (hd each; x row t at x + t * sx, y row t2 at y + t2 * sy), out's rows
+// Tn apart, over the causal blocks of ATTENTION_ROWS rows: a block's rows up to its last column,
+// zeroed first (the scores q k^T of the forward, dout v^T of the backward)
+inline void attention_causal_dots(float* out, const float* x, size_t sx, const float* y, size_t sy, size_t Tn, size_t hd) {
+    for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // x[r0..r1) (rows, hd) @ y[0..r1)^T (hd, r1)
+        size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
+        for (size_t t = r0; t < r1; t++) std::fill(out + t * Tn, out + t * Tn + r1, 0.0f);
+        matmul_accumulate(out + r0 * Tn, Tn, x + r0 * sx, sx, 1, y, 1, sy, r1 - r0, hd, r1, false);
+    }
+}
+
 // attention_forward_plain's sums as matmuls per (b, h), on matmul_accumulate: the scores q k^T of
 // each block of rows, the softmax per row, then out = att @ v per block (the zeros of the keys
 // after a row, up to its block's end, add exactly 0). Each (b, h) on one thread.
@@ -1709,11 +1720,7 @@ inline void attention_forward_matmul(float* out, float* att, const float* q, con
             const float* kb = k + (b * Tn * KV + kh) * hd;  // row t2 at kb + t2 * KV * hd
             const float* vb = v + (b * Tn * KV + kh) * hd;
             float* oh = out + (b * Tn * H + h) * hd;
-            for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // scores: q[r0..r1) (rows, hd) @ k[0..r1)^T (hd, r1)
-                size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
-                for (size_t t = r0; t < r1; t++) std::fill(ah + t * Tn, ah + t * Tn + r1, 0.0f);
-                matmul_accumulate(ah + r0 * Tn, Tn, qh + r0 * H * hd, H * hd, 1, kb, 1, KV * hd, r1 - r0, hd, r1, false);
-            }
+            attention_causal_dots(ah, qh, H * hd, kb, KV * hd, Tn, hd);  // the scores, unscaled
             for (size_t t = 0; t < Tn; t++) {
                 float* a = ah + t * Tn;
                 float maxv = -INFINITY;
@@ -1762,11 +1769,7 @@ inline void attention_backward_matmul(float* dq, float* dk, float* dv, const flo
                 const float* qh = q + (b * Tn * H + h) * hd;
                 const float* dh = dout + (b * Tn * H + h) * hd;
                 float* dqh = dq + (b * Tn * H + h) * hd;
-                for (size_t r0 = 0; r0 < Tn; r0 += ATTENTION_ROWS) {  // datt: dout[r0..r1) (rows, hd) @ v[0..r1)^T (hd, r1)
-                    size_t r1 = std::min(Tn, r0 + ATTENTION_ROWS);
-                    for (size_t t = r0; t < r1; t++) std::fill(ds + t * Tn, ds + t * Tn + r1, 0.0f);
-                    matmul_accumulate(ds + r0 * Tn, Tn, dh + r0 * H * hd, H * hd, 1, vb, 1, KV * hd, r1 - r0, hd, r1, false);
-                }
+                attention_causal_dots(ds, dh, H * hd, vb, KV * hd, Tn, hd);  // datt
                 for (size_t t = 0; t < Tn; t++) {
                     const float* a = ah + t * Tn;
                     float* dsr = ds + t * Tn;
@@ -7379,6 +7382,13 @@ inline const bool comm_spawned = [] {
 #endif
 
 #ifdef XWIN_NCCL
+// -I's id file of this job step: <dir>/xwin_nccl_id_<SLURM_JOB_ID>_<SLURM_STEP_ID> (0 for one not set)
+inline std::string comm_nccl_id_path(const char* dir) {
+    const char* job = getenv("SLURM_JOB_ID");
+    const char* step = getenv("SLURM_STEP_ID");
+    return string_format("%s/xwin_nccl_id_%s_%s", dir, job ? job : "0", step ? step : "0");
+}
+
 // NCCL's id from rank 0 to the others through a file in a folder every rank sees (-I), for
 // srun without MPI: <folder>/xwin_nccl_id_<job>_<step> (Slurm's SLURM_JOB_ID and SLURM_STEP_ID,
 // so another run's file is another name), written as a temporary then renamed; the other ranks
@@ -7390,9 +7400,7 @@ inline ncclUniqueId comm_nccl_id_exchange(const char* dir, int rank, int world) 
         int32_t world;
         ncclUniqueId id;
     } f{};
-    const char* job = getenv("SLURM_JOB_ID");
-    const char* step = getenv("SLURM_STEP_ID");
-    std::string path = string_format("%s/xwin_nccl_id_%s_%s", dir, job ? job : "0", step ? step : "0");
+    std::string path = comm_nccl_id_path(dir);
     if (rank == 0) {
         snprintf(f.magic, sizeof(f.magic), "xwin-nccl-id");
         f.world = world;
@@ -7471,8 +7479,7 @@ inline void comm_init(Comm* c, const char* id_dir = "") {
         }
         comm_nccl_join(c, [&] { return comm_nccl_id_exchange(id_dir, c->rank, c->world); });
         if (c->rank == 0) {  // every rank has joined (ncclCommInitRank returns once all have): the id file is spent
-            remove(string_format("%s/xwin_nccl_id_%s_%s", id_dir, getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "0",
-                                 getenv("SLURM_STEP_ID") ? getenv("SLURM_STEP_ID") : "0").c_str());
+            remove(comm_nccl_id_path(id_dir).c_str());
         }
         cudaCheck(cudaStreamCreateWithFlags(&c->host_stream, cudaStreamNonBlocking));
         cudaCheck(cudaMalloc(&c->bounce, COMM_BOUNCE));
