@@ -1589,13 +1589,24 @@ inline float* rope_table_cuda(int max_T, const LlamaConfig& c) {
 // (attention_forward_plain) and the KV cache's (attention_cached_forward) are this row.
 template <typename T>
 void attention_row(T* o, T* a, const T* qv, const T* k, const T* v, size_t n, size_t stride, size_t hd, T scale) {
-    T maxv = -INFINITY;  // the scores q . k[t2] / sqrt(hd), and their max
-    for (size_t t2 = 0; t2 < n; t2++) {
-        const T* kv = k + t2 * stride;
-        T s = 0;
-        for (size_t i = 0; i < hd; i++) s = matmul_madd(qv[i], kv[i], s);
-        a[t2] = s * scale;
-        if (a[t2] > maxv) maxv = a[t2];
+    constexpr size_t KEYS = 8;  // scores computed side by side: 8 independent chains, not one long one
+    T maxv = -INFINITY;         // the scores q . k[t2] / sqrt(hd), and their max
+    for (size_t t0 = 0; t0 < n; t0 += KEYS) {
+        size_t keys = std::min(KEYS, n - t0);
+        T s[KEYS] = {};
+        if (keys == KEYS) {  // a whole group: the compiler unrolls the 8 chains
+            for (size_t i = 0; i < hd; i++) {
+                for (size_t j = 0; j < KEYS; j++) s[j] = matmul_madd(qv[i], k[(t0 + j) * stride + i], s[j]);
+            }
+        } else {
+            for (size_t i = 0; i < hd; i++) {
+                for (size_t j = 0; j < keys; j++) s[j] = matmul_madd(qv[i], k[(t0 + j) * stride + i], s[j]);
+            }
+        }
+        for (size_t j = 0; j < keys; j++) {
+            a[t0 + j] = s[j] * scale;
+            if (a[t0 + j] > maxv) maxv = a[t0 + j];
+        }
     }
     T sum = 0;  // softmax: exponentiate against the max, normalise
     for (size_t t2 = 0; t2 < n; t2++) {
@@ -1603,10 +1614,9 @@ void attention_row(T* o, T* a, const T* qv, const T* k, const T* v, size_t n, si
         sum += a[t2];
     }
     for (size_t t2 = 0; t2 < n; t2++) a[t2] /= sum;
-    for (size_t i = 0; i < hd; i++) {
-        T acc = 0;
-        for (size_t t2 = 0; t2 < n; t2++) acc = matmul_madd(a[t2], v[t2 * stride + i], acc);
-        o[i] = acc;
+    for (size_t i = 0; i < hd; i++) o[i] = 0;  // each o[i] one chain over the keys in order, all hd side by side
+    for (size_t t2 = 0; t2 < n; t2++) {
+        for (size_t i = 0; i < hd; i++) o[i] = matmul_madd(a[t2], v[t2 * stride + i], o[i]);
     }
 }
 
