@@ -63,7 +63,8 @@ Contents, in file order (search for the quoted heading):
                             InferCuda, infer_memory_plan, infer_cuda_init, infer_cuda_layers,
                             infer_cuda_prefill, infer_cuda_decode, infer_cuda_sequence_logprobs, infer_cuda_logits;
                             InferRunner, infer_runner_init, infer_runner_prefill,
-                            infer_runner_decode, infer_runner_score, infer_runner_sequence_logprobs, infer_runner_copy_sequence, infer_runner_rewind
+                            infer_runner_decode, infer_runner_score, infer_runner_sequence_logprobs, infer_runner_copy_sequence, infer_runner_rewind,
+                            infer_runner_share_prefix (a prompt forwarded once for all its continuations)
                             (frozen models: a reward model's scores, a policy's log-prob sums, no training state)
   "Token file format"       defines: TokenData, tokens_load, tokens_save, tokens_fill_rows
   "Pair file format"        defines: PairRecord, PairData, pairs_load (preference pairs)
@@ -74,7 +75,7 @@ Contents, in file order (search for the quoted heading):
   "Tokenizer"               defines: ChatTemplate (chat_template_parse, chat_template_vicuna, chat_template_check), Tokenizer, tokenizer_load, tokenizer_encode, tokenizer_decode; byte-level BPE (kind 2):
                             unicode_class (tables from dev/make_unicode_tables.py), pretoken_end and pretokenize
                             (the GPT-2 and Llama 3 regexes by hand), bpe_encode_word, tokenizer_encode_bpe
-  "Task world"              defines: WORLD_KINDS, WorldPrompt, world_judge, world_load_prompts
+  "Task world"              defines: WORLD_KINDS, WorldPrompt, WORLD_RIGHT_SCORE, world_judge, world_load_prompts
   "The chat template"       defines: ChatSegment, chat_segments, chat_encode_segments, chat_end_id,
                             chat_encode_conversation (ids and loss mask), chat_encode_prompt (ChatTemplate, its file section
                             and checks are in "Tokenizer")
@@ -167,12 +168,15 @@ Contents, in file order (search for the quoted heading):
 }
 
 inline std::string string_format(const char* fmt, ...) {
-    char buf[512];
-    va_list args;
+    va_list args, again;
     va_start(args, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, args);
+    va_copy(again, args);
+    int n = vsnprintf(nullptr, 0, fmt, args);  // the length first: any length, nothing cut
     va_end(args);
-    return std::string(buf);
+    std::string out(n > 0 ? n : 0, '\0');
+    if (n > 0) vsnprintf(&out[0], (size_t)n + 1, fmt, again);
+    va_end(again);
+    return out;
 }
 
 inline FILE* fopen_check(const char* path, const char* mode) {
@@ -4855,11 +4859,11 @@ inline const float* infer_extend(Infer* inf, const int* tokens, int Tn, const in
 // tokens (B, T), mask (B, T), B <= inf->B, T <= max_chunk: a prefill of whole sequences, then
 // per sequence the final norm, the head and the token log-probs (logprob_forward), and their
 // masked sums (B) (sequence_logprob_forward), as runner_sequence_logprobs takes them. Empties
-// the cache as a prefill does.
-inline const float* infer_sequence_logprobs(Infer* inf, const int* tokens, const uint8_t* mask, int B, int T) {
+// the cache as a prefill does; from_cache: the tokens continue what each sequence holds.
+inline const float* infer_sequence_logprobs(Infer* inf, const int* tokens, const uint8_t* mask, int B, int T, bool from_cache = false) {
     const LlamaConfig& c = inf->model->config;
     require_head(c, HEAD_LM, "sequence log-probs");
-    inf->pos.assign(inf->B, 0);
+    if (!from_cache) inf->pos.assign(inf->B, 0);
     B = infer_layers(inf, tokens, T, nullptr, B);
     size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
     InferStateT<float>& s = inf->s;
@@ -5025,11 +5029,11 @@ inline void infer_cuda_extend(InferCuda* g, const int* tokens, int Tn, const int
 }
 
 // as infer_sequence_logprobs; tokens and mask (B, T) on the host; the B sums come down into sums
-inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const uint8_t* mask, int B, int T, float* sums) {
+inline void infer_cuda_sequence_logprobs(InferCuda* g, const int* tokens, const uint8_t* mask, int B, int T, float* sums, bool from_cache = false) {
     NVTX_RANGE_FN();
     const LlamaConfig& c = g->config;
     require_head(c, HEAD_LM, "sequence log-probs");
-    g->pos.assign(g->B, 0);
+    if (!from_cache) g->pos.assign(g->B, 0);
     B = infer_cuda_layers(g, tokens, T, nullptr, B);
     size_t C = c.dim, V = c.vocab_size, N = (size_t)B * T;
     cudaStream_t st = g->stream;
@@ -5119,8 +5123,9 @@ inline const float* infer_runner_decode(InferRunner* r, const int* next) {
 
 // tokens (B, T), B <= the runner's, T <= its max_chunk -> a reward model's scores (B) on the
 // host, each at its sequence's last token that is not the pad id (reward_score_index, as
-// runner_score): a prefill that ends there. Empties the cache.
-inline const float* infer_runner_score(InferRunner* r, const int* tokens, int B, int T) {
+// runner_score): a prefill that ends there. Empties the cache; from_cache: the tokens continue
+// what each sequence holds (infer_runner_share_prefix), the same scores as the whole prefill.
+inline const float* infer_runner_score(InferRunner* r, const int* tokens, int B, int T, bool from_cache = false) {
     const LlamaConfig& c = r->host.config;
     require_head(c, HEAD_REWARD, "scores");
     if (B > 1 && c.pad_id < 0) {
@@ -5131,24 +5136,27 @@ inline const float* infer_runner_score(InferRunner* r, const int* tokens, int B,
     reward_score_index(lens.data(), tokens, B, T, c.pad_id);
     for (int& len : lens) len += 1;
 #ifdef XWIN_CUDA
-    infer_cuda_prefill(&r->gpu, tokens, T, lens.data(), B);
+    if (!from_cache) r->gpu.pos.assign(r->gpu.B, 0);
+    infer_cuda_extend(&r->gpu, tokens, T, lens.data(), B);
     cudaCheck(cudaMemcpyAsync(r->out.data(), r->gpu.s.scores, B * sizeof(float), cudaMemcpyDeviceToHost, r->gpu.stream));
     cudaCheck(cudaStreamSynchronize(r->gpu.stream));
     return r->out.data();
 #else
-    return infer_prefill(&r->cpu, tokens, T, lens.data(), B);
+    if (!from_cache) r->cpu.pos.assign(r->cpu.B, 0);
+    return infer_extend(&r->cpu, tokens, T, lens.data(), B);
 #endif
 }
 
 // tokens (B, T), mask (B, T), B <= the runner's, T <= its max_chunk -> the sum of each
 // sequence's masked token log-probs (B) on the host, as runner_sequence_logprobs; the GPU
-// moves the mask up and B sums down. Empties the cache.
-inline const float* infer_runner_sequence_logprobs(InferRunner* r, const int* tokens, const uint8_t* mask, int B, int T) {
+// moves the mask up and B sums down. Empties the cache; from_cache: the tokens continue what
+// each sequence holds (infer_runner_share_prefix), and row 0's token is a target's context only.
+inline const float* infer_runner_sequence_logprobs(InferRunner* r, const int* tokens, const uint8_t* mask, int B, int T, bool from_cache = false) {
 #ifdef XWIN_CUDA
-    infer_cuda_sequence_logprobs(&r->gpu, tokens, mask, B, T, r->out.data());
+    infer_cuda_sequence_logprobs(&r->gpu, tokens, mask, B, T, r->out.data(), from_cache);
     return r->out.data();
 #else
-    return infer_sequence_logprobs(&r->cpu, tokens, mask, B, T);
+    return infer_sequence_logprobs(&r->cpu, tokens, mask, B, T, from_cache);
 #endif
 }
 
@@ -5184,6 +5192,23 @@ inline void infer_runner_copy_sequence(InferRunner* r, int src, int dst) {
     }
     inf.pos[dst] = inf.pos[src];
 #endif
+}
+
+// Every sequence of the runner holds the same n tokens (n may be 0): the layers run once, on
+// sequence 0, and the others copy its cache. Then many continuations of one prefix (the
+// responses to a prompt) are scored over their own tokens alone (from_cache above), with the
+// numbers of whole-sequence prefills: each row attends to the same cached keys and values.
+inline void infer_runner_share_prefix(InferRunner* r, const int* tokens, int n) {
+#ifdef XWIN_CUDA
+    r->gpu.pos.assign(r->gpu.B, 0);
+    if (n > 0) infer_cuda_layers(&r->gpu, tokens, n, nullptr, 1);
+    int B = r->gpu.B;
+#else
+    r->cpu.pos.assign(r->cpu.B, 0);
+    if (n > 0) infer_layers(&r->cpu, tokens, n, nullptr, 1);
+    int B = r->cpu.B;
+#endif
+    for (int b = 1; b < B; b++) infer_runner_copy_sequence(r, 0, b);
 }
 
 // Sequence b forgets every position from pos on (pos <= its position): the next decode writes there.
@@ -6940,6 +6965,10 @@ inline std::string world_trim(const std::string& s) {
     while (b > a && world_is_space(s[b - 1])) b--;
     return s.substr(a, b - a);
 }
+
+// A judged answer is right when it holds the gold value in any frame: a score of at least this
+// (4: the bare value; 5, 6: the value in a frame; 9, 10: the canonical answer).
+constexpr int WORLD_RIGHT_SCORE = 4;
 
 // 0..10 (see above), or -1 for an unknown kind or an empty gold
 inline int world_judge(const std::string& kind, const std::string& gold, const std::string& response) {

@@ -203,23 +203,30 @@ static Response make_response(const Tokenizer* tok, const std::vector<int>& samp
     return r;
 }
 
-// The conversations prompt + response + EOS of responses [first, first + nb), right-padded with
-// pad to the longest and cut at max_T: tokens (nb, T) and mask (nb, T), 1 on each response's
-// tokens and its EOS. Returns T.
-static int response_batch(const std::vector<int>& prompt, const std::vector<Response>& resp, size_t first, int nb, int eos_id, int pad, int max_T,
-                          std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+// The responses continue their prompt, whose tokens but the last are in every sequence's cache
+// (infer_runner_share_prefix, run once per prompt): each row of tokens (nb, T) is the prompt's
+// last token, a response of [first, first + nb) and EOS, right-padded with pad to the longest
+// and cut at the cache's end (a conversation past the context counts up to its cut); mask (nb,
+// T) is 1 on the response's tokens and its EOS. The scores and log-prob sums are those of whole
+// conversations, with the prompt forwarded once, not once per response. Returns T.
+static int response_batch(InferRunner* r, const std::vector<int>& prompt, const std::vector<Response>& resp, size_t first, int nb, int eos_id,
+                          int pad, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+    int runner_B, max_T, max_chunk, prefix = (int)prompt.size() - 1;
+    infer_runner_shape(r, &runner_B, &max_T, &max_chunk);
+    if (first == 0) infer_runner_share_prefix(r, prompt.data(), prefix);
+    else for (int b = 0; b < runner_B; b++) infer_runner_rewind(r, b, prefix);
     int T = 0;
-    for (int b = 0; b < nb; b++) T = std::max(T, (int)(prompt.size() + resp[first + b].ids.size() + 1));
-    T = std::min(T, max_T);  // a conversation past the context counts up to its cut
+    for (int b = 0; b < nb; b++) T = std::max(T, (int)resp[first + b].ids.size() + 2);
+    T = std::min(T, max_T - prefix);
     tokens.assign((size_t)nb * T, pad);
     mask.assign((size_t)nb * T, 0);
     for (int b = 0; b < nb; b++) {
-        std::vector<int> seq = prompt;
+        std::vector<int> seq = {prompt.back()};
         seq.insert(seq.end(), resp[first + b].ids.begin(), resp[first + b].ids.end());
         seq.push_back(eos_id);
         for (int t = 0; t < std::min((int)seq.size(), T); t++) {
             tokens[(size_t)b * T + t] = seq[t];
-            mask[(size_t)b * T + t] = t >= (int)prompt.size();
+            mask[(size_t)b * T + t] = t >= 1;
         }
     }
     return T;
@@ -228,14 +235,13 @@ static int response_batch(const std::vector<int>& prompt, const std::vector<Resp
 // Each response's reward score: the conversation prompt + response + EOS, right-padded with the
 // reward model's pad id, B at a time (infer_runner_score takes the last token that is not padding).
 static void score_responses(InferRunner* rm, const std::vector<int>& prompt, std::vector<Response>& resp, int eos_id, int B) {
-    int runner_B, max_T, max_chunk, pad = rm->host.config.pad_id;
-    infer_runner_shape(rm, &runner_B, &max_T, &max_chunk);
+    int pad = rm->host.config.pad_id;
     std::vector<int> tokens;
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
-        int T = response_batch(prompt, resp, first, nb, eos_id, pad, max_T, tokens, mask);
-        const float* s = infer_runner_score(rm, tokens.data(), nb, T);
+        int T = response_batch(rm, prompt, resp, first, nb, eos_id, pad, tokens, mask);
+        const float* s = infer_runner_score(rm, tokens.data(), nb, T, true);
         for (int b = 0; b < nb; b++) {
             if (!std::isfinite(s[b])) {
                 fprintf(stderr, "error: the reward model gave a non-finite score (%g)\n", s[b]);
@@ -263,8 +269,8 @@ static void policy_logprobs(InferRunner* pol, const std::vector<int>& prompt, st
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
-        int T = response_batch(prompt, resp, first, nb, eos_id, pad, pol->host.config.max_seq_len, tokens, mask);
-        const float* sums = infer_runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T);
+        int T = response_batch(pol, prompt, resp, first, nb, eos_id, pad, tokens, mask);
+        const float* sums = infer_runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T, true);
         for (int b = 0; b < nb; b++) resp[first + b].logp = sums[b];
     }
 }
