@@ -567,6 +567,7 @@ struct StageResult {
     std::string name, model;
     std::vector<int> scores;        // (prompts) the gold judge's score of each greedy answer
     double mean = 0, win_rate = 0;  // win rate against SFT: wins + ties / 2 over the prompts
+    int right = 0;                  // answers that hold the gold value (WORLD_RIGHT_SCORE or more)
     std::vector<double> kinds;      // (6) per kind
 };
 
@@ -623,7 +624,7 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
         tokenizer_check_model(&tok, tokenizer_path, model.config.vocab_size, r.model.c_str());
         r.scores = world_scores(&model, &tok, prompts, prompts.size(), 0);
         llama_free(&model);
-        for (int s : r.scores) r.mean += s;
+        for (int s : r.scores) r.mean += s, r.right += s >= WORLD_RIGHT_SCORE;
         r.mean /= r.scores.size();
         r.kinds = world_kind_means(prompts, r.scores);
         for (size_t i = 0; i < r.scores.size(); i++) {
@@ -639,23 +640,25 @@ static void stage_table(const char* prompts_path, const char* tokenizer_path, do
     };
     double total = 0;
     for (auto& t : times) total += t.second;
-    std::string md = string_format("| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | wall time |\n"
-                                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    std::string md = string_format("| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | right answers | wall time |\n"
+                                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     const char* stage_of[3] = {"sft", "rs", "dpo"};
     for (size_t r = 0; r < rows.size(); r++) {
         if (r == 1) {  // the stages between SFT and RS make no policy of their own
-            md += "| reward model (Xwin-Pair) | | | | | | | | | " + time_of("rm") + " |\n";
-            md += "| Xwin-Set (64 answers a prompt) | | | | | | | | | " + time_of("xwin-set") + " |\n";
+            md += "| reward model (Xwin-Pair) | | | | | | | | | | " + time_of("rm") + " |\n";
+            md += "| Xwin-Set (64 answers a prompt) | | | | | | | | | | " + time_of("xwin-set") + " |\n";
         }
         md += string_format("| %s | %.2f |", rows[r].name.c_str(), rows[r].mean);
         for (double k : rows[r].kinds) md += string_format(" %.1f |", k);
-        md += string_format(" %.3f | %s |\n", rows[r].win_rate, time_of(stage_of[r]).c_str());
+        md += string_format(" %.3f | %d |", rows[r].win_rate, rows[r].right);
+        md += string_format(" %s |\n", time_of(stage_of[r]).c_str());
     }
-    md += string_format("| total | | | | | | | | | %.0f s |\n", total);
+    md += string_format("| total | | | | | | | | | | %.0f s |\n", total);
     printf("\nstage table (gold judge on the %zu held-out prompts of %s):\n\n%s\n", prompts.size(), prompts_path, md.c_str());
     std::string report = "# The Xwin-LM recipe on the built-in world\n\n"
                          "Made by `./train_dpo`: every stage's model answers the " + std::to_string(prompts.size()) +
-                         " held-out prompts greedily, and the gold judge scores each answer (0..10). The win rate counts a tie as half. "
+                         " held-out prompts greedily, and the gold judge scores each answer (0..10). The win rate counts a tie as half; "
+                         "an answer is right when it holds the gold value in any frame (a score of 4 or more). "
                          "Wall times are of each stage's last run by the recipe (`out/recipe_times.tsv`). Seed " + std::to_string(seed) +
                          " (`-S`), passed to every stage.\n\n" + md +
                          "\n![per stage](report.png)\n\n"

@@ -73,15 +73,20 @@ def run_seed(runs, seed, binary):
     return seed, rc, time.time() - t0
 
 
-def read_stage_means(report_path):
-    """{stage: judge mean} from the stage table of a report.md (rows "| SFT | 2.55 | ...")."""
-    means = {}
+def read_stage_table(report_path):
+    """({stage: judge mean}, {stage: right answers}) from the stage table of a report.md (rows
+    "| SFT | 2.55 | ..."; the right answers in the column headed "right answers", where there is one)."""
+    means, right, right_col = {}, {}, None
     with open(report_path) as f:
         for line in f:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells and cells[0] == "stage":
+                right_col = cells.index("right answers") if "right answers" in cells else None
             if len(cells) >= 2 and cells[0] in STAGES and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", cells[1]):
                 means[cells[0]] = float(cells[1])
-    return means
+                if right_col is not None and right_col < len(cells) and re.fullmatch(r"[0-9]+", cells[right_col]):
+                    right[cells[0]] = int(cells[right_col])
+    return means, right
 
 
 def read_rm_accuracy(log_path, rm_log):
@@ -131,11 +136,11 @@ def table(title, rows, seeds, fmt):
 
 
 def summary(runs, seeds):
-    means, rm, missing = {}, {}, []
+    means, right, rm, missing = {}, {}, {}, []
     for s in seeds:
         report = os.path.join(run_dir(runs, s), "out", "report.md")
         if os.path.exists(report):
-            means[s] = read_stage_means(report)
+            means[s], right[s] = read_stage_table(report)
         else:
             missing.append(report)
         rm[s] = read_rm_accuracy(os.path.join(run_dir(runs, s), "recipe.log"), os.path.join(run_dir(runs, s), "out", "rm", "log.jsonl"))
@@ -143,6 +148,11 @@ def summary(runs, seeds):
         print("no report: %s (that seed is left out of the statistics)" % path)
     rows = [(st, {s: means[s][st] for s in means if st in means[s]}) for st in STAGES]
     print(table("gold judge mean (0..10) on the held-out prompts, per stage and seed:", rows, seeds, "%.2f"))
+    rows = [(st, {s: right[s][st] for s in right if st in right[s]}) for st in STAGES]
+    if any(values for _, values in rows):
+        print()
+        print(table("right answers (the gold value in any frame: a judge score of 4 or more) of the held-out prompts, "
+                    "per stage and seed:", rows, seeds, "%.1f"))
     kinds = []
     for s in seeds:
         kinds += [k for k in rm[s] if k not in kinds]

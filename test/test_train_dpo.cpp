@@ -339,6 +339,7 @@ TEST_CASE("the recipe's closing report: the stage table, the seed's commands, th
     std::vector<unsigned char> md = file_bytes(dir + "/out/report.md");
     std::string report(md.begin(), md.end());
     CHECK_THAT(report, Catch::Contains("Seed 2 (`-S`), passed to every stage."));
+    CHECK_THAT(report, Catch::Contains("| win rate vs SFT | right answers | wall time |"));
     CHECK_THAT(report, Catch::Contains("![training curves](curves.png)"));
     CHECK_THAT(report, Catch::Contains("\n    ./train_sft -S 2\n"));
     CHECK_THAT(report, Catch::Contains("-o out/set/xwin_set.jsonl -S 2\n"));
@@ -359,19 +360,20 @@ TEST_CASE("the recipe's closing report: the stage table, the seed's commands, th
 
 TEST_CASE("dev/recipe_seeds.py: the stage means of the seeds' reports, their mean, range and deviation", "[dpo][recipe]") {
     std::string runs = scratch("seed_runs");
-    std::string table = "| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | wall time |\n"
-                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
-                        "| SFT | %s | 1.6 | 1.0 | 2.5 | 3.7 | 6.2 | 0.2 | 0.500 | 374 s |\n"
-                        "| reward model (Xwin-Pair) | | | | | | | | | 441 s |\n"
-                        "| Xwin-Set (64 answers a prompt) | | | | | | | | | 356 s |\n"
-                        "| RS | %s | 2.9 | 1.8 | 3.6 | 6.2 | 9.4 | 0.0 | 0.672 | 17 s |\n"
-                        "| DPO | %s | 3.2 | 2.1 | 3.9 | 6.2 | 9.1 | 0.0 | 0.677 | 36 s |\n"
-                        "| total | | | | | | | | | 1226 s |\n";
+    std::string table = "| stage | gold judge mean | arith | reverse | sort | count | max | followup | win rate vs SFT | right answers | wall time |\n"
+                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                        "| SFT | %s | 1.6 | 1.0 | 2.5 | 3.7 | 6.2 | 0.2 | 0.500 | %s | 374 s |\n"
+                        "| reward model (Xwin-Pair) | | | | | | | | | | 441 s |\n"
+                        "| Xwin-Set (64 answers a prompt) | | | | | | | | | | 356 s |\n"
+                        "| RS | %s | 2.9 | 1.8 | 3.6 | 6.2 | 9.4 | 0.0 | 0.672 | %s | 17 s |\n"
+                        "| DPO | %s | 3.2 | 2.1 | 3.9 | 6.2 | 9.1 | 0.0 | 0.677 | %s | 36 s |\n"
+                        "| total | | | | | | | | | | 1226 s |\n";
     const char* means[2][3] = {{"2.00", "4.00", "4.25"}, {"3.00", "5.00", "4.75"}};
+    const char* right[2][3] = {{"81", "90", "95"}, {"84", "90", "100"}};
     for (int i = 0; i < 2; i++) {
         std::string d = runs + "/seed_" + std::to_string(i + 1);
         make_dir(d + "/out");
-        write_text(d + "/out/report.md", string_format(table.c_str(), means[i][0], means[i][1], means[i][2]));
+        write_text(d + "/out/report.md", string_format(table.c_str(), means[i][0], right[i][0], means[i][1], right[i][1], means[i][2], right[i][2]));
     }
     // train_rm's closing lines, in the recipe's output
     write_text(runs + "/seed_1/recipe.log", "held-out pairs: accuracy 0.600, Spearman 0.300 with the gold ratings, loss 0.6000\n"
@@ -390,6 +392,10 @@ TEST_CASE("dev/recipe_seeds.py: the stage means of the seeds' reports, their mea
     CHECK_THAT(out, Catch::Contains("| SFT | 2.00 | 3.00 | - | 2.50 | 2.00..3.00 | 0.71 |"));
     CHECK_THAT(out, Catch::Contains("| RS | 4.00 | 5.00 | - | 4.50 | 4.00..5.00 | 0.71 |"));
     CHECK_THAT(out, Catch::Contains("| DPO | 4.25 | 4.75 | - | 4.50 | 4.25..4.75 | 0.35 |"));
+    // the right answers' column: means 82.5, 90, 97.5; deviations sqrt(2 x 1.5^2) = 2.1, 0, sqrt(2 x 2.5^2) = 3.5
+    CHECK_THAT(out, Catch::Contains("| SFT | 81.0 | 84.0 | - | 82.5 | 81.0..84.0 | 2.1 |"));
+    CHECK_THAT(out, Catch::Contains("| RS | 90.0 | 90.0 | - | 90.0 | 90.0..90.0 | 0.0 |"));
+    CHECK_THAT(out, Catch::Contains("| DPO | 95.0 | 100.0 | - | 97.5 | 95.0..100.0 | 3.5 |"));
     CHECK_THAT(out, Catch::Contains("no report: " + runs + "/seed_3/out/report.md"));
     // 0.600, 0.800, 0.750: mean 0.7167, deviation sqrt((0.1167^2 + 0.0833^2 + 0.0333^2) / 2) = 0.104
     CHECK_THAT(out, Catch::Contains("| all | 0.600 | 0.800 | 0.750 | 0.717 | 0.600..0.800 | 0.104 |"));

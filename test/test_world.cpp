@@ -200,3 +200,11 @@ TEST_CASE("SFT loss mask equals the chat template's, masked loss equals PyTorch"
     for (size_t b = 0; b < B; b++) CHECK(sums[b] == Approx(e["logprob_sums"].data[b]).epsilon(1e-5));
     llama_free(&model);
 }
+
+TEST_CASE("string_format keeps text of any length (the stage table and reports are longer than a line)", "[world]") {
+    std::string row(700, 'x');
+    std::string out = string_format("| %s | %d |", row.c_str(), 100);
+    CHECK(out.size() == 2 + 700 + 3 + 3 + 2);  // "| ", the row, " | ", "100", " |"
+    CHECK(out.substr(out.size() - 6) == " 100 |");
+    CHECK(string_format("%s", "") == "");
+}
