@@ -4881,7 +4881,7 @@ inline const float* infer_prefill(Infer* inf, const int* tokens, int Tn, const i
     return infer_extend(inf, tokens, Tn, lens, nb);
 }
 
-inline const float* infer_decode(Infer* inf, const int* next) { return infer_extend(inf, next, 1, nullptr); }
+inline const float* infer_decode(Infer* inf, const int* next, int nb = 0) { return infer_extend(inf, next, 1, nullptr, nb); }
 
 #ifdef XWIN_CUDA
 // The same on the GPU: only the floatX compute copy of the weights (rounded on the host, as
@@ -5054,7 +5054,7 @@ inline void infer_cuda_prefill(InferCuda* g, const int* tokens, int Tn, const in
     infer_cuda_extend(g, tokens, Tn, lens, nb);
 }
 
-inline void infer_cuda_decode(InferCuda* g, const int* next) { infer_cuda_extend(g, next, 1, nullptr); }
+inline void infer_cuda_decode(InferCuda* g, const int* next, int nb = 0) { infer_cuda_extend(g, next, 1, nullptr, nb); }
 
 // the logits (B, V) of the last call, to the host (a language model)
 inline void infer_cuda_logits(InferCuda* g, float* out) {
@@ -5109,15 +5109,16 @@ inline const float* infer_runner_prefill(InferRunner* r, const int* tokens, int 
 #endif
 }
 
-// next (B): one token per sequence -> the logits (B, V) after it
-inline const float* infer_runner_decode(InferRunner* r, const int* next) {
+// next (B): one token per sequence -> the logits (B, V) after it. nb > 0: only the first nb
+// sequences take a token (next (nb), logits (nb, V)); the others keep their cache and position.
+inline const float* infer_runner_decode(InferRunner* r, const int* next, int nb = 0) {
     require_head(r->host.config, HEAD_LM, "logits");
 #ifdef XWIN_CUDA
-    infer_cuda_decode(&r->gpu, next);
+    infer_cuda_decode(&r->gpu, next, nb);
     infer_cuda_logits(&r->gpu, r->logits.data());
     return r->logits.data();
 #else
-    return infer_decode(&r->cpu, next);
+    return infer_decode(&r->cpu, next, nb);
 #endif
 }
 
@@ -9069,7 +9070,7 @@ inline void generate(InferRunner* r, const std::vector<std::vector<int>>& prompt
     int P = B / n;
     out->assign(prompts.size(), {});
     std::vector<float> prompt_logits((size_t)P * V);
-    std::vector<int> tokens, lens(P), next(B, 0), plen(B, 0), attempt(B);
+    std::vector<int> tokens, lens(P), next(B, 0), plen(B, 0), attempt(B), slot_seq, slot_len(B);
     std::vector<uint64_t> rng(B);
     std::vector<char> pending(B), active(B, 0);
     std::vector<std::vector<int>> resp(B);
@@ -9110,22 +9111,41 @@ inline void generate(InferRunner* r, const std::vector<std::vector<int>>& prompt
             for (int j = n - 1; j >= 0; j--) infer_runner_copy_sequence(r, p, p * n + j);
         }
         for (int s = 0; s < B; s++) plen[s] = s < ns ? lens[s / n] : 0, pending[s] = s < ns, attempt[s] = -1;
-        // rounds: draw the pending responses; then the duplicates are pending again, up to g.resample times
-        for (bool any = true; any;) {
-            for (int s = 0; s < ns; s++) {
-                if (!pending[s]) continue;
+        // rounds: draw the pending responses; then the duplicates are pending again, up to
+        // g.resample times. A round decodes its pending sequences alone, in the first slots of
+        // the runner (slot_seq): the first round's are all of them, in place; a later round's
+        // few are prefilled again from their prompts (every row's numbers are its own, so a
+        // response does not depend on the slot or on the others decoded beside it).
+        for (bool any = true, again = false; any; again = true) {
+            slot_seq.clear();
+            for (int s = 0; s < ns; s++) if (pending[s]) slot_seq.push_back(s);
+            int m = (int)slot_seq.size();
+            if (again) {
+                tokens.assign((size_t)m * Tn, 0);
+                for (int k = 0; k < m; k++) {
+                    const std::vector<int>& pr = prompts[p0 + slot_seq[k] / n];
+                    std::copy(pr.begin(), pr.end(), tokens.begin() + (size_t)k * Tn);
+                    slot_len[k] = (int)pr.size();
+                }
+                infer_runner_prefill(r, tokens.data(), Tn, slot_len.data(), m);
+            }
+            for (int s : slot_seq) {
                 pending[s] = 0, active[s] = 1, attempt[s]++;
                 rng[s] = sample_seed(g.seed, first + p0 + s / n, s % n, attempt[s]);
                 resp[s].clear();
                 take(s, prompt_logits.data() + (size_t)(s / n) * V);
             }
-            while (std::find(active.begin(), active.end(), 1) != active.end()) {
-                for (int s = 0; s < B; s++) {
-                    infer_runner_rewind(r, s, active[s] ? plen[s] + (int)resp[s].size() - 1 : plen[s]);  // a finished sequence decodes in place
-                    next[s] = active[s] ? resp[s].back() : 0;
+            for (bool running = true; running;) {
+                running = false;
+                for (int k = 0; k < m; k++) {
+                    int s = slot_seq[k];
+                    infer_runner_rewind(r, k, active[s] ? plen[s] + (int)resp[s].size() - 1 : plen[s]);  // a finished sequence decodes in place
+                    next[k] = active[s] ? resp[s].back() : 0;
+                    running |= active[s] != 0;
                 }
-                logits = infer_runner_decode(r, next.data());
-                for (int s = 0; s < ns; s++) if (active[s]) take(s, logits + (size_t)s * V);
+                if (!running) break;
+                logits = infer_runner_decode(r, next.data(), m);
+                for (int k = 0; k < m; k++) if (active[slot_seq[k]]) take(slot_seq[k], logits + (size_t)k * V);
             }
             any = false;
             for (int s = 0; s < ns; s++) {

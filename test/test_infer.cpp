@@ -421,6 +421,38 @@ TEST_CASE("KV cache: a copied sequence decodes as its source; a rewound one as i
     infer_runner_free(&inf);
 }
 
+TEST_CASE("KV cache: decoding the first nb sequences leaves the others as they were", "[infer]") {
+    InferRunner inf;
+    llama_load(&inf.host, "test/fixtures/gqa_untied/model.bin");
+    size_t V = inf.host.config.vocab_size;
+    infer_runner_init(&inf, 4, 20, 6);
+    std::vector<int> prompt = {3, 17, 42, 5, 99, 7, 8, 9, 10, 0, 0, 0, 4, 4, 4, 4, 4, 4, 6, 5, 4, 0, 0, 0}, lens = {6, 3, 6, 3};
+    infer_runner_prefill(&inf, prompt.data(), 6, lens.data());
+    std::vector<int> next = {11, 12, 13, 14};
+    const float* logits = infer_runner_decode(&inf, next.data());
+    std::vector<float> all(logits, logits + 4 * V);
+    for (int b = 0; b < 4; b++) infer_runner_rewind(&inf, b, lens[b]);
+    logits = infer_runner_decode(&inf, next.data(), 2);  // sequences 0 and 1 alone
+    CHECK(std::vector<float>(logits, logits + 2 * V) == std::vector<float>(all.begin(), all.begin() + 2 * V));
+    CHECK(infer_runner_positions(&inf)[0] == 7);
+    CHECK(infer_runner_positions(&inf)[1] == 4);
+    CHECK(infer_runner_positions(&inf)[2] == 6);  // not decoded: where the rewind left it
+    CHECK(infer_runner_positions(&inf)[3] == 3);
+    // sequences 2 and 3 then decode their tokens as they did beside 0 and 1
+    std::vector<int> again = {0, 0, 13, 14};
+    for (int b = 0; b < 2; b++) infer_runner_rewind(&inf, b, lens[b]);
+    logits = infer_runner_decode(&inf, again.data());
+    for (int b = 2; b < 4; b++) {
+        std::vector<float> row(logits + b * V, logits + (b + 1) * V), before(all.begin() + b * V, all.begin() + (b + 1) * V);
+#if defined(XWIN_CUDA)
+        CHECK(relative_error(row.data(), before.data(), V) < 1e-6);
+#else
+        CHECK(row == before);
+#endif
+    }
+    infer_runner_free(&inf);
+}
+
 // Greedy decoding on the KV cache against transformers' greedy generate (float64, KV cache,
 // one prompt at a time) on a converted model (test/fixtures/greedy_gqa, dev/make_fixtures.py):
 // the three prompts of different lengths decode together, right-padded in one prefill, and
