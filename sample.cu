@@ -203,18 +203,26 @@ static Response make_response(const Tokenizer* tok, const std::vector<int>& samp
     return r;
 }
 
-// The responses continue their prompt, whose tokens but the last are in every sequence's cache
-// (infer_runner_share_prefix, run once per prompt): each row of tokens (nb, T) is the prompt's
-// last token, a response of [first, first + nb) and EOS, right-padded with pad to the longest
-// and cut at the cache's end (a conversation past the context counts up to its cut); mask (nb,
-// T) is 1 on the response's tokens and its EOS. The scores and log-prob sums are those of whole
-// conversations, with the prompt forwarded once, not once per response. Returns T.
-static int response_batch(InferRunner* r, const std::vector<int>& prompt, const std::vector<Response>& resp, size_t first, int nb, int eos_id,
-                          int pad, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
-    int runner_B, max_T, max_chunk, prefix = (int)prompt.size() - 1;
-    infer_runner_shape(r, &runner_B, &max_T, &max_chunk);
+// The prompt's tokens but the last in every sequence's cache, for the batches of its responses
+// that start at first: forwarded once, for the first batch (infer_runner_share_prefix); every
+// later batch rewinds the sequences to it.
+static void prompt_in_cache(InferRunner* r, const std::vector<int>& prompt, size_t first) {
+    int B, max_T, max_chunk, prefix = (int)prompt.size() - 1;
+    infer_runner_shape(r, &B, &max_T, &max_chunk);
     if (first == 0) infer_runner_share_prefix(r, prompt.data(), prefix);
-    else for (int b = 0; b < runner_B; b++) infer_runner_rewind(r, b, prefix);
+    else for (int b = 0; b < B; b++) infer_runner_rewind(r, b, prefix);
+}
+
+// The responses continue their prompt, which prompt_in_cache put in the cache: each row of
+// tokens (nb, T) is the prompt's last token, a response of [first, first + nb) and EOS,
+// right-padded with pad to the longest and cut at the cache's end (a conversation past the
+// context counts up to its cut); mask (nb, T) is 1 on the response's tokens and its EOS. The
+// scores and log-prob sums are those of whole conversations, with the prompt forwarded once,
+// not once per response. Returns T.
+static int response_batch(const InferRunner* r, const std::vector<int>& prompt, const std::vector<Response>& resp, size_t first, int nb,
+                          int eos_id, int pad, std::vector<int>& tokens, std::vector<uint8_t>& mask) {
+    int B, max_T, max_chunk, prefix = (int)prompt.size() - 1;
+    infer_runner_shape(r, &B, &max_T, &max_chunk);
     int T = 0;
     for (int b = 0; b < nb; b++) T = std::max(T, (int)resp[first + b].ids.size() + 2);
     T = std::min(T, max_T - prefix);
@@ -240,6 +248,7 @@ static void score_responses(InferRunner* rm, const std::vector<int>& prompt, std
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
+        prompt_in_cache(rm, prompt, first);
         int T = response_batch(rm, prompt, resp, first, nb, eos_id, pad, tokens, mask);
         const float* s = infer_runner_score(rm, tokens.data(), nb, T, true);
         for (int b = 0; b < nb; b++) {
@@ -269,6 +278,7 @@ static void policy_logprobs(InferRunner* pol, const std::vector<int>& prompt, st
     std::vector<uint8_t> mask;
     for (size_t first = 0; first < resp.size(); first += B) {
         int nb = (int)std::min((size_t)B, resp.size() - first);
+        prompt_in_cache(pol, prompt, first);
         int T = response_batch(pol, prompt, resp, first, nb, eos_id, pad, tokens, mask);
         const float* sums = infer_runner_sequence_logprobs(pol, tokens.data(), mask.data(), nb, T, true);
         for (int b = 0; b < nb; b++) resp[first + b].logp = sums[b];
