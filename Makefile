@@ -181,6 +181,10 @@ build/%_cpu: %.cu llm.cu | deps-stb deps-mpi
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS) $(MPI_CFLAGS) -x c++ $< $(MPI_LDFLAGS) -o $@
 
+build/%_cpu: dev/%.cu llm.cu | deps-stb deps-mpi
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) $(MPI_CFLAGS) -x c++ $< $(MPI_LDFLAGS) -o $@
+
 build/%_emu: %.cu llm.cu test/cuda_emu.h | deps-stb
 	@mkdir -p build
 	$(CXX) $(EMU_CXXFLAGS) -O2 -x c++ $< -o $@
@@ -205,7 +209,9 @@ build/test_train_rm: test/test_main.cpp test/test_train_rm.cpp test/program.h te
 build/test_train_dpo: test/test_main.cpp test/test_train_dpo.cpp test/program.h test/fixture.h llm.cu build/train_dpo_cpu build/train_dpo_emu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_train_dpo.cpp -o $@
 
-build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu | deps
+# (and every program's -h, for its flag letters)
+build/test_sample: test/test_main.cpp test/test_sample.cpp test/program.h test/fixture.h llm.cu build/sample_cpu build/sample_emu \
+                   build/train_sft_cpu build/train_rm_cpu build/train_dpo_cpu build/logprobs_cpu build/tokenize_cpu | deps
 	$(CXX) $(TEST_CXXFLAGS) test/test_main.cpp test/test_sample.cpp -o $@
 
 build/test_real: test/test_main.cpp test/test_real.cpp test/program.h test/fixture.h llm.cu build/smollm2.bin | deps

@@ -85,7 +85,7 @@ Contents, in file order (search for the quoted heading):
                             runner_all_gather_params, ZeRO-2's comm_reduce_scatter_layer_grads, comm_reduce_scatter_rest, comm_reduce_scatter_grads_host;
                             comm_spawn_program (a program on new ranks: the recipe's stages under mpirun),
                             comm_spawned_exit, comm_idle_broadcast, comm_mpi_start, comm_mpi_end
-  "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flags_parse, fail_flag;
+  "Training plumbing"       defines: rng_*, epoch_order, lr_at; Flag, flag_choices, flag_set, flags_parse, fail_flag;
                             TrainConfig, train_flags, RunIdentity, TrainState, state.bin and ZeRO-1's
                             shard files (shard_save, shard_read, shards_load), checkpoint_save, checkpoint_load_state;
                             Trainer: trainer_init, trainer_load_model, trainer_start, trainer_running, trainer_next_rows,
@@ -8039,28 +8039,42 @@ inline float lr_at(int step, int max_steps, int warmup, float peak, float min_ra
 
 // ---- flags: one table per program, one checked parser
 
-// FLAG_PATH must not be empty; FLAG_OPTIONAL_PATH may be '' (none).
-enum FlagType { FLAG_INT, FLAG_U64, FLAG_FLOAT, FLAG_PATH, FLAG_OPTIONAL_PATH };
+// FLAG_PATH must not be empty; FLAG_OPTIONAL_PATH may be '' (none); FLAG_CHOICE is one of
+// the words of `choices` ("set|select|eval"), kept as its index.
+enum FlagType { FLAG_INT, FLAG_U64, FLAG_FLOAT, FLAG_PATH, FLAG_OPTIONAL_PATH, FLAG_CHOICE };
 
 struct Flag {
     char letter;
     FlagType type;
-    void* value;      // int*, uint64_t*, float* or const char** by type; holds the default
+    void* value;      // int*, uint64_t*, float* or const char** by type (FLAG_CHOICE: int*); holds the default
     double min, max;  // the accepted range of a number (FLAG_INT, FLAG_FLOAT)
     const char* help;
+    const char* choices = nullptr;  // FLAG_CHOICE's words, '|' between them
 };
+
+// the words of a FLAG_CHOICE flag, in order
+inline std::vector<std::string> flag_choices(const Flag& f) {
+    std::vector<std::string> words;
+    for (const char* c = f.choices; c && *c;) {
+        const char* bar = strchr(c, '|');
+        words.emplace_back(c, bar ? bar - c : strlen(c));
+        c = bar ? bar + 1 : c + strlen(c);
+    }
+    return words;
+}
 
 inline std::string flag_value_text(const Flag& f) {
     switch (f.type) {
         case FLAG_INT: return std::to_string(*(int*)f.value);
         case FLAG_U64: return std::to_string(*(uint64_t*)f.value);
         case FLAG_FLOAT: return string_format("%g", *(float*)f.value);
+        case FLAG_CHOICE: return flag_choices(f).at(*(int*)f.value);
         default: return *(const char**)f.value ? string_format("'%s'", *(const char**)f.value) : "''";
     }
 }
 
 inline const char* flag_type_name(FlagType t) {
-    return t == FLAG_INT || t == FLAG_U64 ? "<int>" : t == FLAG_FLOAT ? "<float>" : "<path>";
+    return t == FLAG_INT || t == FLAG_U64 ? "<int>" : t == FLAG_FLOAT ? "<float>" : t == FLAG_CHOICE ? "<word>" : "<path>";
 }
 
 // Parses text into the flag's value. Returns "" or what is wrong with it.
@@ -8090,6 +8104,17 @@ inline std::string flag_set(const Flag& f, const char* text) {
         *(float*)f.value = (float)x;
         return "";
     }
+    if (f.type == FLAG_CHOICE) {
+        std::vector<std::string> words = flag_choices(f);
+        for (size_t i = 0; i < words.size(); i++) {
+            if (words[i] != text) continue;
+            *(int*)f.value = (int)i;
+            return "";
+        }
+        std::string list;
+        for (size_t i = 0; i < words.size(); i++) list += (i == 0 ? "" : i + 1 == words.size() ? " or " : ", ") + words[i];
+        return string_format("'%s' is not one of %s", text, list.c_str());
+    }
     if (f.type == FLAG_PATH && !*text) return "the path is empty";
     *(const char**)f.value = text;
     return "";
@@ -8101,7 +8126,10 @@ inline std::string flag_set(const Flag& f, const char* text) {
 inline void flags_parse(int argc, char** argv, const char* summary, const std::vector<Flag>& flags) {
     std::string usage = string_format("usage: %s [flags]\n%s\n", argv[0], summary);
     for (const Flag& f : flags) {
-        std::string range = f.type == FLAG_INT ? string_format(", %.0f..%.0f", f.min, f.max) : f.type == FLAG_FLOAT ? string_format(", %g..%g", f.min, f.max) : "";
+        std::string range = f.type == FLAG_INT     ? string_format(", %.0f..%.0f", f.min, f.max)
+                            : f.type == FLAG_FLOAT  ? string_format(", %g..%g", f.min, f.max)
+                            : f.type == FLAG_CHOICE ? string_format(", one of %s", f.choices)
+                                                    : "";
         usage += string_format("  -%c %-8s %s (default %s%s)\n", f.letter, flag_type_name(f.type), f.help, flag_value_text(f).c_str(), range.c_str());
     }
     usage += "  -h          this help\n";
@@ -8161,18 +8189,18 @@ inline void train_flags(std::vector<Flag>* flags, TrainConfig* t) {
         {'d', FLAG_INT, &t->total_batch, 1, 1 << 20, "total batch (sequences per step over all ranks; a multiple of -b times the ranks)"},
         {'t', FLAG_INT, &t->max_len, 2, 1 << 20, "longest sequence (at most the model's max_seq_len)"},
         {'l', FLAG_FLOAT, &t->lr, 0, 1, "peak learning rate (0: the program's default)"},
-        {'w', FLAG_INT, &t->warmup, 0, 1000000000, "warmup steps (linear), then cosine decay to 0"},
-        {'x', FLAG_INT, &t->max_steps, 0, 1000000000, "max steps (0: -e epochs of the training data)"},
-        {'e', FLAG_INT, &t->epochs, 1, 1000000, "epochs when -x is 0"},
-        {'q', FLAG_FLOAT, &t->weight_decay, 0, 10, "AdamW weight decay (matrices only)"},
-        {'c', FLAG_FLOAT, &t->grad_clip, 0, 1e9, "clip the gradient norm to this (0: no clipping)"},
+        {'u', FLAG_INT, &t->warmup, 0, 1000000000, "warmup steps (linear), then cosine decay to 0"},
+        {'x', FLAG_INT, &t->max_steps, 0, 1000000000, "max steps (0: -E epochs of the training data)"},
+        {'E', FLAG_INT, &t->epochs, 1, 1000000, "epochs when -x is 0"},
+        {'c', FLAG_FLOAT, &t->weight_decay, 0, 10, "AdamW weight decay (matrices only)"},
+        {'G', FLAG_FLOAT, &t->grad_clip, 0, 1e9, "clip the gradient norm to this (0: no clipping)"},
         {'v', FLAG_INT, &t->val_every, 0, 1000000000, "validate every this many steps (0: at the end only)"},
         {'n', FLAG_INT, &t->checkpoint_every, 0, 1000000000, "checkpoint every this many steps (0: at the end only)"},
         {'y', FLAG_INT, &t->resume, 0, 1, "1: resume from <out>/latest"},
-        {'f', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
+        {'F', FLAG_INT, &t->force, 0, 1, "1: resume even a checkpoint of another run (says what differs)"},
         {'X', FLAG_INT, &t->stop_at, 0, 1000000000, "stop after this step with a checkpoint (0: run to the end)"},
         {'z', FLAG_INT, &t->zero_stage, 0, 2, "ZeRO stage: 1 shards the AdamW moments (and the GPU's FP32 master weights) over the ranks, 2 the gradients too"},
-        {'g', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
+        {'Z', FLAG_INT, &t->skip_nonfinite, 0, 1, "1: skip steps with a non-finite loss or norm (counted), 0: stop"},
         {'r', FLAG_INT, &t->recompute, 0, 1, "1: recompute each layer's RMSNorm outputs and SwiGLU product in the backward (less memory)"},
         {'S', FLAG_U64, &t->seed, 0, 0, "seed of the data order and of a new model"},
         {'I', FLAG_OPTIONAL_PATH, &t->nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
@@ -8210,10 +8238,10 @@ inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& 
     field("total batch -d", std::to_string(now.total_batch), std::to_string(then.total_batch));
     field("max length -t", std::to_string(now.max_len), std::to_string(then.max_len));
     field("max steps", std::to_string(now.max_steps), std::to_string(then.max_steps));
-    field("warmup -w", std::to_string(now.warmup), std::to_string(then.warmup));
+    field("warmup -u", std::to_string(now.warmup), std::to_string(then.warmup));
     field("lr -l", string_format("%g", now.lr), string_format("%g", then.lr));
-    field("weight decay -q", string_format("%g", now.weight_decay), string_format("%g", then.weight_decay));
-    field("clip -c", string_format("%g", now.grad_clip), string_format("%g", then.grad_clip));
+    field("weight decay -c", string_format("%g", now.weight_decay), string_format("%g", then.weight_decay));
+    field("clip -G", string_format("%g", now.grad_clip), string_format("%g", then.grad_clip));
     field("ranks", std::to_string(now.world_size), std::to_string(then.world_size));
     return out;
 }
@@ -8221,7 +8249,7 @@ inline std::string run_identity_diff(const RunIdentity& now, const RunIdentity& 
 struct TrainState {
     uint32_t step = 0;       // optimizer steps done (skipped ones included)
     uint32_t adam_step = 0;  // AdamW updates done: step - skipped
-    uint32_t skipped = 0;    // steps skipped for a non-finite loss or norm (-g 1)
+    uint32_t skipped = 0;    // steps skipped for a non-finite loss or norm (-Z 1)
     uint64_t epoch = 0;
     uint64_t position = 0;   // next index into the epoch's order
     uint64_t rng = 0;        // the stage's random generator (sampling, dropout of pairs, ...)
@@ -8576,7 +8604,7 @@ inline void checkpoint_save(Trainer* tr) {
 // moments (from state.bin, or from the shard files of a ZeRO-1 run of several ranks, whatever
 // this run's ZeRO stage) into the runner's optimizer, and checks that it is whole (checksums),
 // consistent (step, folder, optimizer count, position, each shard's part) and of this run (its
-// identity; -f 1 resumes another run's, saying what differs: on another number of ranks, a
+// identity; -F 1 resumes another run's, saying what differs: on another number of ranks, a
 // ZeRO-1 checkpoint's moments are read across the shard files into this run's parts).
 inline void checkpoint_load_state(Trainer* tr) {
     std::string path = tr->resume_dir + "/state.bin", latest = std::string(tr->cfg->out_dir) + "/latest";
@@ -8619,9 +8647,9 @@ inline void checkpoint_load_state(Trainer* tr) {
     if (folder != checkpoint_name(s.step)) fail_file(p, "holds step %u but its folder is %s", s.step, folder.c_str());
     std::string diff = run_identity_diff(tr->id, then);
     if (!diff.empty() && !tr->cfg->force) {
-        fail_file(latest.c_str(), "%s is of another run (%s); resume it with the same flags and data, start afresh in another -o folder, or add -f 1", folder.c_str(), diff.c_str());
+        fail_file(latest.c_str(), "%s is of another run (%s); resume it with the same flags and data, start afresh in another -o folder, or add -F 1", folder.c_str(), diff.c_str());
     }
-    if (!diff.empty()) printf("warning: -f 1: resuming %s of another run (%s)\n", folder.c_str(), diff.c_str());
+    if (!diff.empty()) printf("warning: -F 1: resuming %s of another run (%s)\n", folder.c_str(), diff.c_str());
     if (s.step < 1 || s.step > (uint32_t)tr->max_steps) fail_file(p, "step %u is outside this run's steps 1..%d", s.step, tr->max_steps);
     if ((uint64_t)s.adam_step + s.skipped != s.step) fail_file(p, "the optimizer has taken %u steps and %u were skipped, at step %u: inconsistent", s.adam_step, s.skipped, s.step);
     if (s.position > tr->n_seqs) fail_file(p, "position %llu is beyond the %zu sequences of the training data", (unsigned long long)s.position, tr->n_seqs);
@@ -8769,7 +8797,7 @@ inline std::string mfu_text(size_t num_params, size_t tokens, double ms) {
 // gradient, loss and tokens: each rank's are its rows' share of the step's), the non-finite
 // guard, clipping, the lr schedule, AdamW, the step line and the JSONL log. The extra metrics
 // are the step's already (a program sums its ranks' shares). Returns false when the step was
-// skipped (-g 1) for a non-finite loss or norm; without -g 1 such a step stops the run with
+// skipped (-Z 1) for a non-finite loss or norm; without -Z 1 such a step stops the run with
 // exit 1, leaving the last checkpoint as it was.
 inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std::vector<Metric>& extra = {}) {
     TrainState& s = tr->state;
@@ -8786,7 +8814,7 @@ inline bool trainer_step_end(Trainer* tr, double loss, size_t tokens, const std:
         std::string what = string_format("step %u: the loss is %s and the gradient norm %s", s.step, text(loss).c_str(), text(norm).c_str());
         if (!tr->cfg->skip_nonfinite) {
             std::string last = checkpoint_latest(tr->cfg->out_dir);
-            fail_file(tr->cfg->out_dir, "%s: stopped; %s; -g 1 skips such steps", what.c_str(),
+            fail_file(tr->cfg->out_dir, "%s: stopped; %s; -Z 1 skips such steps", what.c_str(),
                       last.empty() ? "no checkpoint was written yet" : ("the last good checkpoint is " + last + " (-y 1 resumes it)").c_str());
         }
         s.skipped += 1;

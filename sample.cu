@@ -6,32 +6,33 @@ Xwin-Set: for every prompt, N distinct responses are sampled from the SFT model 
 top-k, top-p; one random stream per response, so the same seed gives the same text) and each
 is scored by the reward model. Rejection sampling (RS) fine-tunes on the best response of each
 prompt; DPO trains on pairs drawn from the set. The N samples of a prompt share one prefill
-(generate in llm.cu); a duplicate of an earlier response is drawn again, up to -u times. The
+(generate in llm.cu); a duplicate of an earlier response is drawn again, up to -U times. The
 reward model and the copy of the policy that gives each response's log-prob are frozen: they
 score on inference runners (InferRunner: no master weights, gradients or moments, one layer's
-activations), as the policy samples on one.
+activations), as the policy samples on one. The mode is -m:
 
-  ./sample                        the world's held-out prompts, from out/sft/model.bin: the greedy
-                                  judge mean and the best-of-n curve (n = 1..64) with the best chosen
-                                  by the gold judge (the upper bound) and, when out/rm/model.bin
-                                  exists, by the reward model; a table and out/sample/best_of_n.png
-  ./sample -n 64 -r out/rm/model.bin -i prompts.jsonl -o set.jsonl
-                                  the Xwin-Set: one JSON line per prompt {kind, gold, messages,
-                                  responses, rm_scores, gold_scores} (gold scores where the world
-                                  knows the answer; rm_scores with -r)
-  ./sample -s set.jsonl -o rs.jsonl -d pairs.jsonl -g 2
+  ./sample                        (-m curve) the world's held-out prompts, from out/sft/model.bin:
+                                  the greedy judge mean and the best-of-n curve (n = 1..64) with the
+                                  best chosen by the gold judge (the upper bound) and, when
+                                  out/rm/model.bin exists, by the reward model; a table and
+                                  out/sample/best_of_n.png
+  ./sample -m set -A 64 -V out/rm/model.bin -i prompts.jsonl -o set.jsonl
+                                  the Xwin-Set: -A answers per prompt, one JSON line per prompt {kind,
+                                  gold, messages, responses, rm_scores, gold_scores} (gold scores
+                                  where the world knows the answer; rm_scores with the reward model -V)
+  ./sample -m select -i set.jsonl -o rs.jsonl -W pairs.jsonl -Y 2
                                   from a set: the best response of each prompt as SFT JSONL (RS data,
                                   for dev/data/prepare_sft.py) and DPO pairs in TRL's convention (for
-                                  dev/data/prepare_pairs.py), rejected by -g: 0 worst, 1 random,
+                                  dev/data/prepare_pairs.py), rejected by -Y: 0 worst, 1 random,
                                   2 nearest mu - 2 sigma of the prompt's scores
-  ./sample -e 1 -m model.bin -o answers.jsonl -a reference.jsonl
+  ./sample -m eval -e model.bin -o answers.jsonl -a reference.jsonl
                                   evaluation: greedy answers judged by the gold judge; the mean, and
-                                  the win rate against a reference outputs file (an earlier -e -o).
+                                  the win rate against a reference outputs file (an earlier eval's -o).
                                   Each row also has AlpacaEval's instruction, output and generator;
                                   prompts without kind and gold (-i instructions.jsonl, rows of
                                   {"instruction": ...} or {"messages": ...}) are answered, not
                                   judged; -o answers.json writes AlpacaEval's JSON list
-  ./sample -c 1                   chat in the template: a line of stdin is a user turn
+  ./sample -m chat                chat in the template: a line of stdin is a user turn
   ./sample -h                     every flag, its range and its default
 */
 #ifndef TESTING     // test/test_generate.cpp includes this file for its selection rule, without the plots and main
@@ -98,19 +99,21 @@ static int rejected_index(const std::vector<double>& scores, int strategy, uint6
 
 // ---- the program
 
+// what ./sample does (-m), in FLAG_CHOICE's order
+enum SampleMode { MODE_CURVE, MODE_SET, MODE_SELECT, MODE_EVAL, MODE_CHAT };
+
 struct SampleConfig {
+    int mode = MODE_CURVE;
     const char* model_path = "out/sft/model.bin";
     const char* rm_path = "";  // '': none (the curve takes out/rm/model.bin when it exists)
     const char* tokenizer_path = "data/world/byte.tokenizer";
     const char* nccl_id_dir = "";  // -I: srun without MPI, NCCL's id through a file in this shared folder
-    const char* prompts_path = "data/world/eval_prompts.tsv";
+    const char* prompts_path = "data/world/eval_prompts.tsv";  // -i: the prompts; the set in select mode
     const char* out_path = "";
-    const char* set_path = "";
     const char* pairs_path = "";
     const char* reference_path = "";
-    int n = 0;                  // responses per prompt (-n: the Xwin-Set mode)
-    int eval = 0, chat = 0;
-    float temperature = -1.0f;  // -1: the mode's default (1 to sample, 0 for -e and -c)
+    int n = 64;                 // answers per prompt in the set (-A)
+    float temperature = -1.0f;  // -1: the mode's default (1 to sample, 0 for eval and chat)
     float top_p = 1.0f;
     int top_k = 0;
     int max_new = 48;
@@ -136,10 +139,10 @@ struct Loaded {
 };
 
 static void load_policy(Loaded* L, const SampleConfig& cfg) {
-    if (access(cfg.model_path, R_OK) != 0) fail_file(cfg.model_path, "cannot read the model: make the world's SFT model with make && ./train_sft (or pass -m)");
+    if (access(cfg.model_path, R_OK) != 0) fail_file(cfg.model_path, "cannot read the model: make the world's SFT model with make && ./train_sft (or pass -e)");
     llama_load(&L->policy.host, cfg.model_path);
     const LlamaConfig& c = L->policy.host.config;
-    if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "is a reward model; sampling needs a language model (-m)");
+    if (c.head_type != HEAD_LM) fail_file(cfg.model_path, "is a reward model; sampling needs a language model (-e)");
     tokenizer_load(&L->tok, cfg.tokenizer_path);
     tokenizer_check_model(&L->tok, cfg.tokenizer_path, c.vocab_size, cfg.model_path);
 }
@@ -176,7 +179,7 @@ static void init_runner(Loaded* L, int n, const SampleConfig& cfg) {
 static void load_reward_model(InferRunner* rm, const char* path, const Loaded& L, int B) {
     llama_load(&rm->host, path);
     const LlamaConfig &c = rm->host.config, &p = L.policy.host.config;
-    if (c.head_type != HEAD_REWARD) fail_file(path, "is a language model; -r takes a reward model (./train_rm makes one)");
+    if (c.head_type != HEAD_REWARD) fail_file(path, "is a language model; -V takes a reward model (./train_rm makes one)");
     if (c.vocab_size != p.vocab_size) {
         fail_file(path, "has vocab_size %d but the policy model has %d: the reward model scores another vocabulary", c.vocab_size, p.vocab_size);
     }
@@ -346,7 +349,7 @@ static Json json_numbers(const std::vector<Response>& resp, double Response::*fi
     return a;
 }
 
-// ---- -n: the Xwin-Set
+// ---- -m set: the Xwin-Set
 
 // Under mpirun each rank samples and scores a block of the prompts (shard_of: the first ranks
 // take one more when they do not divide); rank 0 writes the rows in prompt order, the file one
@@ -401,7 +404,7 @@ static void make_set(const SampleConfig& cfg, Comm* comm) {
     stats.responses = (size_t)sums[0], stats.tokens = (size_t)sums[1], stats.resampled = (size_t)sums[2], stats.duplicates = (size_t)sums[3];
     stats.cut = (size_t)sums[4], repaired = (size_t)sums[5], gold_sum = sums[6], gold_n = (size_t)sums[7], rm_sum = sums[8];
     if (comm->rank == 0) write_file(out_path, text);
-    printf("%zu responses, %zu tokens in %.1f s: %.0f tok/s | duplicates drawn again %zu times, %zu left (-u %d) | %zu cut at %d tokens | %zu with invalid UTF-8 repaired\n",
+    printf("%zu responses, %zu tokens in %.1f s: %.0f tok/s | duplicates drawn again %zu times, %zu left (-U %d) | %zu cut at %d tokens | %zu with invalid UTF-8 repaired\n",
            stats.responses, stats.tokens, ms / 1000, stats.tokens / (ms / 1000), stats.resampled, stats.duplicates, cfg.resample, stats.cut, g.max_new, repaired);
     if (gold_n) printf("gold judge: mean %.2f / 10 over the %zu responses\n", gold_sum / gold_n, gold_n);
     if (scored) printf("reward model: mean score %.3f\n", rm_sum / stats.responses);
@@ -411,12 +414,12 @@ static void make_set(const SampleConfig& cfg, Comm* comm) {
     tokenizer_free(&L.tok);
 }
 
-// ---- -s: RS data and DPO pairs from a set
+// ---- -m select: RS data and DPO pairs from a set
 
 struct SetRow {
     Json row;
     std::vector<std::string> messages, responses;
-    std::vector<double> scores;  // the selection scores (-j)
+    std::vector<double> scores;  // the selection scores (-H)
     std::string kind;
 };
 
@@ -441,7 +444,7 @@ static std::vector<SetRow> read_set(const char* path, int select, double kl) {
         if (!resp || resp->type != Json::ARRAY || resp->items.empty()) fail_file(path, "line %zu: no 'responses' list", i + 1);
         if (!scores || scores->type != Json::ARRAY || scores->items.size() != resp->items.size()) {
             fail_file(path, "line %zu: no '%s' list of one score per response%s", i + 1, key,
-                      select == 0 ? " (a set made with -r; -j 1 selects by the gold scores)" : "");
+                      select == 0 ? " (a set made with -V; -H 1 selects by the gold scores)" : "");
         }
         const Json* logps = json_get(r.row, "policy_logps");
         if (with_logps && (!logps || logps->type != Json::ARRAY || logps->items.size() != resp->items.size())) {
@@ -462,7 +465,7 @@ static std::vector<SetRow> read_set(const char* path, int select, double kl) {
         if (kind && kind->type == Json::STRING) r.kind = kind->text;
         rows.push_back(std::move(r));
     }
-    if (rows.empty()) fail_file(path, "no rows: not a set made by ./sample -n");
+    if (rows.empty()) fail_file(path, "no rows: not a set made by ./sample -m set");
     return rows;
 }
 
@@ -473,8 +476,8 @@ static Json conversation(const SetRow& r, const std::string& answer) {
 }
 
 static void from_set(const SampleConfig& cfg) {
-    if (!*cfg.out_path && !*cfg.pairs_path) fail_flag('s', "nothing to write: give -o (the best responses, RS data) and/or -d (DPO pairs)");
-    std::vector<SetRow> rows = read_set(cfg.set_path, cfg.select, cfg.kl);
+    if (!*cfg.out_path && !*cfg.pairs_path) fail_flag('m', "select has nothing to write: give -o (the best responses, RS data) and/or -W (DPO pairs)");
+    std::vector<SetRow> rows = read_set(cfg.prompts_path, cfg.select, cfg.kl);
     std::string rs, pairs;
     uint64_t rng = cfg.seed;
     size_t n_pairs = 0, ties = 0;
@@ -504,7 +507,7 @@ static void from_set(const SampleConfig& cfg) {
         n_pairs++;
     }
     std::string by = cfg.select == 1 ? "gold" : cfg.kl == 0 ? "reward" : string_format("reward + %g log pi", cfg.kl);
-    printf("%s: %zu prompts, %zu responses | best by the %s scores: mean %.3f (all responses %.3f)\n", cfg.set_path, rows.size(), all_n, by.c_str(),
+    printf("%s: %zu prompts, %zu responses | best by the %s scores: mean %.3f (all responses %.3f)\n", cfg.prompts_path, rows.size(), all_n, by.c_str(),
            best_sum / rows.size(), all_sum / all_n);
     if (*cfg.out_path) write_file(cfg.out_path, rs), printf("wrote %s: %zu best-of-n conversations (RS data)\n", cfg.out_path, rows.size());
     if (*cfg.pairs_path) {
@@ -514,7 +517,7 @@ static void from_set(const SampleConfig& cfg) {
     }
 }
 
-// ---- -e: evaluation by the gold judge
+// ---- -m eval: evaluation by the gold judge
 
 static void evaluate(const SampleConfig& cfg, Comm* comm) {
     Loaded L;
@@ -600,7 +603,7 @@ static void evaluate(const SampleConfig& cfg, Comm* comm) {
     tokenizer_free(&L.tok);
 }
 
-// ---- -c: chat
+// ---- -m chat: chat
 
 static void chat(const SampleConfig& cfg) {
     Loaded L;
@@ -633,7 +636,7 @@ static void chat(const SampleConfig& cfg) {
 }
 
 #ifndef TESTING
-// ---- no mode: the best-of-n curve on the world
+// ---- -m curve: the best-of-n curve on the world
 
 static void draw_curves(const char* path, const std::vector<int>& ns, const std::vector<std::vector<double>>& curves,
                         const std::vector<const char*>& names, double greedy) {
@@ -731,47 +734,47 @@ int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
     SampleConfig cfg;
     std::vector<Flag> flags = {
-        {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the policy (SFT) model"},
+        {'m', FLAG_CHOICE, &cfg.mode, 0, 0, "mode: the best-of-n curve, the Xwin-Set, RS and DPO data from a set, evaluation, chat", "curve|set|select|eval|chat"},
+        {'e', FLAG_PATH, &cfg.model_path, 0, 0, "the policy (SFT) model"},
         {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
-        {'i', FLAG_PATH, &cfg.prompts_path, 0, 0, "prompts: the world's .tsv, or JSONL {messages, [kind, gold]}"},
-        {'o', FLAG_OPTIONAL_PATH, &cfg.out_path, 0, 0, "output: the set (-n), RS data (-s), answers (-e), the PNG (no mode)"},
-        {'n', FLAG_INT, &cfg.n, 1, 1 << 16, "sample this many distinct responses per prompt: the Xwin-Set (0: not this mode)"},
-        {'r', FLAG_OPTIONAL_PATH, &cfg.rm_path, 0, 0, "reward model that scores every response ('': none)"},
-        {'s', FLAG_OPTIONAL_PATH, &cfg.set_path, 0, 0, "from this set: the best responses (-o) and DPO pairs (-d)"},
-        {'d', FLAG_OPTIONAL_PATH, &cfg.pairs_path, 0, 0, "DPO pairs from the set (-s), TRL's JSONL"},
-        {'g', FLAG_INT, &cfg.strategy, 0, 2, "rejected response of a pair: 0 worst, 1 random, 2 nearest mu - 2 sigma (Xwin-LM)"},
-        {'j', FLAG_INT, &cfg.select, 0, 1, "the best of a set by: 0 the reward scores, 1 the gold scores"},
-        {'q', FLAG_FLOAT, &cfg.kl, 0, 1000, "with -j 0: select by the reward + this times the policy's log-prob (0: the reward alone)"},
-        {'e', FLAG_INT, &cfg.eval, 0, 1, "1: evaluate: the gold judge's mean of the answers (-o), win rate against -a"},
-        {'a', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "reference outputs for the win rate (an earlier -e 1 -o file)"},
-        {'c', FLAG_INT, &cfg.chat, 0, 1, "1: chat in the template on stdin"},
-        {'t', FLAG_FLOAT, &cfg.temperature, 0, 100, "temperature (-1: 1 to sample, 0 = greedy for -e, -c)"},
-        {'w', FLAG_INT, &cfg.top_k, 0, 1 << 30, "top-k: keep the k most probable tokens (0: all)"},
-        {'p', FLAG_FLOAT, &cfg.top_p, 0, 1, "top-p in (0, 1]: keep the smallest set whose probability reaches it"},
-        {'x', FLAG_INT, &cfg.max_new, 1, 1 << 20, "new tokens per response at most (EOS included)"},
-        {'u', FLAG_INT, &cfg.resample, 0, 1000000, "draw a duplicate response again up to this many times (-n)"},
-        {'b', FLAG_INT, &cfg.batch, 1, 1 << 16, "sequences decoded together (rounded down to a multiple of -n)"},
-        {'l', FLAG_INT, &cfg.max_prompts, 0, 1 << 30, "the first this many prompts (0: all)"},
+        {'i', FLAG_PATH, &cfg.prompts_path, 0, 0, "input: prompts (the world's .tsv, or JSONL {messages, [kind, gold]}); select: the set"},
+        {'o', FLAG_OPTIONAL_PATH, &cfg.out_path, 0, 0, "output: the set (set), RS data (select), answers (eval), the PNG (curve)"},
+        {'A', FLAG_INT, &cfg.n, 1, 1 << 16, "set: sample this many distinct answers per prompt"},
+        {'V', FLAG_OPTIONAL_PATH, &cfg.rm_path, 0, 0, "set: the reward model that scores every answer ('': none)"},
+        {'W', FLAG_OPTIONAL_PATH, &cfg.pairs_path, 0, 0, "select: write DPO pairs from the set here, TRL's JSONL"},
+        {'Y', FLAG_INT, &cfg.strategy, 0, 2, "select: the rejected answer of a pair: 0 worst, 1 random, 2 nearest mu - 2 sigma (Xwin-LM)"},
+        {'H', FLAG_INT, &cfg.select, 0, 1, "select: the best of a set by 0 the reward scores, 1 the gold scores"},
+        {'q', FLAG_FLOAT, &cfg.kl, 0, 1000, "select, with -H 0: by the reward + this times the policy's log-prob (0: the reward alone)"},
+        {'a', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "eval: reference answers for the win rate (an earlier eval's -o)"},
+        {'T', FLAG_FLOAT, &cfg.temperature, 0, 100, "temperature (-1: 1 to sample, 0 = greedy for eval and chat)"},
+        {'K', FLAG_INT, &cfg.top_k, 0, 1 << 30, "top-k: keep the k most probable tokens (0: all)"},
+        {'P', FLAG_FLOAT, &cfg.top_p, 0, 1, "top-p in (0, 1]: keep the smallest set whose probability reaches it"},
+        {'g', FLAG_INT, &cfg.max_new, 1, 1 << 20, "new tokens per response at most (EOS included)"},
+        {'U', FLAG_INT, &cfg.resample, 0, 1000000, "set: draw a duplicate answer again up to this many times"},
+        {'b', FLAG_INT, &cfg.batch, 1, 1 << 16, "sequences decoded together (set: rounded down to a multiple of -A)"},
+        {'f', FLAG_INT, &cfg.max_prompts, 0, 1 << 30, "the first this many prompts (0: all)"},
         {'S', FLAG_U64, &cfg.seed, 0, 0, "seed of the samples"},
         {'I', FLAG_OPTIONAL_PATH, &cfg.nccl_id_dir, 0, 0, "srun without MPI (GPU build): a folder every rank sees, for NCCL's id ('': MPI)"},
     };
-    flags_parse(argc, argv, "sampling with a KV cache: the Xwin-Set (-n), RS and DPO data (-s), evaluation (-e), chat (-c); no mode: the best-of-n curve", flags);
-    if (cfg.top_p == 0.0f) fail_flag('p', "top-p 0 keeps no token: it must be in (0, 1]");
-    int modes = (cfg.n > 0) + (*cfg.set_path != 0) + cfg.eval + cfg.chat;
-    if (modes > 1) fail_flag(cfg.n > 0 ? 'n' : *cfg.set_path ? 's' : 'e', "-n, -s, -e 1 and -c 1 are separate modes: give one");
-    // under mpirun the set (-n) and evaluation (-e) split the prompts across the ranks
+    flags_parse(argc, argv, "sampling with a KV cache: the Xwin-Set, RS and DPO data from it, evaluation, chat, the best-of-n curve (-m)", flags);
+    if (cfg.top_p == 0.0f) fail_flag('P', "top-p 0 keeps no token: it must be in (0, 1]");
+    if (cfg.mode == MODE_SELECT && strcmp(cfg.prompts_path, SampleConfig{}.prompts_path) == 0) {
+        fail_flag('i', "select reads a set (made by -m set): name it with -i");
+    }
+    // under mpirun the set and the evaluation split the prompts across the ranks
     Comm comm;
     comm_init(&comm, cfg.nccl_id_dir);
-    if (comm.world > 1 && cfg.n == 0 && !cfg.eval) {
-        fail_flag(*cfg.set_path ? 's' : cfg.chat ? 'c' : 'n', "runs on one process: only the set (-n) and evaluation (-e 1) split their prompts across %d ranks",
-                  comm.world);
+    if (comm.world > 1 && cfg.mode != MODE_SET && cfg.mode != MODE_EVAL) {
+        fail_flag('m', "runs on one process: only set and eval split their prompts across %d ranks", comm.world);
     }
     if (comm.world > 1) printf("data parallel: %d ranks, each samples a block of the prompts\n", comm.world);
-    if (cfg.n > 0) make_set(cfg, &comm);
-    else if (*cfg.set_path) from_set(cfg);
-    else if (cfg.eval) evaluate(cfg, &comm);
-    else if (cfg.chat) chat(cfg);
-    else best_of_n_curve(cfg);
+    switch (cfg.mode) {
+        case MODE_SET: make_set(cfg, &comm); break;
+        case MODE_SELECT: from_set(cfg); break;
+        case MODE_EVAL: evaluate(cfg, &comm); break;
+        case MODE_CHAT: chat(cfg); break;
+        default: best_of_n_curve(cfg);
+    }
     comm_free(&comm);
     return 0;
 }

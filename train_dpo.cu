@@ -22,9 +22,9 @@ pairs (<pairs>.logps) with the identity of the model that made them; a step hold
                                 sample); dev/recipe_seeds.py runs it over several seeds
   ./train_dpo -S 2 -D 1         the commands of the stages that would run, without running them
   mpirun -np 4 ./train_dpo      the recipe on 4 ranks: each data-parallel stage (train_sft, train_rm,
-                                sample -n) on 4 new ranks, every other command on rank 0 alone,
+                                sample -m set) on 4 new ranks, every other command on rank 0 alone,
                                 then DPO on the 4 ranks (-D 1 says where each command would run)
-  ./train_dpo -m rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
+  ./train_dpo -e rs.bin -i pairs.pairs -j val.pairs -k tokenizer -o out/my_dpo
                                 DPO alone on any pair file (dev/data/prepare_pairs.py)
   ./train_dpo -h                every flag, its range and its default; -b and -d count pairs
 */
@@ -374,7 +374,7 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // Under a launcher (mpirun -np N ./train_dpo) every stage runs on the run's ranks: a program
-// that runs data parallel (train_sft, train_rm, sample -n and -e) on N new ranks of its own
+// that runs data parallel (train_sft, train_rm, sample -m set and -m eval) on N new ranks of its own
 // (llm.cu's comm_spawn_program), anything else once, on rank 0 (run_alone). Such a program's
 // command is plain words, '' quoting as the shell's; its words go to *argv. A program's name may
 // carry a build's suffix (build/train_sft_cpu).
@@ -399,9 +399,8 @@ static bool data_parallel_command(const std::string& cmd, std::vector<std::strin
     auto is = [&](const std::string& program) { return name == program || name.rfind(program + "_", 0) == 0; };
     if (is("train_sft") || is("train_rm")) return true;
     if (!is("sample")) return false;
-    for (size_t i = 1; i + 1 < argv->size(); i++) {  // the set (-n) and the evaluation (-e 1)
-        const std::string &flag = (*argv)[i], &value = (*argv)[i + 1];
-        if ((flag == "-n" && atoi(value.c_str()) > 0) || (flag == "-e" && value == "1")) return true;
+    for (size_t i = 1; i + 1 < argv->size(); i++) {  // the set and the evaluation
+        if ((*argv)[i] == "-m" && ((*argv)[i + 1] == "set" || (*argv)[i + 1] == "eval")) return true;
     }
     return false;
 }
@@ -416,7 +415,7 @@ static std::string where_text(const std::string& cmd) {
 
 // A command by the shell on rank 0 alone, without the variables by which a launcher tells a
 // process that it is a rank (OpenMPI's OMPI_* and PMIX_*, MPICH's PMI_*, Slurm's step): a
-// program it starts (sample -s, python3) is a process of its own. Returns its wait status.
+// program it starts (sample -m select, python3) is a process of its own. Returns its wait status.
 static int run_alone(const std::string& cmd) {
     std::vector<char*> env;
     for (char** e = environ; *e; e++) {
@@ -500,9 +499,9 @@ static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
         // Xwin-Set's temperature, rated by the gold judge: the best against the worst and against
         // a random lower one), then the RM
         {"rm", "out/rm/model.bin",
-         {"{P}/sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl",
-          "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl",
-          "{P}/sample -s out/xwin_pair/samples.jsonl -j 1 -g 1 -d out/xwin_pair/on_policy_random.jsonl",
+         {"{P}/sample -m set -A 8 -T 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl",
+          "{P}/sample -m select -i out/xwin_pair/samples.jsonl -H 1 -Y 0 -W out/xwin_pair/on_policy_worst.jsonl",
+          "{P}/sample -m select -i out/xwin_pair/samples.jsonl -H 1 -Y 1 -W out/xwin_pair/on_policy_random.jsonl",
           "cat data/world/pairs_train.jsonl out/xwin_pair/on_policy_worst.jsonl out/xwin_pair/on_policy_random.jsonl > out/xwin_pair/pairs_train.jsonl",
           "python3 dev/data/prepare_pairs.py out/xwin_pair/pairs_train.jsonl out/xwin_pair/pairs_train.pairs --tokenizer byte",
           "{P}/train_rm -i out/xwin_pair/pairs_train.pairs"}},
@@ -510,14 +509,14 @@ static std::vector<Stage> recipe_stages(uint64_t seed, int ranks) {
         // again once), scored by the RM and by the policy's log-prob; the best of each prompt by
         // reward + log pi is the RS data, best against mu - 2 sigma the DPO pairs (50 held out)
         {"xwin-set", "out/set/dpo_train.pairs",
-         {"{P}/sample -n 64 -t 0.7 -u 1 -l 600 -r out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
-          "{P}/sample -s out/set/xwin_set.jsonl -o out/set/rs.jsonl -d out/set/dpo.jsonl -g 2 -q 1",
+         {"{P}/sample -m set -A 64 -T 0.7 -U 1 -f 600 -V out/rm/model.bin -i data/world/set_prompts.jsonl -o out/set/xwin_set.jsonl",
+          "{P}/sample -m select -i out/set/xwin_set.jsonl -Y 2 -q 1 -o out/set/rs.jsonl -W out/set/dpo.jsonl",
           "python3 dev/data/prepare_sft.py out/set/rs.jsonl out/set/rs.tok --tokenizer byte",
           "head -n -50 out/set/dpo.jsonl > out/set/dpo_train.jsonl && tail -n 50 out/set/dpo.jsonl > out/set/dpo_val.jsonl",
           "python3 dev/data/prepare_pairs.py out/set/dpo_val.jsonl out/set/dpo_val.pairs --tokenizer byte",
           "python3 dev/data/prepare_pairs.py out/set/dpo_train.jsonl out/set/dpo_train.pairs --tokenizer byte"}},
         // RS: the SFT model fine-tuned on the best answer of each prompt, 4 epochs
-        {"rs", "out/rs/model.bin", {"{P}/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0"}},
+        {"rs", "out/rs/model.bin", {"{P}/train_sft -e out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -E 4 -l 1e-4 -u 10 -v 0 -n 0 -s 0"}},
     };
     bool seeded = seed != TrainConfig{}.seed;
     for (Stage& st : stages) {
@@ -691,8 +690,8 @@ int main(int argc, char** argv) {
     int dry_run = 0;
     const char* one_command = "";
     std::vector<Flag> flags = {
-        {'m', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
-        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
+        {'e', FLAG_PATH, &cfg.model_path, 0, 0, "the model DPO starts from: the policy's start and the frozen reference"},
+        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "input: the training pairs (dev/data/prepare_pairs.py)"},
         {'j', FLAG_OPTIONAL_PATH, &cfg.val_path, 0, 0, "validation pairs ('': none)"},
         {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
         {'R', FLAG_OPTIONAL_PATH, &cfg.reference_path, 0, 0, "the reference log-probs of the training pairs ('': <pairs>.logps)"},
@@ -702,7 +701,7 @@ int main(int argc, char** argv) {
         {'L', FLAG_FLOAT, &cfg.dpo.label_smoothing, -1e9, 1e9, "label smoothing eps in [0, 0.5): conservative DPO (sigmoid only)"},
         {'N', FLAG_FLOAT, &cfg.dpo.nll_weight, 0, 1e9, "weight of the NLL of the chosen answers (TRL's rpo_alpha; 0: plain DPO)"},
         {'D', FLAG_INT, &dry_run, 0, 1, "1 (the recipe): print the commands of the stages that would run, with the seed, and exit"},
-        {'E', FLAG_OPTIONAL_PATH, &one_command, 0, 0, "run this one command as the recipe runs a stage's (under mpirun: on the ranks or on rank 0), and exit"},
+        {'J', FLAG_OPTIONAL_PATH, &one_command, 0, 0, "run this one command as the recipe runs a stage's (under mpirun: on the ranks or on rank 0), and exit"},
     };
     train_flags(&flags, &tc);
     flags_parse(argc, argv, "DPO against a frozen reference (stage 5 of Xwin-LM); with the world's defaults, the whole recipe; -b and -d count pairs", flags);
@@ -724,7 +723,7 @@ int main(int argc, char** argv) {
         if (tc.micro_batch == tc.total_batch) tc.micro_batch /= world;
     }
     if (dry_run) {
-        if (!recipe) fail_flag('D', "is for the recipe (the default -m and -i)");
+        if (!recipe) fail_flag('D', "is for the recipe (the default -e and -i)");
         run_missing_stages(tc.seed, true, *tc.nccl_id_dir);
         if (comm_launcher_rank() == 0) printf("recipe: then DPO (seed %llu) and the stage table\n", (unsigned long long)tc.seed);
         return 0;

@@ -8,7 +8,7 @@ RewardTrainer's, the Bradley-Terry model
     loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)
            + center * mean over pairs of (r_chosen + r_rejected)^2
 where r is the score of a whole conversation (taken at its last token), the margin is
--a times the gap of the two ratings (0: none) and -u is TRL's center_rewards_coefficient.
+-M times the gap of the two ratings (0: none) and -C is TRL's center_rewards_coefficient.
 Validation: the loss, the pair accuracy, and Spearman's correlation between the scores and
 the gold ratings of the held-out answers, overall and per group (the world's task kinds).
 
@@ -175,12 +175,12 @@ int main(int argc, char** argv) {
     tc.micro_batch = 8, tc.total_batch = 8, tc.lr = 5e-4f, tc.warmup = 20, tc.max_steps = 0, tc.epochs = 2;
     tc.val_every = 500, tc.checkpoint_every = 500;
     std::vector<Flag> flags = {
-        {'m', FLAG_PATH, &cfg.sft_path, 0, 0, "the SFT model the reward model starts from"},
-        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training pairs (dev/data/prepare_pairs.py)"},
+        {'e', FLAG_PATH, &cfg.sft_path, 0, 0, "the SFT model the reward model starts from"},
+        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "input: the training pairs (dev/data/prepare_pairs.py)"},
         {'j', FLAG_OPTIONAL_PATH, &cfg.val_path, 0, 0, "validation pairs ('': none)"},
         {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model (its pad id pads the batches)"},
-        {'a', FLAG_FLOAT, &cfg.margin, 0, 100, "margin = this * (score_chosen - score_rejected) (0: no margin)"},
-        {'u', FLAG_FLOAT, &cfg.center, 0, 100, "reward centring: this * mean((r_chosen + r_rejected)^2) (TRL's center_rewards_coefficient)"},
+        {'M', FLAG_FLOAT, &cfg.margin, 0, 100, "margin = this * (score_chosen - score_rejected) (0: no margin)"},
+        {'C', FLAG_FLOAT, &cfg.center, 0, 100, "reward centring: this * mean((r_chosen + r_rejected)^2) (TRL's center_rewards_coefficient)"},
     };
     train_flags(&flags, &tc);
     flags_parse(argc, argv, "the reward model on preference pairs (stage 2 of Xwin-LM); -b and -d count pairs", flags);
@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
     tokenizer_load(&tok, cfg.tokenizer_path);
     Runner runner;
     if (!trainer_load_model(&tr, &runner.host, nullptr)) {
-        if (access(cfg.sft_path, R_OK) != 0) fail_file(cfg.sft_path, "cannot read the SFT model the reward model starts from: make it with ./train_sft (or pass -m)");
+        if (access(cfg.sft_path, R_OK) != 0) fail_file(cfg.sft_path, "cannot read the SFT model the reward model starts from: make it with ./train_sft (or pass -e)");
         Llama sft;
         llama_load(&sft, cfg.sft_path);
         if (sft.config.head_type != HEAD_LM) fail_file(cfg.sft_path, "is already a reward model; train_rm starts from an SFT (language) model");

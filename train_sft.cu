@@ -7,7 +7,7 @@ the token file, written by dev/data/prepare_sft.py), over every assistant turn.
 
   ./train_sft                   the built-in task world: a tiny Llama trained from scratch on
                                 data/world/, saved to out/sft/model.bin for the next stages
-  ./train_sft -m llama.bin -i train.tok -j val.tok -k llama.tokenizer -o out/my_sft
+  ./train_sft -e llama.bin -i train.tok -j val.tok -k llama.tokenizer -o out/my_sft
                                 a converted Hugging Face Llama (Xwin-LM's SFT settings)
   mpirun -np 2 ./train_sft -b 4 -d 8
                                 data parallel: 2 ranks, each a micro-batch of 4 per step
@@ -78,19 +78,19 @@ int main(int argc, char** argv) {
     cfg.train.micro_batch = 8, cfg.train.total_batch = 8;
     cfg.train.val_every = 500, cfg.train.checkpoint_every = 1000;
     std::vector<Flag> flags = {
-        {'m', FLAG_OPTIONAL_PATH, &cfg.model_path, 0, 0, "model to fine-tune ('': a new model of the world config)"},
-        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "training token file (dev/data/prepare_sft.py)"},
+        {'e', FLAG_OPTIONAL_PATH, &cfg.model_path, 0, 0, "model to fine-tune ('': a new model of the world config)"},
+        {'i', FLAG_PATH, &cfg.train_path, 0, 0, "input: the training token file (dev/data/prepare_sft.py)"},
         {'j', FLAG_OPTIONAL_PATH, &cfg.val_path, 0, 0, "validation token file ('': none)"},
         {'k', FLAG_PATH, &cfg.tokenizer_path, 0, 0, "tokenizer of the model"},
         {'p', FLAG_OPTIONAL_PATH, &cfg.prompts_path, 0, 0, "held-out world prompts to answer and judge ('': none)"},
         {'s', FLAG_INT, &cfg.sample_every, 0, 1000000000, "answer a held-out prompt every this many steps (0: never)"},
     };
     train_flags(&flags, &cfg.train);
-    flags_parse(argc, argv, "supervised fine-tuning on chat data (stage 1 of Xwin-LM); lr 0: 2e-5 with -m (Xwin-LM), 2e-3 for a new model", flags);
+    flags_parse(argc, argv, "supervised fine-tuning on chat data (stage 1 of Xwin-LM); lr 0: 2e-5 with -e (Xwin-LM), 2e-3 for a new model", flags);
     TrainConfig& tc = cfg.train;
     if (tc.lr == 0.0f) tc.lr = *cfg.model_path ? 2e-5f : 2e-3f;
 
-    // load: the model (the checkpoint's when resuming, else -m, else a new one), data, tokenizer
+    // load: the model (the checkpoint's when resuming, else -e, else a new one), data, tokenizer
     Trainer tr;
     trainer_init(&tr, &tc, "train_sft");
     Runner runner;

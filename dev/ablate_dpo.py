@@ -6,11 +6,11 @@
 Run it after `./train_dpo` (which makes the Xwin-Set and the RS model). For every n, the set
 keeps the first n responses of each prompt (each response has its own random stream, so
 these are the responses a set of n would have drawn); for every strategy it builds the
-DPO pairs as the recipe does (the best by reward + log pi, ./sample -s's default score,
+DPO pairs as the recipe does (the best by reward + log pi, ./sample -m select's default score,
 against 0: the worst, 1: a random lower one, 2: the one nearest mu - 2 sigma; the last 50
 pairs held out), trains
 DPO from the RS model with train_dpo's defaults, and scores the result's greedy answers to
-the 200 held-out prompts with the gold judge (./sample -e 1). Writes a Markdown table.
+the 200 held-out prompts with the gold judge (./sample -m eval). Writes a Markdown table.
 Standard library only; about 1-2 minutes per run on 2 CPU cores.
 """
 
@@ -58,7 +58,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
     ns = [int(x) for x in args.ns.split(",")]
-    base = run(f"./sample -e 1 -m {args.model}")
+    base = run(f"./sample -m eval -e {args.model}")
     base_mean = float(re.search(r"gold judge mean ([0-9.]+)", base).group(1))
     results = {}
     for n in ns:
@@ -67,12 +67,12 @@ def main():
         for g, name in enumerate(STRATEGIES):
             d = f"{args.out}/{name}_{n}"
             os.makedirs(os.path.join(ROOT, d), exist_ok=True)
-            run(f"./sample -s {set_n} -d {d}/pairs.jsonl -g {g}")
+            run(f"./sample -m select -i {set_n} -W {d}/pairs.jsonl -Y {g}")
             run(f"head -n -50 {d}/pairs.jsonl > {d}/train.jsonl && tail -n 50 {d}/pairs.jsonl > {d}/val.jsonl")
             for split in ("train", "val"):
                 run(f"rm -f {d}/{split}.pairs.logps && python3 dev/data/prepare_pairs.py {d}/{split}.jsonl {d}/{split}.pairs --tokenizer byte")
-            run(f"./train_dpo -m {args.model} -i {d}/train.pairs -j {d}/val.pairs -p '' -o {d}")
-            out = run(f"./sample -e 1 -m {d}/model.bin")
+            run(f"./train_dpo -e {args.model} -i {d}/train.pairs -j {d}/val.pairs -p '' -o {d}")
+            out = run(f"./sample -m eval -e {d}/model.bin")
             results[(name, n)] = float(re.search(r"gold judge mean ([0-9.]+)", out).group(1))
             print(f"{name} n={n}: gold judge mean {results[(name, n)]:.2f} (RS {base_mean:.2f})", flush=True)
     lines = [f"DPO from the RS model (gold judge mean {base_mean:.2f}) on pairs from the first n responses of each "

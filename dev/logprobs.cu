@@ -1,7 +1,7 @@
 /*
 logprobs: the log-probabilities a model gives to a token file.
 
-  ./logprobs -m model.bin -i data.tok [-b batch] [-o logits.bin] [-q 1]
+  ./logprobs -e model.bin -i data.tok [-b batch] [-o logits.bin] [-Q 1]
 
 For each sequence it prints the sum of the log-probs of its target tokens (mask = 1, see
 the token file format in llm.cu) and their count; then the masked mean loss over the whole
@@ -19,14 +19,14 @@ int main(int argc, char** argv) {
     const char* logits_path = "";
     int B = 8, quiet = 0;
     std::vector<Flag> flags = {
-        {'m', FLAG_PATH, &model_path, 0, 0, "model file (required)"},
-        {'i', FLAG_PATH, &data_path, 0, 0, "token file (required)"},
+        {'e', FLAG_PATH, &model_path, 0, 0, "model file (required)"},
+        {'i', FLAG_PATH, &data_path, 0, 0, "input: the token file (required)"},
         {'b', FLAG_INT, &B, 1, 4096, "sequences per forward"},
-        {'o', FLAG_OPTIONAL_PATH, &logits_path, 0, 0, "write every sequence's logits to this tensor archive ('': no)"},
-        {'q', FLAG_INT, &quiet, 0, 1, "1: totals only"},
+        {'o', FLAG_OPTIONAL_PATH, &logits_path, 0, 0, "output: every sequence's logits as a tensor archive ('': none)"},
+        {'Q', FLAG_INT, &quiet, 0, 1, "1: quiet: totals only"},
     };
     flags_parse(argc, argv, "per-sequence log-prob sums and the masked mean loss of a token file", flags);
-    if (!*model_path) fail_flag('m', "the model file is required");
+    if (!*model_path) fail_flag('e', "the model file is required");
     if (!*data_path) fail_flag('i', "the token file is required");
 
     Runner runner;

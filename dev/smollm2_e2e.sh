@@ -32,14 +32,14 @@ for split in pairs_train pairs_val; do
     python3 dev/data/prepare_pairs.py "$out/$split.jsonl" "$out/$split.pairs" --hf "$out/hf_tokenizer" --max-len 128
 done
 
-common=(-k "$out/model.tokenizer" -b 8 -d 8 -t 128 -x "$steps" -w 3 -n 0)
+common=(-k "$out/model.tokenizer" -b 8 -d 8 -t 128 -x "$steps" -u 3 -n 0)
 echo "== SFT: $steps steps"
-./train_sft -m "$out/model.bin" -i "$out/sft_train.tok" -j "$out/sft_val.tok" -p '' -s 0 -l 2e-5 -q 0 -v "$steps" -o "$out/sft" "${common[@]}"
+./train_sft -e "$out/model.bin" -i "$out/sft_train.tok" -j "$out/sft_val.tok" -p '' -s 0 -l 2e-5 -c 0 -v "$steps" -o "$out/sft" "${common[@]}"
 echo "== reward model: $steps steps from the SFT model"
-./train_rm -m "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -l 1e-5 -v "$steps" -o "$out/rm" "${common[@]}"
+./train_rm -e "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -l 1e-5 -v "$steps" -o "$out/rm" "${common[@]}"
 echo "== DPO: $steps steps from the SFT model"
 rm -f "$out/pairs_train.pairs.logps" "$out/pairs_val.pairs.logps"
-./train_dpo -m "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -p '' -l 1e-5 -B 0.1 -v "$steps" -o "$out/dpo" "${common[@]}"
+./train_dpo -e "$out/sft/model.bin" -i "$out/pairs_train.pairs" -j "$out/pairs_val.pairs" -p '' -l 1e-5 -B 0.1 -v "$steps" -o "$out/dpo" "${common[@]}"
 
 echo "== the DPO model in Hugging Face's layout, loaded by transformers"
 python3 dev/export_hf.py "$out/dpo/model.bin" "$out/dpo_hf"
@@ -53,7 +53,7 @@ out = sys.argv[1]
 model = LlamaForCausalLM.from_pretrained(os.path.join(out, "dpo_hf"), dtype=torch.float32).eval()
 seqs = [[int(t) for t in s] for s in xf.read_tokens(os.path.join(out, "sft_val.tok"))[0][:4]]
 xf.write_tokens(os.path.join(out, "check.tok"), seqs, [[1] * len(s) for s in seqs])
-os.system(f"./logprobs -m {out}/dpo/model.bin -i {out}/check.tok -o {out}/check_logits.bin -q 1 > /dev/null")
+os.system(f"./logprobs -e {out}/dpo/model.bin -i {out}/check.tok -o {out}/check_logits.bin -Q 1 > /dev/null")
 ours = xf.read_fixture(os.path.join(out, "check_logits.bin"))
 worst = 0.0
 with torch.no_grad():

@@ -1,25 +1,24 @@
 /*
 tokenize: text to token ids and back with a tokenizer file, as a filter.
 
-  ./tokenize -k model.tokenizer [-b 1] < text.txt          ids, space-separated, on one line
-  ./tokenize -k model.tokenizer -d 1 < ids.txt              the text of the ids
+  ./tokenize -k model.tokenizer [-w 1] < text.txt          ids, space-separated, on one line
+  ./tokenize -k model.tokenizer -m decode < ids.txt         the text of the ids
 
-Encoding reads all of stdin as one text (bytes, newlines included) and prints its ids;
--b 1 puts the tokenizer's bos id first. Decoding reads ids separated by whitespace and
-writes the decoded bytes with no newline added (control tokens such as bos give no text).
-Use it to check a tokenizer file against Hugging Face tokenizers, or to measure its speed
-(-t 1 prints the encode time and MB/s to stderr).
+Encoding (-m encode, the default) reads all of stdin as one text (bytes, newlines included)
+and prints its ids; -w 1 puts the tokenizer's bos id first. Decoding reads ids separated by
+whitespace and writes the decoded bytes with no newline added (control tokens such as bos
+give no text). Use it to check a tokenizer file against Hugging Face tokenizers, or to
+measure its speed: encoding prints its time and MB/s to stderr.
 */
 #include "../llm.cu"
 
 int main(int argc, char** argv) {
     const char* tok_path = "";
-    int decode = 0, bos = 0, timing = 0;
+    int decode = 0, bos = 0;
     std::vector<Flag> flags = {
         {'k', FLAG_PATH, &tok_path, 0, 0, "tokenizer file (required)"},
-        {'d', FLAG_INT, &decode, 0, 1, "1: read ids on stdin and print their text"},
-        {'b', FLAG_INT, &bos, 0, 1, "1: put the bos id first when encoding"},
-        {'t', FLAG_INT, &timing, 0, 1, "1: print the encode time and speed to stderr"},
+        {'m', FLAG_CHOICE, &decode, 0, 0, "mode: encode stdin's text to ids, or decode ids to text", "encode|decode"},
+        {'w', FLAG_INT, &bos, 0, 1, "1: with the bos id first when encoding"},
     };
     flags_parse(argc, argv, "encode stdin's text to ids, or decode ids to text", flags);
     if (!*tok_path) fail_flag('k', "the tokenizer file is required");
@@ -60,7 +59,7 @@ int main(int argc, char** argv) {
 
     std::vector<int> ids;
     if (bos) {
-        if (tok.bos_id < 0) fail_flag('b', "the tokenizer has no bos id");
+        if (tok.bos_id < 0) fail_flag('w', "the tokenizer has no bos id");
         ids.push_back(tok.bos_id);
     }
     auto start = std::chrono::steady_clock::now();
@@ -73,8 +72,7 @@ int main(int argc, char** argv) {
     }
     line += '\n';
     fwrite(line.data(), 1, line.size(), stdout);
-    if (timing)
-        fprintf(stderr, "encoded %zu bytes into %zu tokens in %.3f s: %.2f MB/s\n", input.size(), ids.size(), seconds,
-                input.size() / 1e6 / std::max(seconds, 1e-9));
+    fprintf(stderr, "encoded %zu bytes into %zu tokens in %.3f s: %.2f MB/s\n", input.size(), ids.size(), seconds,
+            input.size() / 1e6 / std::max(seconds, 1e-9));
     return 0;
 }

@@ -3,7 +3,7 @@
 // and train_dpo train what one rank trains with as many micro-batches accumulated, rank 0 alone
 // prints and writes the weights (with ZeRO-1 each rank writes its own shard of the moments), a
 // 2-rank run resumes bit-identically, a checkpoint resumes only on its number of ranks (another
-// with -f 1), a damaged shard file is refused, and a build without MPI refuses a world > 1. The binaries are
+// with -F 1), a damaged shard file is refused, and a build without MPI refuses a world > 1. The binaries are
 // build/<program>_cpu (with MPI) and build/train_sft_emu (the CUDA build over the emulation
 // layer, without MPI).
 //
@@ -95,7 +95,7 @@ static void check_same_to_rounding(const std::string& a, const std::string& b, d
 struct ParallelFixture {
     std::string model = write_small_model("parallel_model.bin"), data = write_small_data("parallel.tok", 20),
                 val = write_small_data("parallel_val.tok", 8);
-    std::string common = " -m " + model + " -i " + data + " -j " + val + " -p '' -x 6 -w 2 -l 1e-2 -v 3 -s 0 -n 0 -S 5";
+    std::string common = " -e " + model + " -i " + data + " -j " + val + " -p '' -x 6 -u 2 -l 1e-2 -v 3 -s 0 -n 0 -S 5";
     std::vector<std::string> dirs;
     std::string dir(const char* name) {
         dirs.push_back(scratch(name));
@@ -314,7 +314,7 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
         CHECK(file_bytes(resumed + "/model.bin") == a);
         CHECK(logged_losses(resumed + "/log.jsonl") == logged_losses(plain + "/log.jsonl"));
     }
-    // on 1 rank a checkpoint of 2 is refused in one line; with -f 1 the rank reads both files'
+    // on 1 rank a checkpoint of 2 is refused in one line; with -F 1 the rank reads both files'
     // halves, and trains ZeRO-0's run to rounding (the test above: 1 rank against 2)
     std::string one = fx.dir("zero_on_one");
     REQUIRE(run("cp -r " + zero_at3 + " " + one, &out) == 0);
@@ -322,9 +322,9 @@ TEST_CASE("ZeRO-1 on 2 ranks trains ZeRO-0's bits, and its checkpoint resumes to
     CHECK(rc == 1);
     CHECK(count_of(out, "\n") == 1);
     CHECK_THAT(out, Catch::Contains("ckpt_000003 is of another run (ranks: 1 now, 2 in the checkpoint)"));
-    rc = run("OMP_NUM_THREADS=1 " + args + " -z 1 -y 1 -f 1 -o " + one, &out);
+    rc = run("OMP_NUM_THREADS=1 " + args + " -z 1 -y 1 -F 1 -o " + one, &out);
     REQUIRE(rc == 0);
-    CHECK_THAT(out, Catch::Contains("warning: -f 1: resuming ckpt_000003 of another run (ranks: 1 now, 2 in the checkpoint)"));
+    CHECK_THAT(out, Catch::Contains("warning: -F 1: resuming ckpt_000003 of another run (ranks: 1 now, 2 in the checkpoint)"));
     double d = max_abs_diff(model_weights(one + "/model.bin"), model_weights(plain + "/model.bin"));
     printf("a 2-rank ZeRO-1 checkpoint resumed on 1 rank: max |weight difference| %.3g against 2 ranks\n", d);
     CHECK(d <= 1e-6);
@@ -452,9 +452,9 @@ TEST_CASE("train_rm and train_dpo: 2 ranks x 2 pairs train what 1 rank trains wi
                 val = write_arith_pairs("parallel_pairs_val", 8, 2);
     struct Stage { const char* binary; std::string args; const char* metric; double weight_tolerance; };
     std::vector<Stage> stages = {
-        {"build/train_rm_cpu", " -m " + model + " -i " + train + " -j " + val + " -x 4 -w 2 -l 3e-3 -v 4 -n 0 -S 3", "margin", 5e-6},
+        {"build/train_rm_cpu", " -e " + model + " -i " + train + " -j " + val + " -x 4 -u 2 -l 3e-3 -v 4 -n 0 -S 3", "margin", 5e-6},
         // the 2-rank run goes first: its rank 0 computes the reference file, rank 1 reads it
-        {"build/train_dpo_cpu", " -m " + model + " -i " + train + " -j " + val + " -p '' -x 4 -w 2 -l 1e-3 -v 4 -n 0 -S 3", "rewards/margins", 1e-6},
+        {"build/train_dpo_cpu", " -e " + model + " -i " + train + " -j " + val + " -p '' -x 4 -u 2 -l 1e-3 -v 4 -n 0 -S 3", "rewards/margins", 1e-6},
     };
     for (const Stage& s : stages) {
         std::string two = scratch("pairs_two"), one = scratch("pairs_one"), zero = scratch("pairs_zero");
@@ -536,12 +536,12 @@ TEST_CASE("the CUDA build's ranks (emulated, NCCL over MPI): 2 ranks x 2 train w
     // ZeRO-2: each layer's gradients written to one of two layer buckets, reduced to the ranks
     // (ncclReduce) during the backward: per micro-batch, 2 layers x 9 slices, the embedding and
     // the final norm, and the one slice that the parts' boundary splits: 21 reduces, 126 in 6
-    // steps; one all-reduce a step (the norm's partial sums). Without the clip (-c 0) the bits of
+    // steps; one all-reduce a step (the norm's partial sums). Without the clip (-G 0) the bits of
     // ZeRO-0: the GPU norm's float partial sums follow each rank's part, so with the clip the
     // coefficient rounds otherwise
     std::string zero2 = fx.dir("emu_zero2"), plain_noclip = fx.dir("emu_noclip");
-    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -o " + plain_noclip, &out) == 0);
-    rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -c 0 -z 2 -o " + zero2, &out);
+    REQUIRE(run(env + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -G 0 -o " + plain_noclip, &out) == 0);
+    rc = run(env + "XWIN_NCCL_EMU_COUNTS=1 " + mpirun + "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4 -G 0 -z 2 -o " + zero2, &out);
     INFO(out);
     REQUIRE(rc == 0);
     CHECK_THAT(out, Catch::Contains("ZeRO-2 over 2 ranks, per rank"));
@@ -632,8 +632,8 @@ TEST_CASE("activation recomputation (-r 1) trains the bits of a run without it, 
     std::vector<Case> cases = {
         {"OMP_NUM_THREADS=1 build/train_sft_cpu" + fx.common + " -b 2 -d 4", "train_sft (CPU)"},
         {"XWIN_EMU_THREADS=1 OMP_NUM_THREADS=1 build/train_sft_emu" + fx.common + " -b 2 -d 4", "train_sft (CUDA build, emulated)"},
-        {"OMP_NUM_THREADS=1 build/train_rm_cpu -m " + pairs_model + " -i " + pairs + " -j '' -x 3 -w 1 -l 3e-3 -n 0 -S 3 -b 2 -d 4", "train_rm"},
-        {"OMP_NUM_THREADS=1 build/train_dpo_cpu -m " + pairs_model + " -i " + pairs + " -j '' -p '' -x 3 -w 1 -l 1e-3 -n 0 -S 3 -b 2 -d 4", "train_dpo"},
+        {"OMP_NUM_THREADS=1 build/train_rm_cpu -e " + pairs_model + " -i " + pairs + " -j '' -x 3 -u 1 -l 3e-3 -n 0 -S 3 -b 2 -d 4", "train_rm"},
+        {"OMP_NUM_THREADS=1 build/train_dpo_cpu -e " + pairs_model + " -i " + pairs + " -j '' -p '' -x 3 -u 1 -l 1e-3 -n 0 -S 3 -b 2 -d 4", "train_dpo"},
         {mpirun2() + "build/train_sft_cpu" + fx.common + " -b 1 -d 4 -z 1", "train_sft, 2 ranks, ZeRO-1"},
     };
     for (const Case& c : cases) {
@@ -653,12 +653,13 @@ TEST_CASE("activation recomputation (-r 1) trains the bits of a run without it, 
 
 // ./sample under mpirun: each rank samples a block of the prompts (a response's random stream
 // depends on its prompt's index alone) and rank 0 writes the rows in prompt order, so the set
-// (-n, scored by a reward model and the policy) and the evaluation (-e, AlpacaEval's .json list)
-// are the files of one rank, byte for byte; 5 prompts split 3 + 2, two prompts per decode batch.
+// (-m set, scored by a reward model and the policy) and the evaluation (-m eval, AlpacaEval's
+// .json list) are the files of one rank, byte for byte; 5 prompts split 3 + 2, two prompts per
+// decode batch.
 TEST_CASE("./sample on 2 ranks writes the set and the evaluation of 1 rank, byte for byte", "[parallel][sample]") {
     std::string mpirun = mpirun2(), model = write_small_model("parallel_sample_policy.bin"), rm = write_small_reward_model("parallel_sample_rm.bin");
     std::string one = scratch("set_one.jsonl"), two = scratch("set_two.jsonl"), eval_one = scratch("eval_one.json"), eval_two = scratch("eval_two.json"), out;
-    std::string set = "build/sample_cpu -m " + model + " -r " + rm + " -n 4 -b 8 -l 5 -x 8 -t 1.5";
+    std::string set = "build/sample_cpu -e " + model + " -V " + rm + " -m set -A 4 -b 8 -f 5 -g 8 -T 1.5";
     REQUIRE(run("OMP_NUM_THREADS=1 " + set + " -o " + one, &out) == 0);
     int rc = run(mpirun + set + " -o " + two, &out);
     INFO(out);
@@ -668,16 +669,16 @@ TEST_CASE("./sample on 2 ranks writes the set and the evaluation of 1 rank, byte
     std::vector<unsigned char> a = file_bytes(one);
     REQUIRE(count_of(std::string(a.begin(), a.end()), "\"rm_scores\"") == 5);
     CHECK(file_bytes(two) == a);
-    std::string eval = "build/sample_cpu -e 1 -m " + model + " -l 5 -x 8";
+    std::string eval = "build/sample_cpu -m eval -e " + model + " -f 5 -g 8";
     REQUIRE(run("OMP_NUM_THREADS=1 " + eval + " -o " + eval_one, &out) == 0);
     std::string line_one = out.substr(out.find("gold judge mean"));
     REQUIRE(run(mpirun + eval + " -o " + eval_two, &out) == 0);
     CHECK(file_bytes(eval_two) == file_bytes(eval_one));
     CHECK(out.substr(out.find("gold judge mean")).substr(0, 30) == line_one.substr(0, 30));  // the mean over all 5 prompts
     // the other modes run on one process
-    rc = run(mpirun + "build/sample_cpu -m " + model + " -c 1 < /dev/null", &out);
+    rc = run(mpirun + "build/sample_cpu -e " + model + " -m chat < /dev/null", &out);
     CHECK(rc != 0);
-    CHECK_THAT(out, Catch::Contains("error: -c: runs on one process: only the set (-n) and evaluation (-e 1) split their prompts across 2 ranks"));
+    CHECK_THAT(out, Catch::Contains("error: -m: runs on one process: only set and eval split their prompts across 2 ranks"));
     for (const std::string& f : {model, rm, one, two, eval_one, eval_two}) remove(f.c_str());
 }
 
@@ -700,9 +701,9 @@ TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges",
     }
     write_bytes(jsonl, std::vector<unsigned char>(text.begin(), text.end()));
     REQUIRE(run("python3 dev/data/prepare_sft.py " + jsonl + " " + tok + " --tokenizer byte", &out) == 0);
-    REQUIRE(run("OMP_NUM_THREADS=1 build/train_sft_cpu -m " + model + " -i " + tok + " -j '' -p '' -x 400 -w 5 -l 5e-3 -n 0 -s 0 -b 4 -d 4 -o " + taught,
+    REQUIRE(run("OMP_NUM_THREADS=1 build/train_sft_cpu -e " + model + " -i " + tok + " -j '' -p '' -x 400 -u 5 -l 5e-3 -n 0 -s 0 -b 4 -d 4 -o " + taught,
                 &out) == 0);
-    std::string args = "build/train_sft_cpu -m " + taught + "/model.bin -i " + fx.data + " -j '' -p data/world/eval_prompts.tsv -x 2 -l 1e-30 -n 0 -s 0 -b 2 -d 4";
+    std::string args = "build/train_sft_cpu -e " + taught + "/model.bin -i " + fx.data + " -j '' -p data/world/eval_prompts.tsv -x 2 -l 1e-30 -n 0 -s 0 -b 2 -d 4";
     auto judge_line = [](const std::string& o) {
         size_t at = o.find("gold judge: mean");
         return at == std::string::npos ? std::string() : o.substr(at, o.find('\n', at) - at);
@@ -722,7 +723,7 @@ TEST_CASE("train_sft's closing evaluation on 2 ranks judges what 1 rank judges",
 
 // The recipe under mpirun (mpirun -np N ./train_dpo): a stage's data-parallel program runs on N
 // new ranks that the run's ranks spawn together, and every other command on rank 0 alone,
-// without the launcher's variables. train_dpo -E runs one command as the recipe runs a stage's:
+// without the launcher's variables. train_dpo -J runs one command as the recipe runs a stage's:
 // the spawned train_sft (the CPU build, and the GPU build emulated) is a world of 2 of its own
 // and trains the bits of mpirun -np 2; a shell command runs once and sees no launcher; a
 // failing command stops every rank, non-zero, with the recipe's one-line error, whether the
@@ -733,7 +734,7 @@ TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks tra
     std::string mpirun = mpirun2(), direct = fx.dir("recipe_direct"), spawned = fx.dir("recipe_spawned"), once = fx.dir("recipe_once.txt"), out;
     std::string sft = "build/train_sft_cpu" + fx.common + " -b 2 -d 4";
     REQUIRE(run(mpirun + sft + " -o " + direct, &out) == 0);
-    int rc = run(mpirun + "build/train_dpo_cpu -E \"" + sft + " -o " + spawned + "\"", &out);
+    int rc = run(mpirun + "build/train_dpo_cpu -J \"" + sft + " -o " + spawned + "\"", &out);
     INFO(out);
     REQUIRE(rc == 0);
     CHECK(count_of(out, "$ " + sft + " -o " + spawned + "   # on 2 new ranks\n") == 1);
@@ -748,12 +749,12 @@ TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks tra
     std::string emu = "XWIN_EMU_THREADS=1 XWIN_EMU_DEVICES=2 ", gpu_sft = "build/train_sft_nccl_emu" + fx.common + " -b 2 -d 4";
     std::string gpu_direct = fx.dir("recipe_gpu_direct"), gpu_spawned = fx.dir("recipe_gpu_spawned");
     REQUIRE(run(emu + mpirun + gpu_sft + " -o " + gpu_direct, &out) == 0);
-    REQUIRE(run(emu + mpirun + "build/train_dpo_cpu -E \"" + gpu_sft + " -o " + gpu_spawned + "\"", &out) == 0);
+    REQUIRE(run(emu + mpirun + "build/train_dpo_cpu -J \"" + gpu_sft + " -o " + gpu_spawned + "\"", &out) == 0);
     std::vector<unsigned char> g = file_bytes(gpu_direct + "/model.bin");
     REQUIRE(!g.empty());
     CHECK(file_bytes(gpu_spawned + "/model.bin") == g);
 
-    rc = run(mpirun + "build/train_dpo_cpu -E 'echo ${OMPI_COMM_WORLD_SIZE:-none} ${PMIX_RANK:-none} >> " + once + "'", &out);
+    rc = run(mpirun + "build/train_dpo_cpu -J 'echo ${OMPI_COMM_WORLD_SIZE:-none} ${PMIX_RANK:-none} >> " + once + "'", &out);
     REQUIRE(rc == 0);
     CHECK(count_of(out, "   # on rank 0 alone\n") == 1);
     std::vector<unsigned char> text = file_bytes(once);
@@ -762,13 +763,13 @@ TEST_CASE("the recipe under mpirun: a data-parallel stage on 2 spawned ranks tra
     struct Failure { std::string cmd, status; };
     std::vector<Failure> failures = {
         {"build/train_sft_cpu -Q 1", "exit 1"},
-        {sft + " -m " + fx.dir("no_model.bin") + " -o " + fx.dir("recipe_failed"), "exit 1"},
+        {sft + " -e " + fx.dir("no_model.bin") + " -o " + fx.dir("recipe_failed"), "exit 1"},
         {"exit 3", "exit 3"},
         {"build/train_sft_missing -h", "cannot run build/train_sft_missing: No such file or directory"},
     };
     for (const Failure& f : failures) {
         auto t0 = std::chrono::steady_clock::now();
-        rc = run("timeout -k 10 120 env " + mpirun + "build/train_dpo_cpu -E \"" + f.cmd + "\"", &out);  // a hang fails, not waits
+        rc = run("timeout -k 10 120 env " + mpirun + "build/train_dpo_cpu -J \"" + f.cmd + "\"", &out);  // a hang fails, not waits
         double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         INFO(f.cmd << "\n" << out);
         CHECK(rc != 0);
@@ -789,11 +790,11 @@ TEST_CASE("the recipe's dry run under mpirun: the data-parallel programs on 2 ne
     INFO(out);
     REQUIRE(rc == 0);
     CHECK(count_of(out, "   # on 2 new ranks\n") == 5);  // SFT, the RM's samples and the RM, the Xwin-Set, RS
-    CHECK(count_of(out, "   # on rank 0 alone\n") == 9);  // sample -s, cat, head, python3
+    CHECK(count_of(out, "   # on rank 0 alone\n") == 9);  // sample -m select, cat, head, python3
     CHECK(count_of(out, "$ " + programs + "train_sft -b 4   # on 2 new ranks\n") == 1);
     CHECK(count_of(out, " -b 4   # on 2 new ranks\n") == 3);  // SFT, the RM, RS
-    CHECK(count_of(out, "$ " + programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl   # on 2 new ranks\n") == 1);
-    CHECK(count_of(out, "$ " + programs + "sample -s out/xwin_pair/samples.jsonl -j 1 -g 0 -d out/xwin_pair/on_policy_worst.jsonl   # on rank 0 alone\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "sample -m set -A 8 -T 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl   # on 2 new ranks\n") == 1);
+    CHECK(count_of(out, "$ " + programs + "sample -m select -i out/xwin_pair/samples.jsonl -H 1 -Y 0 -W out/xwin_pair/on_policy_worst.jsonl   # on rank 0 alone\n") == 1);
     CHECK(count_of(out, "$ " + programs + "train_rm -i out/xwin_pair/pairs_train.pairs -b 4   # on 2 new ranks\n") == 1);
     CHECK(count_of(out, "recipe: then DPO (seed 1337) and the stage table") == 1);
     CHECK(!exists(dir + "/out"));
@@ -831,10 +832,10 @@ TEST_CASE("mpirun -np 2 train_dpo: the missing RS stage on 2 spawned ranks, then
     write_bytes(dir + "/out/set/rs.tok", file_bytes(rs));
     write_bytes(dir + "/out/set/dpo_train.pairs", file_bytes(train));
     write_bytes(dir + "/out/set/dpo_val.pairs", file_bytes(val));
-    int rc = run("cd " + dir + " && " + mpirun + dir + "/bin/train_dpo -x 2 -w 1 -v 2", &out);
+    int rc = run("cd " + dir + " && " + mpirun + dir + "/bin/train_dpo -x 2 -u 1 -v 2", &out);
     INFO(out);
     REQUIRE(rc == 0);
-    std::string rs_cmd = dir + "/bin/train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4";
+    std::string rs_cmd = dir + "/bin/train_sft -e out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -E 4 -l 1e-4 -u 10 -v 0 -n 0 -s 0 -b 4";
     CHECK(count_of(out, "recipe: stage rs (out/rs/model.bin is missing)") == 1);
     CHECK(count_of(out, "$ " + rs_cmd + "   # on 2 new ranks\n") == 1);
     CHECK(count_of(out, "data parallel: 2 ranks, each 1 micro-batch of 4 per step (total batch 8)") == 2);  // RS, then DPO
@@ -846,8 +847,8 @@ TEST_CASE("mpirun -np 2 train_dpo: the missing RS stage on 2 spawned ranks, then
     CHECK(count_of(t, "\ndpo\t") == 1);
     CHECK(logged_losses(dir + "/out/dpo/log.jsonl").size() == 2);
     // the spawned RS is mpirun -np 2's run of its command
-    REQUIRE(run("cd " + dir + " && " + mpirun + cwd + "/build/train_sft_cpu -m out/sft/model.bin -i out/set/rs.tok -j '' -o " + direct +
-                    " -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -b 4",
+    REQUIRE(run("cd " + dir + " && " + mpirun + cwd + "/build/train_sft_cpu -e out/sft/model.bin -i out/set/rs.tok -j '' -o " + direct +
+                    " -x 0 -E 4 -l 1e-4 -u 10 -v 0 -n 0 -s 0 -b 4",
                 &out) == 0);
     std::vector<unsigned char> a = file_bytes(direct + "/model.bin");
     REQUIRE(!a.empty());

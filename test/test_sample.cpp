@@ -1,9 +1,12 @@
-// The sampling stage as a program: ./sample's Xwin-Set (-n, -r), the RS data and DPO pairs
-// made from a set (-s; read back by dev/data/prepare_sft.py and prepare_pairs.py), the
-// evaluation (-e, -a), the chat (-c), the best-of-n curve with no mode, and a one-line error
-// for each bad input. The binaries are build/sample_cpu and build/sample_emu (the CUDA
-// kernels through the emulation layer).
+// The sampling stage as a program: ./sample's Xwin-Set (-m set, -V), the RS data and DPO pairs
+// made from a set (-m select; read back by dev/data/prepare_sft.py and prepare_pairs.py), the
+// evaluation (-m eval, -a), the chat (-m chat), the best-of-n curve with no mode (-m curve, the
+// default), and a one-line error for each bad input. The binaries are build/sample_cpu and
+// build/sample_emu (the CUDA kernels through the emulation layer).
 #include <catch2/catch.hpp>
+
+#include <map>
+#include <sstream>
 
 #include "program.h"
 
@@ -43,9 +46,9 @@ static std::string line_with(const std::string& out, const std::string& what) {
     return out.substr(start == std::string::npos ? 0 : start + 1, end == std::string::npos ? std::string::npos : end - start - 1);
 }
 
-TEST_CASE("sample -n: N distinct responses per prompt with their gold scores; the same seed writes the same file", "[sample]") {
+TEST_CASE("sample -m set: N distinct responses per prompt with their gold scores; the same seed writes the same file", "[sample]") {
     std::string model = write_small_model("sample_policy.bin"), set = scratch("set.jsonl"), again = scratch("set_again.jsonl"), other = scratch("set_other.jsonl"), out;
-    std::string cmd = std::string(SAMPLE) + " -m " + model + " -n 4 -l 3 -x 8 -t 1.5";
+    std::string cmd = std::string(SAMPLE) + " -e " + model + " -m set -A 4 -f 3 -g 8 -T 1.5";
     REQUIRE(run(cmd + " -o " + set, &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains("tok/s"));
@@ -66,26 +69,26 @@ TEST_CASE("sample -n: N distinct responses per prompt with their gold scores; th
             CHECK(gold[j] == world_judge(prompts[i].kind, prompts[i].gold, resp[j]));
             for (size_t k = 0; k < j; k++) CHECK(resp[j] != resp[k]);
         }
-        CHECK(json_get(rows[i], "rm_scores") == nullptr);  // no -r
+        CHECK(json_get(rows[i], "rm_scores") == nullptr);  // no -V
     }
     REQUIRE(run(cmd + " -o " + again, &out) == 0);
     CHECK(file_bytes(again) == file_bytes(set));
     REQUIRE(run(cmd + " -S 7 -o " + other, &out) == 0);
     CHECK(file_bytes(other) != file_bytes(set));
-    // greedy, every draw is the same: each duplicate is drawn again -u times, then counted
-    REQUIRE(run(std::string(SAMPLE) + " -m " + model + " -n 3 -l 2 -x 5 -t 0 -u 2 -o " + other, &out) == 0);
-    CHECK_THAT(out, Catch::Contains("duplicates drawn again 8 times, 4 left (-u 2)"));
+    // greedy, every draw is the same: each duplicate is drawn again -U times, then counted
+    REQUIRE(run(std::string(SAMPLE) + " -e " + model + " -m set -A 3 -f 2 -g 5 -T 0 -U 2 -o " + other, &out) == 0);
+    CHECK_THAT(out, Catch::Contains("duplicates drawn again 8 times, 4 left (-U 2)"));
     // the CUDA build (emulated) writes a set of the same shape
-    REQUIRE(run("build/sample_emu -m " + model + " -n 4 -l 2 -x 6 -o " + other, &out) == 0);
+    REQUIRE(run("build/sample_emu -e " + model + " -m set -A 4 -f 2 -g 6 -o " + other, &out) == 0);
     rows = read_jsonl(other);
     REQUIRE(rows.size() == 2);
     CHECK(json_get(rows[1], "responses")->items.size() == 4);
     remove(set.c_str()), remove(again.c_str()), remove(other.c_str()), remove(model.c_str());
 }
 
-TEST_CASE("sample -n -r: every response scored by the reward model as prompt + response + EOS, and its log-prob under the policy", "[sample]") {
+TEST_CASE("sample -m set -V: every response scored by the reward model as prompt + response + EOS, and its log-prob under the policy", "[sample]") {
     std::string model = write_small_model("score_policy.bin"), rm_path = write_small_reward_model("score_rm.bin"), set = scratch("scored.jsonl"), out;
-    REQUIRE(run(std::string(SAMPLE) + " -m " + model + " -r " + rm_path + " -n 3 -l 2 -x 10 -o " + set, &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -e " + model + " -V " + rm_path + " -m set -A 3 -f 2 -g 10 -o " + set, &out) == 0);
     INFO(out);
     std::vector<Json> rows = read_jsonl(set);
     REQUIRE(rows.size() == 2);
@@ -144,7 +147,7 @@ static std::string set_row(const std::string& kind, const std::string& user, con
     return text + "\n";
 }
 
-TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by each strategy, read by the prepare scripts", "[sample]") {
+TEST_CASE("sample -m select: the best response per prompt as SFT data and DPO pairs by each strategy, read by the prepare scripts", "[sample]") {
     std::string set = scratch("hand_set.jsonl"), rs = scratch("rs.jsonl"), pairs = scratch("dpo.jsonl"), out;
     // row 1: the reward model prefers "The answer is 5." (2.5), then "5" (1.0), "6" (-1.0), "The answer is 6." (-3.0)
     //   mean -0.125, population sigma 2.073: mu - 2 sigma = -4.27, nearest "The answer is 6." (-3.0)
@@ -158,7 +161,7 @@ TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by 
                                {2, 0, {"The answer is 5.", "ba"}, {"The answer is 6.", "ab"}},
                                {0, 1, {"The answer is 5.", "2", "The answer is ba."}, {"The answer is 6.", "two", "ab"}}};
     for (const Want& w : wants) {
-        REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -d " + pairs + " -g " + std::to_string(w.strategy) + " -j " + std::to_string(w.select) + " -q 0", &out) == 0);
+        REQUIRE(run(std::string(SAMPLE) + " -m select -i " + set + " -o " + rs + " -W " + pairs + " -Y " + std::to_string(w.strategy) + " -H " + std::to_string(w.select) + " -q 0", &out) == 0);
         INFO(out);
         std::vector<Json> best = read_jsonl(rs), dpo = read_jsonl(pairs);
         REQUIRE(best.size() == 3);
@@ -176,7 +179,7 @@ TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by 
         CHECK(p.n_pairs == w.chosen.size());
     }
     // best vs random: the rejected is one of the lower ones
-    REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -d " + pairs + " -g 1 -q 0", &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -m select -i " + set + " -W " + pairs + " -Y 1 -q 0", &out) == 0);
     CHECK_THAT(out, Catch::Contains("2 pairs, best vs random; 1 prompts left out (every response scores the same)"));
     std::vector<Json> dpo = read_jsonl(pairs);
     std::string rejected = json_get(dpo[0], "rejected")->items.back().members[1].second.text;
@@ -186,7 +189,7 @@ TEST_CASE("sample -s: the best response per prompt as SFT data and DPO pairs by 
 
 // -q: the selection score is the reward plus q times the policy's log-prob; the default q = 1
 // needs the set's policy_logps, and a set without them is a one-line error that names -q 0.
-TEST_CASE("sample -s -q: selection by the reward plus the policy's log-prob", "[sample]") {
+TEST_CASE("sample -m select -q: selection by the reward plus the policy's log-prob", "[sample]") {
     std::string set = scratch("kl_set.jsonl"), rs = scratch("kl_rs.jsonl"), pairs = scratch("kl_dpo.jsonl"), out;
     // rewards 3, 1, 0 and log-probs -6, -1, -9: by the reward "The answer is 6." (3) is best and
     // "6." (0) worst; with q = 1 the scores are -3, 0, -9, so "The answer is 5." is best and "6."
@@ -195,7 +198,7 @@ TEST_CASE("sample -s -q: selection by the reward plus the policy's log-prob", "[
     write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
     struct Want { std::string q, best; double score_chosen, score_rejected; };
     for (const Want& w : {Want{"", "The answer is 5.", 0.0, -9.0}, Want{" -q 0", "The answer is 6.", 3.0, 0.0}, Want{" -q 0.25", "The answer is 6.", 1.5, -2.25}}) {
-        REQUIRE(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -d " + pairs + " -g 0" + w.q, &out) == 0);
+        REQUIRE(run(std::string(SAMPLE) + " -m select -i " + set + " -o " + rs + " -W " + pairs + " -Y 0" + w.q, &out) == 0);
         INFO(out);
         std::vector<Json> best = read_jsonl(rs), dpo = read_jsonl(pairs);
         REQUIRE(best.size() == 1);
@@ -209,19 +212,19 @@ TEST_CASE("sample -s -q: selection by the reward plus the policy's log-prob", "[
     // a set without the log-probs, and one with a positive log-prob
     text = set_row("arith", "What is 2 plus 3?", {"5", "6"}, {1.0, 0.0}, {4, 0});
     write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
-    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs, &out) == 1);
+    CHECK(run(std::string(SAMPLE) + " -m select -i " + set + " -o " + rs, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + set + ": line 1: no 'policy_logps' list of one log-prob per response (-q 0 selects by the reward alone)"));
-    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs + " -j 1", &out) == 0);  // the gold scores need no log-probs
+    CHECK(run(std::string(SAMPLE) + " -m select -i " + set + " -o " + rs + " -H 1", &out) == 0);  // the gold scores need no log-probs
     text = set_row("arith", "What is 2 plus 3?", {"5", "6"}, {1.0, 0.0}, {4, 0}, {-1.0, 0.5});
     write_bytes(set, std::vector<unsigned char>(text.begin(), text.end()));
-    CHECK(run(std::string(SAMPLE) + " -s " + set + " -o " + rs, &out) == 1);
+    CHECK(run(std::string(SAMPLE) + " -m select -i " + set + " -o " + rs, &out) == 1);
     CHECK_THAT(out, Catch::Contains("line 1: policy_logps 2 is not a log-prob (a number <= 0)"));
     for (const std::string& f : {set, rs, pairs}) remove(f.c_str());
 }
 
-TEST_CASE("sample -e: the gold judge's mean of the answers and the win rate against a reference", "[sample]") {
+TEST_CASE("sample -m eval: the gold judge's mean of the answers and the win rate against a reference", "[sample]") {
     std::string model = write_small_model("eval_policy.bin"), answers = scratch("answers.jsonl"), ref = scratch("reference.jsonl"), out;
-    std::string cmd = std::string(SAMPLE) + " -e 1 -m " + model + " -l 6 -x 12";
+    std::string cmd = std::string(SAMPLE) + " -m eval -e " + model + " -f 6 -g 12";
     REQUIRE(run(cmd + " -o " + answers, &out) == 0);
     INFO(out);
     std::vector<WorldPrompt> prompts = world_load_prompts("data/world/eval_prompts.tsv");
@@ -263,7 +266,7 @@ TEST_CASE("sample -e: the gold judge's mean of the answers and the win rate agai
     remove(answers.c_str()), remove(ref.c_str()), remove(model.c_str());
 }
 
-TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instruction, output, generator), not judged", "[sample]") {
+TEST_CASE("sample -m eval on instructions of one's own: AlpacaEval's rows (instruction, output, generator), not judged", "[sample]") {
     std::string model = write_small_model("alpaca_policy.bin"), instructions = scratch("instructions.jsonl"), out;
     std::string world = scratch("alpaca_world.jsonl"), list = scratch("alpaca_answers.json"), lines = scratch("alpaca_answers.jsonl");
     // the user turns of the first four world prompts as AlpacaEval's evaluation set has them (an
@@ -281,7 +284,7 @@ TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instructio
     }
     write_bytes(instructions, std::vector<unsigned char>(text.begin(), text.end()));
     write_bytes(world, std::vector<unsigned char>(convs.begin(), convs.end()));
-    std::string cmd = std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -i " + instructions;
+    std::string cmd = std::string(SAMPLE) + " -m eval -e " + model + " -g 12 -i " + instructions;
     REQUIRE(run(cmd + " -o " + list, &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains(model + ": 4 answers to " + instructions + " (no kind and gold: not judged"));
@@ -292,7 +295,7 @@ TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instructio
     REQUIRE(all.type == Json::ARRAY);
     REQUIRE(all.items.size() == 4);
     // the same prompts as conversations (JSONL out): the same greedy answers
-    REQUIRE(run(std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -i " + world + " -o " + lines, &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -m eval -e " + model + " -g 12 -i " + world + " -o " + lines, &out) == 0);
     std::vector<Json> same = read_jsonl(lines);
     REQUIRE(same.size() == 4);
     for (size_t i = 0; i < 4; i++) {
@@ -304,7 +307,7 @@ TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instructio
         CHECK(json_get(row, "gold_score") == nullptr);
     }
     // the world's judged prompts carry AlpacaEval's fields too: the last user turn, the answer
-    REQUIRE(run(std::string(SAMPLE) + " -e 1 -m " + model + " -x 12 -l 4 -o " + lines, &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -m eval -e " + model + " -g 12 -f 4 -o " + lines, &out) == 0);
     std::vector<Json> judged = read_jsonl(lines);
     REQUIRE(judged.size() == 4);
     for (size_t i = 0; i < 4; i++) {
@@ -324,10 +327,10 @@ TEST_CASE("sample -e on instructions of one's own: AlpacaEval's rows (instructio
     for (const std::string& p : {model, instructions, world, list, lines}) remove(p.c_str());
 }
 
-TEST_CASE("sample -c: a chat on stdin, turn by turn, in the template", "[sample]") {
+TEST_CASE("sample -m chat: a chat on stdin, turn by turn, in the template", "[sample]") {
     std::string model = write_small_model("chat_policy.bin"), out;
     std::string long_line(300, 'x');
-    REQUIRE(run("printf 'What is 2 plus 3?\\nNow double it.\\n" + long_line + "\\nHi\\n' | " + SAMPLE + " -c 1 -x 6 -m " + model, &out) == 0);
+    REQUIRE(run("printf 'What is 2 plus 3?\\nNow double it.\\n" + long_line + "\\nHi\\n' | " + SAMPLE + " -m chat -g 6 -e " + model, &out) == 0);
     INFO(out);
     size_t answers = 0;
     for (size_t at = out.find("ASSISTANT: "); at != std::string::npos; at = out.find("ASSISTANT: ", at + 1)) answers++;
@@ -354,10 +357,10 @@ TEST_CASE("sample with no arguments: the best-of-n table and PNG; without the SF
     make_dir(dir);
     std::string abs = std::string(getenv("PWD") ? getenv("PWD") : ".") + "/" + SAMPLE;
     CHECK(run("cd " + dir + " && " + abs, &out) == 1);
-    CHECK(out == "error: out/sft/model.bin: cannot read the model: make the world's SFT model with make && ./train_sft (or pass -m)\n");
+    CHECK(out == "error: out/sft/model.bin: cannot read the model: make the world's SFT model with make && ./train_sft (or pass -e)\n");
     rm_rf(dir);
     std::string model = write_small_model("curve_policy.bin"), rm_path = write_small_reward_model("curve_rm.bin"), png = scratch("curve.png");
-    REQUIRE(run(std::string(SAMPLE) + " -m " + model + " -r " + rm_path + " -l 2 -x 6 -o " + png, &out) == 0);
+    REQUIRE(run(std::string(SAMPLE) + " -e " + model + " -V " + rm_path + " -f 2 -g 6 -o " + png, &out) == 0);
     INFO(out);
     std::vector<double> gold, rm;
     for (int n = 1; n <= 64; n *= 2) {
@@ -379,7 +382,7 @@ TEST_CASE("sample with no arguments: the best-of-n table and PNG; without the SF
 }
 
 // runs the command; it must fail with exactly one line, the error, and write nothing
-TEST_CASE("sample -c prompts in the tokenizer's chat template and stops at its end of turn", "[sample][chat]") {
+TEST_CASE("sample -m chat prompts in the tokenizer's chat template and stops at its end of turn", "[sample][chat]") {
     // the Llama 3 template recorded in test/fixtures/chat/llama3.tokenizer, on a model of its vocabulary
     const char* tok_path = "test/fixtures/chat/llama3.tokenizer";
     Tokenizer tok;
@@ -395,7 +398,7 @@ TEST_CASE("sample -c prompts in the tokenizer's chat template and stops at its e
         llama_free(&m);
     }
     std::string out;
-    REQUIRE(run("printf 'Hi there\\n' | " + std::string(SAMPLE) + " -c 1 -x 8 -k " + tok_path + " -m " + model, &out) == 0);
+    REQUIRE(run("printf 'Hi there\\n' | " + std::string(SAMPLE) + " -m chat -g 8 -k " + tok_path + " -e " + model, &out) == 0);
     INFO(out);
     Runner r;
     llama_load(&r.host, model.c_str());
@@ -426,27 +429,66 @@ static void check_error(const std::string& args, const std::string& want, const 
 TEST_CASE("sample: bad input is a one-line error", "[sample]") {
     std::string model = write_small_model("bad_policy.bin"), set = scratch("bad_set.jsonl"), prompts = scratch("bad_prompts.jsonl");
     std::string other_vocab_rm = write_small_reward_model("bad_rm.bin", 300), lm_as_rm = model;
-    std::string m = "-m " + model + " -o " + set;
+    std::string m = "-e " + model + " -o " + set;
     // a prompt longer than the context (256)
     std::string text = "{\"messages\": [{\"role\": \"user\", \"content\": \"" + std::string(300, 'a') + "\"}]}\n";
     write_bytes(prompts, std::vector<unsigned char>(text.begin(), text.end()));
     size_t len = 1 + strlen(CHAT_DEFAULT_SYSTEM) + strlen(" USER: ") + 300 + strlen(" ASSISTANT: ");  // BOS, the template's bytes
-    check_error(m + " -n 2 -i " + prompts, prompts + ": prompt 1 is " + std::to_string(len) + " tokens in the template, longer than the context of 256 tokens", set);
+    check_error(m + " -m set -A 2 -i " + prompts, prompts + ": prompt 1 is " + std::to_string(len) + " tokens in the template, longer than the context of 256 tokens", set);
     // an empty prompt file
     write_bytes(prompts, {});
-    check_error(m + " -n 2 -i " + prompts, prompts + ": no prompts", set);
+    check_error(m + " -m set -A 2 -i " + prompts, prompts + ": no prompts", set);
     // a reward model of another vocabulary, a language model given as the reward model
-    check_error(m + " -n 2 -r " + other_vocab_rm, other_vocab_rm + ": has vocab_size 300 but the policy model has 259", set);
-    check_error(m + " -n 2 -r " + lm_as_rm, lm_as_rm + ": is a language model; -r takes a reward model", set);
+    check_error(m + " -m set -A 2 -V " + other_vocab_rm, other_vocab_rm + ": has vocab_size 300 but the policy model has 259", set);
+    check_error(m + " -m set -A 2 -V " + lm_as_rm, lm_as_rm + ": is a language model; -V takes a reward model", set);
     // a tokenizer of another vocabulary: the byte tokenizer's 259 ids for a model of 160
-    check_error("-m test/fixtures/greedy_gqa/model.bin -n 2 -o " + set, "data/world/byte.tokenizer: has 259 ids but the model test/fixtures/greedy_gqa/model.bin has vocab_size 160", set);
+    check_error("-e test/fixtures/greedy_gqa/model.bin -m set -A 2 -o " + set, "data/world/byte.tokenizer: has 259 ids but the model test/fixtures/greedy_gqa/model.bin has vocab_size 160", set);
     // N <= 0, top-p outside (0, 1], temperature < 0
-    check_error(m + " -n 0", "-n: 0 is out of range (1..65536)", set);
-    check_error(m + " -n -3", "-n: -3 is out of range (1..65536)", set);
-    check_error(m + " -n 2 -p 0", "-p: top-p 0 keeps no token: it must be in (0, 1]", set);
-    check_error(m + " -n 2 -p 1.5", "-p: 1.5 is out of range (0..1)", set);
-    check_error(m + " -n 2 -t -0.5", "-t: -0.5 is out of range (0..100)", set);
-    check_error(m + " -n 2 -s " + set, "-n: -n, -s, -e 1 and -c 1 are separate modes: give one", set);
-    check_error("-s " + set + " -o " + scratch("bad_rs.jsonl"), set + ": cannot open", scratch("bad_rs.jsonl"));
+    check_error(m + " -m set -A 0", "-A: 0 is out of range (1..65536)", set);
+    check_error(m + " -m set -A -3", "-A: -3 is out of range (1..65536)", set);
+    check_error(m + " -m set -A 2 -P 0", "-P: top-p 0 keeps no token: it must be in (0, 1]", set);
+    check_error(m + " -m set -A 2 -P 1.5", "-P: 1.5 is out of range (0..1)", set);
+    check_error(m + " -m set -A 2 -T -0.5", "-T: -0.5 is out of range (0..100)", set);
+    // one mode flag (-m): a word that is not a mode is refused, naming -m
+    check_error(m + " -m sets", "-m: 'sets' is not one of curve, set, select, eval or chat", set);
+    check_error(m + " -m select", "-i: select reads a set (made by -m set): name it with -i", set);
+    check_error("-m select -i " + set + " -o " + scratch("bad_rs.jsonl"), set + ": cannot open", scratch("bad_rs.jsonl"));
     remove(model.c_str()), remove(prompts.c_str()), remove(other_vocab_rm.c_str());
+}
+
+// One letter, one meaning: a letter that two programs share has one meaning in both, seen in
+// their -h lines: the same help (the training programs' common flags), or the shared meaning's
+// word below in every program's line. Breaking it: sample's temperature as -t (the training
+// programs' longest sequence) fails here.
+TEST_CASE("a flag letter means one thing in every program", "[sample][flags]") {
+    const std::map<char, std::string> meaning = {{'e', "model"},     {'i', "input"},     {'j', "validation"}, {'k', "tokenizer"},
+                                                 {'o', "output"},    {'b', "sequences"}, {'p', "held-out"},   {'m', "mode"},
+                                                 {'S', "seed"},      {'I', "NCCL"}};
+    std::map<char, std::vector<std::pair<std::string, std::string>>> uses;  // letter -> (program, help)
+    for (const char* program : {"train_sft", "train_rm", "train_dpo", "sample", "logprobs", "tokenize"}) {
+        std::string out;
+        REQUIRE(run(std::string("build/") + program + "_cpu -h", &out) == 0);
+        std::istringstream lines(out);
+        int flags = 0;
+        for (std::string line; std::getline(lines, line);) {
+            if (line.size() < 16 || line.compare(0, 3, "  -") != 0 || line[4] != ' ' || line[3] == 'h') continue;
+            std::string help = line.substr(line.find('>') + 1);
+            help = help.substr(0, help.rfind(" (default"));
+            uses[line[3]].emplace_back(program, help);
+            flags++;
+        }
+        CHECK(flags >= 3);
+    }
+    CHECK(uses['t'].size() == 3);  // the training programs' -t alone
+    for (const auto& [letter, programs] : uses) {
+        bool same = true;
+        for (const auto& p : programs) same &= p.second == programs[0].second;
+        if (same) continue;
+        INFO("-" << letter << " in " << programs[0].first << ": " << programs[0].second);
+        REQUIRE(meaning.count(letter));
+        for (const auto& p : programs) {
+            INFO(p.first << ": " << p.second);
+            CHECK_THAT(p.second, Catch::Contains(meaning.at(letter), Catch::CaseSensitive::No));
+        }
+    }
 }

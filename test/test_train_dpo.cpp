@@ -13,7 +13,7 @@
 TEST_CASE("train_dpo refuses bad flags, another model's reference and another vocabulary, in one line", "[dpo]") {
     std::string model = write_small_model("dpo_refuse.bin", 32, 2), other = write_small_model("dpo_other.bin", 48, 2);
     std::string pairs = write_arith_pairs("dpo_refuse", 16, 1), dir = scratch("dpo_refuse_out"), out;
-    std::string common = "build/train_dpo_cpu -m " + model + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir;
+    std::string common = "build/train_dpo_cpu -e " + model + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir;
     CHECK(run(common + " -B 0", &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: -B: beta 0 must be > 0"));
     CHECK(run(common + " -L 0.5", &out) == 1);
@@ -28,7 +28,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
         llama_save(&m, big.c_str(), DTYPE_FP32);
         llama_free(&m);
     }
-    CHECK(run("build/train_dpo_cpu -m " + big + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK(run("build/train_dpo_cpu -e " + big + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: data/world/byte.tokenizer"));
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     // the reference made by one model, then offered to another: refused, naming the file
@@ -36,7 +36,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     INFO(out);
     REQUIRE(exists(pairs + ".logps"));
     std::vector<unsigned char> ref = file_bytes(pairs + ".logps");
-    CHECK(run("build/train_dpo_cpu -m " + other + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK(run("build/train_dpo_cpu -e " + other + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: holds the log-probs of another model"));
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(file_bytes(pairs + ".logps") == ref);  // nothing lost
@@ -45,7 +45,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     std::string twin = write_small_model("dpo_twin.bin", 32, 2, -1, 8);
     REQUIRE(file_bytes(twin).size() == file_bytes(model).size());
     REQUIRE(file_bytes(twin) != file_bytes(model));
-    CHECK(run("build/train_dpo_cpu -m " + twin + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK(run("build/train_dpo_cpu -e " + twin + " -i " + pairs + " -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + pairs + ".logps: holds the log-probs of another model"));
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(file_bytes(pairs + ".logps") == ref);
@@ -63,7 +63,7 @@ TEST_CASE("train_dpo refuses bad flags, another model's reference and another vo
     write_bytes(pairs + ".logps", ref);
     // and a reference of other pairs (-R)
     std::string more = write_arith_pairs("dpo_more", 20, 2);
-    CHECK(run("build/train_dpo_cpu -m " + model + " -i " + more + " -R " + pairs + ".logps -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
+    CHECK(run("build/train_dpo_cpu -e " + model + " -i " + more + " -R " + pairs + ".logps -j '' -p '' -b 4 -d 4 -x 1 -o " + dir, &out) == 1);
     CHECK_THAT(out, Catch::Contains("was made for other pairs"));
     // a corrupt reference file: its size no longer matches the header
     std::vector<unsigned char> cut(ref.begin(), ref.end() - 4);
@@ -122,7 +122,7 @@ TEST_CASE("the reference file: its values checksummed, its reserved bytes zero, 
 TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chosen answers, and resume is exact", "[dpo]") {
     std::string model = write_small_model("dpo_start.bin", 32, 2), train = write_arith_pairs("dpo_train", 96, 3), val = write_arith_pairs("dpo_val", 24, 4);
     std::string dir = scratch("dpo_run"), out;
-    std::string common = "build/train_dpo_cpu -m " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -w 2 -l 3e-3 -B 0.5 -N 0 -v 24 -n 0 -S 5";
+    std::string common = "build/train_dpo_cpu -e " + model + " -i " + train + " -j " + val + " -p '' -b 8 -d 8 -x 24 -u 2 -l 3e-3 -B 0.5 -N 0 -v 24 -n 0 -S 5";
     REQUIRE(run(common + " -o " + dir, &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains("reference log-probs of " + train + " by " + model));
@@ -173,7 +173,7 @@ TEST_CASE("train_dpo: the reference is the starting model, DPO prefers the chose
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_dpo_cpu", "build/train_dpo_emu"}) {
         remove((val + ".logps").c_str());
-        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -m " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -S 3",
+        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -e " + model + " -i " + val + " -j '' -p '' -b 4 -d 8 -x 5 -u 2 -l 3e-3 -N 0.5 -L 0.1 -n 0 -S 3",
                            "dpo");
     }
     for (const std::string& f : {model, train, train + ".logps", val, val + ".logps"}) remove(f.c_str());
@@ -292,14 +292,14 @@ TEST_CASE("the recipe passes -S to every stage's program: train_sft, train_rm an
     CHECK(train == 3);  // SFT, the RM, RS
     CHECK(sample == 5);
     CHECK(cmds[0] == programs + "train_sft -S 2");
-    CHECK(cmds[13] == programs + "train_sft -m out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -e 4 -l 1e-4 -w 10 -v 0 -n 0 -s 0 -S 2");
+    CHECK(cmds[13] == programs + "train_sft -e out/sft/model.bin -i out/set/rs.tok -j '' -o out/rs -x 0 -E 4 -l 1e-4 -u 10 -v 0 -n 0 -s 0 -S 2");
     CHECK(!exists(dir + "/out"));  // a dry run makes no folder
     // the default seed (1337): the commands as they always were, with no seed flag
     REQUIRE(run("cd " + dir + " && " + bin + " -D 1", &out) == 0);
     std::vector<std::string> plain = dry_commands(out);
     REQUIRE(plain.size() == 14);
     CHECK(plain[0] == programs + "train_sft");
-    CHECK(plain[1] == programs + "sample -n 8 -t 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl");
+    CHECK(plain[1] == programs + "sample -m set -A 8 -T 0.7 -i data/world/rm_prompts.jsonl -o out/xwin_pair/samples.jsonl");
     for (const std::string& c : plain) CHECK(c.find(" -S ") == std::string::npos);
     REQUIRE(run("cd " + dir + " && " + bin + " -S 1337 -D 1", &out) == 0);
     CHECK(dry_commands(out) == plain);
@@ -310,7 +310,7 @@ TEST_CASE("the recipe passes -S to every stage's program: train_sft, train_rm an
     CHECK_THAT(out, Catch::Contains("recipe: sft is there"));
     CHECK(dry_commands(out).size() == 13);
     // -D is for the recipe only
-    CHECK(run(bin + " -m x.bin -i y.pairs -D 1", &out) == 1);
+    CHECK(run(bin + " -e x.bin -i y.pairs -D 1", &out) == 1);
     CHECK_THAT(out, Catch::Contains("-D"));
     rm_rf(dir);
 }
@@ -332,7 +332,7 @@ TEST_CASE("the recipe's closing report: the stage table, the seed's commands, th
     write_bytes(dir + "/out/set/dpo_train.pairs", file_bytes(train));
     write_bytes(dir + "/out/set/dpo_val.pairs", file_bytes(val));
     write_text(dir + "/out/sft/log.jsonl", "{\"step\": 1, \"loss\": 5.000000}\n{\"step\": 2, \"loss\": 4.000000}\n{\"step\": 2, \"val_loss\": 4.500000}\n");
-    REQUIRE(run("cd " + dir + " && " + cwd + "/build/train_dpo_cpu -S 2 -x 2 -w 1 -v 2", &out) == 0);
+    REQUIRE(run("cd " + dir + " && " + cwd + "/build/train_dpo_cpu -S 2 -x 2 -u 1 -v 2", &out) == 0);
     INFO(out);
     CHECK_THAT(out, Catch::Contains("recipe: rs is there"));
     CHECK_THAT(out, Catch::Contains("wrote out/report.md, out/report.png and out/curves.png"));

@@ -94,21 +94,21 @@ TEST_CASE("the pair loader refuses pairs whose prompt tokens differ, naming the 
     }
     remove((path + ".reserved").c_str());
     std::string sft = write_small_model("refuse_sft.bin");
-    CHECK(run("build/train_rm_cpu -o " + scratch("rm_refuse") + " -m " + sft + " -i " + path, &out) == 1);
+    CHECK(run("build/train_rm_cpu -o " + scratch("rm_refuse") + " -e " + sft + " -i " + path, &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + path + ": pair 0: the chosen and rejected prompts differ"));
     remove(in.c_str()), remove(path.c_str()), remove(sft.c_str()), rm_rf(scratch("rm_refuse"));
 }
 
 TEST_CASE("train_rm without its SFT model says the command that makes it", "[rm]") {
     std::string out;
-    CHECK(run("build/train_rm_cpu -o " + scratch("rm_nosft") + " -m " + scratch("missing_sft.bin"), &out) == 1);
+    CHECK(run("build/train_rm_cpu -o " + scratch("rm_nosft") + " -e " + scratch("missing_sft.bin"), &out) == 1);
     CHECK_THAT(out, Catch::Contains("error: " + scratch("missing_sft.bin") + ": cannot read the SFT model the reward model starts from: make it with ./train_sft"));
     rm_rf(scratch("rm_nosft"));
 }
 
 TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically", "[rm]") {
     std::string sft = write_small_model("rm_sft.bin", 32, 2), train = write_arith_pairs("rm_train", 256, 1), val = write_arith_pairs("rm_val", 64, 2);
-    std::string common = "build/train_rm_cpu -m " + sft + " -i " + train + " -j " + val + " -b 16 -d 16 -x 48 -w 4 -l 3e-3 -v 48 -n 0 -S 3";
+    std::string common = "build/train_rm_cpu -e " + sft + " -i " + train + " -j " + val + " -b 16 -d 16 -x 48 -u 4 -l 3e-3 -v 48 -n 0 -S 3";
     std::string dir = scratch("rm_run"), resumed = scratch("rm_resumed"), out;
     REQUIRE(run(common + " -o " + dir, &out) == 0);
     INFO(out);
@@ -139,7 +139,7 @@ TEST_CASE("train_rm learns to rank held-out pairs, and resumes bit-identically",
     llama_free(&rm);
     // exact resume, on the CPU build and the emulated kernels (one thread: fixed atomics order)
     for (std::string binary : {"build/train_rm_cpu", "build/train_rm_emu"}) {
-        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -m " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -w 2 -l 3e-3 -n 0 -S 3", "rm");
+        check_exact_resume("XWIN_EMU_THREADS=1 " + binary + " -e " + sft + " -i " + val + " -j '' -b 4 -d 8 -x 5 -u 2 -l 3e-3 -n 0 -S 3", "rm");
     }
     rm_rf(dir), rm_rf(resumed), remove(sft.c_str()), remove(train.c_str()), remove(val.c_str());
 }

@@ -55,7 +55,7 @@ TEST_CASE("train_sft refuses bad token files, naming the file", "[sft]") {
 TEST_CASE("train_sft -h prints the usage made from its flag table", "[sft][flags]") {
     std::string out;
     REQUIRE(run("build/train_sft_cpu -h", &out) == 0);
-    for (const char* flag : {"-m <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-f <int>", "-g <int>", "-S <int>"}) {
+    for (const char* flag : {"-e <path>", "-i <path>", "-o <path>", "-b <int>", "-l <float>", "-x <int>", "-y <int>", "-F <int>", "-Z <int>", "-S <int>"}) {
         CHECK_THAT(out, Catch::Contains(flag));
     }
     CHECK_THAT(out, Catch::Contains("(default 6000, 0..1000000000)"));  // -x: default and range
@@ -89,13 +89,13 @@ TEST_CASE("train_sft refuses bad flags and mismatched inputs with one-line error
         {"-l -1", "error: -l: -1 is out of range (0..1)"},
         {"-l inf", "error: -l: inf is not a finite number"},
         {"-l nan", "error: -l: nan is not a finite number"},
-        {"-q nan", "error: -q: nan is not a finite number"},
+        {"-c nan", "error: -c: nan is not a finite number"},
         {"-y abc", "error: -y: 'abc' is not an integer"},
         {"-t -1", "error: -t: -1 is out of range (2..1048576)"},
         {"-t 100000", "error: -t: 100000 is more than the max_seq_len 256 of the model"},
         {"-X -1", "error: -X: -1 is out of range"},
-        {"-e -1", "error: -e: -1 is out of range (1..1000000)"},
-        {"-x 0 -e 0", "error: -e: 0 is out of range (1..1000000)"},
+        {"-E -1", "error: -E: -1 is out of range (1..1000000)"},
+        {"-x 0 -E 0", "error: -E: 0 is out of range (1..1000000)"},
         {"-b 3 -d 8", "error: -d: the total batch 8 is not a multiple of the micro-batch -b 3"},
         {"-Q 1", "error: unknown flag '-Q'"},
         {"stray", "error: not a flag: 'stray'"},
@@ -128,7 +128,7 @@ static void check_resume(const std::string& binary, const std::string& env) {
     std::string model = write_small_model();
     // 20 sequences, 8 a step: epochs roll over inside steps 3 and 5, on both sides of the stop
     std::string data = write_small_data("resume.tok", 20);
-    std::string common = env + " " + binary + " -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 6 -w 2 -l 1e-2 -v 0 -s 0 -n 0 -S 5";
+    std::string common = env + " " + binary + " -e " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 6 -u 2 -l 1e-2 -v 0 -s 0 -n 0 -S 5";
     std::string straight = scratch("straight"), resumed = scratch("resumed"), out;
     REQUIRE(run(common + " -o " + straight, &out) == 0);
     INFO(out);
@@ -210,7 +210,7 @@ struct ResumeFixture {
     std::string model = write_small_model("resume_model.bin"), data = write_small_data("resume_data.tok", 40);
     std::string dir = scratch("validate"), common;
     ResumeFixture() {
-        common = "build/train_sft_cpu -m " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -S 5 -o " + dir;
+        common = "build/train_sft_cpu -e " + model + " -j '' -p '' -b 4 -d 8 -x 6 -v 0 -s 0 -n 0 -S 5 -o " + dir;
         std::string out;
         rm_rf(dir);
         REQUIRE(run(common + " -i " + data + " -X 3", &out) == 0);
@@ -242,7 +242,7 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
         INFO(out);
         CHECK(code == 1);
         CHECK_THAT(out, Catch::Contains("error: " + fx.dir + "/latest: ckpt_000003 is of another run (training data"));
-        code = run(fx.common + " -i " + shorter + " -y 1 -f 1", &out);  // forced: the position is still checked
+        code = run(fx.common + " -i " + shorter + " -y 1 -F 1", &out);  // forced: the position is still checked
         CHECK(code == 1);
         CHECK_THAT(out, Catch::Contains("position 24 is beyond the 10 sequences of the training data"));
         remove(shorter.c_str());
@@ -254,10 +254,10 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
         CHECK(rc == 1);
         CHECK_THAT(out, Catch::Contains("micro-batch -b: 2 now, 4 in the checkpoint"));
         CHECK_THAT(out, Catch::Contains("lr -l: 0.5 now, 2e-05 in the checkpoint"));
-        CHECK_THAT(out, Catch::Contains("add -f 1"));
-        out = fx.resume("-b 2 -f 1 -x 4", &rc);  // forced: says so and trains
+        CHECK_THAT(out, Catch::Contains("add -F 1"));
+        out = fx.resume("-b 2 -F 1 -x 4", &rc);  // forced: says so and trains
         CHECK(rc == 0);
-        CHECK_THAT(out, Catch::Contains("warning: -f 1: resuming ckpt_000003 of another run (micro-batch -b: 2 now, 4 in the checkpoint"));
+        CHECK_THAT(out, Catch::Contains("warning: -F 1: resuming ckpt_000003 of another run (micro-batch -b: 2 now, 4 in the checkpoint"));
     }
     SECTION("a fresh run in the same folder does not leave the old latest behind") {
         ResumeFixture fx;
@@ -331,17 +331,17 @@ TEST_CASE("a resume refuses a checkpoint that is corrupt, inconsistent or of ano
     }
 }
 
-TEST_CASE("a non-finite loss stops the run at its step, leaving the last checkpoint intact; -g 1 skips", "[sft][nan]") {
+TEST_CASE("a non-finite loss stops the run at its step, leaving the last checkpoint intact; -Z 1 skips", "[sft][nan]") {
     std::string nan_model = write_small_model("nan.bin", 32, 2, 5000);  // a NaN in a weight
     std::string dir = scratch("nan"), out;
     std::string common = "build/train_sft_cpu -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 3 -v 0 -s 0 -n 1 -o " + dir;
-    int rc = run(common + " -m " + nan_model, &out);
+    int rc = run(common + " -e " + nan_model, &out);
     INFO(out);
     CHECK(rc == 1);
     CHECK_THAT(out, Catch::Contains("error: " + dir + ": step 1: the loss is nan and the gradient norm nan: stopped; no checkpoint was written yet"));
     CHECK(!exists(dir + "/model.bin"));
     CHECK(!exists(dir + "/latest"));
-    rc = run(common + " -m " + nan_model + " -g 1", &out);  // skipped and counted
+    rc = run(common + " -e " + nan_model + " -Z 1", &out);  // skipped and counted
     CHECK(rc == 0);
     CHECK_THAT(out, Catch::Contains("step    3/3 | skipped: step 3: the loss is nan"));
     CHECK_THAT(out, Catch::Contains("| 3 skipped"));
@@ -349,7 +349,7 @@ TEST_CASE("a non-finite loss stops the run at its step, leaving the last checkpo
     // names the checkpoint before it, which still resumes (to the same stop)
     std::string model = write_small_model("diverge.bin");
     rm_rf(dir);
-    std::string diverge = "build/train_sft_cpu -m " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 200 -w 0 -l 1 -q 10 -c 0 -v 0 -s 0 -n 1 -o " + dir;
+    std::string diverge = "build/train_sft_cpu -e " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 200 -u 0 -l 1 -c 10 -G 0 -v 0 -s 0 -n 1 -o " + dir;
     rc = run(diverge, &out);
     REQUIRE(rc == 1);
     size_t at = out.find(": step ");
@@ -369,7 +369,7 @@ TEST_CASE("a non-finite loss stops the run at its step, leaving the last checkpo
 TEST_CASE("write failures exit 1 naming the file and leave no .tmp behind", "[sft][io]") {
     std::string model = write_small_model("io.bin");
     std::string dir = scratch("io"), out;
-    std::string common = "build/train_sft_cpu -m " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 2 -v 0 -s 0 -n 1 -o " + dir;
+    std::string common = "build/train_sft_cpu -e " + model + " -i data/world/sft_val.tok -j '' -p '' -b 4 -d 4 -x 2 -v 0 -s 0 -n 1 -o " + dir;
     SECTION("the log") {
         make_dir(dir);
         REQUIRE(symlink("/dev/full", (dir + "/log.jsonl").c_str()) == 0);
@@ -410,7 +410,7 @@ TEST_CASE("SIGKILL at random moments, checkpoint writes included: the resumed lo
     // a checkpoint of 0.1M parameters (0.4 MB weights, 0.8 MB moments, each fsynced) takes a while to write
     std::string model = write_small_model("kill.bin", 64, 2);
     std::string data = write_small_data("kill.tok", 30);
-    std::string common = "build/train_sft_cpu -m " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 12 -w 2 -l 1e-2 -v 0 -s 0 -n 1 -S 5";
+    std::string common = "build/train_sft_cpu -e " + model + " -i " + data + " -j '' -p '' -b 4 -d 8 -x 12 -u 2 -l 1e-2 -v 0 -s 0 -n 1 -S 5";
     std::string straight = scratch("kill_straight"), killed = scratch("kill_killed"), log = scratch("kill.log"), out;
     auto t0 = std::chrono::steady_clock::now();
     REQUIRE(run("OMP_NUM_THREADS=2 " + common + " -o " + straight, &out) == 0);
@@ -490,7 +490,7 @@ TEST_CASE("prepare_sft.py reports every bad line with its line number; --skip-ba
 TEST_CASE("train_sft on the built-in world: the loss falls", "[sft]") {
     std::string dir = scratch("world"), out;
     // the world's default model from scratch, 40 steps of 16 conversations
-    REQUIRE(run("build/train_sft_cpu -o " + dir + " -p '' -b 16 -d 16 -x 40 -w 10 -v 40 -s 0 -n 0", &out) == 0);
+    REQUIRE(run("build/train_sft_cpu -o " + dir + " -p '' -b 16 -d 16 -x 40 -u 10 -v 40 -s 0 -n 0", &out) == 0);
     INFO(out);
     FILE* f = fopen_check((dir + "/log.jsonl").c_str(), "r");
     std::vector<double> losses;
