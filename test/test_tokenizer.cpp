@@ -614,8 +614,11 @@ TEST_CASE("unicode classes follow the tokenizers regex engine in several scripts
         CHECK(unicode_is_numeric(e.cp) == (e.cls == CHAR_NUMBER));
     }
     // Digits (Rust's char::is_numeric) knows Unicode 17's digits, the regex engine does not
+    // (UNICODE_NUMERIC_EXTRA_RANGES: U+11DE0..U+11DE9 and U+16FF4..U+16FF6, tokenizers 0.23.3)
     CHECK(unicode_is_numeric(0x11DE0));
     CHECK(unicode_class(0x11DE0) == CHAR_OTHER);
+    for (uint32_t cp : {0x11DE9u, 0x16FF4u, 0x16FF6u}) CHECK(unicode_is_numeric(cp));
+    for (uint32_t cp : {0x11DDFu, 0x11DEAu, 0x16FF3u, 0x16FF7u}) CHECK(!unicode_is_numeric(cp));
 }
 
 TEST_CASE("the pre-tokenizers cut text where the regexes do", "[bpe]") {
