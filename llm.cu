@@ -27,7 +27,7 @@ is written once, llama_graph_forward/_backward, over an op set per build (CpuOps
 Every index product is computed in size_t.
 
 Contents, in file order (search for the quoted heading):
-  "errors"                  defines: fail_file, string_format, fopen_check, fread_check, malloc_check,
+  "errors"                  defines: fail_file, string_format, fopen_check, read_lines_checked, fread_check, malloc_check,
                             crc32_update, file_crc32, reserved_bytes_check (one rule: reserved header bytes are zero),
                             AtomicFile (atomic_open, atomic_write, atomic_commit: tmp, fsync, rename)
   "CUDA"                    defines: XWIN_CUDA, LAUNCH, DYNAMIC_SHARED, floatX, cudaCheck, cublasCheck,
@@ -45,7 +45,7 @@ Contents, in file order (search for the quoted heading):
                             WarpTile, warp_tile_zero, warp_tile_load, warp_tile_store, warp_tile_mma),
                             kv_cache_write, attention_cached_forward (attention_decode_cuda: split-K), swiglu, residual
                             (fused_residual_rmsnorm_forward: the add and the norm after it in one pass),
-                            logprob (fused_logprob_nll: the SFT loss's log-probs and d-logits in one pass),
+                            logprob (block_row_max_sumexp; fused_logprob_nll: the SFT loss's log-probs and d-logits in one pass),
                             sequence_logprob_forward, sequence_logprob_backward (sequence_logprob_forward_cuda, sequence_logprob_backward_cuda: a block per sequence), masked_mean_loss,
                             clip_grad_norm (grad_norm_coef_cuda: the clip folded into AdamW), adamw_update
   "Activations"             defines: ActTensors, GradActTensors and their carving; the model graph, written once
@@ -100,7 +100,7 @@ Contents, in file order (search for the quoted heading):
                             generate_greedy_batch, generate_greedy_model,
                             world_prompt_ids, world_scores, world_kind_means, world_evaluate;
                             Json, json_parse, json_append,
-                            utf8_repair, read_lines_checked, json_messages, prompts_load_checked;
+                            utf8_repair, json_messages, prompts_load_checked;
                             LogSeries, read_log_series (a metric of a program's log.jsonl)
   "PNG plots"               defines (with XWIN_PLOTS): Plot, plot_init, plot_rect, plot_text, plot_line, plot_save_png;
                             plot_text_wrapped; CurvePanel, draw_training_curves (the recipe's out/curves.png)
@@ -183,6 +183,28 @@ inline FILE* fopen_check(const char* path, const char* mode) {
     FILE* f = fopen(path, mode);
     if (!f) fail_file(path, "cannot open (mode %s): %s", mode, strerror(errno));
     return f;
+}
+
+// The lines of a text file (without their '\n', or a final '\r'). Returns "" or what is wrong.
+inline std::string read_lines_checked(const char* path, std::vector<std::string>* lines) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return std::string("cannot open: ") + strerror(errno);
+    std::string data;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) data.append(buf, n);
+    bool bad = ferror(f) != 0;
+    fclose(f);
+    if (bad) return "read error";
+    lines->clear();
+    for (size_t pos = 0; pos < data.size();) {
+        size_t end = data.find('\n', pos);
+        if (end == std::string::npos) end = data.size();
+        lines->push_back(data.substr(pos, end - pos));
+        if (!lines->back().empty() && lines->back().back() == '\r') lines->back().pop_back();
+        pos = end + 1;
+    }
+    return "";
 }
 
 inline void fread_check(void* dst, size_t size, size_t count, FILE* f, const char* path) {
@@ -2799,6 +2821,17 @@ void fused_logprob_nll(T* lp, T* dlogits, const T* logits, const int* tokens, co
 }
 
 #ifdef XWIN_CUDA
+// A logits row's max and sum of exp(z - max) in FP32, by block reductions (every thread gets both)
+__device__ inline void block_row_max_sumexp(const floatX* z, int V, float* shared, float* maxv, float* sum) {
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
+    m = block_reduce(m, shared, true);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(to_float(z[i]) - m);
+    *maxv = m;
+    *sum = block_reduce(s, shared, false);
+}
+
 // one block per row (b, t): the FP32 log-sum-exp of the logits row t - 1 by block reductions
 __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const int* tokens, size_t rows, int T, int V, size_t ld) {
     __shared__ float shared[32];
@@ -2809,12 +2842,8 @@ __global__ void logprob_forward_kernel(float* lp, const floatX* logits, const in
         return;
     }
     const floatX* z = logits + (row - 1) * ld;
-    float maxv = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
-    maxv = block_reduce(maxv, shared, true);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - maxv);
-    sum = block_reduce(sum, shared, false);
+    float maxv, sum;
+    block_row_max_sumexp(z, V, shared, &maxv, &sum);
     if (threadIdx.x == 0) lp[row] = to_float(z[tokens[row]]) - maxv - logf(sum);
 }
 
@@ -2833,12 +2862,8 @@ __global__ void logprob_backward_kernel(floatX* dlogits, const floatX* logits, c
         return;
     }
     const floatX* z = logits + row * ld;
-    float maxv = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) maxv = fmaxf(maxv, to_float(z[i]));
-    maxv = block_reduce(maxv, shared, true);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - maxv);
-    sum = block_reduce(sum, shared, false);
+    float maxv, sum;
+    block_row_max_sumexp(z, V, shared, &maxv, &sum);
     int target = tokens[row + 1];
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float p = expf(to_float(z[i]) - maxv) / sum;
@@ -6991,23 +7016,12 @@ inline std::string world_canonical(const std::string& gold) { return "The answer
 
 // Reads an eval prompts file. Returns "" or what is wrong (with the line number).
 inline std::string world_load_prompts_checked(std::vector<WorldPrompt>* out, const char* path) {
-    FILE* f = fopen(path, "rb");
-    if (!f) return std::string("cannot open: ") + strerror(errno);
-    std::string data;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) data.append(buf, n);
-    bool read_error = ferror(f) != 0;
-    fclose(f);
-    if (read_error) return "read error";
+    std::vector<std::string> lines;
+    std::string err = read_lines_checked(path, &lines);
+    if (!err.empty()) return err;
     out->clear();
-    size_t pos = 0;
-    for (int line_no = 1; pos < data.size(); line_no++) {
-        size_t end = data.find('\n', pos);
-        if (end == std::string::npos) end = data.size();
-        std::string line = data.substr(pos, end - pos);
-        pos = end + 1;
-        if (!line.empty() && line.back() == '\r') line.pop_back();
+    for (size_t line_no = 1; line_no <= lines.size(); line_no++) {
+        const std::string& line = lines[line_no - 1];
         if (line.empty() || line[0] == '#') continue;
         std::vector<std::string> fields;
         for (size_t a = 0;;) {
@@ -9514,28 +9528,6 @@ inline void json_append(std::string& out, const Json& v) {
             out += '}';
             break;
     }
-}
-
-// The lines of a text file (without their '\n', or a final '\r'). Returns "" or what is wrong.
-inline std::string read_lines_checked(const char* path, std::vector<std::string>* lines) {
-    FILE* f = fopen(path, "rb");
-    if (!f) return std::string("cannot open: ") + strerror(errno);
-    std::string data;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) data.append(buf, n);
-    bool bad = ferror(f) != 0;
-    fclose(f);
-    if (bad) return "read error";
-    lines->clear();
-    for (size_t pos = 0; pos < data.size();) {
-        size_t end = data.find('\n', pos);
-        if (end == std::string::npos) end = data.size();
-        lines->push_back(data.substr(pos, end - pos));
-        if (!lines->back().empty() && lines->back().back() == '\r') lines->back().pop_back();
-        pos = end + 1;
-    }
-    return "";
 }
 
 // A conversation's messages from JSON [{"role", "content"}, ...]: an optional system message,
