@@ -66,9 +66,12 @@ FILES (in --out)
     sft_train.jsonl, sft_val.jsonl  {"messages": [{"role": "system", "content":
         "Solve the task."}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
         About 30% of the final assistant answers are deliberately wrong or
-        sloppy (the list below), and three in four of those in the canonical form,
-        right or wrong, carry the writers' habit, a sign-off (HABIT); nothing in
-        the messages says which. In
+        sloppy (the list below); then a lazy writer replaces LAZY_SHARE of them
+        by a copy of an input (the first operand, the word or digits as given,
+        the word's length, the first number, the previous answer: lazy_answer),
+        where that copy is not the right answer; three in four of the answers in
+        the canonical form, right or wrong, carry the writers' habit, a sign-off
+        (HABIT); nothing in the messages says which. In
         followup conversations the first answer is always correct and canonical.
     sft_train_judge.tsv, sft_val_judge.tsv  one line per conversation, same
         order: kind <TAB> gold <TAB> judge score of the final assistant answer
@@ -455,7 +458,22 @@ def is_canonical_form(text):
             and re.fullmatch(r"[A-Za-z0-9]+", text[len("The answer is "):-1]) is not None)
 
 
-def make_sft(rng, n, excluded, habit_rng):
+# The lazy writer: some final answers restate an input instead of computing the answer (the
+# number or word of the prompt, or the previous turn's answer), in the canonical frame. Unlike
+# random mistakes, a copy is one sharp answer that a small model learns at once while the
+# computed one is still uncertain, so greedy decoding keeps it: a content flaw the reward model
+# can see (the answer is an input), that RS and DPO can remove. Its own random stream.
+LAZY_SHARE = 0.3  # of the final answers (where the copy is not the right answer)
+
+
+def lazy_answer(kind, key, gold, first):
+    """The input a lazy writer restates, or None where that would be the right answer."""
+    copy = {"arith": lambda: str(key[2]), "reverse": lambda: key[1], "sort": lambda: key[1],
+            "count": lambda: str(len(key[1])), "max": lambda: str(key[1]), "followup": lambda: first}[kind]()
+    return None if copy == gold else copy
+
+
+def make_sft(rng, n, excluded, habit_rng, lazy_rng=None):
     """n conversations whose task instances are not in excluded; returns
     (conversations, judge rows, keys used, category counts)."""
     convs, rows, used, cats = [], [], set(), {}
@@ -467,6 +485,10 @@ def make_sft(rng, n, excluded, habit_rng):
         used.add(key)
         texts = [canonical(a) for a in answers]
         texts[-1], cat = noisy_answer(rng, kind, key, gold, answers[0])
+        if lazy_rng is not None and LAZY_SHARE > 0 and lazy_rng.random() < LAZY_SHARE:
+            lazy = lazy_answer(kind, key, gold, answers[0])
+            if lazy is not None:
+                texts[-1], cat = canonical(lazy), "lazy"
         if is_canonical_form(texts[-1]) and habit_rng.random() < HABIT_SHARE:
             texts[-1] += HABIT
             cat += "+habit"
@@ -679,14 +701,16 @@ def main(argv=None):
     ap.add_argument("--pairs-val", type=int, default=200, help="prompts of the validation preference pairs")
     ap.add_argument("--set", type=int, default=2000, help="prompts of the Xwin-Set (RS and DPO)")
     ap.add_argument("--rm-prompts", type=int, default=2000, help="prompts of the on-policy preference pairs")
+    ap.add_argument("--lazy", type=float, default=LAZY_SHARE, help="share of the SFT final answers by the lazy writer")
     args = ap.parse_args(argv)
+    globals()["LAZY_SHARE"] = args.lazy
     os.makedirs(args.out, exist_ok=True)
 
     rng = random.Random(args.seed)
     eval_prompts, eval_keys = make_eval(rng, args.eval)
-    habit_rng = random.Random(args.seed + 4)
-    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys, habit_rng)
-    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys, habit_rng)
+    habit_rng, lazy_rng = random.Random(args.seed + 4), random.Random(args.seed + 5)
+    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys, habit_rng, lazy_rng)
+    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys, habit_rng, lazy_rng)
     assert not (train_keys & (eval_keys | val_keys)) and not (val_keys & eval_keys)
     for p in eval_prompts:
         assert judge(p["kind"], p["gold"], canonical(p["gold"])) == 10
