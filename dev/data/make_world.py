@@ -473,7 +473,7 @@ def lazy_answer(kind, key, gold, first):
     return None if copy == gold else copy
 
 
-def make_sft(rng, n, excluded, habit_rng, lazy_rng=None):
+def make_sft(rng, n, excluded, habit_rng, lazy_rng, lazy_share=LAZY_SHARE):
     """n conversations whose task instances are not in excluded; returns
     (conversations, judge rows, keys used, category counts)."""
     convs, rows, used, cats = [], [], set(), {}
@@ -485,7 +485,7 @@ def make_sft(rng, n, excluded, habit_rng, lazy_rng=None):
         used.add(key)
         texts = [canonical(a) for a in answers]
         texts[-1], cat = noisy_answer(rng, kind, key, gold, answers[0])
-        if lazy_rng is not None and LAZY_SHARE > 0 and lazy_rng.random() < LAZY_SHARE:
+        if lazy_share > 0 and lazy_rng.random() < lazy_share:
             lazy = lazy_answer(kind, key, gold, answers[0])
             if lazy is not None:
                 texts[-1], cat = canonical(lazy), "lazy"
@@ -703,14 +703,13 @@ def main(argv=None):
     ap.add_argument("--rm-prompts", type=int, default=2000, help="prompts of the on-policy preference pairs")
     ap.add_argument("--lazy", type=float, default=LAZY_SHARE, help="share of the SFT final answers by the lazy writer")
     args = ap.parse_args(argv)
-    globals()["LAZY_SHARE"] = args.lazy
     os.makedirs(args.out, exist_ok=True)
 
     rng = random.Random(args.seed)
     eval_prompts, eval_keys = make_eval(rng, args.eval)
     habit_rng, lazy_rng = random.Random(args.seed + 4), random.Random(args.seed + 5)
-    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys, habit_rng, lazy_rng)
-    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys, habit_rng, lazy_rng)
+    val, val_rows, val_keys, _ = make_sft(rng, args.val, eval_keys, habit_rng, lazy_rng, args.lazy)
+    train, train_rows, train_keys, cats = make_sft(rng, args.train, eval_keys | val_keys, habit_rng, lazy_rng, args.lazy)
     assert not (train_keys & (eval_keys | val_keys)) and not (val_keys & eval_keys)
     for p in eval_prompts:
         assert judge(p["kind"], p["gold"], canonical(p["gold"])) == 10
